@@ -1,0 +1,289 @@
+// CPU launcher of energy / energy_ce / energy_backward.
+//
+// Rows are processed in blocks of about kBlockElems logits. Within a block
+// the expensive part, exp, runs as one flat loop over every logit of the
+// block (so it vectorises fully even for 10 classes, where a per-row loop
+// would spend most of its time in the scalar remainder), and the cheap
+// per-row parts (max, shift, sum) run row by row. The per-element and
+// per-row math is csrc/energy.h, shared with the CUDA kernels.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "../checks.h"
+#include "../energy.h"
+#include "vectorize.h"
+
+namespace jem_ext {
+namespace {
+
+constexpr int64_t kBlockElems = 2048;
+
+// t[r, :] = row r minus `shift[r]` (the max in the forward, lse in the
+// backward). A row whose shift is -inf holds only -inf and NaN: it is copied
+// as is, so exp gives 0 (or NaN) instead of exp(-inf - -inf) = NaN.
+template <typename scalar_t, typename acc_t>
+JEM_EXT_INLINE void shift_rows(const scalar_t* __restrict l, const acc_t* __restrict shift,
+                       acc_t* __restrict t, int64_t rows, int64_t C) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t s = shift[r] == kNegInf ? acc_t(0) : shift[r];
+    const scalar_t* row = l + r * C;
+    acc_t* out = t + r * C;
+    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<acc_t>(row[c]) - s;
+  }
+}
+
+// lse of `rows` rows starting at l; `t` is scratch of rows * C. The max
+// needs no NaN care: a NaN entry makes its row sum NaN, and lse with it.
+template <typename scalar_t, typename acc_t>
+JEM_EXT_INLINE void lse_rows(const scalar_t* __restrict l, int64_t rows, int64_t C,
+                     acc_t* __restrict t, acc_t* __restrict lse, acc_t* __restrict sums) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* row = l + r * C;
+    acc_t m = static_cast<acc_t>(row[0]);
+    if (C >= 64) {  // long rows: a vector max; short ones: the scalar loop is faster
+#pragma omp simd reduction(max : m)
+      for (int64_t c = 1; c < C; ++c) m = std::max(m, static_cast<acc_t>(row[c]));
+    } else {
+      for (int64_t c = 1; c < C; ++c) {
+        const acc_t v = static_cast<acc_t>(row[c]);
+        m = v > m ? v : m;
+      }
+    }
+    lse[r] = m;  // the row max, for now
+  }
+  shift_rows<scalar_t, acc_t>(l, lse, t, rows, C);
+  const int64_t n = rows * C;
+  for (int64_t i = 0; i < n; ++i) t[i] = exp_acc<acc_t>(t[i]);
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t* e = t + r * C;
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < C; ++c) sum += e[c];
+    sums[r] = sum;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      lse[r] = lse_finish_float(lse[r], sums[r]);
+    } else {
+      lse[r] = lse_finish(lse[r], sums[r]);
+    }
+  }
+}
+
+// softmax * coef (+ pick) of `rows` rows, given their lse: the backward.
+template <typename scalar_t, typename acc_t>
+JEM_EXT_INLINE void grad_rows(const scalar_t* __restrict l, int64_t rows, int64_t C,
+                      acc_t* __restrict t, const acc_t* __restrict lse,
+                      const acc_t* __restrict coef, scalar_t* __restrict out) {
+  shift_rows<scalar_t, acc_t>(l, lse, t, rows, C);
+  const int64_t n = rows * C;
+  for (int64_t i = 0; i < n; ++i) t[i] = exp_acc<acc_t>(t[i]);  // softmax
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t k = coef[r];
+    const acc_t* s = t + r * C;
+    scalar_t* o = out + r * C;
+    for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(k * s[c]);
+  }
+}
+
+// float32 instances, compiled per CPU level (the half types and double use
+// the portable template: half types are rare here, double is for tests).
+JEM_EXT_VECTORIZE void lse_rows_float(const float* l, int64_t rows, int64_t C, float* t,
+                                      float* lse, float* sums) {
+  lse_rows<float, float>(l, rows, C, t, lse, sums);
+}
+JEM_EXT_VECTORIZE void grad_rows_float(const float* l, int64_t rows, int64_t C, float* t,
+                                       const float* lse, const float* coef, float* out) {
+  grad_rows<float, float>(l, rows, C, t, lse, coef, out);
+}
+
+template <typename scalar_t, typename acc_t>
+void lse_block(const scalar_t* l, int64_t rows, int64_t C, acc_t* t, acc_t* lse, acc_t* sums) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    lse_rows_float(l, rows, C, t, lse, sums);
+  } else {
+    lse_rows<scalar_t, acc_t>(l, rows, C, t, lse, sums);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void grad_block(const scalar_t* l, int64_t rows, int64_t C, acc_t* t, const acc_t* lse,
+                const acc_t* coef, scalar_t* out) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    grad_rows_float(l, rows, C, t, lse, coef, out);
+  } else {
+    grad_rows<scalar_t, acc_t>(l, rows, C, t, lse, coef, out);
+  }
+}
+
+// Calls fn(first_row, rows, scratch, lse, sums) over blocks of rows, in parallel.
+template <typename acc_t, typename Fn>
+void for_row_blocks(int64_t B, int64_t C, const Fn& fn) {
+  const int64_t rows_per_block = std::max<int64_t>(1, kBlockElems / C);
+  const int64_t n_blocks = (B + rows_per_block - 1) / rows_per_block;
+  at::parallel_for(0, n_blocks, std::max<int64_t>(1, 8192 / (rows_per_block * C)),
+                   [&](int64_t begin, int64_t end) {
+                     std::vector<acc_t> scratch(rows_per_block * C);
+                     std::vector<acc_t> lse(rows_per_block), sums(rows_per_block);
+                     for (int64_t blk = begin; blk < end; ++blk) {
+                       const int64_t r0 = blk * rows_per_block;
+                       fn(r0, std::min(rows_per_block, B - r0), scratch.data(), lse.data(),
+                          sums.data());
+                     }
+                   });
+}
+
+void check_labels_in_range(const char* op, const at::Tensor& y, int64_t C) {
+  if (y.numel() == 0) return;
+  const int64_t* yp = y.data_ptr<int64_t>();
+  for (int64_t b = 0; b < y.numel(); ++b) {
+    TORCH_CHECK(yp[b] >= 0 && yp[b] < C, op, ": label y[", b, "] = ", yp[b],
+                " is out of range for ", C, " classes");
+  }
+}
+
+at::Tensor energy_cpu(const at::Tensor& logits_in, const c10::optional<at::Tensor>& y_in) {
+  check_logits("energy", logits_in, y_in);
+  TORCH_CHECK(logits_in.device().is_cpu(), "energy: expected CPU tensors, got ",
+              logits_in.device());
+  const at::Tensor logits = logits_in.contiguous();
+  const int64_t B = logits.size(0), C = logits.size(1);
+  at::Tensor out = at::empty({B}, logits.options());
+  if (B == 0) return out;
+  const bool has_y = y_in.has_value() && y_in->defined();
+  if (has_y) {
+    const at::Tensor y = y_in->contiguous();
+    check_labels_in_range("energy", y, C);
+    const int64_t* yp = y.data_ptr<int64_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
+                                    "energy_cpu_y", [&] {
+      const scalar_t* l = logits.data_ptr<scalar_t>();
+      scalar_t* o = out.data_ptr<scalar_t>();
+      for (int64_t b = 0; b < B; ++b) o[b] = -l[b * C + yp[b]];
+    });
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
+                                  "energy_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* l = logits.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for_row_blocks<acc_t>(B, C, [&](int64_t r0, int64_t rows, acc_t* t, acc_t* lse, acc_t* sums) {
+      lse_block<scalar_t, acc_t>(l + r0 * C, rows, C, t, lse, sums);
+      for (int64_t r = 0; r < rows; ++r) o[r0 + r] = static_cast<scalar_t>(-lse[r]);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> energy_ce_cpu(const at::Tensor& logits_in,
+                                                 const at::Tensor& y_in) {
+  check_logits("energy_ce", logits_in, y_in);
+  TORCH_CHECK(logits_in.device().is_cpu(), "energy_ce: expected CPU tensors, got ",
+              logits_in.device());
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor y = y_in.contiguous();
+  const int64_t B = logits.size(0), C = logits.size(1);
+  check_labels_in_range("energy_ce", y, C);
+  at::Tensor energy = at::empty({B}, logits.options());
+  at::Tensor ce = at::empty({B}, logits.options());
+  if (B == 0) return {energy, ce};
+  const int64_t* yp = y.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
+                                  "energy_ce_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* l = logits.data_ptr<scalar_t>();
+    scalar_t* e = energy.data_ptr<scalar_t>();
+    scalar_t* ce_p = ce.data_ptr<scalar_t>();
+    for_row_blocks<acc_t>(B, C, [&](int64_t r0, int64_t rows, acc_t* t, acc_t* lse, acc_t* sums) {
+      lse_block<scalar_t, acc_t>(l + r0 * C, rows, C, t, lse, sums);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t b = r0 + r;
+        e[b] = static_cast<scalar_t>(-lse[r]);
+        ce_p[b] = static_cast<scalar_t>(lse[r] - static_cast<acc_t>(l[b * C + yp[b]]));
+      }
+    });
+  });
+  return {energy, ce};
+}
+
+at::Tensor energy_backward_cpu(const at::Tensor& logits_in, const c10::optional<at::Tensor>& y_in,
+                               const c10::optional<at::Tensor>& energy_in,
+                               const c10::optional<at::Tensor>& grad_lse_in,
+                               const c10::optional<at::Tensor>& grad_pick_in) {
+  const char* op = "energy_backward";
+  check_logits(op, logits_in, y_in);
+  check_row_vector(op, "energy", energy_in, logits_in);
+  check_row_vector(op, "grad_lse", grad_lse_in, logits_in);
+  check_row_vector(op, "grad_pick", grad_pick_in, logits_in);
+  TORCH_CHECK(logits_in.device().is_cpu(), op, ": expected CPU tensors, got ",
+              logits_in.device());
+  const bool has_y = y_in.has_value() && y_in->defined();
+  const bool has_lse = grad_lse_in.has_value() && grad_lse_in->defined();
+  const bool has_pick = grad_pick_in.has_value() && grad_pick_in->defined();
+  TORCH_CHECK(!has_pick || has_y, op, ": grad_pick needs the labels y");
+  const at::Tensor logits = logits_in.contiguous();
+  const int64_t B = logits.size(0), C = logits.size(1);
+  at::Tensor grad = at::empty_like(logits);
+  if (B == 0) return grad;
+  at::Tensor y, energy, grad_lse, grad_pick;
+  const bool has_energy = energy_in.has_value() && energy_in->defined();
+  if (has_y) {
+    y = y_in->contiguous();
+    check_labels_in_range(op, y, C);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
+                                  "energy_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // Row coefficients in acc_t, whatever dtype they came in.
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    if (has_lse) grad_lse = grad_lse_in->to(acc_type).contiguous();
+    if (has_pick) grad_pick = grad_pick_in->to(acc_type).contiguous();
+    if (has_lse && has_energy) energy = energy_in->to(acc_type).contiguous();
+    const scalar_t* l = logits.data_ptr<scalar_t>();
+    scalar_t* out = grad.data_ptr<scalar_t>();
+    const int64_t* yp = has_y ? y.data_ptr<int64_t>() : nullptr;
+    const acc_t* glse = has_lse ? grad_lse.data_ptr<acc_t>() : nullptr;
+    const acc_t* gpick = has_pick ? grad_pick.data_ptr<acc_t>() : nullptr;
+    const acc_t* ep = (has_lse && has_energy) ? energy.data_ptr<acc_t>() : nullptr;
+    for_row_blocks<acc_t>(B, C, [&](int64_t r0, int64_t rows, acc_t* t, acc_t* lse, acc_t* sums) {
+      if (has_lse) {
+        if (ep != nullptr) {
+          for (int64_t r = 0; r < rows; ++r) lse[r] = -ep[r0 + r];
+        } else {
+          lse_block<scalar_t, acc_t>(l + r0 * C, rows, C, t, lse, sums);
+        }
+        grad_block<scalar_t, acc_t>(l + r0 * C, rows, C, t, lse, glse + r0, out + r0 * C);
+      } else {
+        std::fill(out + r0 * C, out + (r0 + rows) * C, scalar_t(0));
+      }
+      if (has_pick) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t b = r0 + r;
+          scalar_t& o = out[b * C + yp[b]];
+          o = static_cast<scalar_t>(static_cast<acc_t>(o) + gpick[b]);
+        }
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+}  // namespace jem_ext
+
+TORCH_LIBRARY_IMPL(jem_ext, CPU, m) {
+  m.impl("energy", &jem_ext::energy_cpu);
+  m.impl("energy_ce", &jem_ext::energy_ce_cpu);
+  m.impl("energy_backward", &jem_ext::energy_backward_cpu);
+}

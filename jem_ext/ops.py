@@ -1,0 +1,255 @@
+"""The two fused ops of jem_ext, as torch ops with a documented Python face.
+
+* :func:`sgld_step_`: one in-place SGLD update with Gaussian noise drawn
+  inside the kernel (counter-based Philox, seeded from a torch Generator).
+* :func:`energy` / :func:`energy_ce`: the JEM energy ``-logsumexp(logits)``
+  (or ``-logits[y]``), and the energy together with the per-sample
+  cross-entropy from one pass over the logits.
+
+The kernels live in ``csrc/`` and are registered as ``torch.ops.jem_ext.*``
+when :mod:`jem_ext._C` loads; this module adds what PyTorch needs around
+them: fake (meta) kernels for ``torch.compile`` and the autograd formulas of
+the energy ops (first and second order).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["sgld_step_", "energy", "energy_ce"]
+
+_ops = torch.ops.jem_ext
+
+
+def sgld_step_(
+    x: Tensor,
+    grad: Tensor,
+    step_size: float,
+    noise_std: float,
+    clamp_min: float | None = None,
+    clamp_max: float | None = None,
+    grad_clip: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""One SGLD step on ``x``, in place; returns ``x``.
+
+    .. math::
+        x \leftarrow \mathrm{clamp}\big(x - s\,\mathrm{clip}(g, -c, c) + \sigma\,\xi\big),
+        \qquad \xi \sim \mathcal N(0, I)
+
+    ``grad`` is :math:`\partial E/\partial x`, so the step descends the
+    energy. Both parameterisations in use map onto it:
+
+    * the paper's Langevin form :math:`x - \frac{\alpha}{2}\nabla_x E + \mathcal N(0, \alpha)`:
+      ``sgld_step_(x, dE_dx, step_size=alpha / 2, noise_std=alpha ** 0.5)``;
+    * the JEM reference code (step 1 on :math:`\nabla_x \mathrm{LSE} f(x)`, noise 0.01):
+      with ``E = energy(f(x))`` (so ``dE/dx = -d LSE/dx``),
+      ``sgld_step_(x, dE_dx, step_size=1.0, noise_std=0.01)``.
+
+    Args:
+        x: float32, float16, bfloat16 or float64 tensor, any shape or layout
+            (half types compute in float32). Updated in place.
+        grad: :math:`\partial E/\partial x`, same shape, dtype and device as ``x``.
+        step_size: :math:`s`.
+        noise_std: :math:`\sigma \ge 0` (0 gives plain gradient descent).
+        clamp_min, clamp_max: optional bounds applied after the update
+            (``-1, 1`` for images in [-1, 1]; the proximal SGLD of JEM++).
+        grad_clip: optional :math:`c`: the gradient is clipped to ``[-c, c]``
+            element-wise before the step.
+        generator: torch Generator for the noise (the device's default when
+            ``None``). The same generator state gives the same result;
+            consecutive calls draw fresh noise. On CUDA the numbers come
+            from the generator's ``philox_cuda_state``, so the op can be
+            captured in a CUDA graph.
+
+    The op is not differentiable: call it under ``torch.no_grad()`` with a
+    detached ``grad`` (it raises otherwise).
+    """
+    return _ops.sgld_step_.default(
+        x,
+        grad,
+        float(step_size),
+        float(noise_std),
+        None if clamp_min is None else float(clamp_min),
+        None if clamp_max is None else float(clamp_max),
+        None if grad_clip is None else float(grad_clip),
+        generator,
+    )
+
+
+def sgld_step_philox_(
+    x: Tensor,
+    grad: Tensor,
+    step_size: float,
+    noise_std: float,
+    seed: int,
+    offset: int = 0,
+    clamp_min: float | None = None,
+    clamp_max: float | None = None,
+    grad_clip: float | None = None,
+) -> Tensor:
+    """:func:`sgld_step_` with the noise of an explicit Philox ``(seed, offset)``.
+
+    Element ``i`` (row-major order) gets normal ``i % 4`` of Philox4x32-10
+    block ``{counter: (offset // 4, i // 4), key: seed}`` via Box-Muller, the
+    same numbers on every device: the reproducibility hook for tests and for
+    comparing CPU with CUDA. ``offset`` must be a multiple of 4.
+    """
+    return _ops._sgld_step_philox_.default(
+        x,
+        grad,
+        float(step_size),
+        float(noise_std),
+        None if clamp_min is None else float(clamp_min),
+        None if clamp_max is None else float(clamp_max),
+        None if grad_clip is None else float(grad_clip),
+        int(seed),
+        int(offset),
+    )
+
+
+def energy(logits: Tensor, y: Tensor | None = None) -> Tensor:
+    r"""JEM energy per sample, differentiable.
+
+    ``E(x) = -logsumexp_c logits[b, c]`` without ``y``; ``E(x, y) = -logits[b, y[b]]``
+    with ``y`` (int64 ``[B]``). ``logits`` is ``[B, C]`` (any ``C >= 1``)
+    in float32/64 or float16/bfloat16 (accumulated in float32). Stable for
+    huge values and ``-inf`` entries; a row of only ``-inf`` gives ``E = +inf``
+    with a zero gradient. The backward is fused: ``-softmax(logits) * g``
+    (or ``-g`` on the label), and supports double backward.
+    """
+    return _ops.energy.default(logits, y)
+
+
+def energy_ce(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(energy(logits), cross_entropy(logits, y, reduction="none"))`` in one pass.
+
+    The JEM loss needs both ``logsumexp(logits)`` (for log p(x)) and the
+    cross-entropy ``logsumexp(logits) - logits[y]``; this computes the
+    logsumexp once. Differentiable in ``logits`` (fused backward).
+    """
+    return _ops.energy_ce.default(logits, y)
+
+
+# ---------------------------------------------------------------- fake kernels
+
+
+def _check_logits_meta(logits: Tensor, y: Tensor | None) -> None:
+    torch._check(logits.dim() == 2, lambda: f"energy: logits must be 2-D, got {logits.shape}")
+    if y is not None:
+        torch._check(
+            y.shape == (logits.shape[0],),
+            lambda: f"energy: y must have shape [{logits.shape[0]}], got {tuple(y.shape)}",
+        )
+
+
+@torch.library.register_fake("jem_ext::sgld_step_")
+def _sgld_step_fake(x, grad, step_size, noise_std, clamp_min=None, clamp_max=None,
+                    grad_clip=None, generator=None):
+    torch._check(grad.shape == x.shape, lambda: "sgld_step_: grad must have x's shape")
+    return x
+
+
+@torch.library.register_fake("jem_ext::_sgld_step_philox_")
+def _sgld_step_philox_fake(x, grad, step_size, noise_std, clamp_min, clamp_max, grad_clip,
+                           seed, offset):
+    torch._check(grad.shape == x.shape, lambda: "_sgld_step_philox_: grad must have x's shape")
+    return x
+
+
+@torch.library.register_fake("jem_ext::energy")
+def _energy_fake(logits, y=None):
+    _check_logits_meta(logits, y)
+    return logits.new_empty(logits.shape[0])
+
+
+@torch.library.register_fake("jem_ext::energy_ce")
+def _energy_ce_fake(logits, y):
+    _check_logits_meta(logits, y)
+    return logits.new_empty(logits.shape[0]), logits.new_empty(logits.shape[0])
+
+
+@torch.library.register_fake("jem_ext::energy_backward")
+def _energy_backward_fake(logits, y, energy, grad_lse, grad_pick):
+    _check_logits_meta(logits, y)
+    return torch.empty_like(logits)
+
+
+# -------------------------------------------------------------------- autograd
+
+
+def _energy_hint(logits: Tensor, energy_out: Tensor) -> Tensor | None:
+    # The saved energy (= -lse) spares the backward a pass over the logits,
+    # but for half types it was rounded to 8 or 11 bits: recompute instead.
+    return energy_out if logits.dtype in (torch.float32, torch.float64) else None
+
+
+def _energy_setup(ctx, inputs, output):
+    logits, y = inputs
+    ctx.save_for_backward(logits, y, output)
+
+
+def _energy_bwd(ctx, grad):
+    logits, y, out = ctx.saved_tensors
+    if y is None:
+        d = _ops.energy_backward.default(logits, None, _energy_hint(logits, out), -grad, None)
+    else:
+        d = _ops.energy_backward.default(logits, y, None, None, -grad)
+    return d, None
+
+
+def _energy_ce_setup(ctx, inputs, output):
+    logits, y = inputs
+    ctx.save_for_backward(logits, y, output[0])
+
+
+def _energy_ce_bwd(ctx, grad_energy, grad_ce):
+    # E = -lse, CE = lse - l_y  =>  dL/dl = (g_ce - g_E) softmax - g_ce onehot(y)
+    logits, y, out = ctx.saved_tensors
+    d = _ops.energy_backward.default(
+        logits, y, _energy_hint(logits, out), grad_ce - grad_energy, -grad_ce
+    )
+    return d, None
+
+
+def _softmax_masked(logits: Tensor) -> Tensor:
+    """softmax in float32 (or float64) with all -inf rows giving 0, not NaN."""
+    acc = logits.double() if logits.dtype == torch.float64 else logits.float()
+    lse = torch.logsumexp(acc, dim=1, keepdim=True)
+    finite = lse != float("-inf")
+    return torch.where(finite, torch.exp(acc - torch.where(finite, lse, 0.0)), 0.0)
+
+
+def _energy_backward_setup(ctx, inputs, output):
+    logits, y, energy_in, grad_lse, grad_pick = inputs
+    ctx.save_for_backward(logits, y, grad_lse)
+
+
+def _energy_backward_bwd(ctx, gg):
+    # out = grad_lse[:, None] * softmax(logits) + grad_pick[:, None] * onehot(y).
+    # The `energy` input is -lse(logits) itself, so its dependence on the
+    # logits is folded into the softmax Jacobian below and it gets no grad.
+    logits, y, grad_lse = ctx.saved_tensors
+    d_logits = d_grad_lse = d_grad_pick = None
+    if grad_lse is not None:
+        s = _softmax_masked(logits)
+        g = gg.to(s.dtype)
+        sg = s * g
+        if ctx.needs_input_grad[0]:
+            jvp = sg - s * sg.sum(dim=1, keepdim=True)
+            d_logits = (grad_lse.to(s.dtype).unsqueeze(1) * jvp).to(logits.dtype)
+        if ctx.needs_input_grad[3]:
+            d_grad_lse = sg.sum(dim=1).to(grad_lse.dtype)
+    if ctx.needs_input_grad[4]:
+        d_grad_pick = gg.gather(1, y.unsqueeze(1)).squeeze(1)
+    return d_logits, None, None, d_grad_lse, d_grad_pick
+
+
+torch.library.register_autograd("jem_ext::energy", _energy_bwd, setup_context=_energy_setup)
+torch.library.register_autograd(
+    "jem_ext::energy_ce", _energy_ce_bwd, setup_context=_energy_ce_setup
+)
+torch.library.register_autograd(
+    "jem_ext::energy_backward", _energy_backward_bwd, setup_context=_energy_backward_setup
+)
