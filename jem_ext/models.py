@@ -1,0 +1,327 @@
+"""Classifier architectures whose logits JEM reads as energies, and a small registry.
+
+* :class:`WideResNet` -- the JEM reference network (``wideresnet.py`` of wgrathwohl/JEM):
+  pre-activation wide residual blocks, LeakyReLU(0.2), no normalisation by default.
+* :class:`SmallCNN` -- a few 3x3 convolutions, cheap enough for CPU runs on 8x8 digits.
+* :class:`MLP` -- fully connected network for 2-D toy data.
+
+All map an input batch to logits ``[B, num_classes]``. None has normalisation layers unless asked
+(JEM finds BatchNorm harmful for SGLD sampling), and all behave the same in train and eval mode
+apart from dropout and the optional norm layers.
+
+Use :func:`build_model` to construct one by name; it records a JSON-serialisable spec on the
+module (attribute ``jem_spec``) so that a checkpoint can store :func:`model_spec` and rebuild the
+architecture with :func:`build_from_spec`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Callable
+
+from torch import Tensor, nn
+
+__all__ = [
+    "NORMS",
+    "WideResNet",
+    "SmallCNN",
+    "MLP",
+    "MODELS",
+    "build_model",
+    "model_spec",
+    "build_from_spec",
+]
+
+NORMS = (None, "batch", "instance", "layer")
+
+
+def _norm2d(channels: int, norm: str | None) -> nn.Module:
+    """A 2-D normalisation layer by name (identity for None)."""
+    if norm is None:
+        return nn.Identity()
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    if norm == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if norm == "layer":
+        return nn.GroupNorm(1, channels)
+    raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
+
+
+class WideBasic(nn.Module):
+    """Pre-activation wide residual block: norm, lrelu, conv3x3, dropout, norm, lrelu, conv3x3.
+
+    As in the JEM reference, the stride sits on the second convolution and the shortcut is a
+    strided 1x1 convolution whenever the shape changes.
+    """
+
+    def __init__(
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int = 1,
+        norm: str | None = None,
+        dropout: float = 0.0,
+        leak: float = 0.2,
+    ) -> None:
+        super().__init__()
+        self.norm1 = _norm2d(in_planes, norm)
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, padding=1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.norm2 = _norm2d(planes, norm)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1)
+        self.act = nn.LeakyReLU(leak)
+        self.shortcut = (
+            nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride)
+            if stride != 1 or in_planes != planes
+            else nn.Identity()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.dropout(self.conv1(self.act(self.norm1(x))))
+        out = self.conv2(self.act(self.norm2(out)))
+        return out + self.shortcut(x)
+
+
+class WideResNet(nn.Module):
+    """Wide ResNet WRN-depth-k (Zagoruyko & Komodakis 2016) as used by JEM.
+
+    A 3x3 conv to 16 channels, three groups of ``(depth - 4) / 6`` :class:`WideBasic` blocks of
+    widths ``16k, 32k, 64k`` with strides 1, 2, 2, then norm + LeakyReLU, global average pooling
+    and a linear head. WRN-28-10 with 10 classes has about 36.5M parameters. Any input of at
+    least 8x8 pixels works.
+
+    Args:
+        depth: total depth, ``6n + 4``.
+        widen_factor: width multiplier ``k``.
+        num_classes: number of logits.
+        in_channels: image channels.
+        norm: None (default, JEM), "batch", "instance" or "layer" (GroupNorm with one group).
+        dropout: dropout rate between the two convolutions of each block.
+        leak: LeakyReLU negative slope.
+    """
+
+    def __init__(
+        self,
+        depth: int = 28,
+        widen_factor: int = 10,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        norm: str | None = None,
+        dropout: float = 0.0,
+        leak: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6 != 0:
+            raise ValueError(f"WideResNet: expected depth = 6n + 4 with n >= 1, got {depth}")
+        n = (depth - 4) // 6
+        widths = [16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        self.conv1 = nn.Conv2d(in_channels, 16, kernel_size=3, padding=1)
+        blocks: list[nn.Module] = []
+        in_planes = 16
+        for width, stride in zip(widths, (1, 2, 2)):
+            for i in range(n):
+                blocks.append(
+                    WideBasic(in_planes, width, stride if i == 0 else 1, norm, dropout, leak)
+                )
+                in_planes = width
+        self.blocks = nn.Sequential(*blocks)
+        self.norm = _norm2d(in_planes, norm)
+        self.act = nn.LeakyReLU(leak)
+        self.linear = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.act(self.norm(self.blocks(self.conv1(x))))
+        return self.linear(out.mean(dim=(2, 3)))
+
+
+class SmallCNN(nn.Module):
+    """A small all-convolutional classifier for CPU-sized JEM runs.
+
+    ``conv3x3(width)`` at full resolution, then stride-2 3x3 convolutions (doubling the
+    channels, capped at ``4 * width``) until the feature map is at most 4x4, one more 3x3
+    convolution there, global average pooling, dropout and a linear head; each convolution is
+    followed by the optional norm and LeakyReLU. For 8x8 inputs that is 1 -> 32 -> 64 -> 64
+    channels (~57k parameters); for 32x32 inputs 3 -> 32 -> 64 -> 128 -> 128 -> 128.
+
+    Args:
+        in_channels: image channels.
+        num_classes: number of logits.
+        image_size: expected input side, used only to choose the number of stride-2 stages
+            (any input size works thanks to global pooling).
+        width: channels of the first convolution.
+        leak: LeakyReLU negative slope.
+        norm: None (default), "batch", "instance" or "layer".
+        dropout: dropout rate before the linear head.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        image_size: int = 8,
+        width: int = 32,
+        leak: float = 0.2,
+        norm: str | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+
+        def stage(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+            return [
+                nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1),
+                _norm2d(c_out, norm),
+                nn.LeakyReLU(leak),
+            ]
+
+        layers = stage(in_channels, width, 1)
+        channels, size = width, image_size
+        while size > 4:
+            out = min(2 * channels, 4 * width)
+            layers += stage(channels, out, 2)
+            channels, size = out, math.ceil(size / 2)
+        layers += stage(channels, channels, 1)
+        self.features = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.linear = nn.Linear(channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(self.dropout(self.features(x).mean(dim=(2, 3))))
+
+
+_ACTIVATIONS: dict[str, Callable[[float], nn.Module]] = {
+    "swish": lambda leak: nn.SiLU(),
+    "lrelu": lambda leak: nn.LeakyReLU(leak),
+}
+
+
+class MLP(nn.Module):
+    """Fully connected classifier for low-dimensional (e.g. 2-D toy) data.
+
+    ``depth`` hidden layers of ``hidden`` units with activation ``act``, then a linear head.
+    The input is flattened, so ``in_dim`` is the number of values per sample. The default
+    smooth "swish" (SiLU) activation gives a smooth energy surface, which SGLD and density plots
+    on toy data like better than the piecewise-linear "lrelu" (LeakyReLU(leak)).
+
+    Args:
+        in_dim: input features per sample.
+        num_classes: number of logits.
+        hidden: units per hidden layer.
+        depth: number of hidden layers.
+        leak: negative slope for ``act="lrelu"``.
+        act: "swish" or "lrelu".
+    """
+
+    def __init__(
+        self,
+        in_dim: int = 2,
+        num_classes: int = 2,
+        hidden: int = 128,
+        depth: int = 3,
+        leak: float = 0.2,
+        act: str = "swish",
+    ) -> None:
+        super().__init__()
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"MLP: act expected one of {sorted(_ACTIVATIONS)}, got {act!r}")
+        if depth < 1:
+            raise ValueError(f"MLP: expected depth >= 1, got {depth}")
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(depth):
+            layers += [nn.Linear(dim, hidden), _ACTIVATIONS[act](leak)]
+            dim = hidden
+        layers.append(nn.Linear(dim, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.flatten(1))
+
+
+def _image_shape(name: str, in_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(in_shape) != 3:
+        raise ValueError(f"{name}: expected in_shape (C, H, W), got {tuple(in_shape)}")
+    return in_shape  # type: ignore[return-value]
+
+
+def _build_wrn(num_classes: int, in_shape: tuple[int, ...], **kwargs: Any) -> nn.Module:
+    c, _, _ = _image_shape("wrn", in_shape)
+    return WideResNet(num_classes=num_classes, in_channels=c, **kwargs)
+
+
+def _build_small_cnn(num_classes: int, in_shape: tuple[int, ...], **kwargs: Any) -> nn.Module:
+    c, h, w = _image_shape("small_cnn", in_shape)
+    return SmallCNN(in_channels=c, num_classes=num_classes, image_size=max(h, w), **kwargs)
+
+
+def _build_mlp(num_classes: int, in_shape: tuple[int, ...], **kwargs: Any) -> nn.Module:
+    return MLP(in_dim=math.prod(in_shape), num_classes=num_classes, **kwargs)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "wrn": _build_wrn,
+    "small_cnn": _build_small_cnn,
+    "mlp": _build_mlp,
+}
+
+
+def build_model(name: str, num_classes: int, in_shape: tuple[int, ...], **kwargs: Any) -> nn.Module:
+    """Build a registered model and record how it was built.
+
+    Args:
+        name: "wrn", "small_cnn" or "mlp".
+        num_classes: number of logits.
+        in_shape: shape of one input sample, ``(C, H, W)`` for images or ``(D,)``.
+        **kwargs: further constructor arguments (e.g. ``depth``, ``widen_factor``, ``norm``);
+            they must be JSON-serialisable.
+
+    Returns:
+        The module, with attribute ``jem_spec`` (see :func:`model_spec`).
+
+    Raises:
+        ValueError: unknown name, wrong ``in_shape`` or non-serialisable kwargs.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODELS)}")
+    spec = {
+        "name": name,
+        "num_classes": int(num_classes),
+        "in_shape": [int(s) for s in in_shape],
+        "kwargs": dict(kwargs),
+    }
+    try:
+        json.dumps(spec)
+    except TypeError as err:
+        raise ValueError(f"build_model: kwargs must be JSON-serialisable ({err})") from err
+    model = MODELS[name](spec["num_classes"], tuple(spec["in_shape"]), **kwargs)
+    model.jem_spec = spec
+    return model
+
+
+def model_spec(model: nn.Module) -> dict[str, Any]:
+    """The JSON-serialisable spec ``{name, num_classes, in_shape, kwargs}`` of a built model.
+
+    Raises:
+        ValueError: the model was not made by :func:`build_model`.
+    """
+    spec = getattr(model, "jem_spec", None)
+    if spec is None:
+        raise ValueError(f"{type(model).__name__} has no jem_spec: build it with build_model()")
+    return json.loads(json.dumps(spec))
+
+
+def build_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """Rebuild a (freshly initialised) model from :func:`model_spec` output.
+
+    Raises:
+        ValueError: the spec lacks ``name``, ``num_classes`` or ``in_shape``, or is invalid.
+    """
+    missing = [k for k in ("name", "num_classes", "in_shape") if k not in spec]
+    if missing:
+        raise ValueError(
+            f"model spec: expected keys name, num_classes, in_shape; missing {missing}"
+        )
+    return build_model(
+        spec["name"], spec["num_classes"], tuple(spec["in_shape"]), **spec.get("kwargs", {})
+    )
