@@ -101,15 +101,21 @@ C10_HOST_DEVICE JEM_EXT_INLINE acc_t lse_finish(acc_t m, acc_t sum) {
   return m + log_acc(sum);
 }
 
-// Gradient of one logit. `lse` = -inf marks an all -inf row: softmax is 0.
+// Gradient of one logit: grad_lse * softmax + grad_pick * [picked], with
+// softmax = exp(l - lse) * inv_sum. `inv_sum` is 1 / sum_c exp(l_c - lse) of
+// the row (0 for an all -inf row): renormalising makes the gradient exact even
+// when lse was rounded (1e30 + log 2 == 1e30 in float32).
 template <typename acc_t>
-C10_HOST_DEVICE JEM_EXT_INLINE acc_t energy_grad(
-    acc_t l, acc_t lse, acc_t grad_lse, acc_t grad_pick, bool picked) {
-  acc_t g = acc_t(0);
-  if (grad_lse != acc_t(0)) {
-    g = grad_lse * shifted_exp(l, lse);
-  }
+C10_HOST_DEVICE JEM_EXT_INLINE acc_t energy_grad(acc_t l, acc_t lse, acc_t inv_sum,
+                                                 acc_t grad_lse, acc_t grad_pick, bool picked) {
+  const acc_t g = grad_lse * (shifted_exp(l, lse) * inv_sum);
   return picked ? g + grad_pick : g;
+}
+
+// 1 / row sum, with 0 for an all -inf row.
+template <typename acc_t>
+C10_HOST_DEVICE JEM_EXT_INLINE acc_t safe_inverse(acc_t sum) {
+  return sum > acc_t(0) ? acc_t(1) / sum : acc_t(0);
 }
 
 }  // namespace jem_ext

@@ -22,7 +22,7 @@ void refuse_grad(const char* op, const at::Tensor& x, const at::Tensor& grad) {
       ", grad.requires_grad=", grad.requires_grad(), ")");
 }
 
-at::Tensor& sgld_step_autograd(at::Tensor& x, const at::Tensor& grad, double step_size,
+void sgld_step_autograd(at::Tensor& x, const at::Tensor& grad, double step_size,
                                double noise_std, c10::optional<double> clamp_min,
                                c10::optional<double> clamp_max,
                                c10::optional<double> grad_clip,
@@ -37,10 +37,9 @@ at::Tensor& sgld_step_autograd(at::Tensor& x, const at::Tensor& grad, double ste
             std::move(generator));
   }
   x.unsafeGetTensorImpl()->bump_version();
-  return x;
 }
 
-at::Tensor& sgld_step_philox_autograd(at::Tensor& x, const at::Tensor& grad,
+void sgld_step_philox_autograd(at::Tensor& x, const at::Tensor& grad,
                                       double step_size, double noise_std,
                                       c10::optional<double> clamp_min,
                                       c10::optional<double> clamp_max,
@@ -55,7 +54,6 @@ at::Tensor& sgld_step_philox_autograd(at::Tensor& x, const at::Tensor& grad,
     op.call(x, grad, step_size, noise_std, clamp_min, clamp_max, grad_clip, seed, offset);
   }
   x.unsafeGetTensorImpl()->bump_version();
-  return x;
 }
 
 }  // namespace
@@ -63,16 +61,17 @@ at::Tensor& sgld_step_philox_autograd(at::Tensor& x, const at::Tensor& grad,
 
 TORCH_LIBRARY(jem_ext, m) {
   // x <- clamp(x - step_size * clip(grad) + noise_std * N(0, 1)), in place.
+  // Returns nothing: functionalization (torch.compile) rejects custom ops
+  // whose outputs alias inputs; the Python face returns x.
   m.def(
       "sgld_step_(Tensor(a!) x, Tensor grad, float step_size, float noise_std, "
       "float? clamp_min=None, float? clamp_max=None, float? grad_clip=None, "
-      "Generator? generator=None) -> Tensor(a!)");
+      "Generator? generator=None) -> ()");
   // The same update with the noise of an explicit Philox (seed, offset):
   // reproducible across devices, used by tests and benchmarks.
   m.def(
       "_sgld_step_philox_(Tensor(a!) x, Tensor grad, float step_size, float noise_std, "
-      "float? clamp_min, float? clamp_max, float? grad_clip, int seed, int offset) "
-      "-> Tensor(a!)");
+      "float? clamp_min, float? clamp_max, float? grad_clip, int seed, int offset) -> ()");
   // E = -logsumexp(logits, 1), or -logits[b, y[b]] when y is given.
   m.def("energy(Tensor logits, Tensor? y=None) -> Tensor");
   // One pass: (E = -logsumexp, per-sample cross-entropy = logsumexp - logits[y]).

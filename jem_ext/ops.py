@@ -66,7 +66,7 @@ def sgld_step_(
     The op is not differentiable: call it under ``torch.no_grad()`` with a
     detached ``grad`` (it raises otherwise).
     """
-    return _ops.sgld_step_.default(
+    _ops.sgld_step_.default(
         x,
         grad,
         float(step_size),
@@ -76,6 +76,7 @@ def sgld_step_(
         None if grad_clip is None else float(grad_clip),
         generator,
     )
+    return x
 
 
 def sgld_step_philox_(
@@ -96,7 +97,7 @@ def sgld_step_philox_(
     same numbers on every device: the reproducibility hook for tests and for
     comparing CPU with CUDA. ``offset`` must be a multiple of 4.
     """
-    return _ops._sgld_step_philox_.default(
+    _ops._sgld_step_philox_.default(
         x,
         grad,
         float(step_size),
@@ -107,6 +108,7 @@ def sgld_step_philox_(
         int(seed),
         int(offset),
     )
+    return x
 
 
 def energy(logits: Tensor, y: Tensor | None = None) -> Tensor:
@@ -148,14 +150,12 @@ def _check_logits_meta(logits: Tensor, y: Tensor | None) -> None:
 def _sgld_step_fake(x, grad, step_size, noise_std, clamp_min=None, clamp_max=None,
                     grad_clip=None, generator=None):
     torch._check(grad.shape == x.shape, lambda: "sgld_step_: grad must have x's shape")
-    return x
 
 
 @torch.library.register_fake("jem_ext::_sgld_step_philox_")
 def _sgld_step_philox_fake(x, grad, step_size, noise_std, clamp_min, clamp_max, grad_clip,
                            seed, offset):
     torch._check(grad.shape == x.shape, lambda: "_sgld_step_philox_: grad must have x's shape")
-    return x
 
 
 @torch.library.register_fake("jem_ext::energy")

@@ -80,7 +80,7 @@ JEM_EXT_INLINE void lse_rows(const scalar_t* __restrict l, int64_t rows, int64_t
   }
 }
 
-// softmax * coef (+ pick) of `rows` rows, given their lse: the backward.
+// softmax * coef of `rows` rows, given their lse: the backward.
 template <typename scalar_t, typename acc_t>
 JEM_EXT_INLINE void grad_rows(const scalar_t* __restrict l, int64_t rows, int64_t C,
                       acc_t* __restrict t, const acc_t* __restrict lse,
@@ -89,8 +89,12 @@ JEM_EXT_INLINE void grad_rows(const scalar_t* __restrict l, int64_t rows, int64_
   const int64_t n = rows * C;
   for (int64_t i = 0; i < n; ++i) t[i] = exp_acc<acc_t>(t[i]);  // softmax
   for (int64_t r = 0; r < rows; ++r) {
-    const acc_t k = coef[r];
     const acc_t* s = t + r * C;
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < C; ++c) sum += s[c];
+    // Renormalise (see energy_grad in csrc/energy.h): exact even if lse was rounded.
+    const acc_t k = coef[r] * safe_inverse(sum);
     scalar_t* o = out + r * C;
     for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(k * s[c]);
   }

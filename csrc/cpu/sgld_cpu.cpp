@@ -105,7 +105,7 @@ void sgld_cpu(at::Tensor& x, const at::Tensor& grad, double step_size, double no
   }
 }
 
-at::Tensor& sgld_step_cpu(at::Tensor& x, const at::Tensor& grad, double step_size,
+void sgld_step_cpu(at::Tensor& x, const at::Tensor& grad, double step_size,
                           double noise_std, c10::optional<double> clamp_min,
                           c10::optional<double> clamp_max, c10::optional<double> grad_clip,
                           c10::optional<at::Generator> generator) {
@@ -122,10 +122,9 @@ at::Tensor& sgld_step_cpu(at::Tensor& x, const at::Tensor& grad, double step_siz
     seed = gen->random64();
   }
   sgld_cpu(x, grad, step_size, noise_std, clamp_min, clamp_max, grad_clip, seed, 0);
-  return x;
 }
 
-at::Tensor& sgld_step_philox_cpu(at::Tensor& x, const at::Tensor& grad, double step_size,
+void sgld_step_philox_cpu(at::Tensor& x, const at::Tensor& grad, double step_size,
                                  double noise_std, c10::optional<double> clamp_min,
                                  c10::optional<double> clamp_max,
                                  c10::optional<double> grad_clip, int64_t seed,
@@ -138,7 +137,6 @@ at::Tensor& sgld_step_philox_cpu(at::Tensor& x, const at::Tensor& grad, double s
               "_sgld_step_philox_: offset must be a non-negative multiple of 4, got ", offset);
   sgld_cpu(x, grad, step_size, noise_std, clamp_min, clamp_max, grad_clip,
            static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
-  return x;
 }
 
 }  // namespace

@@ -104,13 +104,17 @@ __global__ void energy_backward_kernel(const scalar_t* __restrict__ logits,
     CUDA_KERNEL_ASSERT(target >= 0 && target < C);
   }
   acc_t lse = 0;
+  acc_t inv_sum = 0;
   if (grad_lse != nullptr) {
     lse = energy != nullptr ? -energy[row] : row_lse<kLanes, scalar_t, acc_t>(l, C, lane);
+    acc_t s = 0;
+    for (int64_t c = lane; c < C; c += kLanes) s += shifted_exp(static_cast<acc_t>(l[c]), lse);
+    inv_sum = safe_inverse(lanes_sum<kLanes>(s));
   }
   if (!valid) return;
   for (int64_t c = lane; c < C; c += kLanes) {
     out[c] = static_cast<scalar_t>(
-        energy_grad<acc_t>(static_cast<acc_t>(l[c]), lse, glse, gpick, c == target));
+        energy_grad<acc_t>(static_cast<acc_t>(l[c]), lse, inv_sum, glse, gpick, c == target));
   }
 }
 

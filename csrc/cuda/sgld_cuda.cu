@@ -94,7 +94,7 @@ void sgld_cuda(at::Tensor& x, const at::Tensor& grad, double step_size, double n
   }
 }
 
-at::Tensor& sgld_step_cuda(at::Tensor& x, const at::Tensor& grad, double step_size,
+void sgld_step_cuda(at::Tensor& x, const at::Tensor& grad, double step_size,
                            double noise_std, c10::optional<double> clamp_min,
                            c10::optional<double> clamp_max, c10::optional<double> grad_clip,
                            c10::optional<at::Generator> generator) {
@@ -109,10 +109,9 @@ at::Tensor& sgld_step_cuda(at::Tensor& x, const at::Tensor& grad, double step_si
     rng = gen->philox_cuda_state(kSgldOffsetIncrement);
   }
   sgld_cuda(x, grad, step_size, noise_std, clamp_min, clamp_max, grad_clip, rng);
-  return x;
 }
 
-at::Tensor& sgld_step_philox_cuda(at::Tensor& x, const at::Tensor& grad, double step_size,
+void sgld_step_philox_cuda(at::Tensor& x, const at::Tensor& grad, double step_size,
                                   double noise_std, c10::optional<double> clamp_min,
                                   c10::optional<double> clamp_max,
                                   c10::optional<double> grad_clip, int64_t seed,
@@ -125,7 +124,6 @@ at::Tensor& sgld_step_philox_cuda(at::Tensor& x, const at::Tensor& grad, double 
   c10::cuda::CUDAGuard device_guard(x.device());
   sgld_cuda(x, grad, step_size, noise_std, clamp_min, clamp_max, grad_clip,
             at::PhiloxCudaState(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset)));
-  return x;
 }
 
 }  // namespace

@@ -1,0 +1,194 @@
+"""energy / energy_ce: values and gradients against float64 references,
+gradcheck (first and second order), extreme values, dtypes, layouts,
+errors, opcheck."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jem_ext import ops
+from reference import energy_reference
+
+TOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = list(TOL)
+CLASSES = [1, 2, 10, 37, 100, 1000]
+
+
+def make_logits(b, c, dtype, device, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, c, generator=g) * scale).to(device, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", CLASSES)
+def test_energy_and_gradient_match_reference(device, dtype, c):
+    logits = make_logits(33, c, dtype, device).requires_grad_(True)
+    e = ops.energy(logits)
+    assert e.dtype == dtype and e.shape == (33,)
+    want = energy_reference(logits.detach())
+    tol = TOL[dtype] * max(1.0, want.abs().max().item())
+    torch.testing.assert_close(e.double(), want, rtol=TOL[dtype], atol=tol)
+    g = torch.randn(33, dtype=torch.float64)
+    e.backward(g.to(device, dtype))
+    want_grad = -torch.softmax(logits.detach().double(), 1) * g.to(device).unsqueeze(1)
+    torch.testing.assert_close(logits.grad.double(), want_grad, rtol=TOL[dtype] * 4,
+                               atol=TOL[dtype] * 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_energy_with_labels(device, dtype):
+    logits = make_logits(20, 10, dtype, device).requires_grad_(True)
+    y = torch.randint(0, 10, (20,), device=device)
+    e = ops.energy(logits, y)
+    torch.testing.assert_close(e.double(), energy_reference(logits.detach(), y), rtol=0, atol=0)
+    e.sum().backward()
+    want = -F.one_hot(y, 10).to(dtype)
+    assert torch.equal(logits.grad, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", [1, 10, 1000])
+def test_energy_ce_matches_reference(device, dtype, c):
+    logits = make_logits(17, c, dtype, device).requires_grad_(True)
+    y = torch.randint(0, c, (17,), device=device)
+    e, ce = ops.energy_ce(logits, y)
+    lg = logits.detach().double()
+    tol = TOL[dtype] * 10
+    torch.testing.assert_close(e.double(), energy_reference(lg), rtol=tol, atol=tol)
+    torch.testing.assert_close(ce.double(), F.cross_entropy(lg, y, reduction="none"),
+                               rtol=tol, atol=tol)
+    ge, gce = torch.randn(17, device=device), torch.randn(17, device=device)
+    (e.float() * ge + ce.float() * gce).sum().backward()
+    ref = lg.clone().requires_grad_(True)
+    ((-torch.logsumexp(ref, 1)) * ge.double()
+     + F.cross_entropy(ref, y, reduction="none") * gce.double()).sum().backward()
+    torch.testing.assert_close(logits.grad.double(), ref.grad, rtol=tol * 4, atol=tol * 4)
+
+
+def test_gradcheck_first_and_second_order():
+    logits = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 7, (6,))
+    assert torch.autograd.gradcheck(ops.energy, (logits,))
+    assert torch.autograd.gradcheck(lambda t: ops.energy(t, y), (logits,))
+    assert torch.autograd.gradcheck(lambda t: ops.energy_ce(t, y), (logits,))
+    assert torch.autograd.gradgradcheck(ops.energy, (logits,))
+    assert torch.autograd.gradgradcheck(lambda t: ops.energy_ce(t, y), (logits,))
+
+
+def test_double_backward_through_input_gradient_matches_reference():
+    # What PGD through SGLD refinement needs: d/dx of ||dE/dx||^2.
+    torch.manual_seed(0)
+    w = torch.randn(5, 10, dtype=torch.float64)
+
+    def penalty(energy_fn, x):
+        (g,) = torch.autograd.grad(energy_fn(torch.tanh(x @ w)).sum(), [x], create_graph=True)
+        (gx,) = torch.autograd.grad(g.pow(2).sum(), [x])
+        return gx
+
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(penalty(ops.energy, x),
+                               penalty(lambda t: -torch.logsumexp(t, 1), x))
+
+
+def test_extreme_values(device):
+    big = 1e30
+    ninf = float("-inf")
+    logits = torch.tensor([[big, big, 0.0], [ninf, 2.0, ninf], [ninf, ninf, ninf],
+                           [-big, -big, -big]], device=device, requires_grad=True)
+    e = ops.energy(logits)
+    want = torch.tensor([-(big + torch.log(torch.tensor(2.0)).item()), -2.0, float("inf"), big])
+    torch.testing.assert_close(e.cpu(), want)
+    e.sum().backward()
+    g = logits.grad.cpu()
+    assert not torch.isnan(g).any()
+    torch.testing.assert_close(g[0], torch.tensor([-0.5, -0.5, 0.0]))
+    torch.testing.assert_close(g[1], torch.tensor([0.0, -1.0, 0.0]))
+    assert torch.equal(g[2], torch.zeros(3))
+    # energy_ce on the all -inf row: E = +inf, no NaN in the gradient.
+    lg = torch.full((1, 4), ninf, device=device, requires_grad=True)
+    e, ce = ops.energy_ce(lg, torch.tensor([1], device=device))
+    assert e.item() == float("inf")
+    e.sum().backward()
+    assert not torch.isnan(lg.grad).any()
+
+
+def test_nan_propagates(device):
+    logits = torch.tensor([[0.0, float("nan"), 1.0], [float("nan"), 0.0, 0.0]], device=device)
+    assert torch.isnan(ops.energy(logits)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types_accumulate_in_float32(device, dtype):
+    # 1000 equal logits: a half-precision running sum would be off by ~1 in lse.
+    logits = torch.full((3, 1000), 2.0, dtype=dtype, device=device)
+    want = -(2.0 + torch.log(torch.tensor(1000.0, dtype=torch.float64)))
+    torch.testing.assert_close(ops.energy(logits).double().cpu(), want.expand(3),
+                               rtol=TOL[dtype], atol=TOL[dtype] * 10)
+
+
+def test_non_contiguous_and_empty(device):
+    base = make_logits(10, 24, torch.float32, device)
+    for logits in (base.t().contiguous().t(), base[:, ::2], base[::3]):
+        assert not logits.is_contiguous() or logits.shape[0] < 10
+        torch.testing.assert_close(ops.energy(logits).double(), energy_reference(logits))
+    empty = torch.zeros(0, 5, device=device, requires_grad=True)
+    e = ops.energy(empty)
+    assert e.shape == (0,)
+    e.sum().backward()
+    assert empty.grad.shape == (0, 5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 40), c=st.integers(1, 300), scale=st.floats(0.01, 100.0),
+       shift=st.floats(-1e4, 1e4))
+def test_energy_property_matches_reference(b, c, scale, shift):
+    logits = torch.randn(b, c, dtype=torch.float64) * scale + shift
+    torch.testing.assert_close(ops.energy(logits.float()).double(), energy_reference(logits.float()),
+                               rtol=3e-6, atol=3e-6 * (abs(shift) + scale))
+    torch.testing.assert_close(ops.energy(logits), energy_reference(logits), rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: ops.energy(torch.zeros(3)), "logits must be 2-D"),
+    (lambda: ops.energy(torch.zeros(3, 0)), "at least one class"),
+    (lambda: ops.energy(torch.zeros(3, 4, dtype=torch.int64)), "logits must be float32"),
+    (lambda: ops.energy(torch.zeros(3, 4), torch.zeros(3, dtype=torch.int32)), "y must be int64"),
+    (lambda: ops.energy(torch.zeros(3, 4), torch.zeros(2, dtype=torch.int64)),
+     r"y must have shape \[3\]"),
+    (lambda: ops.energy(torch.zeros(3, 4), torch.tensor([0, 4, 1])), r"y\[1\] = 4 is out of range"),
+    (lambda: ops.energy_ce(torch.zeros(3, 4), torch.tensor([0, -1, 1])), "out of range for 4"),
+])
+def test_bad_inputs_raise_clear_errors(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+def test_opcheck():
+    logits = torch.randn(5, 10, requires_grad=True)
+    y = torch.randint(0, 10, (5,))
+    torch.library.opcheck(torch.ops.jem_ext.energy.default, (logits,))
+    torch.library.opcheck(torch.ops.jem_ext.energy.default, (logits, y))
+    torch.library.opcheck(torch.ops.jem_ext.energy_ce.default, (logits, y))
+    g = torch.randn(5, requires_grad=True)
+    torch.library.opcheck(torch.ops.jem_ext.energy_backward.default,
+                          (logits.detach().requires_grad_(True), y, None, g, g))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("c", [1, 10, 33, 1000])
+def test_cuda_matches_cpu(c):
+    logits = make_logits(70, c, torch.float32, "cpu")
+    y = torch.randint(0, c, (70,))
+    for fn in (lambda t, yy: ops.energy(t), ops.energy, ops.energy_ce):
+        lc = logits.clone().requires_grad_(True)
+        lg = logits.cuda().requires_grad_(True)
+        oc, og = fn(lc, y), fn(lg, y.cuda())
+        oc = oc if isinstance(oc, tuple) else (oc,)
+        og = og if isinstance(og, tuple) else (og,)
+        for a, b in zip(oc, og):
+            torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
+        sum(o.sum() for o in oc).backward()
+        sum(o.sum() for o in og).backward()
+        torch.testing.assert_close(lg.grad.cpu(), lc.grad, rtol=1e-5, atol=1e-6)
