@@ -10,7 +10,9 @@ try:
     from . import _build_info
 except ImportError as exc:  # pragma: no cover - only in a broken checkout
     raise ImportError(
-        "jem_ext is not built: install it with `pip install .` (see README.md)"
+        "jem_ext's compiled part is missing: this is the source tree, not a build. "
+        "Set up with `bash scripts/setup.sh` (an editable build), or `pip install .` "
+        "and run from outside the source checkout (see README.md)"
     ) from exc
 
 if _torch.__version__ != _build_info.TORCH_VERSION:
