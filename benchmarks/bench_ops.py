@@ -1,0 +1,178 @@
+"""Micro-benchmarks of jem_ext's fused ops against eager PyTorch.
+
+* sgld_step_: the fused op against the JEM reference's eager update
+  (``x.data += -step * grad + std * torch.randn_like(x)`` then a clamp) and
+  against torch.compile of that eager code; 1e4 to 1.6e7 elements.
+* energy forward + backward: ``ops.energy`` against ``-logits.logsumexp(1)``
+  with autograd (and its torch.compile), logits 64x10, 65536x10, 4096x1000.
+
+CPU with one thread and with all threads; CUDA when present (with GB/s of
+the bytes each op must move). Medians over many repeats; prints a table and
+writes JSON (--json). Ratios are "eager time / fused time" from one run.
+
+    python benchmarks/bench_ops.py --json benchmarks/out/ops.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+
+import torch
+
+import jem_ext
+from jem_ext import ops
+
+SGLD_SIZES = [10_000, 100_000, 1_000_000, 4_000_000, 16_000_000]
+LOGIT_SHAPES = [(64, 10), (65536, 10), (4096, 1000)]
+STEP, STD = 1.0, 0.01
+
+
+def timeit(fn, device: str, min_time: float, min_reps: int = 5, max_reps: int = 500) -> float:
+    """Median seconds per call over repeats filling about `min_time`."""
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(2):  # warm-up (and compilation)
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    one = max(time.perf_counter() - t0, 1e-7)
+    reps = int(min(max_reps, max(min_reps, min_time / one)))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def eager_sgld(x, grad):
+    # The JEM reference's update (sign flipped: grad here is dE/dx).
+    x.data += -STEP * grad + STD * torch.randn_like(x)
+    x.data.clamp_(-1.0, 1.0)
+
+
+def fused_sgld(x, grad):
+    ops.sgld_step_(x, grad, STEP, STD, clamp_min=-1.0, clamp_max=1.0)
+
+
+def eager_energy_fb(logits):
+    e = -logits.logsumexp(1)
+    (g,) = torch.autograd.grad(e.sum(), [logits])
+    return g
+
+
+def fused_energy_fb(logits):
+    e = ops.energy(logits)
+    (g,) = torch.autograd.grad(e.sum(), [logits])
+    return g
+
+
+def bench_device(device: str, threads: int | None, min_time: float, compile_: bool,
+                 sizes, shapes) -> list[dict]:
+    rows = []
+    label = device if threads is None else f"{device}/{threads}t"
+    compiled_sgld = torch.compile(eager_sgld) if compile_ else None
+    compiled_energy = torch.compile(eager_energy_fb) if compile_ else None
+    for n in sizes:
+        x = torch.rand(n, device=device) * 2 - 1
+        grad = torch.randn(n, device=device)
+        t_eager = timeit(lambda: eager_sgld(x, grad), device, min_time)
+        t_fused = timeit(lambda: fused_sgld(x, grad), device, min_time)
+        t_comp = timeit(lambda: compiled_sgld(x, grad), device, min_time) if compile_ else None
+        bytes_moved = 3 * n * x.element_size()  # read x, read grad, write x
+        rows.append(dict(op="sgld_step_", device=label, size=n, eager_s=t_eager, fused_s=t_fused,
+                         compiled_s=t_comp, speedup_vs_eager=t_eager / t_fused,
+                         speedup_vs_compiled=(t_comp / t_fused) if t_comp else None,
+                         fused_GBps=bytes_moved / t_fused / 1e9))
+        print(fmt(rows[-1]), flush=True)
+    for b, c in shapes:
+        logits = torch.randn(b, c, device=device, requires_grad=True)
+        t_eager = timeit(lambda: eager_energy_fb(logits), device, min_time)
+        t_fused = timeit(lambda: fused_energy_fb(logits), device, min_time)
+        t_comp = timeit(lambda: compiled_energy(logits), device, min_time) if compile_ else None
+        bytes_moved = 3 * b * c * logits.element_size()  # fwd read, bwd read + write
+        rows.append(dict(op="energy fwd+bwd", device=label, size=f"{b}x{c}", eager_s=t_eager,
+                         fused_s=t_fused, compiled_s=t_comp, speedup_vs_eager=t_eager / t_fused,
+                         speedup_vs_compiled=(t_comp / t_fused) if t_comp else None,
+                         fused_GBps=bytes_moved / t_fused / 1e9))
+        print(fmt(rows[-1]), flush=True)
+    return rows
+
+
+HEADER = (f"{'op':<15} {'device':<8} {'size':>11} {'eager ms':>9} {'compiled ms':>11} "
+          f"{'fused ms':>9} {'x eager':>8} {'x compiled':>10} {'fused GB/s':>10}")
+
+
+def fmt(r: dict) -> str:
+    comp = f"{r['compiled_s'] * 1e3:11.3f}" if r["compiled_s"] else f"{'-':>11}"
+    xcomp = f"{r['speedup_vs_compiled']:10.2f}" if r["speedup_vs_compiled"] else f"{'-':>10}"
+    return (f"{r['op']:<15} {r['device']:<8} {str(r['size']):>11} {r['eager_s'] * 1e3:9.3f} "
+            f"{comp} {r['fused_s'] * 1e3:9.3f} {r['speedup_vs_eager']:8.2f} {xcomp} "
+            f"{r['fused_GBps']:10.2f}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", help="write all measurements to this JSON file")
+    p.add_argument("--min-time", type=float, default=0.5,
+                   help="seconds of repeats per measurement (the median is reported)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the torch.compile baselines (they compile for ~10 s per shape)")
+    p.add_argument("--threads", type=int, nargs="*", default=None,
+                   help="CPU thread counts to run (default: 1 and all cores)")
+    p.add_argument("--no-cpu", action="store_true", help="skip the CPU runs")
+    p.add_argument("--quick", action="store_true",
+                   help="only the target sizes (4M elements; 65536x10, 4096x1000)")
+    args = p.parse_args(argv)
+
+    sizes = [4_000_000] if args.quick else SGLD_SIZES
+    shapes = LOGIT_SHAPES[1:] if args.quick else LOGIT_SHAPES
+    all_threads = torch.get_num_threads()
+    threads = args.threads or sorted({1, all_threads})
+    print(f"jem_ext {jem_ext.__version__}, torch {torch.__version__}, "
+          f"{platform.processor() or platform.machine()}, {all_threads} threads")
+    print(HEADER)
+    rows = []
+    if not args.no_cpu:
+        for t in threads:
+            torch.set_num_threads(t)
+            rows += bench_device("cpu", t, args.min_time, not args.no_compile, sizes, shapes)
+        torch.set_num_threads(all_threads)
+    if torch.cuda.is_available():
+        rows += bench_device("cuda", None, args.min_time, not args.no_compile, sizes, shapes)
+        # The copy bandwidth a memory-bound elementwise op can hope for.
+        n = 16_000_000
+        a = torch.empty(n, device="cuda")
+        t_copy = timeit(lambda: a.clone(), "cuda", args.min_time)
+        copy_gbps = 2 * n * 4 / t_copy / 1e9
+        print(f"cuda copy bandwidth (clone of 16M float32): {copy_gbps:.1f} GB/s")
+        rows.append(dict(op="copy", device="cuda", size=n, fused_GBps=copy_gbps))
+    if args.json:
+        meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    torch=torch.__version__, jem_ext=jem_ext.__version__,
+                    cpu=platform.processor() or platform.machine(), threads=all_threads,
+                    gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                    build=jem_ext.build_info)
+        import os
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
