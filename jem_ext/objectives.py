@@ -1,0 +1,146 @@
+"""JEM training objectives (Grathwohl et al. 2020), written as in /work/shared/JEM.md.
+
+With logits ``f(x)``, ``E(x) = -logsumexp_y f(x)[y]`` and ``E(x, y) = -f(x)[y]``:
+
+* ``"jem"``: maximise ``log p(y | x) + log p(x)``. The loss is
+  ``w_pyx * CE(f(x), y) + w_px * (E(x).mean() - E(x_q).mean())`` where ``x_q`` are SGLD samples
+  from ``p(x)``; the second term is the usual contrastive surrogate of ``-log p(x)``.
+* ``"factored"``: maximise ``log p(y) + log p(x | y)``. ``p(y)`` is the (fixed) class prior and
+  contributes no gradient; ``p(x | y) = exp(f(x)[y]) / Z(y)`` gives the surrogate
+  ``w_px * (E(x, y).mean() - E(x_q, y_q).mean())`` with ``x_q`` sampled class-conditionally for
+  labels ``y_q``. There is no cross-entropy term: classification comes only from the generative
+  model (the paper's negative control). ``w_pyx`` is unused.
+* ``"ce"``: plain classifier, ``w_pyx * CE``; ``x_q`` is ignored.
+
+``l2_energy > 0`` adds ``l2_energy * (mean(E_data^2) + mean(E_q^2))`` (the energies of the
+``p(x)`` term; equal to ``(E_data^2 + E_q^2).mean()`` for equal batch sizes), the usual fix for
+diverging runs. The logsumexp of the data logits is taken once (``ops.energy_ce``), and
+``E(x, y) = E(x) + CE`` reuses it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+
+__all__ = ["OBJECTIVES", "jem_loss"]
+
+OBJECTIVES = ("jem", "factored", "ce")
+
+_TERM_NAMES = ("loss", "ce", "px", "energy_data", "energy_sample", "accuracy")
+
+
+def _masked_mean(v: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of ``v`` over ``mask`` (0 for an empty mask, no host sync)."""
+    if mask is None:
+        return v.mean()
+    m = mask.to(v.dtype)
+    return (v * m).sum() / m.sum().clamp_min(1.0)
+
+
+def jem_loss(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    x_q: Tensor | None = None,
+    labeled: Tensor | None = None,
+    objective: str = "jem",
+    w_px: float = 1.0,
+    w_pyx: float = 1.0,
+    l2_energy: float = 0.0,
+    y_q: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """The JEM loss of one batch and its terms.
+
+    Args:
+        model: classifier; ``model(x)`` gives logits ``[B, C]``.
+        x: data batch ``[B, ...]``.
+        y: int64 labels ``[B]`` (entries of unlabeled rows are ignored when ``labeled`` is given).
+        x_q: model samples ``[M, ...]`` (required for "jem" and "factored" when ``w_px != 0``).
+        labeled: optional bool mask ``[B]``: the CE term, the accuracy, and the data term of the
+            "factored" objective use only these rows (the "jem" ``p(x)`` term uses all rows).
+        objective: "jem", "factored" or "ce" (see the module docstring).
+        w_px: weight of the ``p(x)`` (or ``p(x | y)``) term.
+        w_pyx: weight of the cross-entropy term.
+        l2_energy: weight of the squared-energy penalty.
+        y_q: labels of the conditional samples ``x_q`` for "factored" (default: ``y``).
+
+    Returns:
+        ``(loss, terms)`` with ``loss`` a differentiable scalar and ``terms`` a dict of floats:
+        "loss", "ce" (mean cross-entropy on labeled rows), "px" (``E_data.mean() - E_q.mean()``,
+        with conditional energies for "factored"), "energy_data", "energy_sample", "accuracy"
+        (labeled rows; NaN when there are none). Terms not computed ("px", "energy_sample" for
+        "ce") are NaN.
+
+    Raises:
+        ValueError: unknown objective, missing ``x_q``, or shape mismatches.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"jem_loss: objective must be one of {OBJECTIVES}, got {objective!r}")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"jem_loss: y must have shape [{x.shape[0]}], got {tuple(y.shape)}")
+    y = y.to(device=x.device, dtype=torch.int64)
+    if labeled is not None:
+        if labeled.shape != (x.shape[0],):
+            raise ValueError(
+                f"jem_loss: labeled must have shape [{x.shape[0]}], got {tuple(labeled.shape)}"
+            )
+        labeled = labeled.to(device=x.device, dtype=torch.bool)
+        y = torch.where(labeled, y, torch.zeros_like(y))  # unlabeled rows may hold -1
+    need_q = objective != "ce" and x_q is not None
+    if objective != "ce" and w_px != 0 and x_q is None:
+        raise ValueError(f"jem_loss: objective {objective!r} with w_px={w_px} needs samples x_q")
+
+    logits = model(x)
+    e_data, ce = ops.energy_ce(logits, y)  # E(x) = -lse, ce = lse - f(x)[y]
+    ce_mean = _masked_mean(ce, labeled)
+    correct = (logits.detach().argmax(1) == y).to(logits.dtype)
+    if labeled is None:
+        accuracy = correct.mean()
+    else:
+        m = labeled.to(logits.dtype)
+        accuracy = (correct * m).sum() / m.sum()  # NaN when nothing is labeled
+
+    nan = torch.full((), math.nan, dtype=logits.dtype, device=logits.device)
+    px = nan
+    e_data_mean = e_data.mean()
+    e_q_mean = nan
+    if objective == "ce":
+        loss = w_pyx * ce_mean
+    else:
+        if objective == "jem":
+            e_d = e_data
+            e_d_mean = e_data_mean
+            e_q = ops.energy(model(x_q)) if need_q else None
+        else:  # factored: E(x, y) = -f(x)[y] = E(x) + CE, on labeled rows only
+            e_d = e_data + ce
+            e_d_mean = _masked_mean(e_d, labeled)
+            e_data_mean = e_d_mean
+            if need_q:
+                if y_q is None:
+                    y_q = y
+                if y_q.shape != (x_q.shape[0],):
+                    raise ValueError(
+                        f"jem_loss: y_q must have shape [{x_q.shape[0]}], got {tuple(y_q.shape)}"
+                    )
+                e_q = ops.energy(model(x_q), y_q.to(x_q.device, torch.int64))
+            else:
+                e_q = None
+        loss = w_pyx * ce_mean if objective == "jem" else 0.0 * ce_mean
+        if e_q is not None:
+            e_q_mean = e_q.mean()
+            px = e_d_mean - e_q_mean
+            loss = loss + w_px * px
+            if l2_energy:
+                sq_d = _masked_mean(e_d.pow(2), labeled if objective == "factored" else None)
+                loss = loss + l2_energy * (sq_d + e_q.pow(2).mean())
+
+    vals = torch.stack(
+        [loss.detach(), ce_mean.detach(), px.detach(), e_data_mean.detach(),
+         e_q_mean.detach(), accuracy]
+    ).double().cpu().tolist()  # one host sync for all terms
+    return loss, dict(zip(_TERM_NAMES, vals))
