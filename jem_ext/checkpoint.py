@@ -1,0 +1,252 @@
+"""Checkpoints of jem_ext runs: atomic save, validated load, run-folder resolution.
+
+A checkpoint is a plain dict saved with :func:`torch.save` and read back with
+``torch.load(weights_only=True)``, so it may hold only tensors, numbers, strings, None and
+(nested) lists, tuples and dicts. Its keys:
+
+- ``"format"``: always :data:`FORMAT` (``"jem_ext.checkpoint"``); ``"version"``: :data:`VERSION`.
+- ``"model_spec"``: :func:`jem_ext.models.model_spec` of the network; ``"model"``: its state dict.
+- ``"optimizer"``: optimiser state dict; ``"sampler"``: ``SGLDSampler.state_dict()`` (or None).
+- ``"rng"``: RNG states (see :func:`capture_rng` / :func:`restore_rng`).
+- ``"iteration"``, ``"epoch"``: training progress; ``"config"``: the run's full config dict;
+  ``"best_val_accuracy"``: best validation accuracy so far.
+
+A run folder looks like ``RUN/config.json``, ``RUN/metrics.jsonl``,
+``RUN/checkpoints/{last.pt,best.pt}``, ``RUN/samples/*.png``, ``RUN/summary.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import random
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT = "jem_ext.checkpoint"
+VERSION = 1
+KNOWN_VERSIONS = frozenset({1})
+
+__all__ = [
+    "CheckpointError",
+    "FORMAT",
+    "VERSION",
+    "save_checkpoint",
+    "load_checkpoint",
+    "resolve_checkpoint",
+    "model_from_checkpoint",
+    "new_state",
+    "capture_rng",
+    "restore_rng",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, truncated, or not a jem_ext checkpoint."""
+
+
+def new_state(**fields: Any) -> dict[str, Any]:
+    """A checkpoint dict with ``format`` and ``version`` filled in, plus ``fields``."""
+    state: dict[str, Any] = {"format": FORMAT, "version": VERSION}
+    state.update(fields)
+    return state
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Save ``state`` to ``path`` atomically.
+
+    The dict is written to a temporary file in the same folder, flushed and fsync'ed, then
+    renamed over ``path`` with :func:`os.replace`, so a crash leaves either the old file or the
+    new one, never a truncated one. ``format``/``version`` are added when missing. Parent folders
+    are created.
+
+    Raises:
+        CheckpointError: ``state`` is not a dict.
+    """
+    if not isinstance(state, dict):
+        raise CheckpointError(f"save_checkpoint: expected a dict, got {type(state).__name__}")
+    state = {"format": FORMAT, "version": VERSION, **state}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable (best effort; not supported everywhere)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def _first_sentence(err: BaseException, limit: int = 160) -> str:
+    """The first line/sentence of an exception message, shortened, for one-line errors."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    if not text:
+        return type(err).__name__
+    text = text.splitlines()[0]
+    text = text.split(". ")[0].rstrip(".")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load and validate a checkpoint written by :func:`save_checkpoint`.
+
+    Uses ``torch.load(weights_only=True)``: no arbitrary code runs while loading.
+
+    Args:
+        path: the ``.pt`` file.
+        map_location: passed to :func:`torch.load`.
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        CheckpointError: one clear message if the file is missing, unreadable, corrupt or
+            truncated, or is not a dict with ``format == "jem_ext.checkpoint"`` and a known
+            ``version``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: expected a file, got a directory or device")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = _first_sentence(err)
+        raise CheckpointError(
+            f"checkpoint {path}: not a jem_ext checkpoint or unsafe to load "
+            f"(weights_only load refused it: {first})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError,
+            AttributeError, TypeError, IndexError, io.UnsupportedOperation) as err:
+        first = _first_sentence(err)
+        raise CheckpointError(
+            f"checkpoint {path}: corrupt or truncated file, cannot be read ({first})"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path}: not a jem_ext checkpoint (expected a dict with "
+            f"format={FORMAT!r})"
+        )
+    if state.get("version") not in KNOWN_VERSIONS:
+        raise CheckpointError(
+            f"checkpoint {path}: unsupported version {state.get('version')!r} "
+            f"(this jem_ext reads versions {sorted(KNOWN_VERSIONS)})"
+        )
+    return state
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """Turn a checkpoint file or a run folder into a checkpoint file path.
+
+    A file is returned as is; a run folder gives ``RUN/checkpoints/best.pt`` if present, else
+    ``RUN/checkpoints/last.pt``.
+
+    Raises:
+        CheckpointError: the path does not exist, or is a folder holding neither checkpoint.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            candidate = path / "checkpoints" / name
+            if candidate.is_file():
+                return candidate
+        raise CheckpointError(
+            f"{path}: a folder without checkpoints/best.pt or checkpoints/last.pt "
+            "(expected a checkpoint file or a run folder)"
+        )
+    raise CheckpointError(f"{path}: no such checkpoint file or run folder")
+
+
+def model_from_checkpoint(state: dict[str, Any], device: Any = "cpu") -> nn.Module:
+    """Rebuild the network of a loaded checkpoint, with its weights, in eval mode.
+
+    Raises:
+        CheckpointError: the checkpoint lacks ``model_spec``/``model`` or they do not match.
+    """
+    from .models import build_from_spec
+
+    if "model_spec" not in state or "model" not in state:
+        raise CheckpointError("checkpoint: expected keys 'model_spec' and 'model'")
+    try:
+        model = build_from_spec(state["model_spec"])
+        model.load_state_dict(state["model"])
+    except (ValueError, TypeError, RuntimeError, KeyError) as err:
+        first = _first_sentence(err)
+        raise CheckpointError(f"checkpoint: cannot rebuild the model ({first})") from None
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states (stored as tensors / ints so they survive a weights_only load)
+# ----------------------------------------------------------------------------------------------
+
+
+def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Snapshot the global torch (CPU and CUDA), numpy and python RNGs, plus named generators.
+
+    Returns:
+        A weights_only-safe dict: ``{"torch", "cuda", "numpy", "python", "generators"}``.
+    """
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "name": str(np_state[0]),
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": [int(py_state[0]), list(py_state[1]), py_state[2]],
+        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
+    }
+    return state
+
+
+def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+    """Restore RNG states saved by :func:`capture_rng` (named generators matched by key)."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    npst = state.get("numpy")
+    if npst:
+        np.random.set_state((
+            npst["name"],
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        ))
+    py = state.get("python")
+    if py:
+        random.setstate((py[0], tuple(py[1]), py[2]))
+    for key, gen in (generators or {}).items():
+        if key in state.get("generators", {}):
+            gen.set_state(state["generators"][key])

@@ -1,0 +1,330 @@
+"""Tests of the trainer (python -m jem_ext.train) on tiny runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from jem_ext import train as jtrain
+from jem_ext.checkpoint import load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny JEM on the 2-D toy moons (32 iterations per epoch, a fraction of a second each).
+TOY = ["--dataset", "moons", "--model", "mlp", "--width", "16", "--depth", "2",
+       "--sgld-steps", "2", "--buffer-size", "100", "--warmup-iters", "5", "--no-progress",
+       "--log-every", "1", "--sample-every", "0"]
+
+
+def _run(argv: list[str]) -> int:
+    return jtrain.main(argv)
+
+
+def _final_params(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as info:
+        jtrain.main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--dataset", "--data-root", "--model", "--depth", "--width", "--norm",
+                 "--dropout", "--objective", "--w-px", "--w-pyx", "--l2-energy",
+                 "--labels-per-class", "--sgld-steps", "--sgld-step-size", "--sgld-noise",
+                 "--buffer-size", "--reinit-prob", "--init", "--proximal", "--grad-clip",
+                 "--optimizer", "--lr", "--warmup-iters", "--decay-epochs", "--decay-rate",
+                 "--batch-size", "--epochs", "--seed", "--device", "--out", "--config",
+                 "--resume", "--log-every", "--ckpt-every", "--sample-every", "--eval-every",
+                 "--max-recoveries", "--divergence-threshold", "--recover-lr-factor",
+                 "--no-progress", "--debug-inject-nan-at"):
+        assert flag in text, flag
+    # every action has help text
+    for action in jtrain.build_parser()._actions:
+        assert action.help, action.dest
+
+
+def test_digits_end_to_end_writes_every_file(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["--epochs", "1", "--sgld-steps", "2", "--buffer-size", "100", "--out", str(run),
+            "--ckpt-every", "7", "--sample-every", "10", "--log-every", "5", "--no-progress"]
+    assert _run(argv) == 0
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "test accuracy" in last_line and str(run) in last_line
+    config = json.loads((run / "config.json").read_text())
+    assert config["dataset"] == "digits" and config["objective"] == "jem"
+    rows = _rows(run)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["iteration"] for r in train_rows] == [5, 10, 15, 20]
+    for key in ("iteration", "epoch", "loss", "ce", "px", "energy_data", "energy_sample",
+                "accuracy", "lr", "seconds"):
+        assert all(key in r for r in train_rows), key
+    assert any("val_accuracy" in r for r in rows)
+    for name in ("last.pt", "best.pt"):
+        raw = torch.load(run / "checkpoints" / name, weights_only=True)
+        assert raw["format"] == "jem_ext.checkpoint"
+        assert {"model_spec", "model", "optimizer", "sampler", "rng", "iteration", "epoch",
+                "config", "best_val_accuracy"} <= set(raw)
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["iteration"] == 20
+    pngs = sorted(p.name for p in (run / "samples").glob("*.png"))
+    assert "samples_0000010.png" in pngs and "samples_final.png" in pngs
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("test_accuracy", "val_accuracy", "iterations", "seconds", "best_checkpoint"):
+        assert key in summary, key
+    assert summary["iterations"] == 20 and summary["status"] == "completed"
+    assert Path(summary["best_checkpoint"]).is_file()
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+
+
+def test_toy_ce_writes_scatter_png(tmp_path):
+    run = tmp_path / "ce"
+    assert _run(TOY + ["--objective", "ce", "--epochs", "1", "--out", str(run)]) == 0
+    assert list((run / "samples").glob("*.png"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["objective"] == "ce" and summary["iterations"] == 32
+    rows = [r for r in _rows(run) if "loss" in r]
+    assert rows and rows[0]["energy_sample"] is None  # not computed by CE, written as null
+
+
+def test_config_repeats_run_and_flags_override(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert _run(TOY + ["--epochs", "1", "--seed", "3", "--out", str(a)]) == 0
+    assert _run(["--config", str(a / "config.json"), "--out", str(b)]) == 0
+    pa, pb = _final_params(a), _final_params(b)
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=0)
+    sa = json.loads((a / "summary.json").read_text())
+    sb = json.loads((b / "summary.json").read_text())
+    assert sa["test_accuracy"] == sb["test_accuracy"]
+    assert _run(["--config", str(a / "config.json"), "--out", str(c), "--seed", "4"]) == 0
+    cfg_c = json.loads((c / "config.json").read_text())
+    assert cfg_c["seed"] == 4 and cfg_c["dataset"] == "moons" and cfg_c["sgld_steps"] == 2
+
+
+class _Interrupt(BaseException):
+    """Stands in for the process being killed."""
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
+    args = TOY + ["--epochs", "2", "--ckpt-every", "7", "--seed", "5"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert _run(args + ["--out", str(full)]) == 0
+
+    real_lr = jtrain.learning_rate
+
+    def dying_lr(cfg, iteration, epoch, scale=1.0):
+        if iteration == 45:  # 2nd epoch, mid-way; the last checkpoint is at iteration 42
+            raise _Interrupt()
+        return real_lr(cfg, iteration, epoch, scale)
+
+    monkeypatch.setattr(jtrain, "learning_rate", dying_lr)
+    with pytest.raises(_Interrupt):
+        _run(args + ["--out", str(cut)])
+    monkeypatch.setattr(jtrain, "learning_rate", real_lr)
+    state = load_checkpoint(cut / "checkpoints" / "last.pt")
+    assert state["iteration"] == 42 and state["epoch"] == 1
+    assert not (cut / "summary.json").exists()
+
+    assert _run(["--resume", str(cut)]) == 0
+    pf, pc = _final_params(full), _final_params(cut)
+    for k in pf:
+        torch.testing.assert_close(pc[k], pf[k], rtol=0, atol=1e-6)
+    sf = json.loads((full / "summary.json").read_text())
+    sc = json.loads((cut / "summary.json").read_text())
+    assert sc["iterations"] == sf["iterations"] == 64
+    assert sc["test_accuracy"] == sf["test_accuracy"]
+    # The metrics of the resumed run match the uninterrupted one row for row (times aside).
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(_rows(cut)) == strip(_rows(full))
+
+
+def test_injected_divergence_is_recovered_and_logged(tmp_path, monkeypatch):
+    run = tmp_path / "nan"
+    monkeypatch.setenv(jtrain.INJECT_ENV, "10")
+    assert _run(TOY + ["--epochs", "1", "--ckpt-every", "4", "--recover-lr-factor", "0.25",
+                       "--lr", "1e-3", "--out", str(run)]) == 0
+    events = [r for r in _rows(run) if r.get("event")]
+    assert len(events) == 1
+    ev = events[0]
+    assert ev["event"] == "recovery" and ev["iteration"] == 10 and "non-finite" in ev["reason"]
+    assert ev["lr_scale"] == 0.25
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["recoveries"] == 1 and summary["status"] == "completed"
+    lrs = {r["iteration"]: r["lr"] for r in _rows(run) if "lr" in r}
+    # warm-up of 5 iterations is over: lr is the peak lr before and a quarter of it after
+    assert lrs[9] == pytest.approx(1e-3) and lrs[12] == pytest.approx(0.25e-3)
+    params = _final_params(run)
+    assert all(torch.isfinite(v).all() for v in params.values())
+
+
+def test_max_recoveries_stops_with_clear_message(tmp_path, capsys):
+    run = tmp_path / "nan"
+    code = _run(TOY + ["--epochs", "1", "--max-recoveries", "2", "--debug-inject-nan-at",
+                       "3,4,5", "--out", str(run)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: training diverged at iteration 5")
+    assert "after 2 recoveries" in err
+    events = [r["event"] for r in _rows(run) if r.get("event")]
+    assert events == ["recovery", "recovery", "stopped"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+
+
+def test_energy_gap_threshold_triggers_recovery(tmp_path):
+    run = tmp_path / "gap"
+    # Any energy gap exceeds this threshold, so every iteration diverges.
+    assert _run(TOY + ["--epochs", "1", "--max-recoveries", "0", "--divergence-threshold",
+                       "1e-12", "--out", str(run)]) == 1
+    stopped = [r for r in _rows(run) if r.get("event") == "stopped"]
+    assert stopped and ("energy gap" in stopped[0]["reason"] or "loss" in stopped[0]["reason"])
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jem_ext.train", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_bad_data_folder_cli_exit_2_no_traceback(tmp_path):
+    out = tmp_path / "run"
+    proc = _cli("--dataset", "folder", "--data-root", str(tmp_path / "nope"), "--out", str(out),
+                cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+def test_malformed_data_folder(tmp_path, capsys):
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "x.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    assert _run(["--dataset", "folder", "--data-root", str(root), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not out.exists()
+
+
+def test_corrupt_and_foreign_checkpoint_on_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _run(TOY + ["--epochs", "1", "--out", str(run)]) == 0
+    capsys.readouterr()
+    last = run / "checkpoints" / "last.pt"
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    last.write_bytes(last.read_bytes()[:1000])
+    assert _run(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint") and "corrupt or truncated" in err
+    torch.save({"weights": torch.zeros(3)}, last)
+    assert _run(["--resume", str(run)]) == 2
+    assert "not a jem_ext checkpoint" in capsys.readouterr().err
+    # a jem_ext checkpoint of another model
+    save_checkpoint(last, {"model": {"w": torch.zeros(1)}, "optimizer": {}, "rng": {},
+                           "iteration": 0, "epoch": 0})
+    assert _run(["--resume", str(run)]) == 2
+    assert "does not match" in capsys.readouterr().err
+    # nothing but last.pt was touched
+    after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert {p: t for p, t in after.items() if p != last} == {
+        p: t for p, t in before.items() if p != last}
+
+
+def test_corrupt_checkpoint_cli_no_traceback(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"dataset": "moons", "model": "mlp"}))
+    (run / "checkpoints" / "last.pt").write_bytes(b"\x00garbage")
+    proc = _cli("--resume", str(run), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"dataset": "moons", "bogus": 1}', "unknown keys"),
+    ('{"epochs": "ten"}', "expected int"),
+    ('{"dataset": "mnist"}', "dataset: expected one of"),
+])
+def test_bad_config_file(tmp_path, capsys, content, message):
+    cfg = tmp_path / "config.json"
+    if content is not None:
+        cfg.write_text(content)
+    out = tmp_path / "run"
+    assert _run(["--config", str(cfg), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not out.exists()
+
+
+def test_out_folder_not_empty_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert _run(TOY + ["--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_learning_rate_schedule():
+    cfg = jtrain.default_config()
+    cfg.update(lr=1.0, warmup_iters=10, decay_epochs=[3, 5], decay_rate=0.1)
+    assert jtrain.learning_rate(cfg, 0, 0) == pytest.approx(0.1)
+    assert jtrain.learning_rate(cfg, 9, 0) == pytest.approx(1.0)
+    assert jtrain.learning_rate(cfg, 100, 3) == pytest.approx(0.1)
+    assert jtrain.learning_rate(cfg, 100, 5, scale=0.5) == pytest.approx(0.005)
+
+
+@pytest.mark.parametrize("extra", [
+    ["--objective", "factored"],
+    ["--init", "gaussian", "--buffer-size", "0"],
+    ["--proximal", "--labels-per-class", "5", "--optimizer", "sgd", "--decay-epochs", "1"],
+])
+def test_sampler_and_objective_variants_run(tmp_path, extra):
+    run = tmp_path / "v"
+    assert _run(TOY + ["--epochs", "1", "--out", str(run)] + extra) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["iterations"] == 32
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["config"]["objective"] == (extra[1] if extra[0] == "--objective" else "jem")
+    if "--buffer-size" in extra:
+        assert state["sampler"]["buffer"] is None
+    rows = [r for r in _rows(run) if "loss" in r]
+    assert rows and all(r["loss"] is not None for r in rows)
+
+
+def test_toy_set_with_image_model_is_a_clear_error(tmp_path, capsys):
+    assert _run(["--dataset", "moons", "--model", "small_cnn", "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.startswith("error: model:")
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_function_in_process(tmp_path):
+    cfg = {"dataset": "gmm", "model": "mlp", "width": 16, "depth": 2, "sgld_steps": 2,
+           "buffer_size": 64, "epochs": 1, "batch_size": 128, "no_progress": True,
+           "sample_every": 0, "out": str(tmp_path / "fn")}
+    summary = jtrain.train(cfg)
+    assert summary["iterations"] == 16 and summary["status"] == "completed"
+    assert json.loads((tmp_path / "fn" / "summary.json").read_text()) == summary
+    assert json.loads((tmp_path / "fn" / "config.json").read_text())["sgld_steps"] == 2
+
+
+def test_resume_with_incompatible_override_is_clear(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _run(TOY + ["--epochs", "1", "--out", str(run)]) == 0
+    capsys.readouterr()
+    metrics_before = (run / "metrics.jsonl").read_text()
+    assert _run(["--resume", str(run), "--buffer-size", "50"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: the checkpoint does not fit")
+    assert (run / "metrics.jsonl").read_text() == metrics_before
