@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..ops import energy
+
 __all__ = ["pgd_attack", "SGLDRefinedClassifier", "robust_accuracy"]
 
 _NORMS = ("linf", "l2")
@@ -190,7 +192,8 @@ class SGLDRefinedClassifier(nn.Module):
                     x_k = x_k.detach()
                 if not x_k.requires_grad:
                     x_k.requires_grad_(True)
-                log_px = torch.logsumexp(self.f(x_k), dim=1).sum()
+                # -energy(logits) == logsumexp(logits, 1); the fused op supports double backward.
+                log_px = -energy(self.f(x_k)).sum()
                 (grad,) = torch.autograd.grad(log_px, x_k, create_graph=create_graph)
                 x_k = x_k + self.step_size * grad
                 if self.noise_std > 0:

@@ -1,0 +1,8 @@
+"""``python -m jem_ext.eval``: evaluate a JEM checkpoint; see :mod:`jem_ext.eval.report`."""
+
+import sys
+
+from .report import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""End-to-end tests of ``python -m jem_ext.eval`` (jem_ext.eval.report) on tiny digit models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from jem_ext.checkpoint import save_checkpoint
+from jem_ext.eval import report as rep
+from jem_ext.models import build_model, model_spec
+from jem_ext.sampler import ReplayBuffer, SGLDSampler
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# Small settings: the whole end-to-end run takes a few seconds on a CPU.
+FAST = [
+    "--max-samples", "60", "--batch-size", "60", "--gen-n", "20", "--gen-steps", "2",
+    "--robust-n", "8", "--pgd-steps", "1", "--robust-refine-steps", "1",
+    "--robust-chains", "1", "--pgd-eps", "linf=0,0.2", "--pgd-eps", "l2=0,1",
+    "--no-progress", "--seed", "3",
+]
+
+
+def _save(path: Path, objective: str, in_shape=(1, 8, 8), buffer: bool = True,
+          train_steps: int = 0, seed: int = 0) -> Path:
+    """Save a tiny small_cnn checkpoint (optionally a few CE steps on digits)."""
+    torch.manual_seed(seed)
+    model = build_model("small_cnn", 10, in_shape, width=8)
+    if train_steps:
+        from jem_ext.data import load_dataset
+
+        data = load_dataset("digits", split="train")
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for step in range(train_steps):
+            idx = torch.randint(len(data), (64,))
+            loss = torch.nn.functional.cross_entropy(model(data.x[idx]), data.y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    sampler = SGLDSampler(n_steps=2, buffer=ReplayBuffer(30, in_shape)) if buffer else None
+    save_checkpoint(path, {
+        "model_spec": model_spec(model),
+        "model": model.state_dict(),
+        "sampler": None if sampler is None else sampler.state_dict(),
+        "config": {"dataset": "digits", "data_root": None, "objective": objective},
+        "iteration": train_steps,
+        "best_val_accuracy": None,
+    })
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    jem_run = root / "jem_run"
+    _save(jem_run / "checkpoints" / "last.pt", "jem", train_steps=30, seed=0)
+    ce = _save(root / "ce.pt", "ce", buffer=False, train_steps=30, seed=1)
+    big = _save(root / "big.pt", "jem", in_shape=(3, 32, 32), buffer=False)
+    foreign = root / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    return {"jem_run": jem_run, "ce": ce, "big": big, "foreign": foreign}
+
+
+def _run(argv, capsys):
+    code = rep.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_end_to_end_with_compare(ckpts, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    code, out, err = _run(
+        ["--checkpoint", ckpts["jem_run"], "--compare", ckpts["ce"], "--out", out_dir,
+         "--refine-steps", "1", "--fid-classifier", ckpts["ce"], *FAST], capsys)
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    main_keys = {"accuracy", "accuracy_refined", "ece", "calibration", "ood", "generation",
+                 "fid", "robustness"}
+    assert main_keys <= report.keys()
+    assert main_keys <= report["compare"].keys()
+    assert report["label"] == "jem" and report["compare"]["label"] == "ce"
+    assert report["checkpoint"].endswith(os.path.join("checkpoints", "last.pt"))
+    assert report["dataset"] == "digits" and report["n_test"] == 60
+    for r in (report, report["compare"]):
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["ece"] <= 1.0
+        assert r["accuracy"] > 0.2  # 30 Adam steps already beat chance (0.1) on digits
+        assert r["accuracy_refined"]["steps"] == 1
+        assert set(r["ood"]) == set(rep.BUILTIN_OOD)
+        for scores in r["ood"].values():
+            assert set(scores) == set(rep.SCORES)
+            assert all(0.0 <= v <= 1.0 for v in scores.values())
+        assert r["fid"]["network"] == "classifier"
+        assert r["fid"]["comparable_with_published"] is False
+        assert r["fid"]["fid"] >= 0 and r["fid"]["is_mean"] >= 1.0 - 1e-9
+        curves = r["robustness"]["curves"]
+        assert [e for e, _ in curves["linf"]] == [0.0, 0.2]
+        assert [e for e, _ in curves["l2"]] == [0.0, 1.0]
+        assert sum(r["calibration"]["counts"]) == 60
+    assert report["generation"]["buffer_size"] == 30
+    assert "buffer" in report["compare"]["generation"]  # the CE twin has no replay buffer
+
+    expected_png = {"reliability.png", "logpx_hist.png", "logpx_hist_compare.png",
+                    "robustness_linf.png", "robustness_l2.png", "samples_uncond.png",
+                    "samples_cond.png", "samples_buffer.png", "samples_uncond_compare.png",
+                    "samples_cond_compare.png"}
+    files = {p.name for p in out_dir.iterdir()}
+    assert files == expected_png | {"report.json", "report.md"}  # no temporary files left
+    for name in expected_png:
+        assert (out_dir / name).read_bytes()[:8] == PNG_MAGIC, name
+    assert set(report["files"]) == files
+
+    md = (out_dir / "report.md").read_text()
+    for heading in ("## Accuracy and calibration", "## OOD detection", "## Generation",
+                    "## IS and FID", "## Robustness", "### linf", "### l2"):
+        assert heading in md
+    assert "| metric | jem | ce |" in md
+    assert "| uniform |" in md and "| interp |" in md
+    assert "NOT comparable" in md
+    assert "![reliability diagram](reliability.png)" in md
+    # The printed summary holds the same tables (without images).
+    assert "| metric | jem | ce |" in out and "![" not in out
+
+
+def test_fid_skipped_without_weights(ckpts, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    code, out, err = _run(["--checkpoint", ckpts["jem_run"], "--tasks", "fid,accuracy",
+                           "--out", out_dir, *FAST], capsys)
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["tasks"] == ["accuracy", "fid"]
+    assert "--inception-weights" in report["fid"]["skipped"]
+    assert report["skipped"]["fid"] == report["fid"]["skipped"]
+    assert "compare" not in report
+    assert "Skipped:" in (out_dir / "report.md").read_text()
+    assert "ood" not in report and not list(out_dir.glob("*.png"))
+
+
+def test_foreign_checkpoint_subprocess(ckpts, tmp_path):
+    out_dir = tmp_path / "never"
+    proc = subprocess.run(
+        [sys.executable, "-m", "jem_ext.eval", "--checkpoint", str(ckpts["foreign"]),
+         "--out", str(out_dir)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0  # one line
+    assert "not a jem_ext checkpoint" in proc.stderr
+    assert not out_dir.exists()
+
+
+@pytest.mark.parametrize("case", ["model_shape", "ood_shape", "compare_shape", "missing",
+                                  "unknown_task", "bad_eps", "bad_inception"])
+def test_bad_input_exit_2(ckpts, tmp_path, capsys, case):
+    out_dir = tmp_path / "never"
+    jem = ckpts["jem_run"]
+    argv, needle = {
+        "model_shape": (["--checkpoint", ckpts["big"]], "expects (3, 32, 32)"),
+        "ood_shape": (["--checkpoint", jem, "--ood", "rings"], "--ood rings"),
+        "compare_shape": (["--checkpoint", jem, "--compare", ckpts["big"]], "--compare"),
+        "missing": (["--checkpoint", tmp_path / "nope.pt"], "no such"),
+        "unknown_task": (["--checkpoint", jem, "--tasks", "accuracy,bogus"],
+                         "unknown task(s) bogus"),
+        "bad_eps": (["--checkpoint", jem, "--pgd-eps", "linf=a"], "--pgd-eps"),
+        "bad_inception": (["--checkpoint", jem, "--inception-weights", ckpts["foreign"]],
+                          "--inception-weights"),
+    }[case]
+    code, out, err = _run([*argv, "--out", out_dir, "--no-progress"], capsys)
+    assert code == 2
+    assert needle in err and err.startswith("jem_ext.eval: error:")
+    assert err.strip().count("\n") == 0 and out == ""
+    assert not out_dir.exists()
+
+
+def test_help_documents_every_flag():
+    parser = rep.build_parser()
+    for action in parser._actions:
+        assert action.help, action.dest
+    text = parser.format_help()
+    for flag in ("--compare", "--tasks", "--max-samples", "--refine-steps", "--ood",
+                 "--gen-steps", "--gen-n", "--inception-weights", "--fid-classifier",
+                 "--pgd-norms", "--pgd-eps", "--pgd-steps", "--pgd-step-size",
+                 "--robust-refine-steps", "--robust-chains", "--robust-n", "--seed",
+                 "--no-progress", "--batch-size", "--device"):
+        assert flag in text
+
+
+def test_builtin_ood_sets_shapes_and_ranges():
+    x = torch.rand(12, 1, 8, 8) * 2 - 1
+    sets = rep.builtin_ood_sets(x, seed=0)
+    assert set(sets) == set(rep.BUILTIN_OOD)
+    for name, s in sets.items():
+        assert s.shape == x.shape, name
+        assert s.min() >= -1 and s.max() <= 1, name
+    const = sets["constant"].flatten(1)
+    assert torch.all(const == const[:, :1])
+    # Each interp image is the mean of two different test images.
+    mixed = sets["interp"]
+    assert not any(torch.allclose(mixed[i], x[i]) for i in range(len(x)))
+    assert rep.builtin_ood_sets(x, seed=0)["uniform"].equal(sets["uniform"])
+
+
+def test_ood_scores_match_definitions():
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, (1, 8, 8), width=8).eval()
+    x = torch.rand(7, 1, 8, 8) * 2 - 1
+    scores = rep.ood_scores(model, x, batch_size=3)
+    logits = model(x).double()
+    torch.testing.assert_close(torch.from_numpy(scores["logpx"]),
+                               torch.logsumexp(logits, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(scores["maxprob"]),
+                               torch.softmax(logits, 1).max(1).values, rtol=1e-5, atol=1e-6)
+    xi = x[2:3].clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(torch.logsumexp(model(xi), 1).sum(), xi)
+    assert scores["approx_mass"][2] == pytest.approx(-g.norm().item(), rel=1e-4)
