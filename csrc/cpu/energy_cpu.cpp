@@ -52,14 +52,13 @@ JEM_EXT_INLINE void lse_rows(const scalar_t* __restrict l, int64_t rows, int64_t
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* row = l + r * C;
     acc_t m = static_cast<acc_t>(row[0]);
-    if (C >= 64) {  // long rows: a vector max; short ones: the scalar loop is faster
+    if (C >= 64) {  // long rows: a vector max along the row
 #pragma omp simd reduction(max : m)
       for (int64_t c = 1; c < C; ++c) m = std::max(m, static_cast<acc_t>(row[c]));
     } else {
-      for (int64_t c = 1; c < C; ++c) {
-        const acc_t v = static_cast<acc_t>(row[c]);
-        m = v > m ? v : m;
-      }
+      // Short rows: std::max maps onto maxss/maxps, so the loop over rows
+      // vectorises (a `v > m ? v : m` chain stays a serial compare-and-move).
+      for (int64_t c = 1; c < C; ++c) m = std::max(m, static_cast<acc_t>(row[c]));
     }
     lse[r] = m;  // the row max, for now
   }
