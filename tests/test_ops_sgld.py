@@ -229,11 +229,12 @@ def test_opcheck():
 def test_torch_compile_fullgraph_matches_eager(backend):
     # Both ops in one graph: the energy terms of a JEM loss (with their fused
     # backward) and an in-place SGLD step on a chain tensor.
-    def fn(x, w, y, z, gz):
+    def fn(x, w, y, z, z2, gz):
         logits = x @ w
         e, ce = ops.energy_ce(logits, y)
         loss = (ops.energy(logits) + e + ce).mean()
         ops.sgld_step_philox_(z, gz, 0.1, 0.05, 9, 4, clamp_min=-1.0, clamp_max=1.0)
+        ops.sgld_step_(z2, gz, 0.1, 0.05, grad_clip=0.5)  # noise from the default generator
         return loss
 
     def run(f):
@@ -241,9 +242,10 @@ def test_torch_compile_fullgraph_matches_eager(backend):
         x, w = torch.randn(8, 4), torch.randn(4, 10, requires_grad=True)
         y = torch.randint(0, 10, (8,))
         z, gz = torch.rand(5, 3), torch.randn(5, 3)
-        loss = f(x, w, y, z, gz)
+        z2 = z.clone()
+        loss = f(x, w, y, z, z2, gz)
         loss.backward()
-        return loss.detach(), w.grad, z
+        return loss.detach(), w.grad, z, z2
 
     eager = run(fn)
     compiled = run(torch.compile(fn, fullgraph=True, backend=backend))
