@@ -27,13 +27,13 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 
 import torch
 from tqdm import tqdm
 
+from jem_ext._io import atomic_write_text
 from jem_ext.models import build_model
 from jem_ext.sampler import ReplayBuffer, SGLDSampler
 
@@ -147,39 +147,23 @@ def print_table(results):
               f"{r['ratio']:>8.2f}{r['ratio_min']:>12.2f}")
 
 
-def write_json_atomic(path, obj):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".bench_sampler.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def int_at_least(low):
+    """argparse type: an integer >= low."""
+
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            v = None
+        if v is None or v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {s!r}")
+        return v
+
+    return parse
 
 
-def positive_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
-
-
-def nonneg_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-    return v
+positive_int = int_at_least(1)
+nonneg_int = int_at_least(0)
 
 
 def parse_args(argv=None):
@@ -249,7 +233,7 @@ def main(argv=None):
           f"torch {torch.__version__}")
     print_table(results)
     if args.json is not None:
-        write_json_atomic(args.json, {
+        atomic_write_text(args.json, json.dumps({
             "benchmark": "bench_sampler",
             "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": str(args.device),
@@ -259,7 +243,7 @@ def main(argv=None):
             "settings": {k: (str(v) if isinstance(v, torch.device) else v)
                          for k, v in vars(args).items()},
             "results": results,
-        })
+        }, indent=2))
         print(f"wrote {args.json}")
     return 0
 

@@ -22,7 +22,6 @@ import os
 import pickle
 import random
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from ._io import atomic_path
 
 FORMAT = "jem_ext.checkpoint"
 VERSION = 1
@@ -74,29 +75,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     if not isinstance(state, dict):
         raise CheckpointError(f"save_checkpoint: expected a dict, got {type(state).__name__}")
     state = {"format": FORMAT, "version": VERSION, **state}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable (best effort; not supported everywhere)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _first_sentence(err: BaseException, limit: int = 160) -> str:

@@ -66,6 +66,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from ._io import atomic_path
+
 __all__ = [
     "DataError",
     "ImageData",
@@ -674,7 +676,7 @@ def batches(
 def save_image_grid(
     x: Tensor, path: str | os.PathLike, nrow: int | None = None, border: int = 2
 ) -> None:
-    """Write a batch of images as one PNG grid (atomically: ``path + ".tmp"``, then rename).
+    """Write a batch of images as one PNG grid (atomically, via :func:`jem_ext._io.atomic_path`).
 
     Args:
         x: ``[B, C, H, W]`` images in ``[-1, 1]`` (clamped), ``C`` 1 (grey) or 3 (RGB).
@@ -702,8 +704,5 @@ def save_image_grid(
     grid = F.pad(grid, (border, 0, border, 0), value=255)
     array = grid.permute(1, 2, 0).numpy()
     image = Image.fromarray(array[:, :, 0] if c == 1 else array)
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 
 from . import data as jdata
+from ._io import atomic_path, atomic_write_text
 from .checkpoint import (
     CheckpointError,
     capture_rng,
@@ -95,9 +95,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     )
 
     def add(*names: str, **kw: Any) -> None:
+        # Into the argument group `g` opened last, so --help shows the flags grouped.
         if suppress_defaults:
             kw.pop("default", None)
-        p.add_argument(*names, **kw)
+        g.add_argument(*names, **kw)
 
     g = p.add_argument_group("data")
     add("--dataset", "--data", dest="dataset", choices=DATASETS, default="digits",
@@ -401,20 +402,6 @@ def _epoch_order_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7919 + 17) % (2**63))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
@@ -441,10 +428,9 @@ def _save_samples(x: torch.Tensor, path: Path, data: jdata.ImageData) -> None:
     ax.legend(loc="upper right", fontsize=7)
     ax.set_aspect("equal")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _injections(cfg: dict[str, Any]) -> set[int]:
@@ -538,7 +524,7 @@ def train(cfg: dict[str, Any], resume_state: dict[str, Any] | None = None,
         _truncate_metrics(metrics_path, progress["iteration"])
     else:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(out / "config.json",
+        atomic_write_text(out / "config.json",
                            json.dumps(cfg, indent=2, sort_keys=True, default=_json_default) + "\n")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     sample_dir.mkdir(parents=True, exist_ok=True)
@@ -736,7 +722,7 @@ def train(cfg: dict[str, Any], resume_state: dict[str, Any] | None = None,
         "run_dir": str(out),
     }
     metrics_file.close()
-    _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     if status == "diverged":
         raise TrainingDiverged(error)
     return summary
@@ -780,7 +766,7 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
             continue  # a line cut short by the crash
         if isinstance(row, dict) and row.get("iteration", 0) <= iteration:
             kept.append(line)
-    _atomic_write_text(path, "".join(k + "\n" for k in kept))
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
 
 
 # ----------------------------------------------------------------------------------------------

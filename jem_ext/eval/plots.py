@@ -8,13 +8,13 @@ goes to a temporary name in the destination folder and is then renamed with ``os
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .._io import atomic_path
 from .metrics import CalibrationResult
 
 __all__ = ["reliability_diagram", "logpx_histograms", "robustness_curve"]
@@ -28,19 +28,9 @@ def _new_figure(figsize: tuple[float, float]) -> Figure:
 
 
 def _save_atomically(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> None:
-    """Write ``fig`` as PNG to ``path`` via a temporary file in the same folder."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # A unique name opened normally (not mkstemp) so the file gets the usual umask permissions.
-    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}.png")
-    try:
+    """Write ``fig`` as PNG to ``path`` atomically."""
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def reliability_diagram(

@@ -57,10 +57,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +68,8 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from .._io import atomic_write_text
 
 __all__ = ["EvalError", "TASKS", "build_parser", "main", "run"]
 
@@ -667,16 +667,6 @@ TASK_FUNCS = {
 # ----------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _pct(v: Any) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
 
@@ -940,8 +930,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     for name, draw in ctx.figures:
         draw(out / name)
-    _atomic_write(out / "report.md", markdown)
-    _atomic_write(out / "report.json", as_json)
+    atomic_write_text(out / "report.md", markdown)
+    atomic_write_text(out / "report.json", as_json)
     return report
 
 
