@@ -20,6 +20,7 @@ import json
 import math
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "build_model",
     "model_spec",
     "build_from_spec",
+    "predict_logits",
 ]
 
 NORMS = (None, "batch", "instance", "layer")
@@ -325,3 +327,26 @@ def build_from_spec(spec: dict[str, Any]) -> nn.Module:
     return build_model(
         spec["name"], spec["num_classes"], tuple(spec["in_shape"]), **spec.get("kwargs", {})
     )
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 500,
+                   on_batch: Callable[[int], None] | None = None) -> Tensor:
+    """Logits of ``model`` for every row of ``x``, in eval mode, as float32 on the CPU.
+
+    ``x`` may live anywhere; batches are moved to the model's device. The model's train/eval
+    mode is restored afterwards. ``on_batch(k)`` is called after each batch of ``k`` rows.
+    """
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    was_training = model.training
+    model.eval()
+    try:
+        out = []
+        for s in range(0, len(x), batch_size):
+            xb = x[s : s + batch_size]
+            out.append(model(xb.to(device)).float().cpu())
+            if on_batch is not None:
+                on_batch(len(xb))
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, 0)

@@ -22,7 +22,7 @@ CUDA buffer, at the cost of host-to-device copies of the random draws).
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +36,7 @@ __all__ = [
     "ReplayBuffer",
     "SGLDSampler",
     "sgld_chain",
+    "sample_from_noise",
 ]
 
 
@@ -486,6 +487,47 @@ def sgld_chain(
     finally:
         model.train(was_training)
     return x
+
+
+def sample_from_noise(
+    model: nn.Module,
+    n: int,
+    shape: Sequence[int],
+    n_steps: int,
+    step_size: float = 1.0,
+    noise_std: float = 0.01,
+    *,
+    y: Tensor | None = None,
+    clamp: tuple[float, float] | None = None,
+    grad_clip: float | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    on_batch: Callable[[int], None] | None = None,
+) -> Tensor:
+    """``n`` samples from fresh SGLD chains started at U(-1, 1)^shape; returned on the CPU.
+
+    The one "chain from uniform noise" of the package (sample grids during training, the
+    evaluation's generation task). Deterministic in ``seed`` on a given device: the starts are
+    drawn on the CPU, the chains' noise from a generator on the model's device seeded with
+    ``seed``. Chains run ``batch_size`` at a time; ``on_batch(k)`` is called after each batch of
+    ``k`` chains (e.g. a progress bar's ``update``). With ``y`` (int64 ``[n]``), chain ``i``
+    follows ``E(x, y_i)``. Other arguments as in :func:`sgld_chain`.
+    """
+    if n < 0 or batch_size < 1:
+        raise ValueError(f"sample_from_noise: need n >= 0 and batch_size >= 1, got {n}, {batch_size}")
+    device = _model_device(model)
+    starts = torch.Generator().manual_seed(seed)
+    x0 = torch.rand((n, *shape), generator=starts) * 2 - 1
+    noise = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for s in range(0, n, batch_size):
+        yb = None if y is None else y[s : s + batch_size].to(device)
+        xb = x0[s : s + batch_size].to(device)
+        out.append(sgld_chain(model, xb, n_steps, step_size, noise_std, y=yb, clamp=clamp,
+                              grad_clip=grad_clip, generator=noise).cpu())
+        if on_batch is not None:
+            on_batch(len(xb))
+    return torch.cat(out) if out else x0
 
 
 # ---------------------------------------------------------------------- sampler

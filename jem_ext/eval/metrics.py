@@ -15,6 +15,7 @@ from scipy.special import rel_entr
 from sklearn.metrics import roc_auc_score
 
 __all__ = [
+    "accuracy",
     "CalibrationResult",
     "expected_calibration_error",
     "auroc",
@@ -30,6 +31,14 @@ def _as_numpy(a, dtype=np.float64) -> np.ndarray:
     if isinstance(a, torch.Tensor):
         a = a.detach().cpu().numpy()
     return np.asarray(a, dtype=dtype)
+
+
+def accuracy(logits, labels) -> float:
+    """Fraction of rows whose arg-max logit (or probability) equals the label."""
+    logits, labels = _as_numpy(logits), _as_numpy(labels, dtype=np.int64)
+    if len(labels) == 0:
+        return float("nan")
+    return float((logits.argmax(1) == labels).mean())
 
 
 @dataclass(frozen=True)
