@@ -44,6 +44,7 @@ __all__ = [
     "load_checkpoint",
     "resolve_checkpoint",
     "model_from_checkpoint",
+    "replay_buffer_samples",
     "new_state",
     "capture_rng",
     "restore_rng",
@@ -179,6 +180,18 @@ def model_from_checkpoint(state: dict[str, Any], device: Any = "cpu") -> nn.Modu
         first = _first_sentence(err)
         raise CheckpointError(f"checkpoint: cannot rebuild the model ({first})") from None
     return model.to(device).eval()
+
+
+def replay_buffer_samples(state: dict[str, Any]) -> torch.Tensor | None:
+    """The replay buffer's samples ``[N, *shape]`` saved in a checkpoint, or None.
+
+    They live at ``state["sampler"]["buffer"]["data"]`` (see :meth:`ReplayBuffer.state_dict`);
+    CE runs and short-run samplers have no buffer.
+    """
+    sampler = state.get("sampler") or {}
+    buffer = sampler.get("buffer") or {}
+    data = buffer.get("data")
+    return data if isinstance(data, torch.Tensor) and data.numel() > 0 else None
 
 
 # ----------------------------------------------------------------------------------------------
