@@ -1,4 +1,4 @@
-"""End-to-end tests of ``python -m jem_ext.eval`` (jem_ext.eval.report) on tiny digit models."""
+"""End-to-end tests of ``python -m jem_ext.eval`` (jem_ext.eval.cli, .report) on tiny digit models."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from jem_ext.checkpoint import save_checkpoint
-from jem_ext.eval import report as rep
+from jem_ext.eval import cli
+from jem_ext.eval.settings import BUILTIN_OOD, SCORES
+from jem_ext.eval.tasks import builtin_ood_sets, ood_scores
 from jem_ext.models import build_model, model_spec
 from jem_ext.sampler import ReplayBuffer, SGLDSampler
 
@@ -68,7 +70,7 @@ def ckpts(tmp_path_factory):
 
 
 def _run(argv, capsys):
-    code = rep.main([str(a) for a in argv])
+    code = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -91,9 +93,9 @@ def test_end_to_end_with_compare(ckpts, tmp_path, capsys):
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["ece"] <= 1.0
         assert r["accuracy"] > 0.2  # 30 Adam steps already beat chance (0.1) on digits
         assert r["accuracy_refined"]["steps"] == 1
-        assert set(r["ood"]) == set(rep.BUILTIN_OOD)
+        assert set(r["ood"]) == set(BUILTIN_OOD)
         for scores in r["ood"].values():
-            assert set(scores) == set(rep.SCORES)
+            assert set(scores) == set(SCORES)
             assert all(0.0 <= v <= 1.0 for v in scores.values())
         assert r["fid"]["network"] == "classifier"
         assert r["fid"]["comparable_with_published"] is False
@@ -177,7 +179,7 @@ def test_bad_input_exit_2(ckpts, tmp_path, capsys, case):
 
 
 def test_help_documents_every_flag():
-    parser = rep.build_parser()
+    parser = cli.build_parser()
     for action in parser._actions:
         assert action.help, action.dest
     text = parser.format_help()
@@ -191,8 +193,8 @@ def test_help_documents_every_flag():
 
 def test_builtin_ood_sets_shapes_and_ranges():
     x = torch.rand(12, 1, 8, 8) * 2 - 1
-    sets = rep.builtin_ood_sets(x, seed=0)
-    assert set(sets) == set(rep.BUILTIN_OOD)
+    sets = builtin_ood_sets(x, seed=0)
+    assert set(sets) == set(BUILTIN_OOD)
     for name, s in sets.items():
         assert s.shape == x.shape, name
         assert s.min() >= -1 and s.max() <= 1, name
@@ -201,14 +203,14 @@ def test_builtin_ood_sets_shapes_and_ranges():
     # Each interp image is the mean of two different test images.
     mixed = sets["interp"]
     assert not any(torch.allclose(mixed[i], x[i]) for i in range(len(x)))
-    assert rep.builtin_ood_sets(x, seed=0)["uniform"].equal(sets["uniform"])
+    assert builtin_ood_sets(x, seed=0)["uniform"].equal(sets["uniform"])
 
 
 def test_ood_scores_match_definitions():
     torch.manual_seed(0)
     model = build_model("small_cnn", 10, (1, 8, 8), width=8).eval()
     x = torch.rand(7, 1, 8, 8) * 2 - 1
-    scores = rep.ood_scores(model, x, batch_size=3)
+    scores = ood_scores(model, x, batch_size=3)
     logits = model(x).double()
     torch.testing.assert_close(torch.from_numpy(scores["logpx"]),
                                torch.logsumexp(logits, 1), rtol=1e-5, atol=1e-5)
