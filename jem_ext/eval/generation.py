@@ -154,8 +154,8 @@ class FIDNetwork:
 
 def _inception_features(net: InceptionV3):
     def features(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, logits = net(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)
-        return feats, torch.softmax(logits.double(), 1)
+        feats, _ = net(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)
+        return feats, torch.softmax(net.score_logits(feats).double(), 1)
     return features
 
 
@@ -170,7 +170,8 @@ def prepare_fid(settings: EvalSettings, main: Loaded) -> tuple[FIDNetwork | None
         except ValueError as err:
             raise EvalError(f"--inception-weights: {err}") from None
         return FIDNetwork("inception", _inception_features(net),
-                          "FID Inception-v3 (pool3 features, 1008-way logits)"), None
+                          "FID Inception-v3 (pool3 features; IS from the 1008-way logits "
+                          "without the fc bias, as the original IS code)"), None
     if settings.fid_classifier:
         clf = load_model(settings.fid_classifier, settings.device, "--fid-classifier")
         if clf.in_shape != main.in_shape:
