@@ -34,8 +34,9 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("default" in text or action.default in (None, False, [])
-                or action.default is argparse.SUPPRESS or not action.option_strings):
+        shown = action.default is not None and action.default is not False
+        shown = shown and action.default != [] and action.default is not argparse.SUPPRESS
+        if "default" in text or not shown or not action.option_strings:
             return text
         return text + " (default: %(default)s)"
 

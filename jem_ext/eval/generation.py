@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-
 from typing import Any
 
 import numpy as np
@@ -26,8 +25,6 @@ from .tasks import logits_of, progress_bar
 
 __all__ = ["FIDNetwork", "FIDResult", "GenerationResult", "generate", "grid_file",
            "prepare_fid", "run_fid", "run_generation"]
-
-GRID_KINDS = ("uncond", "cond", "buffer")
 
 
 def grid_file(kind: str, compare: bool) -> str:

@@ -191,8 +191,9 @@ class InceptionV3(nn.Module):
     needed, exactly like pytorch-fid; unlike pytorch-fid they are expected already in [-1, 1]
     (JEM's data range), so no rescaling is applied. ``forward`` returns the 2048-d
     average-pool features used by FID and the 1008 logits of the classifier;
-    :meth:`score_logits` gives the logits the Inception Score uses. The network is meant for inference only (no dropout or
-    auxiliary head); use it in eval mode, as :func:`load_inception` returns it.
+    :meth:`score_logits` gives the logits the Inception Score uses. The network is meant for
+    inference only (no dropout or auxiliary head); use it in eval mode, as
+    :func:`load_inception` returns it.
     """
 
     def __init__(self) -> None:

@@ -12,8 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import (CheckpointError, load_checkpoint, model_from_checkpoint,
-                          replay_buffer_samples, resolve_checkpoint)
+from ..checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    replay_buffer_samples,
+    resolve_checkpoint,
+)
 from ..data import DataError, load_dataset
 from .settings import EvalError, EvalSettings
 

@@ -67,12 +67,29 @@ import torch
 
 from ..data import save_image_grid
 from . import plots
-from .generation import (FIDNetwork, FIDResult, GenerationResult, generate, grid_file,
-                         prepare_fid, run_fid, run_generation)
+from .generation import (
+    FIDNetwork,
+    FIDResult,
+    GenerationResult,
+    generate,
+    grid_file,
+    prepare_fid,
+    run_fid,
+    run_generation,
+)
 from .inputs import EvalData, Loaded, load_compare, load_eval_data, load_model
 from .settings import EvalSettings, SGLDSettings, resolve_sgld
-from .tasks import (AccuracyResult, CalibrationTaskResult, OODResult, RobustnessResult,
-                    logits_of, run_accuracy, run_calibration, run_ood, run_robustness)
+from .tasks import (
+    AccuracyResult,
+    CalibrationTaskResult,
+    OODResult,
+    RobustnessResult,
+    logits_of,
+    run_accuracy,
+    run_calibration,
+    run_ood,
+    run_robustness,
+)
 from .writers import Figure, write_report
 
 __all__ = ["Inputs", "ModelResults", "run"]

@@ -63,28 +63,25 @@ def resolve_sgld(sampler: dict[str, Any] | None, step_size: float | None,
     """The chains' settings: the flags where given, else the checkpoint's sampler, else JEM's.
 
     The clamp and the gradient clip always come from the sampler (clamp [-1, 1] without one).
-    Raises :class:`EvalError` when the result is unusable (e.g. a negative noise).
+    Raises :class:`EvalError` naming the source of an unusable value (e.g. a negative noise).
     """
     sampler = sampler if isinstance(sampler, dict) else {}
-    clamp = sampler.get("clamp")
-    grad_clip = sampler.get("grad_clip")
-    from_ckpt = SGLDSettings(
-        step_size=float(sampler.get("step_size") or DEFAULT_SGLD_STEP_SIZE),
-        noise_std=float(DEFAULT_SGLD_NOISE if sampler.get("noise_std") is None
-                        else sampler["noise_std"]),
+    for flag, value in (("--sgld-step-size", step_size), ("--sgld-noise", noise_std)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise EvalError(f"{flag}: expected a finite number >= 0, got {value}")
+    if step_size is None:
+        step_size = float(sampler.get("step_size") or DEFAULT_SGLD_STEP_SIZE)
+    if noise_std is None:
+        noise = sampler.get("noise_std")
+        noise_std = DEFAULT_SGLD_NOISE if noise is None else float(noise)
+    clamp, grad_clip = sampler.get("clamp"), sampler.get("grad_clip")
+    settings = SGLDSettings(
+        step_size=float(step_size), noise_std=float(noise_std),
         clamp=DEFAULT_CLAMP if clamp is None else (float(clamp[0]), float(clamp[1])),
         grad_clip=None if grad_clip is None else float(grad_clip),
     )
-    if step_size is not None:
-        SGLDSettings(step_size, 0.0, DEFAULT_CLAMP, None).validate("--sgld-step-size")
-    if noise_std is not None:
-        SGLDSettings(0.0, noise_std, DEFAULT_CLAMP, None).validate("--sgld-noise")
-    from_ckpt.validate("--checkpoint's sampler")
-    return SGLDSettings(
-        step_size=from_ckpt.step_size if step_size is None else float(step_size),
-        noise_std=from_ckpt.noise_std if noise_std is None else float(noise_std),
-        clamp=from_ckpt.clamp, grad_clip=from_ckpt.grad_clip,
-    )
+    settings.validate("--checkpoint's sampler settings")
+    return settings
 
 
 @dataclass
