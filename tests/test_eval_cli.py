@@ -227,7 +227,8 @@ def test_help_states_each_default_once():
         text = formatter._expand_help(action) if action.help else ""
         assert text.count("default") <= 1, (action.dest, text)
         assert "(default: None)" not in text and "(default: [])" not in text, action.dest
-    assert "(default: 100)" in parser.format_help()  # plain defaults are still shown
+    help_text = parser.format_help()
+    assert "(default: 100)" in help_text and "(default: 0.0)" in help_text  # still shown
 
 
 def test_fid_skip_listed_once_in_markdown(ckpts, tmp_path, capsys):
