@@ -1,5 +1,9 @@
 """FID Inception-v3: shapes, state_dict round trip, clear loading errors, feature helpers."""
 
+import importlib
+import sys
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -118,23 +122,20 @@ def _pytorch_fid_inception():
 
     A CUDA build of torchvision on a CPU-only torch fails while registering fake kernels of
     its C ops (nms, roi_align, ...); the Inception layers use none of them, so that one
-    registration module is stubbed out before torchvision is imported.
+    registration module is stubbed out before torchvision is imported again.
     """
-    pytest.importorskip("pytorch_fid", reason="pytorch-fid is not installed")
-    import importlib
-    import sys
-    import types
-
     try:
         return importlib.import_module("pytorch_fid.inception")
+    except ImportError as err:
+        pytest.skip(f"pytorch-fid is not installed ({err})")
     except RuntimeError:
         for name in [m for m in sys.modules if m.startswith(("torchvision", "pytorch_fid"))]:
             del sys.modules[name]
         sys.modules["torchvision._meta_registrations"] = types.ModuleType("stub")
-        try:
-            return importlib.import_module("pytorch_fid.inception")
-        except Exception as err:  # noqa: BLE001 - any import failure means "not usable here"
-            pytest.skip(f"pytorch-fid cannot be imported here: {err}")
+    try:
+        return importlib.import_module("pytorch_fid.inception")
+    except Exception as err:  # noqa: BLE001 - any import failure means "not usable here"
+        pytest.skip(f"pytorch-fid cannot be imported here: {err}")
 
 
 def test_pool_features_equal_pytorch_fid(monkeypatch):
