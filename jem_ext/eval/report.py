@@ -34,7 +34,9 @@ when neither ``--inception-weights`` nor ``--fid-classifier`` is given):
     the mean log p(x) of the samples and of the test images.
 ``fid``
     Inception Score of the fresh-chain samples and FID between them and test images, with
-    the FID Inception-v3 weights (``--inception-weights``); otherwise with the penultimate
+    the FID Inception-v3 weights (``--inception-weights``: the standard
+    ``pt_inception-2015-12-05-6726825d.pth``; IS from its 1008-way logits without the fc
+    bias, as the original IS code and torch-fidelity); otherwise with the penultimate
     features / class probabilities of another classifier (``--fid-classifier``), reported as
     not comparable with published figures.
 ``robustness``
@@ -51,9 +53,11 @@ tasks, each returning a typed result), :mod:`~jem_ext.eval.writers` (report.json
 this module runs the tasks for each model and assembles the report.
 
 Bad input (a foreign or missing checkpoint, data whose sample shape or class count does not
-match the model, an unknown task or data set, unreadable Inception weights) is reported as one
-line on stderr with exit status 2, before anything is written. Every output file is written
-atomically (temporary file, then :func:`os.replace`), and only once all figures are computed.
+match the model, an unknown task or data set, unreadable Inception weights, a non-finite or
+out-of-range number, unusable SGLD settings in the checkpoint) is reported as one line on
+stderr with exit status 2, before anything is written. Every output file is written
+atomically (temporary file, then :func:`os.replace`), and only once all figures are computed;
+report.json is standard JSON (a non-finite figure is written as null).
 """
 
 from __future__ import annotations
