@@ -1,4 +1,4 @@
-"""End-to-end tests of ``python -m jem_ext.eval`` (jem_ext.eval.report) on tiny digit models."""
+"""End-to-end tests of ``python -m jem_ext.eval`` (jem_ext.eval.cli and .report) on tiny models."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from jem_ext.checkpoint import save_checkpoint
-from jem_ext.eval import report as rep
+from jem_ext.eval import cli
+from jem_ext.eval.settings import BUILTIN_OOD, SCORES, EvalError
+from jem_ext.eval.tasks import builtin_ood_sets, ood_scores
 from jem_ext.models import build_model, model_spec
 from jem_ext.sampler import ReplayBuffer, SGLDSampler
 
@@ -64,11 +66,18 @@ def ckpts(tmp_path_factory):
     big = _save(root / "big.pt", "jem", in_shape=(3, 32, 32), buffer=False)
     foreign = root / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
-    return {"jem_run": jem_run, "ce": ce, "big": big, "foreign": foreign}
+    garbage = root / "garbage.pth"
+    garbage.write_bytes(b"not a torch file\n" * 50)
+    bad_sampler = _save(root / "bad_sampler.pt", "jem", buffer=False)
+    state = torch.load(bad_sampler, weights_only=True)
+    state["sampler"] = {"step_size": 1.0, "noise_std": -0.5}
+    save_checkpoint(bad_sampler, state)
+    return {"jem_run": jem_run, "ce": ce, "big": big, "foreign": foreign, "garbage": garbage,
+            "bad_sampler": bad_sampler}
 
 
 def _run(argv, capsys):
-    code = rep.main([str(a) for a in argv])
+    code = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -91,9 +100,9 @@ def test_end_to_end_with_compare(ckpts, tmp_path, capsys):
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["ece"] <= 1.0
         assert r["accuracy"] > 0.2  # 30 Adam steps already beat chance (0.1) on digits
         assert r["accuracy_refined"]["steps"] == 1
-        assert set(r["ood"]) == set(rep.BUILTIN_OOD)
+        assert set(r["ood"]) == set(BUILTIN_OOD)
         for scores in r["ood"].values():
-            assert set(scores) == set(rep.SCORES)
+            assert set(scores) == set(SCORES)
             assert all(0.0 <= v <= 1.0 for v in scores.values())
         assert r["fid"]["network"] == "classifier"
         assert r["fid"]["comparable_with_published"] is False
@@ -154,7 +163,9 @@ def test_foreign_checkpoint_subprocess(ckpts, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["model_shape", "ood_shape", "compare_shape", "missing",
-                                  "unknown_task", "bad_eps", "bad_inception"])
+                                  "unknown_task", "bad_eps", "bad_inception",
+                                  "garbage_inception", "negative_noise", "nan_step",
+                                  "inf_sigma", "nan_pgd_step", "bad_sampler"])
 def test_bad_input_exit_2(ckpts, tmp_path, capsys, case):
     out_dir = tmp_path / "never"
     jem = ckpts["jem_run"]
@@ -168,6 +179,13 @@ def test_bad_input_exit_2(ckpts, tmp_path, capsys, case):
         "bad_eps": (["--checkpoint", jem, "--pgd-eps", "linf=a"], "--pgd-eps"),
         "bad_inception": (["--checkpoint", jem, "--inception-weights", ckpts["foreign"]],
                           "--inception-weights"),
+        "garbage_inception": (["--checkpoint", jem, "--inception-weights", ckpts["garbage"]],
+                              "is not a state_dict file"),
+        "negative_noise": (["--checkpoint", jem, "--sgld-noise", "-1"], "--sgld-noise"),
+        "nan_step": (["--checkpoint", jem, "--sgld-step-size", "nan"], "finite"),
+        "inf_sigma": (["--checkpoint", jem, "--robust-sigma", "inf"], "finite"),
+        "nan_pgd_step": (["--checkpoint", jem, "--pgd-step-size", "nan"], "finite"),
+        "bad_sampler": (["--checkpoint", ckpts["bad_sampler"]], "SGLD noise must be >= 0"),
     }[case]
     code, out, err = _run([*argv, "--out", out_dir, "--no-progress"], capsys)
     assert code == 2
@@ -177,7 +195,7 @@ def test_bad_input_exit_2(ckpts, tmp_path, capsys, case):
 
 
 def test_help_documents_every_flag():
-    parser = rep.build_parser()
+    parser = cli.build_parser()
     for action in parser._actions:
         assert action.help, action.dest
     text = parser.format_help()
@@ -189,10 +207,72 @@ def test_help_documents_every_flag():
         assert flag in text
 
 
+def test_every_float_flag_refuses_non_finite_values():
+    parser = cli.build_parser()
+    float_flags = [a for a in parser._actions if a.type in (float, cli.finite_float)]
+    assert {a.dest for a in float_flags} >= {"sgld_step_size", "sgld_noise", "pgd_step_size",
+                                             "robust_sigma"}
+    for action in float_flags:
+        assert action.type is cli.finite_float, action.dest
+        for text in ("nan", "inf", "-inf", "NaN"):
+            with pytest.raises(EvalError):
+                cli.parse_settings(["--checkpoint", "c", "--out", "o",
+                                    action.option_strings[0], text])
+
+
+def test_help_states_each_default_once():
+    parser = cli.build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        text = formatter._expand_help(action) if action.help else ""
+        assert text.count("default") <= 1, (action.dest, text)
+        assert "(default: None)" not in text and "(default: [])" not in text, action.dest
+    help_text = parser.format_help()
+    assert "(default: 100)" in help_text and "(default: 0.0)" in help_text  # still shown
+
+
+def test_fid_skip_listed_once_in_markdown(ckpts, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    code, _, err = _run(["--checkpoint", ckpts["jem_run"], "--tasks", "fid", "--out", out_dir,
+                         *FAST], capsys)
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    reason = report["fid"]["skipped"]
+    assert (out_dir / "report.md").read_text().count(reason) == 1
+
+
+def _refuse_constant(name):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def test_report_json_is_standard_when_figures_are_not_finite(ckpts, tmp_path, capsys,
+                                                             monkeypatch):
+    from jem_ext.eval import generation
+
+    monkeypatch.setattr(generation, "_mean_logpx", lambda logits: float("-inf"))
+    out_dir = tmp_path / "out"
+    code, _, err = _run(["--checkpoint", ckpts["jem_run"], "--tasks", "generation",
+                         "--out", out_dir, *FAST], capsys)
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text(), parse_constant=_refuse_constant)
+    assert report["generation"]["logpx_mean_samples"] is None
+    assert "| jem | 2 |" in (out_dir / "report.md").read_text()
+
+
+def test_to_json_text_writes_null_for_non_finite_numbers():
+    import numpy as np
+
+    from jem_ext.eval.writers import to_json_text
+
+    text = to_json_text({"a": float("nan"), "b": [np.float64("-inf"), 1.5], "c": {"d": np.inf}})
+    assert json.loads(text, parse_constant=_refuse_constant) == {
+        "a": None, "b": [None, 1.5], "c": {"d": None}}
+
+
 def test_builtin_ood_sets_shapes_and_ranges():
     x = torch.rand(12, 1, 8, 8) * 2 - 1
-    sets = rep.builtin_ood_sets(x, seed=0)
-    assert set(sets) == set(rep.BUILTIN_OOD)
+    sets = builtin_ood_sets(x, seed=0)
+    assert set(sets) == set(BUILTIN_OOD)
     for name, s in sets.items():
         assert s.shape == x.shape, name
         assert s.min() >= -1 and s.max() <= 1, name
@@ -201,14 +281,14 @@ def test_builtin_ood_sets_shapes_and_ranges():
     # Each interp image is the mean of two different test images.
     mixed = sets["interp"]
     assert not any(torch.allclose(mixed[i], x[i]) for i in range(len(x)))
-    assert rep.builtin_ood_sets(x, seed=0)["uniform"].equal(sets["uniform"])
+    assert builtin_ood_sets(x, seed=0)["uniform"].equal(sets["uniform"])
 
 
 def test_ood_scores_match_definitions():
     torch.manual_seed(0)
     model = build_model("small_cnn", 10, (1, 8, 8), width=8).eval()
     x = torch.rand(7, 1, 8, 8) * 2 - 1
-    scores = rep.ood_scores(model, x, batch_size=3)
+    scores = ood_scores(model, x, batch_size=3)
     logits = model(x).double()
     torch.testing.assert_close(torch.from_numpy(scores["logpx"]),
                                torch.logsumexp(logits, 1), rtol=1e-5, atol=1e-5)

@@ -183,10 +183,26 @@ def test_inception_score_two_point_mixture():
 
 
 def _assert_png(path):
+    """``path`` is a valid PNG and the only file its folder gained (no temporary file left)."""
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(path) as img:
         img.verify()
-    assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]
+    assert [p.name for p in path.parent.iterdir() if p.is_file()] == [path.name]
+
+
+def test_failed_plot_leaves_no_file(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    def half_write(self, fname, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", half_write)
+    curves = {"JEM": [(0.0, 0.9), (0.1, 0.5)]}
+    with pytest.raises(OSError, match="disk full"):
+        robustness_curve(curves, tmp_path / "robust.png", title="L-inf PGD")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_plots_write_valid_pngs(tmp_path):
@@ -197,8 +213,9 @@ def test_plots_write_valid_pngs(tmp_path):
         "JEM": expected_calibration_error(probs, labels),
         "CE twin": expected_calibration_error(np.sqrt(probs), labels),
     }
-    reliability_diagram(results, tmp_path / "reliability.png", title="calibration")
-    _assert_png(tmp_path / "reliability.png")
+    (tmp_path / "first").mkdir()
+    reliability_diagram(results, tmp_path / "first" / "reliability.png", title="calibration")
+    _assert_png(tmp_path / "first" / "reliability.png")
 
     logpx_histograms(
         {"CIFAR-10": rng.normal(size=500), "SVHN": np.append(rng.normal(2, 1, 500), -np.inf)},

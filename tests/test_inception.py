@@ -1,5 +1,9 @@
 """FID Inception-v3: shapes, state_dict round trip, clear loading errors, feature helpers."""
 
+import importlib
+import sys
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -52,20 +56,38 @@ def test_missing_file_error(tmp_path):
         load_inception(tmp_path / "nope.pt")
 
 
-def test_corrupt_file_error(tmp_path):
-    path = tmp_path / "corrupt.pt"
+def _garbage(tmp_path, saved):
+    path = tmp_path / "garbage.pt"
     path.write_bytes(b"this is not a torch checkpoint" * 10)
-    with pytest.raises(ValueError, match="could not be read"):
+    return path
+
+
+def _truncated(tmp_path, saved):
+    path = tmp_path / "truncated.pt"
+    path.write_bytes(saved.read_bytes()[:100_000])
+    return path
+
+
+def _pickled_module(tmp_path, saved):
+    path = tmp_path / "module.pt"
+    torch.save(nn.Linear(2, 2), path)  # a pickled module: refused by a weights-only load
+    return path
+
+
+def _list(tmp_path, saved):
+    path = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], path)
+    return path
+
+
+@pytest.mark.parametrize("make", [_garbage, _truncated, _pickled_module, _list])
+def test_not_a_state_dict_file_is_one_line(saved_inception, tmp_path, make):
+    path = make(tmp_path, saved_inception[1])
+    with pytest.raises(ValueError) as err:
         load_inception(path)
-
-
-def test_non_state_dict_errors(tmp_path):
-    torch.save([1, 2, 3], tmp_path / "list.pt")
-    with pytest.raises(ValueError, match="does not hold a state_dict"):
-        load_inception(tmp_path / "list.pt")
-    torch.save(nn.Linear(2, 2), tmp_path / "module.pt")  # a pickled module, not weights-only
-    with pytest.raises(ValueError, match="could not be read"):
-        load_inception(tmp_path / "module.pt")
+    message = str(err.value)
+    assert "is not a state_dict file" in message
+    assert "\n" not in message and "weights_only=False" not in message
 
 
 def test_foreign_state_dict_error_lists_keys(tmp_path):
@@ -75,6 +97,7 @@ def test_foreign_state_dict_error_lists_keys(tmp_path):
     message = str(err.value)
     assert "missing keys" in message and "Conv2d_1a_3x3.bn.bias" in message
     assert "unexpected keys" in message and "weight" in message
+    assert "\n" not in message
 
 
 def test_wrong_shape_error(saved_inception, tmp_path):
@@ -85,6 +108,58 @@ def test_wrong_shape_error(saved_inception, tmp_path):
     torch.save(state, tmp_path / "imagenet1000.pt")
     with pytest.raises(ValueError, match=r"2 wrong shapes .*fc\.bias: \(1000,\) instead of"):
         load_inception(tmp_path / "imagenet1000.pt")
+
+
+def test_score_logits_are_fc_without_bias(saved_inception):
+    net, _ = saved_inception
+    features = torch.randn(4, 2048)
+    expected = net.fc(features) - net.fc.bias
+    torch.testing.assert_close(net.score_logits(features), expected, rtol=1e-5, atol=1e-5)
+
+
+def _pytorch_fid_inception():
+    """pytorch-fid's inception module, or skip the test when it cannot be imported.
+
+    A CUDA build of torchvision on a CPU-only torch fails while registering fake kernels of
+    its C ops (nms, roi_align, ...); the Inception layers use none of them, so that one
+    registration module is stubbed out before torchvision is imported again.
+    """
+    try:
+        return importlib.import_module("pytorch_fid.inception")
+    except ImportError as err:
+        pytest.skip(f"pytorch-fid is not installed ({err})")
+    except RuntimeError:
+        for name in [m for m in sys.modules if m.startswith(("torchvision", "pytorch_fid"))]:
+            del sys.modules[name]
+        sys.modules["torchvision._meta_registrations"] = types.ModuleType("stub")
+    try:
+        return importlib.import_module("pytorch_fid.inception")
+    except Exception as err:  # noqa: BLE001 - any import failure means "not usable here"
+        pytest.skip(f"pytorch-fid cannot be imported here: {err}")
+
+
+def test_pool_features_equal_pytorch_fid(monkeypatch):
+    """Same random state_dict, same images: the 2048-d features equal pytorch-fid's."""
+    pfi = _pytorch_fid_inception()
+    torch.manual_seed(3)
+    ours = InceptionV3().eval()
+    state = ours.state_dict()
+    for key, value in state.items():  # running statistics away from (0, 1), so they matter
+        if key.endswith("running_mean"):
+            value.normal_(0.0, 0.1)
+        elif key.endswith("running_var"):
+            value.uniform_(0.5, 2.0)
+    ours.load_state_dict(state)
+    # The file pytorch-fid would download holds no num_batches_tracked buffers either.
+    weights = {k: v.clone() for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: weights)
+    theirs = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    x = torch.rand(3, 3, 40, 40) * 2 - 1  # JEM's [-1, 1]; pytorch-fid takes [0, 1]
+    with torch.no_grad():
+        expected = theirs((x + 1) / 2)[0].flatten(1)
+        features, _ = ours(x)
+    assert features.shape == (3, 2048)
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
 
 
 class SmallNet(nn.Module):

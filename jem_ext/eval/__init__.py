@@ -2,7 +2,15 @@
 
 Submodules (imported explicitly, so that e.g. matplotlib is only loaded when plotting):
 
-- :mod:`jem_ext.eval.metrics`: expected calibration error, AUROC, FID and Inception Score.
+- :mod:`jem_ext.eval.cli`: the command line of ``python -m jem_ext.eval`` and its checks.
+- :mod:`jem_ext.eval.settings`: task names, :class:`EvalError`, the typed evaluation and SGLD
+  settings.
+- :mod:`jem_ext.eval.inputs`: checkpoints, their models, the test data and the OOD sets.
+- :mod:`jem_ext.eval.tasks`: accuracy, calibration, OOD detection and robustness tasks.
+- :mod:`jem_ext.eval.generation`: generation and IS/FID tasks.
+- :mod:`jem_ext.eval.report`: runs the tasks for each model and assembles the report.
+- :mod:`jem_ext.eval.writers`: report.json (standard JSON) and report.md.
+- :mod:`jem_ext.eval.metrics`: accuracy, expected calibration error, AUROC, FID and IS.
 - :mod:`jem_ext.eval.inception`: the FID Inception-v3 network, checkpoint loading, batched
   feature extraction and penultimate-layer features of any classifier.
 - :mod:`jem_ext.eval.attacks`: PGD (L-inf and L2), the SGLD-refined classifier of the JEM

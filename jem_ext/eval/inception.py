@@ -5,7 +5,9 @@
 head, and the "FID" block variants that port TensorFlow's 2015 Inception graph
 (``FIDInceptionA``/``C``/``E_1`` average-pool without counting padding, ``FIDInceptionE_2``
 max-pools in its pooling branch). Parameter names match torchvision / pytorch-fid, so the
-pytorch-fid weights file (``pt_inception-2015-12-05-*.pth``) loads with :func:`load_inception`.
+standard FID weights file (``pt_inception-2015-12-05-6726825d.pth``, used by pytorch-fid and
+torch-fidelity) loads with :func:`load_inception`; given the same state_dict, the pool features
+equal pytorch-fid's (tests/test_inception.py checks this when pytorch-fid is installed).
 Nothing is downloaded: the weights file must already be on disk.
 """
 
@@ -188,9 +190,10 @@ class InceptionV3(nn.Module):
     Inputs ``[N, 3, H, W]`` are resized bilinearly (``align_corners=False``) to 299x299 when
     needed, exactly like pytorch-fid; unlike pytorch-fid they are expected already in [-1, 1]
     (JEM's data range), so no rescaling is applied. ``forward`` returns the 2048-d
-    average-pool features used by FID and the 1008 logits used by the Inception Score
-    (``softmax(logits)`` is p(y | x)). The network is meant for inference only (no dropout or
-    auxiliary head); use it in eval mode, as :func:`load_inception` returns it.
+    average-pool features used by FID and the 1008 logits of the classifier;
+    :meth:`score_logits` gives the logits the Inception Score uses. The network is meant for
+    inference only (no dropout or auxiliary head); use it in eval mode, as
+    :func:`load_inception` returns it.
     """
 
     def __init__(self) -> None:
@@ -242,6 +245,16 @@ class InceptionV3(nn.Module):
         features = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return features, self.fc(features)
 
+    def score_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The 1008 logits the Inception Score is computed from: ``features @ fc.weight.T``.
+
+        As in the original Inception Score code (which multiplies the pool features by the
+        softmax layer's weight matrix) and torch-fidelity's ``logits_unbiased``: the bias is
+        left out and all 1008 outputs of the 2015 graph (ImageNet's 1000 classes and 8 unused
+        ones) enter the softmax.
+        """
+        return features @ self.fc.weight.T
+
 
 def _describe(keys, limit: int = 5) -> str:
     """A short, sorted listing of at most ``limit`` keys."""
@@ -250,41 +263,31 @@ def _describe(keys, limit: int = 5) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def load_inception(path: str | os.PathLike, device: torch.device | str = "cpu") -> InceptionV3:
-    """Build :class:`InceptionV3` from a state_dict file, in eval mode, on ``device``.
-
-    The file is read with ``torch.load(weights_only=True)`` and must hold a plain state_dict
-    with exactly the network's keys and shapes (BatchNorm ``num_batches_tracked`` buffers may be
-    absent, as in old checkpoints such as pytorch-fid's). Parameters are frozen
-    (``requires_grad=False``).
-
-    Raises:
-        ValueError: naming the problem when the file is missing or unreadable, is not a
-            state_dict of tensors, or has missing keys, unexpected keys or wrong shapes.
-    """
-    path = os.fspath(path)
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The plain state_dict in ``path`` (raises a one-line ValueError when there is none)."""
     if not os.path.isfile(path):
         raise ValueError(f"Inception weights file not found: {path!r}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a corrupt pickle can fail with almost any exception type
+    except Exception:  # a corrupt or foreign file fails with almost any exception type
+        # torch's own message spans many lines of advice that does not apply here.
         raise ValueError(
-            f"{path!r} could not be read as a weights-only torch file ({err})"
-        ) from err
+            f"{path!r} is not a state_dict file (torch.load with weights_only=True cannot "
+            "read it: a truncated or corrupt file, or a pickle of other objects)"
+        ) from None
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise ValueError(
-            f"{path!r} does not hold a state_dict (a mapping of names to tensors); "
-            f"found {type(state).__name__}"
+            f"{path!r} is not a state_dict file (it holds a {type(state).__name__}, not a "
+            "mapping of names to tensors)"
         )
+    return dict(state)
 
-    model = InceptionV3()
-    expected = model.state_dict()
-    state = dict(state)
-    for key in expected.keys() - state.keys():
-        if key.endswith("num_batches_tracked"):
-            state[key] = expected[key]
+
+def _mismatches(state: Mapping[str, torch.Tensor],
+                expected: Mapping[str, torch.Tensor]) -> list[str]:
+    """Missing keys, unexpected keys and wrong shapes of ``state`` against ``expected``."""
     missing = expected.keys() - state.keys()
     unexpected = state.keys() - expected.keys()
     wrong_shape = [
@@ -299,11 +302,35 @@ def load_inception(path: str | os.PathLike, device: torch.device | str = "cpu") 
         problems.append(f"{len(unexpected)} unexpected keys ({_describe(unexpected)})")
     if wrong_shape:
         problems.append(f"{len(wrong_shape)} wrong shapes ({_describe(wrong_shape)})")
+    return problems
+
+
+def load_inception(path: str | os.PathLike, device: torch.device | str = "cpu") -> InceptionV3:
+    """Build :class:`InceptionV3` from a state_dict file, in eval mode, on ``device``.
+
+    The file is the standard FID weights file (pytorch-fid's and torch-fidelity's
+    ``pt_inception-2015-12-05-6726825d.pth``) or any state_dict with the same keys. It is read
+    with ``torch.load(weights_only=True)`` and must hold exactly the network's keys and shapes
+    (BatchNorm ``num_batches_tracked`` buffers may be absent, as in that file). Parameters are
+    frozen (``requires_grad=False``).
+
+    Raises:
+        ValueError: in one line, naming the problem: the file is missing, is not a state_dict
+            file (unreadable, truncated, a pickle of other objects, not a mapping of tensors),
+            or has missing keys, unexpected keys or wrong shapes.
+    """
+    path = os.fspath(path)
+    state = _read_state_dict(path)
+    model = InceptionV3()
+    expected = model.state_dict()
+    for key in expected.keys() - state.keys():
+        if key.endswith("num_batches_tracked"):
+            state[key] = expected[key]
+    problems = _mismatches(state, expected)
     if problems:
         raise ValueError(
             f"{path!r} is not an FID Inception-v3 state_dict: " + "; ".join(problems)
         )
-
     model.load_state_dict(state)
     model.requires_grad_(False)
     return model.to(device).eval()

@@ -1,0 +1,259 @@
+"""The command line of ``python -m jem_ext.eval``: flags, their checks, the entry point.
+
+Every flag is checked before anything is loaded or written: a bad value is reported as one
+line on stderr (``jem_ext.eval: error: ...``) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .report import run
+from .settings import BUILTIN_OOD, DEFAULT_EPS, NORMS, TASKS, EvalError, EvalSettings
+from .writers import render_markdown
+
+__all__ = ["build_parser", "main", "parse_settings"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors become :class:`EvalError` (one line, exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise EvalError(f"{message} (see --help)")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds ``(default: X)`` to a flag's help unless the help already speaks of its default
+    or there is none to show (None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False
+        shown = shown and action.default != [] and action.default is not argparse.SUPPRESS
+        if "default" in text or not shown or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite float (``nan`` and ``inf`` are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m jem_ext.eval`` (every flag has help text)."""
+    p = _Parser(
+        prog="python -m jem_ext.eval",
+        description="Evaluate a JEM checkpoint (accuracy, calibration, OOD detection, "
+        "generation, IS/FID, adversarial robustness) and write report.json, report.md and "
+        "PNG figures to --out. With --compare, a second checkpoint (e.g. the cross-entropy "
+        "twin) is evaluated on the same data and shown beside the first.",
+        formatter_class=_HelpFormatter,
+    )
+    _add_input_flags(p)
+    _add_sgld_flags(p)
+    _add_fid_flags(p)
+    _add_robustness_flags(p)
+    p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+    return p
+
+
+def _add_input_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint file (.pt) or run folder (uses checkpoints/best.pt, else "
+                   "checkpoints/last.pt)")
+    p.add_argument("--compare", default=None,
+                   help="second checkpoint or run folder evaluated on the same data; its "
+                   "figures go under 'compare' in report.json and beside the first everywhere")
+    p.add_argument("--out", required=True,
+                   help="output folder (created; existing report files are replaced)")
+    p.add_argument("--tasks", default=",".join(TASKS),
+                   help="comma-separated tasks among " + ", ".join(TASKS))
+    p.add_argument("--label", default=None,
+                   help="name of the first model in tables and plots (default: its objective "
+                   "from the run config, e.g. 'jem')")
+    p.add_argument("--compare-label", default=None,
+                   help="name of the --compare model (default: its objective, e.g. 'ce')")
+    p.add_argument("--dataset", default=None,
+                   help="evaluate on this data set (default: the checkpoint's "
+                   "config['dataset'])")
+    p.add_argument("--data-root", default=None,
+                   help="folder of the data set files (default: the checkpoint's "
+                   "config['data_root'])")
+    p.add_argument("--batch-size", type=int, default=100, help="batch size of every pass")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="use a random subset (fixed by --seed) of at most this many test "
+                   "images (and of each --ood set) (default: all of them)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    p.add_argument("--ood", action="append", default=[], metavar="NAME[:FOLDER]",
+                   help="extra OOD data set (any name load_dataset knows, e.g. svhn:/data/svhn "
+                   "or folder:/path/to/images); its test split is used; repeatable")
+
+
+def _add_sgld_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sgld-step-size", type=finite_float, default=None,
+                   help="SGLD step size on d log p(x)/dx for refinement, generation and the "
+                   "robust classifier, used for both models (default: the --checkpoint's "
+                   "sampler setting, else JEM's 1.0)")
+    p.add_argument("--sgld-noise", type=finite_float, default=None,
+                   help="SGLD noise standard deviation, >= 0 (default: the --checkpoint's "
+                   "sampler setting, else JEM's 0.01)")
+    p.add_argument("--refine-steps", type=int, default=0,
+                   help="accuracy task: also report the accuracy after K SGLD refinement steps "
+                   "(0: skip)")
+    p.add_argument("--gen-steps", type=int, default=100,
+                   help="SGLD steps of the fresh generation chains (from U(-1,1) noise)")
+    p.add_argument("--gen-n", type=int, default=100,
+                   help="number of fresh unconditional samples (grid, IS and FID); the "
+                   "conditional grid has max(1, gen_n // classes) samples per class")
+
+
+def _add_fid_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inception-weights", default=None,
+                   help="FID Inception-v3 state_dict (pytorch-fid's "
+                   "pt_inception-2015-12-05-6726825d.pth) for the fid task")
+    p.add_argument("--fid-classifier", default=None,
+                   help="checkpoint whose classifier replaces Inception for IS/FID when "
+                   "--inception-weights is not given (figures not comparable with papers)")
+
+
+def _add_robustness_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pgd-norms", default="linf,l2", help="comma-separated PGD norms (linf, l2)")
+    p.add_argument("--pgd-eps", action="append", default=[], metavar="[NORM=]E1,E2,...",
+                   help="PGD radii in the model's [-1, 1] input units, e.g. 'linf=0,0.1,0.2' "
+                   "or 'l2=0,0.5,1'; without 'NORM=' the list applies to every norm; "
+                   "repeatable (default: " + "; ".join(
+                       f"{k}={','.join(map(str, v))}" for k, v in DEFAULT_EPS.items()) + ")")
+    p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps per attack")
+    p.add_argument("--pgd-step-size", type=finite_float, default=None,
+                   help="PGD step length (default: 2.5 * eps / steps, as Madry et al.)")
+    p.add_argument("--robust-refine-steps", type=int, default=5,
+                   help="K: SGLD refinement steps of the attacked classifier (0: plain)")
+    p.add_argument("--robust-chains", type=int, default=2,
+                   help="noisy SGLD chains averaged by the attacked classifier")
+    p.add_argument("--robust-sigma", type=finite_float, default=0.0,
+                   help="std of the Gaussian noise added to the input to start each chain")
+    p.add_argument("--robust-n", type=int, default=100,
+                   help="number of test points attacked")
+
+
+def _check_tasks(text: str) -> list[str]:
+    tasks = _csv(text)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise EvalError(
+            f"--tasks: unknown task(s) {', '.join(unknown) or '(none given)'}; "
+            f"expected a comma list of {', '.join(TASKS)}"
+        )
+    return [t for t in TASKS if t in tasks]
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    for name in ("batch_size", "gen_n", "robust_chains", "robust_n"):
+        if getattr(args, name) < 1:
+            raise EvalError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    for name in ("refine_steps", "gen_steps", "pgd_steps", "robust_refine_steps"):
+        if getattr(args, name) < 0:
+            raise EvalError(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(args, name)}")
+    if args.max_samples is not None and args.max_samples < 2:
+        raise EvalError(f"--max-samples: expected >= 2, got {args.max_samples}")
+    if args.pgd_step_size is not None and args.pgd_step_size <= 0:
+        raise EvalError(f"--pgd-step-size: expected > 0, got {args.pgd_step_size}")
+    for name in ("sgld_step_size", "sgld_noise", "robust_sigma"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise EvalError(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(args, name)}")
+
+
+def _check_norms(text: str) -> list[str]:
+    norms = _csv(text)
+    if not norms or any(n not in NORMS for n in norms):
+        raise EvalError(f"--pgd-norms: expected a comma list of {', '.join(NORMS)}, got "
+                        f"{text!r}")
+    return norms
+
+
+def _check_eps(specs: list[str], norms: list[str]) -> dict[str, list[float]]:
+    eps = {n: list(DEFAULT_EPS[n]) for n in norms}
+    for spec in specs:
+        target, _, values = spec.rpartition("=")
+        if target and target not in NORMS:
+            raise EvalError(f"--pgd-eps {spec!r}: unknown norm {target!r} (expected "
+                            f"{', '.join(NORMS)})")
+        try:
+            parsed = [float(v) for v in _csv(values)]
+        except ValueError:
+            raise EvalError(f"--pgd-eps {spec!r}: expected comma-separated numbers") from None
+        if not parsed or any(not math.isfinite(v) or v < 0 for v in parsed):
+            raise EvalError(f"--pgd-eps {spec!r}: expected non-negative finite numbers")
+        for n in [target] if target else norms:
+            if n in eps:
+                eps[n] = sorted(set(parsed))
+    return eps
+
+
+def _check_ood(specs: list[str]) -> list[tuple[str, str | None]]:
+    oods = []
+    for spec in specs:
+        name, _, folder = spec.partition(":")
+        if not name:
+            raise EvalError(f"--ood {spec!r}: expected NAME[:FOLDER]")
+        if name in BUILTIN_OOD:
+            raise EvalError(f"--ood {name}: a built-in OOD set, always evaluated")
+        oods.append((name, folder or None))
+    return oods
+
+
+def _check_device(device: str) -> None:
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise EvalError(f"--device: unknown device {device!r}") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"--device {device}: CUDA is not available")
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> EvalSettings:
+    """Parse and check the flags (raises :class:`EvalError` on bad input)."""
+    args = build_parser().parse_args(argv)
+    _check_ranges(args)
+    _check_device(args.device)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {out}: exists and is not a folder")
+    values = vars(args)
+    norms = _check_norms(args.pgd_norms)
+    values.update(tasks=_check_tasks(args.tasks), pgd_norms=norms,
+                  pgd_eps=_check_eps(args.pgd_eps, norms), ood=_check_ood(args.ood))
+    return EvalSettings(**values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m jem_ext.eval``; returns the exit status (2 on bad input)."""
+    try:
+        settings = parse_settings(argv)
+        report = run(settings)
+    except EvalError as err:
+        print(f"jem_ext.eval: error: {err}", file=sys.stderr)
+        return 2
+    print(render_markdown(report, images=False))
+    print(f"\nwrote {Path(settings.out) / 'report.json'}, report.md and "
+          f"{len(report['files']) - 2} PNGs in {report['seconds']} s")
+    return 0

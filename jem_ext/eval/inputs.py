@@ -1,0 +1,140 @@
+"""The evaluation's inputs: checkpoints and their models, the test data, the OOD sets.
+
+Each loader turns a bad input into one :class:`~jem_ext.eval.settings.EvalError` line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    replay_buffer_samples,
+    resolve_checkpoint,
+)
+from ..data import DataError, load_dataset
+from .settings import EvalError, EvalSettings
+
+__all__ = ["EvalData", "Loaded", "load_data", "load_model", "load_eval_data"]
+
+
+@dataclass
+class Loaded:
+    """A checkpoint and its rebuilt model."""
+
+    path: Path
+    state: dict[str, Any]
+    model: nn.Module
+    label: str
+    in_shape: tuple[int, ...]
+    num_classes: int
+
+    @property
+    def config(self) -> dict[str, Any]:
+        cfg = self.state.get("config")
+        return cfg if isinstance(cfg, dict) else {}
+
+    @property
+    def is_image(self) -> bool:
+        """Whether samples are images (1 or 3 channels) that grids and Inception can show."""
+        return len(self.in_shape) == 3 and self.in_shape[0] in (1, 3)
+
+    def buffer_samples(self) -> torch.Tensor | None:
+        """The replay buffer saved with the checkpoint, or None."""
+        return replay_buffer_samples(self.state)
+
+
+@dataclass
+class EvalData:
+    """The test images and labels (a seeded subset) and the extra OOD sets."""
+
+    dataset: str
+    x: torch.Tensor
+    y: torch.Tensor
+    ood_extra: dict[str, torch.Tensor]
+
+
+def load_model(path: str, device: str, what: str, label: str | None = None) -> Loaded:
+    """Resolve, load and rebuild a checkpoint (raises :class:`EvalError`)."""
+    try:
+        file = resolve_checkpoint(path)
+        state = load_checkpoint(file, map_location="cpu")
+        model = model_from_checkpoint(state, device=device)
+    except CheckpointError as err:
+        raise EvalError(f"{what}: {err}") from None
+    spec = state["model_spec"]
+    model.requires_grad_(False)
+    cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
+    if label is None:
+        label = str(cfg.get("objective") or file.parent.parent.name or file.stem)
+    return Loaded(path=file, state=state, model=model, label=label,
+                  in_shape=tuple(int(s) for s in spec["in_shape"]),
+                  num_classes=int(spec["num_classes"]))
+
+
+def load_data(name: str, root: str | None, what: str):
+    """The test split of data set ``name`` (raises :class:`EvalError`)."""
+    try:
+        return load_dataset(name, root, "test")
+    except DataError as err:
+        raise EvalError(f"{what}: {err}") from None
+
+
+def check_shape(data, loaded: Loaded, what: str) -> None:
+    """The data's sample shape must match the model's."""
+    if tuple(data.shape) != loaded.in_shape:
+        raise EvalError(
+            f"{what}: samples of {data.name!r} have shape {tuple(data.shape)} but the model of "
+            f"{loaded.path} expects {loaded.in_shape}"
+        )
+
+
+def subset(data, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random subset of at most ``n`` samples (all of them when n is None)."""
+    if n is None or len(data) <= n:
+        return data.x, data.y
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data), generator=g)[:n].sort().values
+    return data.x[idx], data.y[idx]
+
+
+def load_compare(settings: EvalSettings, main: Loaded) -> Loaded:
+    """The ``--compare`` model; it must take the same inputs and classes as the main one."""
+    other = load_model(settings.compare, settings.device, "--compare", settings.compare_label)
+    if (other.in_shape, other.num_classes) != (main.in_shape, main.num_classes):
+        raise EvalError(
+            f"--compare {other.path}: its model takes {other.in_shape} with "
+            f"{other.num_classes} classes, but the --checkpoint model takes "
+            f"{main.in_shape} with {main.num_classes} classes"
+        )
+    if other.label == main.label:
+        other.label += " (compare)"
+    return other
+
+
+def load_eval_data(settings: EvalSettings, main: Loaded) -> EvalData:
+    """The test subset of the checkpoint's (or ``--dataset``'s) data and the ``--ood`` sets."""
+    dataset = settings.dataset or main.config.get("dataset")
+    if not dataset:
+        raise EvalError(f"--checkpoint {main.path}: its config names no 'dataset'; "
+                        "pass --dataset")
+    root = settings.data_root if settings.data_root is not None else main.config.get("data_root")
+    data = load_data(dataset, root, f"data set {dataset!r}")
+    check_shape(data, main, f"data set {dataset!r}")
+    if data.num_classes != main.num_classes:
+        raise EvalError(f"data set {dataset!r} has {data.num_classes} classes but the model of "
+                        f"{main.path} has {main.num_classes} outputs")
+    x, y = subset(data, settings.max_samples, settings.seed)
+    extra = {}
+    for name, folder in settings.ood or []:
+        d = load_data(name, folder, f"--ood {name}")
+        check_shape(d, main, f"--ood {name}")
+        extra[name] = subset(d, settings.max_samples, settings.seed)[0]
+    return EvalData(dataset=dataset, x=x, y=y, ood_extra=extra)
