@@ -161,7 +161,11 @@ def test_energy_ce_nonfinite_logits_follow_torch_logsumexp(device, dtype):
 @pytest.mark.parametrize("scale", [1e3, 3e3, 1e4])
 def test_energy_ce_cross_entropy_precise_for_large_logits(device, scale):
     # lse - l_y of two numbers near 1e4 would lose the digits that matter.
-    logits = make_logits(256, 10, torch.float32, device, scale=scale, seed=3)
+    # Spread logits and logits around a large common offset (small CE).
+    spread = make_logits(128, 10, torch.float32, device, scale=scale, seed=3)
+    offset = make_logits(128, 10, torch.float32, device, seed=4) + scale * torch.tensor(
+        [[1.0], [-1.0]], device=device).repeat(64, 1)
+    logits = torch.cat([spread, offset])
     y = torch.randint(0, 10, (256,), generator=torch.Generator().manual_seed(1)).to(device)
     _, ce = ops.energy_ce(logits, y)
     want = F.cross_entropy(logits.double(), y, reduction="none")
