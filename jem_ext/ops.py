@@ -319,12 +319,11 @@ def _energy_ce_bwd(ctx, grad_energy, grad_ce):
     return d, None
 
 
-def _softmax_masked(logits: Tensor) -> Tensor:
-    """softmax in float32 (or float64) with all -inf rows giving 0, not NaN."""
+def _softmax_acc(logits: Tensor) -> Tensor:
+    """exp(logits - logsumexp) in float32 (or float64): NaN and inf exactly
+    where the first-order kernel (and torch.logsumexp's gradient) has them."""
     acc = logits.double() if logits.dtype == torch.float64 else logits.float()
-    lse = torch.logsumexp(acc, dim=1, keepdim=True)
-    finite = lse != float("-inf")
-    return torch.where(finite, torch.exp(acc - torch.where(finite, lse, 0.0)), 0.0)
+    return torch.exp(acc - torch.logsumexp(acc, dim=1, keepdim=True))
 
 
 def _energy_backward_setup(ctx, inputs, output):
@@ -339,7 +338,7 @@ def _energy_backward_bwd(ctx, gg):
     logits, y, grad_lse = ctx.saved_tensors
     d_logits = d_grad_lse = d_grad_pick = None
     if grad_lse is not None:
-        s = _softmax_masked(logits)
+        s = _softmax_acc(logits)
         g = gg.to(s.dtype)
         sg = s * g
         if ctx.needs_input_grad[0]:

@@ -250,3 +250,16 @@ def test_cuda_matches_cpu(c):
         sum(o.sum() for o in oc).backward()
         sum(o.sum() for o in og).backward()
         torch.testing.assert_close(lg.grad.cpu(), lc.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_second_order_nonfinite_follows_torch_logsumexp():
+    w = torch.linspace(-1.0, 1.0, 3, dtype=torch.float64)
+
+    def hessian_times_w(energy_fn):
+        x = torch.tensor(NONFINITE_ROWS, dtype=torch.float64, requires_grad=True)
+        (g,) = torch.autograd.grad(energy_fn(x).sum(), [x], create_graph=True)
+        (h,) = torch.autograd.grad((g * w).sum(), [x])
+        return h
+
+    want = hessian_times_w(lambda t: -torch.logsumexp(t, 1))
+    assert_close_nan(hessian_times_w(ops.energy), want, 1e-10)
