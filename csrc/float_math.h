@@ -86,7 +86,7 @@ C10_HOST_DEVICE JEM_EXT_INLINE float log_positive(float x) {
 // (softmax terms that small vanish next to the row maximum, which is 1).
 C10_HOST_DEVICE JEM_EXT_INLINE float exp_float(float x) {
   float xc = x < -87.33654f ? -87.33654f : x;  // one select per line: GCC if-converts
-  xc = xc > 88.37626f ? 88.37626f : xc;          // these, not nested ternaries
+  xc = xc > 88.37626f ? 88.37626f : xc;        // these, not nested ternaries
   xc = x != x ? 0.0f : xc;
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to integer
   const float n = (xc * 1.44269504088896341f + magic) - magic;

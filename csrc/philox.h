@@ -38,9 +38,8 @@ constexpr uint32_t kWeyl1 = 0xBB67AE85u;
 }  // namespace philox_detail
 
 // One Philox4x32-10 block: counter (c0..c3) and key (k0, k1) -> 4 words.
-C10_HOST_DEVICE JEM_EXT_INLINE Uint4 philox4x32_10(
-    uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
-    uint32_t k1) {
+C10_HOST_DEVICE JEM_EXT_INLINE Uint4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2,
+                                                   uint32_t c3, uint32_t k0, uint32_t k1) {
   using namespace philox_detail;
 #pragma unroll
   for (int round = 0; round < 10; ++round) {
@@ -61,13 +60,11 @@ C10_HOST_DEVICE JEM_EXT_INLINE Uint4 philox4x32_10(
 }
 
 // The block that element group `group` draws at generator offset `offset`.
-C10_HOST_DEVICE JEM_EXT_INLINE Uint4 philox_block(
-    uint64_t seed, uint64_t offset, uint64_t group) {
+C10_HOST_DEVICE JEM_EXT_INLINE Uint4 philox_block(uint64_t seed, uint64_t offset, uint64_t group) {
   const uint64_t step = offset / 4;
-  return philox4x32_10(
-      static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32),
-      static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
-      static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  return philox4x32_10(static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32),
+                       static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
 // sin and cos of 2*pi*t for t in [0, 1]: reduce to [-pi/4, pi/4] by quarter
@@ -102,8 +99,7 @@ C10_HOST_DEVICE JEM_EXT_INLINE float uniform_open1(uint32_t r) {
 }
 
 // Two standard normals from two 32-bit words (Box-Muller).
-C10_HOST_DEVICE JEM_EXT_INLINE void box_muller(
-    uint32_t r0, uint32_t r1, float* z0, float* z1) {
+C10_HOST_DEVICE JEM_EXT_INLINE void box_muller(uint32_t r0, uint32_t r1, float* z0, float* z1) {
   const float radius = std::sqrt(-2.0f * log_positive(uniform_open0(r0)));
   float s, c;
   sincos_turn(uniform_open1(r1), &s, &c);
@@ -112,8 +108,8 @@ C10_HOST_DEVICE JEM_EXT_INLINE void box_muller(
 }
 
 // The four normals of element group `group` (elements 4*group .. 4*group+3).
-C10_HOST_DEVICE JEM_EXT_INLINE void normal4(
-    uint64_t seed, uint64_t offset, uint64_t group, float z[4]) {
+C10_HOST_DEVICE JEM_EXT_INLINE void normal4(uint64_t seed, uint64_t offset, uint64_t group,
+                                            float z[4]) {
   const Uint4 r = philox_block(seed, offset, group);
   box_muller(r.x, r.y, &z[0], &z[1]);
   box_muller(r.z, r.w, &z[2], &z[3]);

@@ -19,36 +19,30 @@ namespace jem_ext {
 namespace {
 
 void refuse_grad(const char* op, const at::Tensor& x, const at::Tensor& grad) {
-  TORCH_CHECK(
-      !(at::GradMode::is_enabled() && (x.requires_grad() || grad.requires_grad())), op,
-      " is not differentiable: call it under torch.no_grad() on tensors that do not "
-      "require grad (got x.requires_grad=", x.requires_grad(),
-      ", grad.requires_grad=", grad.requires_grad(), ")");
+  TORCH_CHECK(!(at::GradMode::is_enabled() && (x.requires_grad() || grad.requires_grad())), op,
+              " is not differentiable: call it under torch.no_grad() on tensors that do not "
+              "require grad (got x.requires_grad=",
+              x.requires_grad(), ", grad.requires_grad=", grad.requires_grad(), ")");
 }
 
-void sgld_step_autograd(at::Tensor& x, const at::Tensor& grad, double step_size,
-                               double noise_std, c10::optional<double> clamp_min,
-                               c10::optional<double> clamp_max,
-                               c10::optional<double> grad_clip,
-                               c10::optional<at::Generator> generator) {
+void sgld_step_autograd(at::Tensor& x, const at::Tensor& grad, double step_size, double noise_std,
+                        c10::optional<double> clamp_min, c10::optional<double> clamp_max,
+                        c10::optional<double> grad_clip, c10::optional<at::Generator> generator) {
   refuse_grad("sgld_step_", x, grad);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("jem_ext::sgld_step_", "")
                        .typed<decltype(sgld_step_autograd)>();
   {
     c10::impl::ExcludeDispatchKeyGuard guard(c10::autograd_dispatch_keyset);
-    op.call(x, grad, step_size, noise_std, clamp_min, clamp_max, grad_clip,
-            std::move(generator));
+    op.call(x, grad, step_size, noise_std, clamp_min, clamp_max, grad_clip, std::move(generator));
   }
   x.unsafeGetTensorImpl()->bump_version();
 }
 
-void sgld_step_philox_autograd(at::Tensor& x, const at::Tensor& grad,
-                                      double step_size, double noise_std,
-                                      c10::optional<double> clamp_min,
-                                      c10::optional<double> clamp_max,
-                                      c10::optional<double> grad_clip, int64_t seed,
-                                      int64_t offset) {
+void sgld_step_philox_autograd(at::Tensor& x, const at::Tensor& grad, double step_size,
+                               double noise_std, c10::optional<double> clamp_min,
+                               c10::optional<double> clamp_max, c10::optional<double> grad_clip,
+                               int64_t seed, int64_t offset) {
   refuse_grad("_sgld_step_philox_", x, grad);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("jem_ext::_sgld_step_philox_", "")

@@ -156,6 +156,7 @@ void pick_grad_rows(int64_t rows, int64_t C, const int64_t* y, const acc_t* grad
 // completely instead of paying a vector loop's set-up on every short row.
 // (A switch, not a generic lambda: a lambda body would be compiled once,
 // for the baseline CPU, outside the clones.)
+// clang-format off
 #define JEM_EXT_STATIC_CLASSES(CALL)                                              \
   switch (C) {                                                                    \
     case 2: CALL(2); break;   case 3: CALL(3); break;   case 4: CALL(4); break;   \
@@ -165,17 +166,18 @@ void pick_grad_rows(int64_t rows, int64_t C, const int64_t* y, const acc_t* grad
     case 14: CALL(14); break; case 15: CALL(15); break; case 16: CALL(16); break; \
     default: CALL(0);                                                             \
   }
+// clang-format on
 
 JEM_EXT_VECTORIZE void lse_rows_float(const float* l, int64_t rows, int64_t C,
-                                      const RowScratch<float>& s) {
+                                      const RowScratch<float>& s){
 #define JEM_EXT_LSE(k) lse_rows<float, float, k>(l, rows, C, s)
-  JEM_EXT_STATIC_CLASSES(JEM_EXT_LSE)
+    JEM_EXT_STATIC_CLASSES(JEM_EXT_LSE)
 #undef JEM_EXT_LSE
 }
 
 JEM_EXT_VECTORIZE void grad_rows_float(const float* l, int64_t rows, int64_t C, float* t,
-                                       const float* lse, const float* grad_lse,
-                                       const int64_t* y, const float* grad_pick, float* out) {
+                                       const float* lse, const float* grad_lse, const int64_t* y,
+                                       const float* grad_pick, float* out) {
 #define JEM_EXT_GRAD(k) grad_rows<float, float, k>(l, rows, C, t, lse, grad_lse, y, grad_pick, out)
   JEM_EXT_STATIC_CLASSES(JEM_EXT_GRAD)
 #undef JEM_EXT_GRAD
@@ -193,8 +195,7 @@ void lse_block(const scalar_t* l, int64_t rows, int64_t C, const RowScratch<acc_
 
 template <typename scalar_t, typename acc_t>
 void grad_block(const scalar_t* l, int64_t rows, int64_t C, acc_t* t, const acc_t* lse,
-                const acc_t* grad_lse, const int64_t* y, const acc_t* grad_pick,
-                scalar_t* out) {
+                const acc_t* grad_lse, const int64_t* y, const acc_t* grad_pick, scalar_t* out) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     grad_rows_float(l, rows, C, t, lse, grad_lse, y, grad_pick, out);
   } else {
@@ -210,10 +211,9 @@ void for_row_blocks(int64_t B, int64_t C, const Fn& fn) {
   at::parallel_for(0, n_blocks, std::max<int64_t>(1, 8192 / (rows_per_block * C)),
                    [&](int64_t begin, int64_t end) {
                      std::vector<acc_t> buf(rows_per_block * (C + 3));
-                     const RowScratch<acc_t> scratch{
-                         buf.data(), buf.data() + rows_per_block * C,
-                         buf.data() + rows_per_block * (C + 1),
-                         buf.data() + rows_per_block * (C + 2)};
+                     const RowScratch<acc_t> scratch{buf.data(), buf.data() + rows_per_block * C,
+                                                     buf.data() + rows_per_block * (C + 1),
+                                                     buf.data() + rows_per_block * (C + 2)};
                      for (int64_t blk = begin; blk < end; ++blk) {
                        const int64_t r0 = blk * rows_per_block;
                        fn(r0, std::min(rows_per_block, B - r0), scratch);
@@ -238,24 +238,24 @@ at::Tensor energy_cpu(const at::Tensor& logits_in, const c10::optional<at::Tenso
     const at::Tensor y = y_in->contiguous();
     check_labels_in_range("energy", y, C);
     const int64_t* yp = y.data_ptr<int64_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
-                                    "energy_cpu_y", [&] {
-      const scalar_t* l = logits.data_ptr<scalar_t>();
-      scalar_t* o = out.data_ptr<scalar_t>();
-      for (int64_t b = 0; b < B; ++b) o[b] = -l[b * C + yp[b]];
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "energy_cpu_y",
+                                    [&] {
+                                      const scalar_t* l = logits.data_ptr<scalar_t>();
+                                      scalar_t* o = out.data_ptr<scalar_t>();
+                                      for (int64_t b = 0; b < B; ++b) o[b] = -l[b * C + yp[b]];
+                                    });
     return out;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
-                                  "energy_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* l = logits.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    for_row_blocks<acc_t>(B, C, [&](int64_t r0, int64_t rows, const RowScratch<acc_t>& s) {
-      lse_block<scalar_t, acc_t>(l + r0 * C, rows, C, s);
-      for (int64_t r = 0; r < rows; ++r) o[r0 + r] = static_cast<scalar_t>(-s.lse[r]);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "energy_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* l = logits.data_ptr<scalar_t>();
+        scalar_t* o = out.data_ptr<scalar_t>();
+        for_row_blocks<acc_t>(B, C, [&](int64_t r0, int64_t rows, const RowScratch<acc_t>& s) {
+          lse_block<scalar_t, acc_t>(l + r0 * C, rows, C, s);
+          for (int64_t r = 0; r < rows; ++r) o[r0 + r] = static_cast<scalar_t>(-s.lse[r]);
+        });
+      });
   return out;
 }
 
@@ -272,22 +272,22 @@ std::tuple<at::Tensor, at::Tensor> energy_ce_cpu(const at::Tensor& logits_in,
   at::Tensor ce = at::empty({B}, logits.options());
   if (B == 0) return {energy, ce};
   const int64_t* yp = y.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
-                                  "energy_ce_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* l = logits.data_ptr<scalar_t>();
-    scalar_t* e = energy.data_ptr<scalar_t>();
-    scalar_t* ce_p = ce.data_ptr<scalar_t>();
-    for_row_blocks<acc_t>(B, C, [&](int64_t r0, int64_t rows, const RowScratch<acc_t>& s) {
-      lse_block<scalar_t, acc_t>(l + r0 * C, rows, C, s);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t b = r0 + r;
-        const acc_t l_y = static_cast<acc_t>(l[b * C + yp[b]]);
-        e[b] = static_cast<scalar_t>(-s.lse[r]);
-        ce_p[b] = static_cast<scalar_t>(ce_finish(s.m[r], s.sums[r], s.lse[r], l_y));
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "energy_ce_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* l = logits.data_ptr<scalar_t>();
+        scalar_t* e = energy.data_ptr<scalar_t>();
+        scalar_t* ce_p = ce.data_ptr<scalar_t>();
+        for_row_blocks<acc_t>(B, C, [&](int64_t r0, int64_t rows, const RowScratch<acc_t>& s) {
+          lse_block<scalar_t, acc_t>(l + r0 * C, rows, C, s);
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t b = r0 + r;
+            const acc_t l_y = static_cast<acc_t>(l[b * C + yp[b]]);
+            e[b] = static_cast<scalar_t>(-s.lse[r]);
+            ce_p[b] = static_cast<scalar_t>(ce_finish(s.m[r], s.sums[r], s.lse[r], l_y));
+          }
+        });
+      });
   return {energy, ce};
 }
 
@@ -311,36 +311,36 @@ at::Tensor energy_backward_cpu(const at::Tensor& logits_in, const c10::optional<
     y = y_in->contiguous();
     check_labels_in_range(op, y, C);
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
-                                  "energy_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    // Row coefficients in acc_t, whatever dtype they came in.
-    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    if (has_lse) grad_lse = grad_lse_in->to(acc_type).contiguous();
-    if (has_pick) grad_pick = grad_pick_in->to(acc_type).contiguous();
-    if (has_lse && has_energy) energy = energy_in->to(acc_type).contiguous();
-    const scalar_t* l = logits.data_ptr<scalar_t>();
-    scalar_t* out = grad.data_ptr<scalar_t>();
-    const int64_t* yp = has_pick ? y.data_ptr<int64_t>() : nullptr;
-    const acc_t* glse = has_lse ? grad_lse.data_ptr<acc_t>() : nullptr;
-    const acc_t* gpick = has_pick ? grad_pick.data_ptr<acc_t>() : nullptr;
-    const acc_t* ep = energy.defined() ? energy.data_ptr<acc_t>() : nullptr;
-    for_row_blocks<acc_t>(B, C, [&](int64_t r0, int64_t rows, const RowScratch<acc_t>& s) {
-      const int64_t* y_r = yp != nullptr ? yp + r0 : nullptr;
-      const acc_t* pick_r = gpick != nullptr ? gpick + r0 : nullptr;
-      if (!has_lse) {
-        pick_grad_rows<scalar_t, acc_t>(rows, C, y_r, pick_r, out + r0 * C);
-        return;
-      }
-      if (ep != nullptr) {
-        for (int64_t r = 0; r < rows; ++r) s.lse[r] = -ep[r0 + r];
-      } else {
-        lse_block<scalar_t, acc_t>(l + r0 * C, rows, C, s);
-      }
-      grad_block<scalar_t, acc_t>(l + r0 * C, rows, C, s.t, s.lse, glse + r0, y_r, pick_r,
-                                  out + r0 * C);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "energy_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        // Row coefficients in acc_t, whatever dtype they came in.
+        const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+        if (has_lse) grad_lse = grad_lse_in->to(acc_type).contiguous();
+        if (has_pick) grad_pick = grad_pick_in->to(acc_type).contiguous();
+        if (has_lse && has_energy) energy = energy_in->to(acc_type).contiguous();
+        const scalar_t* l = logits.data_ptr<scalar_t>();
+        scalar_t* out = grad.data_ptr<scalar_t>();
+        const int64_t* yp = has_pick ? y.data_ptr<int64_t>() : nullptr;
+        const acc_t* glse = has_lse ? grad_lse.data_ptr<acc_t>() : nullptr;
+        const acc_t* gpick = has_pick ? grad_pick.data_ptr<acc_t>() : nullptr;
+        const acc_t* ep = energy.defined() ? energy.data_ptr<acc_t>() : nullptr;
+        for_row_blocks<acc_t>(B, C, [&](int64_t r0, int64_t rows, const RowScratch<acc_t>& s) {
+          const int64_t* y_r = yp != nullptr ? yp + r0 : nullptr;
+          const acc_t* pick_r = gpick != nullptr ? gpick + r0 : nullptr;
+          if (!has_lse) {
+            pick_grad_rows<scalar_t, acc_t>(rows, C, y_r, pick_r, out + r0 * C);
+            return;
+          }
+          if (ep != nullptr) {
+            for (int64_t r = 0; r < rows; ++r) s.lse[r] = -ep[r0 + r];
+          } else {
+            lse_block<scalar_t, acc_t>(l + r0 * C, rows, C, s);
+          }
+          grad_block<scalar_t, acc_t>(l + r0 * C, rows, C, s.t, s.lse, glse + r0, y_r, pick_r,
+                                      out + r0 * C);
+        });
+      });
   return grad;
 }
 

@@ -28,7 +28,8 @@ constexpr int kThreads = 256;
 template <int kLanes, typename T>
 __device__ __forceinline__ T lanes_max(T v) {
 #pragma unroll
-  for (int o = kLanes / 2; o > 0; o /= 2) v = max_nan(v, __shfl_xor_sync(0xffffffffu, v, o, kLanes));
+  for (int o = kLanes / 2; o > 0; o /= 2)
+    v = max_nan(v, __shfl_xor_sync(0xffffffffu, v, o, kLanes));
   return v;
 }
 
@@ -143,11 +144,16 @@ __global__ void energy_backward_kernel(const scalar_t* __restrict__ logits,
 // beyond 64 classes.
 template <typename Launch>
 void with_lanes(int64_t C, const Launch& launch) {
-  if (C <= 4) launch(std::integral_constant<int, 2>{});
-  else if (C <= 8) launch(std::integral_constant<int, 4>{});
-  else if (C <= 16) launch(std::integral_constant<int, 8>{});
-  else if (C <= 32) launch(std::integral_constant<int, 16>{});
-  else launch(std::integral_constant<int, 32>{});
+  if (C <= 4)
+    launch(std::integral_constant<int, 2>{});
+  else if (C <= 8)
+    launch(std::integral_constant<int, 4>{});
+  else if (C <= 16)
+    launch(std::integral_constant<int, 8>{});
+  else if (C <= 32)
+    launch(std::integral_constant<int, 16>{});
+  else
+    launch(std::integral_constant<int, 32>{});
 }
 
 unsigned blocks_for(int64_t rows, int lanes) {
@@ -181,25 +187,23 @@ at::Tensor energy_cuda(const at::Tensor& logits_in, const c10::optional<at::Tens
   if (B == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool has_y = y_in.has_value() && y_in->defined();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
-                                  "energy_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    if (has_y) {
-      const at::Tensor y = y_in->contiguous();
-      check_labels_on_host("energy", y, C);
-      pick_kernel<scalar_t><<<blocks_for(B, 1), kThreads, 0, stream>>>(
-          logits.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), B, C,
-          out.data_ptr<scalar_t>());
-    } else {
-      with_lanes(C, [&](auto lanes) {
-        energy_kernel<decltype(lanes)::value, scalar_t, acc_t>
-            <<<blocks_for(B, lanes), kThreads, 0, stream>>>(
-                logits.data_ptr<scalar_t>(), nullptr, B, C, out.data_ptr<scalar_t>(),
-                nullptr);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "energy_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        if (has_y) {
+          const at::Tensor y = y_in->contiguous();
+          check_labels_on_host("energy", y, C);
+          pick_kernel<scalar_t><<<blocks_for(B, 1), kThreads, 0, stream>>>(
+              logits.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), B, C, out.data_ptr<scalar_t>());
+        } else {
+          with_lanes(C, [&](auto lanes) {
+            energy_kernel<decltype(lanes)::value, scalar_t, acc_t>
+                <<<blocks_for(B, lanes), kThreads, 0, stream>>>(
+                    logits.data_ptr<scalar_t>(), nullptr, B, C, out.data_ptr<scalar_t>(), nullptr);
+          });
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
   return out;
 }
 
@@ -217,22 +221,21 @@ std::tuple<at::Tensor, at::Tensor> energy_ce_cuda(const at::Tensor& logits_in,
   at::Tensor ce = at::empty({B}, logits.options());
   if (B == 0) return {energy, ce};
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
-                                  "energy_ce_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    with_lanes(C, [&](auto lanes) {
-      energy_kernel<decltype(lanes)::value, scalar_t, acc_t>
-          <<<blocks_for(B, lanes), kThreads, 0, stream>>>(
-              logits.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), B, C,
-              energy.data_ptr<scalar_t>(), ce.data_ptr<scalar_t>());
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "energy_ce_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        with_lanes(C, [&](auto lanes) {
+          energy_kernel<decltype(lanes)::value, scalar_t, acc_t>
+              <<<blocks_for(B, lanes), kThreads, 0, stream>>>(
+                  logits.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), B, C,
+                  energy.data_ptr<scalar_t>(), ce.data_ptr<scalar_t>());
+        });
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return {energy, ce};
 }
 
-at::Tensor energy_backward_cuda(const at::Tensor& logits_in,
-                                const c10::optional<at::Tensor>& y_in,
+at::Tensor energy_backward_cuda(const at::Tensor& logits_in, const c10::optional<at::Tensor>& y_in,
                                 const c10::optional<at::Tensor>& energy_in,
                                 const c10::optional<at::Tensor>& grad_lse_in,
                                 const c10::optional<at::Tensor>& grad_pick_in) {
@@ -249,29 +252,29 @@ at::Tensor energy_backward_cuda(const at::Tensor& logits_in,
   at::Tensor grad = at::empty_like(logits);
   if (B == 0) return grad;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
-                                  "energy_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    at::Tensor y, energy, grad_lse, grad_pick;
-    if (has_y) {
-      y = y_in->contiguous();
-      check_labels_on_host(op, y, C);
-    }
-    if (has_lse) grad_lse = grad_lse_in->to(acc_type).contiguous();
-    if (has_pick) grad_pick = grad_pick_in->to(acc_type).contiguous();
-    if (has_lse && has_energy) energy = energy_in->to(acc_type).contiguous();
-    with_lanes(C, [&](auto lanes) {
-      energy_backward_kernel<decltype(lanes)::value, scalar_t, acc_t>
-          <<<blocks_for(B, lanes), kThreads, 0, stream>>>(
-              logits.data_ptr<scalar_t>(), has_y ? y.data_ptr<int64_t>() : nullptr,
-              energy.defined() ? energy.data_ptr<acc_t>() : nullptr,
-              has_lse ? grad_lse.data_ptr<acc_t>() : nullptr,
-              has_pick ? grad_pick.data_ptr<acc_t>() : nullptr, B, C,
-              grad.data_ptr<scalar_t>());
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "energy_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+        at::Tensor y, energy, grad_lse, grad_pick;
+        if (has_y) {
+          y = y_in->contiguous();
+          check_labels_on_host(op, y, C);
+        }
+        if (has_lse) grad_lse = grad_lse_in->to(acc_type).contiguous();
+        if (has_pick) grad_pick = grad_pick_in->to(acc_type).contiguous();
+        if (has_lse && has_energy) energy = energy_in->to(acc_type).contiguous();
+        with_lanes(C, [&](auto lanes) {
+          energy_backward_kernel<decltype(lanes)::value, scalar_t, acc_t>
+              <<<blocks_for(B, lanes), kThreads, 0, stream>>>(
+                  logits.data_ptr<scalar_t>(), has_y ? y.data_ptr<int64_t>() : nullptr,
+                  energy.defined() ? energy.data_ptr<acc_t>() : nullptr,
+                  has_lse ? grad_lse.data_ptr<acc_t>() : nullptr,
+                  has_pick ? grad_pick.data_ptr<acc_t>() : nullptr, B, C,
+                  grad.data_ptr<scalar_t>());
+        });
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return grad;
 }
 
