@@ -2,6 +2,8 @@
 gradcheck (first and second order), extreme values, dtypes, layouts,
 errors, opcheck."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -263,3 +265,29 @@ def test_second_order_nonfinite_follows_torch_logsumexp():
 
     want = hessian_times_w(lambda t: -torch.logsumexp(t, 1))
     assert_close_nan(hessian_times_w(ops.energy), want, 1e-10)
+
+
+@pytest.mark.cuda
+def test_cuda_bad_labels_raise_the_cpu_message_and_leave_the_context_usable():
+    logits = torch.zeros(3, 4, device="cuda")
+    y = torch.tensor([0, 4, 1], device="cuda")
+    for call in (lambda: ops.energy(logits, y), lambda: ops.energy_ce(logits, y)):
+        with pytest.raises(RuntimeError, match=r"y\[1\] = 4 is out of range for 4 classes"):
+            call()
+    torch.cuda.synchronize()
+    assert ops.energy(logits).sum().item() == pytest.approx(-3 * math.log(4.0))
+
+
+@pytest.mark.cuda
+def test_cuda_bad_labels_under_graph_capture_give_nan_rows():
+    # No host read while capturing: the row of the bad label becomes NaN.
+    logits = torch.zeros(3, 4, device="cuda")
+    y = torch.tensor([0, 7, 1], device="cuda")
+    ops.energy_ce(logits, torch.zeros(3, dtype=torch.int64, device="cuda"))  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        e, ce = ops.energy_ce(logits, y)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isnan(ce[1]) and not torch.isnan(ce[[0, 2]]).any()
+    assert not torch.isnan(e).any()
