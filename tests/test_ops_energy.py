@@ -205,7 +205,8 @@ def test_non_contiguous_and_empty(device):
        shift=st.floats(-1e4, 1e4))
 def test_energy_property_matches_reference(b, c, scale, shift):
     logits = torch.randn(b, c, dtype=torch.float64) * scale + shift
-    torch.testing.assert_close(ops.energy(logits.float()).double(), energy_reference(logits.float()),
+    torch.testing.assert_close(ops.energy(logits.float()).double(),
+                               energy_reference(logits.float()),
                                rtol=3e-6, atol=3e-6 * (abs(shift) + scale))
     torch.testing.assert_close(ops.energy(logits), energy_reference(logits), rtol=1e-12, atol=1e-9)
 

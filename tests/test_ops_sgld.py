@@ -177,7 +177,8 @@ def test_paper_parameterisation():
 # -------------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: ops.sgld_step_(torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32), 1, 0),
+    (lambda: ops.sgld_step_(torch.zeros(3, dtype=torch.int32),
+                            torch.zeros(3, dtype=torch.int32), 1, 0),
      "x must be float32, float64, float16 or bfloat16"),
     (lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(4), 1, 0), "grad must have x's shape"),
     (lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(3, dtype=torch.float64), 1, 0),
