@@ -1,12 +1,21 @@
 // Per-row math of the logsumexp energy, shared by the CPU and CUDA launchers.
 //
-//   lse(row)   = m + log(sum_c exp(l_c - m)),  m = max_c l_c
-//   E(x)       = -lse,   E(x, y) = -l_y,   CE = lse - l_y
-//   dlogits_c  = grad_lse * softmax_c + grad_pick * [c == y]
+//   s          = m if the row max m is finite, else 0          (lse_shift)
+//   sum        = sum_c exp(l_c - s)
+//   lse(row)   = s + log(sum)                                  (lse_finish)
+//   E(x)       = -lse,   E(x, y) = -l_y
+//   CE         = log(sum) - (l_y - s)                          (ce_finish)
+//   dlogits_c  = grad_lse * exp(l_c - lse) / sum_c' exp(l_c' - lse)
+//                + grad_pick * [c == y]                        (energy_grad)
 //
-// Edge cases: a row that is all -inf has lse = -inf (E = +inf) and a zero
-// softmax (no NaN); huge finite values are safe because we subtract the max
-// before exponentiating; NaN anywhere in a row gives a NaN lse.
+// Non-finite values follow torch.logsumexp and its autograd: NaN anywhere in
+// a row gives a NaN lse and NaN gradients; otherwise a +inf entry gives
+// lse = +inf, with NaN gradients at the +inf entries and 0 elsewhere; a row
+// of only -inf gives lse = -inf and NaN gradients (exp(-inf - -inf)). Huge
+// finite values are safe: the shift by the max keeps every exp in [0, 1].
+// The cross-entropy of a finite row is computed from the shifted values, so
+// it keeps full precision when the logits are large; other rows give
+// lse - l_y.
 #pragma once
 
 #include <cmath>
@@ -14,108 +23,96 @@
 
 #include <c10/macros/Macros.h>
 
-#include "philox.h"  // bits_to_float, fma_f
+#include "float_math.h"  // JEM_EXT_INLINE, exp_float, log_positive
 
 namespace jem_ext {
 
-// Branch-free float exp (Cephes-style, ~1 ulp) so that the CPU loops
-// auto-vectorise: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-7
-// polynomial, 2^n through the exponent bits. Results below 2^-126 flush to 0
-// (softmax terms that small vanish next to the row maximum, which is 1).
-C10_HOST_DEVICE JEM_EXT_INLINE float exp_float(float x) {
-  float xc = x < -87.33654f ? -87.33654f : x;  // one select per line: GCC if-converts
-  xc = xc > 88.37626f ? 88.37626f : xc;          // these, not nested ternaries
-  xc = x != x ? 0.0f : xc;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to integer
-  const float n = (xc * 1.44269504088896341f + magic) - magic;
-  float r = fma_f(n, -0.693359375f, xc);
-  r = fma_f(n, 2.12194440e-4f, r);
-  float p = 1.9875691500e-4f;
-  p = fma_f(p, r, 1.3981999507e-3f);
-  p = fma_f(p, r, 8.3334519073e-3f);
-  p = fma_f(p, r, 4.1665795894e-2f);
-  p = fma_f(p, r, 1.6666665459e-1f);
-  p = fma_f(p, r, 5.0000001201e-1f);
-  const float er = fma_f(p * r, r, r) + 1.0f;
-  const int32_t ni = static_cast<int32_t>(n);
-  const float scale = bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
-  float y = er * scale;
-  y = x < -87.33654f ? 0.0f : y;
-  y = x > 88.72283f ? std::numeric_limits<float>::infinity() : y;
-  return x != x ? x : y;
-}
-
+// exp and log in the accumulation type. float uses the branch-free helpers
+// of float_math.h on both devices (the same operations, and the CPU loops
+// vectorise); double uses the C library.
 template <typename acc_t>
 C10_HOST_DEVICE JEM_EXT_INLINE acc_t exp_acc(acc_t v) {
   return ::exp(v);
 }
 template <>
 C10_HOST_DEVICE JEM_EXT_INLINE float exp_acc<float>(float v) {
-#ifdef __CUDA_ARCH__
-  return ::expf(v);
-#else
   return exp_float(v);
-#endif
 }
 
+// log of a row sum known to be in [1, C] (callers select the result away
+// for any other argument).
 template <typename acc_t>
-C10_HOST_DEVICE JEM_EXT_INLINE acc_t log_acc(acc_t v) {
+C10_HOST_DEVICE JEM_EXT_INLINE acc_t log_sum(acc_t v) {
   return ::log(v);
 }
 template <>
-C10_HOST_DEVICE JEM_EXT_INLINE float log_acc<float>(float v) {
-  return ::logf(v);
+C10_HOST_DEVICE JEM_EXT_INLINE float log_sum<float>(float v) {
+  return log_positive(v);
 }
 
-// Running max that lets NaN win, so a NaN row gives a NaN energy.
+template <typename acc_t>
+C10_HOST_DEVICE JEM_EXT_INLINE bool is_finite(acc_t v) {
+  return v - v == acc_t(0);  // false for NaN and +/-inf
+}
+
+// Running max that lets NaN win.
 template <typename acc_t>
 C10_HOST_DEVICE JEM_EXT_INLINE acc_t max_nan(acc_t a, acc_t b) {
   return (a != a || a > b) ? a : b;
 }
 
-// The term exp(l - m) of the row sum with the all -inf row made safe
-// (m = -inf would give exp(-inf - -inf) = exp(nan)).
+// The value subtracted from every logit of a row before exp: its max m when
+// finite, else 0 (m = +/-inf would give inf - inf = NaN). With a shift of 0
+// a +inf entry gives sum = +inf, a NaN entry a NaN sum and an all -inf row
+// sum = 0, which lse_finish turns into torch.logsumexp's values.
 template <typename acc_t>
-C10_HOST_DEVICE JEM_EXT_INLINE acc_t shifted_exp(acc_t l, acc_t m) {
-  return m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0)
-                                                      : exp_acc(l - m);
+C10_HOST_DEVICE JEM_EXT_INLINE acc_t lse_shift(acc_t m) {
+  return is_finite(m) ? m : acc_t(0);
 }
 
-// lse from the row max and the sum of exp(l - m) (sum >= 1 for a finite max).
-// Branch-free for float so that a flat loop over rows vectorises.
-C10_HOST_DEVICE JEM_EXT_INLINE float lse_finish_float(float m, float sum) {
-  const float lse = m + log_positive(sum >= 1.0f ? sum : 1.0f);
-  const bool m_inf = m == -std::numeric_limits<float>::infinity() ||
-                     m == std::numeric_limits<float>::infinity();
-  const float r = m_inf ? m : lse;
-  return sum != sum ? sum : r;  // NaN in the row
+// True when m is finite and the row holds no NaN: then sum is in [1, C].
+template <typename acc_t>
+C10_HOST_DEVICE JEM_EXT_INLINE bool regular_row(acc_t m, acc_t sum) {
+  return is_finite(m) && sum == sum;
 }
 
-// lse from the row max and the sum of exp(l - m).
+// lse from the row max m and sum = sum_c exp(l_c - lse_shift(m)).
+// Branch-free, so that a flat CPU loop over rows vectorises.
 template <typename acc_t>
 C10_HOST_DEVICE JEM_EXT_INLINE acc_t lse_finish(acc_t m, acc_t sum) {
-  if (m == -std::numeric_limits<acc_t>::infinity() ||
-      m == std::numeric_limits<acc_t>::infinity()) {
-    return m;  // all -inf row, or a +inf entry
-  }
-  return m + log_acc(sum);
+  const bool regular = regular_row(m, sum);
+  const acc_t lse = lse_shift(m) + log_sum<acc_t>(regular ? sum : acc_t(1));
+  const acc_t irregular = sum != sum ? sum : m;  // NaN row; else +inf or -inf
+  return regular ? lse : irregular;
 }
 
-// Gradient of one logit: grad_lse * softmax + grad_pick * [picked], with
-// softmax = exp(l - lse) * inv_sum. `inv_sum` is 1 / sum_c exp(l_c - lse) of
-// the row (0 for an all -inf row): renormalising makes the gradient exact even
-// when lse was rounded (1e30 + log 2 == 1e30 in float32).
+// Cross-entropy lse - l_y of a row, from the same m and sum as lse_finish
+// and its result `lse`. A regular row uses the shifted values (no
+// cancellation between two large numbers).
 template <typename acc_t>
-C10_HOST_DEVICE JEM_EXT_INLINE acc_t energy_grad(acc_t l, acc_t lse, acc_t inv_sum,
-                                                 acc_t grad_lse, acc_t grad_pick, bool picked) {
-  const acc_t g = grad_lse * (shifted_exp(l, lse) * inv_sum);
+C10_HOST_DEVICE JEM_EXT_INLINE acc_t ce_finish(acc_t m, acc_t sum, acc_t lse, acc_t l_y) {
+  const bool regular = regular_row(m, sum);
+  const acc_t ce = log_sum<acc_t>(regular ? sum : acc_t(1)) - (l_y - lse_shift(m));
+  return regular ? ce : lse - l_y;
+}
+
+// Per-row factor of the gradient: grad_lse / sum_c exp(l_c - lse).
+// Renormalising by the sum makes the softmax exact even when lse was rounded
+// (1e30 + log 2 == 1e30 in float32). A sum that is not a positive finite
+// number (a row with NaN or +inf) is left out, so that exp(l_c - lse) alone
+// decides, as in torch's gradient: NaN where it is NaN, 0 where it is 0.
+template <typename acc_t>
+C10_HOST_DEVICE JEM_EXT_INLINE acc_t grad_row_scale(acc_t grad_lse, acc_t sum) {
+  const bool usable = sum > acc_t(0) && is_finite(sum);
+  return grad_lse * (usable ? acc_t(1) / sum : acc_t(1));
+}
+
+// Gradient of one logit from e = exp(l - lse) and its row's grad_row_scale.
+template <typename acc_t>
+C10_HOST_DEVICE JEM_EXT_INLINE acc_t energy_grad(acc_t e, acc_t row_scale, acc_t grad_pick,
+                                                 bool picked) {
+  const acc_t g = row_scale * e;
   return picked ? g + grad_pick : g;
-}
-
-// 1 / row sum, with 0 for an all -inf row.
-template <typename acc_t>
-C10_HOST_DEVICE JEM_EXT_INLINE acc_t safe_inverse(acc_t sum) {
-  return sum > acc_t(0) ? acc_t(1) / sum : acc_t(0);
 }
 
 }  // namespace jem_ext

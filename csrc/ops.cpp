@@ -1,63 +1,9 @@
-// Every schema of the jem_ext op library, in one place.
-//
-// Device kernels register in csrc/cpu/*_cpu.cpp and csrc/cuda/*_cuda.cu;
-// fake (meta) kernels and autograd formulas for `energy` live in
-// jem_ext/ops.py. `sgld_step_` is not differentiable: its Autograd kernel
-// below refuses inputs that require grad instead of letting autograd record
-// an in-place op it cannot differentiate.
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/core/grad_mode.h>
-#include <ATen/core/Tensor.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
+// Every schema of the jem_ext op library, in one place. Each dispatch
+// concern has its own file:
+//   csrc/cpu/*_cpu.cpp, csrc/cuda/*_cuda.cu   device kernels
+//   csrc/autograd/sgld_autograd.cpp          Autograd kernels of the SGLD ops
+//   jem_ext/ops.py                           fake kernels, energy autograd
 #include <torch/library.h>
-
-namespace jem_ext {
-namespace {
-
-void refuse_grad(const char* op, const at::Tensor& x, const at::Tensor& grad) {
-  TORCH_CHECK(
-      !(at::GradMode::is_enabled() && (x.requires_grad() || grad.requires_grad())), op,
-      " is not differentiable: call it under torch.no_grad() on tensors that do not "
-      "require grad (got x.requires_grad=", x.requires_grad(),
-      ", grad.requires_grad=", grad.requires_grad(), ")");
-}
-
-void sgld_step_autograd(at::Tensor& x, const at::Tensor& grad, double step_size,
-                               double noise_std, c10::optional<double> clamp_min,
-                               c10::optional<double> clamp_max,
-                               c10::optional<double> grad_clip,
-                               c10::optional<at::Generator> generator) {
-  refuse_grad("sgld_step_", x, grad);
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("jem_ext::sgld_step_", "")
-                       .typed<decltype(sgld_step_autograd)>();
-  {
-    c10::impl::ExcludeDispatchKeyGuard guard(c10::autograd_dispatch_keyset);
-    op.call(x, grad, step_size, noise_std, clamp_min, clamp_max, grad_clip,
-            std::move(generator));
-  }
-  x.unsafeGetTensorImpl()->bump_version();
-}
-
-void sgld_step_philox_autograd(at::Tensor& x, const at::Tensor& grad,
-                                      double step_size, double noise_std,
-                                      c10::optional<double> clamp_min,
-                                      c10::optional<double> clamp_max,
-                                      c10::optional<double> grad_clip, int64_t seed,
-                                      int64_t offset) {
-  refuse_grad("_sgld_step_philox_", x, grad);
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("jem_ext::_sgld_step_philox_", "")
-                       .typed<decltype(sgld_step_philox_autograd)>();
-  {
-    c10::impl::ExcludeDispatchKeyGuard guard(c10::autograd_dispatch_keyset);
-    op.call(x, grad, step_size, noise_std, clamp_min, clamp_max, grad_clip, seed, offset);
-  }
-  x.unsafeGetTensorImpl()->bump_version();
-}
-
-}  // namespace
-}  // namespace jem_ext
 
 TORCH_LIBRARY(jem_ext, m) {
   // x <- clamp(x - step_size * clip(grad) + noise_std * N(0, 1)), in place.
@@ -82,9 +28,4 @@ TORCH_LIBRARY(jem_ext, m) {
   m.def(
       "energy_backward(Tensor logits, Tensor? y, Tensor? energy, Tensor? grad_lse, "
       "Tensor? grad_pick) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(jem_ext, Autograd, m) {
-  m.impl("sgld_step_", &jem_ext::sgld_step_autograd);
-  m.impl("_sgld_step_philox_", &jem_ext::sgld_step_philox_autograd);
 }

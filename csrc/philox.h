@@ -19,20 +19,10 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #include <c10/macros/Macros.h>
 
-// Force inlining: the CPU loops are compiled once per instruction set
-// (csrc/cpu/vectorize.h), and a helper left out of line would be compiled
-// only for the baseline (a libm call for every fma, no vectorisation).
-#if defined(__CUDACC__)
-#define JEM_EXT_INLINE __forceinline__
-#elif defined(__GNUC__) || defined(__clang__)
-#define JEM_EXT_INLINE inline __attribute__((always_inline))
-#else
-#define JEM_EXT_INLINE inline
-#endif
+#include "float_math.h"  // JEM_EXT_INLINE, fma_f, bits_to_float, log_positive
 
 namespace jem_ext {
 
@@ -48,9 +38,8 @@ constexpr uint32_t kWeyl1 = 0xBB67AE85u;
 }  // namespace philox_detail
 
 // One Philox4x32-10 block: counter (c0..c3) and key (k0, k1) -> 4 words.
-C10_HOST_DEVICE JEM_EXT_INLINE Uint4 philox4x32_10(
-    uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
-    uint32_t k1) {
+C10_HOST_DEVICE JEM_EXT_INLINE Uint4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2,
+                                                   uint32_t c3, uint32_t k0, uint32_t k1) {
   using namespace philox_detail;
 #pragma unroll
   for (int round = 0; round < 10; ++round) {
@@ -71,70 +60,11 @@ C10_HOST_DEVICE JEM_EXT_INLINE Uint4 philox4x32_10(
 }
 
 // The block that element group `group` draws at generator offset `offset`.
-C10_HOST_DEVICE JEM_EXT_INLINE Uint4 philox_block(
-    uint64_t seed, uint64_t offset, uint64_t group) {
+C10_HOST_DEVICE JEM_EXT_INLINE Uint4 philox_block(uint64_t seed, uint64_t offset, uint64_t group) {
   const uint64_t step = offset / 4;
-  return philox4x32_10(
-      static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32),
-      static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
-      static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-}
-
-C10_HOST_DEVICE JEM_EXT_INLINE float bits_to_float(uint32_t u) {
-#ifdef __CUDA_ARCH__
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-#endif
-}
-
-C10_HOST_DEVICE JEM_EXT_INLINE uint32_t float_to_bits(float f) {
-#ifdef __CUDA_ARCH__
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-#endif
-}
-
-C10_HOST_DEVICE JEM_EXT_INLINE float fma_f(float a, float b, float c) {
-#ifdef __CUDA_ARCH__
-  return __fmaf_rn(a, b, c);
-#else
-  return std::fma(a, b, c);
-#endif
-}
-
-// Natural log of a positive normal float, ~1 ulp (Box-Muller feeds it
-// [2^-24, 1], the energy row sums [1, C]); no NaN/inf/zero handling.
-// Cephes-style: x = m * 2^e with m in [sqrt(1/2), sqrt(2)), then a degree-9
-// polynomial in (m - 1).
-C10_HOST_DEVICE JEM_EXT_INLINE float log_positive(float x) {
-  const uint32_t bits = float_to_bits(x);
-  int32_t e = static_cast<int32_t>((bits >> 23) & 0xffu) - 126;
-  float m = bits_to_float((bits & 0x807fffffu) | 0x3f000000u);  // [0.5, 1)
-  // m < sqrt(1/2): use 2m and e - 1. Written as arithmetic, not a branch.
-  const bool small = m < 0.707106781186547524f;
-  e -= static_cast<int32_t>(small);
-  m = (m + (small ? m : 0.0f)) - 1.0f;
-  const float z = m * m;
-  float p = 7.0376836292e-2f;
-  p = fma_f(p, m, -1.1514610310e-1f);
-  p = fma_f(p, m, 1.1676998740e-1f);
-  p = fma_f(p, m, -1.2420140846e-1f);
-  p = fma_f(p, m, 1.4249322787e-1f);
-  p = fma_f(p, m, -1.6668057665e-1f);
-  p = fma_f(p, m, 2.0000714765e-1f);
-  p = fma_f(p, m, -2.4999993993e-1f);
-  p = fma_f(p, m, 3.3333331174e-1f);
-  const float ef = static_cast<float>(e);
-  float y = (p * m) * z;
-  y = fma_f(ef, -2.12194440e-4f, y);
-  y = fma_f(z, -0.5f, y);
-  return fma_f(ef, 0.693359375f, m + y);
+  return philox4x32_10(static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32),
+                       static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
 // sin and cos of 2*pi*t for t in [0, 1]: reduce to [-pi/4, pi/4] by quarter
@@ -169,8 +99,7 @@ C10_HOST_DEVICE JEM_EXT_INLINE float uniform_open1(uint32_t r) {
 }
 
 // Two standard normals from two 32-bit words (Box-Muller).
-C10_HOST_DEVICE JEM_EXT_INLINE void box_muller(
-    uint32_t r0, uint32_t r1, float* z0, float* z1) {
+C10_HOST_DEVICE JEM_EXT_INLINE void box_muller(uint32_t r0, uint32_t r1, float* z0, float* z1) {
   const float radius = std::sqrt(-2.0f * log_positive(uniform_open0(r0)));
   float s, c;
   sincos_turn(uniform_open1(r1), &s, &c);
@@ -179,8 +108,8 @@ C10_HOST_DEVICE JEM_EXT_INLINE void box_muller(
 }
 
 // The four normals of element group `group` (elements 4*group .. 4*group+3).
-C10_HOST_DEVICE JEM_EXT_INLINE void normal4(
-    uint64_t seed, uint64_t offset, uint64_t group, float z[4]) {
+C10_HOST_DEVICE JEM_EXT_INLINE void normal4(uint64_t seed, uint64_t offset, uint64_t group,
+                                            float z[4]) {
   const Uint4 r = philox_block(seed, offset, group);
   box_muller(r.x, r.y, &z[0], &z[1]);
   box_muller(r.z, r.w, &z[2], &z[3]);

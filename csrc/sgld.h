@@ -27,8 +27,8 @@ struct SgldParams {
 };
 
 template <typename acc_t>
-C10_HOST_DEVICE JEM_EXT_INLINE acc_t sgld_update(
-    acc_t x, acc_t g, float xi, const SgldParams<acc_t>& p) {
+C10_HOST_DEVICE JEM_EXT_INLINE acc_t sgld_update(acc_t x, acc_t g, float xi,
+                                                 const SgldParams<acc_t>& p) {
   g = g < -p.grad_clip ? -p.grad_clip : g;
   g = g > p.grad_clip ? p.grad_clip : g;
   // Two roundings, never fused: CPU and CUDA then agree to the last bit.

@@ -14,6 +14,9 @@ the energy ops (first and second order).
 
 from __future__ import annotations
 
+import math
+import operator
+
 import torch
 from torch import Tensor
 
@@ -95,7 +98,8 @@ def sgld_step_philox_(
     Element ``i`` (row-major order) gets normal ``i % 4`` of Philox4x32-10
     block ``{counter: (offset // 4, i // 4), key: seed}`` via Box-Muller, the
     same numbers on every device: the reproducibility hook for tests and for
-    comparing CPU with CUDA. ``offset`` must be a multiple of 4.
+    comparing CPU with CUDA. ``seed`` is in ``[0, 2**64)``; ``offset`` is a
+    multiple of 4 in ``[0, 2**63)``.
     """
     _ops._sgld_step_philox_.default(
         x,
@@ -105,10 +109,32 @@ def sgld_step_philox_(
         None if clamp_min is None else float(clamp_min),
         None if clamp_max is None else float(clamp_max),
         None if grad_clip is None else float(grad_clip),
-        int(seed),
-        int(offset),
+        _seed_as_int64(seed),
+        _offset_as_int64(offset),
     )
     return x
+
+
+_UINT64_END = 2**64
+_INT64_END = 2**63
+
+
+def _seed_as_int64(seed: int) -> int:
+    """The 64-bit seed in [0, 2**64) as the op's signed int64 (same bits)."""
+    seed = operator.index(seed)
+    if not 0 <= seed < _UINT64_END:
+        raise ValueError(f"sgld_step_philox_: seed must be in [0, 2**64 - 1], got {seed}")
+    return seed - _UINT64_END if seed >= _INT64_END else seed
+
+
+def _offset_as_int64(offset: int) -> int:
+    offset = operator.index(offset)
+    if not (0 <= offset < _INT64_END and offset % 4 == 0):
+        raise ValueError(
+            "sgld_step_philox_: offset must be a multiple of 4 in [0, 2**63 - 4], "
+            f"got {offset}"
+        )
+    return offset
 
 
 def energy(logits: Tensor, y: Tensor | None = None) -> Tensor:
@@ -117,8 +143,9 @@ def energy(logits: Tensor, y: Tensor | None = None) -> Tensor:
     ``E(x) = -logsumexp_c logits[b, c]`` without ``y``; ``E(x, y) = -logits[b, y[b]]``
     with ``y`` (int64 ``[B]``). ``logits`` is ``[B, C]`` (any ``C >= 1``)
     in float32/64 or float16/bfloat16 (accumulated in float32). Stable for
-    huge values and ``-inf`` entries; a row of only ``-inf`` gives ``E = +inf``
-    with a zero gradient. The backward is fused: ``-softmax(logits) * g``
+    huge values; NaN and infinite logits give what ``-torch.logsumexp`` gives,
+    in the value and in the gradient (a row of only ``-inf``: ``E = +inf``
+    with a NaN gradient). The backward is fused: ``-softmax(logits) * g``
     (or ``-g`` on the label), and supports double backward.
     """
     return _ops.energy.default(logits, y)
@@ -129,7 +156,9 @@ def energy_ce(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
     The JEM loss needs both ``logsumexp(logits)`` (for log p(x)) and the
     cross-entropy ``logsumexp(logits) - logits[y]``; this computes the
-    logsumexp once. Differentiable in ``logits`` (fused backward).
+    logsumexp once. The cross-entropy of a finite row is computed from the
+    max-shifted logits, as ``F.cross_entropy`` does, so it keeps its precision
+    for large logits. Differentiable in ``logits`` (fused backward).
     """
     return _ops.energy_ce.default(logits, y)
 
@@ -137,43 +166,120 @@ def energy_ce(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 # ---------------------------------------------------------------- fake kernels
 
 
-def _check_logits_meta(logits: Tensor, y: Tensor | None) -> None:
-    torch._check(logits.dim() == 2, lambda: f"energy: logits must be 2-D, got {logits.shape}")
-    if y is not None:
+# They check what csrc/checks.h checks (dtype, device, shape and the
+# scalar arguments) with the same messages, so a traced or compiled call
+# fails where an eager call fails.
+
+_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_floating(op: str, name: str, t: Tensor) -> None:
+    torch._check(
+        t.dtype in _FLOATING,
+        lambda: f"{op}: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}",
+    )
+
+
+def _check_same_device(op: str, name: str, t: Tensor, ref: Tensor, ref_name: str) -> None:
+    torch._check(
+        t.device == ref.device,
+        lambda: f"{op}: {name} must be on {ref_name}'s device {ref.device}, got {t.device}",
+    )
+
+
+def _check_logits_meta(op: str, logits: Tensor, y: Tensor | None) -> None:
+    _check_floating(op, "logits", logits)
+    torch._check(
+        logits.dim() == 2,
+        lambda: f"{op}: logits must be 2-D [batch, classes], got shape {tuple(logits.shape)}",
+    )
+    torch._check(
+        logits.shape[1] >= 1,
+        lambda: f"{op}: logits need at least one class, got shape {tuple(logits.shape)}",
+    )
+    if y is None:
+        return
+    torch._check(y.dtype == torch.int64, lambda: f"{op}: y must be int64, got {y.dtype}")
+    torch._check(
+        y.shape == (logits.shape[0],),
+        lambda: f"{op}: y must have shape [{logits.shape[0]}], got {tuple(y.shape)}",
+    )
+    _check_same_device(op, "y", y, logits, "logits")
+
+
+def _check_row_vector_meta(op: str, name: str, t: Tensor | None, logits: Tensor) -> None:
+    if t is None:
+        return
+    _check_floating(op, name, t)
+    torch._check(
+        t.shape == (logits.shape[0],),
+        lambda: f"{op}: {name} must have shape [{logits.shape[0]}], got {tuple(t.shape)}",
+    )
+    _check_same_device(op, name, t, logits, "logits")
+
+
+def _check_sgld_meta(op, x, grad, noise_std, clamp_min, clamp_max, grad_clip) -> None:
+    _check_floating(op, "x", x)
+    torch._check(grad.shape == x.shape, lambda: f"{op}: grad must have x's shape")
+    torch._check(grad.dtype == x.dtype, lambda: f"{op}: grad must have x's dtype {x.dtype}")
+    _check_same_device(op, "grad", grad, x, "x")
+    torch._check(noise_std >= 0, lambda: f"{op}: noise_std must be >= 0, got {noise_std}")
+    torch._check(
+        grad_clip is None or grad_clip >= 0,
+        lambda: f"{op}: grad_clip must be >= 0, got {grad_clip}",
+    )
+    for name, bound in (("clamp_min", clamp_min), ("clamp_max", clamp_max)):
         torch._check(
-            y.shape == (logits.shape[0],),
-            lambda: f"energy: y must have shape [{logits.shape[0]}], got {tuple(y.shape)}",
+            bound is None or not math.isnan(bound),
+            lambda: f"{op}: {name} must be a number or None, got nan",
         )
+    torch._check(
+        clamp_min is None or clamp_max is None or clamp_min <= clamp_max,
+        lambda: f"{op}: clamp_min must be <= clamp_max, got {clamp_min} > {clamp_max}",
+    )
 
 
 @torch.library.register_fake("jem_ext::sgld_step_")
 def _sgld_step_fake(x, grad, step_size, noise_std, clamp_min=None, clamp_max=None,
                     grad_clip=None, generator=None):
-    torch._check(grad.shape == x.shape, lambda: "sgld_step_: grad must have x's shape")
+    _check_sgld_meta("sgld_step_", x, grad, noise_std, clamp_min, clamp_max, grad_clip)
 
 
 @torch.library.register_fake("jem_ext::_sgld_step_philox_")
 def _sgld_step_philox_fake(x, grad, step_size, noise_std, clamp_min, clamp_max, grad_clip,
                            seed, offset):
-    torch._check(grad.shape == x.shape, lambda: "_sgld_step_philox_: grad must have x's shape")
+    op = "_sgld_step_philox_"
+    _check_sgld_meta(op, x, grad, noise_std, clamp_min, clamp_max, grad_clip)
+    torch._check(
+        offset >= 0 and offset % 4 == 0,
+        lambda: f"{op}: offset must be a non-negative multiple of 4, got {offset}",
+    )
 
 
 @torch.library.register_fake("jem_ext::energy")
 def _energy_fake(logits, y=None):
-    _check_logits_meta(logits, y)
+    _check_logits_meta("energy", logits, y)
     return logits.new_empty(logits.shape[0])
 
 
 @torch.library.register_fake("jem_ext::energy_ce")
 def _energy_ce_fake(logits, y):
-    _check_logits_meta(logits, y)
+    torch._check(
+        y is not None,
+        lambda: "energy_ce: y (int64 class labels of shape [batch]) is required, got None",
+    )
+    _check_logits_meta("energy_ce", logits, y)
     return logits.new_empty(logits.shape[0]), logits.new_empty(logits.shape[0])
 
 
 @torch.library.register_fake("jem_ext::energy_backward")
 def _energy_backward_fake(logits, y, energy, grad_lse, grad_pick):
-    _check_logits_meta(logits, y)
-    return torch.empty_like(logits)
+    op = "energy_backward"
+    _check_logits_meta(op, logits, y)
+    for name, t in (("energy", energy), ("grad_lse", grad_lse), ("grad_pick", grad_pick)):
+        _check_row_vector_meta(op, name, t, logits)
+    torch._check(grad_pick is None or y is not None, lambda: f"{op}: grad_pick needs the labels y")
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 # -------------------------------------------------------------------- autograd
@@ -213,12 +319,11 @@ def _energy_ce_bwd(ctx, grad_energy, grad_ce):
     return d, None
 
 
-def _softmax_masked(logits: Tensor) -> Tensor:
-    """softmax in float32 (or float64) with all -inf rows giving 0, not NaN."""
+def _softmax_acc(logits: Tensor) -> Tensor:
+    """exp(logits - logsumexp) in float32 (or float64): NaN and inf exactly
+    where the first-order kernel (and torch.logsumexp's gradient) has them."""
     acc = logits.double() if logits.dtype == torch.float64 else logits.float()
-    lse = torch.logsumexp(acc, dim=1, keepdim=True)
-    finite = lse != float("-inf")
-    return torch.where(finite, torch.exp(acc - torch.where(finite, lse, 0.0)), 0.0)
+    return torch.exp(acc - torch.logsumexp(acc, dim=1, keepdim=True))
 
 
 def _energy_backward_setup(ctx, inputs, output):
@@ -233,7 +338,7 @@ def _energy_backward_bwd(ctx, gg):
     logits, y, grad_lse = ctx.saved_tensors
     d_logits = d_grad_lse = d_grad_pick = None
     if grad_lse is not None:
-        s = _softmax_masked(logits)
+        s = _softmax_acc(logits)
         g = gg.to(s.dtype)
         sg = s * g
         if ctx.needs_input_grad[0]:

@@ -27,8 +27,7 @@ PYBIND11_MODULE(_C, m) {
   info["cuda_version"] = py::none();
   info["cuda_archs"] = "";
 #endif
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
-    !defined(JEM_EXT_NO_CLONES)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(JEM_EXT_NO_CLONES)
   info["cpu_dispatch"] = "x86-64-v4 (AVX-512) and x86-64-v3 (AVX2+FMA) clones, baseline fallback";
 #else
   info["cpu_dispatch"] = "baseline";

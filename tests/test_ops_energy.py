@@ -2,6 +2,8 @@
 gradcheck (first and second order), extreme values, dtypes, layouts,
 errors, opcheck."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -95,28 +97,86 @@ def test_double_backward_through_input_gradient_matches_reference():
 def test_extreme_values(device):
     big = 1e30
     ninf = float("-inf")
-    logits = torch.tensor([[big, big, 0.0], [ninf, 2.0, ninf], [ninf, ninf, ninf],
-                           [-big, -big, -big]], device=device, requires_grad=True)
+    logits = torch.tensor([[big, big, 0.0], [ninf, 2.0, ninf], [-big, -big, -big]],
+                          device=device, requires_grad=True)
     e = ops.energy(logits)
-    want = torch.tensor([-(big + torch.log(torch.tensor(2.0)).item()), -2.0, float("inf"), big])
+    want = torch.tensor([-(big + torch.log(torch.tensor(2.0)).item()), -2.0, big])
     torch.testing.assert_close(e.cpu(), want)
     e.sum().backward()
     g = logits.grad.cpu()
     assert not torch.isnan(g).any()
     torch.testing.assert_close(g[0], torch.tensor([-0.5, -0.5, 0.0]))
     torch.testing.assert_close(g[1], torch.tensor([0.0, -1.0, 0.0]))
-    assert torch.equal(g[2], torch.zeros(3))
-    # energy_ce on the all -inf row: E = +inf, no NaN in the gradient.
-    lg = torch.full((1, 4), ninf, device=device, requires_grad=True)
-    e, ce = ops.energy_ce(lg, torch.tensor([1], device=device))
-    assert e.item() == float("inf")
+    torch.testing.assert_close(g[2], torch.full((3,), -1 / 3))
+
+
+NAN, INF = float("nan"), float("inf")
+# Rows of three logits with every kind of non-finite content.
+NONFINITE_ROWS = [
+    [NAN, NAN, NAN], [1.0, NAN, INF], [NAN, 0.0, 1.0], [NAN, -INF, -INF], [INF, 0.0, 1.0],
+    [INF, INF, -INF], [INF, -INF, 2.0], [-INF, -INF, -INF], [-INF, 3.0, -INF], [0.5, -1.0, 2.0],
+]
+
+
+def lse_reference(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-torch.logsumexp in float64 and its gradient (autograd) for upstream ones."""
+    ref = logits.detach().double().cpu().requires_grad_(True)
+    e = -torch.logsumexp(ref, 1)
     e.sum().backward()
-    assert not torch.isnan(lg.grad).any()
+    return e.detach(), ref.grad
 
 
-def test_nan_propagates(device):
-    logits = torch.tensor([[0.0, float("nan"), 1.0], [float("nan"), 0.0, 0.0]], device=device)
-    assert torch.isnan(ops.energy(logits)).all()
+def assert_close_nan(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    """Equal NaN positions, equal infinities, finite values close."""
+    got = got.double().cpu()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), (got, want)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nonfinite_logits_follow_torch_logsumexp(device, dtype):
+    # NaN anywhere -> NaN; else +inf -> E = -inf; all -inf -> E = +inf; and
+    # the gradient of autograd through torch.logsumexp, NaN positions included.
+    logits = torch.tensor(NONFINITE_ROWS, dtype=dtype, device=device, requires_grad=True)
+    want, want_grad = lse_reference(logits)
+    e = ops.energy(logits)
+    assert_close_nan(e, want, TOL[dtype])
+    e.sum().backward()
+    assert_close_nan(logits.grad, want_grad, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_energy_ce_nonfinite_logits_follow_torch_logsumexp(device, dtype):
+    logits = torch.tensor(NONFINITE_ROWS, dtype=dtype, device=device, requires_grad=True)
+    y = torch.tensor([0, 1, 1, 0, 1, 0, 2, 1, 1, 2], device=device)
+    ref = logits.detach().double().cpu().requires_grad_(True)
+    lse = torch.logsumexp(ref, 1)
+    want_ce = lse - ref.gather(1, y.cpu().unsqueeze(1)).squeeze(1)
+    (want_ce.sum() - lse.sum()).backward()
+    e, ce = ops.energy_ce(logits, y)
+    assert_close_nan(e, -lse.detach(), TOL[dtype])
+    assert_close_nan(ce, want_ce.detach(), TOL[dtype])
+    (e.sum() + ce.sum()).backward()
+    assert_close_nan(logits.grad, ref.grad, TOL[dtype])
+
+
+@pytest.mark.parametrize("scale", [1e3, 3e3, 1e4])
+def test_energy_ce_cross_entropy_precise_for_large_logits(device, scale):
+    # lse - l_y of two numbers near 1e4 would lose the digits that matter.
+    # Spread logits and logits around a large common offset (small CE).
+    spread = make_logits(128, 10, torch.float32, device, scale=scale, seed=3)
+    offset = make_logits(128, 10, torch.float32, device, seed=4) + scale * torch.tensor(
+        [[1.0], [-1.0]], device=device).repeat(64, 1)
+    logits = torch.cat([spread, offset])
+    y = torch.randint(0, 10, (256,), generator=torch.Generator().manual_seed(1)).to(device)
+    _, ce = ops.energy_ce(logits, y)
+    want = F.cross_entropy(logits.double(), y, reduction="none")
+    torch.testing.assert_close(ce.double(), want, rtol=2e-6, atol=2e-6)
+
+
+def test_energy_ce_without_labels_says_they_are_required():
+    with pytest.raises(RuntimeError, match=r"energy_ce: y \(int64 class labels.*required"):
+        ops.energy_ce(torch.zeros(3, 4), None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -145,7 +205,8 @@ def test_non_contiguous_and_empty(device):
        shift=st.floats(-1e4, 1e4))
 def test_energy_property_matches_reference(b, c, scale, shift):
     logits = torch.randn(b, c, dtype=torch.float64) * scale + shift
-    torch.testing.assert_close(ops.energy(logits.float()).double(), energy_reference(logits.float()),
+    torch.testing.assert_close(ops.energy(logits.float()).double(),
+                               energy_reference(logits.float()),
                                rtol=3e-6, atol=3e-6 * (abs(shift) + scale))
     torch.testing.assert_close(ops.energy(logits), energy_reference(logits), rtol=1e-12, atol=1e-9)
 
@@ -192,3 +253,42 @@ def test_cuda_matches_cpu(c):
         sum(o.sum() for o in oc).backward()
         sum(o.sum() for o in og).backward()
         torch.testing.assert_close(lg.grad.cpu(), lc.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_second_order_nonfinite_follows_torch_logsumexp():
+    w = torch.linspace(-1.0, 1.0, 3, dtype=torch.float64)
+
+    def hessian_times_w(energy_fn):
+        x = torch.tensor(NONFINITE_ROWS, dtype=torch.float64, requires_grad=True)
+        (g,) = torch.autograd.grad(energy_fn(x).sum(), [x], create_graph=True)
+        (h,) = torch.autograd.grad((g * w).sum(), [x])
+        return h
+
+    want = hessian_times_w(lambda t: -torch.logsumexp(t, 1))
+    assert_close_nan(hessian_times_w(ops.energy), want, 1e-10)
+
+
+@pytest.mark.cuda
+def test_cuda_bad_labels_raise_the_cpu_message_and_leave_the_context_usable():
+    logits = torch.zeros(3, 4, device="cuda")
+    y = torch.tensor([0, 4, 1], device="cuda")
+    for call in (lambda: ops.energy(logits, y), lambda: ops.energy_ce(logits, y)):
+        with pytest.raises(RuntimeError, match=r"y\[1\] = 4 is out of range for 4 classes"):
+            call()
+    torch.cuda.synchronize()
+    assert ops.energy(logits).sum().item() == pytest.approx(-3 * math.log(4.0))
+
+
+@pytest.mark.cuda
+def test_cuda_bad_labels_under_graph_capture_give_nan_rows():
+    # No host read while capturing: the row of the bad label becomes NaN.
+    logits = torch.zeros(3, 4, device="cuda")
+    y = torch.tensor([0, 7, 1], device="cuda")
+    ops.energy_ce(logits, torch.zeros(3, dtype=torch.int64, device="cuda"))  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        e, ce = ops.energy_ce(logits, y)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isnan(ce[1]) and not torch.isnan(ce[[0, 2]]).any()
+    assert not torch.isnan(e).any()

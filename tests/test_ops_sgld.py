@@ -42,9 +42,7 @@ def test_philox_known_answers():
 @pytest.mark.parametrize("seed,offset", [(0, 0), (42, 8), (2**40 + 7, 4 * 2**33), (2**64 - 1, 4)])
 @pytest.mark.parametrize("n", [1, 3, 4, 1023, 4099])
 def test_noise_matches_independent_philox_box_muller(seed, offset, n):
-    # Python ints above 2**63 do not fit int64: the op takes the same bits signed.
-    seed_arg = seed - 2**64 if seed >= 2**63 else seed
-    got = noise(n, seed_arg, offset).double().numpy()
+    got = noise(n, seed, offset).double().numpy()
     want = philox_normals(n, seed, offset)
     # float32 polynomials for log/sin/cos: a few ulp of the result.
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
@@ -179,7 +177,8 @@ def test_paper_parameterisation():
 # -------------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: ops.sgld_step_(torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32), 1, 0),
+    (lambda: ops.sgld_step_(torch.zeros(3, dtype=torch.int32),
+                            torch.zeros(3, dtype=torch.int32), 1, 0),
      "x must be float32, float64, float16 or bfloat16"),
     (lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(4), 1, 0), "grad must have x's shape"),
     (lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(3, dtype=torch.float64), 1, 0),
@@ -189,12 +188,72 @@ def test_paper_parameterisation():
      "grad_clip must be >= 0"),
     (lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(3), 1, 0, clamp_min=1.0, clamp_max=0.0),
      "clamp_min must be <= clamp_max"),
-    (lambda: ops.sgld_step_philox_(torch.zeros(3), torch.zeros(3), 1, 0, seed=0, offset=3),
+    (lambda: torch.ops.jem_ext._sgld_step_philox_(torch.zeros(3), torch.zeros(3), 1.0, 0.0,
+                                                  None, None, None, 0, 3),
      "offset must be a non-negative multiple of 4"),
+    (lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(3), 1, 0, clamp_min=float("nan")),
+     "clamp_min must be a number or None, got nan"),
+    (lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(3), 1, 0, clamp_min=0.0,
+                            clamp_max=float("nan")),
+     "clamp_max must be a number or None, got nan"),
+    (lambda: ops.sgld_step_philox_(torch.zeros(3), torch.zeros(3), 1, 0, seed=0,
+                                   clamp_max=float("nan")),
+     "clamp_max must be a number or None"),
 ])
 def test_bad_inputs_raise_clear_errors(call, match):
     with pytest.raises(RuntimeError, match=match):
         call()
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(seed=2**64), r"seed must be in \[0, 2\*\*64 - 1\], got 18446744073709551616"),
+    (dict(seed=-1), r"seed must be in \[0, 2\*\*64 - 1\], got -1"),
+    (dict(seed=0, offset=3), r"offset must be a multiple of 4 in \[0, 2\*\*63 - 4\], got 3"),
+    (dict(seed=0, offset=-4), r"offset must be a multiple of 4 in \[0, 2\*\*63 - 4\]"),
+    (dict(seed=0, offset=2**63), r"offset must be a multiple of 4 in \[0, 2\*\*63 - 4\]"),
+])
+def test_philox_seed_and_offset_out_of_range_name_the_range(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ops.sgld_step_philox_(torch.zeros(3), torch.zeros(3), 1.0, 0.0, **kw)
+
+
+def test_philox_seed_range_ends_are_accepted():
+    for seed in (0, 2**63 - 1, 2**63, 2**64 - 1):
+        ops.sgld_step_philox_(torch.zeros(3), torch.zeros(3), 1.0, 1.0, seed, 2**63 - 4)
+
+
+# ------------------------------------------------------------------ aliasing
+
+@pytest.mark.parametrize("views", [
+    lambda b: (b[1:], b[:-1]),                            # shifted by one element
+    lambda b: (b[:4], b[2:6]),                            # half overlapping
+    lambda b: (b[:6].view(2, 3), b[:6].view(3, 2).t()),   # same memory, other layout
+    lambda b: (b[:6].view(2, 3)[:, ::2], b[1:7].view(2, 3)[:, ::2]),  # strided views
+])
+def test_partially_overlapping_grad_is_refused(views, device):
+    base = torch.arange(7.0, device=device)
+    x, grad = views(base)
+    before = base.clone()
+    with pytest.raises(RuntimeError, match="grad shares memory with x"):
+        ops.sgld_step_(x, grad, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="grad shares memory with x"):
+        ops.sgld_step_philox_(x, grad, 1.0, 0.0, seed=0)
+    assert torch.equal(base, before)
+
+
+def test_expanded_x_is_refused(device):
+    x = torch.zeros(3, device=device).expand(4, 3)
+    with pytest.raises(RuntimeError, match="x has elements that share memory"):
+        ops.sgld_step_(x, torch.zeros(4, 3, device=device), 1.0, 0.0)
+
+
+def test_grad_that_is_x_or_disjoint_views_of_one_buffer_is_allowed(device):
+    base = torch.arange(8.0, device=device)
+    ops.sgld_step_(base, base, 0.5, 0.0)  # x <- x - 0.5 x
+    assert torch.equal(base, torch.arange(8.0, device=device) * 0.5)
+    base = torch.arange(8.0, device=device)
+    ops.sgld_step_(base[:4], base[4:], 1.0, 0.0)
+    assert torch.equal(base[:4], torch.full((4,), -4.0, device=device))
 
 
 def test_refuses_tensors_that_require_grad():

@@ -68,65 +68,84 @@ JEM_EXT_INLINE acc_t row_sum(const acc_t* __restrict row, int64_t C) {
   }
 }
 
-// t[r, :] = row r minus `shift[r]` (the max in the forward, lse in the
-// backward). A row whose shift is -inf holds only -inf and NaN: it is copied
-// as is, so exp gives 0 (or NaN) instead of exp(-inf - -inf) = NaN.
+// t[r, :] = row r minus `shift[r]`: lse_shift(max) in the forward, lse in
+// the backward.
 template <typename scalar_t, typename acc_t, int kC = 0>
 JEM_EXT_INLINE void shift_rows(const scalar_t* __restrict l, const acc_t* __restrict shift,
-                       acc_t* __restrict t, int64_t rows, int64_t C_rt) {
+                               acc_t* __restrict t, int64_t rows, int64_t C_rt) {
   const int64_t C = kC > 0 ? kC : C_rt;
-  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
-    const acc_t s = shift[r] == kNegInf ? acc_t(0) : shift[r];
+    const acc_t s = shift[r];
     const scalar_t* row = l + r * C;
     acc_t* out = t + r * C;
     for (int64_t c = 0; c < C; ++c) out[c] = static_cast<acc_t>(row[c]) - s;
   }
 }
 
-// lse of `rows` rows starting at l; `t` is scratch of rows * C. The max
-// needs no NaN care: a NaN entry makes its row sum NaN, and lse with it.
+// Per-block scratch: t (rows * C) and, per row, the max, the sum of the
+// shifted exponentials and lse.
+template <typename acc_t>
+struct RowScratch {
+  acc_t* t;
+  acc_t* m;
+  acc_t* sums;
+  acc_t* lse;
+};
+
+// lse of `rows` rows starting at l (and their max and sum, for ce_finish).
 // std::max maps onto maxss/maxps (a `v > m ? v : m` chain compiles to a
-// serial compare-and-move).
+// serial compare-and-move); it may drop a NaN from the max, but a NaN entry
+// makes its row sum NaN, and lse with it.
 template <typename scalar_t, typename acc_t, int kC = 0>
 JEM_EXT_INLINE void lse_rows(const scalar_t* __restrict l, int64_t rows, int64_t C_rt,
-                     acc_t* __restrict t, acc_t* __restrict lse, acc_t* __restrict sums) {
+                             const RowScratch<acc_t>& s) {
   const int64_t C = kC > 0 ? kC : C_rt;
   for (int64_t r = 0; r < rows; ++r) {
-    const acc_t m = row_max<kC, acc_t>(l + r * C, C);
-    lse[r] = m;  // the row max, for now
+    s.m[r] = row_max<kC, acc_t>(l + r * C, C);
+    s.lse[r] = lse_shift(s.m[r]);  // the shift, for now
   }
+  shift_rows<scalar_t, acc_t, kC>(l, s.lse, s.t, rows, C);
+  const int64_t n = rows * C;
+  for (int64_t i = 0; i < n; ++i) s.t[i] = exp_acc<acc_t>(s.t[i]);
+  for (int64_t r = 0; r < rows; ++r) s.sums[r] = row_sum<kC, acc_t>(s.t + r * C, C);
+  for (int64_t r = 0; r < rows; ++r) s.lse[r] = lse_finish(s.m[r], s.sums[r]);
+}
+
+// The backward of `rows` rows given their lse: energy_grad of every logit.
+// `y` (label per row, or nullptr) and `grad_pick` (nullptr when absent)
+// add the pick term.
+template <typename scalar_t, typename acc_t, int kC = 0>
+JEM_EXT_INLINE void grad_rows(const scalar_t* __restrict l, int64_t rows, int64_t C_rt,
+                              acc_t* __restrict t, const acc_t* __restrict lse,
+                              const acc_t* __restrict grad_lse, const int64_t* __restrict y,
+                              const acc_t* __restrict grad_pick, scalar_t* __restrict out) {
+  const int64_t C = kC > 0 ? kC : C_rt;
   shift_rows<scalar_t, acc_t, kC>(l, lse, t, rows, C);
   const int64_t n = rows * C;
   for (int64_t i = 0; i < n; ++i) t[i] = exp_acc<acc_t>(t[i]);
   for (int64_t r = 0; r < rows; ++r) {
-    sums[r] = row_sum<kC, acc_t>(t + r * C, C);
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    if constexpr (std::is_same_v<acc_t, float>) {
-      lse[r] = lse_finish_float(lse[r], sums[r]);
-    } else {
-      lse[r] = lse_finish(lse[r], sums[r]);
+    const acc_t* e = t + r * C;
+    const acc_t scale = grad_row_scale(grad_lse[r], row_sum<kC, acc_t>(e, C));
+    const int64_t target = y != nullptr ? y[r] : -1;
+    const acc_t pick = grad_pick != nullptr ? grad_pick[r] : acc_t(0);
+    scalar_t* o = out + r * C;
+    for (int64_t c = 0; c < C; ++c) {
+      o[c] = static_cast<scalar_t>(energy_grad(e[c], scale, pick, c == target));
     }
   }
 }
 
-// softmax * coef of `rows` rows, given their lse: the backward.
-template <typename scalar_t, typename acc_t, int kC = 0>
-JEM_EXT_INLINE void grad_rows(const scalar_t* __restrict l, int64_t rows, int64_t C_rt,
-                      acc_t* __restrict t, const acc_t* __restrict lse,
-                      const acc_t* __restrict coef, scalar_t* __restrict out) {
-  const int64_t C = kC > 0 ? kC : C_rt;
-  shift_rows<scalar_t, acc_t, kC>(l, lse, t, rows, C);
-  const int64_t n = rows * C;
-  for (int64_t i = 0; i < n; ++i) t[i] = exp_acc<acc_t>(t[i]);  // softmax
+// The backward without the softmax term (grad_lse absent): the pick term
+// alone (zero without grad_pick).
+template <typename scalar_t, typename acc_t>
+void pick_grad_rows(int64_t rows, int64_t C, const int64_t* y, const acc_t* grad_pick,
+                    scalar_t* out) {
   for (int64_t r = 0; r < rows; ++r) {
-    const acc_t* s = t + r * C;
-    const acc_t sum = row_sum<kC, acc_t>(s, C);
-    // Renormalise (see energy_grad in csrc/energy.h): exact even if lse was rounded.
-    const acc_t k = coef[r] * safe_inverse(sum);
-    scalar_t* o = out + r * C;
-    for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(k * s[c]);
+    const int64_t target = y != nullptr ? y[r] : -1;
+    const acc_t pick = grad_pick != nullptr ? grad_pick[r] : acc_t(0);
+    for (int64_t c = 0; c < C; ++c) {
+      out[r * C + c] = static_cast<scalar_t>(energy_grad(acc_t(0), acc_t(0), pick, c == target));
+    }
   }
 }
 
@@ -137,6 +156,7 @@ JEM_EXT_INLINE void grad_rows(const scalar_t* __restrict l, int64_t rows, int64_
 // completely instead of paying a vector loop's set-up on every short row.
 // (A switch, not a generic lambda: a lambda body would be compiled once,
 // for the baseline CPU, outside the clones.)
+// clang-format off
 #define JEM_EXT_STATIC_CLASSES(CALL)                                              \
   switch (C) {                                                                    \
     case 2: CALL(2); break;   case 3: CALL(3); break;   case 4: CALL(4); break;   \
@@ -146,71 +166,69 @@ JEM_EXT_INLINE void grad_rows(const scalar_t* __restrict l, int64_t rows, int64_
     case 14: CALL(14); break; case 15: CALL(15); break; case 16: CALL(16); break; \
     default: CALL(0);                                                             \
   }
+// clang-format on
 
-JEM_EXT_VECTORIZE void lse_rows_float(const float* l, int64_t rows, int64_t C, float* t,
-                                      float* lse, float* sums) {
-#define JEM_EXT_LSE(k) lse_rows<float, float, k>(l, rows, C, t, lse, sums)
-  JEM_EXT_STATIC_CLASSES(JEM_EXT_LSE)
+JEM_EXT_VECTORIZE void lse_rows_float(const float* l, int64_t rows, int64_t C,
+                                      const RowScratch<float>& s){
+#define JEM_EXT_LSE(k) lse_rows<float, float, k>(l, rows, C, s)
+    JEM_EXT_STATIC_CLASSES(JEM_EXT_LSE)
 #undef JEM_EXT_LSE
 }
 
 JEM_EXT_VECTORIZE void grad_rows_float(const float* l, int64_t rows, int64_t C, float* t,
-                                       const float* lse, const float* coef, float* out) {
-#define JEM_EXT_GRAD(k) grad_rows<float, float, k>(l, rows, C, t, lse, coef, out)
+                                       const float* lse, const float* grad_lse, const int64_t* y,
+                                       const float* grad_pick, float* out) {
+#define JEM_EXT_GRAD(k) grad_rows<float, float, k>(l, rows, C, t, lse, grad_lse, y, grad_pick, out)
   JEM_EXT_STATIC_CLASSES(JEM_EXT_GRAD)
 #undef JEM_EXT_GRAD
 }
 #undef JEM_EXT_STATIC_CLASSES
 
 template <typename scalar_t, typename acc_t>
-void lse_block(const scalar_t* l, int64_t rows, int64_t C, acc_t* t, acc_t* lse, acc_t* sums) {
+void lse_block(const scalar_t* l, int64_t rows, int64_t C, const RowScratch<acc_t>& s) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    lse_rows_float(l, rows, C, t, lse, sums);
+    lse_rows_float(l, rows, C, s);
   } else {
-    lse_rows<scalar_t, acc_t>(l, rows, C, t, lse, sums);
+    lse_rows<scalar_t, acc_t>(l, rows, C, s);
   }
 }
 
 template <typename scalar_t, typename acc_t>
 void grad_block(const scalar_t* l, int64_t rows, int64_t C, acc_t* t, const acc_t* lse,
-                const acc_t* coef, scalar_t* out) {
+                const acc_t* grad_lse, const int64_t* y, const acc_t* grad_pick, scalar_t* out) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    grad_rows_float(l, rows, C, t, lse, coef, out);
+    grad_rows_float(l, rows, C, t, lse, grad_lse, y, grad_pick, out);
   } else {
-    grad_rows<scalar_t, acc_t>(l, rows, C, t, lse, coef, out);
+    grad_rows<scalar_t, acc_t>(l, rows, C, t, lse, grad_lse, y, grad_pick, out);
   }
 }
 
-// Calls fn(first_row, rows, scratch, lse, sums) over blocks of rows, in parallel.
+// Calls fn(first_row, rows, scratch) over blocks of rows, in parallel.
 template <typename acc_t, typename Fn>
 void for_row_blocks(int64_t B, int64_t C, const Fn& fn) {
   const int64_t rows_per_block = std::max<int64_t>(1, kBlockElems / C);
   const int64_t n_blocks = (B + rows_per_block - 1) / rows_per_block;
   at::parallel_for(0, n_blocks, std::max<int64_t>(1, 8192 / (rows_per_block * C)),
                    [&](int64_t begin, int64_t end) {
-                     std::vector<acc_t> scratch(rows_per_block * C);
-                     std::vector<acc_t> lse(rows_per_block), sums(rows_per_block);
+                     std::vector<acc_t> buf(rows_per_block * (C + 3));
+                     const RowScratch<acc_t> scratch{buf.data(), buf.data() + rows_per_block * C,
+                                                     buf.data() + rows_per_block * (C + 1),
+                                                     buf.data() + rows_per_block * (C + 2)};
                      for (int64_t blk = begin; blk < end; ++blk) {
                        const int64_t r0 = blk * rows_per_block;
-                       fn(r0, std::min(rows_per_block, B - r0), scratch.data(), lse.data(),
-                          sums.data());
+                       fn(r0, std::min(rows_per_block, B - r0), scratch);
                      }
                    });
 }
 
 void check_labels_in_range(const char* op, const at::Tensor& y, int64_t C) {
-  if (y.numel() == 0) return;
   const int64_t* yp = y.data_ptr<int64_t>();
-  for (int64_t b = 0; b < y.numel(); ++b) {
-    TORCH_CHECK(yp[b] >= 0 && yp[b] < C, op, ": label y[", b, "] = ", yp[b],
-                " is out of range for ", C, " classes");
-  }
+  for (int64_t b = 0; b < y.numel(); ++b) check_label(op, b, yp[b], C);
 }
 
 at::Tensor energy_cpu(const at::Tensor& logits_in, const c10::optional<at::Tensor>& y_in) {
   check_logits("energy", logits_in, y_in);
-  TORCH_CHECK(logits_in.device().is_cpu(), "energy: expected CPU tensors, got ",
-              logits_in.device());
+  check_device_type("energy", logits_in, at::kCPU);
   const at::Tensor logits = logits_in.contiguous();
   const int64_t B = logits.size(0), C = logits.size(1);
   at::Tensor out = at::empty({B}, logits.options());
@@ -220,32 +238,32 @@ at::Tensor energy_cpu(const at::Tensor& logits_in, const c10::optional<at::Tenso
     const at::Tensor y = y_in->contiguous();
     check_labels_in_range("energy", y, C);
     const int64_t* yp = y.data_ptr<int64_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
-                                    "energy_cpu_y", [&] {
-      const scalar_t* l = logits.data_ptr<scalar_t>();
-      scalar_t* o = out.data_ptr<scalar_t>();
-      for (int64_t b = 0; b < B; ++b) o[b] = -l[b * C + yp[b]];
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "energy_cpu_y",
+                                    [&] {
+                                      const scalar_t* l = logits.data_ptr<scalar_t>();
+                                      scalar_t* o = out.data_ptr<scalar_t>();
+                                      for (int64_t b = 0; b < B; ++b) o[b] = -l[b * C + yp[b]];
+                                    });
     return out;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
-                                  "energy_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* l = logits.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    for_row_blocks<acc_t>(B, C, [&](int64_t r0, int64_t rows, acc_t* t, acc_t* lse, acc_t* sums) {
-      lse_block<scalar_t, acc_t>(l + r0 * C, rows, C, t, lse, sums);
-      for (int64_t r = 0; r < rows; ++r) o[r0 + r] = static_cast<scalar_t>(-lse[r]);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "energy_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* l = logits.data_ptr<scalar_t>();
+        scalar_t* o = out.data_ptr<scalar_t>();
+        for_row_blocks<acc_t>(B, C, [&](int64_t r0, int64_t rows, const RowScratch<acc_t>& s) {
+          lse_block<scalar_t, acc_t>(l + r0 * C, rows, C, s);
+          for (int64_t r = 0; r < rows; ++r) o[r0 + r] = static_cast<scalar_t>(-s.lse[r]);
+        });
+      });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> energy_ce_cpu(const at::Tensor& logits_in,
                                                  const at::Tensor& y_in) {
+  check_labels_given("energy_ce", y_in);
   check_logits("energy_ce", logits_in, y_in);
-  TORCH_CHECK(logits_in.device().is_cpu(), "energy_ce: expected CPU tensors, got ",
-              logits_in.device());
+  check_device_type("energy_ce", logits_in, at::kCPU);
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor y = y_in.contiguous();
   const int64_t B = logits.size(0), C = logits.size(1);
@@ -254,21 +272,22 @@ std::tuple<at::Tensor, at::Tensor> energy_ce_cpu(const at::Tensor& logits_in,
   at::Tensor ce = at::empty({B}, logits.options());
   if (B == 0) return {energy, ce};
   const int64_t* yp = y.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
-                                  "energy_ce_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* l = logits.data_ptr<scalar_t>();
-    scalar_t* e = energy.data_ptr<scalar_t>();
-    scalar_t* ce_p = ce.data_ptr<scalar_t>();
-    for_row_blocks<acc_t>(B, C, [&](int64_t r0, int64_t rows, acc_t* t, acc_t* lse, acc_t* sums) {
-      lse_block<scalar_t, acc_t>(l + r0 * C, rows, C, t, lse, sums);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t b = r0 + r;
-        e[b] = static_cast<scalar_t>(-lse[r]);
-        ce_p[b] = static_cast<scalar_t>(lse[r] - static_cast<acc_t>(l[b * C + yp[b]]));
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "energy_ce_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* l = logits.data_ptr<scalar_t>();
+        scalar_t* e = energy.data_ptr<scalar_t>();
+        scalar_t* ce_p = ce.data_ptr<scalar_t>();
+        for_row_blocks<acc_t>(B, C, [&](int64_t r0, int64_t rows, const RowScratch<acc_t>& s) {
+          lse_block<scalar_t, acc_t>(l + r0 * C, rows, C, s);
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t b = r0 + r;
+            const acc_t l_y = static_cast<acc_t>(l[b * C + yp[b]]);
+            e[b] = static_cast<scalar_t>(-s.lse[r]);
+            ce_p[b] = static_cast<scalar_t>(ce_finish(s.m[r], s.sums[r], s.lse[r], l_y));
+          }
+        });
+      });
   return {energy, ce};
 }
 
@@ -277,60 +296,51 @@ at::Tensor energy_backward_cpu(const at::Tensor& logits_in, const c10::optional<
                                const c10::optional<at::Tensor>& grad_lse_in,
                                const c10::optional<at::Tensor>& grad_pick_in) {
   const char* op = "energy_backward";
-  check_logits(op, logits_in, y_in);
-  check_row_vector(op, "energy", energy_in, logits_in);
-  check_row_vector(op, "grad_lse", grad_lse_in, logits_in);
-  check_row_vector(op, "grad_pick", grad_pick_in, logits_in);
-  TORCH_CHECK(logits_in.device().is_cpu(), op, ": expected CPU tensors, got ",
-              logits_in.device());
+  check_backward_inputs(op, logits_in, y_in, energy_in, grad_lse_in, grad_pick_in);
+  check_device_type(op, logits_in, at::kCPU);
   const bool has_y = y_in.has_value() && y_in->defined();
   const bool has_lse = grad_lse_in.has_value() && grad_lse_in->defined();
   const bool has_pick = grad_pick_in.has_value() && grad_pick_in->defined();
-  TORCH_CHECK(!has_pick || has_y, op, ": grad_pick needs the labels y");
+  const bool has_energy = energy_in.has_value() && energy_in->defined();
   const at::Tensor logits = logits_in.contiguous();
   const int64_t B = logits.size(0), C = logits.size(1);
-  at::Tensor grad = at::empty_like(logits);
+  at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
   if (B == 0) return grad;
   at::Tensor y, energy, grad_lse, grad_pick;
-  const bool has_energy = energy_in.has_value() && energy_in->defined();
   if (has_y) {
     y = y_in->contiguous();
     check_labels_in_range(op, y, C);
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
-                                  "energy_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    // Row coefficients in acc_t, whatever dtype they came in.
-    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    if (has_lse) grad_lse = grad_lse_in->to(acc_type).contiguous();
-    if (has_pick) grad_pick = grad_pick_in->to(acc_type).contiguous();
-    if (has_lse && has_energy) energy = energy_in->to(acc_type).contiguous();
-    const scalar_t* l = logits.data_ptr<scalar_t>();
-    scalar_t* out = grad.data_ptr<scalar_t>();
-    const int64_t* yp = has_y ? y.data_ptr<int64_t>() : nullptr;
-    const acc_t* glse = has_lse ? grad_lse.data_ptr<acc_t>() : nullptr;
-    const acc_t* gpick = has_pick ? grad_pick.data_ptr<acc_t>() : nullptr;
-    const acc_t* ep = (has_lse && has_energy) ? energy.data_ptr<acc_t>() : nullptr;
-    for_row_blocks<acc_t>(B, C, [&](int64_t r0, int64_t rows, acc_t* t, acc_t* lse, acc_t* sums) {
-      if (has_lse) {
-        if (ep != nullptr) {
-          for (int64_t r = 0; r < rows; ++r) lse[r] = -ep[r0 + r];
-        } else {
-          lse_block<scalar_t, acc_t>(l + r0 * C, rows, C, t, lse, sums);
-        }
-        grad_block<scalar_t, acc_t>(l + r0 * C, rows, C, t, lse, glse + r0, out + r0 * C);
-      } else {
-        std::fill(out + r0 * C, out + (r0 + rows) * C, scalar_t(0));
-      }
-      if (has_pick) {
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t b = r0 + r;
-          scalar_t& o = out[b * C + yp[b]];
-          o = static_cast<scalar_t>(static_cast<acc_t>(o) + gpick[b]);
-        }
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "energy_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        // Row coefficients in acc_t, whatever dtype they came in.
+        const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+        if (has_lse) grad_lse = grad_lse_in->to(acc_type).contiguous();
+        if (has_pick) grad_pick = grad_pick_in->to(acc_type).contiguous();
+        if (has_lse && has_energy) energy = energy_in->to(acc_type).contiguous();
+        const scalar_t* l = logits.data_ptr<scalar_t>();
+        scalar_t* out = grad.data_ptr<scalar_t>();
+        const int64_t* yp = has_pick ? y.data_ptr<int64_t>() : nullptr;
+        const acc_t* glse = has_lse ? grad_lse.data_ptr<acc_t>() : nullptr;
+        const acc_t* gpick = has_pick ? grad_pick.data_ptr<acc_t>() : nullptr;
+        const acc_t* ep = energy.defined() ? energy.data_ptr<acc_t>() : nullptr;
+        for_row_blocks<acc_t>(B, C, [&](int64_t r0, int64_t rows, const RowScratch<acc_t>& s) {
+          const int64_t* y_r = yp != nullptr ? yp + r0 : nullptr;
+          const acc_t* pick_r = gpick != nullptr ? gpick + r0 : nullptr;
+          if (!has_lse) {
+            pick_grad_rows<scalar_t, acc_t>(rows, C, y_r, pick_r, out + r0 * C);
+            return;
+          }
+          if (ep != nullptr) {
+            for (int64_t r = 0; r < rows; ++r) s.lse[r] = -ep[r0 + r];
+          } else {
+            lse_block<scalar_t, acc_t>(l + r0 * C, rows, C, s);
+          }
+          grad_block<scalar_t, acc_t>(l + r0 * C, rows, C, s.t, s.lse, glse + r0, y_r, pick_r,
+                                      out + r0 * C);
+        });
+      });
   return grad;
 }
 

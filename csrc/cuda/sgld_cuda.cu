@@ -7,11 +7,11 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
-#include <ATen/cuda/PhiloxUtils.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#include <ATen/cuda/PhiloxUtils.cuh>
 
 #include <mutex>
 
@@ -30,8 +30,8 @@ struct alignas(4 * sizeof(scalar_t)) Pack4 {
 };
 
 template <typename scalar_t, typename acc_t, bool kVectorized>
-__global__ void sgld_kernel(scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
-                            int64_t n, SgldParams<acc_t> p, at::PhiloxCudaState rng) {
+__global__ void sgld_kernel(scalar_t* __restrict__ x, const scalar_t* __restrict__ g, int64_t n,
+                            SgldParams<acc_t> p, at::PhiloxCudaState rng) {
   const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t e0 = group * 4;
   if (e0 >= n) return;
@@ -45,14 +45,14 @@ __global__ void sgld_kernel(scalar_t* __restrict__ x, const scalar_t* __restrict
     const Pack4<scalar_t> gv = *reinterpret_cast<const Pack4<scalar_t>*>(g + e0);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      xv.v[k] = static_cast<scalar_t>(sgld_update<acc_t>(
-          static_cast<acc_t>(xv.v[k]), static_cast<acc_t>(gv.v[k]), z[k], p));
+      xv.v[k] = static_cast<scalar_t>(
+          sgld_update<acc_t>(static_cast<acc_t>(xv.v[k]), static_cast<acc_t>(gv.v[k]), z[k], p));
     }
     *reinterpret_cast<Pack4<scalar_t>*>(x + e0) = xv;
   } else {
     for (int k = 0; k < 4 && e0 + k < n; ++k) {
-      x[e0 + k] = static_cast<scalar_t>(sgld_update<acc_t>(
-          static_cast<acc_t>(x[e0 + k]), static_cast<acc_t>(g[e0 + k]), z[k], p));
+      x[e0 + k] = static_cast<scalar_t>(sgld_update<acc_t>(static_cast<acc_t>(x[e0 + k]),
+                                                           static_cast<acc_t>(g[e0 + k]), z[k], p));
     }
   }
 }
@@ -69,35 +69,34 @@ void sgld_cuda(at::Tensor& x, const at::Tensor& grad, double step_size, double n
     TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
                 "sgld_step_: tensor too large for one launch (", n, " elements)");
     auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                    "sgld_step_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const auto p = make_sgld_params<acc_t>(step_size, noise_std, clamp_min, clamp_max,
-                                             grad_clip);
-      scalar_t* xp = xc.data_ptr<scalar_t>();
-      const scalar_t* gp = gc.data_ptr<scalar_t>();
-      const auto align = 4 * sizeof(scalar_t);
-      const bool vec = reinterpret_cast<uintptr_t>(xp) % align == 0 &&
-                       reinterpret_cast<uintptr_t>(gp) % align == 0;
-      if (vec) {
-        sgld_kernel<scalar_t, acc_t, true>
-            <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(xp, gp, n, p, rng);
-      } else {
-        sgld_kernel<scalar_t, acc_t, false>
-            <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(xp, gp, n, p, rng);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, x.scalar_type(), "sgld_step_cuda", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          const auto p =
+              make_sgld_params<acc_t>(step_size, noise_std, clamp_min, clamp_max, grad_clip);
+          scalar_t* xp = xc.data_ptr<scalar_t>();
+          const scalar_t* gp = gc.data_ptr<scalar_t>();
+          const auto align = 4 * sizeof(scalar_t);
+          const bool vec = reinterpret_cast<uintptr_t>(xp) % align == 0 &&
+                           reinterpret_cast<uintptr_t>(gp) % align == 0;
+          if (vec) {
+            sgld_kernel<scalar_t, acc_t, true>
+                <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(xp, gp, n, p, rng);
+          } else {
+            sgld_kernel<scalar_t, acc_t, false>
+                <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(xp, gp, n, p, rng);
+          }
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
   }
   if (!xc.is_same(x)) {
     x.copy_(xc);
   }
 }
 
-void sgld_step_cuda(at::Tensor& x, const at::Tensor& grad, double step_size,
-                           double noise_std, c10::optional<double> clamp_min,
-                           c10::optional<double> clamp_max, c10::optional<double> grad_clip,
-                           c10::optional<at::Generator> generator) {
+void sgld_step_cuda(at::Tensor& x, const at::Tensor& grad, double step_size, double noise_std,
+                    c10::optional<double> clamp_min, c10::optional<double> clamp_max,
+                    c10::optional<double> grad_clip, c10::optional<at::Generator> generator) {
   check_sgld_inputs("sgld_step_", x, grad, noise_std, clamp_min, clamp_max, grad_clip);
   TORCH_CHECK(x.is_cuda(), "sgld_step_: expected CUDA tensors, got ", x.device());
   c10::cuda::CUDAGuard device_guard(x.device());
@@ -112,12 +111,10 @@ void sgld_step_cuda(at::Tensor& x, const at::Tensor& grad, double step_size,
 }
 
 void sgld_step_philox_cuda(at::Tensor& x, const at::Tensor& grad, double step_size,
-                                  double noise_std, c10::optional<double> clamp_min,
-                                  c10::optional<double> clamp_max,
-                                  c10::optional<double> grad_clip, int64_t seed,
-                                  int64_t offset) {
-  check_sgld_inputs("_sgld_step_philox_", x, grad, noise_std, clamp_min, clamp_max,
-                    grad_clip);
+                           double noise_std, c10::optional<double> clamp_min,
+                           c10::optional<double> clamp_max, c10::optional<double> grad_clip,
+                           int64_t seed, int64_t offset) {
+  check_sgld_inputs("_sgld_step_philox_", x, grad, noise_std, clamp_min, clamp_max, grad_clip);
   TORCH_CHECK(x.is_cuda(), "_sgld_step_philox_: expected CUDA tensors, got ", x.device());
   TORCH_CHECK(offset >= 0 && offset % 4 == 0,
               "_sgld_step_philox_: offset must be a non-negative multiple of 4, got ", offset);
