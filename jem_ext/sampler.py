@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from . import ops
 
 __all__ = [
+    "INITS",
     "Initializer",
     "UniformInit",
     "GaussianInit",
@@ -38,6 +39,10 @@ __all__ = [
     "sgld_chain",
     "sample_from_noise",
 ]
+
+
+# Names of the chain initialisations (:class:`UniformInit`, :class:`GaussianInit`).
+INITS = ("uniform", "gaussian")
 
 
 # ------------------------------------------------------------------ random helpers

@@ -433,7 +433,7 @@ def test_save_image_grid(tmp_path):
         arr = np.asarray(im)
     assert arr[0, 0] == 255 and arr[2, 2] == 0 and arr[2, 33] == 0  # border, tile 0 (black)
     assert arr[2, 34] == 255 and arr[2, 36] == 255 and arr[40, 2] == 0  # tile 1 white, tile 4 black
-    assert not os.path.exists(str(path) + ".tmp")
+    assert sorted(os.listdir(path.parent)) == ["grid.png"]  # no temporary file left behind
 
     rgb = torch.rand(6, 3, 32, 32) * 2 - 1
     save_image_grid(rgb, tmp_path / "rgb.png", nrow=3)
