@@ -72,6 +72,8 @@ __all__ = [
     "DataError",
     "ImageData",
     "DATASETS",
+    "FILE_DATASETS",
+    "TOY_DATASETS",
     "load_dataset",
     "labeled_mask",
     "Augment",
@@ -83,6 +85,8 @@ __all__ = [
 SPLITS = ("train", "val", "test")
 DATASETS = ("digits", "cifar10", "cifar100", "svhn", "folder", "rings", "moons", "gmm")
 TOY_DATASETS = ("rings", "moons", "gmm")
+# The datasets read from files under a root folder (the others are built in or generated).
+FILE_DATASETS = ("cifar10", "cifar100", "svhn", "folder")
 
 _SPLIT_SEED = 1234  # fixed: real-data splits never depend on the run's seed
 _MAX_VAL = 5000

@@ -139,20 +139,20 @@ def fit(run: Run) -> tuple[str, str | None]:
     return "completed", None
 
 
-def _open_run_folder(run: Run, resume_state: dict[str, Any] | None) -> None:
-    """Write config.json (fresh run) or cut metrics.jsonl back to the checkpoint (resume)."""
-    if resume_state is None:
-        run.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run.out / "config.json",
-                          json.dumps(run.cfg, indent=2, sort_keys=True, default=json_default)
-                          + "\n")
-    else:
+def _open_run_folder(run: Run, resuming: bool) -> None:
+    """Write config.json, the config the run uses from now on (``--config`` repeats it); on a
+    resume, first cut metrics.jsonl back to the checkpoint."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    if resuming:
         truncate_metrics(run.out / "metrics.jsonl", run.state.iteration)
+    atomic_write_text(run.out / "config.json",
+                      json.dumps(run.cfg, indent=2, sort_keys=True, default=json_default) + "\n")
     (run.out / "samples").mkdir(parents=True, exist_ok=True)
 
 
 def train(cfg: dict[str, Any], resume_state: dict[str, Any] | None = None,
-          datasets: dict[str, jdata.ImageData] | None = None) -> dict[str, Any]:
+          datasets: dict[str, jdata.ImageData] | None = None,
+          resume_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train according to ``cfg``, writing the run folder ``cfg["out"]``.
 
     Args:
@@ -160,6 +160,7 @@ def train(cfg: dict[str, Any], resume_state: dict[str, Any] | None = None,
             ``cfg["out"]`` (the run folder, created here) defaults to a fresh ``runs/...``.
         resume_state: a checkpoint dict to continue from (``--resume``).
         datasets: already loaded splits (as returned by ``load_data``), else loaded here.
+        resume_overrides: the config keys this resume changes (recorded in an event row).
 
     Returns:
         The summary dict (also written to ``summary.json``).
@@ -177,7 +178,7 @@ def train(cfg: dict[str, Any], resume_state: dict[str, Any] | None = None,
     run.guard = DivergenceGuard.from_config(cfg)
     if resume_state is not None:
         run.saver.resume(run, resume_state)
-    _open_run_folder(run, resume_state)
+    _open_run_folder(run, resuming=resume_state is not None)
     if resume_state is None:
         run.saver.save_last(run)
     run.started = time.perf_counter() - run.state.seconds
@@ -185,6 +186,9 @@ def train(cfg: dict[str, Any], resume_state: dict[str, Any] | None = None,
     with MetricsLog(run.out / "metrics.jsonl") as run.log, \
             Progress(total, run.state.iteration, f"{cfg['dataset']}/{cfg['objective']}",
                      enabled=not cfg["no_progress"]) as run.progress:
+        if resume_state is not None:
+            run.log.write({"event": "resume", "iteration": run.state.iteration,
+                           "epoch": run.state.epoch, "overrides": resume_overrides or {}})
         status, error = fit(run)
     if status == "completed":
         write_samples(run, "final")
