@@ -37,18 +37,16 @@ class RunFolder:
             ConfigError: the folder cannot be created, is not empty, or is held by another run.
         """
         path = Path(path)
+        created = False
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             os.mkdir(path)
             created = True
-        except FileExistsError:
-            created = False
-            if not path.is_dir():
-                raise ConfigError(f"{flag} {path}: exists and is not a folder") from None
         except OSError as err:
-            raise ConfigError(
-                f"{flag} {path}: cannot create the run folder ({err.strerror or err})"
-            ) from None
+            if not path.is_dir():
+                raise ConfigError(
+                    f"{flag} {path}: cannot create the run folder ({err.strerror or err})"
+                ) from None
         folder = cls(path, _lock(path, flag), created)
         if any(p.name != LOCK_NAME for p in path.iterdir()):
             folder.release()

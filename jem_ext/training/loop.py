@@ -203,10 +203,10 @@ def summarise(run: Run, status: str, error: str | None) -> dict[str, Any]:
     """The run's final figures (``summary.json``)."""
     model, st, saver = run.ctx.model_for_chain, run.state, run.saver
     seconds = run.elapsed()
-    best_test = None
+    test_at_best_val = None  # the test accuracy of best.pt, the best-validation checkpoint
     if saver.best_path.is_file():
         best = model_from_checkpoint(load_checkpoint(saver.best_path), run.device)
-        best_test = accuracy(best, run.data.test)
+        test_at_best_val = accuracy(best, run.data.test)
     return {
         "status": status,
         "error": error,
@@ -216,7 +216,7 @@ def summarise(run: Run, status: str, error: str | None) -> dict[str, Any]:
         "test_accuracy": accuracy(model, run.data.test),
         "val_accuracy": accuracy(model, run.data.val),
         "best_val_accuracy": st.best_val_accuracy if st.best_val_accuracy >= 0 else None,
-        "best_test_accuracy": best_test,
+        "test_accuracy_at_best_val": test_at_best_val,
         "iterations": st.iteration,
         "epochs": st.epoch,
         "recoveries": st.recoveries,
