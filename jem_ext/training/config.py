@@ -246,7 +246,7 @@ _FRACTION = Range(0, 1)
 # can hold (a replay buffer of more chains, a deeper MLP, more threads fail late and unclearly).
 RANGES: dict[str, Range] = {
     "batch_size": _POSITIVE, "epochs": _POSITIVE, "log_every": _POSITIVE,
-    "eval_every": _POSITIVE, "labels_per_class": _POSITIVE, "width": _POSITIVE,
+    "eval_every": _POSITIVE, "labels_per_class": _POSITIVE, "width": Range(1, 2**16),
     "depth": Range(1, 1000), "sgld_steps": Range(0, 10**6), "buffer_size": Range(0, 10**7),
     "threads": Range(0, 1024), "seed": Range(0, 2**62), "warmup_iters": _NON_NEGATIVE,
     "ckpt_every": _NON_NEGATIVE, "sample_every": _NON_NEGATIVE,
@@ -419,11 +419,16 @@ def read_config_file(path: Path) -> dict[str, Any]:
             f"config file {path}: expected a JSON object, got {type(loaded).__name__}"
         )
     loaded = {k: v for k, v in loaded.items() if k not in RETIRED_KEYS}
-    unknown = sorted(set(loaded) - set(default_config()))
+    actions = _actions()
+    unknown = sorted(set(loaded) - set(actions))
     if unknown:
         raise ConfigError(
             f"config file {path}: unknown keys {unknown} (expected a jem_ext.train config.json)"
         )
+    for key, value in loaded.items():  # every key, also those the merge then ignores
+        problem = _type_error(actions[key], value)
+        if problem is not None:
+            raise ConfigError(f"config file {path}: key {key!r}: {problem}")
     return loaded
 
 
