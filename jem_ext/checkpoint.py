@@ -297,7 +297,8 @@ def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict[st
     return state
 
 
-def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+def restore_rng(state: dict[str, Any],
+                generators: dict[str, torch.Generator] | None = None) -> None:
     """Restore RNG states saved by :func:`capture_rng` (named generators matched by key)."""
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():

@@ -19,7 +19,7 @@ import torch
 from ..data import DATASETS, FILE_DATASETS, TOY_DATASETS
 from ..models import MODELS, NORMS
 from ..objectives import OBJECTIVES
-from ..sampler import INITS
+from ..replay import INITS
 from .setup import OPTIMIZERS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -138,7 +138,8 @@ def _add_objective_flags(add: Any, g: Any) -> None:
     add(g, "--objective", choices=OBJECTIVES, default="jem",
         help="jem: log p(x) + log p(y|x); factored: log p(y) + log p(x|y) (class-conditional "
         "sampling); ce: cross-entropy only (the classifier twin)")
-    add(g, "--w-px", type=finite_float, default=1.0, help="weight of the generative (log p(x)) term")
+    add(g, "--w-px", type=finite_float, default=1.0,
+        help="weight of the generative (log p(x)) term")
     add(g, "--w-pyx", type=finite_float, default=1.0, help="weight of the cross-entropy term")
     add(g, "--l2-energy", type=finite_float, default=0.01,
         help="weight of an L2 penalty on the energies of data and samples (divergence "
