@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from jem_ext import train as jtrain
-from jem_ext.training.config import RANGES, _int_list, build_parser, finite_float
+from jem_ext.training.config import RANGES
+from jem_ext.training.flags import build_parser, finite_float, int_list
 
 BASE = ["--dataset", "moons", "--model", "mlp", "--width", "8", "--depth", "1", "--no-progress"]
 VALID_EXTRAS = [["--epochs", "1"], ["--seed", "3"], ["--lr", "0.01"], ["--sgld-steps", "2"],
@@ -55,7 +56,7 @@ def _bad_flag_values(action: argparse.Action, rng: random.Random) -> list[str]:
         return bad + ["abc", "1.5", "", "nan", "0x10", "1e3"]
     if action.type is finite_float:
         return bad + ["nan", "inf", "-inf", "NaN", "1e400", "x", ""]
-    if action.type is _int_list:
+    if action.type is int_list:
         return bad + ["a,b", "1.5", "1,,x"]
     raise AssertionError(f"untyped flag {action.dest}")
 
@@ -74,7 +75,7 @@ def _bad_config_values(action: argparse.Action, rng: random.Random) -> list:
         return out + [w for w in wrong if not isinstance(w, int) or isinstance(w, bool)]
     if action.type is finite_float:
         return out + ["1.0", True, [1.0], "INF_LITERAL"]
-    if action.type is _int_list:
+    if action.type is int_list:
         return [["a", "b"], "1,2", [1.5], [True], 3] + [[v] for v in out]
     return wrong
 
