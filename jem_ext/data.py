@@ -265,17 +265,20 @@ def batches(
         drop_last: skip the final batch when it is smaller than ``batch_size``.
 
     Yields:
-        ``(x, y, idx)``: the batch and the int64 CPU indices of its samples in ``data``.
+        ``(x, y, idx)``: the batch and the int64 indices of its samples in ``data``, on
+        ``data.x``'s device. The order is moved to that device once per pass, so batches need
+        no host-to-device copy (on a GPU: no synchronisation with the host).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     n = len(data)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    order = order.to(data.x.device)
+    order_y = order.to(data.y.device)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         idx = order[start : start + batch_size]
-        dev_idx = idx.to(data.x.device)
-        yield data.x[dev_idx], data.y[dev_idx.to(data.y.device)], idx
+        yield data.x[idx], data.y[order_y[start : start + batch_size]], idx
 
 
 def save_image_grid(
