@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -10,8 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from jem_ext import objectives
 from jem_ext import train as jtrain
 from jem_ext.checkpoint import load_checkpoint, save_checkpoint
+from jem_ext.training import loop
+from jem_ext.training.guard import DivergenceGuard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,8 +50,10 @@ def test_help_lists_every_flag(capsys):
                  "--batch-size", "--epochs", "--seed", "--device", "--out", "--config",
                  "--resume", "--log-every", "--ckpt-every", "--sample-every", "--eval-every",
                  "--max-recoveries", "--divergence-threshold", "--recover-lr-factor",
-                 "--no-progress", "--debug-inject-nan-at"):
+                 "--no-progress", "--threads"):
         assert flag in text, flag
+    assert "debug" not in text.lower()  # test hooks are not flags
+    assert "(default: None)" not in text and text.count("(default: all labels)") == 1
     # every action has help text
     for action in jtrain.build_parser()._actions:
         assert action.help, action.dest
@@ -119,17 +125,17 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert _run(args + ["--out", str(full)]) == 0
 
-    real_lr = jtrain.learning_rate
+    real_lr = loop.learning_rate
 
     def dying_lr(cfg, iteration, epoch, scale=1.0):
         if iteration == 45:  # 2nd epoch, mid-way; the last checkpoint is at iteration 42
             raise _Interrupt()
         return real_lr(cfg, iteration, epoch, scale)
 
-    monkeypatch.setattr(jtrain, "learning_rate", dying_lr)
+    monkeypatch.setattr(loop, "learning_rate", dying_lr)
     with pytest.raises(_Interrupt):
         _run(args + ["--out", str(cut)])
-    monkeypatch.setattr(jtrain, "learning_rate", real_lr)
+    monkeypatch.setattr(loop, "learning_rate", real_lr)
     state = load_checkpoint(cut / "checkpoints" / "last.pt")
     assert state["iteration"] == 42 and state["epoch"] == 1
     assert not (cut / "summary.json").exists()
@@ -142,14 +148,39 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
     sc = json.loads((cut / "summary.json").read_text())
     assert sc["iterations"] == sf["iterations"] == 64
     assert sc["test_accuracy"] == sf["test_accuracy"]
-    # The metrics of the resumed run match the uninterrupted one row for row (times aside).
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    # The metrics of the resumed run match the uninterrupted one row for row (times and the
+    # resume's own event row aside).
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows
+                if r.get("event") != "resume"]
     assert strip(_rows(cut)) == strip(_rows(full))
 
 
-def test_injected_divergence_is_recovered_and_logged(tmp_path, monkeypatch):
+@pytest.fixture
+def bad_loss(monkeypatch):
+    """Arm ``bad_loss(iterations, **terms)``: the training loss of those (0-based) iterations
+    gets the given term values (default: a NaN loss). Counts the objective's calls, which are
+    one per iteration in a fresh run."""
+    def arm(iterations, **bad_terms):
+        real = objectives.jem_loss
+        calls = itertools.count()
+        bad_terms = bad_terms or {"loss": float("nan")}
+
+        def corrupted(*args, **kwargs):
+            loss, terms = real(*args, **kwargs)
+            if next(calls) in iterations:
+                if "loss" in bad_terms:
+                    loss = loss * 0 + bad_terms["loss"]
+                terms = {**terms, **bad_terms}
+            return loss, terms
+
+        monkeypatch.setattr(objectives, "jem_loss", corrupted)
+    return arm
+
+
+def test_injected_divergence_is_recovered_and_logged(tmp_path, bad_loss):
     run = tmp_path / "nan"
-    monkeypatch.setenv(jtrain.INJECT_ENV, "10")
+    bad_loss({10})
     assert _run(TOY + ["--epochs", "1", "--ckpt-every", "4", "--recover-lr-factor", "0.25",
                        "--lr", "1e-3", "--out", str(run)]) == 0
     events = [r for r in _rows(run) if r.get("event")]
@@ -166,10 +197,10 @@ def test_injected_divergence_is_recovered_and_logged(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in params.values())
 
 
-def test_max_recoveries_stops_with_clear_message(tmp_path, capsys):
+def test_max_recoveries_stops_with_clear_message(tmp_path, capsys, bad_loss):
     run = tmp_path / "nan"
-    code = _run(TOY + ["--epochs", "1", "--max-recoveries", "2", "--debug-inject-nan-at",
-                       "3,4,5", "--out", str(run)])
+    bad_loss({3, 4, 5})
+    code = _run(TOY + ["--epochs", "1", "--max-recoveries", "2", "--out", str(run)])
     assert code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: training diverged at iteration 5")
@@ -180,13 +211,33 @@ def test_max_recoveries_stops_with_clear_message(tmp_path, capsys):
     assert summary["status"] == "diverged"
 
 
-def test_energy_gap_threshold_triggers_recovery(tmp_path):
+def test_energy_gap_triggers_recovery(tmp_path, bad_loss):
     run = tmp_path / "gap"
-    # Any energy gap exceeds this threshold, so every iteration diverges.
+    # A finite, small loss with an energy gap far above the threshold: only the gap branch fires.
+    bad_loss({6}, loss=0.5, energy_data=-3.0, energy_sample=2e3)
     assert _run(TOY + ["--epochs", "1", "--max-recoveries", "0", "--divergence-threshold",
-                       "1e-12", "--out", str(run)]) == 1
+                       "1e3", "--out", str(run)]) == 1
     stopped = [r for r in _rows(run) if r.get("event") == "stopped"]
-    assert stopped and ("energy gap" in stopped[0]["reason"] or "loss" in stopped[0]["reason"])
+    assert len(stopped) == 1 and stopped[0]["iteration"] == 6
+    assert stopped[0]["reason"].startswith("energy gap")
+
+
+@pytest.mark.parametrize("terms, verdict", [
+    ({"loss": 1.0, "energy_data": 0.0, "energy_sample": 1.0}, None),
+    ({"loss": float("nan"), "energy_data": 0.0, "energy_sample": 1.0}, "non-finite loss"),
+    ({"loss": float("-inf"), "energy_data": 0.0, "energy_sample": 1.0}, "non-finite loss"),
+    ({"loss": -20.0, "energy_data": 0.0, "energy_sample": 1.0}, "|loss|"),
+    ({"loss": 1.0, "energy_data": -6.0, "energy_sample": 5.0}, "energy gap"),
+    ({"loss": 1.0, "energy_data": float("inf"), "energy_sample": 5.0}, "energy gap"),
+])
+def test_guard_verdicts(terms, verdict):
+    guard = DivergenceGuard(threshold=10.0, max_recoveries=1, lr_factor=0.5)
+    got = guard.check(terms)
+    assert (got is None) if verdict is None else got.startswith(verdict)
+    # the CE objective has no energy gap to check
+    ce = DivergenceGuard(threshold=10.0, max_recoveries=1, lr_factor=0.5, check_gap=False)
+    if verdict == "energy gap":
+        assert ce.check(terms) is None
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -253,8 +304,8 @@ def test_corrupt_checkpoint_cli_no_traceback(tmp_path):
     ("{not json", "not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
     ('{"dataset": "moons", "bogus": 1}', "unknown keys"),
-    ('{"epochs": "ten"}', "expected int"),
-    ('{"dataset": "mnist"}', "dataset: expected one of"),
+    ('{"epochs": "ten"}', "key 'epochs': expected an integer"),
+    ('{"dataset": "mnist"}', "key 'dataset': expected one of"),
 ])
 def test_bad_config_file(tmp_path, capsys, content, message):
     cfg = tmp_path / "config.json"
@@ -304,7 +355,8 @@ def test_sampler_and_objective_variants_run(tmp_path, extra):
 
 def test_toy_set_with_image_model_is_a_clear_error(tmp_path, capsys):
     assert _run(["--dataset", "moons", "--model", "small_cnn", "--out", str(tmp_path / "r")]) == 2
-    assert capsys.readouterr().err.startswith("error: model:")
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model:") and "--model mlp" in err
     assert not (tmp_path / "r").exists()
 
 

@@ -1,0 +1,229 @@
+"""The training loop: epochs of :func:`~jem_ext.training.step.train_step`, and what surrounds it.
+
+Reading order: :func:`train` (set up, run the epochs, summarise) -> :func:`train_one_epoch`
+(per iteration: learning rate, batch, step, guard, bookkeeping) -> :func:`end_of_epoch`
+(validation, best/last checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import torch
+
+from .. import data as jdata
+from .._io import atomic_write_text
+from ..checkpoint import load_checkpoint, model_from_checkpoint
+from ..eval import metrics
+from ..models import predict_logits
+from ..sampler import sample_from_noise
+from .config import default_config, validate
+from .guard import DivergenceGuard, TrainingDiverged
+from .runlog import (
+    MetricsLog,
+    Progress,
+    finite_or_none,
+    json_default,
+    save_samples,
+    truncate_metrics,
+)
+from .saver import CheckpointSaver
+from .setup import Run, build_run, chain_limits, fresh_out
+from .step import Batch, train_step
+
+
+def learning_rate(cfg: dict[str, Any], iteration: int, epoch: int, scale: float = 1.0) -> float:
+    """Learning rate at ``iteration`` (0-based) in ``epoch``: warm-up, step decay, recovery
+    scale (a pure function of its arguments)."""
+    lr = cfg["lr"] * scale
+    if cfg["warmup_iters"] > 0:
+        lr *= min(1.0, (iteration + 1) / cfg["warmup_iters"])
+    lr *= cfg["decay_rate"] ** sum(1 for e in cfg["decay_epochs"] if epoch >= e)
+    return lr
+
+
+def epoch_order_generator(seed: int, epoch: int) -> torch.Generator:
+    """The data-order generator of one epoch: a pure function of (seed, epoch)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7919 + 17) % (2**63))
+
+
+def accuracy(model: torch.nn.Module, data: jdata.ImageData) -> float:
+    """Classification accuracy of ``model`` on ``data``."""
+    return metrics.accuracy(predict_logits(model, data.x), data.y)
+
+
+def _batch(run: Run, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> Batch:
+    """The step's batch: augmented inputs, labels, and the usable-label mask."""
+    if run.data.augment is not None:
+        x = run.data.augment(x, generator=run.generators["augment"])
+    labeled = None if run.data.labeled is None else run.data.labeled[idx]
+    return Batch(x, y, labeled)
+
+
+def train_one_epoch(run: Run) -> None:
+    """Train the run's current epoch from its position ``run.state.pos``."""
+    cfg, st, epoch = run.cfg, run.state, run.state.epoch
+    order = epoch_order_generator(cfg["seed"], epoch)
+    batches = jdata.batches(run.data.train_on_device, cfg["batch_size"], shuffle=True,
+                            generator=order)
+    for pos, (x, y, idx) in enumerate(batches):
+        if pos < st.pos:
+            continue  # resuming inside the epoch: skip batches already trained on
+        # learning rate of this iteration
+        it = st.iteration
+        lr = learning_rate(cfg, it, epoch, st.lr_scale)
+        for group in run.ctx.optimizer.param_groups:
+            group["lr"] = lr
+        # the step; its terms are host floats (the iteration's one sync point)
+        terms, x_q = train_step(run.ctx, _batch(run, x, y, idx), run.weights)
+        if x_q is not None:
+            run.last_samples = x_q
+        reason = run.guard.check(terms)
+        if reason is not None:
+            run.guard.recover(run, reason)
+        st.iteration, st.pos, st.seconds = it + 1, pos + 1, run.elapsed()
+        # bookkeeping: metrics row, progress, samples, resume point
+        if reason is None and (it + 1) % cfg["log_every"] == 0:
+            row = {"iteration": it + 1, "epoch": epoch}
+            row.update({k: finite_or_none(v) for k, v in terms.items()})
+            run.log.write({**row, "lr": lr, "seconds": st.seconds})
+        run.progress.step(terms if reason is None else None)
+        if cfg["sample_every"] and (it + 1) % cfg["sample_every"] == 0:
+            write_samples(run, f"{it + 1:07d}")
+        if cfg["ckpt_every"] and (it + 1) % cfg["ckpt_every"] == 0 \
+                and st.pos < run.steps_per_epoch:
+            run.saver.save_last(run)
+
+
+def end_of_epoch(run: Run) -> None:
+    """Close the epoch: validate when due (best.pt on a new best), then save last.pt."""
+    cfg, st = run.cfg, run.state
+    st.epoch, st.pos = st.epoch + 1, 0
+    if st.epoch % cfg["eval_every"] == 0 or st.epoch == cfg["epochs"]:
+        val_acc = accuracy(run.ctx.model_for_chain, run.data.val)
+        run.log.write({"iteration": st.iteration, "epoch": st.epoch, "val_accuracy": val_acc,
+                       "seconds": run.elapsed()})
+        if val_acc > st.best_val_accuracy:
+            st.best_val_accuracy = val_acc
+            run.saver.save_best(run)
+        run.progress.describe(f"{cfg['dataset']}/{cfg['objective']} val {val_acc:.3f}")
+    run.saver.save_last(run)
+
+
+def write_samples(run: Run, tag: str) -> None:
+    """Save the latest SGLD samples (or, without any, chains from noise) as ``samples_<tag>``."""
+    cfg, x = run.cfg, run.last_samples
+    if x is None:  # CE runs, or nothing sampled yet
+        clamp, grad_clip = chain_limits(cfg)
+        x = sample_from_noise(run.ctx.model_for_chain, GRID_CHAINS, run.data.train.shape,
+                              max(1, cfg["sgld_steps"]), cfg["sgld_step_size"],
+                              cfg["sgld_noise"], clamp=clamp, grad_clip=grad_clip,
+                              seed=cfg["seed"] * 7 + run.state.iteration)
+    save_samples(x, run.out / "samples" / f"samples_{tag}.png", run.data.train)
+
+
+GRID_CHAINS = 64  # chains drawn for a sample grid when the run has no samples of its own
+
+
+def fit(run: Run) -> tuple[str, str | None]:
+    """Train the remaining epochs; returns ``(status, error)``: completed, or diverged."""
+    try:
+        while run.state.epoch < run.cfg["epochs"]:
+            train_one_epoch(run)
+            end_of_epoch(run)
+    except TrainingDiverged as err:
+        return "diverged", str(err)
+    return "completed", None
+
+
+def _open_run_folder(run: Run, resuming: bool) -> None:
+    """Write config.json, the config the run uses from now on (``--config`` repeats it); on a
+    resume, first cut metrics.jsonl back to the checkpoint."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    if resuming:
+        truncate_metrics(run.out / "metrics.jsonl", run.state.iteration)
+    atomic_write_text(run.out / "config.json",
+                      json.dumps(run.cfg, indent=2, sort_keys=True, default=json_default) + "\n")
+    (run.out / "samples").mkdir(parents=True, exist_ok=True)
+
+
+def train(cfg: dict[str, Any], resume_state: dict[str, Any] | None = None,
+          datasets: dict[str, jdata.ImageData] | None = None,
+          resume_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train according to ``cfg``, writing the run folder ``cfg["out"]``.
+
+    Args:
+        cfg: config dict; missing keys take their defaults (:func:`default_config`), and
+            ``cfg["out"]`` (the run folder, created here) defaults to a fresh ``runs/...``.
+        resume_state: a checkpoint dict to continue from (``--resume``).
+        datasets: already loaded splits (as returned by ``load_data``), else loaded here.
+        resume_overrides: the config keys this resume changes (recorded in an event row).
+
+    Returns:
+        The summary dict (also written to ``summary.json``).
+
+    Raises:
+        DataError, ConfigError, CheckpointError: bad inputs (before the run folder is created).
+        TrainingDiverged: more than ``max_recoveries`` divergences (summary.json still written).
+    """
+    cfg = {**default_config(), **cfg}
+    if cfg["out"] is None:
+        cfg["out"] = fresh_out(cfg)
+    validate(cfg)
+    run = build_run(cfg, datasets)
+    run.saver = CheckpointSaver(run.out / "checkpoints")
+    run.guard = DivergenceGuard.from_config(cfg)
+    if resume_state is not None:
+        run.saver.resume(run, resume_state)
+    _open_run_folder(run, resuming=resume_state is not None)
+    if resume_state is None:
+        run.saver.save_last(run)
+    run.started = time.perf_counter() - run.state.seconds
+    total = run.steps_per_epoch * cfg["epochs"]
+    with MetricsLog(run.out / "metrics.jsonl") as run.log, \
+            Progress(total, run.state.iteration, f"{cfg['dataset']}/{cfg['objective']}",
+                     enabled=not cfg["no_progress"]) as run.progress:
+        if resume_state is not None:
+            run.log.write({"event": "resume", "iteration": run.state.iteration,
+                           "epoch": run.state.epoch, "overrides": resume_overrides or {}})
+        status, error = fit(run)
+    if status == "completed":
+        write_samples(run, "final")
+    summary = summarise(run, status, error)
+    atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if status == "diverged":
+        raise TrainingDiverged(error)
+    return summary
+
+
+def summarise(run: Run, status: str, error: str | None) -> dict[str, Any]:
+    """The run's final figures (``summary.json``)."""
+    model, st, saver = run.ctx.model_for_chain, run.state, run.saver
+    seconds = run.elapsed()
+    test_at_best_val = None  # the test accuracy of best.pt, the best-validation checkpoint
+    if saver.best_path.is_file():
+        best = model_from_checkpoint(load_checkpoint(saver.best_path), run.device)
+        test_at_best_val = accuracy(best, run.data.test)
+    return {
+        "status": status,
+        "error": error,
+        "dataset": run.cfg["dataset"],
+        "objective": run.cfg["objective"],
+        "model": run.cfg["model"],
+        "test_accuracy": accuracy(model, run.data.test),
+        "val_accuracy": accuracy(model, run.data.val),
+        "best_val_accuracy": st.best_val_accuracy if st.best_val_accuracy >= 0 else None,
+        "test_accuracy_at_best_val": test_at_best_val,
+        "iterations": st.iteration,
+        "epochs": st.epoch,
+        "recoveries": st.recoveries,
+        "seconds": seconds,
+        "seconds_per_iteration": seconds / max(1, st.iteration),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "device": str(run.device),
+        "best_checkpoint": str(saver.best_path) if saver.best_path.is_file() else None,
+        "last_checkpoint": str(saver.last_path),
+        "run_dir": str(run.out),
+    }

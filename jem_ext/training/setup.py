@@ -1,0 +1,208 @@
+"""Setting a run up: data, model, optimiser, sampler and generators, gathered in a :class:`Run`.
+
+:func:`build_run` is deterministic in the config's seed: the same config builds the same
+initial weights, replay buffer and random generators.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .. import data as jdata
+from ..models import build_model
+from ..sampler import GaussianInit, ReplayBuffer, SGLDSampler, UniformInit
+from .state import RunState
+from .step import LossWeights, StepContext
+
+if TYPE_CHECKING:  # annotations only: these modules import this one
+    from .guard import DivergenceGuard
+    from .runlog import MetricsLog, Progress
+    from .saver import CheckpointSaver
+
+OPTIMIZERS = ("adam", "sgd")
+PROXIMAL_GRAD_CLIP = 0.03  # JEM++'s element-wise clip of dE/dx when --proximal has no value
+SAMPLE_RANGE = (-1.0, 1.0)  # data live in [-1, 1]; proximal SGLD clamps samples to it
+
+
+@dataclass
+class RunData:
+    """The splits of a run, the training split on the run's device, and how batches are made.
+
+    Attributes:
+        labeled: bool mask of the training labels the CE term may use, on the run's device
+            (None: all).
+        augment: the dataset's augmentation, or None.
+    """
+
+    train: jdata.ImageData
+    val: jdata.ImageData
+    test: jdata.ImageData
+    train_on_device: jdata.ImageData
+    labeled: Tensor | None
+    augment: jdata.Augment | None
+
+
+@dataclass
+class Run:
+    """Everything a training run works with; built by :func:`build_run`."""
+
+    cfg: dict[str, Any]
+    device: torch.device
+    ctx: StepContext
+    data: RunData
+    weights: LossWeights
+    generators: dict[str, torch.Generator]
+    out: Path
+    state: RunState = field(default_factory=RunState)
+    last_samples: Tensor | None = None
+    saver: CheckpointSaver | None = None
+    guard: DivergenceGuard | None = None
+    log: MetricsLog | None = None
+    progress: Progress | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.data.train) / self.cfg["batch_size"])
+
+    def elapsed(self) -> float:
+        """Training seconds so far, over every resume."""
+        return time.perf_counter() - self.started
+
+
+def fresh_out(cfg: dict[str, Any]) -> str:
+    """A new run folder name, ``runs/<timestamp>-<dataset>-<objective>[-k]``."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{stamp}-{cfg['dataset']}-{cfg['objective']}"
+    out, k = base, 1
+    while out.exists():
+        k += 1
+        out = base.with_name(f"{base.name}-{k}")
+    return str(out)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is cuda when a CUDA device is available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def model_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments of the config's model (depth/width mapped to its names)."""
+    norm = None if cfg["norm"] in (None, "none") else cfg["norm"]
+    names = {"wrn": ("depth", "widen_factor"), "small_cnn": (None, "width"),
+             "mlp": ("depth", "hidden")}[cfg["model"]]
+    kw: dict[str, Any] = {} if cfg["model"] == "mlp" else {"norm": norm,
+                                                            "dropout": cfg["dropout"]}
+    for key, name in zip(("depth", "width"), names):
+        if name is not None and cfg[key] is not None:
+            kw[name] = cfg[key]
+    return kw
+
+
+def load_data(cfg: dict[str, Any]) -> dict[str, jdata.ImageData]:
+    """Load the train/val/test splits named by the config (raises DataError)."""
+    return {
+        split: jdata.load_dataset(cfg["dataset"], cfg["data_root"], split, seed=cfg["seed"])
+        for split in jdata.SPLITS
+    }
+
+
+def sampler_seed(seed: int, reseeds: int = 0) -> int:
+    """Seed of the sampler's generator, fresh after each recovery (``reseeds``)."""
+    return seed + 101 + 1000 * reseeds
+
+
+def make_sampler(cfg: dict[str, Any], train_data: jdata.ImageData, device: torch.device,
+                 generator: torch.Generator | None = None) -> SGLDSampler | None:
+    """Build the SGLD sampler (with its replay buffer) described by the config, or None for CE."""
+    if cfg["objective"] == "ce":
+        return None
+    conditional = cfg["objective"] == "factored"
+    if cfg["init"] == "gaussian":
+        init = GaussianInit.fit(train_data.x, train_data.y, train_data.num_classes)
+    else:
+        init = UniformInit(*SAMPLE_RANGE)
+    buffer = None
+    if cfg["buffer_size"] > 0:
+        buffer = ReplayBuffer(
+            cfg["buffer_size"], train_data.shape,
+            num_classes=train_data.num_classes if conditional else None,
+            device=device, reinit_prob=cfg["reinit_prob"], init=init, generator=generator,
+        )
+    clamp, grad_clip = chain_limits(cfg)
+    return SGLDSampler(
+        n_steps=cfg["sgld_steps"], step_size=cfg["sgld_step_size"], noise_std=cfg["sgld_noise"],
+        clamp=clamp, grad_clip=grad_clip, buffer=buffer, init=init, conditional=conditional,
+        sample_shape=train_data.shape,
+    )
+
+
+def chain_limits(cfg: dict[str, Any]) -> tuple[tuple[float, float] | None, float | None]:
+    """``(clamp, grad_clip)`` of the config's SGLD chains (proximal SGLD sets both)."""
+    clamp = SAMPLE_RANGE if cfg["proximal"] else None
+    grad_clip = cfg["grad_clip"]
+    if cfg["proximal"] and grad_clip is None:
+        grad_clip = PROXIMAL_GRAD_CLIP
+    return clamp, grad_clip
+
+
+def make_optimizer(cfg: dict[str, Any], model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Adam (betas 0.9, 0.999, as in JEM) or SGD with momentum 0.9."""
+    if cfg["optimizer"] == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg["lr"],
+                                weight_decay=cfg["weight_decay"])
+    return torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9,
+                           weight_decay=cfg["weight_decay"])
+
+
+def build_context(cfg: dict[str, Any], model: torch.nn.Module, train_data: jdata.ImageData,
+                  device: torch.device, generator: torch.Generator) -> StepContext:
+    """The :class:`StepContext` of a plain run: one module, default precision.
+
+    This is where precision, CUDA-graph and distributed options set the context's fields.
+    """
+    return StepContext(
+        model_for_chain=model, model_for_loss=model, optimizer=make_optimizer(cfg, model),
+        sampler=make_sampler(cfg, train_data, device, generator=generator), generator=generator,
+    )
+
+
+def build_run(cfg: dict[str, Any], datasets: dict[str, jdata.ImageData] | None = None) -> Run:
+    """Build the run of a validated config (nothing is written to disk here)."""
+    device = resolve_device(cfg["device"])
+    if cfg["threads"] > 0:
+        torch.set_num_threads(cfg["threads"])
+    if datasets is None:
+        datasets = load_data(cfg)
+    train_d = datasets["train"]
+    seed = cfg["seed"]
+    torch.manual_seed(seed)
+    model = build_model(cfg["model"], train_d.num_classes, train_d.shape, **model_kwargs(cfg))
+    model.to(device)
+    gen_device = device if device.type == "cuda" else torch.device("cpu")
+    generators = {"sampler": torch.Generator(device=gen_device).manual_seed(sampler_seed(seed)),
+                  "augment": torch.Generator(device=gen_device).manual_seed(seed + 202)}
+    ctx = build_context(cfg, model, train_d, device, generators["sampler"])
+    labeled = None
+    if cfg["labels_per_class"]:
+        labeled = jdata.labeled_mask(train_d.y, cfg["labels_per_class"], seed=seed).to(device)
+    data = RunData(
+        train=train_d, val=datasets["val"], test=datasets["test"],
+        train_on_device=jdata.ImageData(train_d.x.to(device), train_d.y.to(device),
+                                        train_d.num_classes, train_d.name, train_d.classes),
+        labeled=labeled,
+        augment=None if cfg["no_augment"] else jdata.default_augment(cfg["dataset"]),
+    )
+    weights = LossWeights(cfg["objective"], cfg["w_px"], cfg["w_pyx"], cfg["l2_energy"])
+    return Run(cfg=cfg, device=device, ctx=ctx, data=data, weights=weights,
+               generators=generators, out=Path(cfg["out"]))

@@ -1,0 +1,119 @@
+"""One training iteration, JEM's Algorithm 1, and the seam through which options plug in.
+
+:func:`train_step` is the algorithm and nothing else: given a data batch ``(x, y)``, draw
+``x_q`` from the sampler (chains from the replay buffer, K SGLD steps, written back), compute
+``loss = CE + E(x) - E(x_q) (+ penalty)`` and update the parameters. Everything else (learning
+rate, logging, checkpoints, the divergence guard) happens around it, in :mod:`.loop`.
+
+The seam is :class:`StepContext`. Options that change *how* a step runs, not *what* it
+computes, are fields of the context, set where the context is built
+(:func:`jem_ext.training.setup.build_context`), and never branches inside the step:
+
+- ``model_for_loss``: the module the loss's forward passes go through (a distributed wrapper
+  such as ``DistributedDataParallel(model)``); ``model_for_chain``: the underlying module, used
+  for the SGLD chains (whose gradients are with respect to ``x``, not synchronised), for
+  checkpoints and for evaluation. Without a wrapper both are the same module.
+- ``autocast``: a zero-argument callable returning the context manager the loss is computed in
+  (``torch.autocast(...)`` for mixed precision; ``contextlib.nullcontext`` by default).
+- ``scaler``: a ``torch.amp.GradScaler`` for float16 training, or None.
+- ``update``: the method that turns the loss into a parameter update (zero grads, backward,
+  optimizer step, through the scaler when there is one); a CUDA-graph or compiled variant
+  replaces this method or the step's callables, not the step.
+
+The loss terms come back as host floats, read in one transfer inside the objective: the only
+host sync of an iteration. Callers (the guard, the logger) use those floats.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .. import objectives
+from ..sampler import SGLDSampler
+
+
+@dataclass
+class StepContext:
+    """What a training step runs on (see the module docstring for the seam).
+
+    Attributes:
+        model_for_chain: the network itself (SGLD chains, checkpoints, evaluation).
+        model_for_loss: what the loss's forward passes go through (a wrapper, or the network).
+        optimizer: the parameters' optimiser.
+        sampler: the SGLD sampler, or None for the cross-entropy objective.
+        generator: the sampler's random generator (buffer draws, SGLD noise).
+        autocast: returns the context manager the loss is computed in.
+        scaler: gradient scaler for float16 training, or None.
+    """
+
+    model_for_chain: nn.Module
+    model_for_loss: nn.Module
+    optimizer: torch.optim.Optimizer
+    sampler: SGLDSampler | None
+    generator: torch.Generator
+    autocast: Callable[[], AbstractContextManager[Any]] = field(default=nullcontext)
+    scaler: Any = None
+
+    def update(self, loss: Tensor) -> None:
+        """Gradient step on ``loss``: zero grads, backward, optimizer step (scaled if needed)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The objective and its weights (see :func:`jem_ext.objectives.jem_loss`)."""
+
+    objective: str = "jem"
+    w_px: float = 1.0
+    w_pyx: float = 1.0
+    l2_energy: float = 0.0
+
+
+@dataclass
+class Batch:
+    """A data batch: inputs, labels, and which labels the CE term may use (None: all)."""
+
+    x: Tensor
+    y: Tensor
+    labeled: Tensor | None = None
+
+
+def train_step(ctx: StepContext, batch: Batch, weights: LossWeights
+               ) -> tuple[dict[str, float], Tensor | None]:
+    """One iteration of JEM's Algorithm 1 on ``batch``.
+
+    Returns:
+        ``(terms, x_q)``: the loss terms as host floats (see :func:`jem_ext.objectives.jem_loss`)
+        and the samples drawn this step (None without a sampler).
+    """
+    # Draw x_q ~ p_theta(x): chains from the replay buffer, K SGLD steps, written back.
+    x_q = None
+    if ctx.sampler is not None:
+        y_q = batch.y if ctx.sampler.conditional else None
+        x_q = ctx.sampler.sample(ctx.model_for_chain, batch.x.shape[0], y=y_q,
+                                 generator=ctx.generator)
+
+    # loss = CE(f(x), y) + E(x) - E(x_q) (+ L2 penalty on the energies)
+    ctx.model_for_loss.train()
+    with ctx.autocast():
+        loss, terms = objectives.jem_loss(
+            ctx.model_for_loss, batch.x, batch.y, x_q=x_q, labeled=batch.labeled,
+            objective=weights.objective, w_px=weights.w_px, w_pyx=weights.w_pyx,
+            l2_energy=weights.l2_energy,
+        )
+
+    # Update theta.
+    ctx.update(loss)
+    return terms, x_q
