@@ -11,16 +11,22 @@
 CPU with one thread and with all threads; CUDA when present (with GB/s of
 the bytes each op must move). Medians over many repeats; prints a table and
 writes JSON (--json). Ratios are "eager time / fused time" from one run.
+sgld_step_'s CPU kernels run at the best instruction-set level the CPU
+supports, or at the one --cpu-level (or JEM_EXT_CPU_LEVEL) names; the JSON
+records it (the energy loops pick their compiled clone by the CPU alone).
 
     python benchmarks/bench_ops.py --json benchmarks/out/ops.json
+    python benchmarks/bench_ops.py --quick --threads 1 --cpu-level avx2 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 
@@ -29,6 +35,8 @@ import torch
 import jem_ext
 from jem_ext import ops
 
+CPU_LEVELS = ["avx512", "avx2", "baseline"]
+CPU_LEVEL_ENV = "JEM_EXT_CPU_LEVEL"
 SGLD_SIZES = [10_000, 100_000, 1_000_000, 4_000_000, 16_000_000]
 LOGIT_SHAPES = [(64, 10), (65536, 10), (4096, 1000)]
 STEP, STD = 1.0, 0.01
@@ -159,6 +167,25 @@ def fmt(r: dict) -> str:
             f"{r['fused_GBps']:10.2f}")
 
 
+def select_cpu_level(level: str | None) -> str:
+    """Force the CPU kernels' level (before their first call); the level in use."""
+    if level is not None:
+        os.environ[CPU_LEVEL_ENV] = level
+    return torch.ops.jem_ext._cpu_level()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (as lscpu shows it), else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,14 +199,22 @@ def main(argv=None) -> int:
     p.add_argument("--no-cpu", action="store_true", help="skip the CPU runs")
     p.add_argument("--quick", action="store_true",
                    help="only the target sizes (4M elements; 65536x10, 4096x1000)")
+    p.add_argument("--cpu-level", choices=CPU_LEVELS, default=None,
+                   help=f"instruction-set level of the CPU kernels (sets {CPU_LEVEL_ENV}; "
+                        "default: the best this CPU supports)")
     args = p.parse_args(argv)
+    try:
+        cpu_level = select_cpu_level(args.cpu_level)
+    except RuntimeError as e:
+        print(f"bench_ops.py: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
 
     sizes = [4_000_000] if args.quick else SGLD_SIZES
     shapes = LOGIT_SHAPES[1:] if args.quick else LOGIT_SHAPES
     all_threads = torch.get_num_threads()
     threads = args.threads or sorted({1, all_threads})
     print(f"jem_ext {jem_ext.__version__}, torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}, {all_threads} threads")
+          f"{cpu_model()}, CPU level {cpu_level}, {all_threads} threads")
     print(HEADER)
     rows = []
     if not args.no_cpu:
@@ -199,11 +234,9 @@ def main(argv=None) -> int:
     if args.json:
         meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     torch=torch.__version__, jem_ext=jem_ext.__version__,
-                    cpu=platform.processor() or platform.machine(), threads=all_threads,
+                    cpu=cpu_model(), cpu_level=cpu_level, threads=all_threads,
                     gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                     build=jem_ext.build_info)
-        import os
-
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
