@@ -4,6 +4,7 @@ baseline level, and the noise they draw has the right statistics."""
 
 import math
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -51,6 +52,9 @@ CASES_SCRIPT = textwrap.dedent("""
                 yield (f"generator {dtype} {n}",
                        ops.sgld_step_(x, g, 0.05, 0.3, clamp_min=-1.0, clamp_max=1.0,
                                       generator=rng))
+                x, g = inputs(n, dtype, gen)
+                yield (f"no noise {dtype} {n}",
+                       ops.sgld_step_philox_(x, g, 0.5, 0.0, 1, 0, clamp_max=0.5))
             # Non-contiguous x and grad: a transposed matrix, a strided slice.
             x = torch.randn(37, 41, generator=gen, dtype=torch.float64).to(dtype).t()
             g = torch.randn(41, 2 * 37, generator=gen, dtype=torch.float64).to(dtype)[:, ::2]
@@ -132,9 +136,25 @@ def test_level_noise_statistics(level, tmp_dir):
         assert abs(np.corrcoef(z[:-lag], z[lag:])[0, 1]) < 5 * se
 
 
-def test_default_level_is_the_best_supported():
-    assert best_level() in LEVELS
-    assert best_level() == torch.ops.jem_ext._cpu_level() or os.environ.get(ENV)
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo") or platform.machine() != "x86_64",
+                    reason="reads the x86 CPU flags from /proc/cpuinfo")
+def test_default_level_is_the_best_the_cpu_supports():
+    flags = cpu_flags()
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"} <= flags:
+        want = "avx512"
+    elif {"avx2", "fma"} <= flags:
+        want = "avx2"
+    else:
+        want = "baseline"
+    assert best_level() == want
 
 
 LEVEL_CALL = ("import torch, jem_ext; x = torch.zeros(9); "
@@ -154,4 +174,4 @@ def test_unsupported_level_is_a_clear_error():
         pytest.skip("this CPU supports every level")
     out = run_python(LEVEL_CALL, missing[-1])
     assert out.returncode != 0
-    assert "this CPU lacks that instruction set" in out.stderr
+    assert "lacks that instruction set" in out.stderr

@@ -84,8 +84,8 @@ inline CpuLevel resolve_cpu_level(const char* requested) {
   for (CpuLevel level : {CpuLevel::kAvx512, CpuLevel::kAvx2, CpuLevel::kBaseline}) {
     if (std::strcmp(requested, cpu_level_name(level)) == 0) {
       TORCH_CHECK(cpu_supports(level), kCpuLevelEnv, "=", requested,
-                  ": this CPU lacks that instruction set (the best it supports is ",
-                  cpu_level_name(best), ")");
+                  ": this CPU (or this build) lacks that instruction set (the best level "
+                  "available is ", cpu_level_name(best), ")");
       return level;
     }
   }
