@@ -42,28 +42,37 @@ LOGIT_SHAPES = [(64, 10), (65536, 10), (4096, 1000)]
 STEP, STD = 1.0, 0.01
 
 
-def timeit(fn, device: str, min_time: float, min_reps: int = 5, max_reps: int = 500) -> float:
-    """Median seconds per call over repeats filling about `min_time`."""
+def timeit(fns, device: str, min_time: float, min_reps: int = 5,
+           max_reps: int = 500) -> list[float]:
+    """Median seconds per call of each of `fns` (None: skipped, None back).
+
+    The functions run in turn within each repeat, so a change in the
+    machine's load slows all of them alike and their ratios stay fair.
+    Repeats fill about `min_time` for the slowest function.
+    """
+    live = [fn for fn in fns if fn is not None]
 
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(2):  # warm-up (and compilation)
-        fn()
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    one = max(time.perf_counter() - t0, 1e-7)
-    reps = int(min(max_reps, max(min_reps, min_time / one)))
-    times = []
-    for _ in range(reps):
+    def timed(fn) -> float:
         t0 = time.perf_counter()
         fn()
         sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return time.perf_counter() - t0
+
+    for fn in live:  # warm-up (and compilation)
+        fn()
+        fn()
+    sync()
+    one = max(max(timed(fn) for fn in live), 1e-7)
+    reps = int(min(max_reps, max(min_reps, min_time / one)))
+    times = {fn: [] for fn in live}
+    for _ in range(reps):
+        for fn in live:
+            times[fn].append(timed(fn))
+    return [statistics.median(times[fn]) if fn is not None else None for fn in fns]
 
 
 def eager_sgld(x, grad):
@@ -119,9 +128,9 @@ def bench_device(device: str, threads: int | None, min_time: float, compile_: bo
     for n in sizes:
         x = torch.rand(n, device=device) * 2 - 1
         grad = torch.randn(n, device=device)
-        t_eager = timeit(lambda: eager_sgld(x, grad), device, min_time)
-        t_fused = timeit(lambda: fused_sgld(x, grad), device, min_time)
-        t_comp = timeit(lambda: compiled_sgld(x, grad), device, min_time) if compile_ else None
+        t_eager, t_fused, t_comp = timeit(
+            [lambda: eager_sgld(x, grad), lambda: fused_sgld(x, grad),
+             (lambda: compiled_sgld(x, grad)) if compile_ else None], device, min_time)
         bytes_moved = 3 * n * x.element_size()  # read x, read grad, write x
         rows.append(dict(op="sgld_step_", device=label, size=n, eager_s=t_eager, fused_s=t_fused,
                          compiled_s=t_comp, speedup_vs_eager=t_eager / t_fused,
@@ -130,9 +139,9 @@ def bench_device(device: str, threads: int | None, min_time: float, compile_: bo
         print(fmt(rows[-1]), flush=True)
     for b, c in shapes:
         logits = torch.randn(b, c, device=device, requires_grad=True)
-        t_eager = timeit(lambda: eager_energy_fb(logits), device, min_time)
-        t_fused = timeit(lambda: fused_energy_fb(logits), device, min_time)
-        t_comp = timeit(lambda: compiled_energy(logits), device, min_time) if compile_ else None
+        t_eager, t_fused, t_comp = timeit(
+            [lambda: eager_energy_fb(logits), lambda: fused_energy_fb(logits),
+             (lambda: compiled_energy(logits)) if compile_ else None], device, min_time)
         bytes_moved = 3 * b * c * logits.element_size()  # fwd read, bwd read + write
         rows.append(dict(op="energy fwd+bwd", device=label, size=f"{b}x{c}", eager_s=t_eager,
                          fused_s=t_fused, compiled_s=t_comp, speedup_vs_eager=t_eager / t_fused,
@@ -142,10 +151,9 @@ def bench_device(device: str, threads: int | None, min_time: float, compile_: bo
     for b, c in shapes:  # the JEM loss's pair: energy and cross-entropy
         logits = torch.randn(b, c, device=device, requires_grad=True)
         y = torch.randint(0, c, (b,), device=device)
-        t_eager = timeit(lambda: eager_energy_ce_fb(logits, y), device, min_time)
-        t_fused = timeit(lambda: fused_energy_ce_fb(logits, y), device, min_time)
-        t_comp = (timeit(lambda: compiled_energy_ce(logits, y), device, min_time)
-                  if compile_ else None)
+        t_eager, t_fused, t_comp = timeit(
+            [lambda: eager_energy_ce_fb(logits, y), lambda: fused_energy_ce_fb(logits, y),
+             (lambda: compiled_energy_ce(logits, y)) if compile_ else None], device, min_time)
         bytes_moved = 3 * b * c * logits.element_size()
         rows.append(dict(op="energy_ce f+b", device=label, size=f"{b}x{c}", eager_s=t_eager,
                          fused_s=t_fused, compiled_s=t_comp, speedup_vs_eager=t_eager / t_fused,
@@ -227,7 +235,7 @@ def main(argv=None) -> int:
         # The copy bandwidth a memory-bound elementwise op can hope for.
         n = 16_000_000
         a = torch.empty(n, device="cuda")
-        t_copy = timeit(lambda: a.clone(), "cuda", args.min_time)
+        (t_copy,) = timeit([lambda: a.clone()], "cuda", args.min_time)
         copy_gbps = 2 * n * 4 / t_copy / 1e9
         print(f"cuda copy bandwidth (clone of 16M float32): {copy_gbps:.1f} GB/s")
         rows.append(dict(op="copy", device="cuda", size=n, fused_GBps=copy_gbps))
