@@ -30,6 +30,9 @@ constexpr int64_t kBlockGroups = 256;
 
 using Words = uint32_t[4][kBlockGroups];
 
+// The rounds of philox4x32_10, for the vectorised copies of it.
+constexpr int kPhiloxRounds = 10;
+
 // ---------------------------------------------------------------- portable loops
 // The scalar definitions, inlined into one function per CPU level (the
 // compiler auto-vectorises them for that level's instruction set).
@@ -120,6 +123,13 @@ JEM_EXT_TARGET_AVX2 void philox_words_avx2(Words& r, uint64_t seed, uint64_t off
   const __m256i mul1 = _mm256_set1_epi64x(kMul1);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i sign = set1_u32_avx2(0x80000000u);
+  // The round keys are the same for every group: broadcast them once.
+  __m256i key0[kPhiloxRounds], key1[kPhiloxRounds];
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < kPhiloxRounds; ++round, k0 += kWeyl0, k1 += kWeyl1) {
+    key0[round] = set1_u32_avx2(k0);
+    key1[round] = set1_u32_avx2(k1);
+  }
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) {
     const uint64_t g0 = first + static_cast<uint64_t>(i);
@@ -133,17 +143,14 @@ JEM_EXT_TARGET_AVX2 void philox_words_avx2(Words& r, uint64_t seed, uint64_t off
     const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(g_lo, sign),
                                                _mm256_xor_si256(c2, sign));
     __m256i c3 = _mm256_sub_epi32(g_hi, wrapped);  // wrapped lanes are -1
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < 10; ++round) {
+    for (int round = 0; round < kPhiloxRounds; ++round) {
       __m256i lo0, hi0, lo1, hi1;
       mul_wide_avx2(c0, mul0, &lo0, &hi0);
       mul_wide_avx2(c2, mul1, &lo1, &hi1);
-      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), set1_u32_avx2(k0));
-      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), set1_u32_avx2(k1));
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), key0[round]);
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), key1[round]);
       c1 = lo1;
       c3 = lo0;
-      k0 += kWeyl0;
-      k1 += kWeyl1;
     }
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(&r[0][i]), c0);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(&r[1][i]), c1);
@@ -303,6 +310,13 @@ JEM_EXT_TARGET_AVX512 void philox_words_avx512(Words& r, uint64_t seed, uint64_t
   const __m512i mul1 = _mm512_set1_epi64(kMul1);
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   constexpr __mmask16 kOdd = 0xAAAA;
+  // The round keys are the same for every group: broadcast them once.
+  __m512i key0[kPhiloxRounds], key1[kPhiloxRounds];
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < kPhiloxRounds; ++round, k0 += kWeyl0, k1 += kWeyl1) {
+    key0[round] = _mm512_set1_epi32(static_cast<int>(k0));
+    key1[round] = _mm512_set1_epi32(static_cast<int>(k1));
+  }
   int64_t i = 0;
   for (; i + 16 <= count; i += 16) {
     const uint64_t g0 = first + static_cast<uint64_t>(i);
@@ -314,8 +328,7 @@ JEM_EXT_TARGET_AVX512 void philox_words_avx512(Words& r, uint64_t seed, uint64_t
     // Carry into the high word in lanes whose low word wrapped around.
     const __mmask16 wrapped = _mm512_cmplt_epu32_mask(c2, g_lo);
     __m512i c3 = _mm512_mask_add_epi32(g_hi, wrapped, g_hi, _mm512_set1_epi32(1));
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < 10; ++round) {
+    for (int round = 0; round < kPhiloxRounds; ++round) {
       const __m512i e0 = _mm512_mul_epu32(c0, mul0);  // products of the even lanes
       const __m512i o0 = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), mul0);  // odd lanes
       const __m512i e1 = _mm512_mul_epu32(c2, mul1);
@@ -324,14 +337,10 @@ JEM_EXT_TARGET_AVX512 void philox_words_avx512(Words& r, uint64_t seed, uint64_t
       const __m512i hi0 = _mm512_mask_blend_epi32(kOdd, _mm512_srli_epi64(e0, 32), o0);
       const __m512i lo1 = _mm512_mask_blend_epi32(kOdd, e1, _mm512_slli_epi64(o1, 32));
       const __m512i hi1 = _mm512_mask_blend_epi32(kOdd, _mm512_srli_epi64(e1, 32), o1);
-      c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1),
-                            _mm512_set1_epi32(static_cast<int>(k0)));
-      c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3),
-                            _mm512_set1_epi32(static_cast<int>(k1)));
+      c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), key0[round]);
+      c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), key1[round]);
       c1 = lo1;
       c3 = lo0;
-      k0 += kWeyl0;
-      k1 += kWeyl1;
     }
     _mm512_storeu_si512(&r[0][i], c0);
     _mm512_storeu_si512(&r[1][i], c1);
