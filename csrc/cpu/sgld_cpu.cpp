@@ -99,15 +99,14 @@ void update_float_baseline(float* __restrict x, const float* __restrict g,
 // definition (philox.h, sgld.h), fused multiply-adds where those call
 // fma_f and nowhere else, so its results are bit-identical.
 
-// The 64-bit products of the 32-bit lanes of c with m (m in the even lanes):
-// low and high halves, lane by lane.
-JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void mul_wide_avx2(__m256i c, __m256i m, __m256i* lo,
-                                                      __m256i* hi) {
-  const __m256i even = _mm256_mul_epu32(c, m);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), m);
-  constexpr int kOdd = 0xAA;
-  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), kOdd);
-  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, kOdd);
+// The 64-bit products of the 32-bit lanes of c with the multiplier m
+// (m32: m in every lane; m64: m in the even lanes): low and high halves.
+JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void mul_wide_avx2(__m256i c, __m256i m32, __m256i m64,
+                                                      __m256i* lo, __m256i* hi) {
+  const __m256i even = _mm256_mul_epu32(c, m64);
+  const __m256i odd = _mm256_mul_epu32(_mm256_shuffle_epi32(c, 0xF5), m64);
+  *lo = _mm256_mullo_epi32(c, m32);
+  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
 }
 
 JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE __m256i set1_u32_avx2(uint32_t v) {
@@ -119,8 +118,8 @@ JEM_EXT_TARGET_AVX2 void philox_words_avx2(Words& r, uint64_t seed, uint64_t off
                                            uint64_t first, int64_t count) {
   using namespace philox_detail;
   const uint64_t step = offset / 4;
-  const __m256i mul0 = _mm256_set1_epi64x(kMul0);
-  const __m256i mul1 = _mm256_set1_epi64x(kMul1);
+  const __m256i mul0_32 = set1_u32_avx2(kMul0), mul0_64 = _mm256_set1_epi64x(kMul0);
+  const __m256i mul1_32 = set1_u32_avx2(kMul1), mul1_64 = _mm256_set1_epi64x(kMul1);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i sign = set1_u32_avx2(0x80000000u);
   // The round keys are the same for every group: broadcast them once.
@@ -145,8 +144,8 @@ JEM_EXT_TARGET_AVX2 void philox_words_avx2(Words& r, uint64_t seed, uint64_t off
     __m256i c3 = _mm256_sub_epi32(g_hi, wrapped);  // wrapped lanes are -1
     for (int round = 0; round < kPhiloxRounds; ++round) {
       __m256i lo0, hi0, lo1, hi1;
-      mul_wide_avx2(c0, mul0, &lo0, &hi0);
-      mul_wide_avx2(c2, mul1, &lo1, &hi1);
+      mul_wide_avx2(c0, mul0_32, mul0_64, &lo0, &hi0);
+      mul_wide_avx2(c2, mul1_32, mul1_64, &lo1, &hi1);
       c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), key0[round]);
       c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), key1[round]);
       c1 = lo1;
