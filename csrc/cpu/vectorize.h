@@ -9,7 +9,8 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
     !defined(JEM_EXT_NO_CLONES)
-#define JEM_EXT_VECTORIZE __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define JEM_EXT_VECTORIZE \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define JEM_EXT_VECTORIZE
 #endif
