@@ -11,16 +11,24 @@
 CPU with one thread and with all threads; CUDA when present (with GB/s of
 the bytes each op must move). Medians over many repeats; prints a table and
 writes JSON (--json). Ratios are "eager time / fused time" from one run.
+sgld_step_'s CPU kernels run at the best instruction-set level the CPU
+supports, or at the one --cpu-level (or JEM_EXT_CPU_LEVEL) names; the JSON
+records it (the energy loops pick their compiled clone by the CPU alone).
+To emulate an older CPU for eager PyTorch too, set ATEN_CPU_CAPABILITY
+(avx2, default) in the environment; the JSON records torch's level as well.
 
     python benchmarks/bench_ops.py --json benchmarks/out/ops.json
+    python benchmarks/bench_ops.py --quick --threads 1 --cpu-level avx2 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 
@@ -29,33 +37,50 @@ import torch
 import jem_ext
 from jem_ext import ops
 
+CPU_LEVELS = ["avx512", "avx2", "baseline"]
+CPU_LEVEL_ENV = "JEM_EXT_CPU_LEVEL"
 SGLD_SIZES = [10_000, 100_000, 1_000_000, 4_000_000, 16_000_000]
 LOGIT_SHAPES = [(64, 10), (65536, 10), (4096, 1000)]
 STEP, STD = 1.0, 0.01
 
 
-def timeit(fn, device: str, min_time: float, min_reps: int = 5, max_reps: int = 500) -> float:
-    """Median seconds per call over repeats filling about `min_time`."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def timeit(fns, device: str, min_time: float, min_reps: int = 5, max_reps: int = 500,
+           clock: str = "wall") -> list[float]:
+    """Median seconds per call of each of `fns` (None: skipped, None back).
+
+    The functions run in turn within each repeat, so a change in the
+    machine's load slows all of them alike and their ratios stay fair.
+    Repeats fill about `min_time` for the slowest function. The "cpu" clock
+    counts the calling thread's CPU time only (one-thread CPU runs on a
+    shared machine: time spent descheduled is left out).
+    """
+    live = [fn for fn in fns if fn is not None]
+    now = CLOCKS[clock]
 
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(2):  # warm-up (and compilation)
-        fn()
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    one = max(time.perf_counter() - t0, 1e-7)
-    reps = int(min(max_reps, max(min_reps, min_time / one)))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+    def timed(fn) -> float:
+        t0 = now()
         fn()
         sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return now() - t0
+
+    for fn in live:  # warm-up (and compilation)
+        fn()
+        fn()
+    sync()
+    one = max(max(timed(fn) for fn in live), 1e-7)
+    reps = int(min(max_reps, max(min_reps, min_time / one)))
+    times = {fn: [] for fn in live}
+    for _ in range(reps):
+        for fn in live:
+            times[fn].append(timed(fn))
+    return [statistics.median(times[fn]) if fn is not None else None for fn in fns]
 
 
 def eager_sgld(x, grad):
@@ -102,7 +127,7 @@ def fused_energy_ce_fb(logits, y):
 
 
 def bench_device(device: str, threads: int | None, min_time: float, compile_: bool,
-                 sizes, shapes) -> list[dict]:
+                 sizes, shapes, clock: str = "wall") -> list[dict]:
     rows = []
     label = device if threads is None else f"{device}/{threads}t"
     compiled_sgld = torch.compile(eager_sgld_inplace) if compile_ else None
@@ -111,9 +136,10 @@ def bench_device(device: str, threads: int | None, min_time: float, compile_: bo
     for n in sizes:
         x = torch.rand(n, device=device) * 2 - 1
         grad = torch.randn(n, device=device)
-        t_eager = timeit(lambda: eager_sgld(x, grad), device, min_time)
-        t_fused = timeit(lambda: fused_sgld(x, grad), device, min_time)
-        t_comp = timeit(lambda: compiled_sgld(x, grad), device, min_time) if compile_ else None
+        t_eager, t_fused, t_comp = timeit(
+            [lambda: eager_sgld(x, grad), lambda: fused_sgld(x, grad),
+             (lambda: compiled_sgld(x, grad)) if compile_ else None], device, min_time,
+            clock=clock)
         bytes_moved = 3 * n * x.element_size()  # read x, read grad, write x
         rows.append(dict(op="sgld_step_", device=label, size=n, eager_s=t_eager, fused_s=t_fused,
                          compiled_s=t_comp, speedup_vs_eager=t_eager / t_fused,
@@ -122,9 +148,10 @@ def bench_device(device: str, threads: int | None, min_time: float, compile_: bo
         print(fmt(rows[-1]), flush=True)
     for b, c in shapes:
         logits = torch.randn(b, c, device=device, requires_grad=True)
-        t_eager = timeit(lambda: eager_energy_fb(logits), device, min_time)
-        t_fused = timeit(lambda: fused_energy_fb(logits), device, min_time)
-        t_comp = timeit(lambda: compiled_energy(logits), device, min_time) if compile_ else None
+        t_eager, t_fused, t_comp = timeit(
+            [lambda: eager_energy_fb(logits), lambda: fused_energy_fb(logits),
+             (lambda: compiled_energy(logits)) if compile_ else None], device, min_time,
+            clock=clock)
         bytes_moved = 3 * b * c * logits.element_size()  # fwd read, bwd read + write
         rows.append(dict(op="energy fwd+bwd", device=label, size=f"{b}x{c}", eager_s=t_eager,
                          fused_s=t_fused, compiled_s=t_comp, speedup_vs_eager=t_eager / t_fused,
@@ -134,10 +161,10 @@ def bench_device(device: str, threads: int | None, min_time: float, compile_: bo
     for b, c in shapes:  # the JEM loss's pair: energy and cross-entropy
         logits = torch.randn(b, c, device=device, requires_grad=True)
         y = torch.randint(0, c, (b,), device=device)
-        t_eager = timeit(lambda: eager_energy_ce_fb(logits, y), device, min_time)
-        t_fused = timeit(lambda: fused_energy_ce_fb(logits, y), device, min_time)
-        t_comp = (timeit(lambda: compiled_energy_ce(logits, y), device, min_time)
-                  if compile_ else None)
+        t_eager, t_fused, t_comp = timeit(
+            [lambda: eager_energy_ce_fb(logits, y), lambda: fused_energy_ce_fb(logits, y),
+             (lambda: compiled_energy_ce(logits, y)) if compile_ else None], device, min_time,
+            clock=clock)
         bytes_moved = 3 * b * c * logits.element_size()
         rows.append(dict(op="energy_ce f+b", device=label, size=f"{b}x{c}", eager_s=t_eager,
                          fused_s=t_fused, compiled_s=t_comp, speedup_vs_eager=t_eager / t_fused,
@@ -159,6 +186,25 @@ def fmt(r: dict) -> str:
             f"{r['fused_GBps']:10.2f}")
 
 
+def select_cpu_level(level: str | None) -> str:
+    """Force the CPU kernels' level (before their first call); the level in use."""
+    if level is not None:
+        os.environ[CPU_LEVEL_ENV] = level
+    return torch.ops.jem_ext._cpu_level()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (as lscpu shows it), else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,38 +218,55 @@ def main(argv=None) -> int:
     p.add_argument("--no-cpu", action="store_true", help="skip the CPU runs")
     p.add_argument("--quick", action="store_true",
                    help="only the target sizes (4M elements; 65536x10, 4096x1000)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="CPU runs: wall time, or the calling thread's CPU time (for --threads 1 "
+                        "on a shared machine)")
+    p.add_argument("--cpu-level", choices=CPU_LEVELS, default=None,
+                   help=f"instruction-set level of the CPU kernels (sets {CPU_LEVEL_ENV}; "
+                        "default: the best this CPU supports)")
     args = p.parse_args(argv)
+    if args.clock == "cpu" and args.threads != [1]:
+        print("bench_ops.py: --clock cpu counts one thread's time: use it with --threads 1",
+              file=sys.stderr)
+        return 2
+    try:
+        cpu_level = select_cpu_level(args.cpu_level)
+    except RuntimeError as e:
+        print(f"bench_ops.py: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
 
     sizes = [4_000_000] if args.quick else SGLD_SIZES
     shapes = LOGIT_SHAPES[1:] if args.quick else LOGIT_SHAPES
     all_threads = torch.get_num_threads()
     threads = args.threads or sorted({1, all_threads})
     print(f"jem_ext {jem_ext.__version__}, torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}, {all_threads} threads")
+          f"{cpu_model()}, CPU level {cpu_level} (torch: "
+          f"{torch.backends.cpu.get_cpu_capability()}), {all_threads} threads")
     print(HEADER)
     rows = []
     if not args.no_cpu:
         for t in threads:
             torch.set_num_threads(t)
-            rows += bench_device("cpu", t, args.min_time, not args.no_compile, sizes, shapes)
+            rows += bench_device("cpu", t, args.min_time, not args.no_compile, sizes, shapes,
+                                 args.clock)
         torch.set_num_threads(all_threads)
     if torch.cuda.is_available():
         rows += bench_device("cuda", None, args.min_time, not args.no_compile, sizes, shapes)
         # The copy bandwidth a memory-bound elementwise op can hope for.
         n = 16_000_000
         a = torch.empty(n, device="cuda")
-        t_copy = timeit(lambda: a.clone(), "cuda", args.min_time)
+        (t_copy,) = timeit([lambda: a.clone()], "cuda", args.min_time)
         copy_gbps = 2 * n * 4 / t_copy / 1e9
         print(f"cuda copy bandwidth (clone of 16M float32): {copy_gbps:.1f} GB/s")
         rows.append(dict(op="copy", device="cuda", size=n, fused_GBps=copy_gbps))
     if args.json:
         meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     torch=torch.__version__, jem_ext=jem_ext.__version__,
-                    cpu=platform.processor() or platform.machine(), threads=all_threads,
+                    cpu=cpu_model(), cpu_level=cpu_level, threads=all_threads,
+                    cpu_clock=args.clock,
+                    torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
                     gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                     build=jem_ext.build_info)
-        import os
-
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)

@@ -1,0 +1,177 @@
+"""The CPU kernels at every instruction-set level this machine supports
+(forced with JEM_EXT_CPU_LEVEL in a subprocess) give the very bits of the
+baseline level, and the noise they draw has the right statistics."""
+
+import math
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+LEVELS = ["avx512", "avx2", "baseline"]  # best first
+ENV = "JEM_EXT_CPU_LEVEL"
+
+# Runs in a subprocess with the level forced: every case of sgld_step_ and
+# _sgld_step_philox_, results saved to the file named by argv[1].
+CASES_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    from jem_ext import ops
+
+    DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    # Tails of 8- and 16-lane vectors, of 1024-element noise blocks, and
+    # sizes that span several blocks and threads.
+    SIZES = [1, 3, 5, 7, 8, 9, 15, 17, 31, 33, 63, 65, 1023, 1025, 4099, 40_003]
+    BOUNDS = [dict(), dict(clamp_min=-0.5, clamp_max=0.75, grad_clip=0.3),
+              dict(clamp_min=-1.0), dict(grad_clip=0.0)]
+
+    def inputs(n, dtype, gen):
+        x = (torch.rand(n, generator=gen, dtype=torch.float64) * 3 - 1.5).to(dtype)
+        g = (torch.randn(n, generator=gen, dtype=torch.float64) * 2).to(dtype)
+        if n > 10:  # a NaN and infinities must pass through the same way
+            x[3], g[5], g[7] = float("nan"), float("inf"), float("-inf")
+        return x, g
+
+    def cases():
+        gen = torch.Generator().manual_seed(0)
+        for dtype in DTYPES:
+            for n in SIZES:
+                for i, bounds in enumerate(BOUNDS):
+                    x, g = inputs(n, dtype, gen)
+                    yield (f"philox {dtype} {n} {i}",
+                           ops.sgld_step_philox_(x, g, 0.1, 0.7, 12345 + n, 8, **bounds))
+                x, g = inputs(n, dtype, gen)
+                rng = torch.Generator().manual_seed(n)
+                yield (f"generator {dtype} {n}",
+                       ops.sgld_step_(x, g, 0.05, 0.3, clamp_min=-1.0, clamp_max=1.0,
+                                      generator=rng))
+                x, g = inputs(n, dtype, gen)
+                yield (f"no noise {dtype} {n}",
+                       ops.sgld_step_philox_(x, g, 0.5, 0.0, 1, 0, clamp_max=0.5))
+            # Non-contiguous x and grad: a transposed matrix, a strided slice.
+            x = torch.randn(37, 41, generator=gen, dtype=torch.float64).to(dtype).t()
+            g = torch.randn(41, 2 * 37, generator=gen, dtype=torch.float64).to(dtype)[:, ::2]
+            yield (f"strided {dtype}", ops.sgld_step_philox_(x, g, 0.2, 0.5, 7, 4, grad_clip=1.0))
+        # High words of the seed and of the counter in use.
+        x = torch.zeros(5000)
+        yield ("high words", ops.sgld_step_philox_(x, torch.zeros_like(x), 0.0, 1.0,
+                                                   -(2**62) - 3, 4 * 2**33 + 4))
+        # The noise alone, for its statistics.
+        x = torch.zeros(1_000_000)
+        yield ("noise", ops.sgld_step_philox_(x, torch.zeros_like(x), 0.0, 1.0, 2024, 0))
+
+    torch.save(dict(level=torch.ops.jem_ext._cpu_level(), cases=dict(cases())), sys.argv[1])
+""")
+
+
+def run_python(code: str, level: str | None, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    if level is not None:
+        env[ENV] = level
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
+                          text=True)
+
+
+@lru_cache(maxsize=None)
+def best_level() -> str:
+    out = run_python("import torch, jem_ext; print(torch.ops.jem_ext._cpu_level())", None)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def supported_levels() -> list[str]:
+    return LEVELS[LEVELS.index(best_level()):]
+
+
+@lru_cache(maxsize=None)
+def level_results(level: str, tmp_dir: str) -> dict:
+    path = os.path.join(tmp_dir, f"{level}.pt")
+    out = run_python(CASES_SCRIPT, level, path)
+    assert out.returncode == 0, out.stderr
+    return torch.load(path)
+
+
+@pytest.fixture(scope="module")
+def tmp_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cpu_levels"))
+
+
+def bits(t: torch.Tensor) -> np.ndarray:
+    """The raw bits of a tensor (NaN payloads included), in logical order."""
+    as_int = {8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]
+    return t.contiguous().view(as_int).numpy()
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_level_bit_identical_to_baseline(level, tmp_dir):
+    if level not in supported_levels():
+        pytest.skip(f"this CPU lacks {level}")
+    got = level_results(level, tmp_dir)
+    want = level_results("baseline", tmp_dir)
+    assert got["level"] == level
+    assert got["cases"].keys() == want["cases"].keys()
+    for name, t in got["cases"].items():
+        np.testing.assert_array_equal(bits(t), bits(want["cases"][name]), err_msg=name)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_level_noise_statistics(level, tmp_dir):
+    if level not in supported_levels():
+        pytest.skip(f"this CPU lacks {level}")
+    z = level_results(level, tmp_dir)["cases"]["noise"].double().numpy()
+    se = 1 / math.sqrt(z.size)
+    assert abs(z.mean()) < 5 * se
+    assert abs(z.var() - 1) < 5 * math.sqrt(2) * se
+    assert abs(stats.skew(z)) < 5 * math.sqrt(6) * se
+    assert abs(stats.kurtosis(z)) < 5 * math.sqrt(24) * se
+    assert stats.kstest(z, "norm").pvalue > 1e-4
+    for lag in (1, 2, 3, 4, 8, 16):
+        assert abs(np.corrcoef(z[:-lag], z[lag:])[0, 1]) < 5 * se
+
+
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo") or platform.machine() != "x86_64",
+                    reason="reads the x86 CPU flags from /proc/cpuinfo")
+def test_default_level_is_the_best_the_cpu_supports():
+    flags = cpu_flags()
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"} <= flags:
+        want = "avx512"
+    elif {"avx2", "fma"} <= flags:
+        want = "avx2"
+    else:
+        want = "baseline"
+    assert best_level() == want
+
+
+LEVEL_CALL = ("import torch, jem_ext; x = torch.zeros(9); "
+              "jem_ext.ops.sgld_step_(x, torch.zeros(9), 0.1, 1.0); "
+              "print(torch.ops.jem_ext._cpu_level())")
+
+
+def test_unknown_level_is_a_clear_error():
+    out = run_python(LEVEL_CALL, "sse9")
+    assert out.returncode != 0
+    assert "JEM_EXT_CPU_LEVEL=sse9: unknown CPU level" in out.stderr
+
+
+def test_unsupported_level_is_a_clear_error():
+    missing = LEVELS[:LEVELS.index(best_level())]
+    if not missing:
+        pytest.skip("this CPU supports every level")
+    out = run_python(LEVEL_CALL, missing[-1])
+    assert out.returncode != 0
+    assert "lacks that instruction set" in out.stderr
