@@ -9,30 +9,30 @@ All three recipes are the authors' CIFAR-10 settings for a WRN-28-10 (36 M param
 CPU budget keep the recipe and override the size: ``--model small_cnn --width 64`` and fewer
 ``--epochs`` (the decay epochs then shrink in proportion, see :func:`apply_recipe`).
 
-======================  ==========================  ==========================  ==========================
-key                     jem (Grathwohl et al. 2020)  jempp (Yang & Ji 2021)      sadajem (Yang et al. 2023)
-======================  ==========================  ==========================  ==========================
-model, depth, width     wrn 28-10                   wrn 28-10                   wrn 28-10
-norm                    none                        batch                       batch
-optimizer, lr           adam 1e-4                   sgd 0.1 (momentum 0.9)      sgd 0.1 (momentum 0.9)
-weight_decay            0                           4e-4                        5e-4
-sam_rho, sam_adaptive   0 (off)                     0 (off)                     2.0, adaptive
-warmup_iters            1000                        1000                        1000
-epochs                  200                         150                         200
-decay_epochs            160, 180                    50, 100, 125                60, 120, 180
-decay_rate              0.3                         0.2                         0.2
-batch_size              64                          64                          64
-input_noise             0.03                        0.03                        0
-px_augment              yes                         yes                         no
-sgld_steps              20                          10                          5
-sgld_step_size          1                           1                           1
-sgld_noise              0.01                        0                           0
-proximal, grad_clip     no                          yes, 1                      yes, 1
-buffer_size             10000                       10000                       10000
-reinit_prob             0.05                        0.05                        0.05
-init                    uniform                     gaussian (per class)        gaussian (per class)
-l2_energy               0                           0                           0
-======================  ==========================  ==========================  ==========================
+======================  ====================  ====================  ========================
+key                     jem (JEM, 2020)       jempp (JEM++, 2021)   sadajem (SADA-JEM, 2023)
+======================  ====================  ====================  ========================
+model, depth, width     wrn 28-10             wrn 28-10             wrn 28-10
+norm                    none                  batch                 batch
+optimizer, lr           adam 1e-4             sgd 0.1 (mom. 0.9)    sgd 0.1 (mom. 0.9)
+weight_decay            0                     4e-4                  5e-4
+sam_rho, sam_adaptive   0 (off)               0 (off)               2.0, adaptive
+warmup_iters            1000                  1000                  1000
+epochs                  200                   150                   200
+decay_epochs            160, 180              50, 100, 125          60, 120, 180
+decay_rate              0.3                   0.2                   0.2
+batch_size              64                    64                    64
+input_noise             0.03                  0.03                  0
+px_augment              yes                   yes                   no
+sgld_steps              20                    10                    5
+sgld_step_size          1                     1                     1
+sgld_noise              0.01                  0                     0
+proximal, grad_clip     no                    yes, 1                yes, 1
+buffer_size             10000                 10000                 10000
+reinit_prob             0.05                  0.05                  0.05
+init                    uniform               gaussian per class    gaussian per class
+l2_energy               0                     0                     0
+======================  ====================  ====================  ========================
 
 Not carried over: JEM++'s YOPO inner steps (5 cheap steps on the first layer's Hamiltonian
 inside each outer step; a speed device tied to the network's first layer), here replaced by
