@@ -105,3 +105,38 @@ def test_unknown_recipe_and_missing_keys_are_reported():
     del cfg["sam_rho"]
     with pytest.raises(KeyError, match="sam_rho"):
         apply_recipe(cfg, "sadajem", explicit=set())
+
+
+def _docs_table() -> dict[str, list[str]]:
+    """Rows of the module docstring's table: key -> the three recipe cells."""
+    import re
+
+    import jem_ext.recipes as mod
+
+    rows = {}
+    for line in mod.__doc__.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) == 4 and not line.startswith("="):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_docs_table_agrees_with_the_data():
+    table = _docs_table()
+    names = ("jem", "jempp", "sadajem")
+    checked = 0
+    for key, cells in table.items():
+        if key not in RECIPES["jem"]:
+            continue  # rows that combine several keys are prose
+        for name, cell in zip(names, cells):
+            value = recipe_values(name)[key]
+            if isinstance(value, list):
+                assert cell == ", ".join(map(str, value)), (name, key)
+            elif isinstance(value, bool):
+                assert cell == ("yes" if value else "no"), (name, key, cell)
+            elif isinstance(value, (int, float)):
+                assert float(cell) == value, (name, key, cell)
+            else:
+                assert cell.startswith(str(value)), (name, key, cell)
+            checked += 1
+    assert checked >= 30
