@@ -9,7 +9,10 @@ scored on the test split:
 - ``confidence``: mean max p(y|x) (below the accuracy means under-confident);
 - ``auroc_uniform`` / ``auroc_gaussian``: AUROC of log p(x) = logsumexp_y f(x)[y] separating
   the test images from as many U(-1, 1) images / N(0, 1) images clamped to [-1, 1];
-- ``seconds``: the run's training wall time (from its summary.json).
+- ``seconds``: the run's training wall time (from its summary.json);
+- ``energy_data`` / ``energy_sample``: the last logged mean energies of the data batch and of
+  the SGLD samples (JEM runs). Far apart (e.g. -50 / +50 with ``--l2-energy 0.01``) means the
+  samples no longer reach the data and the p(x) term has stopped shaping the classifier.
 
 ``OUT/results.json`` holds every run and the per-configuration means and standard deviations;
 ``OUT/results.md`` the same as a table. Runs whose folder already holds a summary are scored
@@ -61,6 +64,7 @@ CONFIGS: dict[str, list[str]] = {
 }
 
 METRICS = ("accuracy", "ece", "confidence", "auroc_uniform", "auroc_gaussian", "seconds")
+ENERGIES = ("energy_data", "energy_sample")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +90,8 @@ def train_run(name: str, seed: int, run_dir: Path, threads: int) -> None:
     subprocess.run(cmd, check=True)
 
 
-def score_run(run_dir: Path, test_x: torch.Tensor, test_y: torch.Tensor) -> dict[str, float]:
+def score_run(run_dir: Path, test_x: torch.Tensor,
+              test_y: torch.Tensor) -> dict[str, float | None]:
     """Accuracy, ECE, mean confidence and log p(x) AUROCs of a run's final checkpoint."""
     model = model_from_checkpoint(load_checkpoint(run_dir / "checkpoints" / "last.pt"))
     g = torch.Generator().manual_seed(NOISE_SEED)
@@ -100,6 +105,7 @@ def score_run(run_dir: Path, test_x: torch.Tensor, test_y: torch.Tensor) -> dict
     logpx_test = torch.logsumexp(logits, dim=1)
     summary = json.loads((run_dir / "summary.json").read_text())
     return {
+        **last_energies(run_dir / "metrics.jsonl"),
         "accuracy": accuracy(logits, test_y),
         "ece": expected_calibration_error(probs, test_y, n_bins=ECE_BINS).ece,
         "confidence": float(probs.max(dim=1).values.mean()),
@@ -109,35 +115,53 @@ def score_run(run_dir: Path, test_x: torch.Tensor, test_y: torch.Tensor) -> dict
     }
 
 
-def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def last_energies(metrics_path: Path) -> dict[str, float | None]:
+    """The last logged data and sample energies of a run (None when never logged)."""
+    found: dict[str, float | None] = dict.fromkeys(ENERGIES)
+    with open(metrics_path) as f:
+        for line in f:
+            row = json.loads(line)
+            if all(row.get(k) is not None for k in ENERGIES):
+                found = {k: float(row[k]) for k in ENERGIES}
+    return found
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per-configuration mean and standard deviation of every metric."""
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(r["config"] for r in rows):
         mine = [r for r in rows if r["config"] == name]
-        stats: dict[str, float] = {"runs": len(mine)}
+        stats: dict[str, Any] = {"runs": len(mine)}
         for m in METRICS:
             values = [r[m] for r in mine]
             stats[m] = statistics.fmean(values)
             stats[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        stats["energies"] = ", ".join(_energy_pair(r) for r in mine)
         out[name] = stats
     return out
 
 
-def markdown(agg: dict[str, dict[str, float]]) -> str:
-    def pct(stats: dict[str, float], m: str) -> str:
+def _energy_pair(row: dict[str, Any]) -> str:
+    if row.get("energy_data") is None or row.get("energy_sample") is None:
+        return "-"
+    return f"{row['energy_data']:.1f} / {row['energy_sample']:.1f}"
+
+
+def markdown(agg: dict[str, dict[str, Any]]) -> str:
+    def pct(stats: dict[str, Any], m: str) -> str:
         return f"{100 * stats[m]:.1f} ± {100 * stats[m + '_std']:.1f}"
 
     lines = [
         "| config | flags | runs | test acc % | ECE % | mean conf % | AUROC uniform "
-        "| AUROC gaussian | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| AUROC gaussian | train s | E data / E samples per seed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in agg.items():
         flags = " ".join(CONFIGS.get(name, [])) or "(trainer defaults)"
         lines.append(
             f"| {name} | `{flags}` | {s['runs']} | {pct(s, 'accuracy')} | {pct(s, 'ece')} "
             f"| {pct(s, 'confidence')} | {s['auroc_uniform']:.3f} | {s['auroc_gaussian']:.3f} "
-            f"| {s['seconds']:.0f} ± {s['seconds_std']:.0f} |"
+            f"| {s['seconds']:.0f} ± {s['seconds_std']:.0f} | {s['energies']} |"
         )
     return "\n".join(lines) + "\n"
 
