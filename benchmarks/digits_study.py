@@ -61,6 +61,7 @@ CONFIGS: dict[str, list[str]] = {
     "no_augment_k10": ["--no-augment", "--sgld-steps", "10"],
     "no_augment_wd": ["--no-augment", "--weight-decay", "5e-4"],
     "ce_no_augment": ["--objective", "ce", "--no-augment"],
+    "w_px0.3": ["--w-px", "0.3"],
 }
 
 METRICS = ("accuracy", "ece", "confidence", "auroc_uniform", "auroc_gaussian", "seconds")
