@@ -1,0 +1,225 @@
+"""Digits default study: named trainer configurations x seeds, scored on calibration and OOD.
+
+Each run is one ``python -m jem_ext.train --dataset digits ...`` call (in a subprocess, one at a
+time) into ``RUNS/<config>-s<seed>``; its final checkpoint (``checkpoints/last.pt``) is then
+scored on the test split:
+
+- ``accuracy``: test accuracy;
+- ``ece``: expected calibration error, 20 equal-width bins of max p(y|x) (the JEM paper's);
+- ``confidence``: mean max p(y|x) (below the accuracy means under-confident);
+- ``auroc_uniform`` / ``auroc_gaussian``: AUROC of log p(x) = logsumexp_y f(x)[y] separating
+  the test images from as many U(-1, 1) images / N(0, 1) images clamped to [-1, 1];
+- ``seconds``: the run's training wall time (from its summary.json);
+- ``energy_data`` / ``energy_sample``: the last logged mean energies of the data batch and of
+  the SGLD samples (JEM runs). Far apart (e.g. -50 / +50 with ``--l2-energy 0.01``) means the
+  samples no longer reach the data and the p(x) term has stopped shaping the classifier.
+
+``OUT/results.json`` holds every run and the per-configuration means and standard deviations;
+``OUT/results.md`` the same as a table. Runs whose folder already holds a summary are scored
+again but not retrained, so an interrupted study continues where it stopped.
+
+Examples::
+
+    python benchmarks/digits_study.py --list
+    python benchmarks/digits_study.py --configs default,no_augment --seeds 1
+    nice python benchmarks/digits_study.py --configs chosen,chosen_ce --seeds 1,2,3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jem_ext.checkpoint import load_checkpoint, model_from_checkpoint
+from jem_ext.data import load_dataset
+from jem_ext.eval.metrics import accuracy, auroc, expected_calibration_error
+from jem_ext.models import predict_logits
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_OUT = ROOT / "out" / "digits_study"
+ECE_BINS = 20
+NOISE_SEED = 1234
+
+# Trainer flags on top of the trainer's defaults (python -m jem_ext.train --help).
+CONFIGS: dict[str, list[str]] = {
+    "default": [],
+    "ce": ["--objective", "ce"],
+    "no_l2": ["--l2-energy", "0"],
+    "no_augment": ["--no-augment"],
+    "no_augment_no_l2": ["--no-augment", "--l2-energy", "0"],
+    "lr1e-3": ["--lr", "1e-3"],
+    "no_augment_lr1e-3": ["--no-augment", "--lr", "1e-3"],
+    "no_augment_dropout": ["--no-augment", "--dropout", "0.2"],
+    "no_augment_k10": ["--no-augment", "--sgld-steps", "10"],
+    "no_augment_wd": ["--no-augment", "--weight-decay", "5e-4"],
+    "ce_no_augment": ["--objective", "ce", "--no-augment"],
+    "w_px0.3": ["--w-px", "0.3"],
+}
+
+METRICS = ("accuracy", "ece", "confidence", "auroc_uniform", "auroc_gaussian", "seconds")
+ENERGIES = ("energy_data", "energy_sample")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default="default,ce",
+                   help="comma-separated configuration names (see --list)")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="folder of results.json/.md")
+    p.add_argument("--runs", default="runs/digits_study",
+                   help="folder of the run folders (checkpoints; kept out of version control)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each training run")
+    p.add_argument("--list", action="store_true", help="print the configurations and exit")
+    return p
+
+
+def train_run(name: str, seed: int, run_dir: Path, threads: int) -> None:
+    """Train one configuration and seed into ``run_dir`` (skipped when already complete)."""
+    if (run_dir / "summary.json").is_file():
+        return
+    cmd = [sys.executable, "-m", "jem_ext.train", "--dataset", "digits", "--seed", str(seed),
+           "--threads", str(threads), "--no-progress", "--out", str(run_dir), *CONFIGS[name]]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def score_run(run_dir: Path, test_x: torch.Tensor,
+              test_y: torch.Tensor) -> dict[str, float | None]:
+    """Accuracy, ECE, mean confidence and log p(x) AUROCs of a run's final checkpoint."""
+    model = model_from_checkpoint(load_checkpoint(run_dir / "checkpoints" / "last.pt"))
+    g = torch.Generator().manual_seed(NOISE_SEED)
+    uniform = torch.rand(test_x.shape, generator=g) * 2 - 1
+    gaussian = torch.randn(test_x.shape, generator=g).clamp(-1, 1)
+    with torch.no_grad():
+        logits = predict_logits(model, test_x)
+        logpx = {name: torch.logsumexp(predict_logits(model, x), dim=1)
+                 for name, x in (("uniform", uniform), ("gaussian", gaussian))}
+    probs = logits.softmax(dim=1)
+    logpx_test = torch.logsumexp(logits, dim=1)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {
+        **last_energies(run_dir / "metrics.jsonl"),
+        "accuracy": accuracy(logits, test_y),
+        "ece": expected_calibration_error(probs, test_y, n_bins=ECE_BINS).ece,
+        "confidence": float(probs.max(dim=1).values.mean()),
+        "auroc_uniform": auroc(logpx_test, logpx["uniform"]),
+        "auroc_gaussian": auroc(logpx_test, logpx["gaussian"]),
+        "seconds": float(summary["seconds"]),
+    }
+
+
+def last_energies(metrics_path: Path) -> dict[str, float | None]:
+    """The last logged data and sample energies of a run (None when never logged)."""
+    found: dict[str, float | None] = dict.fromkeys(ENERGIES)
+    with open(metrics_path) as f:
+        for line in f:
+            row = json.loads(line)
+            if all(row.get(k) is not None for k in ENERGIES):
+                found = {k: float(row[k]) for k in ENERGIES}
+    return found
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per-configuration mean and standard deviation of every metric."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(r["config"] for r in rows):
+        mine = [r for r in rows if r["config"] == name]
+        stats: dict[str, Any] = {"runs": len(mine)}
+        for m in METRICS:
+            values = [r[m] for r in mine]
+            stats[m] = statistics.fmean(values)
+            stats[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        stats["energies"] = ", ".join(_energy_pair(r) for r in mine)
+        out[name] = stats
+    return out
+
+
+def _energy_pair(row: dict[str, Any]) -> str:
+    if row.get("energy_data") is None or row.get("energy_sample") is None:
+        return "-"
+    return f"{row['energy_data']:.1f} / {row['energy_sample']:.1f}"
+
+
+def markdown(agg: dict[str, dict[str, Any]]) -> str:
+    def pct(stats: dict[str, Any], m: str) -> str:
+        return f"{100 * stats[m]:.1f} ± {100 * stats[m + '_std']:.1f}"
+
+    lines = [
+        "| config | flags | runs | test acc % | ECE % | mean conf % | AUROC uniform "
+        "| AUROC gaussian | train s | E data / E samples per seed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in agg.items():
+        flags = " ".join(CONFIGS.get(name, [])) or "(trainer defaults)"
+        lines.append(
+            f"| {name} | `{flags}` | {s['runs']} | {pct(s, 'accuracy')} | {pct(s, 'ece')} "
+            f"| {pct(s, 'confidence')} | {s['auroc_uniform']:.3f} | {s['auroc_gaussian']:.3f} "
+            f"| {s['seconds']:.0f} ± {s['seconds_std']:.0f} | {s['energies']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return list(json.loads(path.read_text()).get("runs", []))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list:
+        for name, flags in CONFIGS.items():
+            print(f"{name:24s} {' '.join(flags) or '(trainer defaults)'}")
+        return 0
+    names = [n for n in args.configs.split(",") if n]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        print(f"error: unknown configurations {unknown}; see --list", file=sys.stderr)
+        return 2
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        print(f"error: --seeds: expected integers separated by commas, got {args.seeds!r}",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    test = load_dataset("digits", split="test")
+    rows = [r for r in load_rows(out / "results.json")
+            if (r["config"], r["seed"]) not in {(n, s) for n in names for s in seeds}]
+    for name in names:
+        for seed in seeds:
+            run_dir = Path(args.runs) / f"{name}-s{seed}"
+            train_run(name, seed, run_dir, args.threads)
+            row = {"config": name, "seed": seed, "flags": CONFIGS[name],
+                   **score_run(run_dir, test.x, test.y)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            write_results(out, rows)
+    print(markdown(aggregate(rows)))
+    return 0
+
+
+def write_results(out: Path, rows: list[dict[str, Any]]) -> None:
+    agg = aggregate(rows)
+    (out / "results.json").write_text(
+        json.dumps({"runs": rows, "configs": agg}, indent=2, default=_finite) + "\n")
+    (out / "results.md").write_text(markdown(agg))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
