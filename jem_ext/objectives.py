@@ -53,6 +53,7 @@ def jem_loss(
     w_pyx: float = 1.0,
     l2_energy: float = 0.0,
     y_q: Tensor | None = None,
+    x_px: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The JEM loss of one batch and its terms.
 
@@ -68,6 +69,9 @@ def jem_loss(
         w_pyx: weight of the cross-entropy term.
         l2_energy: weight of the squared-energy penalty.
         y_q: labels of the conditional samples ``x_q`` for "factored" (default: ``y``).
+        x_px: the data batch of the generative term, same shape as ``x`` (default: ``x``):
+            the batch before augmentation, when only the cross-entropy batch is augmented.
+            Its energies are the ``E(x)`` of "px" and "energy_data".
 
     Returns:
         ``(loss, terms)`` with ``loss`` a differentiable scalar and ``terms`` a dict of floats:
@@ -89,6 +93,12 @@ def jem_loss(
     if objective == "ce":
         loss = w_pyx * ce_mean
     else:
+        if x_px is not None:
+            if x_px.shape != x.shape:
+                raise ValueError(f"jem_loss: x_px must have the shape of x {tuple(x.shape)}, "
+                                 f"got {tuple(x_px.shape)}")
+            e_data, ce = ops.energy_ce(model(x_px), y)
+            e_data_mean = e_data.mean()
         e_d, e_d_mean = _data_energies(objective, e_data, e_data_mean, ce, labeled)
         if objective == "factored":
             e_data_mean = e_d_mean

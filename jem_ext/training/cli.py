@@ -111,11 +111,12 @@ def _interrupted(folder: RunFolder | None) -> str:
 def _summary_line(summary: dict[str, Any]) -> str:
     best = summary["best_val_accuracy"]
     best_text = "none" if best is None else f"{best:.4f}"
+    stopped = f"stopped early, {summary['stop_reason']}; " if summary.get("stop_reason") else ""
     return (
         f"{summary['dataset']}/{summary['objective']}: test accuracy "
         f"{summary['test_accuracy']:.4f}, val accuracy {summary['val_accuracy']:.4f} "
         f"(best {best_text}), {summary['iterations']} iterations in "
-        f"{summary['seconds']:.1f} s, {summary['recoveries']} recoveries; "
+        f"{summary['seconds']:.1f} s, {summary['recoveries']} recoveries; {stopped}"
         f"run folder {summary['run_dir']}"
     )
 

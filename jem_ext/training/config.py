@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..data import FILE_DATASETS, TOY_DATASETS
+from ..recipes import apply_recipe
 from .flags import ConfigError, int_list, build_parser, default_config, finite_float
 
 # Keys of config.json that describe the invocation, not the experiment: ignored by --config
@@ -65,6 +66,8 @@ RANGES: dict[str, Range] = {
     "grad_clip": Range(0, lo_open=True), "decay_rate": Range(0, lo_open=True),
     "weight_decay": _NON_NEGATIVE, "divergence_threshold": Range(0, lo_open=True),
     "recover_lr_factor": Range(0, 1, lo_open=True),
+    "sam_rho": _NON_NEGATIVE, "input_noise": _NON_NEGATIVE,
+    "max_minutes": Range(0, lo_open=True), "max_iters": _POSITIVE,
 }
 
 
@@ -85,7 +88,7 @@ def _type_error(action: argparse.Action, value: Any) -> str | None:
     if action.choices is not None:
         ok = value in action.choices or (action.dest == "norm" and value is None)
         return None if ok else f"expected one of {', '.join(action.choices)}, got {value!r}"
-    if isinstance(action, argparse._StoreTrueAction):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
     if action.type is int_list:
         ok = isinstance(value, list) and all(_is_int(v) for v in value)
@@ -194,8 +197,21 @@ def parse_command_line(argv: list[str] | None) -> Invocation:
             cfg["out"] = str(Path(args.resume))
         for key in loaded:
             where.setdefault(key, f"config file {base_file}: key {key!r}")
+    cfg = with_recipe(cfg, set(explicit))
     validate(cfg, where)
     return Invocation(cfg, explicit)
+
+
+def with_recipe(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """``cfg`` with its recipe written over it when ``recipe`` is among the keys ``given``.
+
+    The keys in ``given`` (set explicitly by the user) keep their values. A recipe read from a
+    config file is not applied again: the file already holds the values it set, and the
+    flags the original run overrode.
+    """
+    if "recipe" not in given or cfg.get("recipe") is None:
+        return cfg
+    return apply_recipe(cfg, cfg["recipe"], given)
 
 
 def _check_resume_flags(args: argparse.Namespace, explicit: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from ..data import DATASETS
 from ..models import MODELS, NORMS
 from ..objectives import OBJECTIVES
+from ..recipes import RECIPES
 from ..replay import INITS
 from .setup import OPTIMIZERS
 
@@ -90,14 +91,24 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
             kw.pop("default", None)
         g.add_argument(*names, **kw)
 
+    _add_recipe_flags(add, group("recipe"))
     _add_data_flags(add, group("data"))
     _add_model_flags(add, group("model"))
     _add_objective_flags(add, group("objective"))
     _add_sampler_flags(add, group("sampler (SGLD)"))
     _add_optimisation_flags(add, group("optimisation"))
     _add_run_folder_flags(add, group("run folder"))
+    _add_budget_flags(add, group("budget"))
     _add_guard_flags(add, group("divergence guard"))
     return p
+
+
+def _add_recipe_flags(add: Any, g: Any) -> None:
+    add(g, "--recipe", choices=tuple(RECIPES), default=None,
+        help="set every flag of a published recipe at once: jem (JEM, 2020), jempp (JEM++, "
+        "2021), sadajem (SADA-JEM, 2023); flags given explicitly override it. The values, "
+        "their sources and what to scale down for a small model: the table in "
+        "python -c 'import jem_ext.recipes; help(jem_ext.recipes)'")
 
 
 def _add_data_flags(add: Any, g: Any) -> None:
@@ -110,6 +121,12 @@ def _add_data_flags(add: Any, g: Any) -> None:
         "(default: all labels)")
     add(g, "--no-augment", action="store_true", default=False,
         help="disable the dataset's default augmentation (crop/flip/Gaussian noise)")
+    add(g, "--input-noise", type=finite_float, default=None,
+        help="standard deviation of the Gaussian noise the augmentation adds to training "
+        "inputs (default: the dataset's preset, 0.03 for images)")
+    add(g, "--no-px-augment", dest="px_augment", action="store_false", default=True,
+        help="the p(x) term's data energies use the batch before augmentation (SADA-JEM); "
+        "the cross-entropy term still uses the augmented batch (default: both augmented)")
 
 
 def _add_model_flags(add: Any, g: Any) -> None:
@@ -163,6 +180,12 @@ def _add_optimisation_flags(add: Any, g: Any) -> None:
         help="epochs at which the learning rate is multiplied by --decay-rate (e.g. 160,180)")
     add(g, "--decay-rate", type=finite_float, default=0.3, help="learning-rate decay factor")
     add(g, "--weight-decay", type=finite_float, default=0.0, help="weight decay")
+    add(g, "--sam-rho", type=finite_float, default=0.0,
+        help="sharpness-aware minimisation (SAM) around the optimiser with this "
+        "neighbourhood radius: two gradients per update, the second at the ascent point on "
+        "the same batch and samples (0 = off)")
+    add(g, "--sam-adaptive", action="store_true", default=False,
+        help="adaptive SAM (ASAM): the neighbourhood scales with each weight (SADA-JEM)")
     add(g, "--batch-size", type=int, default=64, help="mini-batch size")
     add(g, "--epochs", type=int, default=60, help="training epochs")
     add(g, "--seed", type=int, default=1, help="random seed (model init, data order, sampler)")
@@ -193,6 +216,16 @@ def _add_run_folder_flags(add: Any, g: Any) -> None:
     add(g, "--eval-every", type=int, default=1,
         help="evaluate on the validation split every N epochs")
     add(g, "--no-progress", action="store_true", default=False, help="hide the progress bar")
+
+
+def _add_budget_flags(add: Any, g: Any) -> None:
+    add(g, "--max-minutes", type=finite_float, default=None,
+        help="stop cleanly after this many minutes of training (over every resume), with a "
+        "final checkpoint, samples and a summary whose status is 'budget'; --resume with a "
+        "larger budget continues (default: no limit)")
+    add(g, "--max-iters", type=int, default=None,
+        help="stop cleanly after this many iterations in all, like --max-minutes "
+        "(default: no limit)")
 
 
 def _add_guard_flags(add: Any, g: Any) -> None:

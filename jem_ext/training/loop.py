@@ -1,8 +1,12 @@
 """The training loop: epochs of :func:`~jem_ext.training.step.train_step`, and what surrounds it.
 
 Reading order: :func:`train` (set up, run the epochs, summarise) -> :func:`train_one_epoch`
-(per iteration: learning rate, batch, step, guard, bookkeeping) -> :func:`end_of_epoch`
+(per iteration: budget, learning rate, batch, step, guard, bookkeeping) -> :func:`end_of_epoch`
 (validation, best/last checkpoints).
+
+A run ends "completed" (every epoch trained), "budget" (``max_minutes`` or ``max_iters``
+reached: last.pt holds the position inside the epoch, so ``--resume`` with a larger budget
+continues) or "diverged".
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from ..checkpoint import load_checkpoint, model_from_checkpoint
 from ..eval import metrics
 from ..models import predict_logits
 from ..sampler import sample_from_noise
-from .config import default_config, validate
+from .config import default_config, validate, with_recipe
 from .guard import DivergenceGuard, TrainingDiverged
 from .runlog import (
     MetricsLog,
@@ -55,15 +59,36 @@ def accuracy(model: torch.nn.Module, data: jdata.ImageData) -> float:
 
 
 def _batch(run: Run, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> Batch:
-    """The step's batch: augmented inputs, labels, and the usable-label mask."""
+    """The step's batch: augmented inputs, labels, the usable-label mask, and the batch before
+    augmentation when the p(x) term does not use the augmented one."""
+    x_px = None
     if run.data.augment is not None:
+        if not run.data.px_augment:
+            x_px = x
         x = run.data.augment(x, generator=run.generators["augment"])
     labeled = None if run.data.labeled is None else run.data.labeled[idx]
-    return Batch(x, y, labeled)
+    return Batch(x, y, labeled, x_px)
+
+
+class BudgetReached(Exception):
+    """The run has used its ``max_minutes`` or ``max_iters``; the message says which."""
+
+
+def budget_reason(cfg: dict[str, Any], iteration: int, seconds: float) -> str | None:
+    """Why a run at ``iteration`` after ``seconds`` of training must stop, or None."""
+    if cfg["max_iters"] is not None and iteration >= cfg["max_iters"]:
+        return f"reached --max-iters {cfg['max_iters']} ({iteration} iterations)"
+    if cfg["max_minutes"] is not None and seconds >= 60.0 * cfg["max_minutes"]:
+        return f"reached --max-minutes {cfg['max_minutes']:g} ({seconds / 60.0:.2f} minutes)"
+    return None
 
 
 def train_one_epoch(run: Run) -> None:
-    """Train the run's current epoch from its position ``run.state.pos``."""
+    """Train the run's current epoch from its position ``run.state.pos``.
+
+    Raises:
+        BudgetReached: before an iteration the budget no longer allows.
+    """
     cfg, st, epoch = run.cfg, run.state, run.state.epoch
     order = epoch_order_generator(cfg["seed"], epoch)
     batches = jdata.batches(run.data.train_on_device, cfg["batch_size"], shuffle=True,
@@ -71,6 +96,9 @@ def train_one_epoch(run: Run) -> None:
     for pos, (x, y, idx) in enumerate(batches):
         if pos < st.pos:
             continue  # resuming inside the epoch: skip batches already trained on
+        reason = budget_reason(cfg, st.iteration, run.elapsed())
+        if reason is not None:
+            raise BudgetReached(reason)
         # learning rate of this iteration
         it = st.iteration
         lr = learning_rate(cfg, it, epoch, st.lr_scale)
@@ -128,13 +156,18 @@ GRID_CHAINS = 64  # chains drawn for a sample grid when the run has no samples o
 
 
 def fit(run: Run) -> tuple[str, str | None]:
-    """Train the remaining epochs; returns ``(status, error)``: completed, or diverged."""
+    """Train the remaining epochs; returns ``(status, reason)``: ("completed", None),
+    ("budget", what was reached) after saving last.pt, or ("diverged", the error)."""
     try:
         while run.state.epoch < run.cfg["epochs"]:
             train_one_epoch(run)
             end_of_epoch(run)
     except TrainingDiverged as err:
         return "diverged", str(err)
+    except BudgetReached as reached:
+        run.state.seconds = run.elapsed()
+        run.saver.save_last(run)
+        return "budget", str(reached)
     return "completed", None
 
 
@@ -155,8 +188,8 @@ def train(cfg: dict[str, Any], resume_state: dict[str, Any] | None = None,
     """Train according to ``cfg``, writing the run folder ``cfg["out"]``.
 
     Args:
-        cfg: config dict; missing keys take their defaults (:func:`default_config`), and
-            ``cfg["out"]`` (the run folder, created here) defaults to a fresh ``runs/...``.
+        cfg: config dict; missing keys take their recipe's values (``cfg["recipe"]``) or
+            their defaults (:func:`default_config`), and ``cfg["out"]`` (the run folder, created here) defaults to a fresh ``runs/...``.
         resume_state: a checkpoint dict to continue from (``--resume``).
         datasets: already loaded splits (as returned by ``load_data``), else loaded here.
         resume_overrides: the config keys this resume changes (recorded in an event row).
@@ -168,7 +201,7 @@ def train(cfg: dict[str, Any], resume_state: dict[str, Any] | None = None,
         DataError, ConfigError, CheckpointError: bad inputs (before the run folder is created).
         TrainingDiverged: more than ``max_recoveries`` divergences (summary.json still written).
     """
-    cfg = {**default_config(), **cfg}
+    cfg = with_recipe({**default_config(), **cfg}, set(cfg))
     if cfg["out"] is None:
         cfg["out"] = fresh_out(cfg)
     validate(cfg)
@@ -188,18 +221,19 @@ def train(cfg: dict[str, Any], resume_state: dict[str, Any] | None = None,
         if resume_state is not None:
             run.log.write({"event": "resume", "iteration": run.state.iteration,
                            "epoch": run.state.epoch, "overrides": resume_overrides or {}})
-        status, error = fit(run)
-    if status == "completed":
+        status, reason = fit(run)
+    if status != "diverged":
         write_samples(run, "final")
-    summary = summarise(run, status, error)
+    summary = summarise(run, status, reason)
     atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     if status == "diverged":
-        raise TrainingDiverged(error)
+        raise TrainingDiverged(reason)
     return summary
 
 
-def summarise(run: Run, status: str, error: str | None) -> dict[str, Any]:
-    """The run's final figures (``summary.json``)."""
+def summarise(run: Run, status: str, reason: str | None) -> dict[str, Any]:
+    """The run's final figures (``summary.json``): ``error`` holds a divergence's message,
+    ``stop_reason`` the budget a "budget" run reached."""
     model, st, saver = run.ctx.model_for_chain, run.state, run.saver
     seconds = run.elapsed()
     test_at_best_val = None  # the test accuracy of best.pt, the best-validation checkpoint
@@ -208,7 +242,8 @@ def summarise(run: Run, status: str, error: str | None) -> dict[str, Any]:
         test_at_best_val = accuracy(best, run.data.test)
     return {
         "status": status,
-        "error": error,
+        "error": reason if status == "diverged" else None,
+        "stop_reason": reason if status == "budget" else None,
         "dataset": run.cfg["dataset"],
         "objective": run.cfg["objective"],
         "model": run.cfg["model"],

@@ -6,6 +6,7 @@ initial weights, replay buffer and random generators.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import time
@@ -18,9 +19,10 @@ from torch import Tensor
 
 from .. import data as jdata
 from ..models import build_model
+from ..sam import SAM
 from ..sampler import GaussianInit, ReplayBuffer, SGLDSampler, UniformInit
 from .state import RunState
-from .step import LossWeights, StepContext
+from .step import LossWeights, SharpnessAwareContext, StepContext
 
 if TYPE_CHECKING:  # annotations only: these modules import this one
     from .guard import DivergenceGuard
@@ -40,6 +42,7 @@ class RunData:
         labeled: bool mask of the training labels the CE term may use, on the run's device
             (None: all).
         augment: the dataset's augmentation, or None.
+        px_augment: the p(x) term uses the augmented batch too (else the batch before it).
     """
 
     train: jdata.ImageData
@@ -48,6 +51,7 @@ class RunData:
     train_on_device: jdata.ImageData
     labeled: Tensor | None
     augment: jdata.Augment | None
+    px_augment: bool = True
 
 
 @dataclass
@@ -157,21 +161,39 @@ def chain_limits(cfg: dict[str, Any]) -> tuple[tuple[float, float] | None, float
 
 
 def make_optimizer(cfg: dict[str, Any], model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Adam (betas 0.9, 0.999, as in JEM) or SGD with momentum 0.9."""
+    """Adam (betas 0.9, 0.999, as in JEM) or SGD with momentum 0.9; wrapped in
+    :class:`~jem_ext.sam.SAM` when ``sam_rho > 0``."""
     if cfg["optimizer"] == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg["lr"],
-                                weight_decay=cfg["weight_decay"])
-    return torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9,
-                           weight_decay=cfg["weight_decay"])
+        base: Any = torch.optim.Adam
+        kwargs: dict[str, Any] = {}
+    else:
+        base, kwargs = torch.optim.SGD, {"momentum": 0.9}
+    kwargs.update(lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    if cfg["sam_rho"] > 0:
+        return SAM(model.parameters(), base, rho=cfg["sam_rho"],
+                   adaptive=cfg["sam_adaptive"], **kwargs)
+    return base(model.parameters(), **kwargs)
+
+
+def make_augment(cfg: dict[str, Any]) -> jdata.Augment | None:
+    """The dataset's augmentation with the config's input noise, or None (``no_augment``)."""
+    if cfg["no_augment"]:
+        return None
+    augment = jdata.default_augment(cfg["dataset"])
+    if cfg["input_noise"] is not None:
+        augment = dataclasses.replace(augment, noise_sigma=cfg["input_noise"])
+    return augment
 
 
 def build_context(cfg: dict[str, Any], model: torch.nn.Module, train_data: jdata.ImageData,
                   device: torch.device, generator: torch.Generator) -> StepContext:
     """The :class:`StepContext` of a plain run: one module, default precision.
 
-    This is where precision, CUDA-graph and distributed options set the context's fields.
+    This is where precision, CUDA-graph and distributed options set the context's fields;
+    SAM (``sam_rho > 0``) takes the two-pass :class:`SharpnessAwareContext`.
     """
-    return StepContext(
+    context = SharpnessAwareContext if cfg["sam_rho"] > 0 else StepContext
+    return context(
         model_for_chain=model, model_for_loss=model, optimizer=make_optimizer(cfg, model),
         sampler=make_sampler(cfg, train_data, device, generator=generator), generator=generator,
     )
@@ -201,7 +223,7 @@ def build_run(cfg: dict[str, Any], datasets: dict[str, jdata.ImageData] | None =
         train_on_device=jdata.ImageData(train_d.x.to(device), train_d.y.to(device),
                                         train_d.num_classes, train_d.name, train_d.classes),
         labeled=labeled,
-        augment=None if cfg["no_augment"] else jdata.default_augment(cfg["dataset"]),
+        augment=make_augment(cfg), px_augment=cfg["px_augment"],
     )
     weights = LossWeights(cfg["objective"], cfg["w_px"], cfg["w_pyx"], cfg["l2_energy"])
     return Run(cfg=cfg, device=device, ctx=ctx, data=data, weights=weights,

@@ -18,7 +18,9 @@ computes, are fields of the context, set where the context is built
 - ``scaler``: a ``torch.amp.GradScaler`` for float16 training, or None.
 - ``update``: the method that turns the loss into a parameter update (zero grads, backward,
   optimizer step, through the scaler when there is one); a CUDA-graph or compiled variant
-  replaces this method or the step's callables, not the step.
+  replaces this method or the step's callables, not the step. It also receives a closure that
+  recomputes the loss on the same batch and samples, for updates that need a second gradient
+  (:class:`SharpnessAwareContext`).
 
 The loss terms come back as host floats, read in one transfer inside the objective: the only
 host sync of an iteration. Callers (the guard, the logger) use those floats.
@@ -26,7 +28,8 @@ host sync of an iteration. Callers (the guard, the logger) use those floats.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -34,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import objectives
+from ..sam import SAM
 from ..sampler import SGLDSampler
 
 
@@ -59,8 +63,11 @@ class StepContext:
     autocast: Callable[[], AbstractContextManager[Any]] = field(default=nullcontext)
     scaler: Any = None
 
-    def update(self, loss: Tensor) -> None:
-        """Gradient step on ``loss``: zero grads, backward, optimizer step (scaled if needed)."""
+    def update(self, loss: Tensor, recompute: Callable[[], Tensor]) -> None:
+        """Gradient step on ``loss``: zero grads, backward, optimizer step (scaled if needed).
+
+        ``recompute`` (unused here) returns the loss again on the same batch and samples.
+        """
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
             loss.backward()
@@ -69,6 +76,49 @@ class StepContext:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+
+
+@dataclass
+class SharpnessAwareContext(StepContext):
+    """A :class:`StepContext` whose optimiser is a :class:`~jem_ext.sam.SAM`: two passes.
+
+    The first gradient (at ``w``) comes from ``loss``; SAM moves to the ascent point, where
+    ``recompute`` gives the second loss on the same batch and the same samples (no new
+    sampling), inside the same autocast, with BatchNorm running statistics frozen; SAM then
+    returns to ``w`` and the base optimiser steps with the second gradient.
+    """
+
+    def update(self, loss: Tensor, recompute: Callable[[], Tensor]) -> None:
+        if self.scaler is not None:
+            raise RuntimeError("SAM with float16 gradient scaling is not supported")
+        optimizer = self.optimizer
+        if not isinstance(optimizer, SAM):
+            raise TypeError(f"SharpnessAwareContext needs a SAM optimiser, got "
+                            f"{type(optimizer).__name__}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+        def closure() -> Tensor:
+            with frozen_norm_stats(self.model_for_chain):
+                second = recompute()
+                second.backward()
+            return second
+
+        optimizer.step(closure)
+
+
+@contextmanager
+def frozen_norm_stats(model: nn.Module) -> Iterator[None]:
+    """Leave the running statistics of every BatchNorm layer of ``model`` as they were."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in layers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in zip(layers, saved):
+                for k, b in m.named_buffers(recurse=False):
+                    b.copy_(buffers[k])
 
 
 @dataclass(frozen=True)
@@ -83,11 +133,13 @@ class LossWeights:
 
 @dataclass
 class Batch:
-    """A data batch: inputs, labels, and which labels the CE term may use (None: all)."""
+    """A data batch: inputs, labels, which labels the CE term may use (None: all), and the
+    inputs of the p(x) term when they differ from ``x`` (the batch before augmentation)."""
 
     x: Tensor
     y: Tensor
     labeled: Tensor | None = None
+    x_px: Tensor | None = None
 
 
 def train_step(ctx: StepContext, batch: Batch, weights: LossWeights
@@ -106,14 +158,17 @@ def train_step(ctx: StepContext, batch: Batch, weights: LossWeights
                                  generator=ctx.generator)
 
     # loss = CE(f(x), y) + E(x) - E(x_q) (+ L2 penalty on the energies)
+    def loss_and_terms() -> tuple[Tensor, dict[str, float]]:
+        with ctx.autocast():
+            return objectives.jem_loss(
+                ctx.model_for_loss, batch.x, batch.y, x_q=x_q, labeled=batch.labeled,
+                objective=weights.objective, w_px=weights.w_px, w_pyx=weights.w_pyx,
+                l2_energy=weights.l2_energy, x_px=batch.x_px,
+            )
+
     ctx.model_for_loss.train()
-    with ctx.autocast():
-        loss, terms = objectives.jem_loss(
-            ctx.model_for_loss, batch.x, batch.y, x_q=x_q, labeled=batch.labeled,
-            objective=weights.objective, w_px=weights.w_px, w_pyx=weights.w_pyx,
-            l2_energy=weights.l2_energy,
-        )
+    loss, terms = loss_and_terms()
 
     # Update theta.
-    ctx.update(loss)
+    ctx.update(loss, lambda: loss_and_terms()[0])
     return terms, x_q
