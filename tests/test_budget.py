@@ -1,0 +1,88 @@
+"""Budgets: --max-iters / --max-minutes stop a run cleanly, and --resume with a larger budget
+continues it exactly (SAM's optimiser state included)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from jem_ext import train as jtrain
+from jem_ext.checkpoint import load_checkpoint
+from jem_ext.training.loop import budget_reason
+
+# A tiny JEM on the 2-D toy moons (32 iterations per epoch).
+TOY = ["--dataset", "moons", "--model", "mlp", "--width", "16", "--depth", "2",
+       "--sgld-steps", "2", "--buffer-size", "100", "--warmup-iters", "5", "--no-progress",
+       "--log-every", "1", "--sample-every", "0", "--ckpt-every", "0"]
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def _params(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+
+
+def test_budget_reason():
+    cfg = {"max_iters": None, "max_minutes": None}
+    assert budget_reason(cfg, 10**6, 1e9) is None
+    assert budget_reason({**cfg, "max_iters": 5}, 4, 0.0) is None
+    assert "--max-iters 5" in budget_reason({**cfg, "max_iters": 5}, 5, 0.0)
+    assert budget_reason({**cfg, "max_minutes": 0.5}, 3, 29.9) is None
+    assert "--max-minutes 0.5" in budget_reason({**cfg, "max_minutes": 0.5}, 3, 30.0)
+
+
+def test_max_iters_stops_with_a_complete_run_folder(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert jtrain.main(TOY + ["--epochs", "3", "--max-iters", "40", "--out", str(run)]) == 0
+    summary = _summary(run)
+    assert summary["status"] == "budget" and summary["error"] is None
+    assert "--max-iters 40" in summary["stop_reason"]
+    assert summary["iterations"] == 40 and summary["epochs"] == 1
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (state["iteration"], state["epoch"], state["progress"]["pos"]) == (40, 1, 8)
+    assert (run / "samples" / "samples_final.png").is_file()
+    assert "stopped early, reached --max-iters 40" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sam", [[], ["--optimizer", "sgd", "--sam-rho", "0.5",
+                                      "--sam-adaptive"]])
+def test_resume_with_a_larger_budget_equals_the_uninterrupted_run(tmp_path, sam):
+    args = TOY + ["--epochs", "2", "--seed", "7"] + sam
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert jtrain.main(args + ["--out", str(full)]) == 0
+    assert jtrain.main(args + ["--max-iters", "21", "--out", str(cut)]) == 0
+    assert _summary(cut)["status"] == "budget"
+    # the same budget again: nothing more to train, the folder stays complete
+    assert jtrain.main(["--resume", str(cut)]) == 0
+    assert _summary(cut)["iterations"] == 21
+    assert jtrain.main(["--resume", str(cut), "--max-iters", "64"]) == 0
+    assert _summary(cut)["status"] == "completed" and _summary(cut)["iterations"] == 64
+    pf, pc = _params(full), _params(cut)
+    for k in pf:
+        torch.testing.assert_close(pc[k], pf[k], rtol=0, atol=1e-6)
+    assert _summary(cut)["test_accuracy"] == _summary(full)["test_accuracy"]
+
+
+def test_max_minutes_stops_with_a_complete_run_folder(tmp_path):
+    run = tmp_path / "r"
+    assert jtrain.main(TOY + ["--epochs", "50", "--max-minutes", "0.001",
+                              "--out", str(run)]) == 0
+    summary = _summary(run)
+    assert summary["status"] == "budget" and "--max-minutes 0.001" in summary["stop_reason"]
+    assert summary["iterations"] < 50 * 32
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["iteration"] == summary["iterations"]
+    assert (run / "samples" / "samples_final.png").is_file()
+
+
+@pytest.mark.parametrize("flag,value", [("--max-iters", "0"), ("--max-minutes", "0"),
+                                        ("--max-minutes", "-1"), ("--max-iters", "x")])
+def test_bad_budget_is_a_one_line_error(tmp_path, capsys, flag, value):
+    assert jtrain.main(TOY + [flag, value, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and flag in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
