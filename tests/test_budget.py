@@ -3,6 +3,7 @@ continues it exactly (SAM's optimiser state included)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -86,3 +87,41 @@ def test_bad_budget_is_a_one_line_error(tmp_path, capsys, flag, value):
     err = capsys.readouterr().err
     assert err.startswith("error:") and flag in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def _cifar_budget():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cifar_budget.py"
+    spec = importlib.util.spec_from_file_location("cifar_budget", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cifar_budget_smoke_writes_one_results_folder(tmp_path):
+    bench = _cifar_budget()
+    out = tmp_path / "out"
+    assert bench.main(["--smoke", "--configs", "sadajem,ce", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["config"]: r for r in results["rows"]}
+    assert set(rows) == {"sadajem", "ce"}
+    for name, row in rows.items():
+        assert row["status"] == "budget" and row["iterations"] == 2
+        assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["ece"] <= 1.0
+        assert set(row["auroc"]) == {"uniform", "gaussian", "constant", "interp"}
+        assert set(row["auroc"]["uniform"]) == {"logpx", "maxprob", "approx_mass"}
+        assert f"{name}/logpx_hist.png" in row["files"]
+        assert (out / name / "report.json").is_file()
+    assert rows["sadajem"]["energy_sample"] is not None and rows["ce"]["energy_sample"] is None
+    assert any(f.startswith("sadajem/samples_") for f in rows["sadajem"]["files"])
+    table = (out / "results.md").read_text()
+    assert "| sadajem | budget | 2 |" in table and "| ce | budget | 2 |" in table
+
+
+@pytest.mark.parametrize("argv,flag", [(["--smoke", "--configs", "nope"], "--configs"),
+                                       ([], "--data-root"),
+                                       (["--data-root", "x", "--minutes", "0"], "--minutes")])
+def test_cifar_budget_bad_input_is_one_line(tmp_path, capsys, argv, flag):
+    assert _cifar_budget().main(argv + ["--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag}") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,288 @@
+"""CIFAR-10 on a CPU budget: named JEM recipes and the cross-entropy twin, equal wall time.
+
+Each configuration trains ``python -m jem_ext.train`` on an image folder (one sub-folder per
+class under ``train/`` and ``test/``, e.g. the CIFAR-10 JPEG archives extracted) with a
+SmallCNN of width 64, stopping at ``--minutes`` of training (``--max-minutes``), so every
+configuration gets the same wall time. Its final checkpoint (``checkpoints/last.pt``, the state
+at the budget) is then evaluated with ``python -m jem_ext.eval`` (tasks accuracy, calibration,
+ood, generation): test accuracy, ECE, OOD AUROC of the three scores (log p(x), max p(y|x),
+approximate mass) on the built-in sets (uniform, gaussian, constant, interp), log p(x)
+histograms, reliability diagram and sample grids.
+
+``OUT/<config>/`` holds each evaluation (report.json, report.md, PNGs); ``OUT/results.json``
+every configuration's figures (with its training status, iterations and final data/sample
+energies: far apart means the chains no longer reach the data) and ``OUT/results.md`` the same
+as a table, with whether the target is met: test accuracy >= 35 % and AUROC log p(x) vs uniform
+>= 0.95 without divergence. The run folders (checkpoints) go to ``--runs``; a configuration
+whose run folder already holds a summary is evaluated again but not retrained.
+
+Each recipe is the published one (``--recipe``, see :mod:`jem_ext.recipes`) scaled to the
+budget: SmallCNN width 64 instead of a WRN-28-10, and a warm-up of ``WARMUP_ITERS`` iterations
+(the published 1000 are longer than a CPU budget's whole run).
+
+Examples::
+
+    python benchmarks/cifar_budget.py --list
+    python benchmarks/cifar_budget.py --archives ../shared/data/cifar10-jpeg \\
+        --data-root /tmp/cifar10 --minutes 15 --threads 2
+    python benchmarks/cifar_budget.py --smoke --out /tmp/cifar_budget_smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from jem_ext.eval.cli import main as eval_main
+from jem_ext.training.cli import main as train_main
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_OUT = ROOT / "out" / "cifar_budget"
+WIDTH = 64
+WARMUP_ITERS = 100
+TARGET_ACCURACY = 0.35
+TARGET_AUROC_UNIFORM = 0.95
+EVAL_TASKS = "accuracy,calibration,ood,generation"
+ARCHIVES = ("train.tar.gz", "test.tar.gz")
+
+# Trainer flags of each configuration, on top of the image folder, the model and the budget.
+CONFIGS: dict[str, list[str]] = {
+    "sadajem": ["--recipe", "sadajem"],
+    # SADA-JEM with chains (re)started from uniform noise: the model sees noise as negatives.
+    "sadajem_uniform": ["--recipe", "sadajem", "--init", "uniform"],
+    "jempp": ["--recipe", "jempp"],
+    "jem": ["--recipe", "jem"],
+    "ce": ["--objective", "ce"],
+}
+SCORES = ("logpx", "maxprob", "approx_mass")
+OOD_SETS = ("uniform", "gaussian", "constant", "interp")
+
+# Smoke mode: a synthetic image folder and a few iterations, for the test suite.
+SMOKE_CLASSES, SMOKE_TRAIN, SMOKE_TEST, SMOKE_SIZE, SMOKE_WIDTH = 3, 12, 4, 8, 4
+SMOKE_TRAIN_FLAGS = ["--width", str(SMOKE_WIDTH), "--buffer-size", "50", "--sgld-steps", "1",
+                     "--max-iters", "2", "--log-every", "1"]
+SMOKE_EVAL_FLAGS = ["--gen-n", "8", "--gen-steps", "2"]
+
+
+class BenchmarkError(Exception):
+    """Bad input (one line, exit status 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help="comma-separated configuration names (see --list)")
+    p.add_argument("--data-root", default=None,
+                   help="image folder with train/ and test/ (one sub-folder per class)")
+    p.add_argument("--archives", default=None,
+                   help="folder holding train.tar.gz and test.tar.gz: extracted into "
+                   "--data-root first, unless it already has train/ and test/")
+    p.add_argument("--minutes", type=float, default=15.0,
+                   help="training wall time of every configuration")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each run")
+    p.add_argument("--seed", type=int, default=1, help="training seed")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="results folder")
+    p.add_argument("--runs", default="runs/cifar_budget",
+                   help="folder of the run folders (checkpoints; kept out of version control)")
+    p.add_argument("--smoke", action="store_true",
+                   help="a synthetic image folder and two iterations per configuration "
+                   "(seconds; checks the pipeline, figures meaningless)")
+    p.add_argument("--list", action="store_true", help="print the configurations and exit")
+    return p
+
+
+def extract_archives(archives: Path, data_root: Path) -> None:
+    """Extract ``train.tar.gz`` and ``test.tar.gz`` into ``data_root`` (when not there yet)."""
+    if (data_root / "train").is_dir() and (data_root / "test").is_dir():
+        return
+    for name in ARCHIVES:
+        path = archives / name
+        if not path.is_file():
+            raise BenchmarkError(f"--archives {archives}: no {name} there")
+    data_root.mkdir(parents=True, exist_ok=True)
+    for name in ARCHIVES:
+        with tarfile.open(archives / name) as tar:
+            tar.extractall(data_root, filter="data")
+
+
+def make_smoke_folder(root: Path) -> None:
+    """A tiny image folder: ``SMOKE_CLASSES`` classes of random RGB images, train/ and test/."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", SMOKE_TRAIN), ("test", SMOKE_TEST)):
+        for c in range(SMOKE_CLASSES):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (SMOKE_SIZE, SMOKE_SIZE, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+
+
+def train_argv(name: str, args: argparse.Namespace, data_root: Path, run_dir: Path) -> list[str]:
+    """The trainer's command line of configuration ``name``."""
+    budget = SMOKE_TRAIN_FLAGS if args.smoke else ["--max-minutes", f"{args.minutes:g}"]
+    return ["--dataset", "folder", "--data-root", str(data_root), "--model", "small_cnn",
+            "--width", str(WIDTH), "--warmup-iters", str(WARMUP_ITERS), "--seed",
+            str(args.seed), "--threads", str(args.threads), "--no-progress",
+            "--sample-every", "0", "--out", str(run_dir), *CONFIGS[name], *budget]
+
+
+def run_config(name: str, args: argparse.Namespace, data_root: Path, runs: Path,
+               out: Path) -> dict[str, Any]:
+    """Train (unless done) and evaluate one configuration; returns its figures."""
+    run_dir = runs / name
+    if not (run_dir / "summary.json").is_file():
+        argv = train_argv(name, args, data_root, run_dir)
+        print("+ python -m jem_ext.train", " ".join(argv), flush=True)
+        if train_main(argv) not in (0, 1):  # 1: diverged, still summarised
+            raise RuntimeError(f"{name}: training failed")
+    eval_argv = ["--checkpoint", str(run_dir / "checkpoints" / "last.pt"),
+                 "--out", str(out / name), "--tasks", EVAL_TASKS, "--label", name,
+                 "--no-progress", *(SMOKE_EVAL_FLAGS if args.smoke else [])]
+    print("+ python -m jem_ext.eval", " ".join(eval_argv), flush=True)
+    if eval_main(eval_argv) != 0:
+        raise RuntimeError(f"{name}: evaluation failed")
+    return figures(name, run_dir, out / name)
+
+
+def figures(name: str, run_dir: Path, eval_dir: Path) -> dict[str, Any]:
+    """One configuration's row: training summary, final energies and evaluation figures."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    report = json.loads((eval_dir / "report.json").read_text())
+    row = {
+        "config": name, "flags": CONFIGS[name], "status": summary["status"],
+        "stop_reason": summary.get("stop_reason"), "iterations": summary["iterations"],
+        "seconds": summary["seconds"], "seconds_per_iteration": summary["seconds_per_iteration"],
+        "recoveries": summary["recoveries"], **last_energies(run_dir / "metrics.jsonl"),
+        "accuracy": report["accuracy"], "ece": report["ece"],
+        "auroc": {s: {score: report["ood"][s][score] for score in SCORES} for s in OOD_SETS},
+        "logpx_mean": report["logpx_mean"],
+        "files": sorted(str(Path(name) / f) for f in _png_files(eval_dir)),
+    }
+    row["target_met"] = target_met(row)
+    return row
+
+
+def _png_files(folder: Path) -> list[str]:
+    return [p.name for p in folder.glob("*.png")]
+
+
+def last_energies(metrics_path: Path) -> dict[str, float | None]:
+    """The last logged mean data and sample energies (None for CE runs)."""
+    last: dict[str, float | None] = {"energy_data": None, "energy_sample": None}
+    with metrics_path.open(encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            for key in last:
+                if row.get(key) is not None:
+                    last[key] = row[key]
+    return last
+
+
+def target_met(row: dict[str, Any]) -> bool:
+    """Accuracy and AUROC log p(x) vs uniform at their targets, no divergence on the way."""
+    auroc = row["auroc"]["uniform"]["logpx"]
+    return (row["status"] != "diverged" and row["recoveries"] == 0
+            and row["accuracy"] >= TARGET_ACCURACY and auroc is not None
+            and auroc >= TARGET_AUROC_UNIFORM)
+
+
+def markdown(rows: list[dict[str, Any]], minutes: float | None) -> str:
+    """The results as a Markdown table (AUROC columns: log p(x) / max p(y|x) / mass)."""
+    if minutes is None:
+        title = f"smoke run: synthetic images, 2 iterations, SmallCNN width {SMOKE_WIDTH}"
+    else:
+        title = f"{minutes:g} minutes per configuration, SmallCNN width {WIDTH}"
+    lines = [f"# CIFAR budget: {title}", "",
+             "AUROC cells: log p(x) / max p(y|x) / approximate mass. Target: accuracy >= "
+             f"{TARGET_ACCURACY:.0%}, AUROC log p(x) vs uniform >= {TARGET_AUROC_UNIFORM}, "
+             "no divergence.", "",
+             "| config | status | iters | s/iter | E data / E sample | acc | ECE | "
+             + " | ".join(f"AUROC {s}" for s in OOD_SETS) + " | target |",
+             "|" + "---|" * (8 + len(OOD_SETS))]
+    for r in rows:
+        aurocs = [" / ".join(_num(r["auroc"][s][k], 2) for k in SCORES) for s in OOD_SETS]
+        energies = f"{_num(r['energy_data'], 1)} / {_num(r['energy_sample'], 1)}"
+        lines.append(
+            f"| {r['config']} | {r['status']} | {r['iterations']} | "
+            f"{r['seconds_per_iteration']:.2f} | {energies} | {r['accuracy']:.1%} | "
+            f"{r['ece']:.1%} | " + " | ".join(aurocs)
+            + f" | {'yes' if r['target_met'] else 'no'} |")
+    lines += ["", "Per configuration: `<config>/report.md`, log p(x) histograms "
+              "(`logpx_hist.png`), reliability diagram and sample grids."]
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """The configuration names to run (raises BenchmarkError on bad input)."""
+    names = [n for n in args.configs.split(",") if n]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown or not names:
+        raise BenchmarkError(f"--configs: unknown {unknown or 'empty list'}; expected names "
+                             f"among {', '.join(CONFIGS)}")
+    if not args.smoke:
+        if args.data_root is None:
+            raise BenchmarkError("--data-root: required (an image folder with train/ and "
+                                 "test/), or --smoke")
+        if not (args.minutes > 0 and math.isfinite(args.minutes)):
+            raise BenchmarkError(f"--minutes: expected a positive number, got {args.minutes}")
+    if args.threads < 1:
+        raise BenchmarkError(f"--threads: expected >= 1, got {args.threads}")
+    return names
+
+
+def run_all(names: list[str], args: argparse.Namespace, data_root: Path, runs: Path) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [run_config(n, args, data_root, runs, out) for n in names]
+    minutes = None if args.smoke else args.minutes
+    with (out / "results.json").open("w", encoding="utf-8") as f:
+        json.dump({"minutes": minutes, "width": WIDTH, "threads": args.threads,
+                   "seed": args.seed, "rows": rows}, f, indent=2)
+        f.write("\n")
+    (out / "results.md").write_text(markdown(rows, minutes), encoding="utf-8")
+    print(f"wrote {out / 'results.json'} and results.md")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list:
+        for name, flags in CONFIGS.items():
+            print(f"{name:16s} {' '.join(flags)}")
+        return 0
+    try:
+        names = check_args(args)
+        if args.smoke:
+            with tempfile.TemporaryDirectory(prefix="cifar_budget_smoke_") as tmp:
+                make_smoke_folder(Path(tmp) / "data")
+                run_all(names, args, Path(tmp) / "data", Path(tmp) / "runs")
+            return 0
+        data_root = Path(args.data_root)
+        if args.archives is not None:
+            extract_archives(Path(args.archives), data_root)
+        if not ((data_root / "train").is_dir() and (data_root / "test").is_dir()):
+            raise BenchmarkError(f"--data-root {data_root}: expected train/ and test/ folders "
+                                 "(give --archives to extract them)")
+        run_all(names, args, data_root, Path(args.runs))
+    except BenchmarkError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
