@@ -12,11 +12,11 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include <c10/util/Exception.h>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
-    !defined(JEM_EXT_NO_CLONES)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define JEM_EXT_X86_LEVELS 1
 // Function attributes that compile one function for a level; the features
 // listed here are exactly those cpu_supports() checks below.
@@ -99,5 +99,8 @@ inline CpuLevel cpu_level() {
   static const CpuLevel level = resolve_cpu_level(std::getenv(kCpuLevelEnv));
   return level;
 }
+
+// The name of cpu_level(): the kernel of the _cpu_level op.
+inline std::string cpu_level_in_use() { return cpu_level_name(cpu_level()); }
 
 }  // namespace jem_ext

@@ -16,11 +16,12 @@
 
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
 #include "../energy.h"
-#include "vectorize.h"
+#include "cpu_level.h"
 
 namespace jem_ext {
 namespace {
@@ -149,13 +150,14 @@ void pick_grad_rows(int64_t rows, int64_t C, const int64_t* y, const acc_t* grad
   }
 }
 
-// The float32 instances, compiled per CPU level (the half types and double
-// use the portable template: half types are rare here, double is for tests).
-// For 2 <= C <= 16 the number of classes becomes a compile-time constant (10
-// is the common case: CIFAR-10, SVHN, digits): the per-row loops then unroll
-// completely instead of paying a vector loop's set-up on every short row.
-// (A switch, not a generic lambda: a lambda body would be compiled once,
-// for the baseline CPU, outside the clones.)
+// The float32 loops, compiled once per CPU level (cpu_level.h) and picked
+// at run time; the half types and double use the portable template (half
+// types are rare here, double is for tests). For 2 <= C <= 16 the number of
+// classes becomes a compile-time constant (10 is the common case: CIFAR-10,
+// SVHN, digits): the per-row loops then unroll completely instead of paying
+// a vector loop's set-up on every short row. (A switch, not a generic
+// lambda: a lambda body would be compiled once, for the baseline CPU,
+// outside the per-level functions.)
 // clang-format off
 #define JEM_EXT_STATIC_CLASSES(CALL)                                              \
   switch (C) {                                                                    \
@@ -167,27 +169,59 @@ void pick_grad_rows(int64_t rows, int64_t C, const int64_t* y, const acc_t* grad
     default: CALL(0);                                                             \
   }
 // clang-format on
-
-JEM_EXT_VECTORIZE void lse_rows_float(const float* l, int64_t rows, int64_t C,
-                                      const RowScratch<float>& s){
 #define JEM_EXT_LSE(k) lse_rows<float, float, k>(l, rows, C, s)
-    JEM_EXT_STATIC_CLASSES(JEM_EXT_LSE)
-#undef JEM_EXT_LSE
-}
-
-JEM_EXT_VECTORIZE void grad_rows_float(const float* l, int64_t rows, int64_t C, float* t,
-                                       const float* lse, const float* grad_lse, const int64_t* y,
-                                       const float* grad_pick, float* out) {
 #define JEM_EXT_GRAD(k) grad_rows<float, float, k>(l, rows, C, t, lse, grad_lse, y, grad_pick, out)
-  JEM_EXT_STATIC_CLASSES(JEM_EXT_GRAD)
+
+// One level's pair of float32 loops, named <name>_<level>.
+#define JEM_EXT_ENERGY_LOOPS(ATTR, LEVEL)                                                       \
+  ATTR void lse_rows_float_##LEVEL(const float* l, int64_t rows, int64_t C,                      \
+                                   const RowScratch<float>& s) {                                 \
+    JEM_EXT_STATIC_CLASSES(JEM_EXT_LSE)                                                          \
+  }                                                                                              \
+  ATTR void grad_rows_float_##LEVEL(const float* l, int64_t rows, int64_t C, float* t,           \
+                                    const float* lse, const float* grad_lse, const int64_t* y,   \
+                                    const float* grad_pick, float* out) {                        \
+    JEM_EXT_STATIC_CLASSES(JEM_EXT_GRAD)                                                         \
+  }
+
+JEM_EXT_ENERGY_LOOPS(, baseline)
+#if JEM_EXT_X86_LEVELS
+JEM_EXT_ENERGY_LOOPS(JEM_EXT_TARGET_AVX2, avx2)
+JEM_EXT_ENERGY_LOOPS(JEM_EXT_TARGET_AVX512, avx512)
+#endif
+#undef JEM_EXT_ENERGY_LOOPS
 #undef JEM_EXT_GRAD
-}
+#undef JEM_EXT_LSE
 #undef JEM_EXT_STATIC_CLASSES
+
+// The per-level float32 loops of the forward and the backward.
+struct EnergyKernels {
+  void (*lse_rows)(const float* l, int64_t rows, int64_t C, const RowScratch<float>& s);
+  void (*grad_rows)(const float* l, int64_t rows, int64_t C, float* t, const float* lse,
+                    const float* grad_lse, const int64_t* y, const float* grad_pick, float* out);
+};
+
+const EnergyKernels& energy_kernels(CpuLevel level) {
+  static constexpr EnergyKernels kBaseline{lse_rows_float_baseline, grad_rows_float_baseline};
+#if JEM_EXT_X86_LEVELS
+  static constexpr EnergyKernels kAvx2{lse_rows_float_avx2, grad_rows_float_avx2};
+  static constexpr EnergyKernels kAvx512{lse_rows_float_avx512, grad_rows_float_avx512};
+  switch (level) {
+    case CpuLevel::kAvx512:
+      return kAvx512;
+    case CpuLevel::kAvx2:
+      return kAvx2;
+    default:
+      break;
+  }
+#endif
+  return kBaseline;
+}
 
 template <typename scalar_t, typename acc_t>
 void lse_block(const scalar_t* l, int64_t rows, int64_t C, const RowScratch<acc_t>& s) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    lse_rows_float(l, rows, C, s);
+    energy_kernels(cpu_level()).lse_rows(l, rows, C, s);
   } else {
     lse_rows<scalar_t, acc_t>(l, rows, C, s);
   }
@@ -197,7 +231,7 @@ template <typename scalar_t, typename acc_t>
 void grad_block(const scalar_t* l, int64_t rows, int64_t C, acc_t* t, const acc_t* lse,
                 const acc_t* grad_lse, const int64_t* y, const acc_t* grad_pick, scalar_t* out) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    grad_rows_float(l, rows, C, t, lse, grad_lse, y, grad_pick, out);
+    energy_kernels(cpu_level()).grad_rows(l, rows, C, t, lse, grad_lse, y, grad_pick, out);
   } else {
     grad_rows<scalar_t, acc_t>(l, rows, C, t, lse, grad_lse, y, grad_pick, out);
   }

@@ -9,7 +9,6 @@
 
 #include <algorithm>
 #include <mutex>
-#include <string>
 #include <type_traits>
 
 #include "../checks.h"
@@ -29,9 +28,6 @@ namespace {
 constexpr int64_t kBlockGroups = 256;
 
 using Words = uint32_t[4][kBlockGroups];
-
-// The rounds of philox4x32_10, for the vectorised copies of it.
-constexpr int kPhiloxRounds = 10;
 
 // ---------------------------------------------------------------- portable loops
 // The scalar definitions, inlined into one function per CPU level (the
@@ -123,9 +119,9 @@ JEM_EXT_TARGET_AVX2 void philox_words_avx2(Words& r, uint64_t seed, uint64_t off
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i sign = set1_u32_avx2(0x80000000u);
   // The round keys are the same for every group: broadcast them once.
-  __m256i key0[kPhiloxRounds], key1[kPhiloxRounds];
+  __m256i key0[kRounds], key1[kRounds];
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < kPhiloxRounds; ++round, k0 += kWeyl0, k1 += kWeyl1) {
+  for (int round = 0; round < kRounds; ++round, k0 += kWeyl0, k1 += kWeyl1) {
     key0[round] = set1_u32_avx2(k0);
     key1[round] = set1_u32_avx2(k1);
   }
@@ -142,7 +138,7 @@ JEM_EXT_TARGET_AVX2 void philox_words_avx2(Words& r, uint64_t seed, uint64_t off
     const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(g_lo, sign),
                                                _mm256_xor_si256(c2, sign));
     __m256i c3 = _mm256_sub_epi32(g_hi, wrapped);  // wrapped lanes are -1
-    for (int round = 0; round < kPhiloxRounds; ++round) {
+    for (int round = 0; round < kRounds; ++round) {
       __m256i lo0, hi0, lo1, hi1;
       mul_wide_avx2(c0, mul0_32, mul0_64, &lo0, &hi0);
       mul_wide_avx2(c2, mul1_32, mul1_64, &lo1, &hi1);
@@ -310,9 +306,9 @@ JEM_EXT_TARGET_AVX512 void philox_words_avx512(Words& r, uint64_t seed, uint64_t
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   constexpr __mmask16 kOdd = 0xAAAA;
   // The round keys are the same for every group: broadcast them once.
-  __m512i key0[kPhiloxRounds], key1[kPhiloxRounds];
+  __m512i key0[kRounds], key1[kRounds];
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < kPhiloxRounds; ++round, k0 += kWeyl0, k1 += kWeyl1) {
+  for (int round = 0; round < kRounds; ++round, k0 += kWeyl0, k1 += kWeyl1) {
     key0[round] = _mm512_set1_epi32(static_cast<int>(k0));
     key1[round] = _mm512_set1_epi32(static_cast<int>(k1));
   }
@@ -327,7 +323,7 @@ JEM_EXT_TARGET_AVX512 void philox_words_avx512(Words& r, uint64_t seed, uint64_t
     // Carry into the high word in lanes whose low word wrapped around.
     const __mmask16 wrapped = _mm512_cmplt_epu32_mask(c2, g_lo);
     __m512i c3 = _mm512_mask_add_epi32(g_hi, wrapped, g_hi, _mm512_set1_epi32(1));
-    for (int round = 0; round < kPhiloxRounds; ++round) {
+    for (int round = 0; round < kRounds; ++round) {
       const __m512i e0 = _mm512_mul_epu32(c0, mul0);  // products of the even lanes
       const __m512i o0 = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), mul0);  // odd lanes
       const __m512i e1 = _mm512_mul_epu32(c2, mul1);
@@ -475,13 +471,8 @@ void sgld_step_philox_cpu(at::Tensor& x, const at::Tensor& grad, double step_siz
            static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
 }
 
-std::string cpu_level_op() { return cpu_level_name(cpu_level()); }
-
 }  // namespace
 }  // namespace jem_ext
-
-// The CPU level in use (benchmarks and tests record it).
-TORCH_LIBRARY_FRAGMENT(jem_ext, m) { m.def("_cpu_level() -> str", &jem_ext::cpu_level_op); }
 
 TORCH_LIBRARY_IMPL(jem_ext, CPU, m) {
   m.impl("sgld_step_", &jem_ext::sgld_step_cpu);
