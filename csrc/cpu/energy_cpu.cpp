@@ -155,8 +155,8 @@ JEM_EXT_INLINE void grad_columns(const scalar_t* __restrict l, int64_t rows,
     for (int64_t r = 0; r < rows; ++r) {
 #pragma GCC unroll 16
       for (int c = 0; c < kC; ++c) {
-        out[r * kC + c] = static_cast<scalar_t>(energy_grad(tt[c * rows + r], scale[r], acc_t(0),
-                                                            false));
+        out[r * kC + c] =
+            static_cast<scalar_t>(energy_grad(tt[c * rows + r], scale[r], acc_t(0), false));
       }
     }
     return;
@@ -165,8 +165,8 @@ JEM_EXT_INLINE void grad_columns(const scalar_t* __restrict l, int64_t rows,
     const acc_t pick = grad_pick != nullptr ? grad_pick[r] : acc_t(0);
 #pragma GCC unroll 16
     for (int c = 0; c < kC; ++c) {
-      out[r * kC + c] = static_cast<scalar_t>(energy_grad(tt[c * rows + r], scale[r], pick,
-                                                          c == y[r]));
+      out[r * kC + c] =
+          static_cast<scalar_t>(energy_grad(tt[c * rows + r], scale[r], pick, c == y[r]));
     }
   }
 }
@@ -260,15 +260,15 @@ void pick_grad_rows(int64_t rows, int64_t C, const int64_t* y, const acc_t* grad
 #define JEM_EXT_GRAD(k) grad_rows<float, float, k>(l, rows, C, s, grad_lse, y, grad_pick, out)
 
 // One level's pair of float32 loops, named <name>_<level>.
-#define JEM_EXT_ENERGY_LOOPS(ATTR, LEVEL)                                                       \
-  ATTR void lse_rows_float_##LEVEL(const float* l, int64_t rows, int64_t C,                      \
-                                   const RowScratch<float>& s) {                                 \
-    JEM_EXT_STATIC_CLASSES(JEM_EXT_LSE)                                                          \
-  }                                                                                              \
-  ATTR void grad_rows_float_##LEVEL(const float* l, int64_t rows, int64_t C,                     \
-                                    const RowScratch<float>& s, const float* grad_lse,           \
-                                    const int64_t* y, const float* grad_pick, float* out) {      \
-    JEM_EXT_STATIC_CLASSES(JEM_EXT_GRAD)                                                         \
+#define JEM_EXT_ENERGY_LOOPS(ATTR, LEVEL)                                                   \
+  ATTR void lse_rows_float_##LEVEL(const float* l, int64_t rows, int64_t C,                 \
+                                   const RowScratch<float>& s) {                            \
+    JEM_EXT_STATIC_CLASSES(JEM_EXT_LSE);                                                    \
+  }                                                                                         \
+  ATTR void grad_rows_float_##LEVEL(const float* l, int64_t rows, int64_t C,                \
+                                    const RowScratch<float>& s, const float* grad_lse,      \
+                                    const int64_t* y, const float* grad_pick, float* out) { \
+    JEM_EXT_STATIC_CLASSES(JEM_EXT_GRAD);                                                   \
   }
 
 JEM_EXT_ENERGY_LOOPS(, baseline)
@@ -458,8 +458,7 @@ at::Tensor energy_backward_cpu(const at::Tensor& logits_in, const c10::optional<
           } else {
             lse_block<scalar_t, acc_t>(l + r0 * C, rows, C, s);
           }
-          grad_block<scalar_t, acc_t>(l + r0 * C, rows, C, s, glse + r0, y_r, pick_r,
-                                      out + r0 * C);
+          grad_block<scalar_t, acc_t>(l + r0 * C, rows, C, s, glse + r0, y_r, pick_r, out + r0 * C);
         });
       });
   return grad;
