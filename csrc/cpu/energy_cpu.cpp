@@ -76,9 +76,9 @@ struct RowScratch {
 // one max or add.
 template <int kC, typename scalar_t, typename acc_t>
 JEM_EXT_INLINE void to_columns(const scalar_t* __restrict l, int64_t rows, acc_t* __restrict tt) {
-  for (int64_t r = 0; r < rows; ++r) {
-#pragma GCC unroll 16
-    for (int c = 0; c < kC; ++c) tt[c * rows + r] = static_cast<acc_t>(l[r * kC + c]);
+  for (int c = 0; c < kC; ++c) {
+    acc_t* __restrict col = tt + c * rows;
+    for (int64_t r = 0; r < rows; ++r) col[r] = static_cast<acc_t>(l[r * kC + c]);
   }
 }
 
