@@ -10,7 +10,7 @@ import platform
 import subprocess
 import sys
 import textwrap
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -122,7 +122,7 @@ def run_python(code: str, level: str | None, *args: str) -> subprocess.Completed
                           text=True)
 
 
-@lru_cache(maxsize=None)
+@cache
 def best_level() -> str:
     out = run_python("import torch, jem_ext; print(torch.ops.jem_ext._cpu_level())", None)
     assert out.returncode == 0, out.stderr
@@ -133,7 +133,7 @@ def supported_levels() -> list[str]:
     return LEVELS[LEVELS.index(best_level()):]
 
 
-@lru_cache(maxsize=None)
+@cache
 def level_results(level: str, tmp_dir: str, script: str = CASES_SCRIPT) -> dict:
     name = "sgld" if script == CASES_SCRIPT else "energy"
     path = os.path.join(tmp_dir, f"{name}-{level}.pt")

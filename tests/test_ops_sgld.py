@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from reference import philox4x32_10, philox_normals, sgld_reference
 from scipy import stats
 
 from jem_ext import ops
-from reference import philox4x32_10, philox_normals, sgld_reference
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-6, torch.float64: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -290,7 +290,7 @@ def test_torch_compile_fullgraph_matches_eager(backend):
 
     eager = run(fn)
     compiled = run(torch.compile(fn, fullgraph=True, backend=backend))
-    for a, b in zip(compiled, eager):
+    for a, b in zip(compiled, eager, strict=True):
         torch.testing.assert_close(a, b)
 
 
