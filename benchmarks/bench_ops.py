@@ -11,9 +11,9 @@
 CPU with one thread and with all threads; CUDA when present (with GB/s of
 the bytes each op must move). Medians over many repeats; prints a table and
 writes JSON (--json). Ratios are "eager time / fused time" from one run.
-sgld_step_'s CPU kernels run at the best instruction-set level the CPU
+The CPU kernels of both ops run at the best instruction-set level the CPU
 supports, or at the one --cpu-level (or JEM_EXT_CPU_LEVEL) names; the JSON
-records it (the energy loops pick their compiled clone by the CPU alone).
+records it.
 To emulate an older CPU for eager PyTorch too, set ATEN_CPU_CAPABILITY
 (avx2, default) in the environment; the JSON records torch's level as well.
 

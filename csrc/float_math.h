@@ -11,7 +11,7 @@
 #include <c10/macros/Macros.h>
 
 // Force inlining: the CPU loops are compiled once per instruction set
-// (csrc/cpu/vectorize.h), and a helper left out of line would be compiled
+// (csrc/cpu/cpu_level.h), and a helper left out of line would be compiled
 // only for the baseline (a libm call for every fma, no vectorisation).
 #if defined(__CUDACC__)
 #define JEM_EXT_INLINE __forceinline__

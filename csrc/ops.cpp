@@ -5,6 +5,8 @@
 //   jem_ext/ops.py                           fake kernels, energy autograd
 #include <torch/library.h>
 
+#include "cpu/cpu_level.h"
+
 TORCH_LIBRARY(jem_ext, m) {
   // x <- clamp(x - step_size * clip(grad) + noise_std * N(0, 1)), in place.
   // Returns nothing: functionalization (torch.compile) rejects custom ops
@@ -28,4 +30,8 @@ TORCH_LIBRARY(jem_ext, m) {
   m.def(
       "energy_backward(Tensor logits, Tensor? y, Tensor? energy, Tensor? grad_lse, "
       "Tensor? grad_pick) -> Tensor");
+  // The instruction-set level the CPU kernels run at ("avx512", "avx2" or
+  // "baseline"; see csrc/cpu/cpu_level.h). No tensor to dispatch on, so the
+  // kernel is bound here, for every backend.
+  m.def("_cpu_level() -> str", &jem_ext::cpu_level_in_use);
 }

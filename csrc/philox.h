@@ -35,6 +35,7 @@ constexpr uint32_t kMul0 = 0xD2511F53u;
 constexpr uint32_t kMul1 = 0xCD9E8D57u;
 constexpr uint32_t kWeyl0 = 0x9E3779B9u;
 constexpr uint32_t kWeyl1 = 0xBB67AE85u;
+constexpr int kRounds = 10;  // the "-10" of Philox4x32-10
 }  // namespace philox_detail
 
 // One Philox4x32-10 block: counter (c0..c3) and key (k0, k1) -> 4 words.
@@ -42,7 +43,7 @@ C10_HOST_DEVICE JEM_EXT_INLINE Uint4 philox4x32_10(uint32_t c0, uint32_t c1, uin
                                                    uint32_t c3, uint32_t k0, uint32_t k1) {
   using namespace philox_detail;
 #pragma unroll
-  for (int round = 0; round < 10; ++round) {
+  for (int round = 0; round < kRounds; ++round) {
     const uint64_t p0 = static_cast<uint64_t>(kMul0) * c0;
     const uint64_t p1 = static_cast<uint64_t>(kMul1) * c2;
     const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32);

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 
 import torch
 
@@ -19,6 +20,12 @@ def _op_names() -> list[str]:
     )
 
 
+def _cpu_level() -> str:
+    """The instruction-set level of the CPU kernels (raises RuntimeError when
+    JEM_EXT_CPU_LEVEL names an unknown level or one this CPU lacks)."""
+    return torch.ops.jem_ext._cpu_level()
+
+
 def describe() -> str:
     """A human-readable report of the build facts and the visible devices."""
     info = jem_ext.build_info
@@ -30,6 +37,7 @@ def describe() -> str:
         f"  built against torch {info['torch_version']} (running torch {torch.__version__})",
         f"  CUDA kernels: {cuda}",
         f"  CPU kernels: {info['cpu_dispatch']}",
+        f"  CPU level in use: {_cpu_level()} (JEM_EXT_CPU_LEVEL forces one)",
         f"  ops: {', '.join(_op_names())}",
         "devices:",
         f"  cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
@@ -52,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Print how jem_ext was built (version, torch, CUDA archs) and the devices "
         "seen.",
     ).parse_args(argv)
-    print(describe())
+    try:
+        text = describe()
+    except RuntimeError as err:
+        print(f"python -m jem_ext.info: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(text)
     return 0
 
 

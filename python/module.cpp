@@ -7,6 +7,8 @@
 // libtorch_python.
 #include <pybind11/pybind11.h>
 
+#include "cpu/cpu_level.h"  // JEM_EXT_X86_LEVELS
+
 #ifndef JEM_EXT_VERSION
 #error "JEM_EXT_VERSION must be defined by the build"
 #endif
@@ -27,8 +29,8 @@ PYBIND11_MODULE(_C, m) {
   info["cuda_version"] = py::none();
   info["cuda_archs"] = "";
 #endif
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(JEM_EXT_NO_CLONES)
-  info["cpu_dispatch"] = "x86-64-v4 (AVX-512) and x86-64-v3 (AVX2+FMA) clones, baseline fallback";
+#if JEM_EXT_X86_LEVELS
+  info["cpu_dispatch"] = "avx512, avx2 and baseline loops, chosen at run time";
 #else
   info["cpu_dispatch"] = "baseline";
 #endif

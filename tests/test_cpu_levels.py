@@ -1,6 +1,8 @@
 """The CPU kernels at every instruction-set level this machine supports
 (forced with JEM_EXT_CPU_LEVEL in a subprocess) give the very bits of the
-baseline level, and the noise they draw has the right statistics."""
+baseline level (the energy ops: the same bits up to 16 classes, within an
+ulp-level tolerance beyond), and the noise they draw has the right
+statistics."""
 
 import math
 import os
@@ -8,7 +10,7 @@ import platform
 import subprocess
 import sys
 import textwrap
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -62,12 +64,53 @@ CASES_SCRIPT = textwrap.dedent("""
         # High words of the seed and of the counter in use.
         x = torch.zeros(5000)
         yield ("high words", ops.sgld_step_philox_(x, torch.zeros_like(x), 0.0, 1.0,
-                                                   -(2**62) - 3, 4 * 2**33 + 4))
+                                                   2**64 - 2**62 - 3, 4 * 2**33 + 4))
         # The noise alone, for its statistics.
         x = torch.zeros(1_000_000)
         yield ("noise", ops.sgld_step_philox_(x, torch.zeros_like(x), 0.0, 1.0, 2024, 0))
 
     torch.save(dict(level=torch.ops.jem_ext._cpu_level(), cases=dict(cases())), sys.argv[1])
+""")
+
+
+# The same for the energy ops in float32 (the type with per-level loops):
+# class counts with a compile-time loop (2..16) and without (1, 17, 100),
+# batch sizes with tails of vectors and of row blocks, non-finite rows.
+ENERGY_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    import jem_ext  # loads the op library
+
+    ops = torch.ops.jem_ext
+    CLASSES = [1, 2, 3, 7, 10, 15, 16, 17, 100]
+    BATCHES = [1, 5, 17, 205, 1000, 4099]
+
+    def logits(b, c, gen):
+        l = torch.randn(b, c, generator=gen) * 4
+        if b > 4 and c > 1:
+            l[1, 0] = float("nan")
+            l[2, :] = float("-inf")
+            l[3, c - 1] = float("inf")
+            l[4, :] = 1e30
+        return l
+
+    def cases():
+        gen = torch.Generator().manual_seed(0)
+        for c in CLASSES:
+            for b in BATCHES:
+                l = logits(b, c, gen)
+                y = torch.randint(0, c, (b,), generator=gen)
+                g = torch.randn(b, generator=gen)
+                gp = torch.randn(b, generator=gen)
+                e = ops.energy(l)
+                yield f"energy {b}x{c}", e
+                yield f"energy y {b}x{c}", ops.energy(l, y)
+                yield f"energy_ce {b}x{c}", torch.stack(ops.energy_ce(l, y))
+                yield f"backward hint {b}x{c}", ops.energy_backward(l, None, e, g, None)
+                yield f"backward {b}x{c}", ops.energy_backward(l, y, None, g, gp)
+                yield f"backward pick {b}x{c}", ops.energy_backward(l, y, None, None, gp)
+
+    torch.save(dict(level=ops._cpu_level(), cases=dict(cases())), sys.argv[1])
 """)
 
 
@@ -79,7 +122,7 @@ def run_python(code: str, level: str | None, *args: str) -> subprocess.Completed
                           text=True)
 
 
-@lru_cache(maxsize=None)
+@cache
 def best_level() -> str:
     out = run_python("import torch, jem_ext; print(torch.ops.jem_ext._cpu_level())", None)
     assert out.returncode == 0, out.stderr
@@ -90,10 +133,11 @@ def supported_levels() -> list[str]:
     return LEVELS[LEVELS.index(best_level()):]
 
 
-@lru_cache(maxsize=None)
-def level_results(level: str, tmp_dir: str) -> dict:
-    path = os.path.join(tmp_dir, f"{level}.pt")
-    out = run_python(CASES_SCRIPT, level, path)
+@cache
+def level_results(level: str, tmp_dir: str, script: str = CASES_SCRIPT) -> dict:
+    name = "sgld" if script == CASES_SCRIPT else "energy"
+    path = os.path.join(tmp_dir, f"{name}-{level}.pt")
+    out = run_python(script, level, path)
     assert out.returncode == 0, out.stderr
     return torch.load(path)
 
@@ -119,6 +163,38 @@ def test_level_bit_identical_to_baseline(level, tmp_dir):
     assert got["cases"].keys() == want["cases"].keys()
     for name, t in got["cases"].items():
         np.testing.assert_array_equal(bits(t), bits(want["cases"][name]), err_msg=name)
+
+
+# Up to 16 classes every row runs the same operations in the same order at
+# every level: the same bits. Beyond, the row max and sum are vector
+# reductions whose lane count (and so summation order) follows the level:
+# the max is exact either way, but the sum of C exponentials (each in
+# [0, 1], the sum in [1, C]) may round differently by an ulp or two of the
+# sum. That moves log(sum), so lse and the cross-entropy, by a few ulp of 1
+# (absolute), and the gradient, scaled by 1 / sum, by a few ulp of itself.
+STATIC_CLASSES = range(1, 17)
+FEW_ULP = 4 * torch.finfo(torch.float32).eps
+
+
+def classes_of(name: str) -> int:
+    return int(name.rsplit("x", 1)[1])
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_energy_level_matches_baseline(level, tmp_dir):
+    if level not in supported_levels():
+        pytest.skip(f"this CPU lacks {level}")
+    got = level_results(level, tmp_dir, ENERGY_SCRIPT)
+    want = level_results("baseline", tmp_dir, ENERGY_SCRIPT)
+    assert got["level"] == level
+    assert got["cases"].keys() == want["cases"].keys()
+    for name, t in got["cases"].items():
+        ref = want["cases"][name]
+        if classes_of(name) in STATIC_CLASSES:
+            np.testing.assert_array_equal(bits(t), bits(ref), err_msg=name)
+        else:
+            torch.testing.assert_close(t, ref, rtol=FEW_ULP, atol=FEW_ULP, equal_nan=True,
+                                       msg=name)
 
 
 @pytest.mark.parametrize("level", LEVELS)

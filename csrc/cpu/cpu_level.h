@@ -12,17 +12,16 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include <c10/util/Exception.h>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
-    !defined(JEM_EXT_NO_CLONES)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define JEM_EXT_X86_LEVELS 1
 // Function attributes that compile one function for a level; the features
 // listed here are exactly those cpu_supports() checks below.
 #define JEM_EXT_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define JEM_EXT_TARGET_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
+#define JEM_EXT_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
 #else
 #define JEM_EXT_X86_LEVELS 0
 #endif
@@ -50,8 +49,8 @@ inline bool cpu_supports(CpuLevel level) {
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
-                      __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512vl");
   switch (level) {
     case CpuLevel::kAvx512:
       return avx512;
@@ -85,7 +84,8 @@ inline CpuLevel resolve_cpu_level(const char* requested) {
     if (std::strcmp(requested, cpu_level_name(level)) == 0) {
       TORCH_CHECK(cpu_supports(level), kCpuLevelEnv, "=", requested,
                   ": this CPU (or this build) lacks that instruction set (the best level "
-                  "available is ", cpu_level_name(best), ")");
+                  "available is ",
+                  cpu_level_name(best), ")");
       return level;
     }
   }
@@ -99,5 +99,8 @@ inline CpuLevel cpu_level() {
   static const CpuLevel level = resolve_cpu_level(std::getenv(kCpuLevelEnv));
   return level;
 }
+
+// The name of cpu_level(): the kernel of the _cpu_level op.
+inline std::string cpu_level_in_use() { return cpu_level_name(cpu_level()); }
 
 }  // namespace jem_ext

@@ -9,7 +9,6 @@
 
 #include <algorithm>
 #include <mutex>
-#include <string>
 #include <type_traits>
 
 #include "../checks.h"
@@ -29,9 +28,6 @@ namespace {
 constexpr int64_t kBlockGroups = 256;
 
 using Words = uint32_t[4][kBlockGroups];
-
-// The rounds of philox4x32_10, for the vectorised copies of it.
-constexpr int kPhiloxRounds = 10;
 
 // ---------------------------------------------------------------- portable loops
 // The scalar definitions, inlined into one function per CPU level (the
@@ -70,11 +66,10 @@ JEM_EXT_INLINE void update_loop(scalar_t* __restrict x, const scalar_t* __restri
 
 // The per-level kernels of the noise and of the float32 update.
 struct SgldKernels {
-  void (*philox_words)(Words& r, uint64_t seed, uint64_t offset, uint64_t first,
-                       int64_t count);
+  void (*philox_words)(Words& r, uint64_t seed, uint64_t offset, uint64_t first, int64_t count);
   void (*box_muller)(float* __restrict z, const Words& r, int64_t count);
-  void (*update_float)(float* __restrict x, const float* __restrict g,
-                       const float* __restrict z, int64_t n_elems, const SgldParams<float>& p);
+  void (*update_float)(float* __restrict x, const float* __restrict g, const float* __restrict z,
+                       int64_t n_elems, const SgldParams<float>& p);
 };
 
 void philox_words_baseline(Words& r, uint64_t seed, uint64_t offset, uint64_t first,
@@ -87,8 +82,7 @@ void box_muller_baseline(float* __restrict z, const Words& r, int64_t count) {
 }
 
 void update_float_baseline(float* __restrict x, const float* __restrict g,
-                           const float* __restrict z, int64_t n_elems,
-                           const SgldParams<float>& p) {
+                           const float* __restrict z, int64_t n_elems, const SgldParams<float>& p) {
   update_loop<float, float>(x, g, z, 0, n_elems, p);
 }
 
@@ -114,8 +108,8 @@ JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE __m256i set1_u32_avx2(uint32_t v) {
 }
 
 // philox_words_loop, 8 groups per vector.
-JEM_EXT_TARGET_AVX2 void philox_words_avx2(Words& r, uint64_t seed, uint64_t offset,
-                                           uint64_t first, int64_t count) {
+JEM_EXT_TARGET_AVX2 void philox_words_avx2(Words& r, uint64_t seed, uint64_t offset, uint64_t first,
+                                           int64_t count) {
   using namespace philox_detail;
   const uint64_t step = offset / 4;
   const __m256i mul0_32 = set1_u32_avx2(kMul0), mul0_64 = _mm256_set1_epi64x(kMul0);
@@ -123,9 +117,9 @@ JEM_EXT_TARGET_AVX2 void philox_words_avx2(Words& r, uint64_t seed, uint64_t off
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i sign = set1_u32_avx2(0x80000000u);
   // The round keys are the same for every group: broadcast them once.
-  __m256i key0[kPhiloxRounds], key1[kPhiloxRounds];
+  __m256i key0[kRounds], key1[kRounds];
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < kPhiloxRounds; ++round, k0 += kWeyl0, k1 += kWeyl1) {
+  for (int round = 0; round < kRounds; ++round, k0 += kWeyl0, k1 += kWeyl1) {
     key0[round] = set1_u32_avx2(k0);
     key1[round] = set1_u32_avx2(k1);
   }
@@ -139,10 +133,10 @@ JEM_EXT_TARGET_AVX2 void philox_words_avx2(Words& r, uint64_t seed, uint64_t off
     __m256i c2 = _mm256_add_epi32(g_lo, lane);
     // Carry into the high word in lanes whose low word wrapped around
     // (unsigned c2 < g_lo, compared as signed after flipping the sign bits).
-    const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(g_lo, sign),
-                                               _mm256_xor_si256(c2, sign));
+    const __m256i wrapped =
+        _mm256_cmpgt_epi32(_mm256_xor_si256(g_lo, sign), _mm256_xor_si256(c2, sign));
     __m256i c3 = _mm256_sub_epi32(g_hi, wrapped);  // wrapped lanes are -1
-    for (int round = 0; round < kPhiloxRounds; ++round) {
+    for (int round = 0; round < kRounds; ++round) {
       __m256i lo0, hi0, lo1, hi1;
       mul_wide_avx2(c0, mul0_32, mul0_64, &lo0, &hi0);
       mul_wide_avx2(c2, mul1_32, mul1_64, &lo1, &hi1);
@@ -166,12 +160,11 @@ JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE __m256 fma_avx2(__m256 a, __m256 b, float c) 
 // log_positive, lane by lane.
 JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE __m256 log_positive_avx2(__m256 x) {
   const __m256i bits = _mm256_castps_si256(x);
-  __m256i e = _mm256_sub_epi32(
-      _mm256_and_si256(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(0xff)),
-      _mm256_set1_epi32(126));
-  __m256 m = _mm256_castsi256_ps(
-      _mm256_or_si256(_mm256_and_si256(bits, set1_u32_avx2(0x807fffffu)),
-                      set1_u32_avx2(0x3f000000u)));
+  __m256i e =
+      _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(0xff)),
+                       _mm256_set1_epi32(126));
+  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, set1_u32_avx2(0x807fffffu)),
+                                                 set1_u32_avx2(0x3f000000u)));
   const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
   e = _mm256_add_epi32(e, _mm256_castps_si256(small));  // small lanes are -1
   m = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), _mm256_set1_ps(1.0f));
@@ -199,12 +192,11 @@ JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE __m256 negate_where_avx2(__m256 v, __m256i n)
 }
 
 // sincos_turn, lane by lane.
-JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void sincos_turn_avx2(__m256 t, __m256* s_out,
-                                                         __m256* c_out) {
+JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void sincos_turn_avx2(__m256 t, __m256* s_out, __m256* c_out) {
   const __m256 t4 = _mm256_mul_ps(t, _mm256_set1_ps(4.0f));
   const __m256i q = _mm256_cvttps_epi32(_mm256_add_ps(t4, _mm256_set1_ps(0.5f)));
-  const __m256 a = _mm256_mul_ps(_mm256_sub_ps(t4, _mm256_cvtepi32_ps(q)),
-                                 _mm256_set1_ps(1.57079632679489662f));
+  const __m256 a =
+      _mm256_mul_ps(_mm256_sub_ps(t4, _mm256_cvtepi32_ps(q)), _mm256_set1_ps(1.57079632679489662f));
   const __m256 z = _mm256_mul_ps(a, a);
   __m256 sp = _mm256_set1_ps(-1.9515295891e-4f);
   sp = fma_avx2(sp, z, 8.3321608736e-3f);
@@ -213,11 +205,10 @@ JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void sincos_turn_avx2(__m256 t, __m256* s_out
   __m256 cp = _mm256_set1_ps(2.443315711809948e-5f);
   cp = fma_avx2(cp, z, -1.388731625493765e-3f);
   cp = fma_avx2(cp, z, 4.166664568298827e-2f);
-  const __m256 ca = _mm256_fmadd_ps(_mm256_mul_ps(cp, z), z, fma_avx2(z, _mm256_set1_ps(-0.5f),
-                                                                      1.0f));
+  const __m256 ca =
+      _mm256_fmadd_ps(_mm256_mul_ps(cp, z), z, fma_avx2(z, _mm256_set1_ps(-0.5f), 1.0f));
   const __m256i one = _mm256_set1_epi32(1);
-  const __m256 swap =
-      _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(q, one), one));
+  const __m256 swap = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(q, one), one));
   *s_out = negate_where_avx2(_mm256_blendv_ps(sa, ca, swap), q);
   *c_out = negate_where_avx2(_mm256_blendv_ps(ca, sa, swap), _mm256_add_epi32(q, one));
 }
@@ -227,11 +218,9 @@ JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void box_muller_avx2(__m256i r0, __m256i r1, 
                                                         __m256* z1) {
   const __m256 scale = _mm256_set1_ps(5.9604644775390625e-8f);
   const __m256 u0 = _mm256_mul_ps(
-      _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_srli_epi32(r0, 8), _mm256_set1_epi32(1))),
-      scale);
+      _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_srli_epi32(r0, 8), _mm256_set1_epi32(1))), scale);
   const __m256 u1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r1, 8)), scale);
-  const __m256 radius =
-      _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log_positive_avx2(u0)));
+  const __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log_positive_avx2(u0)));
   __m256 s, c;
   sincos_turn_avx2(u1, &s, &c);
   *z0 = _mm256_mul_ps(radius, c);
@@ -244,8 +233,8 @@ JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE __m256i load_words_avx2(const uint32_t* p) {
 
 // Store normals k = 0..3 of 8 consecutive groups (vector k, lane i) in group
 // order: z[4 * i + k].
-JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void store_groups_avx2(float* z, __m256 n0, __m256 n1,
-                                                          __m256 n2, __m256 n3) {
+JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void store_groups_avx2(float* z, __m256 n0, __m256 n1, __m256 n2,
+                                                          __m256 n3) {
   const __m256d a = _mm256_castps_pd(_mm256_unpacklo_ps(n0, n1));  // groups 0 1 | 4 5
   const __m256d b = _mm256_castps_pd(_mm256_unpackhi_ps(n0, n1));  // groups 2 3 | 6 7
   const __m256d c = _mm256_castps_pd(_mm256_unpacklo_ps(n2, n3));
@@ -261,8 +250,7 @@ JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void store_groups_avx2(float* z, __m256 n0, _
 }
 
 // box_muller_loop, 8 groups per vector.
-JEM_EXT_TARGET_AVX2 void box_muller_block_avx2(float* __restrict z, const Words& r,
-                                               int64_t count) {
+JEM_EXT_TARGET_AVX2 void box_muller_block_avx2(float* __restrict z, const Words& r, int64_t count) {
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) {
     __m256 n0, n1, n2, n3;
@@ -310,9 +298,9 @@ JEM_EXT_TARGET_AVX512 void philox_words_avx512(Words& r, uint64_t seed, uint64_t
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   constexpr __mmask16 kOdd = 0xAAAA;
   // The round keys are the same for every group: broadcast them once.
-  __m512i key0[kPhiloxRounds], key1[kPhiloxRounds];
+  __m512i key0[kRounds], key1[kRounds];
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < kPhiloxRounds; ++round, k0 += kWeyl0, k1 += kWeyl1) {
+  for (int round = 0; round < kRounds; ++round, k0 += kWeyl0, k1 += kWeyl1) {
     key0[round] = _mm512_set1_epi32(static_cast<int>(k0));
     key1[round] = _mm512_set1_epi32(static_cast<int>(k1));
   }
@@ -327,7 +315,7 @@ JEM_EXT_TARGET_AVX512 void philox_words_avx512(Words& r, uint64_t seed, uint64_t
     // Carry into the high word in lanes whose low word wrapped around.
     const __mmask16 wrapped = _mm512_cmplt_epu32_mask(c2, g_lo);
     __m512i c3 = _mm512_mask_add_epi32(g_hi, wrapped, g_hi, _mm512_set1_epi32(1));
-    for (int round = 0; round < kPhiloxRounds; ++round) {
+    for (int round = 0; round < kRounds; ++round) {
       const __m512i e0 = _mm512_mul_epu32(c0, mul0);  // products of the even lanes
       const __m512i o0 = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), mul0);  // odd lanes
       const __m512i e1 = _mm512_mul_epu32(c2, mul1);
@@ -366,8 +354,7 @@ const SgldKernels& sgld_kernels(CpuLevel level) {
   static constexpr SgldKernels kBaseline{philox_words_baseline, box_muller_baseline,
                                          update_float_baseline};
 #if JEM_EXT_X86_LEVELS
-  static constexpr SgldKernels kAvx2{philox_words_avx2, box_muller_block_avx2,
-                                     update_float_avx2};
+  static constexpr SgldKernels kAvx2{philox_words_avx2, box_muller_block_avx2, update_float_avx2};
   static constexpr SgldKernels kAvx512{philox_words_avx512, box_muller_block_avx512,
                                        update_float_avx512};
   switch (level) {
@@ -383,8 +370,8 @@ const SgldKernels& sgld_kernels(CpuLevel level) {
 }
 
 // z[4 * i + k] = normal k of group first + i, for i < count.
-void fill_normals(const SgldKernels& k, float* z, uint64_t seed, uint64_t offset,
-                  uint64_t first, int64_t count) {
+void fill_normals(const SgldKernels& k, float* z, uint64_t seed, uint64_t offset, uint64_t first,
+                  int64_t count) {
   alignas(64) Words r;
   k.philox_words(r, seed, offset, first, count);
   k.box_muller(z, r, count);
@@ -427,24 +414,23 @@ void sgld_cpu(at::Tensor& x, const at::Tensor& grad, double step_size, double no
   const at::Tensor gc = grad.contiguous();
   const int64_t n = xc.numel();
   if (n > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                    "sgld_step_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const auto p = make_sgld_params<acc_t>(step_size, noise_std, clamp_min, clamp_max,
-                                             grad_clip);
-      sgld_cpu_kernel<scalar_t, acc_t>(xc.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), n, p,
-                                       seed, offset);
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, x.scalar_type(), "sgld_step_cpu", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          const auto p =
+              make_sgld_params<acc_t>(step_size, noise_std, clamp_min, clamp_max, grad_clip);
+          sgld_cpu_kernel<scalar_t, acc_t>(xc.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), n, p,
+                                           seed, offset);
+        });
   }
   if (!xc.is_same(x)) {
     x.copy_(xc);
   }
 }
 
-void sgld_step_cpu(at::Tensor& x, const at::Tensor& grad, double step_size,
-                          double noise_std, c10::optional<double> clamp_min,
-                          c10::optional<double> clamp_max, c10::optional<double> grad_clip,
-                          c10::optional<at::Generator> generator) {
+void sgld_step_cpu(at::Tensor& x, const at::Tensor& grad, double step_size, double noise_std,
+                   c10::optional<double> clamp_min, c10::optional<double> clamp_max,
+                   c10::optional<double> grad_clip, c10::optional<at::Generator> generator) {
   check_sgld_inputs("sgld_step_", x, grad, noise_std, clamp_min, clamp_max, grad_clip);
   TORCH_CHECK(x.device().is_cpu(), "sgld_step_: expected CPU tensors, got ", x.device());
   // The CPU generator (Mersenne twister) has no Philox offset: we draw a
@@ -460,28 +446,19 @@ void sgld_step_cpu(at::Tensor& x, const at::Tensor& grad, double step_size,
   sgld_cpu(x, grad, step_size, noise_std, clamp_min, clamp_max, grad_clip, seed, 0);
 }
 
-void sgld_step_philox_cpu(at::Tensor& x, const at::Tensor& grad, double step_size,
-                                 double noise_std, c10::optional<double> clamp_min,
-                                 c10::optional<double> clamp_max,
-                                 c10::optional<double> grad_clip, int64_t seed,
-                                 int64_t offset) {
-  check_sgld_inputs("_sgld_step_philox_", x, grad, noise_std, clamp_min, clamp_max,
-                    grad_clip);
-  TORCH_CHECK(x.device().is_cpu(), "_sgld_step_philox_: expected CPU tensors, got ",
-              x.device());
+void sgld_step_philox_cpu(at::Tensor& x, const at::Tensor& grad, double step_size, double noise_std,
+                          c10::optional<double> clamp_min, c10::optional<double> clamp_max,
+                          c10::optional<double> grad_clip, int64_t seed, int64_t offset) {
+  check_sgld_inputs("_sgld_step_philox_", x, grad, noise_std, clamp_min, clamp_max, grad_clip);
+  TORCH_CHECK(x.device().is_cpu(), "_sgld_step_philox_: expected CPU tensors, got ", x.device());
   TORCH_CHECK(offset >= 0 && offset % 4 == 0,
               "_sgld_step_philox_: offset must be a non-negative multiple of 4, got ", offset);
   sgld_cpu(x, grad, step_size, noise_std, clamp_min, clamp_max, grad_clip,
            static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
 }
 
-std::string cpu_level_op() { return cpu_level_name(cpu_level()); }
-
 }  // namespace
 }  // namespace jem_ext
-
-// The CPU level in use (benchmarks and tests record it).
-TORCH_LIBRARY_FRAGMENT(jem_ext, m) { m.def("_cpu_level() -> str", &jem_ext::cpu_level_op); }
 
 TORCH_LIBRARY_IMPL(jem_ext, CPU, m) {
   m.impl("sgld_step_", &jem_ext::sgld_step_cpu);
