@@ -62,6 +62,11 @@ CONFIGS: dict[str, list[str]] = {
     "no_augment_wd": ["--no-augment", "--weight-decay", "5e-4"],
     "ce_no_augment": ["--objective", "ce", "--no-augment"],
     "w_px0.3": ["--w-px", "0.3"],
+    # the p(x) term on the batch before augmentation (SADA-JEM), cross-entropy augmented
+    "no_px_augment": ["--no-px-augment"],
+    "no_px_augment_w_px0.3": ["--no-px-augment", "--w-px", "0.3"],
+    "no_px_augment_lr1e-3": ["--no-px-augment", "--lr", "1e-3"],
+    "w_px0.3_noise0.01": ["--w-px", "0.3", "--input-noise", "0.01"],
 }
 
 METRICS = ("accuracy", "ece", "confidence", "auroc_uniform", "auroc_gaussian", "seconds")

@@ -47,7 +47,7 @@ def _out_of_range(key: str, rng: random.Random) -> list:
 
 def _bad_flag_values(action: argparse.Action, rng: random.Random) -> list[str]:
     """Text values the flag must refuse."""
-    if isinstance(action, argparse._StoreTrueAction):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         return ["yes"]  # --flag=yes: a switch takes no value
     if action.choices is not None:
         return ["bogus", "", str(rng.randint(0, 9)), action.choices[0].upper() + "x"]
@@ -66,7 +66,7 @@ def _bad_config_values(action: argparse.Action, rng: random.Random) -> list:
     wrong = ["5", "abc", True, [1], {"a": 1}, 1.5]
     if action.default is not None:
         wrong.append(None)
-    if isinstance(action, argparse._StoreTrueAction):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         return ["yes", 1, 0, [True]] + ([None] if action.default is not None else [])
     if action.choices is not None:
         return ["bogus", 3, ["jem"], True]
