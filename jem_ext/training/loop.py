@@ -189,7 +189,8 @@ def train(cfg: dict[str, Any], resume_state: dict[str, Any] | None = None,
 
     Args:
         cfg: config dict; missing keys take their recipe's values (``cfg["recipe"]``) or
-            their defaults (:func:`default_config`), and ``cfg["out"]`` (the run folder, created here) defaults to a fresh ``runs/...``.
+            their defaults (:func:`default_config`), and ``cfg["out"]`` (the run folder,
+            created here) defaults to a fresh ``runs/...``.
         resume_state: a checkpoint dict to continue from (``--resume``).
         datasets: already loaded splits (as returned by ``load_data``), else loaded here.
         resume_overrides: the config keys this resume changes (recorded in an event row).
