@@ -17,8 +17,7 @@ from jem_ext.sam import SAM
 from jem_ext.training import loop
 from jem_ext.training.config import INVOCATION_KEYS, parse_command_line
 from jem_ext.training.setup import build_run, make_augment
-from jem_ext.training.step import Batch, LossWeights, SharpnessAwareContext, StepContext, \
-    train_step
+from jem_ext.training.step import Batch, LossWeights, SharpnessAwareContext, StepContext, train_step
 
 DIGITS = ["--model", "small_cnn", "--width", "4", "--buffer-size", "200", "--sgld-steps", "2",
           "--no-progress", "--sample-every", "0", "--epochs", "1"]
@@ -145,7 +144,7 @@ def test_sam_step_equals_the_two_pass_hand_computation(adaptive):
         for k, b in ref.named_buffers():
             b.copy_(stats[k])
     opt.second_step()
-    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
     assert any("running_mean" in k for k in stats)
 

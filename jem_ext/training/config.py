@@ -18,7 +18,7 @@ import torch
 
 from ..data import FILE_DATASETS, TOY_DATASETS
 from ..recipes import apply_recipe
-from .flags import ConfigError, int_list, build_parser, default_config, finite_float
+from .flags import ConfigError, build_parser, default_config, finite_float, int_list
 
 # Keys of config.json that describe the invocation, not the experiment: ignored by --config
 # and --resume. (The thread count is part of the experiment: results depend on it.)

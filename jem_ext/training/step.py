@@ -28,10 +28,10 @@ host sync of an iteration. Callers (the guard, the logger) use those floats.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -116,7 +116,7 @@ def frozen_norm_stats(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         with torch.no_grad():
-            for m, buffers in zip(layers, saved):
+            for m, buffers in zip(layers, saved, strict=True):
                 for k, b in m.named_buffers(recurse=False):
                     b.copy_(buffers[k])
 
