@@ -18,6 +18,7 @@ from ..data import DATASETS
 from ..models import MODELS, NORMS
 from ..objectives import OBJECTIVES
 from ..sampler import INITS
+from .accel import PRECISIONS
 from .setup import OPTIMIZERS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -84,6 +85,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     _add_optimisation_flags(add, group("optimisation"))
     _add_run_folder_flags(add, group("run folder"))
     _add_guard_flags(add, group("divergence guard"))
+    _add_speed_flags(add, group("speed"))
     return p
 
 
@@ -188,6 +190,20 @@ def _add_guard_flags(add: Any, g: Any) -> None:
         help="multiply the learning rate by this after each recovery")
 
 
+def _add_speed_flags(add: Any, g: Any) -> None:
+    add(g, "--precision", choices=PRECISIONS, default="fp32",
+        help="arithmetic of the network's forward and input-gradient (chain and loss): bf16 or "
+        "fp16 autocast (fp16 with a gradient scaler); the chain state stays float32")
+    add(g, "--channels-last", action="store_true", default=False,
+        help="channels-last (NHWC) layout for a convolutional model's weights, its input and "
+        "the replay buffer")
+    add(g, "--compile", action="store_true", default=False,
+        help="torch.compile the model (the loss and the SGLD chain both use it)")
+    add(g, "--cuda-graph", action="store_true", default=False,
+        help="capture the K-step SGLD chain in a CUDA graph once per shape and replay it "
+        "(runs eagerly, with a note, on the CPU)")
+
+
 def default_config() -> dict[str, Any]:
     """The full default config (every flag's default), as a dict."""
     return vars(build_parser().parse_args([]))
@@ -202,7 +218,8 @@ def validate(cfg: dict[str, Any]) -> None:
     for key, choices in (("dataset", DATASETS), ("model", tuple(MODELS)),
                          ("objective", OBJECTIVES), ("init", INITS),
                          ("optimizer", OPTIMIZERS), ("device", DEVICES),
-                         ("norm", NORM_CHOICES + (None,))):
+                         ("norm", NORM_CHOICES + (None,)),
+                         ("precision", PRECISIONS)):
         need(cfg[key] in choices,
              f"{key}: expected one of {', '.join(map(str, choices))}, got {cfg[key]!r}")
     for key in ("batch_size", "epochs", "log_every", "eval_every"):
@@ -222,6 +239,8 @@ def validate(cfg: dict[str, Any]) -> None:
          "sgld_steps: expected >= 1 for the jem and factored objectives")
     need(cfg["labels_per_class"] is None or cfg["labels_per_class"] >= 1,
          "labels_per_class: expected >= 1")
+    need(not cfg["channels_last"] or cfg["model"] != "mlp",
+         "channels_last: expected a convolutional model (wrn, small_cnn), got mlp")
     if cfg["device"] == "cuda":
         need(torch.cuda.is_available(), "device: cuda requested but no CUDA device is available")
 

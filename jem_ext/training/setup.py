@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import data as jdata
 from ..models import build_model
 from ..sampler import GaussianInit, ReplayBuffer, SGLDSampler, UniformInit
+from .accel import apply_speed_options
 from .state import RunState
 from .step import LossWeights, StepContext
 
@@ -170,10 +171,12 @@ def build_context(cfg: dict[str, Any], model: torch.nn.Module, train_data: jdata
 
     This is where precision, CUDA-graph and distributed options set the context's fields.
     """
-    return StepContext(
+    ctx = StepContext(
         model_for_chain=model, model_for_loss=model, optimizer=make_optimizer(cfg, model),
         sampler=make_sampler(cfg, train_data, device, generator=generator), generator=generator,
     )
+    apply_speed_options(ctx, cfg, device)
+    return ctx
 
 
 def build_run(cfg: dict[str, Any], datasets: dict[str, jdata.ImageData] | None = None) -> Run:
