@@ -374,7 +374,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out the torch.compile option (compilation takes minutes)")
     p.add_argument("--reps", type=int, default=None, help="timed repeats per chain/train figure")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    sizes = p.add_argument_group("sizes (override the WRN-28-10, batch 64, K=20 defaults)")
+    sizes.add_argument("--depth", type=int, default=None, help="WRN depth (6n+4)")
+    sizes.add_argument("--width", type=int, default=None, help="WRN widen factor")
+    sizes.add_argument("--batch", type=int, default=None, help="chains / images per batch")
+    sizes.add_argument("--steps", type=int, default=None, help="SGLD steps per chain")
+    sizes.add_argument("--image-size", type=int, default=None, help="image height and width")
     return p
+
+
+def _override(sizes: Sizes, args: argparse.Namespace) -> Sizes:
+    """``sizes`` with the sizes given on the command line."""
+    given = {key: getattr(args, key) for key in ("reps", "depth", "width", "batch", "steps")
+             if getattr(args, key) is not None}
+    if args.image_size is not None:
+        given["image"] = (sizes.image[0], args.image_size, args.image_size)
+    return replace(sizes, **given)
 
 
 def _choose(args: argparse.Namespace) -> tuple[torch.device, Sizes, tuple[Option, ...],
@@ -385,8 +400,12 @@ def _choose(args: argparse.Namespace) -> tuple[torch.device, Sizes, tuple[Option
     if unknown:
         raise ValueError(f"--stages: unknown {','.join(unknown)}; expected from "
                          f"{','.join(STAGES)}")
-    if args.reps is not None and args.reps < 1:
-        raise ValueError(f"--reps: expected >= 1, got {args.reps}")
+    for key in ("reps", "depth", "width", "batch", "steps", "image_size"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            raise ValueError(f"--{key.replace('_', '-')}: expected >= 1, got {value}")
+    if args.depth is not None and (args.depth < 10 or (args.depth - 4) % 6):
+        raise ValueError(f"--depth: expected 6n + 4 with n >= 1, got {args.depth}")
     name = "cpu" if args.smoke else args.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -394,8 +413,7 @@ def _choose(args: argparse.Namespace) -> tuple[torch.device, Sizes, tuple[Option
         raise ValueError("--device cuda: no CUDA device is available")
     device = torch.device(name)
     sizes = SMOKE if args.smoke else Sizes()
-    if args.reps is not None:
-        sizes = replace(sizes, reps=args.reps)
+    sizes = _override(sizes, args)
     options = GPU_OPTIONS if device.type == "cuda" else CPU_OPTIONS
     if args.no_compile or args.smoke:
         options = tuple(o for o in options if not o.compile)
