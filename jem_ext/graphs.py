@@ -60,7 +60,8 @@ def chain_key(model: nn.Module, x: Tensor, n_steps: int, step_size: float, noise
     return (id(model), tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device), y_key,
             int(n_steps), float(step_size), float(noise_std), clamp_key,
             None if grad_clip is None else float(grad_clip),
-            None if generator is None else id(generator), None if autocast is None else id(autocast))
+            None if generator is None else id(generator),
+            None if autocast is None else id(autocast))
 
 
 @dataclass

@@ -176,7 +176,9 @@ class GaussianInit:
         )
         self.sample_shape = tuple(int(s) for s in (sample_shape or (d,)))
         if math.prod(self.sample_shape) != d:
-            raise ValueError(f"GaussianInit: sample_shape {self.sample_shape} does not hold {d} values")
+            raise ValueError(
+                f"GaussianInit: sample_shape {self.sample_shape} does not hold {d} values"
+            )
         self.clamp = None if clamp is None else (float(clamp[0]), float(clamp[1]))
 
     @property
@@ -536,6 +538,8 @@ def sample_from_noise(
     seed: int = 0,
     batch_size: int = 256,
     on_batch: Callable[[int], None] | None = None,
+    autocast: Callable[[], AbstractContextManager[Any]] | None = None,
+    chain: Callable[..., Tensor] | None = None,
 ) -> Tensor:
     """``n`` samples from fresh SGLD chains started at U(-1, 1)^shape; returned on the CPU.
 
@@ -544,10 +548,13 @@ def sample_from_noise(
     drawn on the CPU, the chains' noise from a generator on the model's device seeded with
     ``seed``. Chains run ``batch_size`` at a time; ``on_batch(k)`` is called after each batch of
     ``k`` chains (e.g. a progress bar's ``update``). With ``y`` (int64 ``[n]``), chain ``i``
-    follows ``E(x, y_i)``. Other arguments as in :func:`sgld_chain`.
+    follows ``E(x, y_i)``. ``chain`` replaces :func:`sgld_chain` (e.g. a
+    :class:`jem_ext.graphs.GraphedChain`). Other arguments as in :func:`sgld_chain`.
     """
     if n < 0 or batch_size < 1:
-        raise ValueError(f"sample_from_noise: need n >= 0 and batch_size >= 1, got {n}, {batch_size}")
+        raise ValueError(
+            f"sample_from_noise: need n >= 0 and batch_size >= 1, got {n}, {batch_size}"
+        )
     device = _model_device(model)
     starts = torch.Generator().manual_seed(seed)
     x0 = torch.rand((n, *shape), generator=starts) * 2 - 1
@@ -556,8 +563,9 @@ def sample_from_noise(
     for s in range(0, n, batch_size):
         yb = None if y is None else y[s : s + batch_size].to(device)
         xb = x0[s : s + batch_size].to(device)
-        out.append(sgld_chain(model, xb, n_steps, step_size, noise_std, y=yb, clamp=clamp,
-                              grad_clip=grad_clip, generator=noise).cpu())
+        run = sgld_chain if chain is None else chain
+        out.append(run(model, xb, n_steps, step_size, noise_std, y=yb, clamp=clamp,
+                       grad_clip=grad_clip, generator=noise, autocast=autocast).cpu())
         if on_batch is not None:
             on_batch(len(xb))
     return torch.cat(out) if out else x0

@@ -16,7 +16,8 @@ from jem_ext.models import build_model
 from jem_ext.sampler import ReplayBuffer, SGLDSampler, sgld_chain
 from jem_ext.training import accel
 from jem_ext.training.config import default_config
-from jem_ext.training.setup import build_run
+from jem_ext.graphs import GraphedChain
+from jem_ext.training.setup import build_run, make_sampler
 from jem_ext.training.step import Batch, train_step
 
 TINY = {"dataset": "digits", "model": "small_cnn", "width": 4, "sgld_steps": 2,
@@ -245,10 +246,22 @@ def test_cuda_training_step_syncs_once(tmp_path):
     assert len(syncs) == 1, [str(w.message) for w in syncs]
 
 
+def test_rebuilt_sampler_keeps_the_speed_options(tmp_path):
+    run = _tiny_run(tmp_path, precision="bf16", cuda_graph=True, channels_last=True)
+    fresh = make_sampler(run.cfg, run.data.train, run.device)  # as after a recovery
+    for sampler in (run.ctx.sampler, fresh):
+        assert isinstance(sampler.chain, GraphedChain) and sampler.autocast is not None
+        assert sampler.buffer.data.is_contiguous(memory_format=torch.channels_last)
+    plain = make_sampler({**run.cfg, "precision": "fp32", "cuda_graph": False,
+                          "channels_last": False}, run.data.train, run.device)
+    assert plain.chain is sgld_chain and plain.autocast is None
+
+
 def test_replay_buffer_channels_last_state_round_trip():
     buf = ReplayBuffer(10, (1, 4, 4))
     sampler = SGLDSampler(buffer=buf, n_steps=1)
-    accel.use_channels_last(nn.Conv2d(1, 2, 3), sampler)
+    accel.configure_sampler(sampler, {"channels_last": True}, torch.device("cpu"))
+    assert buf.data.is_contiguous(memory_format=torch.channels_last)
     saved = sampler.state_dict()
     fresh = SGLDSampler(buffer=ReplayBuffer(10, (1, 4, 4)), n_steps=1)
     fresh.load_state_dict(saved)

@@ -47,6 +47,7 @@ def test_failing_stage_is_recorded_and_the_others_run(tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["--stages", "env,warp"], "unknown warp"),
     (["--reps", "0"], "--reps"),
+    (["--depth", "11"], "--depth: expected 6n + 4"),
 ])
 def test_bad_arguments_exit_2(tmp_path, capsys, argv, message):
     assert bench.main(["--smoke", "--out", str(tmp_path / "b"), *argv]) == 2

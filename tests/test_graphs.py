@@ -14,7 +14,13 @@ from torch import nn
 
 from jem_ext import graphs
 from jem_ext.graphs import GraphedChain, chain_key
-from jem_ext.sampler import ReplayBuffer, SGLDSampler, sgld_chain, sgld_steps_
+from jem_ext.sampler import (
+    ReplayBuffer,
+    SGLDSampler,
+    sample_from_noise,
+    sgld_chain,
+    sgld_steps_,
+)
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -51,6 +57,16 @@ def test_sampler_with_graphed_chain_on_cpu_equals_default():
         return out, buf.data
     (a, buf_a), (b, buf_b) = draw(None), draw(GraphedChain())
     assert torch.equal(a, b) and torch.equal(buf_a, buf_b)
+
+
+def test_sample_from_noise_takes_the_graphed_chain_and_autocast():
+    model = _model()
+    ref = sample_from_noise(model, 5, (3, 2, 2), 2, seed=4, batch_size=3)
+    out = sample_from_noise(model, 5, (3, 2, 2), 2, seed=4, batch_size=3, chain=GraphedChain())
+    assert torch.equal(out, ref)
+    bf16 = sample_from_noise(model, 5, (3, 2, 2), 2, seed=4, batch_size=3,
+                             autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, ref)
 
 
 def test_chain_key_separates_what_a_graph_bakes_in():
@@ -238,4 +254,5 @@ def test_cuda_new_shape_recaptures_and_cpu_generator_falls_back(capsys):
     graphed(model, x[:5], generator=gen, **chain)
     assert graphed.captures == 2
     out = graphed(model, x, generator=torch.Generator().manual_seed(0), **chain)
-    assert out.shape == x.shape and "generator on the chain's CUDA device" in capsys.readouterr().err
+    assert out.shape == x.shape
+    assert "generator on the chain's CUDA device" in capsys.readouterr().err

@@ -7,7 +7,8 @@ Each option is one small function:
   and input-gradient (chain and loss) under ``torch.autocast``; the chain state stays float32
   and the energy op takes the half logits (it accumulates in float32). ``fp16`` adds a gradient
   scaler (:func:`make_scaler`).
-* :func:`use_channels_last` -- weights, the model's input and the replay buffer in NHWC layout.
+* :func:`use_channels_last` -- weights and the model's input in NHWC layout (the replay buffer
+  too: :func:`configure_sampler`).
 * :func:`compile_model` -- ``nn.Module.compile`` in place (checkpoints keep their key names).
 * :class:`jem_ext.graphs.GraphedChain` -- the K-step chain as one CUDA graph.
 * :func:`batch_independent` -- whether data and samples can share one forward.
@@ -66,13 +67,10 @@ def _to_channels_last(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ..
     return (x, *args[1:])
 
 
-def use_channels_last(model: nn.Module, sampler: SGLDSampler | None = None) -> None:
-    """NHWC layout for the weights, the model's input (a forward pre-hook) and the buffer."""
+def use_channels_last(model: nn.Module) -> None:
+    """NHWC layout for the weights and the model's input (a forward pre-hook)."""
     model.to(memory_format=torch.channels_last)
     model.register_forward_pre_hook(_to_channels_last)
-    buffer = None if sampler is None else sampler.buffer
-    if buffer is not None and buffer.data.dim() == 4:
-        buffer.data = buffer.data.contiguous(memory_format=torch.channels_last)
 
 
 def compile_model(model: nn.Module) -> nn.Module:
@@ -88,19 +86,31 @@ def batch_independent(model: nn.Module) -> bool:
 
 
 def apply_speed_options(ctx: StepContext, cfg: dict[str, Any], device: torch.device) -> None:
-    """Set the context's precision, layout, compilation and chain from the config's speed
-    flags (``precision``, ``channels_last``, ``compile``, ``cuda_graph``)."""
-    model, sampler = ctx.model_for_chain, ctx.sampler
+    """Set the context's precision, layout and compilation from the config's speed flags
+    (``precision``, ``channels_last``, ``compile``; the sampler's own options are set where
+    it is built, by :func:`configure_sampler`)."""
+    model = ctx.model_for_chain
     precision = cfg.get("precision", "fp32")
     if cfg.get("channels_last") and is_convolutional(model):
-        use_channels_last(model, sampler)
+        use_channels_last(model)
     if cfg.get("compile"):
         compile_model(model)
     ctx.autocast = autocast_factory(precision, device)
     ctx.scaler = make_scaler(precision, device)
     ctx.joint_forward = batch_independent(model)
-    if sampler is not None:
-        sampler.autocast = None if precision == "fp32" else autocast_factory(
-            precision, device, cache_enabled=False)
-        if cfg.get("cuda_graph"):
-            sampler.chain = GraphedChain()
+
+
+def configure_sampler(sampler: SGLDSampler, cfg: dict[str, Any], device: torch.device
+                      ) -> SGLDSampler:
+    """The sampler's speed options from the config: the chain's autocast (``precision``), a
+    CUDA-graph chain (``cuda_graph``) and a channels-last buffer (``channels_last``, image
+    buffers). Applied wherever a sampler is built, so a rebuilt sampler keeps them."""
+    precision = cfg.get("precision", "fp32")
+    sampler.autocast = None if precision == "fp32" else autocast_factory(
+        precision, device, cache_enabled=False)
+    if cfg.get("cuda_graph"):
+        sampler.chain = GraphedChain()
+    buffer = sampler.buffer
+    if cfg.get("channels_last") and buffer is not None and buffer.data.dim() == 4:
+        buffer.data = buffer.data.contiguous(memory_format=torch.channels_last)
+    return sampler

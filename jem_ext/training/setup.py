@@ -19,7 +19,7 @@ from torch import Tensor
 from .. import data as jdata
 from ..models import build_model
 from ..sampler import GaussianInit, ReplayBuffer, SGLDSampler, UniformInit
-from .accel import apply_speed_options
+from .accel import apply_speed_options, configure_sampler
 from .state import RunState
 from .step import LossWeights, StepContext
 
@@ -140,11 +140,11 @@ def make_sampler(cfg: dict[str, Any], train_data: jdata.ImageData, device: torch
             device=device, reinit_prob=cfg["reinit_prob"], init=init, generator=generator,
         )
     clamp, grad_clip = chain_limits(cfg)
-    return SGLDSampler(
+    return configure_sampler(SGLDSampler(
         n_steps=cfg["sgld_steps"], step_size=cfg["sgld_step_size"], noise_std=cfg["sgld_noise"],
         clamp=clamp, grad_clip=grad_clip, buffer=buffer, init=init, conditional=conditional,
         sample_shape=train_data.shape,
-    )
+    ), cfg, device)
 
 
 def chain_limits(cfg: dict[str, Any]) -> tuple[tuple[float, float] | None, float | None]:
