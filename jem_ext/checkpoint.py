@@ -10,6 +10,8 @@ A checkpoint is a plain dict saved with :func:`torch.save` and read back with
 - ``"rng"``: RNG states (see :func:`capture_rng` / :func:`restore_rng`).
 - ``"iteration"``, ``"epoch"``: training progress; ``"config"``: the run's full config dict;
   ``"best_val_accuracy"``: best validation accuracy so far.
+- ``"checksum"``: :func:`state_checksum` of the rest, verified on load (checkpoints written
+  before it existed have none and load unchecked).
 
 A run folder looks like ``RUN/config.json``, ``RUN/metrics.jsonl``,
 ``RUN/checkpoints/{last.pt,best.pt}``, ``RUN/samples/*.png``, ``RUN/summary.json``.
@@ -17,6 +19,7 @@ A run folder looks like ``RUN/config.json``, ``RUN/metrics.jsonl``,
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -31,8 +34,10 @@ import torch
 from torch import nn
 
 from ._io import atomic_path
+from .models import build_from_spec, meta_model
 
 FORMAT = "jem_ext.checkpoint"
+CHECKSUM_KEY = "checksum"
 VERSION = 1
 KNOWN_VERSIONS = frozenset({1})
 
@@ -45,6 +50,8 @@ __all__ = [
     "resolve_checkpoint",
     "model_from_checkpoint",
     "replay_buffer_samples",
+    "state_checksum",
+    "weights_mismatch",
     "new_state",
     "capture_rng",
     "restore_rng",
@@ -76,6 +83,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     if not isinstance(state, dict):
         raise CheckpointError(f"save_checkpoint: expected a dict, got {type(state).__name__}")
     state = {"format": FORMAT, "version": VERSION, **state}
+    state[CHECKSUM_KEY] = state_checksum(state)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -136,7 +144,41 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
             f"checkpoint {path}: unsupported version {state.get('version')!r} "
             f"(this jem_ext reads versions {sorted(KNOWN_VERSIONS)})"
         )
+    if CHECKSUM_KEY in state and state[CHECKSUM_KEY] != state_checksum(state):
+        raise CheckpointError(
+            f"checkpoint {path}: checksum mismatch (the file was modified or damaged after "
+            "it was written)"
+        )
     return state
+
+
+def state_checksum(state: dict[str, Any]) -> str:
+    """``"sha256:<hex>"`` over a checkpoint's content (every key but the checksum itself).
+
+    Tensors contribute their dtype, shape and bytes; dicts their entries in key order; lists and
+    tuples their items; other values their type and ``repr``.
+    """
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in state.items() if k != CHECKSUM_KEY})
+    return "sha256:" + digest.hexdigest()
+
+
+def _feed(digest: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        digest.update(b"D%d" % len(obj))
+        for key in sorted(obj, key=repr):
+            _feed(digest, key)
+            _feed(digest, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        digest.update(b"L%d" % len(obj))
+        for item in obj:
+            _feed(digest, item)
+    else:
+        digest.update(f"S{type(obj).__name__}:{obj!r}".encode())
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -169,10 +211,9 @@ def model_from_checkpoint(state: dict[str, Any], device: Any = "cpu") -> nn.Modu
     Raises:
         CheckpointError: the checkpoint lacks ``model_spec``/``model`` or they do not match.
     """
-    from .models import build_from_spec
-
     if "model_spec" not in state or "model" not in state:
         raise CheckpointError("checkpoint: expected keys 'model_spec' and 'model'")
+    _check_spec_matches_weights(state["model_spec"], state["model"])
     try:
         model = build_from_spec(state["model_spec"])
         model.load_state_dict(state["model"])
@@ -180,6 +221,39 @@ def model_from_checkpoint(state: dict[str, Any], device: Any = "cpu") -> nn.Modu
         first = _first_sentence(err)
         raise CheckpointError(f"checkpoint: cannot rebuild the model ({first})") from None
     return model.to(device).eval()
+
+
+def weights_mismatch(model: nn.Module, weights: dict[str, Any]) -> str | None:
+    """The first entry whose name or shape differs between ``model``'s state dict and
+    ``weights`` (as ``"name (shape)"``), or None when they match. ``model`` may live on the meta
+    device, so nothing needs to be allocated to check."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
+    if expected == saved:
+        return None
+    name, shape = sorted(set(expected.items()) ^ set(saved.items()))[0]
+    return f"{name} {shape}"
+
+
+def _check_spec_matches_weights(spec: Any, weights: Any) -> None:
+    """Check a checkpoint's model spec against its weights before building anything.
+
+    Raises:
+        CheckpointError: the spec is invalid, or its parameter names or shapes differ from the
+            saved weights.
+    """
+    if not isinstance(spec, dict) or not isinstance(weights, dict):
+        raise CheckpointError("checkpoint: model_spec and model must be dicts")
+    try:
+        model = meta_model(spec)
+    except (ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"checkpoint: invalid model spec ({_first_sentence(err)})") from None
+    diff = weights_mismatch(model, weights)
+    if diff is not None:
+        raise CheckpointError(
+            f"checkpoint: the model spec does not match the saved weights (first difference: "
+            f"{diff})"
+        )
 
 
 def replay_buffer_samples(state: dict[str, Any]) -> torch.Tensor | None:
@@ -223,7 +297,8 @@ def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict[st
     return state
 
 
-def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+def restore_rng(state: dict[str, Any],
+                generators: dict[str, torch.Generator] | None = None) -> None:
     """Restore RNG states saved by :func:`capture_rng` (named generators matched by key)."""
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():

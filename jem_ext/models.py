@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from typing import Any, Callable
 
 import torch
@@ -32,6 +33,8 @@ __all__ = [
     "build_model",
     "model_spec",
     "build_from_spec",
+    "meta_model",
+    "MAX_PARAMETERS",
     "predict_logits",
 ]
 
@@ -268,8 +271,62 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+MAX_PARAMETERS = 10**9  # beyond this a spec is refused before anything is allocated
+_POSITIVE_INT_ARGS = ("depth", "widen_factor", "width", "hidden", "in_channels", "image_size")
+
+
+def _check_args(name: str, num_classes: Any, in_shape: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse model arguments out of range before a module is built (one clear message)."""
+    def positive_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if not positive_int(num_classes):
+        raise ValueError(f"{name}: expected num_classes >= 1, got {num_classes!r}")
+    if not (isinstance(in_shape, (list, tuple)) and in_shape
+            and all(positive_int(s) for s in in_shape)):
+        raise ValueError(f"{name}: expected in_shape of positive sizes, got {in_shape!r}")
+    for key in _POSITIVE_INT_ARGS:
+        if key in kwargs and not positive_int(kwargs[key]):
+            raise ValueError(f"{name}: expected {key} >= 1, got {kwargs[key]!r}")
+    dropout = kwargs.get("dropout", 0.0)
+    if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        raise ValueError(f"{name}: expected dropout in [0, 1), got {dropout!r}")
+
+
+def _as_int(v: Any) -> Any:
+    """``v`` as a Python int when it is an integer of any kind (numpy, torch), else ``v``."""
+    try:
+        return operator.index(v)
+    except TypeError:
+        return v
+
+
+def meta_model(spec: dict[str, Any]) -> nn.Module:
+    """The model of a spec on the meta device: its structure and shapes, no memory.
+
+    Raises:
+        ValueError: invalid spec, or more than :data:`MAX_PARAMETERS` parameters.
+    """
+    name = spec.get("name")
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODELS)}")
+    kwargs = spec.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{name}: expected kwargs to be a dict, got {kwargs!r}")
+    _check_args(name, spec.get("num_classes"), spec.get("in_shape"), kwargs)
+    with torch.device("meta"):
+        model = MODELS[name](spec["num_classes"], tuple(spec["in_shape"]), **kwargs)
+    count = sum(p.numel() for p in model.parameters())
+    if count > MAX_PARAMETERS:
+        raise ValueError(f"{name}: {count:.3g} parameters, more than the {MAX_PARAMETERS:.0e} "
+                         "this package builds")
+    return model
+
+
 def build_model(name: str, num_classes: int, in_shape: tuple[int, ...], **kwargs: Any) -> nn.Module:
     """Build a registered model and record how it was built.
+
+    The arguments are checked, and the model's size computed without allocating it, first.
 
     Args:
         name: "wrn", "small_cnn" or "mlp".
@@ -282,22 +339,24 @@ def build_model(name: str, num_classes: int, in_shape: tuple[int, ...], **kwargs
         The module, with attribute ``jem_spec`` (see :func:`model_spec`).
 
     Raises:
-        ValueError: unknown name, wrong ``in_shape`` or non-serialisable kwargs.
+        ValueError: unknown name, wrong ``in_shape``, arguments out of range, too many
+            parameters, or non-serialisable kwargs.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODELS)}")
     spec = {
         "name": name,
-        "num_classes": int(num_classes),
-        "in_shape": [int(s) for s in in_shape],
+        "num_classes": _as_int(num_classes),
+        "in_shape": [_as_int(s) for s in in_shape],
         "kwargs": dict(kwargs),
     }
     try:
         json.dumps(spec)
     except TypeError as err:
         raise ValueError(f"build_model: kwargs must be JSON-serialisable ({err})") from err
+    meta_model(spec)
     model = MODELS[name](spec["num_classes"], tuple(spec["in_shape"]), **kwargs)
-    model.jem_spec = spec
+    model.jem_spec = json.loads(json.dumps(spec))
     return model
 
 

@@ -42,17 +42,6 @@ def _masked_mean(v: Tensor, mask: Tensor | None) -> Tensor:
     return (v * m).sum() / m.sum().clamp_min(1.0)
 
 
-def _forward(model: nn.Module, x: Tensor, x_q: Tensor | None, joint: bool
-             ) -> tuple[Tensor, Tensor | None]:
-    """``(f(x), f(x_q))``: two forwards, or one on ``cat([x, x_q])`` when ``joint``."""
-    if x_q is None:
-        return model(x), None
-    if not joint:
-        return model(x), model(x_q)
-    both = model(torch.cat([x, x_q.to(x.dtype)]))
-    return both[: x.shape[0]], both[x.shape[0]:]
-
-
 def jem_loss(
     model: nn.Module,
     x: Tensor,
@@ -94,60 +83,25 @@ def jem_loss(
     Raises:
         ValueError: unknown objective, missing ``x_q``, or shape mismatches.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"jem_loss: objective must be one of {OBJECTIVES}, got {objective!r}")
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"jem_loss: y must have shape [{x.shape[0]}], got {tuple(y.shape)}")
-    y = y.to(device=x.device, dtype=torch.int64)
-    if labeled is not None:
-        if labeled.shape != (x.shape[0],):
-            raise ValueError(
-                f"jem_loss: labeled must have shape [{x.shape[0]}], got {tuple(labeled.shape)}"
-            )
-        labeled = labeled.to(device=x.device, dtype=torch.bool)
-        y = torch.where(labeled, y, torch.zeros_like(y))  # unlabeled rows may hold -1
-    need_q = objective != "ce" and x_q is not None
-    if objective != "ce" and w_px != 0 and x_q is None:
-        raise ValueError(f"jem_loss: objective {objective!r} with w_px={w_px} needs samples x_q")
-
-    logits, logits_q = _forward(model, x, x_q if need_q else None, joint_forward)
+    y, labeled = _checked_labels(objective, x, y, labeled, x_q, w_px)
+    if objective == "ce":
+        x_q = None
+    logits, logits_q = _forward(model, x, x_q, joint_forward)
     e_data, ce = ops.energy_ce(logits, y)  # E(x) = -lse, ce = lse - f(x)[y]
     e_data, ce = e_data.float(), ce.float()  # half logits (autocast): terms in float32
     ce_mean = _masked_mean(ce, labeled)
-    correct = (logits.detach().argmax(1) == y).float()
-    if labeled is None:
-        accuracy = correct.mean()
-    else:
-        m = labeled.float()
-        accuracy = (correct * m).sum() / m.sum()  # NaN when nothing is labeled
-
+    accuracy = _accuracy(logits, y, labeled)
     nan = torch.full((), math.nan, dtype=torch.float32, device=logits.device)
-    px = nan
-    e_data_mean = e_data.mean()
-    e_q_mean = nan
+    px, e_data_mean, e_q_mean = nan, e_data.mean(), nan
     if objective == "ce":
         loss = w_pyx * ce_mean
     else:
-        if objective == "jem":
-            e_d = e_data
-            e_d_mean = e_data_mean
-            e_q = ops.energy(logits_q).float() if need_q else None
-        else:  # factored: E(x, y) = -f(x)[y] = E(x) + CE, on labeled rows only
-            e_d = e_data + ce
-            e_d_mean = _masked_mean(e_d, labeled)
+        e_d, e_d_mean = _data_energies(objective, e_data, e_data_mean, ce, labeled)
+        if objective == "factored":
             e_data_mean = e_d_mean
-            if need_q:
-                if y_q is None:
-                    y_q = y
-                if y_q.shape != (x_q.shape[0],):
-                    raise ValueError(
-                        f"jem_loss: y_q must have shape [{x_q.shape[0]}], got {tuple(y_q.shape)}"
-                    )
-                e_q = ops.energy(logits_q, y_q.to(x_q.device, torch.int64)).float()
-            else:
-                e_q = None
         loss = w_pyx * ce_mean if objective == "jem" else 0.0 * ce_mean
-        if e_q is not None:
+        if x_q is not None:
+            e_q = _sample_energies(logits_q, objective, y if y_q is None else y_q)
             e_q_mean = e_q.mean()
             px = e_d_mean - e_q_mean
             loss = loss + w_px * px
@@ -160,3 +114,65 @@ def jem_loss(
          e_q_mean.detach(), accuracy]
     ).double().cpu().tolist()  # one host sync for all terms
     return loss, dict(zip(_TERM_NAMES, vals))
+
+
+def _checked_labels(objective: str, x: Tensor, y: Tensor, labeled: Tensor | None,
+                    x_q: Tensor | None, w_px: float) -> tuple[Tensor, Tensor | None]:
+    """Check the arguments of :func:`jem_loss`; labels as int64 (0 on unlabeled rows) and the
+    mask as bool, on ``x``'s device."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"jem_loss: objective must be one of {OBJECTIVES}, got {objective!r}")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"jem_loss: y must have shape [{x.shape[0]}], got {tuple(y.shape)}")
+    y = y.to(device=x.device, dtype=torch.int64)
+    if labeled is not None:
+        if labeled.shape != (x.shape[0],):
+            raise ValueError(
+                f"jem_loss: labeled must have shape [{x.shape[0]}], got {tuple(labeled.shape)}"
+            )
+        labeled = labeled.to(device=x.device, dtype=torch.bool)
+        y = torch.where(labeled, y, torch.zeros_like(y))  # unlabeled rows may hold -1
+    if objective != "ce" and w_px != 0 and x_q is None:
+        raise ValueError(f"jem_loss: objective {objective!r} with w_px={w_px} needs samples x_q")
+    return y, labeled
+
+
+def _accuracy(logits: Tensor, y: Tensor, labeled: Tensor | None) -> Tensor:
+    """Accuracy on the labeled rows, as a tensor (NaN when nothing is labeled)."""
+    correct = (logits.detach().argmax(1) == y).float()
+    if labeled is None:
+        return correct.mean()
+    m = labeled.float()
+    return (correct * m).sum() / m.sum()
+
+
+def _data_energies(objective: str, e_data: Tensor, e_data_mean: Tensor, ce: Tensor,
+                   labeled: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Per-row data energies of the generative term and their mean: ``E(x)`` for "jem",
+    ``E(x, y) = -f(x)[y] = E(x) + CE`` on the labeled rows for "factored"."""
+    if objective == "jem":
+        return e_data, e_data_mean
+    e_d = e_data + ce
+    return e_d, _masked_mean(e_d, labeled)
+
+
+def _forward(model: nn.Module, x: Tensor, x_q: Tensor | None, joint: bool
+             ) -> tuple[Tensor, Tensor | None]:
+    """``(f(x), f(x_q))``: two forwards, or one on ``cat([x, x_q])`` when ``joint``."""
+    if x_q is None:
+        return model(x), None
+    if not joint:
+        return model(x), model(x_q)
+    both = model(torch.cat([x, x_q.to(x.dtype)]))
+    return both[: x.shape[0]], both[x.shape[0]:]
+
+
+def _sample_energies(logits_q: Tensor, objective: str, y_q: Tensor) -> Tensor:
+    """Energies of the samples (float32) from their logits: ``E(x_q)`` for "jem",
+    ``E(x_q, y_q)`` for "factored"."""
+    if objective == "jem":
+        return ops.energy(logits_q).float()
+    n = logits_q.shape[0]
+    if y_q.shape != (n,):
+        raise ValueError(f"jem_loss: y_q must have shape [{n}], got {tuple(y_q.shape)}")
+    return ops.energy(logits_q, y_q.to(logits_q.device, torch.int64)).float()

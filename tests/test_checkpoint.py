@@ -20,6 +20,7 @@ from jem_ext.checkpoint import (
     resolve_checkpoint,
     restore_rng,
     save_checkpoint,
+    state_checksum,
 )
 from jem_ext.models import build_model, model_spec
 
@@ -91,7 +92,7 @@ def test_model_from_checkpoint_mismatch(tmp_path):
     model = build_model("mlp", 2, (2,), hidden=4, depth=1)
     state = _state(model)
     state["model_spec"]["kwargs"]["hidden"] = 16
-    with pytest.raises(CheckpointError, match="cannot rebuild"):
+    with pytest.raises(CheckpointError, match="does not match the saved weights"):
         model_from_checkpoint(state)
     with pytest.raises(CheckpointError, match="model_spec"):
         model_from_checkpoint({"format": FORMAT})
@@ -128,3 +129,46 @@ def test_rng_capture_restore_through_file(tmp_path):
     np.testing.assert_array_equal(got[1], expected[1])
     assert got[2] == expected[2]
     torch.testing.assert_close(got[3], expected[3])
+
+
+def test_flipped_tensor_bytes_are_detected(tmp_path):
+    path = tmp_path / "c.pt"
+    weights = torch.arange(4096, dtype=torch.float32)
+    save_checkpoint(path, {"model": {"w": weights}, "iteration": 1})
+    raw = bytearray(path.read_bytes())
+    at = bytes(raw).find(weights[1000:1004].numpy().tobytes())
+    assert at > 0
+    raw[at + 1] ^= 0x10  # one bit inside the tensor's data
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_checkpoint(path)
+
+
+def test_checksum_covers_every_value_and_old_checkpoints_load(tmp_path):
+    state = {"model": {"w": torch.ones(3)}, "iteration": 1, "config": {"lr": 0.1}}
+    base = state_checksum(state)
+    assert base.startswith("sha256:") and state_checksum(dict(state)) == base
+    assert state_checksum({**state, "iteration": 2}) != base
+    assert state_checksum({**state, "config": {"lr": 0.2}}) != base
+    assert state_checksum({**state, "model": {"w": torch.ones(3, dtype=torch.float64)}}) != base
+    # a checkpoint written before checksums existed has none and still loads
+    old = tmp_path / "old.pt"
+    torch.save({"format": FORMAT, "version": VERSION, "iteration": 7}, old)
+    assert load_checkpoint(old)["iteration"] == 7
+    path = tmp_path / "new.pt"
+    save_checkpoint(path, state)
+    assert load_checkpoint(path)["checksum"] == state_checksum(load_checkpoint(path))
+
+
+def test_absurd_model_spec_is_refused_before_building():
+    model = build_model("mlp", 2, (2,), hidden=4, depth=1)
+    state = _state(model)
+    state["model_spec"]["kwargs"]["hidden"] = 10**9  # would need petabytes
+    with pytest.raises(CheckpointError, match="invalid model spec|does not match"):
+        model_from_checkpoint(state)
+    state["model_spec"]["kwargs"]["hidden"] = 8  # buildable but not what the weights are
+    with pytest.raises(CheckpointError, match="does not match the saved weights"):
+        model_from_checkpoint(state)
+    state["model_spec"]["kwargs"]["hidden"] = -3
+    with pytest.raises(CheckpointError, match="invalid model spec"):
+        model_from_checkpoint(state)

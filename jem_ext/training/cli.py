@@ -3,80 +3,109 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import data as jdata
-from ..checkpoint import CheckpointError, load_checkpoint
-from ..models import build_model
-from .config import ConfigError, config_from_args
+from ..checkpoint import CheckpointError, load_checkpoint, weights_mismatch
+from ..models import meta_model
+from .config import ConfigError, parse_command_line
+from .folder import RunFolder
 from .guard import TrainingDiverged
 from .loop import train
 from .setup import fresh_out, load_data, model_kwargs
 
-_TRAINING_KEYS = ("model", "optimizer", "rng", "iteration", "epoch")
+_TRAINING_KEYS = {"model": dict, "optimizer": dict, "rng": dict, "iteration": int, "epoch": int}
 
 
 def _load_resume_state(run_dir: str) -> dict[str, Any]:
     ckpt = Path(run_dir) / "checkpoints" / "last.pt"
     state = load_checkpoint(ckpt)
-    for key in _TRAINING_KEYS:
+    for key, kind in _TRAINING_KEYS.items():
         if key not in state:
             raise CheckpointError(
                 f"checkpoint {ckpt}: missing key {key!r} (not a training checkpoint)"
+            )
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise CheckpointError(
+                f"checkpoint {ckpt}: {key!r} should be a {kind.__name__}, got "
+                f"{type(state[key]).__name__}"
             )
     return state
 
 
 def _check_model(cfg: dict[str, Any], datasets: dict[str, jdata.ImageData],
                  resume_state: dict[str, Any] | None) -> None:
-    """Build the model once to surface bad model flags (or a foreign checkpoint) early."""
+    """Check the model flags (and a resumed checkpoint's weights) without allocating a model."""
     train_d = datasets["train"]
+    spec = {"name": cfg["model"], "num_classes": train_d.num_classes,
+            "in_shape": list(train_d.shape), "kwargs": model_kwargs(cfg)}
     try:
-        model = build_model(cfg["model"], train_d.num_classes, train_d.shape,
-                            **model_kwargs(cfg))
+        model = meta_model(spec)
     except ValueError as err:
         raise ConfigError(f"model: {err}") from None
     if resume_state is not None:
-        try:
-            model.load_state_dict(resume_state["model"])
-        except RuntimeError as err:
-            first = str(err).strip().splitlines()[0]
+        diff = weights_mismatch(model, resume_state["model"])
+        if diff is not None:
             raise CheckpointError(
-                f"--resume: checkpoint does not match the config's model ({first})"
-            ) from None
+                f"--resume: checkpoint does not match the config's model (first difference: "
+                f"{diff})"
+            )
 
 
-def _check_out(cfg: dict[str, Any]) -> None:
-    """A fresh run needs a new or empty ``--out`` folder."""
+@dataclass
+class Prepared:
+    """A checked command line: config, resume state, loaded data and the claimed run folder."""
+
+    cfg: dict[str, Any]
+    resume_state: dict[str, Any] | None
+    datasets: dict[str, jdata.ImageData]
+    folder: RunFolder
+    overrides: dict[str, Any] | None
+
+
+def _claim(cfg: dict[str, Any]) -> RunFolder:
+    """Claim the run folder now, so a second run with the same folder is refused at once."""
+    if cfg["resume"] is not None:
+        return RunFolder.claim_existing(cfg["out"])
     if cfg["out"] is None:
         cfg["out"] = fresh_out(cfg)
-    out = Path(cfg["out"])
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(
-            f"--out {out}: already exists and is not empty (use --resume to continue a run)"
-        )
+    return RunFolder.claim_new(cfg["out"])
 
 
-def prepare(argv: list[str] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None,
-                                                     dict[str, jdata.ImageData]]:
-    """Parse and validate everything (config, data, checkpoint) before any file is written.
+def prepare(argv: list[str] | None = None) -> Prepared:
+    """Parse and check everything (config, data, checkpoint) before any file is written.
 
-    Returns:
-        ``(config, resume_state or None, datasets)``.
+    The run folder is claimed right after the config is read and given back (removed, if this
+    claim created it) when a later check fails.
 
     Raises:
         ConfigError, DataError, CheckpointError.
     """
-    cfg = config_from_args(argv)
-    resume_state = None if cfg["resume"] is None else _load_resume_state(cfg["resume"])
-    datasets = load_data(cfg)
-    _check_model(cfg, datasets, resume_state)
-    if cfg["labels_per_class"] is not None:
-        jdata.labeled_mask(datasets["train"].y, cfg["labels_per_class"], seed=cfg["seed"])
-    if cfg["resume"] is None:
-        _check_out(cfg)
-    return cfg, resume_state, datasets
+    invocation = parse_command_line(argv)
+    cfg = invocation.cfg
+    folder = _claim(cfg)
+    try:
+        resume_state = None if cfg["resume"] is None else _load_resume_state(cfg["resume"])
+        datasets = load_data(cfg)
+        _check_model(cfg, datasets, resume_state)
+        if cfg["labels_per_class"] is not None:
+            jdata.labeled_mask(datasets["train"].y, cfg["labels_per_class"], seed=cfg["seed"])
+    except BaseException:
+        folder.release(remove=True)
+        raise
+    overrides = invocation.overrides() if cfg["resume"] is not None else None
+    return Prepared(cfg, resume_state, datasets, folder, overrides)
+
+
+def _interrupted(folder: RunFolder | None) -> str:
+    """The message after Ctrl-C: how to continue, when there is something to continue."""
+    if folder is None:
+        return "interrupted before training started; nothing was written"
+    if (folder.path / "checkpoints" / "last.pt").is_file():
+        return f"interrupted; continue with: python -m jem_ext.train --resume {folder.path}"
+    return "interrupted before the first checkpoint; nothing to resume"
 
 
 def _summary_line(summary: dict[str, Any]) -> str:
@@ -93,22 +122,33 @@ def _summary_line(summary: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 ok, 1 diverged, 2 bad input)."""
+    prepared = None
     try:
-        cfg, resume_state, datasets = prepare(argv)
+        prepared = prepare(argv)
+        summary = train(prepared.cfg, resume_state=prepared.resume_state,
+                        datasets=prepared.datasets, resume_overrides=prepared.overrides)
     except (ConfigError, jdata.DataError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        summary = train(cfg, resume_state=resume_state, datasets=datasets)
-    except CheckpointError as err:  # a resume state that does not fit (nothing written yet)
+        # before training starts (a resume state that does not fit: nothing written yet)
+        _release(prepared, keep_run=False)
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
+        _release(prepared, keep_run=True)
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: python -m jem_ext.train --resume {cfg['out']}",
-              file=sys.stderr)
+        message = _interrupted(prepared.folder if prepared else None)
+        _release(prepared, keep_run=message.startswith("interrupted; continue"))
+        print(f"\n{message}", file=sys.stderr)
         return 130
+    except BaseException:
+        _release(prepared, keep_run=True)
+        raise
+    _release(prepared, keep_run=True)
     print(_summary_line(summary))
     return 0
+
+
+def _release(prepared: Prepared | None, keep_run: bool) -> None:
+    if prepared is not None:
+        prepared.folder.release(remove=not keep_run)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,7 +58,7 @@ def _batch(run: Run, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> Bat
     """The step's batch: augmented inputs, labels, and the usable-label mask."""
     if run.data.augment is not None:
         x = run.data.augment(x, generator=run.generators["augment"])
-    labeled = None if run.data.labeled is None else run.data.labeled[idx].to(run.device)
+    labeled = None if run.data.labeled is None else run.data.labeled[idx]
     return Batch(x, y, labeled)
 
 
@@ -139,20 +138,20 @@ def fit(run: Run) -> tuple[str, str | None]:
     return "completed", None
 
 
-def _open_run_folder(run: Run, resume_state: dict[str, Any] | None) -> None:
-    """Write config.json (fresh run) or cut metrics.jsonl back to the checkpoint (resume)."""
-    if resume_state is None:
-        run.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run.out / "config.json",
-                          json.dumps(run.cfg, indent=2, sort_keys=True, default=json_default)
-                          + "\n")
-    else:
+def _open_run_folder(run: Run, resuming: bool) -> None:
+    """Write config.json, the config the run uses from now on (``--config`` repeats it); on a
+    resume, first cut metrics.jsonl back to the checkpoint."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    if resuming:
         truncate_metrics(run.out / "metrics.jsonl", run.state.iteration)
+    atomic_write_text(run.out / "config.json",
+                      json.dumps(run.cfg, indent=2, sort_keys=True, default=json_default) + "\n")
     (run.out / "samples").mkdir(parents=True, exist_ok=True)
 
 
 def train(cfg: dict[str, Any], resume_state: dict[str, Any] | None = None,
-          datasets: dict[str, jdata.ImageData] | None = None) -> dict[str, Any]:
+          datasets: dict[str, jdata.ImageData] | None = None,
+          resume_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train according to ``cfg``, writing the run folder ``cfg["out"]``.
 
     Args:
@@ -160,6 +159,7 @@ def train(cfg: dict[str, Any], resume_state: dict[str, Any] | None = None,
             ``cfg["out"]`` (the run folder, created here) defaults to a fresh ``runs/...``.
         resume_state: a checkpoint dict to continue from (``--resume``).
         datasets: already loaded splits (as returned by ``load_data``), else loaded here.
+        resume_overrides: the config keys this resume changes (recorded in an event row).
 
     Returns:
         The summary dict (also written to ``summary.json``).
@@ -177,7 +177,7 @@ def train(cfg: dict[str, Any], resume_state: dict[str, Any] | None = None,
     run.guard = DivergenceGuard.from_config(cfg)
     if resume_state is not None:
         run.saver.resume(run, resume_state)
-    _open_run_folder(run, resume_state)
+    _open_run_folder(run, resuming=resume_state is not None)
     if resume_state is None:
         run.saver.save_last(run)
     run.started = time.perf_counter() - run.state.seconds
@@ -185,6 +185,9 @@ def train(cfg: dict[str, Any], resume_state: dict[str, Any] | None = None,
     with MetricsLog(run.out / "metrics.jsonl") as run.log, \
             Progress(total, run.state.iteration, f"{cfg['dataset']}/{cfg['objective']}",
                      enabled=not cfg["no_progress"]) as run.progress:
+        if resume_state is not None:
+            run.log.write({"event": "resume", "iteration": run.state.iteration,
+                           "epoch": run.state.epoch, "overrides": resume_overrides or {}})
         status, error = fit(run)
     if status == "completed":
         write_samples(run, "final")
@@ -199,10 +202,10 @@ def summarise(run: Run, status: str, error: str | None) -> dict[str, Any]:
     """The run's final figures (``summary.json``)."""
     model, st, saver = run.ctx.model_for_chain, run.state, run.saver
     seconds = run.elapsed()
-    best_test = None
+    test_at_best_val = None  # the test accuracy of best.pt, the best-validation checkpoint
     if saver.best_path.is_file():
         best = model_from_checkpoint(load_checkpoint(saver.best_path), run.device)
-        best_test = accuracy(best, run.data.test)
+        test_at_best_val = accuracy(best, run.data.test)
     return {
         "status": status,
         "error": error,
@@ -212,7 +215,7 @@ def summarise(run: Run, status: str, error: str | None) -> dict[str, Any]:
         "test_accuracy": accuracy(model, run.data.test),
         "val_accuracy": accuracy(model, run.data.val),
         "best_val_accuracy": st.best_val_accuracy if st.best_val_accuracy >= 0 else None,
-        "best_test_accuracy": best_test,
+        "test_accuracy_at_best_val": test_at_best_val,
         "iterations": st.iteration,
         "epochs": st.epoch,
         "recoveries": st.recoveries,

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 GRID_COLUMNS = 8  # images per row of a sample grid
 GRID_IMAGES = 64
+PLAIN_STEP = 5  # percent of the run between two plain progress lines
 
 
 def json_default(obj: Any) -> Any:
@@ -79,13 +80,24 @@ def truncate_metrics(path: Path, iteration: int) -> None:
 
 
 class Progress:
-    """A progress bar on stderr (or nothing, when disabled); a context manager."""
+    """Progress on stderr; a context manager.
 
-    def __init__(self, total: int, initial: int, desc: str, enabled: bool = True) -> None:
+    On a terminal, a tqdm bar updated in place. Elsewhere (a log file, a pipe), carriage-return
+    updates would pile up, so a plain line is printed each time another :data:`PLAIN_STEP`
+    percent of the run is done. Disabled, nothing is printed.
+    """
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool = True,
+                 stream: TextIO | None = None) -> None:
+        self._stream = stream if stream is not None else sys.stderr
         self._bar = None
-        if enabled:
-            self._bar = tqdm(total=total, initial=min(initial, total), desc=desc, unit="it",
-                             dynamic_ncols=True, file=sys.stderr)
+        self._plain = enabled and not self._stream.isatty()
+        self.total, self.done, self.desc = total, min(initial, total), desc
+        self._last_percent = self._percent()
+        self._postfix = ""
+        if enabled and not self._plain:
+            self._bar = tqdm(total=total, initial=self.done, desc=desc, unit="it",
+                             dynamic_ncols=True, file=self._stream)
 
     def __enter__(self) -> "Progress":
         return self
@@ -94,24 +106,39 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
 
+    def _percent(self) -> int:
+        return 100 * self.done // max(1, self.total)
+
     def step(self, terms: dict[str, float] | None) -> None:
-        """One iteration done; ``terms`` (None after a recovery) go to the bar's postfix."""
-        if self._bar is None:
-            return
-        self._bar.update(1)
+        """One iteration done; ``terms`` (None after a recovery) are shown beside the count."""
+        self.done += 1
         if terms is not None:
-            self._bar.set_postfix(loss=f"{terms['loss']:.3g}",
-                                  acc=f"{terms.get('accuracy', float('nan')):.2f}",
-                                  refresh=False)
+            self._postfix = (f"loss={terms['loss']:.3g}, "
+                             f"acc={terms.get('accuracy', float('nan')):.2f}")
+        if self._bar is not None:
+            self._bar.update(1)
+            if terms is not None:
+                self._bar.set_postfix_str(self._postfix, refresh=False)
+        elif self._plain and self._percent() >= self._last_percent + PLAIN_STEP:
+            self._last_percent = self._percent() - self._percent() % PLAIN_STEP
+            self._line(f"{self.desc}: {self.done}/{self.total} it ({self._percent()}%) "
+                       f"{self._postfix}".rstrip())
 
     def describe(self, desc: str) -> None:
+        self.desc = desc
         if self._bar is not None:
             self._bar.set_description(desc)
 
     def note(self, message: str) -> None:
         """A message line that does not break the bar."""
         if self._bar is not None:
-            self._bar.write(message)
+            self._bar.write(message, file=self._stream)
+        elif self._plain:
+            self._line(message)
+
+    def _line(self, text: str) -> None:
+        self._stream.write(text + "\n")
+        self._stream.flush()
 
 
 def save_samples(x: torch.Tensor, path: Path, data: jdata.ImageData) -> None:
