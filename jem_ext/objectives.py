@@ -88,10 +88,10 @@ def jem_loss(
         x_q = None
     logits, logits_q = _forward(model, x, x_q, joint_forward)
     e_data, ce = ops.energy_ce(logits, y)  # E(x) = -lse, ce = lse - f(x)[y]
-    e_data, ce = e_data.float(), ce.float()  # half logits (autocast): terms in float32
+    e_data, ce = _widen(e_data), _widen(ce)  # half logits (autocast): terms in float32
     ce_mean = _masked_mean(ce, labeled)
     accuracy = _accuracy(logits, y, labeled)
-    nan = torch.full((), math.nan, dtype=torch.float32, device=logits.device)
+    nan = torch.full((), math.nan, dtype=e_data.dtype, device=logits.device)
     px, e_data_mean, e_q_mean = nan, e_data.mean(), nan
     if objective == "ce":
         loss = w_pyx * ce_mean
@@ -156,6 +156,11 @@ def _data_energies(objective: str, e_data: Tensor, e_data_mean: Tensor, ce: Tens
     return e_d, _masked_mean(e_d, labeled)
 
 
+def _widen(t: Tensor) -> Tensor:
+    """``t`` in float32 when it is a half type (energies of autocast logits), else as is."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _forward(model: nn.Module, x: Tensor, x_q: Tensor | None, joint: bool
              ) -> tuple[Tensor, Tensor | None]:
     """``(f(x), f(x_q))``: two forwards, or one on ``cat([x, x_q])`` when ``joint``."""
@@ -168,11 +173,11 @@ def _forward(model: nn.Module, x: Tensor, x_q: Tensor | None, joint: bool
 
 
 def _sample_energies(logits_q: Tensor, objective: str, y_q: Tensor) -> Tensor:
-    """Energies of the samples (float32) from their logits: ``E(x_q)`` for "jem",
+    """Energies of the samples (float32 at least) from their logits: ``E(x_q)`` for "jem",
     ``E(x_q, y_q)`` for "factored"."""
     if objective == "jem":
-        return ops.energy(logits_q).float()
+        return _widen(ops.energy(logits_q))
     n = logits_q.shape[0]
     if y_q.shape != (n,):
         raise ValueError(f"jem_loss: y_q must have shape [{n}], got {tuple(y_q.shape)}")
-    return ops.energy(logits_q, y_q.to(logits_q.device, torch.int64)).float()
+    return _widen(ops.energy(logits_q, y_q.to(logits_q.device, torch.int64)))
