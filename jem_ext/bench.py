@@ -78,11 +78,11 @@ class Option:
     compile: bool = False
 
 
-GPU_OPTIONS = (
+GPU_OPTIONS = (  # most telling first: a spent --budget-s skips from the end
     Option("fp32 eager"),
     Option("bf16", "bf16"),
-    Option("bf16 + channels-last", "bf16", channels_last=True),
     Option("bf16 + cuda-graph", "bf16", cuda_graph=True),
+    Option("bf16 + channels-last", "bf16", channels_last=True),
     Option("bf16 + channels-last + cuda-graph", "bf16", channels_last=True, cuda_graph=True),
     Option("bf16 + cuda-graph + compile", "bf16", cuda_graph=True, compile=True),
 )
@@ -231,9 +231,10 @@ def _rate(sizes: Sizes, timing: dict[str, float]) -> dict[str, float]:
             "best_images_steps_per_s": work / timing["best_s"]}
 
 
-def stage_chain(device: torch.device, sizes: Sizes, options: tuple[Option, ...]
-                ) -> dict[str, Any]:
-    """Chain throughput of each option set and of the reference sampler."""
+def stage_chain(device: torch.device, sizes: Sizes, options: tuple[Option, ...],
+                deadline: float = math.inf) -> dict[str, Any]:
+    """Chain throughput of each option set and of the reference sampler (options not started
+    by ``deadline``, a ``time.perf_counter()`` value, are recorded as skipped)."""
     model = _wrn(sizes, device)
     ref = ReferenceSampler(sizes, device)
     out: dict[str, Any] = {"reference": _rate(sizes, time_call(
@@ -241,7 +242,7 @@ def stage_chain(device: torch.device, sizes: Sizes, options: tuple[Option, ...]
     del model
     base = out["reference"]["images_steps_per_s"]
     for option in options:
-        out[option.name] = _guarded(lambda: _chain_option(option, sizes, device, base))
+        out[option.name] = _within(deadline, lambda: _chain_option(option, sizes, device, base))
     return out
 
 
@@ -259,13 +260,13 @@ def _chain_option(option: Option, sizes: Sizes, device: torch.device, base: floa
             res["images_steps_per_s"] / base}
 
 
-def stage_train(device: torch.device, sizes: Sizes, options: tuple[Option, ...]
-                ) -> dict[str, Any]:
+def stage_train(device: torch.device, sizes: Sizes, options: tuple[Option, ...],
+                deadline: float = math.inf) -> dict[str, Any]:
     """Seconds per training iteration and the projected hours of the full recipe."""
     iters = math.ceil(RECIPE["images"] / RECIPE["batch"]) * RECIPE["epochs"]
     out: dict[str, Any] = {"recipe": {**RECIPE, "iterations": iters}}
     for option in options:
-        out[option.name] = _guarded(lambda: _train_option(option, sizes, device, iters))
+        out[option.name] = _within(deadline, lambda: _train_option(option, sizes, device, iters))
     return out
 
 
@@ -277,6 +278,13 @@ def _train_option(option: Option, sizes: Sizes, device: torch.device, iters: int
     weights = LossWeights(l2_energy=0.1)
     timing = time_call(lambda: train_step(ctx, batch, weights), device, sizes.reps, warmup=2)
     return {**timing, "projected_hours": timing["median_s"] * iters / 3600}
+
+
+def _within(deadline: float, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``_guarded(fn)`` when there is time left before ``deadline``, else a skip record."""
+    if time.perf_counter() > deadline:
+        return {"skipped": "time budget (--budget-s) spent"}
+    return _guarded(fn)
 
 
 def _guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -298,6 +306,13 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _rows(stage: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The per-option rows of a chain/train stage result (its error, if the stage failed)."""
+    if "error" in stage and not any(isinstance(v, dict) for v in stage.values()):
+        return [("stage", stage)]
+    return [(k, v) for k, v in stage.items() if isinstance(v, dict) and k != "recipe"]
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The Markdown table of a results dict (as written to ``bench.json``)."""
     env = results.get("env", {})
@@ -313,7 +328,10 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"\nops error: {ops_r['error']}")
     lines += ["", "| chain | images x steps / s | vs reference | first call s |",
               "|---|---:|---:|---:|"]
-    for name, r in results.get("chain", {}).items():
+    for name, r in _rows(results.get("chain", {})):
+        if "skipped" in r:
+            lines.append(f"| {name} | skipped: {r['skipped']} | | |")
+            continue
         if "error" in r:
             lines.append(f"| {name} | error: {r['error'][:80]} | | |")
             continue
@@ -322,8 +340,9 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{_fmt(r.get('first_call_s'), '.1f')} |")
     lines += ["", "| training iteration | s / iteration | projected hours (150 epochs) |",
               "|---|---:|---:|"]
-    for name, r in results.get("train", {}).items():
-        if name == "recipe":
+    for name, r in _rows(results.get("train", {})):
+        if "skipped" in r:
+            lines.append(f"| {name} | skipped: {r['skipped']} | |")
             continue
         if "error" in r:
             lines.append(f"| {name} | error: {r['error'][:80]} | |")
@@ -333,16 +352,22 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def run_bench(device: torch.device, sizes: Sizes, options: tuple[Option, ...],
-              train_options: tuple[Option, ...], stages: tuple[str, ...], mode: str
-              ) -> dict[str, Any]:
-    """Run the named stages; returns the results dict."""
+              train_options: tuple[Option, ...], stages: tuple[str, ...], mode: str,
+              budget_s: float = math.inf,
+              on_stage: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the named stages; returns the results dict.
+
+    Chain and training options not started within ``budget_s`` seconds are skipped (recorded
+    as such); ``on_stage(results)`` is called after each stage (to save partial results).
+    """
+    deadline = time.perf_counter() + budget_s
     results: dict[str, Any] = {"mode": mode,
                                "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     runners = {
         "env": lambda: stage_env(device, sizes),
         "ops": lambda: stage_ops(device, sizes),
-        "chain": lambda: stage_chain(device, sizes, options),
-        "train": lambda: stage_train(device, sizes, train_options),
+        "chain": lambda: stage_chain(device, sizes, options, deadline),
+        "train": lambda: stage_train(device, sizes, train_options, deadline),
     }
     results["stage_seconds"] = {}
     for name in stages:
@@ -352,6 +377,8 @@ def run_bench(device: torch.device, sizes: Sizes, options: tuple[Option, ...],
         print(f"bench: {name} done in {seconds:.1f} s"
               + (f" (error: {results[name]['error']})" if "error" in results[name] else ""),
               file=sys.stderr)
+        if on_stage is not None:
+            on_stage(results)
     return results
 
 
@@ -374,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out the torch.compile option (compilation takes minutes)")
     p.add_argument("--reps", type=int, default=None, help="timed repeats per chain/train figure")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--budget-s", type=float, default=math.inf,
+                   help="skip the chain/training options not started within this many seconds "
+                   "(results so far are written after every stage; default: no limit)")
     sizes = p.add_argument_group("sizes (override the WRN-28-10, batch 64, K=20 defaults)")
     sizes.add_argument("--depth", type=int, default=None, help="WRN depth (6n+4)")
     sizes.add_argument("--width", type=int, default=None, help="WRN widen factor")
@@ -400,6 +430,8 @@ def _choose(args: argparse.Namespace) -> tuple[torch.device, Sizes, tuple[Option
     if unknown:
         raise ValueError(f"--stages: unknown {','.join(unknown)}; expected from "
                          f"{','.join(STAGES)}")
+    if not args.budget_s > 0:
+        raise ValueError(f"--budget-s: expected > 0, got {args.budget_s}")
     for key in ("reps", "depth", "width", "batch", "steps", "image_size"):
         value = getattr(args, key)
         if value is not None and value < 1:
@@ -432,16 +464,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0 or args.smoke:
         torch.set_num_threads(args.threads if args.threads > 0 else 1)
     stages = tuple(s for s in args.stages.split(",") if s)
-    results = run_bench(device, sizes, options, train_options, stages,
-                        "smoke" if args.smoke else "full")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "bench.json", json.dumps(results, indent=2, default=str) + "\n")
-    table = markdown(results)
-    atomic_write_text(out / "bench.md", table)
-    print(table)
+    results = run_bench(device, sizes, options, train_options, stages,
+                        "smoke" if args.smoke else "full", budget_s=args.budget_s,
+                        on_stage=lambda r: write_results(out, r))
+    print(markdown(results))
     print(f"bench: wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return 0
+
+
+def write_results(out: Path, results: dict[str, Any]) -> None:
+    """``bench.json`` and ``bench.md`` of ``results`` in ``out`` (atomically)."""
+    atomic_write_text(out / "bench.json", json.dumps(results, indent=2, default=str) + "\n")
+    atomic_write_text(out / "bench.md", markdown(results))
 
 
 if __name__ == "__main__":
