@@ -267,3 +267,15 @@ def test_replay_buffer_channels_last_state_round_trip():
     fresh = SGLDSampler(buffer=ReplayBuffer(10, (1, 4, 4)), n_steps=1)
     fresh.load_state_dict(saved)
     assert torch.equal(fresh.buffer.data, buf.data)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("over", [{"precision": "fp16"}, {"precision": "bf16",
+                                                          "channels_last": True,
+                                                          "cuda_graph": True}])
+def test_cuda_training_steps_with_speed_options(tmp_path, over):
+    run = _tiny_run(tmp_path, device="cuda", **over)
+    for _ in range(3):
+        terms, x_q = train_step(run.ctx, _batch(run), run.weights)
+    assert x_q.is_cuda and x_q.dtype == torch.float32
+    assert all(torch.isfinite(torch.tensor(v)) for v in terms.values())
