@@ -237,7 +237,10 @@ def stage_chain(device: torch.device, sizes: Sizes, options: tuple[Option, ...],
     by ``deadline``, a ``time.perf_counter()`` value, are recorded as skipped)."""
     model = _wrn(sizes, device)
     ref = ReferenceSampler(sizes, device)
-    reference = lambda: ref.sample(model, sizes.batch)  # noqa: E731
+
+    def reference() -> Tensor:
+        return ref.sample(model, sizes.batch)
+
     out: dict[str, Any] = {"reference": _rate(sizes, time_call(reference, device, sizes.reps))}
     for option in options:
         out[option.name] = _within(deadline,
