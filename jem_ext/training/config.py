@@ -146,6 +146,9 @@ def _validate_combinations(cfg: dict[str, Any], name: Any) -> None:
     if cfg["data_root"] is not None and cfg["dataset"] not in FILE_DATASETS:
         raise ConfigError(f"{name('data_root')}: the {cfg['dataset']} dataset reads no files "
                           f"(only {', '.join(FILE_DATASETS)} do); leave it out")
+    if cfg["channels_last"] and cfg["model"] == "mlp":
+        raise ConfigError(f"{name('channels_last')}: expected a convolutional model (wrn, "
+                          "small_cnn), got mlp")
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{name('device')}: cuda requested but no CUDA device is available")
 

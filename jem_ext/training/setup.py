@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import data as jdata
 from ..models import build_model
 from ..sampler import GaussianInit, ReplayBuffer, SGLDSampler, UniformInit
+from .accel import apply_speed_options, configure_sampler
 from .state import RunState
 from .step import LossWeights, StepContext
 
@@ -140,11 +141,11 @@ def make_sampler(cfg: dict[str, Any], train_data: jdata.ImageData, device: torch
             device=device, reinit_prob=cfg["reinit_prob"], init=init, generator=generator,
         )
     clamp, grad_clip = chain_limits(cfg)
-    return SGLDSampler(
+    return configure_sampler(SGLDSampler(
         n_steps=cfg["sgld_steps"], step_size=cfg["sgld_step_size"], noise_std=cfg["sgld_noise"],
         clamp=clamp, grad_clip=grad_clip, buffer=buffer, init=init, conditional=conditional,
         sample_shape=train_data.shape,
-    )
+    ), cfg, device)
 
 
 def chain_limits(cfg: dict[str, Any]) -> tuple[tuple[float, float] | None, float | None]:
@@ -171,10 +172,12 @@ def build_context(cfg: dict[str, Any], model: torch.nn.Module, train_data: jdata
 
     This is where precision, CUDA-graph and distributed options set the context's fields.
     """
-    return StepContext(
+    ctx = StepContext(
         model_for_chain=model, model_for_loss=model, optimizer=make_optimizer(cfg, model),
         sampler=make_sampler(cfg, train_data, device, generator=generator), generator=generator,
     )
+    apply_speed_options(ctx, cfg, device)
+    return ctx
 
 
 def build_run(cfg: dict[str, Any], datasets: dict[str, jdata.ImageData] | None = None) -> Run:
