@@ -27,7 +27,9 @@ NORM_CHOICES = tuple("none" if n is None else n for n in NORMS)
 
 # Keys of config.json that describe the invocation, not the experiment: ignored by --config
 # and --resume. (The thread count is part of the experiment: results depend on it.)
-INVOCATION_KEYS = ("out", "config", "resume", "no_progress")
+INVOCATION_KEYS = ("out", "config", "resume", "no_progress", "dist_timeout")
+# Keys config.json records about the launch (world size, batches): not flags, dropped on read.
+LAUNCH_KEYS = ("world_size", "global_batch_size", "batch_size_per_process")
 # Keys older config.json files may hold that no longer mean anything: read and dropped.
 RETIRED_KEYS = ("debug_inject_nan_at",)
 
@@ -107,6 +109,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     _add_optimisation_flags(add, group("optimisation"))
     _add_run_folder_flags(add, group("run folder"))
     _add_guard_flags(add, group("divergence guard"))
+    _add_distributed_flags(add, group("distributed (under torchrun)"))
     return p
 
 
@@ -172,7 +175,9 @@ def _add_optimisation_flags(add: Any, g: Any) -> None:
         help="epochs at which the learning rate is multiplied by --decay-rate (e.g. 160,180)")
     add(g, "--decay-rate", type=finite_float, default=0.3, help="learning-rate decay factor")
     add(g, "--weight-decay", type=finite_float, default=0.0, help="weight decay")
-    add(g, "--batch-size", type=int, default=64, help="mini-batch size")
+    add(g, "--batch-size", type=int, default=64,
+        help="mini-batch size; under torchrun the global batch, split evenly over the "
+        "processes (a multiple of their number; learning rate not scaled)")
     add(g, "--epochs", type=int, default=60, help="training epochs")
     add(g, "--seed", type=int, default=1, help="random seed (model init, data order, sampler)")
     add(g, "--device", choices=DEVICES, default="auto",
@@ -211,6 +216,12 @@ def _add_guard_flags(add: Any, g: Any) -> None:
         help="treat |loss| or |energy_data - energy_sample| above this as divergence")
     add(g, "--recover-lr-factor", type=finite_float, default=0.5,
         help="multiply the learning rate by this after each recovery")
+
+
+def _add_distributed_flags(add: Any, g: Any) -> None:
+    add(g, "--dist-timeout", type=finite_float, default=600.0,
+        help="seconds a process waits for the others at a collective before the job stops "
+        "with an error (a process died or hangs)")
 
 
 def default_config() -> dict[str, Any]:
@@ -256,7 +267,7 @@ RANGES: dict[str, Range] = {
     "sgld_step_size": _NON_NEGATIVE, "sgld_noise": _NON_NEGATIVE, "reinit_prob": _FRACTION,
     "grad_clip": Range(0, lo_open=True), "decay_rate": Range(0, lo_open=True),
     "weight_decay": _NON_NEGATIVE, "divergence_threshold": Range(0, lo_open=True),
-    "recover_lr_factor": Range(0, 1, lo_open=True),
+    "recover_lr_factor": Range(0, 1, lo_open=True), "dist_timeout": Range(0, lo_open=True),
 }
 
 
@@ -418,7 +429,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"config file {path}: expected a JSON object, got {type(loaded).__name__}"
         )
-    loaded = {k: v for k, v in loaded.items() if k not in RETIRED_KEYS}
+    loaded = {k: v for k, v in loaded.items() if k not in RETIRED_KEYS + LAUNCH_KEYS}
     unknown = sorted(set(loaded) - set(default_config()))
     if unknown:
         raise ConfigError(
