@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -75,8 +76,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _env_without_rank() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+
+
 def _env(rank: int, world: int, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env = _env_without_rank()
     env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                OMP_NUM_THREADS="1")
@@ -113,22 +118,34 @@ def _ok(results: list[subprocess.CompletedProcess]) -> None:
 
 
 # ------------------------------------------------------------------------- whole jobs
+# Starting a process costs more than a tiny run, so the tests share the jobs they can.
+
+JOB = TINY + ["--epochs", "2", "--ckpt-every", "7"]
 
 
-def test_two_processes_train_one_model(tmp_path):
-    run = tmp_path / "run"
-    results = launch(TINY + ["--epochs", "1", "--out", str(run)],
-                     plan={"dump": str(tmp_path / "rank"), "eval_batch": 64})
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """An uninterrupted 2-process job of 2 epochs; each process saves its final weights."""
+    tmp = tmp_path_factory.mktemp("full")
+    run = tmp / "run"
+    results = launch(JOB + ["--out", str(run)],
+                     plan={"dump": str(tmp / "rank"), "eval_batch": 64})
     _ok(results)
+    return run, results, tmp
+
+
+def test_two_processes_train_one_model(full):
+    run, results, tmp = full
     # the start line says what the batch means, once (rank 0)
     assert "global batch, 32 per process" in results[0].stderr
     assert "global batch" not in results[1].stderr and results[1].stdout == ""
     # the processes end with identical weights, and the checkpoint holds them
-    w0, w1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    w0, w1 = (torch.load(tmp / f"rank{r}.pt") for r in (0, 1))
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     for k in w0:
         assert torch.equal(w0[k], w1[k]) and torch.equal(w0[k], ckpt["model"][k]), k
-    assert ckpt["iteration"] == 20  # 1258 rows in global batches of 64: as a single process
+    assert ckpt["iteration"] == 40  # 1258 rows in global batches of 64: as a single process
+    assert len([r for r in _rows(run) if "loss" in r]) == 40  # one row per iteration
     # the checkpoint gathered both buffer shards (whole buffer in the single-process layout)
     assert ckpt["distributed"]["world_size"] == 2
     assert ckpt["distributed"]["shard_rows"] == [100, 100]
@@ -141,26 +158,33 @@ def test_two_processes_train_one_model(tmp_path):
         assert record["world_size"] == 2 and record["global_batch_size"] == 64
         assert record["batch_size_per_process"] == 32
     assert "world_size" not in read_config_file(run / "config.json")
-    # reduced metrics equal a single-process evaluation of the same weights
-    model = model_from_checkpoint(ckpt)
+
+
+def test_reduced_metrics_equal_a_single_process_evaluation(full):
+    run = full[0]
+    summary = json.loads((run / "summary.json").read_text())
+    model = model_from_checkpoint(load_checkpoint(run / "checkpoints" / "last.pt"))
     datasets = jtrain.load_data({"dataset": "digits", "data_root": None, "seed": 3})
+    # the processes evaluated batches of 64 rows, the single process evaluates all at once
     assert summary["test_accuracy"] == jtrain.accuracy(model, datasets["test"])
     assert summary["val_accuracy"] == jtrain.accuracy(model, datasets["val"])
     val_rows = [r for r in _rows(run) if "val_accuracy" in r]
     assert val_rows[-1]["val_accuracy"] == summary["val_accuracy"]
-    assert len([r for r in _rows(run) if "loss" in r]) == 20  # one row per iteration
 
 
-def test_killed_job_resumes_bitwise(tmp_path):
-    args = TINY + ["--epochs", "2", "--ckpt-every", "7"]
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    _ok(launch(args + ["--out", str(full)]))
+def test_killed_job_resumes_bitwise_under_torchrun(full, tmp_path):
+    cut = tmp_path / "cut"
     # both processes die at iteration 25; the last checkpoint is at iteration 21
-    killed = launch(args + ["--out", str(cut)], plan={"exit_ranks": [0, 1], "exit_at": 25})
+    killed = launch(JOB + ["--out", str(cut)], plan={"exit_ranks": [0, 1], "exit_at": 25})
     assert [r.returncode for r in killed] == [9, 9]
     assert load_checkpoint(cut / "checkpoints" / "last.pt")["iteration"] == 21
-    _ok(launch(["--resume", str(cut), "--no-progress"]))
-    a = load_checkpoint(full / "checkpoints" / "last.pt")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+         "-m", "jem_ext.train", "--resume", str(cut), "--no-progress"],
+        cwd=ROOT, env=_env_without_rank(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = load_checkpoint(full[0] / "checkpoints" / "last.pt")
     b = load_checkpoint(cut / "checkpoints" / "last.pt")
     assert a["iteration"] == b["iteration"] == 40
     for k in a["model"]:
@@ -173,19 +197,19 @@ def test_killed_job_resumes_bitwise(tmp_path):
     def strip(rows):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in rows
                 if r.get("event") != "resume"]
-    assert strip(_rows(cut)) == strip(_rows(full))
+    assert strip(_rows(cut)) == strip(_rows(full[0]))
 
 
-def test_resume_with_another_world_size_reshards(tmp_path, capsys):
+def test_resume_with_another_world_size_reshards(full, tmp_path, capsys):
     run = tmp_path / "run"
-    _ok(launch(TINY + ["--epochs", "1", "--out", str(run)]))
+    shutil.copytree(full[0], run)
     before = replay_buffer_samples(load_checkpoint(run / "checkpoints" / "last.pt"))
     # continue the 2-process run in this single process
-    assert jtrain.main(["--resume", str(run), "--epochs", "2"]) == 0
+    assert jtrain.main(["--resume", str(run), "--epochs", "3"]) == 0
     err = capsys.readouterr().err
     assert "written by 2 processes and this run has 1" in err and "re-sharded" in err
     after = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert after["iteration"] == 40 and "distributed" not in after
+    assert after["iteration"] == 60 and "distributed" not in after
     assert replay_buffer_samples(after).shape == before.shape
 
 
@@ -213,28 +237,6 @@ def test_a_dying_process_stops_the_job_with_a_clear_message(tmp_path):
     lines = results[0].stderr.strip().splitlines()
     assert lines[-1].startswith("error: process 0 of 2: communication with the other processes")
     assert "Traceback" not in results[0].stderr
-
-
-def test_torchrun_command(tmp_path):
-    run = tmp_path / "run"
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "jem_ext.train",
-         *TINY, "--epochs", "1", "--out", str(run)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
-
-
-def test_batch_that_does_not_split_is_refused(tmp_path):
-    results = launch(TINY + ["--batch-size", "63", "--epochs", "1", "--out",
-                             str(tmp_path / "run")])
-    for r in results:
-        assert r.returncode == 2
-        assert r.stderr.strip().splitlines()[-1].startswith("error: --batch-size 63: the global")
-    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------ units
@@ -310,3 +312,29 @@ def test_help_says_what_the_batch_size_means(capsys):
         jtrain.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "under torchrun the global batch" in text and "--dist-timeout" in text
+
+
+def _as_rank_of(monkeypatch, world: int) -> None:
+    """Make this process look like one torchrun launched (before it would join the job)."""
+    for key, value in dict(WORLD_SIZE=world, LOCAL_WORLD_SIZE=world, RANK=0,
+                           LOCAL_RANK=0).items():
+        monkeypatch.setenv(key, str(value))
+
+
+def test_batch_that_does_not_split_is_refused(tmp_path, capsys, monkeypatch):
+    _as_rank_of(monkeypatch, 2)
+    assert jtrain.main(TINY + ["--batch-size", "63", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --batch-size 63: the global batch must be a multiple of the 2 "
+                   "processes"]
+    assert not (tmp_path / "run").exists() and not torch.distributed.is_initialized()
+
+
+def test_more_processes_than_gpus_is_refused_at_launch(tmp_path, capsys, monkeypatch):
+    _as_rank_of(monkeypatch, 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert jtrain.main(TINY + ["--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --nproc-per-node 2: only 1 CUDA device")
+    assert not (tmp_path / "run").exists() and not torch.distributed.is_initialized()

@@ -150,9 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         _release(prepared, keep_run=True)
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except distributed.DistError as err:  # another process died or stopped answering
-        _release(prepared, keep_run=True)
-        print(distributed.fail_message(err, distributed.current(), prepared.cfg["dist_timeout"]
+    except RuntimeError as err:
+        job = distributed.current()
+        if not distributed.is_communication_failure(err, job):
+            _release(prepared, keep_run=True)
+            raise
+        _release(prepared, keep_run=True)  # another process died or stopped answering
+        print(distributed.fail_message(err, job, prepared.cfg["dist_timeout"]
                                        if prepared else 0), file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -64,6 +65,8 @@ from ..eval import metrics
 from ..models import predict_logits
 
 T = TypeVar("T")
+_TRANSPORT_ERROR = re.compile(r"gloo|nccl|c10d|connection (reset|closed|refused)|timed out",
+                              re.IGNORECASE)
 DistError = dist.DistError  # what a failed or timed-out collective raises
 
 EVAL_BATCH = 500  # rows per prediction batch; shards are whole batches, so logits match
@@ -377,9 +380,21 @@ def accuracy(model: nn.Module, data: jdata.ImageData, d: Dist = SINGLE) -> float
     return int(counts.item()) / len(data) if len(data) else float("nan")
 
 
+def is_communication_failure(err: BaseException, d: Dist) -> bool:
+    """Whether ``err`` is a failed collective of a job with several processes.
+
+    A failed all-reduce inside DistributedDataParallel's backward reaches Python through the
+    autograd engine as a plain RuntimeError carrying the backend's text, hence the pattern.
+    """
+    if not d.parallel:
+        return False
+    return isinstance(err, DistError) or bool(_TRANSPORT_ERROR.search(str(err)))
+
+
 def fail_message(err: BaseException, d: Dist, timeout: float) -> str:
     """The one line a process prints when a collective fails (a peer died or hung)."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = str(err).strip()
+    first = text.splitlines()[0].split(". ")[0] if text else type(err).__name__
     return (f"error: process {d.rank} of {d.world_size}: communication with the other "
             f"processes failed ({first}); another process probably died or stopped answering "
             f"(collectives time out after --dist-timeout {timeout:g} s)")
