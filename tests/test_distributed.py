@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ TINY = ["--model", "small_cnn", "--width", "4", "--batch-size", "64", "--sgld-st
 
 # Runs inside each launched process: installs the plan's hooks, then runs the trainer.
 WORKER = r"""
-import itertools, json, os, sys
+import itertools, json, os, sys, time
 import torch
 from jem_ext import objectives, train as jtrain
 from jem_ext.training import distributed, loop
@@ -50,6 +51,13 @@ if rank in plan.get("exit_ranks", []):
             os._exit(9)  # as if killed: no clean-up at all
         return real_lr(cfg, iteration, epoch, scale)
     loop.learning_rate = dying_lr
+if rank in plan.get("stall_ranks", []):
+    real_lr_ = loop.learning_rate
+    def stalling_lr(cfg, iteration, epoch, scale=1.0):
+        if iteration == plan["stall_at"]:
+            time.sleep(plan["stall_s"])  # a process that stops answering
+        return real_lr_(cfg, iteration, epoch, scale)
+    loop.learning_rate = stalling_lr
 if rank == plan.get("nan_rank"):
     real_loss, calls = objectives.jem_loss, itertools.count()
     def corrupted(*args, **kwargs):
@@ -95,11 +103,13 @@ def launch(argv: list[str], plan: dict | None = None, world: int = 2,
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(plan or {}), *argv],
                               cwd=ROOT, env=_env(r, world, port), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(world)]
-    results = []
+    results, started = [], time.perf_counter()
     try:
         for p in procs:
             out, err = p.communicate(timeout=timeout)
-            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+            done = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+            done.seconds = time.perf_counter() - started  # when rank 0 ended, for rank 0
+            results.append(done)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -237,6 +247,19 @@ def test_a_dying_process_stops_the_job_with_a_clear_message(tmp_path):
     lines = results[0].stderr.strip().splitlines()
     assert lines[-1].startswith("error: process 0 of 2: communication with the other processes")
     assert "Traceback" not in results[0].stderr
+
+
+def test_a_stalled_process_times_out_the_job(tmp_path):
+    results = launch(TINY + ["--epochs", "2", "--dist-timeout", "5", "--out",
+                             str(tmp_path / "run")],
+                     plan={"stall_ranks": [1], "stall_at": 5, "stall_s": 60}, timeout=120)
+    assert results[0].returncode == 1, results[0].stderr[-2000:]
+    last = results[0].stderr.strip().splitlines()[-1]
+    assert last.startswith("error: process 0 of 2: communication with the other processes")
+    assert "--dist-timeout 5 s" in last
+    # rank 0 gave up after about 5 s, long before rank 1 woke up (and failed in turn)
+    assert results[1].returncode == 1
+    assert results[1].seconds - results[0].seconds > 30
 
 
 # ------------------------------------------------------------------------------ units
