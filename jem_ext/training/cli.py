@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                                        if prepared else 0), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        if prepared is not None and prepared.folder is None:
+            return 130  # rank 0 of the job says how to continue
         message = _interrupted(prepared.folder if prepared else None)
         _release(prepared, keep_run=message.startswith("interrupted; continue"))
         print(f"\n{message}", file=sys.stderr)
