@@ -55,6 +55,8 @@ __all__ = [
     "resolve_checkpoint",
     "model_from_checkpoint",
     "replay_buffer_samples",
+    "state_checksum",
+    "weights_mismatch",
     "new_state",
     "capture_rng",
     "restore_rng",
@@ -226,6 +228,18 @@ def model_from_checkpoint(state: dict[str, Any], device: Any = "cpu") -> nn.Modu
     return model.to(device).eval()
 
 
+def weights_mismatch(model: nn.Module, weights: dict[str, Any]) -> str | None:
+    """The first entry whose name or shape differs between ``model``'s state dict and
+    ``weights`` (as ``"name (shape)"``), or None when they match. ``model`` may live on the meta
+    device, so nothing needs to be allocated to check."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
+    if expected == saved:
+        return None
+    name, shape = sorted(set(expected.items()) ^ set(saved.items()))[0]
+    return f"{name} {shape}"
+
+
 def _check_spec_matches_weights(spec: Any, weights: Any) -> None:
     """Check a checkpoint's model spec against its weights before building anything.
 
@@ -236,15 +250,14 @@ def _check_spec_matches_weights(spec: Any, weights: Any) -> None:
     if not isinstance(spec, dict) or not isinstance(weights, dict):
         raise CheckpointError("checkpoint: model_spec and model must be dicts")
     try:
-        expected = {k: tuple(v.shape) for k, v in meta_model(spec).state_dict().items()}
+        model = meta_model(spec)
     except (ValueError, TypeError, KeyError) as err:
         raise CheckpointError(f"checkpoint: invalid model spec ({_first_sentence(err)})") from None
-    saved = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
-    if expected != saved:
-        diff = sorted(set(expected.items()) ^ set(saved.items()))[:1]
+    diff = weights_mismatch(model, weights)
+    if diff is not None:
         raise CheckpointError(
             f"checkpoint: the model spec does not match the saved weights (first difference: "
-            f"{diff[0][0]} {diff[0][1]})"
+            f"{diff})"
         )
 
 
@@ -290,7 +303,8 @@ def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict[st
     return state
 
 
-def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+def restore_rng(state: dict[str, Any],
+                generators: dict[str, torch.Generator] | None = None) -> None:
     """Restore RNG states saved by :func:`capture_rng` (named generators matched by key)."""
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():

@@ -22,10 +22,13 @@ def _op_names() -> list[str]:
 def describe() -> str:
     """A human-readable report of the build facts and the visible devices."""
     info = jem_ext.build_info
+    cuda = "no (CPU-only build)"
+    if info["cuda"]:
+        cuda = f"yes, CUDA {info['cuda_version']}, archs {info['cuda_archs']}"
     lines = [
         f"jem_ext {jem_ext.__version__}",
         f"  built against torch {info['torch_version']} (running torch {torch.__version__})",
-        f"  CUDA kernels: {'yes, CUDA ' + info['cuda_version'] + ', archs ' + info['cuda_archs'] if info['cuda'] else 'no (CPU-only build)'}",
+        f"  CUDA kernels: {cuda}",
         f"  CPU kernels: {info['cpu_dispatch']}",
         f"  ops: {', '.join(_op_names())}",
         "devices:",
@@ -46,7 +49,8 @@ def describe() -> str:
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(
         prog="python -m jem_ext.info",
-        description="Print how jem_ext was built (version, torch, CUDA archs) and the devices seen.",
+        description="Print how jem_ext was built (version, torch, CUDA archs) and the devices "
+        "seen.",
     ).parse_args(argv)
     print(describe())
     return 0

@@ -79,59 +79,22 @@ def jem_loss(
     Raises:
         ValueError: unknown objective, missing ``x_q``, or shape mismatches.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"jem_loss: objective must be one of {OBJECTIVES}, got {objective!r}")
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"jem_loss: y must have shape [{x.shape[0]}], got {tuple(y.shape)}")
-    y = y.to(device=x.device, dtype=torch.int64)
-    if labeled is not None:
-        if labeled.shape != (x.shape[0],):
-            raise ValueError(
-                f"jem_loss: labeled must have shape [{x.shape[0]}], got {tuple(labeled.shape)}"
-            )
-        labeled = labeled.to(device=x.device, dtype=torch.bool)
-        y = torch.where(labeled, y, torch.zeros_like(y))  # unlabeled rows may hold -1
-    need_q = objective != "ce" and x_q is not None
-    if objective != "ce" and w_px != 0 and x_q is None:
-        raise ValueError(f"jem_loss: objective {objective!r} with w_px={w_px} needs samples x_q")
-
+    y, labeled = _checked_labels(objective, x, y, labeled, x_q, w_px)
     logits = model(x)
     e_data, ce = ops.energy_ce(logits, y)  # E(x) = -lse, ce = lse - f(x)[y]
     ce_mean = _masked_mean(ce, labeled)
-    correct = (logits.detach().argmax(1) == y).to(logits.dtype)
-    if labeled is None:
-        accuracy = correct.mean()
-    else:
-        m = labeled.to(logits.dtype)
-        accuracy = (correct * m).sum() / m.sum()  # NaN when nothing is labeled
-
+    accuracy = _accuracy(logits, y, labeled)
     nan = torch.full((), math.nan, dtype=logits.dtype, device=logits.device)
-    px = nan
-    e_data_mean = e_data.mean()
-    e_q_mean = nan
+    px, e_data_mean, e_q_mean = nan, e_data.mean(), nan
     if objective == "ce":
         loss = w_pyx * ce_mean
     else:
-        if objective == "jem":
-            e_d = e_data
-            e_d_mean = e_data_mean
-            e_q = ops.energy(model(x_q)) if need_q else None
-        else:  # factored: E(x, y) = -f(x)[y] = E(x) + CE, on labeled rows only
-            e_d = e_data + ce
-            e_d_mean = _masked_mean(e_d, labeled)
+        e_d, e_d_mean = _data_energies(objective, e_data, e_data_mean, ce, labeled)
+        if objective == "factored":
             e_data_mean = e_d_mean
-            if need_q:
-                if y_q is None:
-                    y_q = y
-                if y_q.shape != (x_q.shape[0],):
-                    raise ValueError(
-                        f"jem_loss: y_q must have shape [{x_q.shape[0]}], got {tuple(y_q.shape)}"
-                    )
-                e_q = ops.energy(model(x_q), y_q.to(x_q.device, torch.int64))
-            else:
-                e_q = None
         loss = w_pyx * ce_mean if objective == "jem" else 0.0 * ce_mean
-        if e_q is not None:
+        if x_q is not None:
+            e_q = _sample_energies(model, objective, x_q, y if y_q is None else y_q)
             e_q_mean = e_q.mean()
             px = e_d_mean - e_q_mean
             loss = loss + w_px * px
@@ -144,3 +107,52 @@ def jem_loss(
          e_q_mean.detach(), accuracy]
     ).double().cpu().tolist()  # one host sync for all terms
     return loss, dict(zip(_TERM_NAMES, vals))
+
+
+def _checked_labels(objective: str, x: Tensor, y: Tensor, labeled: Tensor | None,
+                    x_q: Tensor | None, w_px: float) -> tuple[Tensor, Tensor | None]:
+    """Check the arguments of :func:`jem_loss`; labels as int64 (0 on unlabeled rows) and the
+    mask as bool, on ``x``'s device."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"jem_loss: objective must be one of {OBJECTIVES}, got {objective!r}")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"jem_loss: y must have shape [{x.shape[0]}], got {tuple(y.shape)}")
+    y = y.to(device=x.device, dtype=torch.int64)
+    if labeled is not None:
+        if labeled.shape != (x.shape[0],):
+            raise ValueError(
+                f"jem_loss: labeled must have shape [{x.shape[0]}], got {tuple(labeled.shape)}"
+            )
+        labeled = labeled.to(device=x.device, dtype=torch.bool)
+        y = torch.where(labeled, y, torch.zeros_like(y))  # unlabeled rows may hold -1
+    if objective != "ce" and w_px != 0 and x_q is None:
+        raise ValueError(f"jem_loss: objective {objective!r} with w_px={w_px} needs samples x_q")
+    return y, labeled
+
+
+def _accuracy(logits: Tensor, y: Tensor, labeled: Tensor | None) -> Tensor:
+    """Accuracy on the labeled rows, as a tensor (NaN when nothing is labeled)."""
+    correct = (logits.detach().argmax(1) == y).to(logits.dtype)
+    if labeled is None:
+        return correct.mean()
+    m = labeled.to(logits.dtype)
+    return (correct * m).sum() / m.sum()
+
+
+def _data_energies(objective: str, e_data: Tensor, e_data_mean: Tensor, ce: Tensor,
+                   labeled: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Per-row data energies of the generative term and their mean: ``E(x)`` for "jem",
+    ``E(x, y) = -f(x)[y] = E(x) + CE`` on the labeled rows for "factored"."""
+    if objective == "jem":
+        return e_data, e_data_mean
+    e_d = e_data + ce
+    return e_d, _masked_mean(e_d, labeled)
+
+
+def _sample_energies(model: nn.Module, objective: str, x_q: Tensor, y_q: Tensor) -> Tensor:
+    """Energies of the samples: ``E(x_q)`` for "jem", ``E(x_q, y_q)`` for "factored"."""
+    if objective == "jem":
+        return ops.energy(model(x_q))
+    if y_q.shape != (x_q.shape[0],):
+        raise ValueError(f"jem_loss: y_q must have shape [{x_q.shape[0]}], got {tuple(y_q.shape)}")
+    return ops.energy(model(x_q), y_q.to(x_q.device, torch.int64))

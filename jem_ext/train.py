@@ -5,16 +5,21 @@ Run ``python -m jem_ext.train --help`` for the flags. With no arguments it train
 
 The run folder (``--out``, default ``runs/<timestamp>-<dataset>-<objective>``) holds::
 
-    config.json        the full config (written first; ``--config`` repeats the run)
+    config.json        the config the run uses (rewritten by each resume with its overrides;
+                       ``--config`` repeats the run)
     metrics.jsonl      one JSON object per logged iteration, eval rows and event rows
+                       (recovery, stopped, resume with its overrides)
     checkpoints/       last.pt (every --ckpt-every iterations and at epoch ends), best.pt
     samples/*.png      sample grids (scatter plots for 2-D toy sets)
     summary.json       final figures; a one-line summary is also printed last
+    .lock              held (flock) by the training process while it runs: a second run with
+                       the same folder is refused
 
 Reproducibility: the data order of epoch ``e`` is a function of ``(seed, epoch)``, and every
 random draw comes from generators whose states are checkpointed together with the position
 inside the epoch, so ``--resume RUN`` after a crash (even ``kill -9``) continues exactly where
-``checkpoints/last.pt`` left off and ends in the same state as an uninterrupted run.
+``checkpoints/last.pt`` left off and ends in the same state as an uninterrupted run (the
+thread count, which can change float results, is part of the config and kept too).
 
 Divergence guard: a non-finite loss, or ``|loss|`` or ``|energy_data - energy_sample|`` above
 ``--divergence-threshold``, restores the last good state, multiplies the learning rate by

@@ -422,6 +422,15 @@ def test_batches():
     assert len(torch.cat([b[2] for b in shuffled]).unique()) == 8
 
 
+def test_batches_index_on_the_data_device():
+    """The order moves to the data's device once per pass; batches index there (no per-batch
+    host-to-device copy). The meta device stands in for a GPU."""
+    data = ImageData(torch.zeros(10, 2, device="meta"), torch.zeros(10, dtype=torch.int64,
+                     device="meta"), 1, "toy", ["a"])
+    for x, y, idx in batches(data, 4, shuffle=True, generator=_gen(1)):
+        assert idx.device.type == x.device.type == y.device.type == "meta"
+
+
 def test_save_image_grid(tmp_path):
     x = torch.full((10, 1, 8, 8), -1.0)
     x[1] = 1.0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -266,3 +268,20 @@ def test_progress_off_a_terminal_prints_plain_lines():
     assert len(lines) == 100 // runlog.PLAIN_STEP + 1
     assert lines[0] == "moons/jem: 10/200 it (5%) loss=1, acc=0.50"
     assert lines[-2].startswith("moons/jem: 200/200 it (100%)") and lines[-1] == "recovery 1/5"
+
+
+def test_two_processes_with_the_same_out_one_runs(tmp_path):
+    out = tmp_path / "r"
+    argv = [sys.executable, "-m", "jem_ext.train", *TOY, "--epochs", "1", "--out", str(out)]
+    procs = [subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = sorted((p.wait(timeout=300), p.stderr.read()) for p in procs)
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    assert [code for code, _ in results] == [0, 2]
+    refusal = results[1][1]
+    assert ("in use by another training process" in refusal or "not empty" in refusal)
+    assert refusal.count("\n") == 1
+    rows = _rows(out)
+    assert [r["iteration"] for r in rows if "loss" in r] == list(range(1, 33))  # one writer

@@ -1,6 +1,7 @@
 """The trainer behind ``python -m jem_ext.train``, one concern per module.
 
-- :mod:`.config`: flags, config files, validation.
+- :mod:`.flags`: the command-line flags (one parser).
+- :mod:`.config`: config files, merging, validation of every value.
 - :mod:`.setup`: :func:`~.setup.build_run` gathers data, model, optimiser, sampler and
   generators into a :class:`~.setup.Run`; :func:`~.setup.build_context` builds the
   :class:`~.step.StepContext`, the seam for precision, CUDA-graph and distributed options.
@@ -10,5 +11,6 @@
 - :mod:`.saver`: :class:`~.saver.CheckpointSaver`, best/last checkpoints and resume.
 - :mod:`.guard`: :class:`~.guard.DivergenceGuard`.
 - :mod:`.runlog`: metrics rows, progress, sample pictures.
+- :mod:`.folder`: :class:`~.folder.RunFolder`, one training process per run folder.
 - :mod:`.cli`: :func:`~.cli.main`, checks every input before writing anything.
 """

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import data as jdata
-from ..checkpoint import CheckpointError, load_checkpoint
-from ..models import build_model
+from ..checkpoint import CheckpointError, load_checkpoint, weights_mismatch
+from ..models import meta_model
 from . import distributed
 from .config import ConfigError, parse_command_line
 from .folder import RunFolder
@@ -17,37 +17,42 @@ from .guard import TrainingDiverged
 from .loop import train
 from .setup import fresh_out, load_data, model_kwargs
 
-_TRAINING_KEYS = ("model", "optimizer", "rng", "iteration", "epoch")
+_TRAINING_KEYS = {"model": dict, "optimizer": dict, "rng": dict, "iteration": int, "epoch": int}
 
 
 def _load_resume_state(run_dir: str) -> dict[str, Any]:
     ckpt = Path(run_dir) / "checkpoints" / "last.pt"
     state = load_checkpoint(ckpt)
-    for key in _TRAINING_KEYS:
+    for key, kind in _TRAINING_KEYS.items():
         if key not in state:
             raise CheckpointError(
                 f"checkpoint {ckpt}: missing key {key!r} (not a training checkpoint)"
+            )
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise CheckpointError(
+                f"checkpoint {ckpt}: {key!r} should be a {kind.__name__}, got "
+                f"{type(state[key]).__name__}"
             )
     return state
 
 
 def _check_model(cfg: dict[str, Any], datasets: dict[str, jdata.ImageData],
                  resume_state: dict[str, Any] | None) -> None:
-    """Build the model once to surface bad model flags (or a foreign checkpoint) early."""
+    """Check the model flags (and a resumed checkpoint's weights) without allocating a model."""
     train_d = datasets["train"]
+    spec = {"name": cfg["model"], "num_classes": train_d.num_classes,
+            "in_shape": list(train_d.shape), "kwargs": model_kwargs(cfg)}
     try:
-        model = build_model(cfg["model"], train_d.num_classes, train_d.shape,
-                            **model_kwargs(cfg))
+        model = meta_model(spec)
     except ValueError as err:
         raise ConfigError(f"model: {err}") from None
     if resume_state is not None:
-        try:
-            model.load_state_dict(resume_state["model"])
-        except RuntimeError as err:
-            first = str(err).strip().splitlines()[0]
+        diff = weights_mismatch(model, resume_state["model"])
+        if diff is not None:
             raise CheckpointError(
-                f"--resume: checkpoint does not match the config's model ({first})"
-            ) from None
+                f"--resume: checkpoint does not match the config's model (first difference: "
+                f"{diff})"
+            )
 
 
 @dataclass

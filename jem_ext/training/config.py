@@ -16,217 +16,16 @@ from typing import Any
 
 import torch
 
-from ..data import DATASETS, FILE_DATASETS, TOY_DATASETS
-from ..models import MODELS, NORMS
-from ..objectives import OBJECTIVES
-from ..sampler import INITS
-from .setup import OPTIMIZERS
-
-DEVICES = ("auto", "cpu", "cuda")
-NORM_CHOICES = tuple("none" if n is None else n for n in NORMS)
+from ..data import FILE_DATASETS, TOY_DATASETS
+from .flags import ConfigError, int_list, build_parser, default_config, finite_float
 
 # Keys of config.json that describe the invocation, not the experiment: ignored by --config
 # and --resume. (The thread count is part of the experiment: results depend on it.)
-INVOCATION_KEYS = ("out", "config", "resume", "no_progress", "dist_timeout")
+INVOCATION_KEYS = ("out", "config", "resume", "no_progress")
 # Keys config.json records about the launch (world size, batches): not flags, dropped on read.
 LAUNCH_KEYS = ("world_size", "global_batch_size", "batch_size_per_process")
 # Keys older config.json files may hold that no longer mean anything: read and dropped.
 RETIRED_KEYS = ("debug_inject_nan_at",)
-
-
-class ConfigError(ValueError):
-    """A config value or config file is invalid."""
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """Appends ``(default: X)`` to a flag's help unless the help already says its default."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default in (None, argparse.SUPPRESS, False):
-            return text
-        if action.option_strings:
-            default = action.default
-            if isinstance(default, list):
-                default = ",".join(str(v) for v in default)
-            text += f" (default: {default})"
-        return text
-
-
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are a :class:`ConfigError` (one line, exit status 2)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(message)
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected integers separated by commas, got {text!r}"
-        ) from None
-
-
-def finite_float(text: str) -> float:
-    """A float flag's type: a finite number (``nan`` and ``inf`` are refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    """The argparse parser of ``python -m jem_ext.train``.
-
-    Args:
-        suppress_defaults: leave unspecified flags out of the namespace (used to find which
-            flags were given explicitly, so they can override ``--config``).
-    """
-    p = _Parser(
-        prog="python -m jem_ext.train",
-        description="Train a Joint Energy-based Model (JEM, Grathwohl et al. 2020) or its "
-        "cross-entropy twin, writing a run folder with config, metrics, checkpoints, sample "
-        "grids and a summary. Defaults train a JEM on the 8x8 digits on the CPU in minutes.",
-        argument_default=argparse.SUPPRESS if suppress_defaults else None,
-        formatter_class=_HelpFormatter,
-    )
-    group = p.add_argument_group
-
-    def add(g: Any, *names: str, **kw: Any) -> None:
-        if suppress_defaults:
-            kw.pop("default", None)
-        g.add_argument(*names, **kw)
-
-    _add_data_flags(add, group("data"))
-    _add_model_flags(add, group("model"))
-    _add_objective_flags(add, group("objective"))
-    _add_sampler_flags(add, group("sampler (SGLD)"))
-    _add_optimisation_flags(add, group("optimisation"))
-    _add_run_folder_flags(add, group("run folder"))
-    _add_guard_flags(add, group("divergence guard"))
-    _add_distributed_flags(add, group("distributed (under torchrun)"))
-    return p
-
-
-def _add_data_flags(add: Any, g: Any) -> None:
-    add(g, "--dataset", "--data", dest="dataset", choices=DATASETS, default="digits",
-        help="dataset to train on (cifar10/cifar100/svhn/folder need --data-root)")
-    add(g, "--data-root", default=None,
-        help="folder holding the dataset files (CIFAR, SVHN, image folder)")
-    add(g, "--labels-per-class", type=int, default=None,
-        help="semi-supervised: keep only this many labels per class for the CE term "
-        "(default: all labels)")
-    add(g, "--no-augment", action="store_true", default=False,
-        help="disable the dataset's default augmentation (crop/flip/Gaussian noise)")
-
-
-def _add_model_flags(add: Any, g: Any) -> None:
-    add(g, "--model", choices=tuple(MODELS), default="small_cnn", help="network architecture")
-    add(g, "--depth", type=int, default=None,
-        help="depth: WRN total depth (6n+4, default 28) or MLP hidden layers (default 3)")
-    add(g, "--width", type=int, default=None,
-        help="width: WRN widen factor (default 10), SmallCNN first-layer channels (default "
-        "32) or MLP hidden units (default 128)")
-    add(g, "--norm", choices=NORM_CHOICES, default="none",
-        help="normalisation layers of WRN/SmallCNN (JEM uses none)")
-    add(g, "--dropout", type=finite_float, default=0.0, help="dropout rate (WRN/SmallCNN)")
-
-
-def _add_objective_flags(add: Any, g: Any) -> None:
-    add(g, "--objective", choices=OBJECTIVES, default="jem",
-        help="jem: log p(x) + log p(y|x); factored: log p(y) + log p(x|y) (class-conditional "
-        "sampling); ce: cross-entropy only (the classifier twin)")
-    add(g, "--w-px", type=finite_float, default=1.0, help="weight of the generative (log p(x)) term")
-    add(g, "--w-pyx", type=finite_float, default=1.0, help="weight of the cross-entropy term")
-    add(g, "--l2-energy", type=finite_float, default=0.01,
-        help="weight of an L2 penalty on the energies of data and samples (divergence "
-        "insurance; 0 disables)")
-
-
-def _add_sampler_flags(add: Any, g: Any) -> None:
-    add(g, "--sgld-steps", type=int, default=20, help="SGLD steps per training iteration")
-    add(g, "--sgld-step-size", type=finite_float, default=1.0, help="SGLD step on dE/dx")
-    add(g, "--sgld-noise", type=finite_float, default=0.01, help="SGLD noise standard deviation")
-    add(g, "--buffer-size", type=int, default=10000,
-        help="persistent replay buffer size; 0 = short-run chains from the init each time")
-    add(g, "--reinit-prob", type=finite_float, default=0.05,
-        help="fraction of buffer chains re-initialised at each draw")
-    add(g, "--init", choices=INITS, default="uniform",
-        help="chain initialisation: uniform on [-1,1], or per-class Gaussians fitted to the "
-        "training data (JEM++ informative init)")
-    add(g, "--proximal", action="store_true", default=False,
-        help="proximal SGLD (JEM++): clip the gradient element-wise to --grad-clip "
-        "(0.03 when not given) and clamp samples to [-1, 1]")
-    add(g, "--grad-clip", type=finite_float, default=None,
-        help="clip dE/dx element-wise to [-c, c] in each SGLD step (default: no clipping)")
-
-
-def _add_optimisation_flags(add: Any, g: Any) -> None:
-    add(g, "--optimizer", choices=OPTIMIZERS, default="adam", help="optimiser")
-    add(g, "--lr", type=finite_float, default=3e-3, help="peak learning rate")
-    add(g, "--warmup-iters", type=int, default=200,
-        help="linear learning-rate warm-up iterations")
-    add(g, "--decay-epochs", type=_int_list, default=[40, 50],
-        help="epochs at which the learning rate is multiplied by --decay-rate (e.g. 160,180)")
-    add(g, "--decay-rate", type=finite_float, default=0.3, help="learning-rate decay factor")
-    add(g, "--weight-decay", type=finite_float, default=0.0, help="weight decay")
-    add(g, "--batch-size", type=int, default=64,
-        help="mini-batch size; under torchrun the global batch, split evenly over the "
-        "processes (a multiple of their number; learning rate not scaled)")
-    add(g, "--epochs", type=int, default=60, help="training epochs")
-    add(g, "--seed", type=int, default=1, help="random seed (model init, data order, sampler)")
-    add(g, "--device", choices=DEVICES, default="auto",
-        help="device; auto = cuda when available")
-    add(g, "--threads", type=int, default=1,
-        help="CPU threads for torch (0 = torch's default). Part of the experiment: results "
-        "can differ with the thread count (the order of floating-point sums changes), so "
-        "--resume and --config keep the run's value. 1 is the default because small models "
-        "gain little from more, and on a shared machine extra OpenMP threads can make each "
-        "iteration tens of times slower")
-
-
-def _add_run_folder_flags(add: Any, g: Any) -> None:
-    add(g, "--out", default=None,
-        help="run folder to create (default: a fresh runs/<timestamp>-<dataset>-<objective>)")
-    add(g, "--config", default=None,
-        help="repeat a run from its config.json; flags given explicitly override it")
-    add(g, "--resume", default=None, metavar="RUN_DIR",
-        help="continue an interrupted run from RUN_DIR/checkpoints/last.pt (flags given "
-        "explicitly, e.g. --epochs, override its config)")
-    add(g, "--log-every", type=int, default=10, help="write a metrics row every N iterations")
-    add(g, "--ckpt-every", type=int, default=100,
-        help="save checkpoints/last.pt every N iterations (and at every epoch end; 0 = only "
-        "at epoch ends)")
-    add(g, "--sample-every", type=int, default=500,
-        help="write a sample grid every N iterations (0 = only at the end)")
-    add(g, "--eval-every", type=int, default=1,
-        help="evaluate on the validation split every N epochs")
-    add(g, "--no-progress", action="store_true", default=False, help="hide the progress bar")
-
-
-def _add_guard_flags(add: Any, g: Any) -> None:
-    add(g, "--max-recoveries", type=int, default=5,
-        help="stop with an error after this many recoveries from divergence")
-    add(g, "--divergence-threshold", type=finite_float, default=1e6,
-        help="treat |loss| or |energy_data - energy_sample| above this as divergence")
-    add(g, "--recover-lr-factor", type=finite_float, default=0.5,
-        help="multiply the learning rate by this after each recovery")
-
-
-def _add_distributed_flags(add: Any, g: Any) -> None:
-    add(g, "--dist-timeout", type=finite_float, default=600.0,
-        help="seconds a process waits for the others at a collective before the job stops "
-        "with an error (a process died or hangs)")
-
-
-def default_config() -> dict[str, Any]:
-    """The full default config (every flag's default), as a dict."""
-    return vars(build_parser().parse_args([]))
 
 
 @dataclass(frozen=True)
@@ -257,7 +56,7 @@ _FRACTION = Range(0, 1)
 # can hold (a replay buffer of more chains, a deeper MLP, more threads fail late and unclearly).
 RANGES: dict[str, Range] = {
     "batch_size": _POSITIVE, "epochs": _POSITIVE, "log_every": _POSITIVE,
-    "eval_every": _POSITIVE, "labels_per_class": _POSITIVE, "width": _POSITIVE,
+    "eval_every": _POSITIVE, "labels_per_class": _POSITIVE, "width": Range(1, 2**16),
     "depth": Range(1, 1000), "sgld_steps": Range(0, 10**6), "buffer_size": Range(0, 10**7),
     "threads": Range(0, 1024), "seed": Range(0, 2**62), "warmup_iters": _NON_NEGATIVE,
     "ckpt_every": _NON_NEGATIVE, "sample_every": _NON_NEGATIVE,
@@ -290,7 +89,7 @@ def _type_error(action: argparse.Action, value: Any) -> str | None:
         return None if ok else f"expected one of {', '.join(action.choices)}, got {value!r}"
     if isinstance(action, argparse._StoreTrueAction):
         return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
-    if action.type is _int_list:
+    if action.type is int_list:
         ok = isinstance(value, list) and all(_is_int(v) for v in value)
         return None if ok else f"expected a list of integers, got {value!r}"
     if action.type is int:
@@ -430,11 +229,16 @@ def read_config_file(path: Path) -> dict[str, Any]:
             f"config file {path}: expected a JSON object, got {type(loaded).__name__}"
         )
     loaded = {k: v for k, v in loaded.items() if k not in RETIRED_KEYS + LAUNCH_KEYS}
-    unknown = sorted(set(loaded) - set(default_config()))
+    actions = _actions()
+    unknown = sorted(set(loaded) - set(actions))
     if unknown:
         raise ConfigError(
             f"config file {path}: unknown keys {unknown} (expected a jem_ext.train config.json)"
         )
+    for key, value in loaded.items():  # every key, also those the merge then ignores
+        problem = _type_error(actions[key], value)
+        if problem is not None:
+            raise ConfigError(f"config file {path}: key {key!r}: {problem}")
     return loaded
 
 

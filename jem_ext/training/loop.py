@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,7 +59,7 @@ def _batch(run: Run, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> Bat
     """The step's batch: augmented inputs, labels, and the usable-label mask."""
     if run.data.augment is not None:
         x = run.data.augment(x, generator=run.generators["augment"])
-    labeled = None if run.data.labeled is None else run.data.labeled[idx].to(run.device)
+    labeled = None if run.data.labeled is None else run.data.labeled[idx]
     return Batch(x, y, labeled)
 
 

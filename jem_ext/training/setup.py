@@ -38,7 +38,8 @@ class RunData:
     """The splits of a run, the training split on the run's device, and how batches are made.
 
     Attributes:
-        labeled: CPU bool mask of the training labels the CE term may use (None: all).
+        labeled: bool mask of the training labels the CE term may use, on the run's device
+            (None: all).
         augment: the dataset's augmentation, or None.
     """
 
@@ -221,7 +222,7 @@ def build_run(cfg: dict[str, Any], datasets: dict[str, jdata.ImageData] | None =
     ctx = build_context(cfg, model, train_d, device, generators["sampler"], dist)
     labeled = None
     if cfg["labels_per_class"]:
-        labeled = jdata.labeled_mask(train_d.y, cfg["labels_per_class"], seed=seed)
+        labeled = jdata.labeled_mask(train_d.y, cfg["labels_per_class"], seed=seed).to(device)
     data = RunData(
         train=train_d, val=datasets["val"], test=datasets["test"],
         train_on_device=jdata.ImageData(train_d.x.to(device), train_d.y.to(device),

@@ -1,0 +1,427 @@
+"""The in-memory dataset type and the readers behind :func:`jem_ext.data.load_dataset`.
+
+One reader per source: scikit-learn's digits, the generated 2-D toy sets, the CIFAR pickles,
+the SVHN MATLAB files and class-per-folder image trees (their layouts are described in
+:mod:`jem_ext.data`). Each returns an :class:`ImageData` with values in ``[-1, 1]`` or raises
+:class:`DataError` saying what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+_SPLIT_SEED = 1234  # fixed: real-data splits never depend on the run's seed
+_MAX_VAL = 5000
+_IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+_GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+
+
+class DataError(ValueError):
+    """A dataset is missing, malformed or inconsistent; the message says what was expected."""
+
+
+@dataclass
+class ImageData:
+    """An in-memory labelled dataset.
+
+    Attributes:
+        x: float32 ``[N, C, H, W]`` images in ``[-1, 1]``, or ``[N, 2]`` points for toy sets.
+        y: int64 ``[N]`` labels in ``0 .. num_classes - 1``.
+        num_classes: number of classes.
+        name: dataset name (as given to :func:`load_dataset`).
+        classes: class names, ``classes[k]`` is the name of label ``k``.
+    """
+
+    x: Tensor
+    y: Tensor
+    num_classes: int
+    name: str
+    classes: list[str]
+
+    def __post_init__(self) -> None:
+        if self.x.shape[0] != self.y.shape[0]:
+            raise DataError(
+                f"{self.name}: expected as many labels as samples, "
+                f"got {self.y.shape[0]} labels for {self.x.shape[0]} samples"
+            )
+        if len(self.classes) != self.num_classes:
+            raise DataError(
+                f"{self.name}: expected {self.num_classes} class names, got {len(self.classes)}"
+            )
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one sample, e.g. ``(3, 32, 32)`` or ``(2,)``."""
+        return tuple(self.x.shape[1:])
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits
+# ----------------------------------------------------------------------------------------------
+
+
+def _stratified_holdout(y: np.ndarray, n_holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``arange(len(y))`` into sorted ``(rest, holdout)`` with exactly ``n_holdout`` held out.
+
+    Each class contributes in proportion to its size (largest-remainder rounding).
+    """
+    classes, counts = np.unique(y, return_counts=True)
+    quota = counts * (n_holdout / len(y))
+    take = np.floor(quota).astype(np.int64)
+    short = n_holdout - int(take.sum())
+    take[np.argsort(take - quota, kind="stable")[:short]] += 1
+    rng = np.random.default_rng(seed)
+    held = [rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, take)]
+    is_held = np.zeros(len(y), dtype=bool)
+    is_held[np.concatenate(held)] = True
+    return np.flatnonzero(~is_held), np.flatnonzero(is_held)
+
+
+def _split_fractions(y: np.ndarray, split: str, val_frac: float, test_frac: float) -> np.ndarray:
+    """Indices of ``split`` in a fixed stratified train/val/test split of one labelled pool."""
+    n = len(y)
+    rest, test = _stratified_holdout(y, round(n * test_frac), _SPLIT_SEED)
+    if split == "test":
+        return test
+    train, val = _stratified_holdout(y[rest], round(n * val_frac), _SPLIT_SEED + 1)
+    return rest[val] if split == "val" else rest[train]
+
+
+def _split_heldout_val(y: np.ndarray, split: str) -> np.ndarray:
+    """Indices of ``split`` ("train" or "val") in an official training set with held-out val."""
+    train, val = _stratified_holdout(y, min(_MAX_VAL, len(y) // 10), _SPLIT_SEED)
+    return val if split == "val" else train
+
+
+def _to_unit_range(images: np.ndarray) -> Tensor:
+    """uint8 ``[N, C, H, W]`` (0..255) -> float32 tensor in ``[-1, 1]``."""
+    return torch.from_numpy(np.ascontiguousarray(images)).float().div_(127.5).sub_(1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Digits and toy sets
+# ----------------------------------------------------------------------------------------------
+
+
+def read_digits(split: str) -> ImageData:
+    from sklearn.datasets import load_digits  # here: slow to import, only this reader needs it
+
+    digits = load_digits()
+    idx = _split_fractions(digits.target, split, val_frac=0.1, test_frac=0.2)
+    x = torch.from_numpy(digits.data[idx]).float().div_(8.0).sub_(1.0).reshape(-1, 1, 8, 8)
+    y = torch.from_numpy(digits.target[idx]).long()
+    return ImageData(x, y, 10, "digits", [str(k) for k in range(10)])
+
+
+_TOY_SIZES = {"train": (0, 2000), "val": (2000, 2500), "test": (2500, 3000)}
+
+
+def read_toy(name: str, split: str, seed: int) -> ImageData:
+    n = _TOY_SIZES["test"][1]
+    rng = np.random.default_rng(seed)
+    if name == "moons":
+        from sklearn.datasets import make_moons  # here: slow to import, only moons need it
+
+        points, labels = make_moons(n_samples=n, noise=0.08, random_state=seed)
+        points = (points - np.array([0.5, 0.25])) / 1.7
+        classes = ["upper", "lower"]
+    else:
+        k = 3 if name == "rings" else 8
+        labels = rng.permutation(np.arange(n) % k)
+        if name == "rings":
+            radius = np.array([0.25, 0.55, 0.85])[labels] + 0.04 * rng.standard_normal(n)
+            angle = rng.uniform(0.0, 2.0 * np.pi, n)
+            points = radius[:, None] * np.stack([np.cos(angle), np.sin(angle)], axis=1)
+            classes = ["inner", "middle", "outer"]
+        else:
+            angle = 2.0 * np.pi * labels / k
+            centres = 0.7 * np.stack([np.cos(angle), np.sin(angle)], axis=1)
+            points = centres + 0.07 * rng.standard_normal((n, 2))
+            classes = [f"mode{j}" for j in range(k)]
+    lo, hi = _TOY_SIZES[split]
+    x = torch.from_numpy(np.clip(points[lo:hi], -1.0, 1.0)).float()
+    y = torch.from_numpy(np.asarray(labels[lo:hi])).long()
+    return ImageData(x, y, len(classes), name, classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR (python pickles)
+# ----------------------------------------------------------------------------------------------
+
+_CIFAR = {
+    "cifar10": dict(
+        folder="cifar-10-batches-py",
+        train=[f"data_batch_{i}" for i in range(1, 6)],
+        test=["test_batch"],
+        meta="batches.meta",
+        label_key="labels",
+        names_key="label_names",
+    ),
+    "cifar100": dict(
+        folder="cifar-100-python",
+        train=["train"],
+        test=["test"],
+        meta="meta",
+        label_key="fine_labels",
+        names_key="fine_label_names",
+    ),
+}
+
+# The globals a pickled dict of numpy arrays may reference (Python 2 or 3, numpy 1 or 2).
+CIFAR_NAMES = tuple(_CIFAR)
+
+_PICKLE_ALLOWED = frozenset(
+    {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
+)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler that only builds numpy arrays and plain containers (no arbitrary code)."""
+
+    def find_class(self, module: str, name: str):
+        canonical = module.replace("numpy._core", "numpy.core", 1)
+        if (canonical, name) not in _PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+        if canonical.startswith("numpy.core") and hasattr(np, "_core"):
+            module = canonical.replace("numpy.core", "numpy._core", 1)  # numpy 2 location
+        return super().find_class(module, name)
+
+
+def _load_pickle_dict(path: Path, what: str) -> dict[str, object]:
+    """Unpickle a CIFAR file into a dict with ``str`` keys, or raise DataError."""
+    try:
+        with open(path, "rb") as f:
+            obj = _ArrayUnpickler(f, encoding="latin1").load()
+    except Exception as err:  # corrupt pickles raise many different exception types
+        raise DataError(f"{what}: {path} is not a valid CIFAR python pickle ({err})") from err
+    if not isinstance(obj, dict):
+        raise DataError(f"{what}: {path}: expected a pickled dict, got {type(obj).__name__}")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _find_root(name: str, root: str | os.PathLike | None, folder: str, needed: list[str]) -> Path:
+    """Return ``root/folder`` or ``root``, whichever holds all ``needed`` files."""
+    if root is None:
+        raise DataError(f"{name}: expected root=<folder holding the dataset files>, got None")
+    base = Path(root)
+    candidates = [base / folder, base] if folder else [base]
+    for cand in candidates:
+        if all((cand / f).is_file() for f in needed):
+            return cand
+    where = next((c for c in candidates if c.is_dir()), None)
+    if where is None:
+        raise DataError(f"{name}: folder {base} does not exist")
+    missing = [f for f in needed if not (where / f).is_file()]
+    raise DataError(
+        f"{name}: expected files {', '.join(needed)} in {candidates[0]}"
+        + (f" or {base}" if folder else "")
+        + f"; missing in {where}: {', '.join(missing)}"
+    )
+
+
+def read_cifar(name: str, root: str | os.PathLike | None, split: str) -> ImageData:
+    spec = _CIFAR[name]
+    files = spec["test"] if split == "test" else spec["train"]
+    base = _find_root(name, root, spec["folder"], files + [spec["meta"]])
+
+    meta = _load_pickle_dict(base / spec["meta"], name)
+    names = meta.get(spec["names_key"])
+    if not isinstance(names, (list, tuple)) or not names:
+        raise DataError(f"{name}: {base / spec['meta']}: expected a '{spec['names_key']}' list")
+    classes = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
+
+    images, labels = [], []
+    for fname in files:
+        batch = _load_pickle_dict(base / fname, name)
+        if "data" not in batch or spec["label_key"] not in batch:
+            raise DataError(
+                f"{name}: {base / fname}: expected keys 'data' and '{spec['label_key']}', "
+                f"found {sorted(map(str, batch))}"
+            )
+        data = np.asarray(batch["data"])
+        lab = np.asarray(batch[spec["label_key"]])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise DataError(
+                f"{name}: {base / fname}: expected 'data' as uint8 [N, 3072], "
+                f"got {data.dtype} {list(data.shape)}"
+            )
+        if lab.shape != (data.shape[0],) or not np.issubdtype(lab.dtype, np.integer):
+            raise DataError(
+                f"{name}: {base / fname}: expected {data.shape[0]} integer labels, "
+                f"got {lab.dtype} {list(lab.shape)}"
+            )
+        if lab.size and (lab.min() < 0 or lab.max() >= len(classes)):
+            raise DataError(
+                f"{name}: {base / fname}: expected labels in 0..{len(classes) - 1}, "
+                f"found {lab.min()}..{lab.max()}"
+            )
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(lab.astype(np.int64))
+    images_np, labels_np = np.concatenate(images), np.concatenate(labels)
+    if split != "test":
+        idx = _split_heldout_val(labels_np, split)
+        images_np, labels_np = images_np[idx], labels_np[idx]
+    return ImageData(
+        _to_unit_range(images_np), torch.from_numpy(labels_np), len(classes), name, classes
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# SVHN (MATLAB files)
+# ----------------------------------------------------------------------------------------------
+
+
+def read_svhn(root: str | os.PathLike | None, split: str) -> ImageData:
+    from scipy.io import loadmat  # here: slow to import, only SVHN needs it
+
+    fname = "test_32x32.mat" if split == "test" else "train_32x32.mat"
+    path = _find_root("svhn", root, "", [fname]) / fname
+    try:
+        mat = loadmat(path)
+    except Exception as err:  # scipy raises several types for corrupt files
+        raise DataError(f"svhn: {path} is not a readable MATLAB file ({err})") from err
+    if "X" not in mat or "y" not in mat:
+        raise DataError(f"svhn: {path}: expected variables 'X' and 'y'")
+    images, labels = np.asarray(mat["X"]), np.asarray(mat["y"]).reshape(-1)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[2] != 3:
+        raise DataError(
+            f"svhn: {path}: expected 'X' as uint8 [H, W, 3, N], got {images.dtype} "
+            f"{list(images.shape)}"
+        )
+    if labels.shape[0] != images.shape[3]:
+        raise DataError(
+            f"svhn: {path}: expected {images.shape[3]} labels, got {labels.shape[0]}"
+        )
+    labels = labels.astype(np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() > 10):
+        raise DataError(
+            f"svhn: {path}: expected labels in 1..10 (10 = digit 0), "
+            f"found {labels.min()}..{labels.max()}"
+        )
+    labels[labels == 10] = 0
+    if split != "test":
+        idx = _split_heldout_val(labels, split)
+        images, labels = images[..., idx], labels[idx]
+    x = _to_unit_range(images.transpose(3, 2, 0, 1))
+    return ImageData(x, torch.from_numpy(labels), 10, "svhn", [str(k) for k in range(10)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders
+# ----------------------------------------------------------------------------------------------
+
+
+def _list_class_folder(root: Path) -> dict[str, list[Path]]:
+    """Map each class sub-folder of ``root`` to its sorted image files."""
+    if not root.is_dir():
+        raise DataError(f"image folder {root}: folder does not exist")
+    tree: dict[str, list[Path]] = {}
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(
+            f for f in sub.iterdir() if f.is_file() and f.suffix.lower() in _IMAGE_EXTS
+        )
+        if not files:
+            raise DataError(
+                f"image folder {root}: expected .png/.jpg files in class folder "
+                f"'{sub.name}', found none"
+            )
+        tree[sub.name] = files
+    if not tree:
+        raise DataError(
+            f"image folder {root}: expected one sub-folder per class containing .png/.jpg "
+            "files, found none"
+        )
+    return tree
+
+
+def _flatten(tree: dict[str, list[Path]], classes: list[str]) -> tuple[list[Path], np.ndarray]:
+    paths, labels = [], []
+    for name, files in tree.items():
+        paths += files
+        labels += [classes.index(name)] * len(files)
+    return paths, np.asarray(labels, dtype=np.int64)
+
+
+def _probe_image(path: Path) -> tuple[str, tuple[int, int]]:
+    """Mode and (width, height) of an image, read from its header only."""
+    try:
+        with Image.open(path) as im:
+            return im.mode, im.size
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ...
+        raise DataError(f"image folder: {path} is not a readable PNG/JPEG image ({err})") from err
+
+
+def _decode_image(path: Path, mode: str) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert(mode), dtype=np.uint8)
+    except Exception as err:
+        raise DataError(f"image folder: {path} is not a readable PNG/JPEG image ({err})") from err
+
+
+def read_folder(root: str | os.PathLike | None, split: str) -> ImageData:
+    if root is None:
+        raise DataError("folder: expected root=<image folder with one sub-folder per class>")
+    base = Path(root)
+    explicit = (base / "train").is_dir() and (base / "test").is_dir()
+    if explicit:
+        train_tree = _list_class_folder(base / "train")
+        test_tree = _list_class_folder(base / "test")
+        classes = sorted(train_tree)
+        unknown = sorted(set(test_tree) - set(train_tree))
+        if unknown:
+            raise DataError(
+                f"image folder {base}: expected the classes of test/ to be among those of "
+                f"train/, but test/ also has {unknown}"
+            )
+        train_paths, train_y = _flatten(train_tree, classes)
+        test_paths, test_y = _flatten(test_tree, classes)
+        all_paths = train_paths + test_paths
+        if split == "test":
+            paths, labels = test_paths, test_y
+        else:
+            idx = _split_heldout_val(train_y, split)
+            paths, labels = [train_paths[i] for i in idx], train_y[idx]
+    else:
+        tree = _list_class_folder(base)
+        classes = sorted(tree)
+        all_paths, all_y = _flatten(tree, classes)
+        idx = _split_fractions(all_y, split, val_frac=0.1, test_frac=0.1)
+        paths, labels = [all_paths[i] for i in idx], all_y[idx]
+
+    # Mode and size are checked over every split (headers only) so that all splits agree.
+    # A plain loop: for small images Pillow is GIL-bound and threads only add overhead.
+    probes = [_probe_image(p) for p in all_paths]
+    sizes = {size: path for path, (_, size) in zip(all_paths, probes)}
+    if len(sizes) > 1:
+        (s1, p1), (s2, p2) = list(sizes.items())[:2]
+        raise DataError(
+            f"image folder {base}: expected all images to share one size, but {p1} is "
+            f"{s1[0]}x{s1[1]} and {p2} is {s2[0]}x{s2[1]}"
+        )
+    mode = "L" if all(m in _GREY_MODES for m, _ in probes) else "RGB"
+    width, height = probes[0][1]
+    channels = 1 if mode == "L" else 3
+    images = np.empty((len(paths), height, width, channels), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        images[i] = _decode_image(path, mode).reshape(height, width, channels)
+    x = _to_unit_range(images.transpose(0, 3, 1, 2))
+    return ImageData(x, torch.from_numpy(labels), len(classes), "folder", classes)
