@@ -220,6 +220,8 @@ def test_resume_with_another_world_size_reshards(full, tmp_path, capsys):
     assert "written by 2 processes and this run has 1" in err and "re-sharded" in err
     after = load_checkpoint(run / "checkpoints" / "last.pt")
     assert after["iteration"] == 60 and "distributed" not in after
+    resume = [r for r in _rows(run) if r.get("event") == "resume"]
+    assert [(r["world_size"], r["checkpoint_world_size"]) for r in resume] == [(1, 2)]
     assert replay_buffer_samples(after).shape == before.shape
 
 

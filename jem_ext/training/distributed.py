@@ -301,10 +301,15 @@ class LocalShare:
     saved_world_size: int
 
 
+def saved_world_size(ckpt: dict[str, Any]) -> int:
+    """How many processes wrote a checkpoint."""
+    return int((ckpt.get("distributed") or {}).get("world_size", 1))
+
+
 def local_share(ckpt: dict[str, Any], d: Dist) -> LocalShare:
     """This process's part of a checkpoint (single-process checkpoints included)."""
     saved = ckpt.get("distributed") or {}
-    saved_world = int(saved.get("world_size", 1))
+    saved_world = saved_world_size(ckpt)
     sampler = ckpt.get("sampler")
     same = saved_world == d.world_size
     rng = (saved["rng"][d.rank] if saved else ckpt["rng"]) if same else None

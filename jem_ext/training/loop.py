@@ -202,7 +202,9 @@ def train(cfg: dict[str, Any], resume_state: dict[str, Any] | None = None,
                      enabled=main and not cfg["no_progress"]) as run.progress:
         if resume_state is not None:
             run.log.write({"event": "resume", "iteration": run.state.iteration,
-                           "epoch": run.state.epoch, "overrides": resume_overrides or {}})
+                           "epoch": run.state.epoch, "overrides": resume_overrides or {},
+                           "world_size": run.dist.world_size,
+                           "checkpoint_world_size": distributed.saved_world_size(resume_state)})
         status, error = fit(run)
     if status == "completed":
         write_samples(run, "final")
