@@ -225,6 +225,18 @@ def test_resume_with_another_world_size_reshards(full, tmp_path, capsys):
     assert replay_buffer_samples(after).shape == before.shape
 
 
+def test_two_processes_make_the_single_process_update_on_the_global_batch(tmp_path):
+    # Cross-entropy without augmentation: each iteration's averaged gradient over the two
+    # halves is the gradient of the whole batch, so the weights follow the single process's.
+    args = TINY + ["--objective", "ce", "--no-augment", "--epochs", "1"]
+    _ok(launch(args + ["--out", str(tmp_path / "two")]))
+    assert jtrain.main(args + ["--out", str(tmp_path / "one")]) == 0
+    two = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")["model"]
+    one = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")["model"]
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+
+
 def test_divergence_on_one_process_is_recovered_on_all(tmp_path):
     run = tmp_path / "nan"
     results = launch(TINY + ["--epochs", "1", "--ckpt-every", "4", "--out", str(run)],
