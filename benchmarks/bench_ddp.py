@@ -7,7 +7,9 @@ each on CUDA), joined exactly as torchrun joins them (``MASTER_ADDR``/``MASTER_P
 the module, its replay-buffer shard) and times ``--iters`` iterations of
 :func:`jem_ext.training.step.train_step` on its share of the global batch, after
 ``--warmup`` untimed ones. The figure is global iterations per second (the slowest process
-sets the pace) and global samples per second; ``speed-up`` is relative to one process.
+sets the pace) and global samples per second; ``speed-up`` is relative to one process. The
+process counts are measured in turn, ``--repeats`` times; the table shows the median and the
+best repeat (which suffers less from other work sharing the machine).
 
 The global batch (``--batch-size``) is the same for every N, as in training (strong scaling):
 per iteration each process runs ``K`` SGLD steps on ``batch / N`` chains and one forward and
@@ -25,6 +27,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -87,16 +90,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(world: int, cfg: dict, args: argparse.Namespace) -> dict:
-    """Time one configuration with ``world`` processes."""
+def measure(world: int, cfg: dict, args: argparse.Namespace) -> float:
+    """Seconds of ``args.iters`` iterations with ``world`` processes."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.json")
         mp.spawn(_worker, args=(world, _free_port(), cfg, args, path), nprocs=world)
         with open(path, encoding="utf-8") as f:
-            seconds = json.load(f)["seconds"]
-    its = args.iters / seconds
+            return json.load(f)["seconds"]
+
+
+def summarise(world: int, seconds: list[float], cfg: dict, args: argparse.Namespace) -> dict:
+    """Iterations and samples per second of one process count (median and best repeat)."""
+    its = sorted(args.iters / s for s in seconds)
+    median = statistics.median(its)
     return {"processes": world, "seconds": seconds, "iterations": args.iters,
-            "iterations_per_s": its, "samples_per_s": its * cfg["batch_size"]}
+            "iterations_per_s": median, "iterations_per_s_best": its[-1],
+            "samples_per_s": median * cfg["batch_size"]}
+
+
+def _cpu_name() -> str:
+    """The CPU model (``model name`` in /proc/cpuinfo), or what platform knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -112,8 +133,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="CPU threads per process")
     p.add_argument("--iters", type=int, default=30, help="timed iterations")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
+    p.add_argument("--repeats", type=int, default=3, help="measurements of each count")
     p.add_argument("--json", metavar="OUT", default=None, help="write the results here")
     args = p.parse_args(argv)
+    if args.repeats < 1 or args.iters < 1 or args.warmup < 0:
+        p.error("--repeats and --iters must be >= 1, --warmup >= 0")
     if any(n < 1 or args.batch_size % n for n in args.procs):
         p.error("--procs: every count must be >= 1 and divide --batch-size")
     if args.device == "cuda" and max(args.procs) > torch.cuda.device_count():
@@ -126,25 +150,34 @@ def main(argv: list[str] | None = None) -> None:
     cfg = {**default_config(), "dataset": args.dataset, "data_root": args.data_root,
            "model": args.model, "batch_size": args.batch_size, "sgld_steps": args.sgld_steps,
            "threads": args.threads, "device": args.device, "out": "unused"}
-    rows = [measure(n, cfg, args) for n in args.procs]
-    base = next((r for r in rows if r["processes"] == 1), rows[0])["iterations_per_s"]
-    print(f"{'processes':>9} {'it/s':>8} {'samples/s':>10} {'speed-up':>9}")
+    load_before = os.getloadavg()  # other work on the machine skews the figures
+    seconds: dict[int, list[float]] = {n: [] for n in args.procs}
+    for _ in range(args.repeats):
+        for n in args.procs:
+            seconds[n].append(measure(n, cfg, args))
+    rows = [summarise(n, seconds[n], cfg, args) for n in args.procs]
+    base = next((r for r in rows if r["processes"] == 1), rows[0])
+    print(f"{'processes':>9} {'it/s':>8} {'best it/s':>10} {'samples/s':>10} {'speed-up':>9} "
+          f"{'(best)':>7}")
     for r in rows:
-        r["speedup"] = r["iterations_per_s"] / base
-        print(f"{r['processes']:>9} {r['iterations_per_s']:>8.2f} {r['samples_per_s']:>10.1f} "
-              f"{r['speedup']:>8.2f}x")
+        r["speedup"] = r["iterations_per_s"] / base["iterations_per_s"]
+        r["speedup_best"] = r["iterations_per_s_best"] / base["iterations_per_s_best"]
+        print(f"{r['processes']:>9} {r['iterations_per_s']:>8.2f} "
+              f"{r['iterations_per_s_best']:>10.2f} {r['samples_per_s']:>10.1f} "
+              f"{r['speedup']:>8.2f}x {r['speedup_best']:>6.2f}x")
     if args.json is not None:
         atomic_write_text(args.json, json.dumps({
             "benchmark": "bench_ddp",
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                        "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+            "machine": {"platform": platform.platform(), "processor": _cpu_name(),
+                        "cpus": os.cpu_count(), "load_average_before": load_before,
+                        "load_average_after": os.getloadavg(),
                         "cuda": torch.cuda.get_device_name(0) if args.device == "cuda"
                         else None},
             "torch": torch.__version__,
             "config": {k: cfg[k] for k in ("dataset", "model", "batch_size", "sgld_steps",
                                            "threads", "device")},
-            "iters": args.iters, "warmup": args.warmup,
+            "iters": args.iters, "warmup": args.warmup, "repeats": args.repeats,
             "results": rows,
         }, indent=2) + "\n")
         print(f"wrote {args.json}")
