@@ -137,7 +137,8 @@ def _summary_line(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 ok, 1 diverged, 2 bad input)."""
+    """Command-line entry point; returns the exit status (0 ok, 1 diverged or a distributed
+    job lost a process, 2 bad input)."""
     prepared = None
     try:
         prepared = prepare(argv)
@@ -156,11 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except RuntimeError as err:
+        _release(prepared, keep_run=True)
         job = distributed.current()
         if not distributed.is_communication_failure(err, job):
-            _release(prepared, keep_run=True)
             raise
-        _release(prepared, keep_run=True)  # another process died or stopped answering
         print(distributed.fail_message(err, job, prepared.cfg["dist_timeout"]
                                        if prepared else 0), file=sys.stderr)
         return 1
