@@ -147,7 +147,8 @@ def check_config(cfg: dict[str, Any], world_size: int, classes: int = 1) -> None
             f"{world_size} processes"
         )
     rows = cfg["buffer_size"] // classes
-    if cfg["objective"] != "ce" and cfg["buffer_size"] > 0 and rows < world_size:
+    sharded = world_size > 1 and cfg["objective"] != "ce" and cfg["buffer_size"] > 0
+    if sharded and rows < world_size:
         raise LaunchError(
             f"--buffer-size {cfg['buffer_size']}: too small to give each of the {world_size} "
             "processes a shard"
