@@ -8,6 +8,7 @@ import pytest
 
 from jem_ext import train
 from jem_ext.recipes import RECIPES, Setting, apply_recipe, recipe_values
+from jem_ext.training.config import validate
 
 # Options the recipes need that the trainer's config may not have yet, with their defaults
 # (off / the dataset's own augmentation).
@@ -48,7 +49,7 @@ def test_recipe_values_pass_the_trainers_validation(name):
         assert isinstance(value, want) and not (isinstance(value, bool) and want is not bool), (
             f"{name}.{key}: {value!r} is not a {want.__name__}")
     trainer_cfg = {k: v for k, v in cfg.items() if k in defaults}
-    train._validate(trainer_cfg)  # raises ConfigError on a bad value
+    validate({**defaults, **trainer_cfg})  # raises ConfigError on a bad value
 
 
 def test_published_values_are_pinned():

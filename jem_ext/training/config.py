@@ -22,6 +22,8 @@ from .flags import ConfigError, int_list, build_parser, default_config, finite_f
 # Keys of config.json that describe the invocation, not the experiment: ignored by --config
 # and --resume. (The thread count is part of the experiment: results depend on it.)
 INVOCATION_KEYS = ("out", "config", "resume", "no_progress")
+# Keys config.json records about the launch (world size, batches): not flags, dropped on read.
+LAUNCH_KEYS = ("world_size", "global_batch_size", "batch_size_per_process")
 # Keys older config.json files may hold that no longer mean anything: read and dropped.
 RETIRED_KEYS = ("debug_inject_nan_at",)
 
@@ -64,7 +66,7 @@ RANGES: dict[str, Range] = {
     "sgld_step_size": _NON_NEGATIVE, "sgld_noise": _NON_NEGATIVE, "reinit_prob": _FRACTION,
     "grad_clip": Range(0, lo_open=True), "decay_rate": Range(0, lo_open=True),
     "weight_decay": _NON_NEGATIVE, "divergence_threshold": Range(0, lo_open=True),
-    "recover_lr_factor": Range(0, 1, lo_open=True),
+    "recover_lr_factor": Range(0, 1, lo_open=True), "dist_timeout": Range(0, lo_open=True),
 }
 
 
@@ -229,7 +231,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"config file {path}: expected a JSON object, got {type(loaded).__name__}"
         )
-    loaded = {k: v for k, v in loaded.items() if k not in RETIRED_KEYS}
+    loaded = {k: v for k, v in loaded.items() if k not in RETIRED_KEYS + LAUNCH_KEYS}
     actions = _actions()
     unknown = sorted(set(loaded) - set(actions))
     if unknown:

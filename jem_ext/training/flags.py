@@ -99,6 +99,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     _add_run_folder_flags(add, group("run folder"))
     _add_guard_flags(add, group("divergence guard"))
     _add_speed_flags(add, group("speed"))
+    _add_distributed_flags(add, group("distributed (under torchrun)"))
     return p
 
 
@@ -165,7 +166,9 @@ def _add_optimisation_flags(add: Any, g: Any) -> None:
         help="epochs at which the learning rate is multiplied by --decay-rate (e.g. 160,180)")
     add(g, "--decay-rate", type=finite_float, default=0.3, help="learning-rate decay factor")
     add(g, "--weight-decay", type=finite_float, default=0.0, help="weight decay")
-    add(g, "--batch-size", type=int, default=64, help="mini-batch size")
+    add(g, "--batch-size", type=int, default=64,
+        help="mini-batch size; under torchrun the global batch, split evenly over the "
+        "processes (a multiple of their number; learning rate not scaled)")
     add(g, "--epochs", type=int, default=60, help="training epochs")
     add(g, "--seed", type=int, default=1, help="random seed (model init, data order, sampler)")
     add(g, "--device", choices=DEVICES, default="auto",
@@ -218,6 +221,12 @@ def _add_speed_flags(add: Any, g: Any) -> None:
     add(g, "--cuda-graph", action="store_true", default=False,
         help="capture the K-step SGLD chain in a CUDA graph once per shape and replay it "
         "(runs eagerly, with a note, on the CPU)")
+
+
+def _add_distributed_flags(add: Any, g: Any) -> None:
+    add(g, "--dist-timeout", type=finite_float, default=600.0,
+        help="seconds a process waits for the others at a collective before the job stops "
+        "with an error (a process died or hangs)")
 
 
 def default_config() -> dict[str, Any]:
