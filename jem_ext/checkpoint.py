@@ -10,6 +10,11 @@ A checkpoint is a plain dict saved with :func:`torch.save` and read back with
 - ``"rng"``: RNG states (see :func:`capture_rng` / :func:`restore_rng`).
 - ``"iteration"``, ``"epoch"``: training progress; ``"config"``: the run's full config dict;
   ``"best_val_accuracy"``: best validation accuracy so far.
+- ``"distributed"`` (checkpoints of a job of several processes only): ``{"world_size",
+  "shard_rows", "rng"}``: the number of processes, each one's replay-buffer rows (per class for
+  a class-split buffer) and each one's RNG states (:func:`capture_rng`). Their buffer shards
+  are merged into ``"sampler"``, which then holds the whole buffer in the single-process layout
+  (see :mod:`jem_ext.training.distributed`).
 - ``"checksum"``: :func:`state_checksum` of the rest, verified on load (checkpoints written
   before it existed have none and load unchecked).
 
@@ -259,8 +264,9 @@ def _check_spec_matches_weights(spec: Any, weights: Any) -> None:
 def replay_buffer_samples(state: dict[str, Any]) -> torch.Tensor | None:
     """The replay buffer's samples ``[N, *shape]`` saved in a checkpoint, or None.
 
-    They live at ``state["sampler"]["buffer"]["data"]`` (see :meth:`ReplayBuffer.state_dict`);
-    CE runs and short-run samplers have no buffer.
+    They live at ``state["sampler"]["buffer"]["data"]`` (see :meth:`ReplayBuffer.state_dict`),
+    the whole buffer also for a checkpoint of several processes (their shards merged); CE runs
+    and short-run samplers have no buffer.
     """
     sampler = state.get("sampler") or {}
     buffer = sampler.get("buffer") or {}

@@ -82,6 +82,7 @@ __all__ = [
     "FILE_DATASETS",
     "TOY_DATASETS",
     "load_dataset",
+    "num_batches",
     "labeled_mask",
     "Augment",
     "default_augment",
@@ -254,15 +255,19 @@ def batches(
     shuffle: bool = True,
     generator: torch.Generator | None = None,
     drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """Iterate once over ``data`` in mini-batches.
+    """Iterate once over ``data`` in mini-batches (or one process's share of each).
 
     Args:
         data: the dataset (its tensors may live on any device).
-        batch_size: samples per batch.
+        batch_size: samples per batch (the global batch when ``world_size > 1``).
         shuffle: visit samples in a random order (from ``generator``, a CPU generator).
         generator: source of the shuffling order; the global RNG when None.
         drop_last: skip the final batch when it is smaller than ``batch_size``.
+        rank, world_size: yield rows ``rank, rank + world_size, ...`` of every batch; a batch
+            with fewer than ``world_size`` rows is skipped (see :func:`num_batches`).
 
     Yields:
         ``(x, y, idx)``: the batch and the int64 indices of its samples in ``data``, on
@@ -278,7 +283,18 @@ def batches(
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         idx = order[start : start + batch_size]
-        yield data.x[idx], data.y[order_y[start : start + batch_size]], idx
+        idx_y = order_y[start : start + batch_size]
+        if world_size > 1:
+            if len(idx) < world_size:
+                continue
+            idx, idx_y = idx[rank::world_size], idx_y[rank::world_size]
+        yield data.x[idx], data.y[idx_y], idx
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool = False, world_size: int = 1) -> int:
+    """How many batches :func:`batches` yields for ``n`` samples."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest >= world_size and not drop_last else 0)
 
 
 def save_image_grid(

@@ -53,6 +53,7 @@ def jem_loss(
     w_pyx: float = 1.0,
     l2_energy: float = 0.0,
     y_q: Tensor | None = None,
+    joint_forward: bool = False,
     x_px: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The JEM loss of one batch and its terms.
@@ -69,6 +70,9 @@ def jem_loss(
         w_pyx: weight of the cross-entropy term.
         l2_energy: weight of the squared-energy penalty.
         y_q: labels of the conditional samples ``x_q`` for "factored" (default: ``y``).
+        joint_forward: compute ``f(x)`` and ``f(x_q)`` in one forward of the concatenated
+            batch (same terms, fewer kernel launches); only for models whose outputs do not
+            depend on the rest of the batch (no batch normalisation in train mode).
         x_px: the data batch of the generative term, same shape as ``x`` (default: ``x``):
             the batch before augmentation, when only the cross-entropy batch is augmented.
             Its energies are the ``E(x)`` of "px" and "energy_data".
@@ -84,11 +88,14 @@ def jem_loss(
         ValueError: unknown objective, missing ``x_q``, or shape mismatches.
     """
     y, labeled = _checked_labels(objective, x, y, labeled, x_q, w_px)
-    logits = model(x)
+    if objective == "ce":
+        x_q = None
+    logits, logits_q = _forward(model, x, x_q, joint_forward)
     e_data, ce = ops.energy_ce(logits, y)  # E(x) = -lse, ce = lse - f(x)[y]
+    e_data, ce = _widen(e_data), _widen(ce)  # half logits (autocast): terms in float32
     ce_mean = _masked_mean(ce, labeled)
     accuracy = _accuracy(logits, y, labeled)
-    nan = torch.full((), math.nan, dtype=logits.dtype, device=logits.device)
+    nan = torch.full((), math.nan, dtype=e_data.dtype, device=logits.device)
     px, e_data_mean, e_q_mean = nan, e_data.mean(), nan
     if objective == "ce":
         loss = w_pyx * ce_mean
@@ -98,13 +105,14 @@ def jem_loss(
                 raise ValueError(f"jem_loss: x_px must have the shape of x {tuple(x.shape)}, "
                                  f"got {tuple(x_px.shape)}")
             e_data, ce = ops.energy_ce(model(x_px), y)
+            e_data, ce = _widen(e_data), _widen(ce)
             e_data_mean = e_data.mean()
         e_d, e_d_mean = _data_energies(objective, e_data, e_data_mean, ce, labeled)
         if objective == "factored":
             e_data_mean = e_d_mean
         loss = w_pyx * ce_mean if objective == "jem" else 0.0 * ce_mean
         if x_q is not None:
-            e_q = _sample_energies(model, objective, x_q, y if y_q is None else y_q)
+            e_q = _sample_energies(logits_q, objective, y if y_q is None else y_q)
             e_q_mean = e_q.mean()
             px = e_d_mean - e_q_mean
             loss = loss + w_px * px
@@ -142,10 +150,10 @@ def _checked_labels(objective: str, x: Tensor, y: Tensor, labeled: Tensor | None
 
 def _accuracy(logits: Tensor, y: Tensor, labeled: Tensor | None) -> Tensor:
     """Accuracy on the labeled rows, as a tensor (NaN when nothing is labeled)."""
-    correct = (logits.detach().argmax(1) == y).to(logits.dtype)
+    correct = (logits.detach().argmax(1) == y).float()
     if labeled is None:
         return correct.mean()
-    m = labeled.to(logits.dtype)
+    m = labeled.float()
     return (correct * m).sum() / m.sum()
 
 
@@ -159,10 +167,28 @@ def _data_energies(objective: str, e_data: Tensor, e_data_mean: Tensor, ce: Tens
     return e_d, _masked_mean(e_d, labeled)
 
 
-def _sample_energies(model: nn.Module, objective: str, x_q: Tensor, y_q: Tensor) -> Tensor:
-    """Energies of the samples: ``E(x_q)`` for "jem", ``E(x_q, y_q)`` for "factored"."""
+def _widen(t: Tensor) -> Tensor:
+    """``t`` in float32 when it is a half type (energies of autocast logits), else as is."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _forward(model: nn.Module, x: Tensor, x_q: Tensor | None, joint: bool
+             ) -> tuple[Tensor, Tensor | None]:
+    """``(f(x), f(x_q))``: two forwards, or one on ``cat([x, x_q])`` when ``joint``."""
+    if x_q is None:
+        return model(x), None
+    if not joint:
+        return model(x), model(x_q)
+    both = model(torch.cat([x, x_q.to(x.dtype)]))
+    return both[: x.shape[0]], both[x.shape[0]:]
+
+
+def _sample_energies(logits_q: Tensor, objective: str, y_q: Tensor) -> Tensor:
+    """Energies of the samples (float32 at least) from their logits: ``E(x_q)`` for "jem",
+    ``E(x_q, y_q)`` for "factored"."""
     if objective == "jem":
-        return ops.energy(model(x_q))
-    if y_q.shape != (x_q.shape[0],):
-        raise ValueError(f"jem_loss: y_q must have shape [{x_q.shape[0]}], got {tuple(y_q.shape)}")
-    return ops.energy(model(x_q), y_q.to(x_q.device, torch.int64))
+        return _widen(ops.energy(logits_q))
+    n = logits_q.shape[0]
+    if y_q.shape != (n,):
+        raise ValueError(f"jem_loss: y_q must have shape [{n}], got {tuple(y_q.shape)}")
+    return _widen(ops.energy(logits_q, y_q.to(logits_q.device, torch.int64)))

@@ -19,6 +19,7 @@ CUDA buffer, at the cost of host-to-device copies of the random draws).
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable, Sequence
 
 import torch
@@ -35,6 +36,7 @@ __all__ = [
     "ReplayBuffer",
     "SGLDSampler",
     "sgld_chain",
+    "sgld_steps_",
     "sample_from_noise",
 ]
 
@@ -60,6 +62,7 @@ def sgld_chain(
     clamp: tuple[float, float] | None = None,
     grad_clip: float | None = None,
     generator: torch.Generator | None = None,
+    autocast: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> Tensor:
     """Run ``n_steps`` SGLD steps on the energy of ``model`` from ``x``; returns a detached tensor.
 
@@ -79,25 +82,50 @@ def sgld_chain(
         clamp: ``(lo, hi)`` bounds applied after each step, or None.
         grad_clip: clip ``dE/dx`` element-wise to ``[-grad_clip, grad_clip]``, or None.
         generator: generator for the noise (on ``x``'s device).
+        autocast: returns the context manager the forward and input-gradient run in (mixed
+            precision); the chain state ``x`` keeps its dtype. None: full precision.
     """
     if n_steps < 0:
         raise ValueError(f"sgld_chain: n_steps must be >= 0, got {n_steps}")
-    lo, hi = (None, None) if clamp is None else (float(clamp[0]), float(clamp[1]))
     if y is not None:
         y = y.to(device=x.device, dtype=torch.int64)
     was_training = model.training
     model.eval()
     x = x.detach().clone()
     try:
-        with torch.enable_grad():
-            for _ in range(n_steps):
-                xg = x.detach().requires_grad_(True)
-                e = ops.energy(model(xg), y)
-                (g,) = torch.autograd.grad(e.sum(), [xg])
-                with torch.no_grad():
-                    ops.sgld_step_(x, g, step_size, noise_std, lo, hi, grad_clip, generator)
+        sgld_steps_(model, x, n_steps, step_size, noise_std, y, clamp, grad_clip, generator,
+                    autocast)
     finally:
         model.train(was_training)
+    return x
+
+
+def sgld_steps_(
+    model: nn.Module,
+    x: Tensor,
+    n_steps: int,
+    step_size: float,
+    noise_std: float,
+    y: Tensor | None,
+    clamp: tuple[float, float] | None,
+    grad_clip: float | None,
+    generator: torch.Generator | None,
+    autocast: Callable[[], AbstractContextManager[Any]] | None = None,
+) -> Tensor:
+    """The body of :func:`sgld_chain`: ``n_steps`` SGLD steps on ``x`` in place (model mode as
+    given, ``y`` already on ``x``'s device). Nothing here reads the host, so the loop can be
+    captured in a CUDA graph (:mod:`jem_ext.graphs`)."""
+    lo, hi = (None, None) if clamp is None else (float(clamp[0]), float(clamp[1]))
+    precision = nullcontext if autocast is None else autocast
+    with torch.enable_grad():
+        for _ in range(n_steps):
+            xg = x.detach().requires_grad_(True)
+            with precision():
+                e = ops.energy(model(xg), y)
+            (g,) = torch.autograd.grad(e.sum(), [xg])
+            with torch.no_grad():
+                ops.sgld_step_(x, g.to(x.dtype), step_size, noise_std, lo, hi, grad_clip,
+                               generator)
     return x
 
 
@@ -115,6 +143,8 @@ def sample_from_noise(
     seed: int = 0,
     batch_size: int = 256,
     on_batch: Callable[[int], None] | None = None,
+    autocast: Callable[[], AbstractContextManager[Any]] | None = None,
+    chain: Callable[..., Tensor] | None = None,
 ) -> Tensor:
     """``n`` samples from fresh SGLD chains started at U(-1, 1)^shape; returned on the CPU.
 
@@ -123,7 +153,8 @@ def sample_from_noise(
     drawn on the CPU, the chains' noise from a generator on the model's device seeded with
     ``seed``. Chains run ``batch_size`` at a time; ``on_batch(k)`` is called after each batch of
     ``k`` chains (e.g. a progress bar's ``update``). With ``y`` (int64 ``[n]``), chain ``i``
-    follows ``E(x, y_i)``. Other arguments as in :func:`sgld_chain`.
+    follows ``E(x, y_i)``. ``chain`` replaces :func:`sgld_chain` (e.g. a
+    :class:`jem_ext.graphs.GraphedChain`). Other arguments as in :func:`sgld_chain`.
     """
     if n < 0 or batch_size < 1:
         raise ValueError(
@@ -137,8 +168,9 @@ def sample_from_noise(
     for s in range(0, n, batch_size):
         yb = None if y is None else y[s : s + batch_size].to(device)
         xb = x0[s : s + batch_size].to(device)
-        out.append(sgld_chain(model, xb, n_steps, step_size, noise_std, y=yb, clamp=clamp,
-                              grad_clip=grad_clip, generator=noise).cpu())
+        run = sgld_chain if chain is None else chain
+        out.append(run(model, xb, n_steps, step_size, noise_std, y=yb, clamp=clamp,
+                       grad_clip=grad_clip, generator=noise, autocast=autocast).cpu())
         if on_batch is not None:
             on_batch(len(xb))
     return torch.cat(out) if out else x0
@@ -160,6 +192,10 @@ class SGLDSampler:
         conditional: sample from ``p(x | y)`` with ``E(x, y)``; then :meth:`sample` needs ``y``.
         sample_shape: shape of one sample; needed in short-run mode unless ``init`` knows it
             (a :class:`GaussianInit` does).
+
+    Attributes ``chain`` (a callable with :func:`sgld_chain`'s signature, e.g. a
+    :class:`jem_ext.graphs.GraphedChain`) and ``autocast`` (see :func:`sgld_chain`) choose how
+    the chain runs; they are not part of the state dict.
     """
 
     def __init__(
@@ -201,6 +237,10 @@ class SGLDSampler:
         self.sample_shape = None if sample_shape is None else tuple(int(s) for s in sample_shape)
         if buffer is None and self.sample_shape is None:
             raise ValueError("SGLDSampler: short-run mode (no buffer) needs sample_shape")
+        # How the chain runs, not what it computes (set by jem_ext.training.accel): the chain
+        # function (sgld_chain, or a CUDA-graph replay of it) and the autocast of its forwards.
+        self.chain: Callable[..., Tensor] = sgld_chain
+        self.autocast: Callable[[], AbstractContextManager[Any]] | None = None
 
     def sample(
         self,
@@ -228,7 +268,7 @@ class SGLDSampler:
             x0 = x0.to(device)
         else:
             x0 = self.init(batch_size, self.sample_shape, y=y, generator=generator, device=device)
-        x_q = sgld_chain(
+        x_q = self.chain(
             model,
             x0,
             self.n_steps,
@@ -238,6 +278,7 @@ class SGLDSampler:
             clamp=self.clamp,
             grad_clip=self.grad_clip,
             generator=generator,
+            autocast=self.autocast,
         )
         if self.buffer is not None:
             self.buffer.update(idx, x_q)

@@ -201,3 +201,11 @@ def test_jem_loss_takes_the_data_energies_from_x_px():
     assert with_px["energy_data"] != pytest.approx(plain["energy_data"], abs=1e-6)
     with pytest.raises(ValueError, match="x_px"):
         objectives.jem_loss(model, x, y, x_q=x_q, x_px=x_px[:4])
+
+
+def test_sam_with_float16_scaling_is_refused(tmp_path, capsys):
+    argv = ["--sam-rho", "0.5", "--precision", "fp16", "--out", str(tmp_path / "r")]
+    assert jtrain.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --sam-rho:") and "bf16" in err
+    assert not (tmp_path / "r").exists()

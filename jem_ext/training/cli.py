@@ -10,6 +10,7 @@ from typing import Any
 from .. import data as jdata
 from ..checkpoint import CheckpointError, load_checkpoint, weights_mismatch
 from ..models import meta_model
+from . import distributed
 from .config import ConfigError, parse_command_line
 from .folder import RunFolder
 from .guard import TrainingDiverged
@@ -61,7 +62,7 @@ class Prepared:
     cfg: dict[str, Any]
     resume_state: dict[str, Any] | None
     datasets: dict[str, jdata.ImageData]
-    folder: RunFolder
+    folder: RunFolder | None  # None on the processes of a distributed job other than rank 0
     overrides: dict[str, Any] | None
 
 
@@ -74,18 +75,32 @@ def _claim(cfg: dict[str, Any]) -> RunFolder:
     return RunFolder.claim_new(cfg["out"])
 
 
+def _claim_once(cfg: dict[str, Any], dist: distributed.Dist) -> RunFolder | None:
+    """Claim the run folder on rank 0 only; the other processes learn its path (or error)."""
+    folder = None
+
+    def claim() -> str:
+        nonlocal folder
+        folder = _claim(cfg)
+        return cfg["out"]
+
+    cfg["out"] = distributed.on_main(claim, dist)
+    return folder
+
+
 def prepare(argv: list[str] | None = None) -> Prepared:
     """Parse and check everything (config, data, checkpoint) before any file is written.
 
-    The run folder is claimed right after the config is read and given back (removed, if this
-    claim created it) when a later check fails.
+    Under torchrun the process joins the job right after the config is read (see
+    :mod:`.distributed`). The run folder is claimed next (by rank 0) and given back (removed, if
+    this claim created it) when a later check fails.
 
     Raises:
-        ConfigError, DataError, CheckpointError.
+        ConfigError, DataError, CheckpointError, LaunchError.
     """
     invocation = parse_command_line(argv)
     cfg = invocation.cfg
-    folder = _claim(cfg)
+    folder = _claim_once(cfg, distributed.init_from_env(cfg))
     try:
         resume_state = None if cfg["resume"] is None else _load_resume_state(cfg["resume"])
         datasets = load_data(cfg)
@@ -93,7 +108,8 @@ def prepare(argv: list[str] | None = None) -> Prepared:
         if cfg["labels_per_class"] is not None:
             jdata.labeled_mask(datasets["train"].y, cfg["labels_per_class"], seed=cfg["seed"])
     except BaseException:
-        folder.release(remove=True)
+        if folder is not None:
+            folder.release(remove=True)
         raise
     overrides = invocation.overrides() if cfg["resume"] is not None else None
     return Prepared(cfg, resume_state, datasets, folder, overrides)
@@ -122,13 +138,17 @@ def _summary_line(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 ok, 1 diverged, 2 bad input)."""
+    """Command-line entry point; returns the exit status (0 ok, 1 diverged or a distributed
+    job lost a process, 2 bad input)."""
     prepared = None
     try:
         prepared = prepare(argv)
+        job = distributed.current()
+        if job.parallel:
+            distributed.print_main(distributed.describe(job, prepared.cfg), job)
         summary = train(prepared.cfg, resume_state=prepared.resume_state,
                         datasets=prepared.datasets, resume_overrides=prepared.overrides)
-    except (ConfigError, jdata.DataError, CheckpointError) as err:
+    except (ConfigError, jdata.DataError, CheckpointError, distributed.LaunchError) as err:
         # before training starts (a resume state that does not fit: nothing written yet)
         _release(prepared, keep_run=False)
         print(f"error: {err}", file=sys.stderr)
@@ -137,7 +157,17 @@ def main(argv: list[str] | None = None) -> int:
         _release(prepared, keep_run=True)
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except RuntimeError as err:
+        _release(prepared, keep_run=True)
+        job = distributed.current()
+        if not distributed.is_communication_failure(err, job):
+            raise
+        print(distributed.fail_message(err, job, prepared.cfg["dist_timeout"]
+                                       if prepared else 0), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
+        if prepared is not None and prepared.folder is None:
+            return 130  # rank 0 of the job says how to continue
         message = _interrupted(prepared.folder if prepared else None)
         _release(prepared, keep_run=message.startswith("interrupted; continue"))
         print(f"\n{message}", file=sys.stderr)
@@ -145,11 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         _release(prepared, keep_run=True)
         raise
+    finally:
+        distributed.shutdown()
     _release(prepared, keep_run=True)
-    print(_summary_line(summary))
+    if prepared.folder is not None:  # the process that holds the run folder
+        print(_summary_line(summary))
     return 0
 
 
 def _release(prepared: Prepared | None, keep_run: bool) -> None:
-    if prepared is not None:
+    if prepared is not None and prepared.folder is not None:
         prepared.folder.release(remove=not keep_run)

@@ -23,6 +23,8 @@ from .flags import ConfigError, build_parser, default_config, finite_float, int_
 # Keys of config.json that describe the invocation, not the experiment: ignored by --config
 # and --resume. (The thread count is part of the experiment: results depend on it.)
 INVOCATION_KEYS = ("out", "config", "resume", "no_progress")
+# Keys config.json records about the launch (world size, batches): not flags, dropped on read.
+LAUNCH_KEYS = ("world_size", "global_batch_size", "batch_size_per_process")
 # Keys older config.json files may hold that no longer mean anything: read and dropped.
 RETIRED_KEYS = ("debug_inject_nan_at",)
 
@@ -65,7 +67,7 @@ RANGES: dict[str, Range] = {
     "sgld_step_size": _NON_NEGATIVE, "sgld_noise": _NON_NEGATIVE, "reinit_prob": _FRACTION,
     "grad_clip": Range(0, lo_open=True), "decay_rate": Range(0, lo_open=True),
     "weight_decay": _NON_NEGATIVE, "divergence_threshold": Range(0, lo_open=True),
-    "recover_lr_factor": Range(0, 1, lo_open=True),
+    "recover_lr_factor": Range(0, 1, lo_open=True), "dist_timeout": Range(0, lo_open=True),
     "sam_rho": _NON_NEGATIVE, "input_noise": _NON_NEGATIVE,
     "max_minutes": Range(0, lo_open=True), "max_iters": _POSITIVE,
 }
@@ -149,6 +151,12 @@ def _validate_combinations(cfg: dict[str, Any], name: Any) -> None:
     if cfg["data_root"] is not None and cfg["dataset"] not in FILE_DATASETS:
         raise ConfigError(f"{name('data_root')}: the {cfg['dataset']} dataset reads no files "
                           f"(only {', '.join(FILE_DATASETS)} do); leave it out")
+    if cfg["channels_last"] and cfg["model"] == "mlp":
+        raise ConfigError(f"{name('channels_last')}: expected a convolutional model (wrn, "
+                          "small_cnn), got mlp")
+    if cfg["sam_rho"] > 0 and cfg["precision"] == "fp16":
+        raise ConfigError(f"{name('sam_rho')}: SAM takes two gradients per update, which "
+                          "float16 gradient scaling does not support; use --precision bf16")
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{name('device')}: cuda requested but no CUDA device is available")
 
@@ -242,7 +250,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"config file {path}: expected a JSON object, got {type(loaded).__name__}"
         )
-    loaded = {k: v for k, v in loaded.items() if k not in RETIRED_KEYS}
+    loaded = {k: v for k, v in loaded.items() if k not in RETIRED_KEYS + LAUNCH_KEYS}
     actions = _actions()
     unknown = sorted(set(loaded) - set(actions))
     if unknown:

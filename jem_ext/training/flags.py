@@ -17,6 +17,7 @@ from ..models import MODELS, NORMS
 from ..objectives import OBJECTIVES
 from ..recipes import RECIPES
 from ..replay import INITS
+from .accel import PRECISIONS
 from .setup import OPTIMIZERS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -100,6 +101,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     _add_run_folder_flags(add, group("run folder"))
     _add_budget_flags(add, group("budget"))
     _add_guard_flags(add, group("divergence guard"))
+    _add_speed_flags(add, group("speed"))
+    _add_distributed_flags(add, group("distributed (under torchrun)"))
     return p
 
 
@@ -186,7 +189,9 @@ def _add_optimisation_flags(add: Any, g: Any) -> None:
         "the same batch and samples (0 = off)")
     add(g, "--sam-adaptive", action="store_true", default=False,
         help="adaptive SAM (ASAM): the neighbourhood scales with each weight (SADA-JEM)")
-    add(g, "--batch-size", type=int, default=64, help="mini-batch size")
+    add(g, "--batch-size", type=int, default=64,
+        help="mini-batch size; under torchrun the global batch, split evenly over the "
+        "processes (a multiple of their number; learning rate not scaled)")
     add(g, "--epochs", type=int, default=60, help="training epochs")
     add(g, "--seed", type=int, default=1, help="random seed (model init, data order, sampler)")
     add(g, "--device", choices=DEVICES, default="auto",
@@ -235,6 +240,26 @@ def _add_guard_flags(add: Any, g: Any) -> None:
         help="treat |loss| or |energy_data - energy_sample| above this as divergence")
     add(g, "--recover-lr-factor", type=finite_float, default=0.5,
         help="multiply the learning rate by this after each recovery")
+
+
+def _add_speed_flags(add: Any, g: Any) -> None:
+    add(g, "--precision", choices=PRECISIONS, default="fp32",
+        help="arithmetic of the network's forward and input-gradient (chain and loss): bf16 or "
+        "fp16 autocast (fp16 with a gradient scaler); the chain state stays float32")
+    add(g, "--channels-last", action="store_true", default=False,
+        help="channels-last (NHWC) layout for a convolutional model's weights, its input and "
+        "the replay buffer")
+    add(g, "--compile", action="store_true", default=False,
+        help="torch.compile the model (the loss and the SGLD chain both use it)")
+    add(g, "--cuda-graph", action="store_true", default=False,
+        help="capture the K-step SGLD chain in a CUDA graph once per shape and replay it "
+        "(runs eagerly, with a note, on the CPU)")
+
+
+def _add_distributed_flags(add: Any, g: Any) -> None:
+    add(g, "--dist-timeout", type=finite_float, default=600.0,
+        help="seconds a process waits for the others at a collective before the job stops "
+        "with an error (a process died or hangs)")
 
 
 def default_config() -> dict[str, Any]:

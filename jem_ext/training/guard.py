@@ -4,7 +4,9 @@ An iteration diverges when its loss is not finite, or ``|loss|`` or
 ``|energy_data - energy_sample|`` exceeds the threshold. Recovery restores the last good
 model and optimiser states (so the diverged step's update never survives), scales the learning
 rate down, rebuilds the sampler (a fresh replay buffer from a fresh seed) and logs an event
-row; past ``max_recoveries`` the run stops with :class:`TrainingDiverged`.
+row; past ``max_recoveries`` the run stops with :class:`TrainingDiverged`. The processes of a
+distributed job decide together (the loop all-reduces the verdict), so all of them recover
+from the same iteration to the same state.
 
 The guard reads the host floats the step returned; it never reads a tensor.
 """
@@ -79,9 +81,10 @@ class DivergenceGuard:
         run.saver.restore_last_good(run)
         st.lr_scale *= self.lr_factor
         st.reseeds += 1
-        run.generators["sampler"].manual_seed(sampler_seed(run.cfg["seed"], st.reseeds))
+        run.generators["sampler"].manual_seed(
+            sampler_seed(run.cfg["seed"], st.reseeds, run.dist.rank))
         run.ctx.sampler = make_sampler(run.cfg, run.data.train, run.device,
-                                       generator=run.generators["sampler"])
+                                       generator=run.generators["sampler"], dist=run.dist)
         row["lr_scale"] = st.lr_scale
         run.log.write(row)
         run.progress.note(f"recovery {st.recoveries}/{self.max_recoveries} at iteration {it}: "

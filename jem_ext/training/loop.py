@@ -20,10 +20,10 @@ import torch
 from .. import data as jdata
 from .._io import atomic_write_text
 from ..checkpoint import load_checkpoint, model_from_checkpoint
-from ..eval import metrics
-from ..models import predict_logits
 from ..sampler import sample_from_noise
+from . import distributed
 from .config import default_config, validate, with_recipe
+from .distributed import Dist
 from .guard import DivergenceGuard, TrainingDiverged
 from .runlog import (
     MetricsLog,
@@ -53,9 +53,10 @@ def epoch_order_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7919 + 17) % (2**63))
 
 
-def accuracy(model: torch.nn.Module, data: jdata.ImageData) -> float:
-    """Classification accuracy of ``model`` on ``data``."""
-    return metrics.accuracy(predict_logits(model, data.x), data.y)
+def accuracy(model: torch.nn.Module, data: jdata.ImageData,
+             dist: Dist = distributed.SINGLE) -> float:
+    """Classification accuracy of ``model`` on ``data`` (shared out over a job's processes)."""
+    return distributed.accuracy(model, data, dist)
 
 
 def _batch(run: Run, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> Batch:
@@ -92,11 +93,14 @@ def train_one_epoch(run: Run) -> None:
     cfg, st, epoch = run.cfg, run.state, run.state.epoch
     order = epoch_order_generator(cfg["seed"], epoch)
     batches = jdata.batches(run.data.train_on_device, cfg["batch_size"], shuffle=True,
-                            generator=order)
+                            generator=order, rank=run.dist.rank,
+                            world_size=run.dist.world_size)
     for pos, (x, y, idx) in enumerate(batches):
         if pos < st.pos:
             continue  # resuming inside the epoch: skip batches already trained on
         reason = budget_reason(cfg, st.iteration, run.elapsed())
+        if cfg["max_minutes"] is not None:  # clocks differ between processes: stop together
+            reason = distributed.agree_on_divergence(reason, run.dist)
         if reason is not None:
             raise BudgetReached(reason)
         # learning rate of this iteration
@@ -108,14 +112,15 @@ def train_one_epoch(run: Run) -> None:
         terms, x_q = train_step(run.ctx, _batch(run, x, y, idx), run.weights)
         if x_q is not None:
             run.last_samples = x_q
-        reason = run.guard.check(terms)
+        reason = distributed.agree_on_divergence(run.guard.check(terms), run.dist)
         if reason is not None:
             run.guard.recover(run, reason)
         st.iteration, st.pos, st.seconds = it + 1, pos + 1, run.elapsed()
         # bookkeeping: metrics row, progress, samples, resume point
         if reason is None and (it + 1) % cfg["log_every"] == 0:
             row = {"iteration": it + 1, "epoch": epoch}
-            row.update({k: finite_or_none(v) for k, v in terms.items()})
+            mean = distributed.mean_terms(terms, run.dist)
+            row.update({k: finite_or_none(v) for k, v in mean.items()})
             run.log.write({**row, "lr": lr, "seconds": st.seconds})
         run.progress.step(terms if reason is None else None)
         if cfg["sample_every"] and (it + 1) % cfg["sample_every"] == 0:
@@ -130,7 +135,7 @@ def end_of_epoch(run: Run) -> None:
     cfg, st = run.cfg, run.state
     st.epoch, st.pos = st.epoch + 1, 0
     if st.epoch % cfg["eval_every"] == 0 or st.epoch == cfg["epochs"]:
-        val_acc = accuracy(run.ctx.model_for_chain, run.data.val)
+        val_acc = accuracy(run.ctx.model_for_chain, run.data.val, run.dist)
         run.log.write({"iteration": st.iteration, "epoch": st.epoch, "val_accuracy": val_acc,
                        "seconds": run.elapsed()})
         if val_acc > st.best_val_accuracy:
@@ -143,6 +148,8 @@ def end_of_epoch(run: Run) -> None:
 def write_samples(run: Run, tag: str) -> None:
     """Save the latest SGLD samples (or, without any, chains from noise) as ``samples_<tag>``."""
     cfg, x = run.cfg, run.last_samples
+    if not run.dist.is_main:
+        return
     if x is None:  # CE runs, or nothing sampled yet
         clamp, grad_clip = chain_limits(cfg)
         x = sample_from_noise(run.ctx.model_for_chain, GRID_CHAINS, run.data.train.shape,
@@ -177,9 +184,17 @@ def _open_run_folder(run: Run, resuming: bool) -> None:
     run.out.mkdir(parents=True, exist_ok=True)
     if resuming:
         truncate_metrics(run.out / "metrics.jsonl", run.state.iteration)
+    record = {**run.cfg, **launch_record(run)}
     atomic_write_text(run.out / "config.json",
-                      json.dumps(run.cfg, indent=2, sort_keys=True, default=json_default) + "\n")
+                      json.dumps(record, indent=2, sort_keys=True, default=json_default) + "\n")
     (run.out / "samples").mkdir(parents=True, exist_ok=True)
+
+
+def launch_record(run: Run) -> dict[str, int]:
+    """How the run is launched, for config.json and summary.json (see :mod:`.distributed`)."""
+    batch, world = run.cfg["batch_size"], run.dist.world_size
+    return {"world_size": world, "global_batch_size": batch,
+            "batch_size_per_process": batch // world}
 
 
 def train(cfg: dict[str, Any], resume_state: dict[str, Any] | None = None,
@@ -207,26 +222,31 @@ def train(cfg: dict[str, Any], resume_state: dict[str, Any] | None = None,
         cfg["out"] = fresh_out(cfg)
     validate(cfg)
     run = build_run(cfg, datasets)
-    run.saver = CheckpointSaver(run.out / "checkpoints")
+    main = run.dist.is_main  # the process that writes the run folder
+    run.saver = CheckpointSaver(run.out / "checkpoints", write=main)
     run.guard = DivergenceGuard.from_config(cfg)
     if resume_state is not None:
         run.saver.resume(run, resume_state)
-    _open_run_folder(run, resuming=resume_state is not None)
+    if main:
+        _open_run_folder(run, resuming=resume_state is not None)
     if resume_state is None:
         run.saver.save_last(run)
     run.started = time.perf_counter() - run.state.seconds
     total = run.steps_per_epoch * cfg["epochs"]
-    with MetricsLog(run.out / "metrics.jsonl") as run.log, \
+    with MetricsLog(run.out / "metrics.jsonl", enabled=main) as run.log, \
             Progress(total, run.state.iteration, f"{cfg['dataset']}/{cfg['objective']}",
-                     enabled=not cfg["no_progress"]) as run.progress:
+                     enabled=main and not cfg["no_progress"]) as run.progress:
         if resume_state is not None:
             run.log.write({"event": "resume", "iteration": run.state.iteration,
-                           "epoch": run.state.epoch, "overrides": resume_overrides or {}})
+                           "epoch": run.state.epoch, "overrides": resume_overrides or {},
+                           "world_size": run.dist.world_size,
+                           "checkpoint_world_size": distributed.saved_world_size(resume_state)})
         status, reason = fit(run)
     if status != "diverged":
         write_samples(run, "final")
     summary = summarise(run, status, reason)
-    atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if main:
+        atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     if status == "diverged":
         raise TrainingDiverged(reason)
     return summary
@@ -238,7 +258,7 @@ def summarise(run: Run, status: str, reason: str | None) -> dict[str, Any]:
     model, st, saver = run.ctx.model_for_chain, run.state, run.saver
     seconds = run.elapsed()
     test_at_best_val = None  # the test accuracy of best.pt, the best-validation checkpoint
-    if saver.best_path.is_file():
+    if run.dist.is_main and saver.best_path.is_file():  # rank 0's machine holds the file
         best = model_from_checkpoint(load_checkpoint(saver.best_path), run.device)
         test_at_best_val = accuracy(best, run.data.test)
     return {
@@ -248,8 +268,8 @@ def summarise(run: Run, status: str, reason: str | None) -> dict[str, Any]:
         "dataset": run.cfg["dataset"],
         "objective": run.cfg["objective"],
         "model": run.cfg["model"],
-        "test_accuracy": accuracy(model, run.data.test),
-        "val_accuracy": accuracy(model, run.data.val),
+        "test_accuracy": accuracy(model, run.data.test, run.dist),
+        "val_accuracy": accuracy(model, run.data.val, run.dist),
         "best_val_accuracy": st.best_val_accuracy if st.best_val_accuracy >= 0 else None,
         "test_accuracy_at_best_val": test_at_best_val,
         "iterations": st.iteration,
@@ -262,4 +282,5 @@ def summarise(run: Run, status: str, reason: str | None) -> dict[str, Any]:
         "best_checkpoint": str(saver.best_path) if saver.best_path.is_file() else None,
         "last_checkpoint": str(saver.last_path),
         "run_dir": str(run.out),
+        **launch_record(run),
     }

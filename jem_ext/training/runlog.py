@@ -41,15 +41,18 @@ def finite_or_none(value: Any) -> float | None:
 class MetricsLog:
     """Appends JSON rows to ``metrics.jsonl``, one per line, flushed as written.
 
-    Use as a context manager: the file is open inside the ``with`` block.
+    Use as a context manager: the file is open inside the ``with`` block. Disabled (the
+    processes of a distributed job other than rank 0), it writes nothing.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path = Path(path)
+        self.enabled = enabled
         self._file: TextIO | None = None
 
     def __enter__(self) -> "MetricsLog":
-        self._file = self.path.open("a", encoding="utf-8")
+        if self.enabled:
+            self._file = self.path.open("a", encoding="utf-8")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -58,6 +61,8 @@ class MetricsLog:
             self._file = None
 
     def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         assert self._file is not None, "MetricsLog.write outside its with block"
         self._file.write(json.dumps(row, default=json_default) + "\n")
         self._file.flush()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,9 @@ from .. import data as jdata
 from ..models import build_model
 from ..sam import SAM
 from ..sampler import GaussianInit, ReplayBuffer, SGLDSampler, UniformInit
+from . import distributed
+from .accel import apply_speed_options, configure_sampler
+from .distributed import Dist
 from .state import RunState
 from .step import LossWeights, SharpnessAwareContext, StepContext
 
@@ -72,10 +74,12 @@ class Run:
     log: MetricsLog | None = None
     progress: Progress | None = None
     started: float = field(default_factory=time.perf_counter)
+    dist: Dist = distributed.SINGLE
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.data.train) / self.cfg["batch_size"])
+        return jdata.num_batches(len(self.data.train), self.cfg["batch_size"],
+                                 world_size=self.dist.world_size)
 
     def elapsed(self) -> float:
         """Training seconds so far, over every resume."""
@@ -121,14 +125,21 @@ def load_data(cfg: dict[str, Any]) -> dict[str, jdata.ImageData]:
     }
 
 
-def sampler_seed(seed: int, reseeds: int = 0) -> int:
-    """Seed of the sampler's generator, fresh after each recovery (``reseeds``)."""
-    return seed + 101 + 1000 * reseeds
+def sampler_seed(seed: int, reseeds: int = 0, rank: int = 0) -> int:
+    """Seed of process ``rank``'s sampler generator, fresh after each recovery (``reseeds``)."""
+    return distributed.generator_seed(seed + 101 + 1000 * reseeds, rank)
+
+
+def augment_seed(seed: int, rank: int = 0) -> int:
+    """Seed of process ``rank``'s augmentation generator."""
+    return distributed.generator_seed(seed + 202, rank)
 
 
 def make_sampler(cfg: dict[str, Any], train_data: jdata.ImageData, device: torch.device,
-                 generator: torch.Generator | None = None) -> SGLDSampler | None:
-    """Build the SGLD sampler (with its replay buffer) described by the config, or None for CE."""
+                 generator: torch.Generator | None = None,
+                 dist: Dist = distributed.SINGLE) -> SGLDSampler | None:
+    """Build the SGLD sampler described by the config, or None for CE; its replay buffer is
+    this process's shard (the whole buffer for a single process)."""
     if cfg["objective"] == "ce":
         return None
     conditional = cfg["objective"] == "factored"
@@ -138,17 +149,18 @@ def make_sampler(cfg: dict[str, Any], train_data: jdata.ImageData, device: torch
         init = UniformInit(*SAMPLE_RANGE)
     buffer = None
     if cfg["buffer_size"] > 0:
+        classes = train_data.num_classes if conditional else 1
         buffer = ReplayBuffer(
-            cfg["buffer_size"], train_data.shape,
+            distributed.buffer_shard_size(cfg["buffer_size"], classes, dist), train_data.shape,
             num_classes=train_data.num_classes if conditional else None,
             device=device, reinit_prob=cfg["reinit_prob"], init=init, generator=generator,
         )
     clamp, grad_clip = chain_limits(cfg)
-    return SGLDSampler(
+    return configure_sampler(SGLDSampler(
         n_steps=cfg["sgld_steps"], step_size=cfg["sgld_step_size"], noise_std=cfg["sgld_noise"],
         clamp=clamp, grad_clip=grad_clip, buffer=buffer, init=init, conditional=conditional,
         sample_shape=train_data.shape,
-    )
+    ), cfg, device)
 
 
 def chain_limits(cfg: dict[str, Any]) -> tuple[tuple[float, float] | None, float | None]:
@@ -186,35 +198,54 @@ def make_augment(cfg: dict[str, Any]) -> jdata.Augment | None:
 
 
 def build_context(cfg: dict[str, Any], model: torch.nn.Module, train_data: jdata.ImageData,
-                  device: torch.device, generator: torch.Generator) -> StepContext:
-    """The :class:`StepContext` of a plain run: one module, default precision.
+                  device: torch.device, generator: torch.Generator,
+                  dist: Dist = distributed.SINGLE) -> StepContext:
+    """The :class:`StepContext` of a run: default precision; with several processes the loss
+    goes through DistributedDataParallel and the chains through the module itself.
 
     This is where precision, CUDA-graph and distributed options set the context's fields;
     SAM (``sam_rho > 0``) takes the two-pass :class:`SharpnessAwareContext`.
     """
     context = SharpnessAwareContext if cfg["sam_rho"] > 0 else StepContext
-    return context(
+    ctx = context(
         model_for_chain=model, model_for_loss=model, optimizer=make_optimizer(cfg, model),
-        sampler=make_sampler(cfg, train_data, device, generator=generator), generator=generator,
+        sampler=make_sampler(cfg, train_data, device, generator=generator, dist=dist),
+        generator=generator,
     )
+    apply_speed_options(ctx, cfg, device)
+    # Wrapped last: DDP registers the parameters in the layout the speed options gave them.
+    ctx.model_for_loss = distributed.wrap(model, dist)
+    return ctx
 
 
 def build_run(cfg: dict[str, Any], datasets: dict[str, jdata.ImageData] | None = None) -> Run:
-    """Build the run of a validated config (nothing is written to disk here)."""
-    device = resolve_device(cfg["device"])
+    """Build the run of a validated config (nothing is written to disk here).
+
+    In a distributed job (see :mod:`.distributed`) this process builds its share: its device,
+    its generators (seeded from the seed and its rank) and its replay-buffer shard.
+    """
+    dist = distributed.current()
+    device = distributed.local_device(resolve_device(cfg["device"]), dist)
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
     if datasets is None:
         datasets = load_data(cfg)
     train_d = datasets["train"]
+    conditional = cfg["objective"] == "factored"
+    distributed.check_config(cfg, dist.world_size, train_d.num_classes if conditional else 1)
     seed = cfg["seed"]
     torch.manual_seed(seed)
     model = build_model(cfg["model"], train_d.num_classes, train_d.shape, **model_kwargs(cfg))
     model.to(device)
+    if dist.rank > 0:  # dropout and other global-RNG draws differ between processes
+        torch.manual_seed(distributed.generator_seed(seed, dist.rank))
     gen_device = device if device.type == "cuda" else torch.device("cpu")
-    generators = {"sampler": torch.Generator(device=gen_device).manual_seed(sampler_seed(seed)),
-                  "augment": torch.Generator(device=gen_device).manual_seed(seed + 202)}
-    ctx = build_context(cfg, model, train_d, device, generators["sampler"])
+    generators = {
+        "sampler": torch.Generator(device=gen_device).manual_seed(
+            sampler_seed(seed, rank=dist.rank)),
+        "augment": torch.Generator(device=gen_device).manual_seed(augment_seed(seed, dist.rank)),
+    }
+    ctx = build_context(cfg, model, train_d, device, generators["sampler"], dist)
     labeled = None
     if cfg["labels_per_class"]:
         labeled = jdata.labeled_mask(train_d.y, cfg["labels_per_class"], seed=seed).to(device)
@@ -227,4 +258,4 @@ def build_run(cfg: dict[str, Any], datasets: dict[str, jdata.ImageData] | None =
     )
     weights = LossWeights(cfg["objective"], cfg["w_px"], cfg["w_pyx"], cfg["l2_energy"])
     return Run(cfg=cfg, device=device, ctx=ctx, data=data, weights=weights,
-               generators=generators, out=Path(cfg["out"]))
+               generators=generators, out=Path(cfg["out"]), dist=dist)

@@ -16,6 +16,7 @@ computes, are fields of the context, set where the context is built
 - ``autocast``: a zero-argument callable returning the context manager the loss is computed in
   (``torch.autocast(...)`` for mixed precision; ``contextlib.nullcontext`` by default).
 - ``scaler``: a ``torch.amp.GradScaler`` for float16 training, or None.
+- ``joint_forward``: data and samples share one forward (no batch-dependent normalisation).
 - ``update``: the method that turns the loss into a parameter update (zero grads, backward,
   optimizer step, through the scaler when there is one); a CUDA-graph or compiled variant
   replaces this method or the step's callables, not the step. It also receives a closure that
@@ -53,6 +54,8 @@ class StepContext:
         generator: the sampler's random generator (buffer draws, SGLD noise).
         autocast: returns the context manager the loss is computed in.
         scaler: gradient scaler for float16 training, or None.
+        joint_forward: one forward for data and samples together (models without
+            batch-dependent normalisation).
     """
 
     model_for_chain: nn.Module
@@ -62,6 +65,7 @@ class StepContext:
     generator: torch.Generator
     autocast: Callable[[], AbstractContextManager[Any]] = field(default=nullcontext)
     scaler: Any = None
+    joint_forward: bool = False
 
     def update(self, loss: Tensor, recompute: Callable[[], Tensor]) -> None:
         """Gradient step on ``loss``: zero grads, backward, optimizer step (scaled if needed).
@@ -163,7 +167,8 @@ def train_step(ctx: StepContext, batch: Batch, weights: LossWeights
             return objectives.jem_loss(
                 ctx.model_for_loss, batch.x, batch.y, x_q=x_q, labeled=batch.labeled,
                 objective=weights.objective, w_px=weights.w_px, w_pyx=weights.w_pyx,
-                l2_energy=weights.l2_energy, x_px=batch.x_px,
+                l2_energy=weights.l2_energy, joint_forward=ctx.joint_forward,
+                x_px=batch.x_px,
             )
 
     ctx.model_for_loss.train()

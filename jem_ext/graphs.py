@@ -1,0 +1,183 @@
+"""The K-step SGLD chain captured in a CUDA graph once per shape, then replayed.
+
+:class:`GraphedChain` is a drop-in for :func:`jem_ext.sampler.sgld_chain` (same signature; set
+it as ``SGLDSampler.chain``). On the first call for a given key (shapes, dtypes, layout, device,
+chain settings, model, generator, autocast) it captures the whole chain -- K times forward,
+input-gradient, energy and ``sgld_step_`` -- into one ``torch.cuda.CUDAGraph``; later calls copy
+the chain starts into the graph's static input, replay it and return a copy of the result.
+Buffer reads and writes stay outside, with the caller.
+
+Noise: ``sgld_step_`` takes its CUDA random state from ``philox_cuda_state``; the sampler's
+generator is registered with the graph (``CUDAGraph.register_generator_state``), so each replay
+reads the generator's current offset and advances it: every replay draws fresh noise, and a
+replay from a given generator state gives what the eager chain gives from that state.
+
+Where a graph cannot be used -- a CPU tensor, a CPU generator for a CUDA chain, or a capture that
+fails -- the chain runs eagerly (:func:`~jem_ext.sampler.sgld_chain`) after a one-line note on
+stderr (once per reason).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import OrderedDict
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable
+
+import torch
+from torch import Tensor, nn
+
+from .sampler import sgld_chain, sgld_steps_
+
+__all__ = ["GraphedChain", "chain_key", "graph_unavailable"]
+
+Autocast = Callable[[], AbstractContextManager[Any]]
+
+
+def graph_unavailable(x: Tensor, generator: torch.Generator | None) -> str | None:
+    """Why the chain on ``x`` cannot be captured in a CUDA graph, or None when it can."""
+    if x.device.type != "cuda":
+        return f"CUDA graphs need a CUDA chain, got a {x.device.type} tensor"
+    if generator is not None and generator.device.type != "cuda":
+        return "CUDA graphs need the noise generator on the chain's CUDA device"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    return None
+
+
+def chain_key(model: nn.Module, x: Tensor, n_steps: int, step_size: float, noise_std: float,
+              y: Tensor | None, clamp: tuple[float, float] | None, grad_clip: float | None,
+              generator: torch.Generator | None, autocast: Autocast | None) -> Hashable:
+    """What a captured chain is valid for: a different key needs a different graph.
+
+    Shapes, dtypes, strides (memory layout) and device of ``x`` and ``y``; the chain settings
+    (they are baked into the captured kernels' arguments); and the identity of the model, the
+    generator and the autocast (captured by reference).
+    """
+    y_key = None if y is None else (tuple(y.shape), y.dtype)
+    clamp_key = None if clamp is None else (float(clamp[0]), float(clamp[1]))
+    return (id(model), tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device), y_key,
+            int(n_steps), float(step_size), float(noise_std), clamp_key,
+            None if grad_clip is None else float(grad_clip),
+            None if generator is None else id(generator),
+            None if autocast is None else id(autocast))
+
+
+@dataclass
+class _Captured:
+    """One captured chain: the graph and its static input/output tensors."""
+
+    graph: Any
+    x: Tensor
+    y: Tensor | None
+
+
+class GraphedChain:
+    """:func:`~jem_ext.sampler.sgld_chain`, captured in a CUDA graph per key and replayed.
+
+    Args:
+        warmup: eager runs of the chain (on a scratch copy, on a side stream) before a capture,
+            as CUDA graphs require (lazy initialisation of the autograd and library state).
+        max_graphs: captured chains kept; the least recently used is dropped beyond this.
+    """
+
+    def __init__(self, warmup: int = 2, max_graphs: int = 4) -> None:
+        if warmup < 1 or max_graphs < 1:
+            raise ValueError(f"GraphedChain: need warmup >= 1 and max_graphs >= 1, got "
+                             f"{warmup}, {max_graphs}")
+        self.warmup = int(warmup)
+        self.max_graphs = int(max_graphs)
+        self.graphs: OrderedDict[Hashable, _Captured | None] = OrderedDict()
+        self.captures = 0
+        self._noted: set[str] = set()
+
+    def __call__(self, model: nn.Module, x: Tensor, n_steps: int, step_size: float = 1.0,
+                 noise_std: float = 0.01, y: Tensor | None = None,
+                 clamp: tuple[float, float] | None = None, grad_clip: float | None = None,
+                 generator: torch.Generator | None = None,
+                 autocast: Autocast | None = None) -> Tensor:
+        args = (n_steps, step_size, noise_std)
+        kwargs = dict(y=y, clamp=clamp, grad_clip=grad_clip, generator=generator,
+                      autocast=autocast)
+        reason = graph_unavailable(x, generator)
+        if reason is not None or n_steps == 0:
+            if reason is not None:
+                self._note(reason)
+            return sgld_chain(model, x, *args, **kwargs)
+        if y is not None:
+            y = y.to(device=x.device, dtype=torch.int64)
+        key = chain_key(model, x, n_steps, step_size, noise_std, y, clamp, grad_clip,
+                        generator, autocast)
+        if key not in self.graphs:
+            self._store(key, self._try_capture(model, x, *args, **{**kwargs, "y": y}))
+        self.graphs.move_to_end(key)
+        entry = self.graphs[key]
+        if entry is None:  # the capture failed for this key: eager from now on
+            return sgld_chain(model, x, *args, **kwargs)
+        return self._replay(entry, model, x, y)
+
+    # ------------------------------------------------------------------ internals
+
+    def _note(self, reason: str) -> None:
+        if reason not in self._noted:
+            self._noted.add(reason)
+            print(f"jem_ext: cuda-graph chain off ({reason}); running the chain eagerly",
+                  file=sys.stderr)
+
+    def _store(self, key: Hashable, entry: _Captured | None) -> None:
+        self.graphs[key] = entry
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+
+    def _replay(self, entry: _Captured, model: nn.Module, x: Tensor, y: Tensor | None) -> Tensor:
+        entry.x.copy_(x)
+        if y is not None:
+            entry.y.copy_(y)
+        was_training = model.training
+        model.eval()
+        try:
+            entry.graph.replay()
+        finally:
+            model.train(was_training)
+        return entry.x.clone()
+
+    def _try_capture(self, model: nn.Module, x: Tensor, n_steps: int, step_size: float,
+                     noise_std: float, *, y: Tensor | None, clamp, grad_clip,
+                     generator: torch.Generator | None, autocast: Autocast | None
+                     ) -> _Captured | None:
+        was_training = model.training
+        model.eval()
+        try:
+            return self._capture(model, x, n_steps, step_size, noise_std, y, clamp, grad_clip,
+                                 generator, autocast)
+        except RuntimeError as err:
+            first_line = (str(err).splitlines() or [type(err).__name__])[0]
+            self._note(f"capture failed: {first_line}")
+            return None
+        finally:
+            model.train(was_training)
+
+    def _capture(self, model, x, n_steps, step_size, noise_std, y, clamp, grad_clip, generator,
+                 autocast) -> _Captured:
+        static_x = x.detach().clone()
+        static_y = None if y is None else y.clone()
+        steps = (n_steps, step_size, noise_std, static_y, clamp, grad_clip, generator, autocast)
+        # Warm up on a side stream (as torch.cuda.graphs requires), on a scratch copy; the
+        # generator state is restored so the warm-up draws do not shift the chain's noise.
+        saved = None if generator is None else generator.get_state()
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                sgld_steps_(model, static_x.clone(), *steps)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        if saved is not None:
+            generator.set_state(saved)
+        graph = torch.cuda.CUDAGraph()
+        if generator is not None:
+            graph.register_generator_state(generator)
+        with torch.cuda.graph(graph):
+            sgld_steps_(model, static_x, *steps)
+        self.captures += 1
+        return _Captured(graph, static_x, static_y)

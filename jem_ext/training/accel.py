@@ -1,0 +1,116 @@
+"""Speed options of a run (precision, channels-last, compile, CUDA-graph chain), applied to a
+:class:`~jem_ext.training.step.StepContext` at the seam, never inside the step.
+
+Each option is one small function:
+
+* :func:`autocast_factory` -- ``fp32`` runs as is; ``bf16``/``fp16`` run the network's forward
+  and input-gradient (chain and loss) under ``torch.autocast``; the chain state stays float32
+  and the energy op takes the half logits (it accumulates in float32). ``fp16`` adds a gradient
+  scaler (:func:`make_scaler`).
+* :func:`use_channels_last` -- weights and the model's input in NHWC layout (the replay buffer
+  too: :func:`configure_sampler`).
+* :func:`compile_model` -- ``nn.Module.compile`` in place (checkpoints keep their key names).
+* :class:`jem_ext.graphs.GraphedChain` -- the K-step chain as one CUDA graph.
+* :func:`batch_independent` -- whether data and samples can share one forward.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..graphs import GraphedChain
+from ..sampler import SGLDSampler
+from .step import StepContext
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+Autocast = Callable[[], AbstractContextManager[Any]]
+
+
+def autocast_factory(precision: str, device: torch.device, cache_enabled: bool = True
+                     ) -> Autocast:
+    """A zero-argument callable giving the context manager for ``precision`` on ``device``.
+
+    ``cache_enabled=False`` is needed where the region is captured in a CUDA graph (the
+    autocast weight cache would hold tensors from outside the capture).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return nullcontext
+    return functools.partial(torch.autocast, device_type=torch.device(device).type,
+                             dtype=_HALF_DTYPES[precision], cache_enabled=cache_enabled)
+
+
+def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """A gradient scaler for float16 training (None for fp32 and bf16)."""
+    if precision != "fp16":
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
+
+
+def is_convolutional(model: nn.Module) -> bool:
+    """Whether ``model`` has 2-d convolutions (where the channels-last layout applies)."""
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def _to_channels_last(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    x = args[0]
+    if isinstance(x, Tensor) and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return (x, *args[1:])
+
+
+def use_channels_last(model: nn.Module) -> None:
+    """NHWC layout for the weights and the model's input (a forward pre-hook)."""
+    model.to(memory_format=torch.channels_last)
+    model.register_forward_pre_hook(_to_channels_last)
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """``torch.compile`` the model's forward in place (used by the loss and the chain alike)."""
+    model.compile()
+    return model
+
+
+def batch_independent(model: nn.Module) -> bool:
+    """Whether each sample's output is independent of the rest of its batch in train mode
+    (no batch normalisation), so data and samples can go through one forward."""
+    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def apply_speed_options(ctx: StepContext, cfg: dict[str, Any], device: torch.device) -> None:
+    """Set the context's precision, layout and compilation from the config's speed flags
+    (``precision``, ``channels_last``, ``compile``; the sampler's own options are set where
+    it is built, by :func:`configure_sampler`)."""
+    model = ctx.model_for_chain
+    precision = cfg.get("precision", "fp32")
+    if cfg.get("channels_last") and is_convolutional(model):
+        use_channels_last(model)
+    if cfg.get("compile"):
+        compile_model(model)
+    ctx.autocast = autocast_factory(precision, device)
+    ctx.scaler = make_scaler(precision, device)
+    ctx.joint_forward = batch_independent(model)
+
+
+def configure_sampler(sampler: SGLDSampler, cfg: dict[str, Any], device: torch.device
+                      ) -> SGLDSampler:
+    """The sampler's speed options from the config: the chain's autocast (``precision``), a
+    CUDA-graph chain (``cuda_graph``) and a channels-last buffer (``channels_last``, image
+    buffers). Applied wherever a sampler is built, so a rebuilt sampler keeps them."""
+    precision = cfg.get("precision", "fp32")
+    sampler.autocast = None if precision == "fp32" else autocast_factory(
+        precision, device, cache_enabled=False)
+    if cfg.get("cuda_graph"):
+        sampler.chain = GraphedChain()
+    buffer = sampler.buffer
+    if cfg.get("channels_last") and buffer is not None and buffer.data.dim() == 4:
+        buffer.data = buffer.data.contiguous(memory_format=torch.channels_last)
+    return sampler
