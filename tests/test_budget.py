@@ -125,3 +125,15 @@ def test_cifar_budget_bad_input_is_one_line(tmp_path, capsys, argv, flag):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {flag}") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_a_two_process_job_stops_together_at_its_time_budget(tmp_path):
+    from test_distributed import TINY, launch  # the torchrun-like launcher of the DDP tests
+
+    run = tmp_path / "ddp"
+    results = launch(TINY + ["--epochs", "50", "--max-minutes", "0.003", "--out", str(run)])
+    for r in results:
+        assert r.returncode == 0, r.stderr[-3000:]
+    summary = _summary(run)
+    assert summary["status"] == "budget" and "--max-minutes 0.003" in summary["stop_reason"]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["iteration"] == summary["iterations"]
