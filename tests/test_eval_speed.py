@@ -13,7 +13,7 @@ from jem_ext.checkpoint import save_checkpoint
 from jem_ext.eval import cli
 from jem_ext.eval.generation import generate
 from jem_ext.eval.settings import EvalSettings, SGLDSettings
-from jem_ext.eval.speed import AutocastModel, autocast_model, make_chain
+from jem_ext.eval.speed import AutocastModel, autocast_model, make_chain, uncompiled
 from jem_ext.graphs import GraphedChain
 from jem_ext.models import build_model, model_spec
 from jem_ext.training import accel
@@ -230,3 +230,35 @@ def test_compile_flag_is_applied_and_recorded(ckpts, tmp_path, capsys, monkeypat
     assert code == 0, err
     assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
     assert _report(tmp_path)["settings"]["compile"] is True
+
+
+def test_compiled_model_is_attacked_uncompiled(ckpts, tmp_path, capsys):
+    """PGD through SGLD refinement is a double backward, which compiled backward functions
+    refuse: the robustness task runs the model uncompiled, with the eager figures."""
+    argv = ["--checkpoint", ckpts["cnn"], "--tasks", "robustness", *SMALL, "--robust-n", "6",
+            "--pgd-steps", "1", "--robust-refine-steps", "1", "--robust-chains", "1",
+            "--pgd-eps", "linf=0,0.2", "--pgd-norms", "linf"]
+    code, err = _run([*argv, "--out", tmp_path / "eager"], capsys)
+    assert code == 0, err
+    code, err = _run([*argv, "--out", tmp_path / "compiled", "--compile"], capsys)
+    assert code == 0, err
+    eager, compiled = _report(tmp_path / "eager"), _report(tmp_path / "compiled")
+    assert compiled["settings"]["compile"] is True
+    assert compiled["robustness"] == eager["robustness"]
+
+
+def test_uncompiled_runs_the_eager_forward_with_hooks():
+    torch.manual_seed(0)
+    net = build_model("small_cnn", 10, (1, 8, 8), width=4)
+    assert uncompiled(net) is net
+    accel.use_channels_last(net)
+    seen = []
+    net.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(
+        memory_format=torch.channels_last)))
+    accel.compile_model(net)
+    x = torch.rand(3, 1, 8, 8, requires_grad=True)
+    eager = uncompiled(net)
+    out = eager(x)
+    (g,) = torch.autograd.grad(out.logsumexp(1).sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.square().sum(), x)  # a double backward
+    assert seen == [True] and torch.isfinite(gg).all()

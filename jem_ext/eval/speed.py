@@ -7,7 +7,9 @@
   (the ``approx_mass`` score, PGD, SGLD) are float32 too. The IS/FID network always runs in
   float32, so IS/FID figures do not depend on the option.
 * ``--channels-last``: NHWC weights and inputs of a convolutional model (an MLP is refused).
-* ``--compile``: ``torch.compile`` of each evaluated model, in place.
+* ``--compile``: ``torch.compile`` of each evaluated model, in place; the robustness task runs
+  it uncompiled (:func:`uncompiled`: PGD differentiates through SGLD's input gradients, a
+  double backward that compiled backward functions refuse).
 * ``--cuda-graph``: the generation chains are captured in CUDA graphs and replayed; one chain
   object serves every model and task, so its eager fallback (e.g. on the CPU) is one note.
 """
@@ -25,8 +27,8 @@ from ..graphs import GraphedChain
 from ..training import accel
 from .settings import EvalError, EvalSettings
 
-__all__ = ["AutocastModel", "apply_model_options", "autocast_model", "chain_autocast",
-           "make_chain"]
+__all__ = ["AutocastModel", "Uncompiled", "apply_model_options", "autocast_model",
+           "chain_autocast", "make_chain", "uncompiled"]
 
 
 class AutocastModel(nn.Module):
@@ -45,6 +47,29 @@ class AutocastModel(nn.Module):
         with self.autocast():
             out = self.f(x)
         return out.float()
+
+
+class Uncompiled(nn.Module):
+    """``f`` (a module compiled in place by :func:`~jem_ext.training.accel.compile_model`)
+    called without its compiled forward, hooks included.
+
+    Differentiating through an input gradient (PGD through SGLD refinement: a double backward)
+    is not supported by ``torch.compile``'s backward.
+    """
+
+    def __init__(self, f: nn.Module) -> None:
+        super().__init__()
+        self.f = f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f._call_impl(x)  # nn.Module.__call__ without the compiled path
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """``model`` without the compilation of --compile (``model`` itself when not compiled)."""
+    if getattr(model, "_compiled_call_impl", None) is None:
+        return model
+    return Uncompiled(model)
 
 
 def autocast_model(model: nn.Module, settings: EvalSettings) -> nn.Module:

@@ -22,7 +22,7 @@ from .attacks import SGLDRefinedClassifier, robust_accuracy
 from .inputs import EvalData, Loaded
 from .metrics import CalibrationResult, accuracy, auroc, expected_calibration_error
 from .settings import ECE_BINS, SCORES, EvalSettings, SGLDSettings
-from .speed import autocast_model
+from .speed import autocast_model, uncompiled
 
 __all__ = [
     "AccuracyResult", "CalibrationTaskResult", "OODResult", "RobustnessResult",
@@ -215,11 +215,12 @@ def _pgd_step(settings: EvalSettings) -> float | Callable[[float], float]:
 
 def run_robustness(m: Loaded, data: EvalData, settings: EvalSettings,
                    sgld: SGLDSettings) -> RobustnessResult:
-    """PGD accuracy of the SGLD-refined classifier on the first --robust-n test points."""
+    """PGD accuracy of the SGLD-refined classifier on the first --robust-n test points (the
+    model runs uncompiled: PGD differentiates through the refinement's input gradients)."""
     s = settings
     n = min(s.robust_n, len(data.x))
     x, y = data.x[:n], data.y[:n]
-    clf = SGLDRefinedClassifier(autocast_model(m.model, s), s.robust_refine_steps,
+    clf = SGLDRefinedClassifier(autocast_model(uncompiled(m.model), s), s.robust_refine_steps,
                                 sgld.step_size, sgld.noise_std,
                                 sigma=s.robust_sigma, n_chains=s.robust_chains)
     result = RobustnessResult(n=n, refine_steps=s.robust_refine_steps, chains=s.robust_chains,
