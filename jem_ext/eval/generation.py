@@ -21,6 +21,7 @@ from .inception import InceptionV3, classifier_features, extract, load_inception
 from .inputs import EvalData, Loaded, load_model
 from .metrics import fid, inception_score
 from .settings import EvalError, EvalSettings, SGLDSettings
+from .speed import chain_autocast
 from .tasks import logits_of, progress_bar
 
 __all__ = ["FIDNetwork", "FIDResult", "GenerationResult", "generate", "grid_file",
@@ -34,15 +35,18 @@ def grid_file(kind: str, compare: bool) -> str:
 
 def generate(model: nn.Module, n: int, shape: Sequence[int], steps: int, sgld: SGLDSettings,
              settings: EvalSettings, y: torch.Tensor | None = None, seed: int = 0,
-             desc: str = "SGLD") -> torch.Tensor:
+             desc: str = "SGLD", chain: Callable[..., torch.Tensor] | None = None
+             ) -> torch.Tensor:
     """``n`` samples from fresh SGLD chains started at U(-1, 1), with ``sgld``'s settings.
 
-    With ``y``, the chains follow E(x, y) = -f(x)[y] (class-conditional samples).
+    With ``y``, the chains follow E(x, y) = -f(x)[y] (class-conditional samples). The forwards
+    run in --precision; ``chain`` replaces the eager chain (e.g. a CUDA-graph chain).
     """
     with progress_bar(n, desc, settings.progress) as bar:
         return sample_from_noise(model, n, shape, steps, sgld.step_size, sgld.noise_std, y=y,
                                  clamp=sgld.clamp, grad_clip=sgld.grad_clip, seed=seed,
-                                 batch_size=settings.batch_size, on_batch=bar.update)
+                                 batch_size=settings.batch_size, on_batch=bar.update,
+                                 autocast=chain_autocast(settings), chain=chain)
 
 
 def _mean_logpx(logits: torch.Tensor) -> float:
@@ -104,15 +108,16 @@ def _buffer_pick(m: Loaded, n: int, seed: int) -> torch.Tensor | None:
 
 
 def run_generation(m: Loaded, data: EvalData, settings: EvalSettings, sgld: SGLDSettings,
-                   test_logits: torch.Tensor) -> GenerationResult:
+                   test_logits: torch.Tensor,
+                   chain: Callable[..., torch.Tensor] | None = None) -> GenerationResult:
     """Fresh unconditional and class-conditional chains, and a pick of the replay buffer."""
     s = settings
     fresh = generate(m.model, s.gen_n, m.in_shape, s.gen_steps, sgld, s, seed=s.seed + 2,
-                     desc=f"{m.label}: SGLD unconditional")
+                     desc=f"{m.label}: SGLD unconditional", chain=chain)
     per = max(1, s.gen_n // m.num_classes)
     y = torch.arange(m.num_classes).repeat_interleave(per)
     cond = generate(m.model, len(y), m.in_shape, s.gen_steps, sgld, s, y=y, seed=s.seed + 3,
-                    desc=f"{m.label}: SGLD conditional")
+                    desc=f"{m.label}: SGLD conditional", chain=chain)
     cond_logits = logits_of(m.model, cond, s, "conditional samples", progress=False)
     fresh_logits = logits_of(m.model, fresh, s, "samples", progress=False)
     buffer = _buffer_pick(m, s.gen_n, s.seed + 4)

@@ -52,6 +52,10 @@ Modules: :mod:`~jem_ext.eval.cli` (the command line), :mod:`~jem_ext.eval.inputs
 tasks, each returning a typed result), :mod:`~jem_ext.eval.writers` (report.json, report.md);
 this module runs the tasks for each model and assembles the report.
 
+Speed options (``--precision``, ``--channels-last``, ``--compile``, ``--cuda-graph``, as the
+trainer's) change how the figures are computed, not what is computed; they are recorded in
+report.json's ``"settings"`` (:mod:`~jem_ext.eval.speed`).
+
 Bad input (a foreign or missing checkpoint, data whose sample shape or class count does not
 match the model, an unknown task or data set, unreadable Inception weights, a non-finite or
 out-of-range number, unusable SGLD settings in the checkpoint) is reported as one line on
@@ -63,6 +67,7 @@ report.json is standard JSON (a non-finite figure is written as null).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +88,7 @@ from .generation import (
 )
 from .inputs import EvalData, Loaded, load_compare, load_eval_data, load_model
 from .settings import EvalSettings, SGLDSettings, resolve_sgld
+from .speed import apply_model_options, make_chain
 from .tasks import (
     AccuracyResult,
     CalibrationTaskResult,
@@ -109,6 +115,7 @@ class Inputs:
     sgld: SGLDSettings
     fid_net: FIDNetwork | None
     fid_skip_reason: str | None
+    chain: Callable[..., torch.Tensor] | None = None  # the generation chains' function
 
 
 def prepare(settings: EvalSettings) -> Inputs:
@@ -119,8 +126,10 @@ def prepare(settings: EvalSettings) -> Inputs:
     models = [main] + ([load_compare(settings, main)] if settings.compare else [])
     fid_net, reason = (prepare_fid(settings, main) if "fid" in settings.tasks
                        else (None, None))
+    for m, what in zip(models, ("--checkpoint", "--compare")):
+        apply_model_options(m.model, m.state["model_spec"], settings, what)
     return Inputs(settings=settings, models=models, data=data, sgld=sgld, fid_net=fid_net,
-                  fid_skip_reason=reason)
+                  fid_skip_reason=reason, chain=make_chain(settings))
 
 
 @dataclass
@@ -167,7 +176,7 @@ def _fresh_samples(res: ModelResults, inp: Inputs) -> torch.Tensor:
         return res.generation.samples
     s, m = inp.settings, res.model
     return generate(m.model, s.gen_n, m.in_shape, s.gen_steps, inp.sgld, s, seed=s.seed + 2,
-                    desc=f"{m.label}: SGLD for FID")
+                    desc=f"{m.label}: SGLD for FID", chain=inp.chain)
 
 
 def _run_task(task: str, res: ModelResults, inp: Inputs) -> None:
@@ -180,7 +189,7 @@ def _run_task(task: str, res: ModelResults, inp: Inputs) -> None:
     elif task == "ood":
         res.ood = run_ood(m, data, s)
     elif task == "generation":
-        res.generation = run_generation(m, data, s, sgld, res.test_logits(inp))
+        res.generation = run_generation(m, data, s, sgld, res.test_logits(inp), inp.chain)
     elif task == "fid":
         res.fid = (FIDResult(skipped=inp.fid_skip_reason) if inp.fid_net is None
                    else run_fid(m, data, s, inp.fid_net, _fresh_samples(res, inp)))

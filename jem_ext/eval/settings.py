@@ -117,6 +117,10 @@ class EvalSettings:
     robust_sigma: float = 0.0
     robust_n: int = 100
     no_progress: bool = False
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    cuda_graph: bool = False
 
     @property
     def progress(self) -> bool:

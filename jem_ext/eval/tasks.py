@@ -22,6 +22,7 @@ from .attacks import SGLDRefinedClassifier, robust_accuracy
 from .inputs import EvalData, Loaded
 from .metrics import CalibrationResult, accuracy, auroc, expected_calibration_error
 from .settings import ECE_BINS, SCORES, EvalSettings, SGLDSettings
+from .speed import autocast_model, uncompiled
 
 __all__ = [
     "AccuracyResult", "CalibrationTaskResult", "OODResult", "RobustnessResult",
@@ -37,10 +38,12 @@ def progress_bar(total: int, desc: str, progress: bool) -> tqdm:
 
 def logits_of(model: nn.Module, x: torch.Tensor, settings: EvalSettings, desc: str,
               progress: bool | None = None) -> torch.Tensor:
-    """Batched eval-mode logits of ``model`` on ``x`` (float32, on the CPU), with a bar."""
+    """Batched eval-mode logits of ``model`` on ``x`` (float32, on the CPU), with a bar;
+    the forward runs in --precision."""
     show = settings.progress if progress is None else progress
     with progress_bar(len(x), desc, show) as bar:
-        return predict_logits(model, x, settings.batch_size, on_batch=bar.update)
+        return predict_logits(autocast_model(model, settings), x, settings.batch_size,
+                              on_batch=bar.update)
 
 
 # ------------------------------------------------------------------------------ accuracy
@@ -166,8 +169,10 @@ def run_ood(m: Loaded, data: EvalData, settings: EvalSettings) -> OODResult:
     sets = dict(builtin_ood_sets(data.x, settings.seed))
     sets.update(data.ood_extra)
 
+    model = autocast_model(m.model, settings)
+
     def scores(x: torch.Tensor, name: str) -> dict[str, np.ndarray]:
-        return ood_scores(m.model, x, settings.batch_size, settings.device, settings.progress,
+        return ood_scores(model, x, settings.batch_size, settings.device, settings.progress,
                           f"{m.label}: scores {name}")
 
     scores_in = scores(data.x, data.dataset)
@@ -210,11 +215,13 @@ def _pgd_step(settings: EvalSettings) -> float | Callable[[float], float]:
 
 def run_robustness(m: Loaded, data: EvalData, settings: EvalSettings,
                    sgld: SGLDSettings) -> RobustnessResult:
-    """PGD accuracy of the SGLD-refined classifier on the first --robust-n test points."""
+    """PGD accuracy of the SGLD-refined classifier on the first --robust-n test points (the
+    model runs uncompiled: PGD differentiates through the refinement's input gradients)."""
     s = settings
     n = min(s.robust_n, len(data.x))
     x, y = data.x[:n], data.y[:n]
-    clf = SGLDRefinedClassifier(m.model, s.robust_refine_steps, sgld.step_size, sgld.noise_std,
+    clf = SGLDRefinedClassifier(autocast_model(uncompiled(m.model), s), s.robust_refine_steps,
+                                sgld.step_size, sgld.noise_std,
                                 sigma=s.robust_sigma, n_chains=s.robust_chains)
     result = RobustnessResult(n=n, refine_steps=s.robust_refine_steps, chains=s.robust_chains,
                               sigma=s.robust_sigma, pgd_steps=s.pgd_steps,
