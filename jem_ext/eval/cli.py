@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .._cli import DefaultsHelpFormatter, RaisingParser, finite_float
 from ..training.accel import PRECISIONS
 from .report import run
 from .settings import BUILTIN_OOD, DEFAULT_EPS, NORMS, TASKS, EvalError, EvalSettings
@@ -22,35 +23,11 @@ from .writers import render_markdown
 __all__ = ["build_parser", "main", "parse_settings"]
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(RaisingParser):
     """An argument parser whose errors become :class:`EvalError` (one line, exit status 2)."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise EvalError(f"{message} (see --help)")
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """Adds ``(default: X)`` to a flag's help unless the help already speaks of its default
-    or there is none to show (None, False, an empty list)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        shown = action.default is not None and action.default is not False
-        shown = shown and action.default != [] and action.default is not argparse.SUPPRESS
-        if "default" in text or not shown or not action.option_strings:
-            return text
-        return text + " (default: %(default)s)"
-
-
-def finite_float(text: str) -> float:
-    """argparse type: a finite float (``nan`` and ``inf`` are refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
+    error_type = EvalError
+    error_suffix = " (see --help)"
 
 
 def _csv(text: str) -> list[str]:
@@ -65,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generation, IS/FID, adversarial robustness) and write report.json, report.md and "
         "PNG figures to --out. With --compare, a second checkpoint (e.g. the cross-entropy "
         "twin) is evaluated on the same data and shown beside the first.",
-        formatter_class=_HelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     _add_input_flags(p)
     _add_sgld_flags(p)
