@@ -20,8 +20,21 @@ from jem_ext.training import accel
 from jem_ext.training.flags import build_parser as train_parser
 
 SPEED_FLAGS = ("--precision", "--channels-last", "--compile", "--cuda-graph")
-SMALL = ["--max-samples", "40", "--batch-size", "40", "--gen-n", "10", "--gen-steps", "2",
-         "--no-progress", "--seed", "2", "--device", "cpu"]
+SMALL = [
+    "--max-samples",
+    "40",
+    "--batch-size",
+    "40",
+    "--gen-n",
+    "10",
+    "--gen-steps",
+    "2",
+    "--no-progress",
+    "--seed",
+    "2",
+    "--device",
+    "cpu",
+]
 
 
 def _save(path, model_name: str, train_steps: int = 0, in_shape=(1, 8, 8)):
@@ -40,17 +53,27 @@ def _save(path, model_name: str, train_steps: int = 0, in_shape=(1, 8, 8)):
             opt.zero_grad()
             loss.backward()
             opt.step()
-    save_checkpoint(path, {"model_spec": model_spec(model), "model": model.state_dict(),
-                           "sampler": None, "config": {"dataset": "digits", "objective": "jem"},
-                           "iteration": train_steps, "best_val_accuracy": None})
+    save_checkpoint(
+        path,
+        {
+            "model_spec": model_spec(model),
+            "model": model.state_dict(),
+            "sampler": None,
+            "config": {"dataset": "digits", "objective": "jem"},
+            "iteration": train_steps,
+            "best_val_accuracy": None,
+        },
+    )
     return path
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("speed")
-    return {"cnn": _save(root / "cnn.pt", "small_cnn", train_steps=40),
-            "mlp": _save(root / "mlp.pt", "mlp")}
+    return {
+        "cnn": _save(root / "cnn.pt", "small_cnn", train_steps=40),
+        "mlp": _save(root / "mlp.pt", "mlp"),
+    }
 
 
 def _run(argv, capsys):
@@ -62,6 +85,7 @@ def _run(argv, capsys):
 def _report(out_dir):
     def refuse(name):
         raise AssertionError(f"non-standard JSON constant {name}")
+
     return json.loads((out_dir / "report.json").read_text(), parse_constant=refuse)
 
 
@@ -80,8 +104,11 @@ def _numbers(obj):
 
 
 def _speed_actions(parser):
-    return {a.option_strings[0]: a for a in parser._actions
-            if a.option_strings and a.option_strings[0] in SPEED_FLAGS}
+    return {
+        a.option_strings[0]: a
+        for a in parser._actions
+        if a.option_strings and a.option_strings[0] in SPEED_FLAGS
+    }
 
 
 def test_speed_flags_match_the_trainers():
@@ -89,8 +116,13 @@ def test_speed_flags_match_the_trainers():
     assert set(ours) == set(theirs) == set(SPEED_FLAGS)
     for flag in SPEED_FLAGS:
         a, b = ours[flag], theirs[flag]
-        assert (a.dest, a.choices, a.default, a.nargs, type(a)) == \
-            (b.dest, b.choices, b.default, b.nargs, type(b)), flag
+        assert (a.dest, a.choices, a.default, a.nargs, type(a)) == (
+            b.dest,
+            b.choices,
+            b.default,
+            b.nargs,
+            type(b),
+        ), flag
         assert a.help, flag
 
 
@@ -103,10 +135,16 @@ def test_speed_flags_in_help(capsys):
         assert flag in text, flag
 
 
-@pytest.mark.parametrize("argv", [
-    ["--precision", "fp8"], ["--precision"], ["--channels-last=yes"], ["--cuda-graph", "1"],
-    ["--compile", "on"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--precision", "fp8"],
+        ["--precision"],
+        ["--channels-last=yes"],
+        ["--cuda-graph", "1"],
+        ["--compile", "on"],
+    ],
+)
 def test_bad_speed_values_exit_2(ckpts, tmp_path, capsys, argv):
     out_dir = tmp_path / "out"
     code, err = _run(["--checkpoint", ckpts["cnn"], "--out", out_dir, *argv], capsys)
@@ -116,27 +154,46 @@ def test_bad_speed_values_exit_2(ckpts, tmp_path, capsys, argv):
 
 
 def test_defaults_are_recorded(ckpts, tmp_path, capsys):
-    code, err = _run(["--checkpoint", ckpts["cnn"], "--out", tmp_path, "--tasks", "accuracy",
-                      *SMALL], capsys)
+    code, err = _run(
+        ["--checkpoint", ckpts["cnn"], "--out", tmp_path, "--tasks", "accuracy", *SMALL], capsys
+    )
     assert code == 0, err
     s = _report(tmp_path)["settings"]
-    assert (s["precision"], s["channels_last"], s["compile"], s["cuda_graph"]) == \
-        ("fp32", False, False, False)
+    assert (s["precision"], s["channels_last"], s["compile"], s["cuda_graph"]) == (
+        "fp32",
+        False,
+        False,
+        False,
+    )
 
 
 def test_channels_last_refuses_an_mlp(ckpts, tmp_path, capsys):
     out_dir = tmp_path / "out"
-    code, err = _run(["--checkpoint", ckpts["mlp"], "--out", out_dir, "--channels-last",
-                      *SMALL], capsys)
+    code, err = _run(
+        ["--checkpoint", ckpts["mlp"], "--out", out_dir, "--channels-last", *SMALL], capsys
+    )
     assert code == 2 and "Traceback" not in err
-    assert err.strip() == ("jem_ext.eval: error: --channels-last: expected a convolutional "
-                           "model (wrn, small_cnn), got mlp (--checkpoint)")
+    assert err.strip() == (
+        "jem_ext.eval: error: --channels-last: expected a convolutional "
+        "model (wrn, small_cnn), got mlp (--checkpoint)"
+    )
     assert not out_dir.exists()
 
 
 def test_channels_last_refuses_an_mlp_compare(ckpts, tmp_path, capsys):
-    code, err = _run(["--checkpoint", ckpts["cnn"], "--compare", ckpts["mlp"], "--out",
-                      tmp_path / "out", "--channels-last", *SMALL], capsys)
+    code, err = _run(
+        [
+            "--checkpoint",
+            ckpts["cnn"],
+            "--compare",
+            ckpts["mlp"],
+            "--out",
+            tmp_path / "out",
+            "--channels-last",
+            *SMALL,
+        ],
+        capsys,
+    )
     assert code == 2 and "(--compare)" in err
     assert not (tmp_path / "out").exists()
 
@@ -145,9 +202,25 @@ def test_channels_last_refuses_an_mlp_compare(ckpts, tmp_path, capsys):
 
 
 def _accuracy_run(ckpts, out_dir, capsys, *extra):
-    code, err = _run(["--checkpoint", ckpts["cnn"], "--out", out_dir,
-                      "--tasks", "accuracy,calibration,ood", "--refine-steps", "1",
-                      *SMALL, "--max-samples", "300", "--batch-size", "100", *extra], capsys)
+    code, err = _run(
+        [
+            "--checkpoint",
+            ckpts["cnn"],
+            "--out",
+            out_dir,
+            "--tasks",
+            "accuracy,calibration,ood",
+            "--refine-steps",
+            "1",
+            *SMALL,
+            "--max-samples",
+            "300",
+            "--batch-size",
+            "100",
+            *extra,
+        ],
+        capsys,
+    )
     assert code == 0, err
     return _report(out_dir)
 
@@ -193,8 +266,17 @@ def test_autocast_model_keeps_inputs_and_gradients_float32():
 
 
 def test_cuda_graph_on_the_cpu_equals_eager_with_one_note(ckpts, tmp_path, capsys):
-    argv = ["--checkpoint", ckpts["cnn"], "--compare", ckpts["cnn"], "--tasks",
-            "generation,fid", "--fid-classifier", ckpts["cnn"], *SMALL]
+    argv = [
+        "--checkpoint",
+        ckpts["cnn"],
+        "--compare",
+        ckpts["cnn"],
+        "--tasks",
+        "generation,fid",
+        "--fid-classifier",
+        ckpts["cnn"],
+        *SMALL,
+    ]
     code, err = _run([*argv, "--out", tmp_path / "eager"], capsys)
     assert code == 0, err
     code, err = _run([*argv, "--out", tmp_path / "graph", "--cuda-graph"], capsys)
@@ -211,8 +293,15 @@ def test_cuda_graph_on_the_cpu_equals_eager_with_one_note(ckpts, tmp_path, capsy
 def test_generate_with_a_graphed_chain_equals_eager_on_the_cpu(capsys):
     torch.manual_seed(0)
     net = build_model("small_cnn", 10, (1, 8, 8), width=4)
-    settings = EvalSettings(checkpoint="", out="", tasks=["generation"], no_progress=True,
-                            batch_size=3, precision="bf16", cuda_graph=True)
+    settings = EvalSettings(
+        checkpoint="",
+        out="",
+        tasks=["generation"],
+        no_progress=True,
+        batch_size=3,
+        precision="bf16",
+        cuda_graph=True,
+    )
     sgld = SGLDSettings(step_size=1.0, noise_std=0.01, clamp=(-1.0, 1.0), grad_clip=None)
     chain = make_chain(settings)
     assert isinstance(chain, GraphedChain)
@@ -225,8 +314,19 @@ def test_generate_with_a_graphed_chain_equals_eager_on_the_cpu(capsys):
 def test_compile_flag_is_applied_and_recorded(ckpts, tmp_path, capsys, monkeypatch):
     compiled = []
     monkeypatch.setattr(accel, "compile_model", lambda m: compiled.append(m) or m)
-    code, err = _run(["--checkpoint", ckpts["cnn"], "--out", tmp_path, "--tasks", "accuracy",
-                      "--compile", *SMALL], capsys)
+    code, err = _run(
+        [
+            "--checkpoint",
+            ckpts["cnn"],
+            "--out",
+            tmp_path,
+            "--tasks",
+            "accuracy",
+            "--compile",
+            *SMALL,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
     assert _report(tmp_path)["settings"]["compile"] is True
@@ -235,9 +335,25 @@ def test_compile_flag_is_applied_and_recorded(ckpts, tmp_path, capsys, monkeypat
 def test_compiled_model_is_attacked_uncompiled(ckpts, tmp_path, capsys):
     """PGD through SGLD refinement is a double backward, which compiled backward functions
     refuse: the robustness task runs the model uncompiled, with the eager figures."""
-    argv = ["--checkpoint", ckpts["cnn"], "--tasks", "robustness", *SMALL, "--robust-n", "6",
-            "--pgd-steps", "1", "--robust-refine-steps", "1", "--robust-chains", "1",
-            "--pgd-eps", "linf=0,0.2", "--pgd-norms", "linf"]
+    argv = [
+        "--checkpoint",
+        ckpts["cnn"],
+        "--tasks",
+        "robustness",
+        *SMALL,
+        "--robust-n",
+        "6",
+        "--pgd-steps",
+        "1",
+        "--robust-refine-steps",
+        "1",
+        "--robust-chains",
+        "1",
+        "--pgd-eps",
+        "linf=0,0.2",
+        "--pgd-norms",
+        "linf",
+    ]
     code, err = _run([*argv, "--out", tmp_path / "eager"], capsys)
     assert code == 0, err
     code, err = _run([*argv, "--out", tmp_path / "compiled", "--compile"], capsys)
@@ -253,8 +369,9 @@ def test_uncompiled_runs_the_eager_forward_with_hooks():
     assert uncompiled(net) is net
     accel.use_channels_last(net)
     seen = []
-    net.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(
-        memory_format=torch.channels_last)))
+    net.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
     accel.compile_model(net)
     x = torch.rand(3, 1, 8, 8, requires_grad=True)
     eager = uncompiled(net)

@@ -27,8 +27,15 @@ from ..graphs import GraphedChain
 from ..training import accel
 from .settings import EvalError, EvalSettings
 
-__all__ = ["AutocastModel", "Uncompiled", "apply_model_options", "autocast_model",
-           "chain_autocast", "make_chain", "uncompiled"]
+__all__ = [
+    "AutocastModel",
+    "Uncompiled",
+    "apply_model_options",
+    "autocast_model",
+    "chain_autocast",
+    "make_chain",
+    "uncompiled",
+]
 
 
 class AutocastModel(nn.Module):
@@ -76,8 +83,9 @@ def autocast_model(model: nn.Module, settings: EvalSettings) -> nn.Module:
     """``model`` under --precision's autocast (``model`` itself for fp32)."""
     if settings.precision == "fp32":
         return model
-    return AutocastModel(model, accel.autocast_factory(settings.precision,
-                                                       torch.device(settings.device)))
+    return AutocastModel(
+        model, accel.autocast_factory(settings.precision, torch.device(settings.device))
+    )
 
 
 def chain_autocast(settings: EvalSettings) -> accel.Autocast | None:
@@ -89,7 +97,7 @@ def chain_autocast(settings: EvalSettings) -> accel.Autocast | None:
     return _chain_autocast(settings.precision, settings.device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _chain_autocast(precision: str, device: str) -> accel.Autocast:
     return accel.autocast_factory(precision, torch.device(device), cache_enabled=False)
 
@@ -100,15 +108,17 @@ def make_chain(settings: EvalSettings) -> Callable[..., torch.Tensor] | None:
     return GraphedChain() if settings.cuda_graph else None
 
 
-def apply_model_options(model: nn.Module, spec: dict[str, Any], settings: EvalSettings,
-                        what: str) -> None:
+def apply_model_options(
+    model: nn.Module, spec: dict[str, Any], settings: EvalSettings, what: str
+) -> None:
     """Apply --channels-last and --compile to a loaded model (raises :class:`EvalError` for
     --channels-last on a model without convolutions, before anything is computed)."""
     if settings.channels_last:
         if not accel.is_convolutional(model):
-            raise EvalError(f"--channels-last: expected a convolutional model (wrn, small_cnn), "
-                            f"got {spec.get('name', type(model).__name__)} ({what})")
+            raise EvalError(
+                f"--channels-last: expected a convolutional model (wrn, small_cnn), "
+                f"got {spec.get('name', type(model).__name__)} ({what})"
+            )
         accel.use_channels_last(model)
     if settings.compile:
         accel.compile_model(model)
-
