@@ -50,11 +50,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, cfg: dict, args: argparse.Namespace,
-            result_path: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def _worker(
+    rank: int, world: int, port: int, cfg: dict, args: argparse.Namespace, result_path: str
+) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     distributed.init_from_env(cfg)
     try:
         run = build_run(cfg)
@@ -75,8 +81,11 @@ def _worker(rank: int, world: int, port: int, cfg: dict, args: argparse.Namespac
         for _ in range(args.iters):
             one_iteration()
         _sync(run.device)
-        seconds = torch.tensor([time.perf_counter() - start], dtype=torch.float64,
-                               device=run.device if d.backend == "nccl" else None)
+        seconds = torch.tensor(
+            [time.perf_counter() - start],
+            dtype=torch.float64,
+            device=run.device if d.backend == "nccl" else None,
+        )
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # the slowest process sets the pace
         if d.is_main:
             with open(result_path, "w", encoding="utf-8") as f:
@@ -103,9 +112,14 @@ def summarise(world: int, seconds: list[float], cfg: dict, args: argparse.Namesp
     """Iterations and samples per second of one process count (median and best repeat)."""
     its = sorted(args.iters / s for s in seconds)
     median = statistics.median(its)
-    return {"processes": world, "seconds": seconds, "iterations": args.iters,
-            "iterations_per_s": median, "iterations_per_s_best": its[-1],
-            "samples_per_s": median * cfg["batch_size"]}
+    return {
+        "processes": world,
+        "seconds": seconds,
+        "iterations": args.iters,
+        "iterations_per_s": median,
+        "iterations_per_s_best": its[-1],
+        "samples_per_s": median * cfg["batch_size"],
+    }
 
 
 def _cpu_name() -> str:
@@ -121,8 +135,9 @@ def _cpu_name() -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dataset", default="digits")
@@ -147,9 +162,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    cfg = {**default_config(), "dataset": args.dataset, "data_root": args.data_root,
-           "model": args.model, "batch_size": args.batch_size, "sgld_steps": args.sgld_steps,
-           "threads": args.threads, "device": args.device, "out": "unused"}
+    cfg = {
+        **default_config(),
+        "dataset": args.dataset,
+        "data_root": args.data_root,
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "sgld_steps": args.sgld_steps,
+        "threads": args.threads,
+        "device": args.device,
+        "out": "unused",
+    }
     load_before = os.getloadavg()  # other work on the machine skews the figures
     seconds: dict[int, list[float]] = {n: [] for n in args.procs}
     for _ in range(args.repeats):
@@ -157,29 +180,54 @@ def main(argv: list[str] | None = None) -> None:
             seconds[n].append(measure(n, cfg, args))
     rows = [summarise(n, seconds[n], cfg, args) for n in args.procs]
     base = next((r for r in rows if r["processes"] == 1), rows[0])
-    print(f"{'processes':>9} {'it/s':>8} {'best it/s':>10} {'samples/s':>10} {'speed-up':>9} "
-          f"{'(best)':>7}")
+    print(
+        f"{'processes':>9} {'it/s':>8} {'best it/s':>10} {'samples/s':>10} {'speed-up':>9} "
+        f"{'(best)':>7}"
+    )
     for r in rows:
         r["speedup"] = r["iterations_per_s"] / base["iterations_per_s"]
         r["speedup_best"] = r["iterations_per_s_best"] / base["iterations_per_s_best"]
-        print(f"{r['processes']:>9} {r['iterations_per_s']:>8.2f} "
-              f"{r['iterations_per_s_best']:>10.2f} {r['samples_per_s']:>10.1f} "
-              f"{r['speedup']:>8.2f}x {r['speedup_best']:>6.2f}x")
+        print(
+            f"{r['processes']:>9} {r['iterations_per_s']:>8.2f} "
+            f"{r['iterations_per_s_best']:>10.2f} {r['samples_per_s']:>10.1f} "
+            f"{r['speedup']:>8.2f}x {r['speedup_best']:>6.2f}x"
+        )
     if args.json is not None:
-        atomic_write_text(args.json, json.dumps({
-            "benchmark": "bench_ddp",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": {"platform": platform.platform(), "processor": _cpu_name(),
-                        "cpus": os.cpu_count(), "load_average_before": load_before,
+        atomic_write_text(
+            args.json,
+            json.dumps(
+                {
+                    "benchmark": "bench_ddp",
+                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "machine": {
+                        "platform": platform.platform(),
+                        "processor": _cpu_name(),
+                        "cpus": os.cpu_count(),
+                        "load_average_before": load_before,
                         "load_average_after": os.getloadavg(),
-                        "cuda": torch.cuda.get_device_name(0) if args.device == "cuda"
-                        else None},
-            "torch": torch.__version__,
-            "config": {k: cfg[k] for k in ("dataset", "model", "batch_size", "sgld_steps",
-                                           "threads", "device")},
-            "iters": args.iters, "warmup": args.warmup, "repeats": args.repeats,
-            "results": rows,
-        }, indent=2) + "\n")
+                        "cuda": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+                    },
+                    "torch": torch.__version__,
+                    "config": {
+                        k: cfg[k]
+                        for k in (
+                            "dataset",
+                            "model",
+                            "batch_size",
+                            "sgld_steps",
+                            "threads",
+                            "device",
+                        )
+                    },
+                    "iters": args.iters,
+                    "warmup": args.warmup,
+                    "repeats": args.repeats,
+                    "results": rows,
+                },
+                indent=2,
+            )
+            + "\n",
+        )
         print(f"wrote {args.json}")
 
 

@@ -47,8 +47,9 @@ STEP, STD = 1.0, 0.01
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
-def timeit(fns, device: str, min_time: float, min_reps: int = 5, max_reps: int = 500,
-           clock: str = "wall") -> list[float]:
+def timeit(
+    fns, device: str, min_time: float, min_reps: int = 5, max_reps: int = 500, clock: str = "wall"
+) -> list[float]:
     """Median seconds per call of each of `fns` (None: skipped, None back).
 
     The functions run in turn within each repeat, so a change in the
@@ -126,8 +127,15 @@ def fused_energy_ce_fb(logits, y):
     return g
 
 
-def bench_device(device: str, threads: int | None, min_time: float, compile_: bool,
-                 sizes, shapes, clock: str = "wall") -> list[dict]:
+def bench_device(
+    device: str,
+    threads: int | None,
+    min_time: float,
+    compile_: bool,
+    sizes,
+    shapes,
+    clock: str = "wall",
+) -> list[dict]:
     rows = []
     label = device if threads is None else f"{device}/{threads}t"
     compiled_sgld = torch.compile(eager_sgld_inplace) if compile_ else None
@@ -137,53 +145,102 @@ def bench_device(device: str, threads: int | None, min_time: float, compile_: bo
         x = torch.rand(n, device=device) * 2 - 1
         grad = torch.randn(n, device=device)
         t_eager, t_fused, t_comp = timeit(
-            [lambda: eager_sgld(x, grad), lambda: fused_sgld(x, grad),
-             (lambda: compiled_sgld(x, grad)) if compile_ else None], device, min_time,
-            clock=clock)
+            [
+                lambda: eager_sgld(x, grad),
+                lambda: fused_sgld(x, grad),
+                (lambda: compiled_sgld(x, grad)) if compile_ else None,
+            ],
+            device,
+            min_time,
+            clock=clock,
+        )
         bytes_moved = 3 * n * x.element_size()  # read x, read grad, write x
-        rows.append(dict(op="sgld_step_", device=label, size=n, eager_s=t_eager, fused_s=t_fused,
-                         compiled_s=t_comp, speedup_vs_eager=t_eager / t_fused,
-                         speedup_vs_compiled=(t_comp / t_fused) if t_comp else None,
-                         fused_GBps=bytes_moved / t_fused / 1e9))
+        rows.append(
+            dict(
+                op="sgld_step_",
+                device=label,
+                size=n,
+                eager_s=t_eager,
+                fused_s=t_fused,
+                compiled_s=t_comp,
+                speedup_vs_eager=t_eager / t_fused,
+                speedup_vs_compiled=(t_comp / t_fused) if t_comp else None,
+                fused_GBps=bytes_moved / t_fused / 1e9,
+            )
+        )
         print(fmt(rows[-1]), flush=True)
     for b, c in shapes:
         logits = torch.randn(b, c, device=device, requires_grad=True)
         t_eager, t_fused, t_comp = timeit(
-            [lambda: eager_energy_fb(logits), lambda: fused_energy_fb(logits),
-             (lambda: compiled_energy(logits)) if compile_ else None], device, min_time,
-            clock=clock)
+            [
+                lambda: eager_energy_fb(logits),
+                lambda: fused_energy_fb(logits),
+                (lambda: compiled_energy(logits)) if compile_ else None,
+            ],
+            device,
+            min_time,
+            clock=clock,
+        )
         bytes_moved = 3 * b * c * logits.element_size()  # fwd read, bwd read + write
-        rows.append(dict(op="energy fwd+bwd", device=label, size=f"{b}x{c}", eager_s=t_eager,
-                         fused_s=t_fused, compiled_s=t_comp, speedup_vs_eager=t_eager / t_fused,
-                         speedup_vs_compiled=(t_comp / t_fused) if t_comp else None,
-                         fused_GBps=bytes_moved / t_fused / 1e9))
+        rows.append(
+            dict(
+                op="energy fwd+bwd",
+                device=label,
+                size=f"{b}x{c}",
+                eager_s=t_eager,
+                fused_s=t_fused,
+                compiled_s=t_comp,
+                speedup_vs_eager=t_eager / t_fused,
+                speedup_vs_compiled=(t_comp / t_fused) if t_comp else None,
+                fused_GBps=bytes_moved / t_fused / 1e9,
+            )
+        )
         print(fmt(rows[-1]), flush=True)
     for b, c in shapes:  # the JEM loss's pair: energy and cross-entropy
         logits = torch.randn(b, c, device=device, requires_grad=True)
         y = torch.randint(0, c, (b,), device=device)
         t_eager, t_fused, t_comp = timeit(
-            [lambda: eager_energy_ce_fb(logits, y), lambda: fused_energy_ce_fb(logits, y),
-             (lambda: compiled_energy_ce(logits, y)) if compile_ else None], device, min_time,
-            clock=clock)
+            [
+                lambda: eager_energy_ce_fb(logits, y),
+                lambda: fused_energy_ce_fb(logits, y),
+                (lambda: compiled_energy_ce(logits, y)) if compile_ else None,
+            ],
+            device,
+            min_time,
+            clock=clock,
+        )
         bytes_moved = 3 * b * c * logits.element_size()
-        rows.append(dict(op="energy_ce f+b", device=label, size=f"{b}x{c}", eager_s=t_eager,
-                         fused_s=t_fused, compiled_s=t_comp, speedup_vs_eager=t_eager / t_fused,
-                         speedup_vs_compiled=(t_comp / t_fused) if t_comp else None,
-                         fused_GBps=bytes_moved / t_fused / 1e9))
+        rows.append(
+            dict(
+                op="energy_ce f+b",
+                device=label,
+                size=f"{b}x{c}",
+                eager_s=t_eager,
+                fused_s=t_fused,
+                compiled_s=t_comp,
+                speedup_vs_eager=t_eager / t_fused,
+                speedup_vs_compiled=(t_comp / t_fused) if t_comp else None,
+                fused_GBps=bytes_moved / t_fused / 1e9,
+            )
+        )
         print(fmt(rows[-1]), flush=True)
     return rows
 
 
-HEADER = (f"{'op':<15} {'device':<8} {'size':>11} {'eager ms':>9} {'compiled ms':>11} "
-          f"{'fused ms':>9} {'x eager':>8} {'x compiled':>10} {'fused GB/s':>10}")
+HEADER = (
+    f"{'op':<15} {'device':<8} {'size':>11} {'eager ms':>9} {'compiled ms':>11} "
+    f"{'fused ms':>9} {'x eager':>8} {'x compiled':>10} {'fused GB/s':>10}"
+)
 
 
 def fmt(r: dict) -> str:
     comp = f"{r['compiled_s'] * 1e3:11.3f}" if r["compiled_s"] else f"{'-':>11}"
     xcomp = f"{r['speedup_vs_compiled']:10.2f}" if r["speedup_vs_compiled"] else f"{'-':>10}"
-    return (f"{r['op']:<15} {r['device']:<8} {str(r['size']):>11} {r['eager_s'] * 1e3:9.3f} "
-            f"{comp} {r['fused_s'] * 1e3:9.3f} {r['speedup_vs_eager']:8.2f} {xcomp} "
-            f"{r['fused_GBps']:10.2f}")
+    return (
+        f"{r['op']:<15} {r['device']:<8} {str(r['size']):>11} {r['eager_s'] * 1e3:9.3f} "
+        f"{comp} {r['fused_s'] * 1e3:9.3f} {r['speedup_vs_eager']:8.2f} {xcomp} "
+        f"{r['fused_GBps']:10.2f}"
+    )
 
 
 def select_cpu_level(level: str | None) -> str:
@@ -206,28 +263,54 @@ def cpu_model() -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--json", help="write all measurements to this JSON file")
-    p.add_argument("--min-time", type=float, default=0.5,
-                   help="seconds of repeats per measurement (the median is reported)")
-    p.add_argument("--no-compile", action="store_true",
-                   help="skip the torch.compile baselines (they compile for ~10 s per shape)")
-    p.add_argument("--threads", type=int, nargs="*", default=None,
-                   help="CPU thread counts to run (default: 1 and all cores)")
+    p.add_argument(
+        "--min-time",
+        type=float,
+        default=0.5,
+        help="seconds of repeats per measurement (the median is reported)",
+    )
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="skip the torch.compile baselines (they compile for ~10 s per shape)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        nargs="*",
+        default=None,
+        help="CPU thread counts to run (default: 1 and all cores)",
+    )
     p.add_argument("--no-cpu", action="store_true", help="skip the CPU runs")
-    p.add_argument("--quick", action="store_true",
-                   help="only the target sizes (4M elements; 65536x10, 4096x1000)")
-    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                   help="CPU runs: wall time, or the calling thread's CPU time (for --threads 1 "
-                        "on a shared machine)")
-    p.add_argument("--cpu-level", choices=CPU_LEVELS, default=None,
-                   help=f"instruction-set level of the CPU kernels (sets {CPU_LEVEL_ENV}; "
-                        "default: the best this CPU supports)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="only the target sizes (4M elements; 65536x10, 4096x1000)",
+    )
+    p.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="CPU runs: wall time, or the calling thread's CPU time (for --threads 1 "
+        "on a shared machine)",
+    )
+    p.add_argument(
+        "--cpu-level",
+        choices=CPU_LEVELS,
+        default=None,
+        help=f"instruction-set level of the CPU kernels (sets {CPU_LEVEL_ENV}; "
+        "default: the best this CPU supports)",
+    )
     args = p.parse_args(argv)
     if args.clock == "cpu" and args.threads != [1]:
-        print("bench_ops.py: --clock cpu counts one thread's time: use it with --threads 1",
-              file=sys.stderr)
+        print(
+            "bench_ops.py: --clock cpu counts one thread's time: use it with --threads 1",
+            file=sys.stderr,
+        )
         return 2
     try:
         cpu_level = select_cpu_level(args.cpu_level)
@@ -239,16 +322,19 @@ def main(argv=None) -> int:
     shapes = LOGIT_SHAPES[1:] if args.quick else LOGIT_SHAPES
     all_threads = torch.get_num_threads()
     threads = args.threads or sorted({1, all_threads})
-    print(f"jem_ext {jem_ext.__version__}, torch {torch.__version__}, "
-          f"{cpu_model()}, CPU level {cpu_level} (torch: "
-          f"{torch.backends.cpu.get_cpu_capability()}), {all_threads} threads")
+    print(
+        f"jem_ext {jem_ext.__version__}, torch {torch.__version__}, "
+        f"{cpu_model()}, CPU level {cpu_level} (torch: "
+        f"{torch.backends.cpu.get_cpu_capability()}), {all_threads} threads"
+    )
     print(HEADER)
     rows = []
     if not args.no_cpu:
         for t in threads:
             torch.set_num_threads(t)
-            rows += bench_device("cpu", t, args.min_time, not args.no_compile, sizes, shapes,
-                                 args.clock)
+            rows += bench_device(
+                "cpu", t, args.min_time, not args.no_compile, sizes, shapes, args.clock
+            )
         torch.set_num_threads(all_threads)
     if torch.cuda.is_available():
         rows += bench_device("cuda", None, args.min_time, not args.no_compile, sizes, shapes)
@@ -260,13 +346,18 @@ def main(argv=None) -> int:
         print(f"cuda copy bandwidth (clone of 16M float32): {copy_gbps:.1f} GB/s")
         rows.append(dict(op="copy", device="cuda", size=n, fused_GBps=copy_gbps))
     if args.json:
-        meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    torch=torch.__version__, jem_ext=jem_ext.__version__,
-                    cpu=cpu_model(), cpu_level=cpu_level, threads=all_threads,
-                    cpu_clock=args.clock,
-                    torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
-                    gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                    build=jem_ext.build_info)
+        meta = dict(
+            date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            torch=torch.__version__,
+            jem_ext=jem_ext.__version__,
+            cpu=cpu_model(),
+            cpu_level=cpu_level,
+            threads=all_threads,
+            cpu_clock=args.clock,
+            torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
+            gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            build=jem_ext.build_info,
+        )
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)

@@ -37,15 +37,22 @@ from jem_ext._io import atomic_write_text
 from jem_ext.models import build_model
 from jem_ext.sampler import ReplayBuffer, SGLDSampler
 
-
 # ------------------------------------------------------------------ reference sampler
 
 
 class ReferenceSampler:
-    """Eager re-implementation of the JEM reference ``sample_p_0`` / ``sample_q`` (unconditional)."""
+    """Eager copy of the JEM reference sampler (``sample_p_0`` / ``sample_q``, unconditional)."""
 
-    def __init__(self, buffer_size, sample_shape, device, n_steps, step_size=1.0, noise_std=0.01,
-                 reinit_freq=0.05):
+    def __init__(
+        self,
+        buffer_size,
+        sample_shape,
+        device,
+        n_steps,
+        step_size=1.0,
+        noise_std=0.01,
+        reinit_freq=0.05,
+    ):
         self.sample_shape = tuple(sample_shape)
         self.device = torch.device(device)
         self.n_steps = n_steps
@@ -71,8 +78,9 @@ class ReferenceSampler:
         init_sample, inds = self.sample_p_0(bs)
         x_k = init_sample.clone().requires_grad_(True)
         for _ in range(self.n_steps):
-            f_prime = torch.autograd.grad(model(x_k).logsumexp(1).sum(), [x_k],
-                                          retain_graph=True)[0]
+            f_prime = torch.autograd.grad(model(x_k).logsumexp(1).sum(), [x_k], retain_graph=True)[
+                0
+            ]
             x_k.data += self.step_size * f_prime + self.noise_std * torch.randn_like(x_k)
         model.train()
         final = x_k.detach()
@@ -96,15 +104,29 @@ def time_call(fn, device):
     return time.perf_counter() - t0
 
 
-def bench_config(name, model_name, in_shape, batch, steps, repeats, warmup, buffer_size, device,
-                 seed, model_kwargs=None):
+def bench_config(
+    name,
+    model_name,
+    in_shape,
+    batch,
+    steps,
+    repeats,
+    warmup,
+    buffer_size,
+    device,
+    seed,
+    model_kwargs=None,
+):
     """Time both samplers on one configuration; returns a result dict."""
     torch.manual_seed(seed)
     model = build_model(model_name, 10, in_shape, **(model_kwargs or {})).to(device).train()
     gen = torch.Generator(device=device).manual_seed(seed)
-    ours = SGLDSampler(n_steps=steps, step_size=1.0, noise_std=0.01,
-                       buffer=ReplayBuffer(buffer_size, in_shape, device=device, reinit_prob=0.05,
-                                           generator=gen))
+    ours = SGLDSampler(
+        n_steps=steps,
+        step_size=1.0,
+        noise_std=0.01,
+        buffer=ReplayBuffer(buffer_size, in_shape, device=device, reinit_prob=0.05, generator=gen),
+    )
     ref = ReferenceSampler(buffer_size, in_shape, device, steps)
     runs = {
         "jem_ext": lambda: ours.sample(model, batch, generator=gen),
@@ -137,14 +159,18 @@ def bench_config(name, model_name, in_shape, batch, steps, repeats, warmup, buff
 
 
 def print_table(results):
-    head = (f"{'config':<22}{'batch':>6}{'steps':>6}{'reps':>5}"
-            f"{'jem_ext img*step/s':>20}{'reference img*step/s':>22}{'ratio':>8}{'ratio(best)':>12}")
+    head = (
+        f"{'config':<22}{'batch':>6}{'steps':>6}{'reps':>5}"
+        f"{'jem_ext img*step/s':>20}{'reference img*step/s':>22}{'ratio':>8}{'ratio(best)':>12}"
+    )
     print(head)
     print("-" * len(head))
     for r in results:
-        print(f"{r['name']:<22}{r['batch']:>6}{r['steps']:>6}{r['repeats']:>5}"
-              f"{r['jem_ext_img_steps_per_s']:>20.1f}{r['reference_img_steps_per_s']:>22.1f}"
-              f"{r['ratio']:>8.2f}{r['ratio_min']:>12.2f}")
+        print(
+            f"{r['name']:<22}{r['batch']:>6}{r['steps']:>6}{r['repeats']:>5}"
+            f"{r['jem_ext_img_steps_per_s']:>20.1f}{r['reference_img_steps_per_s']:>22.1f}"
+            f"{r['ratio']:>8.2f}{r['ratio_min']:>12.2f}"
+        )
 
 
 def int_at_least(low):
@@ -172,27 +198,46 @@ def parse_args(argv=None):
         "JEM reference sampler (CPU replay buffer), same model, batch and run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="device for the models and jem_ext's buffer (cpu or cuda[:N])")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch.set_num_threads value (default: torch's own choice)")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="device for the models and jem_ext's buffer (cpu or cuda[:N])",
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch.set_num_threads value (default: torch's own choice)",
+    )
     p.add_argument("--steps", type=positive_int, default=20, help="SGLD steps per chain (SmallCNN)")
     p.add_argument("--batch", type=positive_int, default=64, help="chains per batch (SmallCNN)")
-    p.add_argument("--repeats", type=positive_int, default=5,
-                   help="timed chains per sampler and configuration (SmallCNN); median reported")
-    p.add_argument("--warmup", type=nonneg_int, default=1,
-                   help="untimed chains per sampler before timing")
-    p.add_argument("--buffer-size", type=positive_int, default=10000,
-                   help="replay buffer size (both samplers)")
-    p.add_argument("--wrn", action="store_true",
-                   help="also benchmark WRN-28-10 on 32x32x3 (slow on CPU)")
+    p.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=5,
+        help="timed chains per sampler and configuration (SmallCNN); median reported",
+    )
+    p.add_argument(
+        "--warmup", type=nonneg_int, default=1, help="untimed chains per sampler before timing"
+    )
+    p.add_argument(
+        "--buffer-size", type=positive_int, default=10000, help="replay buffer size (both samplers)"
+    )
+    p.add_argument(
+        "--wrn", action="store_true", help="also benchmark WRN-28-10 on 32x32x3 (slow on CPU)"
+    )
     p.add_argument("--wrn-batch", type=positive_int, default=16, help="chains per batch (WRN)")
     p.add_argument("--wrn-steps", type=positive_int, default=20, help="SGLD steps per chain (WRN)")
-    p.add_argument("--wrn-repeats", type=positive_int, default=2,
-                   help="timed chains per sampler (WRN)")
+    p.add_argument(
+        "--wrn-repeats", type=positive_int, default=2, help="timed chains per sampler (WRN)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for models, buffers and noise")
-    p.add_argument("--json", metavar="OUT", default=None,
-                   help="also write the results (settings, per-repeat times, medians) to OUT")
+    p.add_argument(
+        "--json",
+        metavar="OUT",
+        default=None,
+        help="also write the results (settings, per-repeat times, medians) to OUT",
+    )
     args = p.parse_args(argv)
     try:
         args.device = torch.device(args.device)
@@ -220,30 +265,66 @@ def main(argv=None):
         ("small_cnn 3x32x32", "small_cnn", (3, 32, 32), args.batch, args.steps, args.repeats, {}),
     ]
     if args.wrn:
-        configs.append(("wrn-28-10 3x32x32", "wrn", (3, 32, 32), args.wrn_batch, args.wrn_steps,
-                        args.wrn_repeats, {"depth": 28, "widen_factor": 10}))
+        configs.append(
+            (
+                "wrn-28-10 3x32x32",
+                "wrn",
+                (3, 32, 32),
+                args.wrn_batch,
+                args.wrn_steps,
+                args.wrn_repeats,
+                {"depth": 28, "widen_factor": 10},
+            )
+        )
     results = []
-    for name, model_name, shape, batch, steps, repeats, kw in tqdm(configs, desc="configs",
-                                                                   file=sys.stderr):
-        results.append(bench_config(name, model_name, shape, batch, steps, repeats, args.warmup,
-                                    args.buffer_size, args.device, args.seed, kw))
-    device_name = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
-                   else platform.processor() or platform.machine())
-    print(f"device: {args.device} ({device_name}), threads: {torch.get_num_threads()}, "
-          f"torch {torch.__version__}")
+    for name, model_name, shape, batch, steps, repeats, kw in tqdm(
+        configs, desc="configs", file=sys.stderr
+    ):
+        results.append(
+            bench_config(
+                name,
+                model_name,
+                shape,
+                batch,
+                steps,
+                repeats,
+                args.warmup,
+                args.buffer_size,
+                args.device,
+                args.seed,
+                kw,
+            )
+        )
+    device_name = (
+        torch.cuda.get_device_name(args.device)
+        if args.device.type == "cuda"
+        else platform.processor() or platform.machine()
+    )
+    print(
+        f"device: {args.device} ({device_name}), threads: {torch.get_num_threads()}, "
+        f"torch {torch.__version__}"
+    )
     print_table(results)
     if args.json is not None:
-        atomic_write_text(args.json, json.dumps({
-            "benchmark": "bench_sampler",
-            "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "device": str(args.device),
-            "device_name": device_name,
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "settings": {k: (str(v) if isinstance(v, torch.device) else v)
-                         for k, v in vars(args).items()},
-            "results": results,
-        }, indent=2))
+        atomic_write_text(
+            args.json,
+            json.dumps(
+                {
+                    "benchmark": "bench_sampler",
+                    "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "device": str(args.device),
+                    "device_name": device_name,
+                    "threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                    "settings": {
+                        k: (str(v) if isinstance(v, torch.device) else v)
+                        for k, v in vars(args).items()
+                    },
+                    "results": results,
+                },
+                indent=2,
+            ),
+        )
         print(f"wrote {args.json}")
     return 0
 

@@ -22,8 +22,10 @@ if _torch.__version__ != _build_info.TORCH_VERSION:
         "`pip install --no-build-isolation --force-reinstall .`"
     )
 
-from . import _C  # noqa: E402  (registers the ops)
-from . import ops  # noqa: E402
+from . import (
+    _C,  # noqa: E402  (registers the ops)
+    ops,  # noqa: E402
+)
 
 __version__: str = _build_info.VERSION
 build_info: dict = dict(_C.build_info)

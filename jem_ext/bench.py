@@ -27,15 +27,17 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import jem_ext
+
 from . import ops
 from ._io import atomic_write_text
 from .models import build_model
@@ -63,8 +65,18 @@ class Sizes:
     op_reps: int = 50
 
 
-SMOKE = Sizes(sgld_elements=4096, energy_rows=256, depth=10, width=1, image=(3, 8, 8), batch=4,
-              steps=2, buffer=32, reps=2, op_reps=3)
+SMOKE = Sizes(
+    sgld_elements=4096,
+    energy_rows=256,
+    depth=10,
+    width=1,
+    image=(3, 8, 8),
+    batch=4,
+    steps=2,
+    buffer=32,
+    reps=2,
+    op_reps=3,
+)
 
 
 @dataclass(frozen=True)
@@ -102,8 +114,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 1
-              ) -> dict[str, float]:
+def time_call(
+    fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 1
+) -> dict[str, float]:
     """Median and best wall seconds of ``fn()`` over ``reps`` runs (after ``warmup`` runs)."""
     for _ in range(warmup):
         fn()
@@ -148,8 +161,7 @@ def stage_ops(device: torch.device, sizes: Sizes) -> dict[str, Any]:
     g = torch.randn(n, device=device)
     dst = torch.empty_like(x)
     copy = time_call(lambda: dst.copy_(x), device, sizes.op_reps)
-    sgld = time_call(lambda: ops.sgld_step_(x, g, 1.0, 0.01, generator=gen), device,
-                     sizes.op_reps)
+    sgld = time_call(lambda: ops.sgld_step_(x, g, 1.0, 0.01, generator=gen), device, sizes.op_reps)
     copy_gbps = _gbps(2 * 4 * n, copy["median_s"])
     sgld_gbps = _gbps(3 * 4 * n, sgld["median_s"])  # read x and g, write x
 
@@ -171,8 +183,13 @@ def stage_ops(device: torch.device, sizes: Sizes) -> dict[str, Any]:
         "copy": {**copy, "gbps": copy_gbps, "elements": n},
         "sgld_step_": {**sgld, "gbps": sgld_gbps, "fraction_of_copy": sgld_gbps / copy_gbps},
         "energy_copy": {**e_copy, "gbps": e_copy_gbps},
-        "energy_fwd_bwd": {**energy, "gbps": energy_gbps, "rows": rows, "classes": classes,
-                           "fraction_of_copy": energy_gbps / e_copy_gbps},
+        "energy_fwd_bwd": {
+            **energy,
+            "gbps": energy_gbps,
+            "rows": rows,
+            "classes": classes,
+            "fraction_of_copy": energy_gbps / e_copy_gbps,
+        },
     }
 
 
@@ -186,11 +203,22 @@ class ReferenceSampler:
     """Eager copy of the JEM reference sampler: CPU buffer, ``autograd.grad`` of logsumexp and
     ``x.data += -step * g + std * randn_like(x)`` per step (``g = dE/dx``)."""
 
-    def __init__(self, sizes: Sizes, device: torch.device, step: float = 1.0,
-                 std: float = 0.01, reinit: float = 0.05) -> None:
+    def __init__(
+        self,
+        sizes: Sizes,
+        device: torch.device,
+        step: float = 1.0,
+        std: float = 0.01,
+        reinit: float = 0.05,
+    ) -> None:
         self.buffer = torch.empty(sizes.buffer, *sizes.image).uniform_(-1, 1)
         self.device, self.steps, self.step, self.std, self.reinit = (
-            device, sizes.steps, step, std, reinit)
+            device,
+            sizes.steps,
+            step,
+            std,
+            reinit,
+        )
 
     def sample(self, model: nn.Module, batch: int) -> Tensor:
         idx = torch.randint(0, len(self.buffer), (batch,))
@@ -214,25 +242,38 @@ def _sampler(sizes: Sizes, device: torch.device) -> SGLDSampler:
 
 def _context(option: Option, sizes: Sizes, device: torch.device) -> StepContext:
     model = _wrn(sizes, device)
-    ctx = StepContext(model_for_chain=model, model_for_loss=model,
-                      optimizer=torch.optim.Adam(model.parameters(), lr=1e-4),
-                      sampler=_sampler(sizes, device),
-                      generator=torch.Generator(device=device).manual_seed(2))
-    accel.apply_speed_options(ctx, {"precision": option.precision,
-                                    "channels_last": option.channels_last,
-                                    "compile": option.compile,
-                                    "cuda_graph": option.cuda_graph}, device)
+    ctx = StepContext(
+        model_for_chain=model,
+        model_for_loss=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-4),
+        sampler=_sampler(sizes, device),
+        generator=torch.Generator(device=device).manual_seed(2),
+    )
+    accel.apply_speed_options(
+        ctx,
+        {
+            "precision": option.precision,
+            "channels_last": option.channels_last,
+            "compile": option.compile,
+            "cuda_graph": option.cuda_graph,
+        },
+        device,
+    )
     return ctx
 
 
 def _rate(sizes: Sizes, timing: dict[str, float]) -> dict[str, float]:
     work = sizes.batch * sizes.steps
-    return {**timing, "images_steps_per_s": work / timing["median_s"],
-            "best_images_steps_per_s": work / timing["best_s"]}
+    return {
+        **timing,
+        "images_steps_per_s": work / timing["median_s"],
+        "best_images_steps_per_s": work / timing["best_s"],
+    }
 
 
-def stage_chain(device: torch.device, sizes: Sizes, options: tuple[Option, ...],
-                deadline: float = math.inf) -> dict[str, Any]:
+def stage_chain(
+    device: torch.device, sizes: Sizes, options: tuple[Option, ...], deadline: float = math.inf
+) -> dict[str, Any]:
     """Chain throughput of each option set and of the reference sampler (options not started
     by ``deadline``, a ``time.perf_counter()`` value, are recorded as skipped)."""
     model = _wrn(sizes, device)
@@ -243,13 +284,15 @@ def stage_chain(device: torch.device, sizes: Sizes, options: tuple[Option, ...],
 
     out: dict[str, Any] = {"reference": _rate(sizes, time_call(reference, device, sizes.reps))}
     for option in options:
-        out[option.name] = _within(deadline,
-                                   lambda: _chain_option(option, sizes, device, reference))
+        out[option.name] = _within(
+            deadline, lambda: _chain_option(option, sizes, device, reference)
+        )
     return out
 
 
-def _chain_option(option: Option, sizes: Sizes, device: torch.device,
-                  reference: Callable[[], Any]) -> dict[str, Any]:
+def _chain_option(
+    option: Option, sizes: Sizes, device: torch.device, reference: Callable[[], Any]
+) -> dict[str, Any]:
     """The option's chain timed alternately with the reference chain (so that other load on
     the machine hits both alike); the speed-up is the ratio of their medians."""
     ctx = _context(option, sizes, device)
@@ -260,16 +303,28 @@ def _chain_option(option: Option, sizes: Sizes, device: torch.device,
     ours, ref = [], []
     for _ in range(sizes.reps):
         ref.append(time_call(reference, device, 1, warmup=0)["median_s"])
-        ours.append(time_call(
-            lambda: ctx.sampler.sample(ctx.model_for_chain, sizes.batch, generator=ctx.generator),
-            device, 1, warmup=0)["median_s"])
+        ours.append(
+            time_call(
+                lambda: ctx.sampler.sample(
+                    ctx.model_for_chain, sizes.batch, generator=ctx.generator
+                ),
+                device,
+                1,
+                warmup=0,
+            )["median_s"]
+        )
     res = _rate(sizes, {"median_s": statistics.median(ours), "best_s": min(ours)})
-    return {**res, "first_call_s": first, "reference_median_s": statistics.median(ref),
-            "speedup_vs_reference": statistics.median(ref) / res["median_s"]}
+    return {
+        **res,
+        "first_call_s": first,
+        "reference_median_s": statistics.median(ref),
+        "speedup_vs_reference": statistics.median(ref) / res["median_s"],
+    }
 
 
-def stage_train(device: torch.device, sizes: Sizes, options: tuple[Option, ...],
-                deadline: float = math.inf) -> dict[str, Any]:
+def stage_train(
+    device: torch.device, sizes: Sizes, options: tuple[Option, ...], deadline: float = math.inf
+) -> dict[str, Any]:
     """Seconds per training iteration and the projected hours of the full recipe."""
     iters = math.ceil(RECIPE["images"] / RECIPE["batch"]) * RECIPE["epochs"]
     out: dict[str, Any] = {"recipe": {**RECIPE, "iterations": iters}}
@@ -278,8 +333,7 @@ def stage_train(device: torch.device, sizes: Sizes, options: tuple[Option, ...],
     return out
 
 
-def _train_option(option: Option, sizes: Sizes, device: torch.device, iters: int
-                  ) -> dict[str, Any]:
+def _train_option(option: Option, sizes: Sizes, device: torch.device, iters: int) -> dict[str, Any]:
     ctx = _context(option, sizes, device)
     x = torch.rand(sizes.batch, *sizes.image, device=device) * 2 - 1
     batch = Batch(x, torch.randint(0, 10, (sizes.batch,), device=device))
@@ -324,8 +378,11 @@ def _rows(stage: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 def markdown(results: dict[str, Any]) -> str:
     """The Markdown table of a results dict (as written to ``bench.json``)."""
     env = results.get("env", {})
-    lines = [f"# jem_ext bench ({results['mode']}, {env.get('device_name', env.get('device'))}, "
-             f"{results['date']})", ""]
+    lines = [
+        f"# jem_ext bench ({results['mode']}, {env.get('device_name', env.get('device'))}, "
+        f"{results['date']})",
+        "",
+    ]
     if "ops" in results:
         lines += _ops_table(results["ops"])
     if "chain" in results:
@@ -340,16 +397,17 @@ def _ops_table(ops_r: dict[str, Any]) -> list[str]:
     for name in ("copy", "sgld_step_", "energy_copy", "energy_fwd_bwd"):
         r = ops_r.get(name, {})
         ms = None if "median_s" not in r else r["median_s"] * 1e3
-        lines.append(f"| {name} | {_fmt(ms, '.3f')} | {_fmt(r.get('gbps'), '.1f')} | "
-                     f"{_fmt(r.get('fraction_of_copy'), '.2f')} |")
+        lines.append(
+            f"| {name} | {_fmt(ms, '.3f')} | {_fmt(r.get('gbps'), '.1f')} | "
+            f"{_fmt(r.get('fraction_of_copy'), '.2f')} |"
+        )
     if "error" in ops_r:
         lines.append(f"\nops error: {ops_r['error']}")
     return lines + [""]
 
 
 def _chain_table(chain: dict[str, Any]) -> list[str]:
-    lines = ["| chain | images x steps / s | vs reference | first call s |",
-             "|---|---:|---:|---:|"]
+    lines = ["| chain | images x steps / s | vs reference | first call s |", "|---|---:|---:|---:|"]
     for name, r in _rows(chain):
         if "skipped" in r:
             lines.append(f"| {name} | skipped: {r['skipped']} | | |")
@@ -357,15 +415,19 @@ def _chain_table(chain: dict[str, Any]) -> list[str]:
         if "error" in r:
             lines.append(f"| {name} | error: {r['error'][:80]} | | |")
             continue
-        lines.append(f"| {name} | {r['images_steps_per_s']:.1f} | "
-                     f"{_fmt(r.get('speedup_vs_reference', 1.0), '.2f')}x | "
-                     f"{_fmt(r.get('first_call_s'), '.1f')} |")
+        lines.append(
+            f"| {name} | {r['images_steps_per_s']:.1f} | "
+            f"{_fmt(r.get('speedup_vs_reference', 1.0), '.2f')}x | "
+            f"{_fmt(r.get('first_call_s'), '.1f')} |"
+        )
     return lines + [""]
 
 
 def _train_table(train: dict[str, Any]) -> list[str]:
-    lines = ["| training iteration | s / iteration | projected hours (150 epochs) |",
-             "|---|---:|---:|"]
+    lines = [
+        "| training iteration | s / iteration | projected hours (150 epochs) |",
+        "|---|---:|---:|",
+    ]
     for name, r in _rows(train):
         if "skipped" in r:
             lines.append(f"| {name} | skipped: {r['skipped']} | |")
@@ -377,18 +439,26 @@ def _train_table(train: dict[str, Any]) -> list[str]:
     return lines
 
 
-def run_bench(device: torch.device, sizes: Sizes, options: tuple[Option, ...],
-              train_options: tuple[Option, ...], stages: tuple[str, ...], mode: str,
-              budget_s: float = math.inf,
-              on_stage: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run_bench(
+    device: torch.device,
+    sizes: Sizes,
+    options: tuple[Option, ...],
+    train_options: tuple[Option, ...],
+    stages: tuple[str, ...],
+    mode: str,
+    budget_s: float = math.inf,
+    on_stage: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Run the named stages; returns the results dict.
 
     Chain and training options not started within ``budget_s`` seconds are skipped (recorded
     as such); ``on_stage(results)`` is called after each stage (to save partial results).
     """
     deadline = time.perf_counter() + budget_s
-    results: dict[str, Any] = {"mode": mode,
-                               "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    results: dict[str, Any] = {
+        "mode": mode,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     runners = {
         "env": lambda: stage_env(device, sizes),
         "ops": lambda: stage_ops(device, sizes),
@@ -400,9 +470,11 @@ def run_bench(device: torch.device, sizes: Sizes, options: tuple[Option, ...],
         start = time.perf_counter()
         results[name] = _guarded(runners[name])
         results["stage_seconds"][name] = seconds = time.perf_counter() - start
-        print(f"bench: {name} done in {seconds:.1f} s"
-              + (f" (error: {results[name]['error']})" if "error" in results[name] else ""),
-              file=sys.stderr)
+        print(
+            f"bench: {name} done in {seconds:.1f} s"
+            + (f" (error: {results[name]['error']})" if "error" in results[name] else ""),
+            file=sys.stderr,
+        )
         if on_stage is not None:
             on_stage(results)
     return results
@@ -415,21 +487,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jem_ext.bench",
         description="Time jem_ext's ops, SGLD chain and training iteration on one device "
-        "against an eager copy of the JEM reference sampler; write bench.json and bench.md.")
+        "against an eager copy of the JEM reference sampler; write bench.json and bench.md.",
+    )
     p.add_argument("--out", required=True, help="folder for bench.json and bench.md")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="device to measure (auto: cuda when available; --smoke uses cpu)")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny sizes on the CPU (a tiny WRN, K=2, few repeats): checks the script")
-    p.add_argument("--stages", default=",".join(STAGES),
-                   help=f"comma-separated stages to run, from {','.join(STAGES)}")
-    p.add_argument("--no-compile", action="store_true",
-                   help="leave out the torch.compile option (compilation takes minutes)")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="device to measure (auto: cuda when available; --smoke uses cpu)",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes on the CPU (a tiny WRN, K=2, few repeats): checks the script",
+    )
+    p.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help=f"comma-separated stages to run, from {','.join(STAGES)}",
+    )
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="leave out the torch.compile option (compilation takes minutes)",
+    )
     p.add_argument("--reps", type=int, default=None, help="timed repeats per chain/train figure")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    p.add_argument("--budget-s", type=float, default=math.inf,
-                   help="skip the chain/training options not started within this many seconds "
-                   "(results so far are written after every stage; default: no limit)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=math.inf,
+        help="skip the chain/training options not started within this many seconds "
+        "(results so far are written after every stage; default: no limit)",
+    )
     sizes = p.add_argument_group("sizes (override the WRN-28-10, batch 64, K=20 defaults)")
     sizes.add_argument("--depth", type=int, default=None, help="WRN depth (6n+4)")
     sizes.add_argument("--width", type=int, default=None, help="WRN widen factor")
@@ -441,21 +531,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _override(sizes: Sizes, args: argparse.Namespace) -> Sizes:
     """``sizes`` with the sizes given on the command line."""
-    given = {key: getattr(args, key) for key in ("reps", "depth", "width", "batch", "steps")
-             if getattr(args, key) is not None}
+    given = {
+        key: getattr(args, key)
+        for key in ("reps", "depth", "width", "batch", "steps")
+        if getattr(args, key) is not None
+    }
     if args.image_size is not None:
         given["image"] = (sizes.image[0], args.image_size, args.image_size)
     return replace(sizes, **given)
 
 
-def _choose(args: argparse.Namespace) -> tuple[torch.device, Sizes, tuple[Option, ...],
-                                               tuple[Option, ...]]:
+def _choose(
+    args: argparse.Namespace,
+) -> tuple[torch.device, Sizes, tuple[Option, ...], tuple[Option, ...]]:
     """Device, sizes and options from the parsed arguments (raises ValueError)."""
     stages = tuple(s for s in args.stages.split(",") if s)
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
-        raise ValueError(f"--stages: unknown {','.join(unknown)}; expected from "
-                         f"{','.join(STAGES)}")
+        raise ValueError(f"--stages: unknown {','.join(unknown)}; expected from {','.join(STAGES)}")
     if not args.budget_s > 0:
         raise ValueError(f"--budget-s: expected > 0, got {args.budget_s}")
     for key in ("reps", "depth", "width", "batch", "steps", "image_size"):
@@ -492,9 +585,16 @@ def main(argv: list[str] | None = None) -> int:
     stages = tuple(s for s in args.stages.split(",") if s)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = run_bench(device, sizes, options, train_options, stages,
-                        "smoke" if args.smoke else "full", budget_s=args.budget_s,
-                        on_stage=lambda r: write_results(out, r))
+    results = run_bench(
+        device,
+        sizes,
+        options,
+        train_options,
+        stages,
+        "smoke" if args.smoke else "full",
+        budget_s=args.budget_s,
+        on_stage=lambda r: write_results(out, r),
+    )
     print(markdown(results))
     print(f"bench: wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return 0

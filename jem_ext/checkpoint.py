@@ -133,16 +133,25 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
             f"checkpoint {path}: not a jem_ext checkpoint or unsafe to load "
             f"(weights_only load refused it: {first})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError,
-            AttributeError, TypeError, IndexError, io.UnsupportedOperation) as err:
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        zipfile.BadZipFile,
+        KeyError,
+        AttributeError,
+        TypeError,
+        IndexError,
+        io.UnsupportedOperation,
+    ) as err:
         first = _first_sentence(err)
         raise CheckpointError(
             f"checkpoint {path}: corrupt or truncated file, cannot be read ({first})"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(
-            f"checkpoint {path}: not a jem_ext checkpoint (expected a dict with "
-            f"format={FORMAT!r})"
+            f"checkpoint {path}: not a jem_ext checkpoint (expected a dict with format={FORMAT!r})"
         )
     if state.get("version") not in KNOWN_VERSIONS:
         raise CheckpointError(
@@ -303,21 +312,24 @@ def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict[st
     return state
 
 
-def restore_rng(state: dict[str, Any],
-                generators: dict[str, torch.Generator] | None = None) -> None:
+def restore_rng(
+    state: dict[str, Any], generators: dict[str, torch.Generator] | None = None
+) -> None:
     """Restore RNG states saved by :func:`capture_rng` (named generators matched by key)."""
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     npst = state.get("numpy")
     if npst:
-        np.random.set_state((
-            npst["name"],
-            npst["keys"].numpy().astype(np.uint32),
-            npst["pos"],
-            npst["has_gauss"],
-            npst["cached_gaussian"],
-        ))
+        np.random.set_state(
+            (
+                npst["name"],
+                npst["keys"].numpy().astype(np.uint32),
+                npst["pos"],
+                npst["has_gauss"],
+                npst["cached_gaussian"],
+            )
+        )
     py = state.get("python")
     if py:
         random.setstate((py[0], tuple(py[1]), py[2]))

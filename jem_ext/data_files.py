@@ -307,9 +307,7 @@ def read_svhn(root: str | os.PathLike | None, split: str) -> ImageData:
             f"{list(images.shape)}"
         )
     if labels.shape[0] != images.shape[3]:
-        raise DataError(
-            f"svhn: {path}: expected {images.shape[3]} labels, got {labels.shape[0]}"
-        )
+        raise DataError(f"svhn: {path}: expected {images.shape[3]} labels, got {labels.shape[0]}")
     labels = labels.astype(np.int64)
     if labels.size and (labels.min() < 0 or labels.max() > 10):
         raise DataError(
@@ -335,9 +333,7 @@ def _list_class_folder(root: Path) -> dict[str, list[Path]]:
         raise DataError(f"image folder {root}: folder does not exist")
     tree: dict[str, list[Path]] = {}
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(
-            f for f in sub.iterdir() if f.is_file() and f.suffix.lower() in _IMAGE_EXTS
-        )
+        files = sorted(f for f in sub.iterdir() if f.is_file() and f.suffix.lower() in _IMAGE_EXTS)
         if not files:
             raise DataError(
                 f"image folder {root}: expected .png/.jpg files in class folder "

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import sys
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -46,9 +47,18 @@ def graph_unavailable(x: Tensor, generator: torch.Generator | None) -> str | Non
     return None
 
 
-def chain_key(model: nn.Module, x: Tensor, n_steps: int, step_size: float, noise_std: float,
-              y: Tensor | None, clamp: tuple[float, float] | None, grad_clip: float | None,
-              generator: torch.Generator | None, autocast: Autocast | None) -> Hashable:
+def chain_key(
+    model: nn.Module,
+    x: Tensor,
+    n_steps: int,
+    step_size: float,
+    noise_std: float,
+    y: Tensor | None,
+    clamp: tuple[float, float] | None,
+    grad_clip: float | None,
+    generator: torch.Generator | None,
+    autocast: Autocast | None,
+) -> Hashable:
     """What a captured chain is valid for: a different key needs a different graph.
 
     Shapes, dtypes, strides (memory layout) and device of ``x`` and ``y``; the chain settings
@@ -57,11 +67,21 @@ def chain_key(model: nn.Module, x: Tensor, n_steps: int, step_size: float, noise
     """
     y_key = None if y is None else (tuple(y.shape), y.dtype)
     clamp_key = None if clamp is None else (float(clamp[0]), float(clamp[1]))
-    return (id(model), tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device), y_key,
-            int(n_steps), float(step_size), float(noise_std), clamp_key,
-            None if grad_clip is None else float(grad_clip),
-            None if generator is None else id(generator),
-            None if autocast is None else id(autocast))
+    return (
+        id(model),
+        tuple(x.shape),
+        tuple(x.stride()),
+        x.dtype,
+        str(x.device),
+        y_key,
+        int(n_steps),
+        float(step_size),
+        float(noise_std),
+        clamp_key,
+        None if grad_clip is None else float(grad_clip),
+        None if generator is None else id(generator),
+        None if autocast is None else id(autocast),
+    )
 
 
 @dataclass
@@ -84,22 +104,30 @@ class GraphedChain:
 
     def __init__(self, warmup: int = 2, max_graphs: int = 4) -> None:
         if warmup < 1 or max_graphs < 1:
-            raise ValueError(f"GraphedChain: need warmup >= 1 and max_graphs >= 1, got "
-                             f"{warmup}, {max_graphs}")
+            raise ValueError(
+                f"GraphedChain: need warmup >= 1 and max_graphs >= 1, got {warmup}, {max_graphs}"
+            )
         self.warmup = int(warmup)
         self.max_graphs = int(max_graphs)
         self.graphs: OrderedDict[Hashable, _Captured | None] = OrderedDict()
         self.captures = 0
         self._noted: set[str] = set()
 
-    def __call__(self, model: nn.Module, x: Tensor, n_steps: int, step_size: float = 1.0,
-                 noise_std: float = 0.01, y: Tensor | None = None,
-                 clamp: tuple[float, float] | None = None, grad_clip: float | None = None,
-                 generator: torch.Generator | None = None,
-                 autocast: Autocast | None = None) -> Tensor:
+    def __call__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        n_steps: int,
+        step_size: float = 1.0,
+        noise_std: float = 0.01,
+        y: Tensor | None = None,
+        clamp: tuple[float, float] | None = None,
+        grad_clip: float | None = None,
+        generator: torch.Generator | None = None,
+        autocast: Autocast | None = None,
+    ) -> Tensor:
         args = (n_steps, step_size, noise_std)
-        kwargs = dict(y=y, clamp=clamp, grad_clip=grad_clip, generator=generator,
-                      autocast=autocast)
+        kwargs = dict(y=y, clamp=clamp, grad_clip=grad_clip, generator=generator, autocast=autocast)
         reason = graph_unavailable(x, generator)
         if reason is not None or n_steps == 0:
             if reason is not None:
@@ -107,8 +135,9 @@ class GraphedChain:
             return sgld_chain(model, x, *args, **kwargs)
         if y is not None:
             y = y.to(device=x.device, dtype=torch.int64)
-        key = chain_key(model, x, n_steps, step_size, noise_std, y, clamp, grad_clip,
-                        generator, autocast)
+        key = chain_key(
+            model, x, n_steps, step_size, noise_std, y, clamp, grad_clip, generator, autocast
+        )
         if key not in self.graphs:
             self._store(key, self._try_capture(model, x, *args, **{**kwargs, "y": y}))
         self.graphs.move_to_end(key)
@@ -122,8 +151,10 @@ class GraphedChain:
     def _note(self, reason: str) -> None:
         if reason not in self._noted:
             self._noted.add(reason)
-            print(f"jem_ext: cuda-graph chain off ({reason}); running the chain eagerly",
-                  file=sys.stderr)
+            print(
+                f"jem_ext: cuda-graph chain off ({reason}); running the chain eagerly",
+                file=sys.stderr,
+            )
 
     def _store(self, key: Hashable, entry: _Captured | None) -> None:
         self.graphs[key] = entry
@@ -142,15 +173,26 @@ class GraphedChain:
             model.train(was_training)
         return entry.x.clone()
 
-    def _try_capture(self, model: nn.Module, x: Tensor, n_steps: int, step_size: float,
-                     noise_std: float, *, y: Tensor | None, clamp, grad_clip,
-                     generator: torch.Generator | None, autocast: Autocast | None
-                     ) -> _Captured | None:
+    def _try_capture(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        n_steps: int,
+        step_size: float,
+        noise_std: float,
+        *,
+        y: Tensor | None,
+        clamp,
+        grad_clip,
+        generator: torch.Generator | None,
+        autocast: Autocast | None,
+    ) -> _Captured | None:
         was_training = model.training
         model.eval()
         try:
-            return self._capture(model, x, n_steps, step_size, noise_std, y, clamp, grad_clip,
-                                 generator, autocast)
+            return self._capture(
+                model, x, n_steps, step_size, noise_std, y, clamp, grad_clip, generator, autocast
+            )
         except RuntimeError as err:
             first_line = (str(err).splitlines() or [type(err).__name__])[0]
             self._note(f"capture failed: {first_line}")
@@ -158,8 +200,9 @@ class GraphedChain:
         finally:
             model.train(was_training)
 
-    def _capture(self, model, x, n_steps, step_size, noise_std, y, clamp, grad_clip, generator,
-                 autocast) -> _Captured:
+    def _capture(
+        self, model, x, n_steps, step_size, noise_std, y, clamp, grad_clip, generator, autocast
+    ) -> _Captured:
         static_x = x.detach().clone()
         static_y = None if y is None else y.clone()
         steps = (n_steps, step_size, noise_std, static_y, clamp, grad_clip, generator, autocast)

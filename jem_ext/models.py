@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import math
 import operator
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -277,13 +278,15 @@ _POSITIVE_INT_ARGS = ("depth", "widen_factor", "width", "hidden", "in_channels",
 
 def _check_args(name: str, num_classes: Any, in_shape: Any, kwargs: dict[str, Any]) -> None:
     """Refuse model arguments out of range before a module is built (one clear message)."""
+
     def positive_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
     if not positive_int(num_classes):
         raise ValueError(f"{name}: expected num_classes >= 1, got {num_classes!r}")
-    if not (isinstance(in_shape, (list, tuple)) and in_shape
-            and all(positive_int(s) for s in in_shape)):
+    if not (
+        isinstance(in_shape, (list, tuple)) and in_shape and all(positive_int(s) for s in in_shape)
+    ):
         raise ValueError(f"{name}: expected in_shape of positive sizes, got {in_shape!r}")
     for key in _POSITIVE_INT_ARGS:
         if key in kwargs and not positive_int(kwargs[key]):
@@ -318,8 +321,10 @@ def meta_model(spec: dict[str, Any]) -> nn.Module:
         model = MODELS[name](spec["num_classes"], tuple(spec["in_shape"]), **kwargs)
     count = sum(p.numel() for p in model.parameters())
     if count > MAX_PARAMETERS:
-        raise ValueError(f"{name}: {count:.3g} parameters, more than the {MAX_PARAMETERS:.0e} "
-                         "this package builds")
+        raise ValueError(
+            f"{name}: {count:.3g} parameters, more than the {MAX_PARAMETERS:.0e} "
+            "this package builds"
+        )
     return model
 
 
@@ -389,8 +394,12 @@ def build_from_spec(spec: dict[str, Any]) -> nn.Module:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 500,
-                   on_batch: Callable[[int], None] | None = None) -> Tensor:
+def predict_logits(
+    model: nn.Module,
+    x: Tensor,
+    batch_size: int = 500,
+    on_batch: Callable[[int], None] | None = None,
+) -> Tensor:
     """Logits of ``model`` for every row of ``x``, in eval mode, as float32 on the CPU.
 
     ``x`` may live anywhere; batches are moved to the model's device. The model's train/eval

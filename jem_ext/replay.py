@@ -13,7 +13,8 @@ argument when one is given (see :mod:`jem_ext.sampler`).
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -33,22 +34,25 @@ def _gen_device(generator: torch.Generator | None, device: torch.device) -> torc
 
 def _rand(shape: Sequence[int], generator, device, dtype=torch.float32) -> Tensor:
     device = torch.device(device)
-    out = torch.rand(tuple(shape), generator=generator, device=_gen_device(generator, device),
-                     dtype=dtype)
+    out = torch.rand(
+        tuple(shape), generator=generator, device=_gen_device(generator, device), dtype=dtype
+    )
     return out.to(device, non_blocking=True)
 
 
 def _randn(shape: Sequence[int], generator, device, dtype=torch.float32) -> Tensor:
     device = torch.device(device)
-    out = torch.randn(tuple(shape), generator=generator, device=_gen_device(generator, device),
-                      dtype=dtype)
+    out = torch.randn(
+        tuple(shape), generator=generator, device=_gen_device(generator, device), dtype=dtype
+    )
     return out.to(device, non_blocking=True)
 
 
 def _randint(high: int, shape: Sequence[int], generator, device) -> Tensor:
     device = torch.device(device)
-    out = torch.randint(0, high, tuple(shape), generator=generator,
-                        device=_gen_device(generator, device))
+    out = torch.randint(
+        0, high, tuple(shape), generator=generator, device=_gen_device(generator, device)
+    )
     return out.to(device, non_blocking=True)
 
 
@@ -168,7 +172,7 @@ class GaussianInit:
         num_classes: int,
         ridge: float = 1e-4,
         clamp: tuple[float, float] | None = (-1.0, 1.0),
-    ) -> "GaussianInit":
+    ) -> GaussianInit:
         """Fit per-class mean and full covariance to data ``x`` ``[N, *shape]`` with labels ``y``.
 
         The covariance (unbiased, computed in float64 on the CPU) gets ``ridge * I`` added so that
@@ -212,7 +216,7 @@ class GaussianInit:
             torch.stack(means), torch.stack(chols), prior / prior.sum(), tuple(x.shape[1:]), clamp
         )
 
-    def to(self, device: Any) -> "GaussianInit":
+    def to(self, device: Any) -> GaussianInit:
         """Move the fitted parameters to ``device`` (in place); returns self."""
         self.mean = self.mean.to(device)
         self.chol = self.chol.to(device)
@@ -266,15 +270,25 @@ class GaussianInit:
     def load_state_dict(self, d: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict` (keeps the current device)."""
         device = self.mean.device
-        self.__init__(d["mean"], d["chol"], d["prior"], d["sample_shape"],
-                      None if d["clamp"] is None else tuple(d["clamp"]))
+        self.__init__(
+            d["mean"],
+            d["chol"],
+            d["prior"],
+            d["sample_shape"],
+            None if d["clamp"] is None else tuple(d["clamp"]),
+        )
         self.to(device)
 
     @classmethod
-    def from_state_dict(cls, d: dict[str, Any]) -> "GaussianInit":
+    def from_state_dict(cls, d: dict[str, Any]) -> GaussianInit:
         """Build from :meth:`state_dict` output."""
-        return cls(d["mean"], d["chol"], d["prior"], d["sample_shape"],
-                   None if d["clamp"] is None else tuple(d["clamp"]))
+        return cls(
+            d["mean"],
+            d["chol"],
+            d["prior"],
+            d["sample_shape"],
+            None if d["clamp"] is None else tuple(d["clamp"]),
+        )
 
     def __repr__(self) -> str:
         return f"GaussianInit(num_classes={self.num_classes}, sample_shape={self.sample_shape})"
@@ -337,8 +351,9 @@ class ReplayBuffer:
         self.reinit_prob = float(reinit_prob)
         self.init = UniformInit() if init is None else init
         labels = self.labels
-        self.data = self.init(self.size, self.sample_shape, y=labels, generator=generator,
-                              device=self.device).to(self.device, torch.float32)
+        self.data = self.init(
+            self.size, self.sample_shape, y=labels, generator=generator, device=self.device
+        ).to(self.device, torch.float32)
 
     @property
     def labels(self) -> Tensor | None:
@@ -367,14 +382,16 @@ class ReplayBuffer:
                 raise ValueError(
                     f"ReplayBuffer.sample: y must have shape [{batch_size}], got {tuple(y.shape)}"
                 )
-            idx = y * self.per_class + _randint(self.per_class, (batch_size,), generator,
-                                                self.device)
+            idx = y * self.per_class + _randint(
+                self.per_class, (batch_size,), generator, self.device
+            )
         else:
             idx = _randint(self.size, (batch_size,), generator, self.device)
         x0 = self.data[idx]
         if self.reinit_prob > 0:
-            fresh = self.init(batch_size, self.sample_shape, y=y, generator=generator,
-                              device=self.device).to(x0.dtype)
+            fresh = self.init(
+                batch_size, self.sample_shape, y=y, generator=generator, device=self.device
+            ).to(x0.dtype)
             mask = _rand((batch_size,), generator, self.device) < self.reinit_prob
             x0 = torch.where(mask.view(-1, *([1] * len(self.sample_shape))), fresh, x0)
         return x0, idx

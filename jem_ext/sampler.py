@@ -19,8 +19,9 @@ CUDA buffer, at the cost of host-to-device copies of the random draws).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -93,8 +94,9 @@ def sgld_chain(
     model.eval()
     x = x.detach().clone()
     try:
-        sgld_steps_(model, x, n_steps, step_size, noise_std, y, clamp, grad_clip, generator,
-                    autocast)
+        sgld_steps_(
+            model, x, n_steps, step_size, noise_std, y, clamp, grad_clip, generator, autocast
+        )
     finally:
         model.train(was_training)
     return x
@@ -124,8 +126,7 @@ def sgld_steps_(
                 e = ops.energy(model(xg), y)
             (g,) = torch.autograd.grad(e.sum(), [xg])
             with torch.no_grad():
-                ops.sgld_step_(x, g.to(x.dtype), step_size, noise_std, lo, hi, grad_clip,
-                               generator)
+                ops.sgld_step_(x, g.to(x.dtype), step_size, noise_std, lo, hi, grad_clip, generator)
     return x
 
 
@@ -169,8 +170,20 @@ def sample_from_noise(
         yb = None if y is None else y[s : s + batch_size].to(device)
         xb = x0[s : s + batch_size].to(device)
         run = sgld_chain if chain is None else chain
-        out.append(run(model, xb, n_steps, step_size, noise_std, y=yb, clamp=clamp,
-                       grad_clip=grad_clip, generator=noise, autocast=autocast).cpu())
+        out.append(
+            run(
+                model,
+                xb,
+                n_steps,
+                step_size,
+                noise_std,
+                y=yb,
+                clamp=clamp,
+                grad_clip=grad_clip,
+                generator=noise,
+                autocast=autocast,
+            ).cpu()
+        )
         if on_batch is not None:
             on_batch(len(xb))
     return torch.cat(out) if out else x0

@@ -59,8 +59,9 @@ def philox_normals(n: int, seed: int, offset: int) -> np.ndarray:
     return z.reshape(-1)[:n]
 
 
-def sgld_reference(x, grad, xi, step_size, noise_std, clamp_min=None, clamp_max=None,
-                   grad_clip=None) -> torch.Tensor:
+def sgld_reference(
+    x, grad, xi, step_size, noise_std, clamp_min=None, clamp_max=None, grad_clip=None
+) -> torch.Tensor:
     """The SGLD update in float64 given the noise ``xi``."""
     x, grad, xi = x.double(), grad.double(), xi.double()
     if grad_clip is not None:

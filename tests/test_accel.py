@@ -12,16 +12,23 @@ from torch import nn
 
 from jem_ext import objectives
 from jem_ext import train as jtrain
+from jem_ext.graphs import GraphedChain
 from jem_ext.models import build_model
 from jem_ext.sampler import ReplayBuffer, SGLDSampler, sgld_chain
 from jem_ext.training import accel
 from jem_ext.training.config import default_config
-from jem_ext.graphs import GraphedChain
 from jem_ext.training.setup import build_run, make_sampler
 from jem_ext.training.step import Batch, train_step
 
-TINY = {"dataset": "digits", "model": "small_cnn", "width": 4, "sgld_steps": 2,
-        "buffer_size": 50, "batch_size": 16, "no_progress": True}
+TINY = {
+    "dataset": "digits",
+    "model": "small_cnn",
+    "width": 4,
+    "sgld_steps": 2,
+    "buffer_size": 50,
+    "batch_size": 16,
+    "no_progress": True,
+}
 
 
 def _tiny_run(tmp_path, **over):
@@ -89,8 +96,9 @@ def test_channels_last_model_input_and_buffer(tmp_path):
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert run.ctx.sampler.buffer.data.is_contiguous(memory_format=torch.channels_last)
     seen = []
-    conv.register_forward_pre_hook(lambda m, a: seen.append(
-        a[0].is_contiguous(memory_format=torch.channels_last)))
+    conv.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last))
+    )
     x = run.data.train_on_device.x[:4]
     reference = _tiny_run(tmp_path / "ref").ctx.model_for_chain
     torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
@@ -99,8 +107,9 @@ def test_channels_last_model_input_and_buffer(tmp_path):
 
 
 def test_channels_last_needs_a_convolutional_model(tmp_path, capsys):
-    code = jtrain.main(["--dataset", "moons", "--model", "mlp", "--channels-last",
-                        "--out", str(tmp_path / "r")])
+    code = jtrain.main(
+        ["--dataset", "moons", "--model", "mlp", "--channels-last", "--out", str(tmp_path / "r")]
+    )
     assert code == 2 and "--channels-last: expected a convolutional" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
@@ -140,8 +149,9 @@ def test_joint_forward_equals_two_forwards(objective):
     x, x_q = torch.rand(6, 1, 8, 8).double(), torch.rand(5, 1, 8, 8).double()
     y = torch.randint(0, 10, (6,))
     labeled = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
-    kw = dict(x_q=x_q, labeled=labeled, objective=objective, l2_energy=0.1,
-              y_q=torch.randint(0, 10, (5,)))
+    kw = dict(
+        x_q=x_q, labeled=labeled, objective=objective, l2_energy=0.1, y_q=torch.randint(0, 10, (5,))
+    )
     grads, terms = [], []
     for joint in (False, True):
         model.zero_grad()
@@ -180,8 +190,9 @@ HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__")
 NOT_DEVICE_READS = (str(Path(torch.optim.__file__).parent),)
 
 
-@pytest.mark.parametrize("over", [{}, {"precision": "bf16"}, {"cuda_graph": True},
-                                  {"objective": "factored"}])
+@pytest.mark.parametrize(
+    "over", [{}, {"precision": "bf16"}, {"cuda_graph": True}, {"objective": "factored"}]
+)
 def test_iteration_reads_the_host_once(tmp_path, monkeypatch, over):
     run = _tiny_run(tmp_path, **over)
     batch = _batch(run)
@@ -195,6 +206,7 @@ def test_iteration_reads_the_host_once(tmp_path, monkeypatch, over):
             if not caller.startswith(NOT_DEVICE_READS):
                 counts[_name] += 1
             return _orig(self, *a, **k)
+
         monkeypatch.setattr(torch.Tensor, name, counted)
     train_step(run.ctx, batch, run.weights)
     monkeypatch.undo()
@@ -221,11 +233,32 @@ def test_bad_precision_is_exit_2(tmp_path, capsys):
 
 
 def test_cuda_graph_flag_trains_on_cpu_with_a_note(tmp_path, capsys):
-    code = jtrain.main(["--dataset", "digits", "--model", "small_cnn", "--width", "4",
-                        "--sgld-steps", "2", "--buffer-size", "50", "--epochs", "1",
-                        "--cuda-graph", "--precision", "bf16", "--no-progress",
-                        "--sample-every", "0", "--device", "cpu",
-                        "--out", str(tmp_path / "run")])
+    code = jtrain.main(
+        [
+            "--dataset",
+            "digits",
+            "--model",
+            "small_cnn",
+            "--width",
+            "4",
+            "--sgld-steps",
+            "2",
+            "--buffer-size",
+            "50",
+            "--epochs",
+            "1",
+            "--cuda-graph",
+            "--precision",
+            "bf16",
+            "--no-progress",
+            "--sample-every",
+            "0",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert code == 0
     err = capsys.readouterr().err
     assert err.count("cuda-graph chain off") == 1
@@ -253,8 +286,11 @@ def test_rebuilt_sampler_keeps_the_speed_options(tmp_path):
     for sampler in (run.ctx.sampler, fresh):
         assert isinstance(sampler.chain, GraphedChain) and sampler.autocast is not None
         assert sampler.buffer.data.is_contiguous(memory_format=torch.channels_last)
-    plain = make_sampler({**run.cfg, "precision": "fp32", "cuda_graph": False,
-                          "channels_last": False}, run.data.train, run.device)
+    plain = make_sampler(
+        {**run.cfg, "precision": "fp32", "cuda_graph": False, "channels_last": False},
+        run.data.train,
+        run.device,
+    )
     assert plain.chain is sgld_chain and plain.autocast is None
 
 
@@ -270,9 +306,10 @@ def test_replay_buffer_channels_last_state_round_trip():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("over", [{"precision": "fp16"}, {"precision": "bf16",
-                                                          "channels_last": True,
-                                                          "cuda_graph": True}])
+@pytest.mark.parametrize(
+    "over",
+    [{"precision": "fp16"}, {"precision": "bf16", "channels_last": True, "cuda_graph": True}],
+)
 def test_cuda_training_steps_with_speed_options(tmp_path, over):
     run = _tiny_run(tmp_path, device="cuda", **over)
     for _ in range(3):

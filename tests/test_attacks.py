@@ -38,8 +38,18 @@ def setup():
 def test_linf_pgd_reaches_closed_form_worst_case(setup, random_start):
     model, x, y = setup
     eps = 0.3
-    x_adv = pgd_attack(model, x, y, "linf", eps, steps=5, step_size=eps, clamp=None,
-                       random_start=random_start, generator=torch.Generator().manual_seed(1))
+    x_adv = pgd_attack(
+        model,
+        x,
+        y,
+        "linf",
+        eps,
+        steps=5,
+        step_size=eps,
+        clamp=None,
+        random_start=random_start,
+        generator=torch.Generator().manual_seed(1),
+    )
     # worst case: every coordinate moves by eps against the margin, x - eps (2y - 1) sign(w)
     expected = x - eps * (2 * y - 1).unsqueeze(1) * model.w.sign()
     torch.testing.assert_close(x_adv, expected.detach())
@@ -51,8 +61,9 @@ def test_linf_pgd_reaches_closed_form_worst_case(setup, random_start):
 def test_l2_pgd_reaches_closed_form_worst_case(setup):
     model, x, y = setup
     eps = 0.5
-    x_adv = pgd_attack(model, x, y, "l2", eps, steps=1, step_size=eps, clamp=None,
-                       random_start=False)
+    x_adv = pgd_attack(
+        model, x, y, "l2", eps, steps=1, step_size=eps, clamp=None, random_start=False
+    )
     drop = model.margin(x, y) - model.margin(x_adv, y)
     torch.testing.assert_close(drop, (eps * model.w.norm()).expand(64).detach())
 
@@ -60,11 +71,21 @@ def test_l2_pgd_reaches_closed_form_worst_case(setup):
 def test_l2_pgd_random_start_converges_and_stays_in_ball(setup):
     model, x, y = setup
     eps = 0.5
-    x_adv = pgd_attack(model, x, y, "l2", eps, steps=100, step_size=0.1, clamp=None,
-                       generator=torch.Generator().manual_seed(2))
+    x_adv = pgd_attack(
+        model,
+        x,
+        y,
+        "l2",
+        eps,
+        steps=100,
+        step_size=0.1,
+        clamp=None,
+        generator=torch.Generator().manual_seed(2),
+    )
     drop = model.margin(x, y) - model.margin(x_adv, y)
-    torch.testing.assert_close(drop, (eps * model.w.norm()).expand(64).detach(), rtol=1e-3,
-                               atol=1e-3)
+    torch.testing.assert_close(
+        drop, (eps * model.w.norm()).expand(64).detach(), rtol=1e-3, atol=1e-3
+    )
     assert (x_adv - x).norm(dim=1).max() <= eps + 1e-9
 
 
@@ -76,8 +97,9 @@ def test_perturbation_within_eps_and_data_range(norm):
     y = torch.randint(0, 5, (16,))
     eps = 0.25
     for random_start in (False, True):
-        x_adv = pgd_attack(model, x, y, norm, eps, steps=7, step_size=0.1,
-                           random_start=random_start)
+        x_adv = pgd_attack(
+            model, x, y, norm, eps, steps=7, step_size=0.1, random_start=random_start
+        )
         delta = (x_adv - x).flatten(1)
         size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
         assert size.max() <= eps + 1e-6
@@ -89,9 +111,19 @@ def test_eps_zero_returns_input_and_clean_accuracy(setup):
     model, x, y = setup
     assert torch.equal(pgd_attack(model, x, y, "linf", 0.0, steps=3, step_size=0.1), x)
     clean = (model(x).argmax(1) == y).double().mean().item()
-    curve = robust_accuracy(model, x, y, "l2", [0.0, 0.5, 2.0], steps=10,
-                            step_size=lambda e: 2.5 * e / 10, batch_size=20, clamp=None,
-                            random_start=False, progress=False)
+    curve = robust_accuracy(
+        model,
+        x,
+        y,
+        "l2",
+        [0.0, 0.5, 2.0],
+        steps=10,
+        step_size=lambda e: 2.5 * e / 10,
+        batch_size=20,
+        clamp=None,
+        random_start=False,
+        progress=False,
+    )
     assert [e for e, _ in curve] == [0.0, 0.5, 2.0]
     assert curve[0][1] == pytest.approx(clean)
     accuracies = [a for _, a in curve]
@@ -147,8 +179,9 @@ def test_sgld_refined_keeps_classifier_in_eval_mode():
 def test_pgd_attacks_through_stochastic_refinement():
     torch.manual_seed(5)
     f = nn.Sequential(nn.Flatten(), nn.Linear(2 * 3 * 3, 16), nn.ELU(), nn.Linear(16, 4))
-    wrapped = SGLDRefinedClassifier(f, n_steps=2, step_size=0.1, noise_std=0.01, sigma=0.05,
-                                    n_chains=2)
+    wrapped = SGLDRefinedClassifier(
+        f, n_steps=2, step_size=0.1, noise_std=0.01, sigma=0.05, n_chains=2
+    )
     x = torch.rand(6, 2, 3, 3) * 2 - 1
     y = torch.randint(0, 4, (6,))
     x_adv = pgd_attack(wrapped, x, y, "linf", 0.1, steps=3, step_size=0.05, eot_samples=2)

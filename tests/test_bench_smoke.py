@@ -54,8 +54,10 @@ def test_spent_budget_skips_options_and_partial_results_are_written(tmp_path, mo
         write(folder, results)
 
     monkeypatch.setattr(bench, "write_results", spy)
-    assert bench.main(["--smoke", "--stages", "env,chain", "--budget-s", "1e-9",
-                       "--out", str(out)]) == 0
+    assert (
+        bench.main(["--smoke", "--stages", "env,chain", "--budget-s", "1e-9", "--out", str(out)])
+        == 0
+    )
     results = json.loads((out / "bench.json").read_text())
     assert "images_steps_per_s" in results["chain"]["reference"]
     assert all("skipped" in r for k, r in results["chain"].items() if k != "reference")
@@ -63,12 +65,15 @@ def test_spent_budget_skips_options_and_partial_results_are_written(tmp_path, mo
     assert len(seen) == 2 and "chain" not in seen[0]  # written after each stage
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--stages", "env,warp"], "unknown warp"),
-    (["--reps", "0"], "--reps"),
-    (["--depth", "11"], "--depth: expected 6n + 4"),
-    (["--budget-s", "0"], "--budget-s"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--stages", "env,warp"], "unknown warp"),
+        (["--reps", "0"], "--reps"),
+        (["--depth", "11"], "--depth: expected 6n + 4"),
+        (["--budget-s", "0"], "--budget-s"),
+    ],
+)
 def test_bad_arguments_exit_2(tmp_path, capsys, argv, message):
     assert bench.main(["--smoke", "--out", str(tmp_path / "b"), *argv]) == 2
     err = capsys.readouterr().err

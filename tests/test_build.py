@@ -38,8 +38,9 @@ def test_info_cli():
 
 def run_info(**env) -> subprocess.CompletedProcess:
     env = {**{k: v for k, v in os.environ.items() if k != "JEM_EXT_CPU_LEVEL"}, **env}
-    return subprocess.run([sys.executable, "-m", "jem_ext.info"], capture_output=True, text=True,
-                          env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "jem_ext.info"], capture_output=True, text=True, env=env
+    )
 
 
 def test_info_cli_prints_the_cpu_level_in_use():

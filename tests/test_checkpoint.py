@@ -26,8 +26,14 @@ from jem_ext.models import build_model, model_spec
 
 
 def _state(model: torch.nn.Module) -> dict:
-    return new_state(model_spec=model_spec(model), model=model.state_dict(), iteration=3, epoch=1,
-                     config={"seed": 0}, best_val_accuracy=0.5)
+    return new_state(
+        model_spec=model_spec(model),
+        model=model.state_dict(),
+        iteration=3,
+        epoch=1,
+        config={"seed": 0},
+        best_val_accuracy=0.5,
+    )
 
 
 def test_roundtrip_and_model_rebuild(tmp_path):

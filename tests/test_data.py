@@ -124,7 +124,11 @@ def _fake_cifar10(root, n_per_batch=20, seed=0):
         _dump(folder / name, {b"batch_label": b"x", b"data": data, b"labels": labels})
         batches_[name] = (data, labels)
     names = [b"airplane", b"automobile", b"bird", b"cat", b"deer"] + [
-        b"dog", b"frog", b"horse", b"ship", b"truck"
+        b"dog",
+        b"frog",
+        b"horse",
+        b"ship",
+        b"truck",
     ]
     _dump(folder / "batches.meta", {b"label_names": names, b"num_vis": 3072})
     return folder, batches_
@@ -425,8 +429,13 @@ def test_batches():
 def test_batches_index_on_the_data_device():
     """The order moves to the data's device once per pass; batches index there (no per-batch
     host-to-device copy). The meta device stands in for a GPU."""
-    data = ImageData(torch.zeros(10, 2, device="meta"), torch.zeros(10, dtype=torch.int64,
-                     device="meta"), 1, "toy", ["a"])
+    data = ImageData(
+        torch.zeros(10, 2, device="meta"),
+        torch.zeros(10, dtype=torch.int64, device="meta"),
+        1,
+        "toy",
+        ["a"],
+    )
     for x, y, idx in batches(data, 4, shuffle=True, generator=_gen(1)):
         assert idx.device.type == x.device.type == y.device.type == "meta"
 

@@ -31,9 +31,27 @@ from jem_ext.training.distributed import Dist
 ROOT = Path(__file__).resolve().parents[1]
 
 # A tiny JEM on the 8x8 digits: 20 iterations per epoch of a 4-channel SmallCNN.
-TINY = ["--model", "small_cnn", "--width", "4", "--batch-size", "64", "--sgld-steps", "2",
-        "--buffer-size", "200", "--warmup-iters", "5", "--no-progress", "--log-every", "1",
-        "--sample-every", "0", "--seed", "3"]
+TINY = [
+    "--model",
+    "small_cnn",
+    "--width",
+    "4",
+    "--batch-size",
+    "64",
+    "--sgld-steps",
+    "2",
+    "--buffer-size",
+    "200",
+    "--warmup-iters",
+    "5",
+    "--no-progress",
+    "--log-every",
+    "1",
+    "--sample-every",
+    "0",
+    "--seed",
+    "3",
+]
 
 # Runs inside each launched process: installs the plan's hooks, then runs the trainer.
 WORKER = r"""
@@ -90,19 +108,34 @@ def _env_without_rank() -> dict[str, str]:
 
 def _env(rank: int, world: int, port: int) -> dict[str, str]:
     env = _env_without_rank()
-    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-               LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-               OMP_NUM_THREADS="1")
+    env.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     return env
 
 
-def launch(argv: list[str], plan: dict | None = None, world: int = 2,
-           timeout: float = 240) -> list[subprocess.CompletedProcess]:
+def launch(
+    argv: list[str], plan: dict | None = None, world: int = 2, timeout: float = 240
+) -> list[subprocess.CompletedProcess]:
     """Run one job of ``world`` processes; returns each rank's completed process."""
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(plan or {}), *argv],
-                              cwd=ROOT, env=_env(r, world, port), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, json.dumps(plan or {}), *argv],
+            cwd=ROOT,
+            env=_env(r, world, port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world)
+    ]
     results, started = [], time.perf_counter()
     try:
         for p in procs:
@@ -138,8 +171,7 @@ def full(tmp_path_factory):
     """An uninterrupted 2-process job of 2 epochs; each process saves its final weights."""
     tmp = tmp_path_factory.mktemp("full")
     run = tmp / "run"
-    results = launch(JOB + ["--out", str(run)],
-                     plan={"dump": str(tmp / "rank"), "eval_batch": 64})
+    results = launch(JOB + ["--out", str(run)], plan={"dump": str(tmp / "rank"), "eval_batch": 64})
     _ok(results)
     return run, results, tmp
 
@@ -189,10 +221,28 @@ def test_killed_job_resumes_bitwise_under_torchrun(full, tmp_path):
     assert [r.returncode for r in killed] == [9, 9]
     assert load_checkpoint(cut / "checkpoints" / "last.pt")["iteration"] == 21
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-         "-m", "jem_ext.train", "--resume", str(cut), "--no-progress"],
-        cwd=ROOT, env=_env_without_rank(), capture_output=True, text=True, timeout=240)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_free_port()),
+            "-m",
+            "jem_ext.train",
+            "--resume",
+            str(cut),
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        env=_env_without_rank(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     a = load_checkpoint(full[0] / "checkpoints" / "last.pt")
     b = load_checkpoint(cut / "checkpoints" / "last.pt")
@@ -205,8 +255,12 @@ def test_killed_job_resumes_bitwise_under_torchrun(full, tmp_path):
             assert torch.equal(ra["generators"][name], rb["generators"][name])
 
     def strip(rows):
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows
-                if r.get("event") != "resume"]
+        return [
+            {k: v for k, v in r.items() if k != "seconds"}
+            for r in rows
+            if r.get("event") != "resume"
+        ]
+
     assert strip(_rows(cut)) == strip(_rows(full[0]))
 
 
@@ -239,8 +293,10 @@ def test_two_processes_make_the_single_process_update_on_the_global_batch(tmp_pa
 
 def test_divergence_on_one_process_is_recovered_on_all(tmp_path):
     run = tmp_path / "nan"
-    results = launch(TINY + ["--epochs", "1", "--ckpt-every", "4", "--out", str(run)],
-                     plan={"nan_rank": 1, "nan_at": 10, "dump": str(tmp_path / "rank")})
+    results = launch(
+        TINY + ["--epochs", "1", "--ckpt-every", "4", "--out", str(run)],
+        plan={"nan_rank": 1, "nan_at": 10, "dump": str(tmp_path / "rank")},
+    )
     _ok(results)
     events = [r for r in _rows(run) if r.get("event")]
     assert len(events) == 1 and events[0]["event"] == "recovery"
@@ -253,9 +309,11 @@ def test_divergence_on_one_process_is_recovered_on_all(tmp_path):
 
 
 def test_a_dying_process_stops_the_job_with_a_clear_message(tmp_path):
-    results = launch(TINY + ["--epochs", "2", "--dist-timeout", "20", "--out",
-                             str(tmp_path / "run")],
-                     plan={"exit_ranks": [1], "exit_at": 5}, timeout=120)
+    results = launch(
+        TINY + ["--epochs", "2", "--dist-timeout", "20", "--out", str(tmp_path / "run")],
+        plan={"exit_ranks": [1], "exit_at": 5},
+        timeout=120,
+    )
     assert results[1].returncode == 9
     assert results[0].returncode == 1, results[0].stderr[-2000:]
     lines = results[0].stderr.strip().splitlines()
@@ -264,9 +322,11 @@ def test_a_dying_process_stops_the_job_with_a_clear_message(tmp_path):
 
 
 def test_a_stalled_process_times_out_the_job(tmp_path):
-    results = launch(TINY + ["--epochs", "2", "--dist-timeout", "5", "--out",
-                             str(tmp_path / "run")],
-                     plan={"stall_ranks": [1], "stall_at": 5, "stall_s": 25}, timeout=120)
+    results = launch(
+        TINY + ["--epochs", "2", "--dist-timeout", "5", "--out", str(tmp_path / "run")],
+        plan={"stall_ranks": [1], "stall_at": 5, "stall_s": 25},
+        timeout=120,
+    )
     assert results[0].returncode == 1, results[0].stderr[-2000:]
     last = results[0].stderr.strip().splitlines()[-1]
     assert last.startswith("error: process 0 of 2: communication with the other processes")
@@ -287,16 +347,26 @@ def test_single_process_does_not_initialise_torch_distributed(tmp_path):
     assert "distributed" not in ckpt and replay_buffer_samples(ckpt).shape[0] == 200
 
 
-@pytest.mark.parametrize("n, batch, world", [(1258, 64, 2), (130, 64, 2), (129, 64, 2),
-                                             (128, 64, 4), (131, 32, 4), (10, 4, 1)])
+@pytest.mark.parametrize(
+    "n, batch, world",
+    [(1258, 64, 2), (130, 64, 2), (129, 64, 2), (128, 64, 4), (131, 32, 4), (10, 4, 1)],
+)
 def test_ranks_share_out_every_batch(n, batch, world):
-    data = jdata.ImageData(torch.arange(n).float().view(n, 1), torch.zeros(n, dtype=torch.long),
-                           1, "toy", ["0"])
-    single = [idx for _, _, idx in jdata.batches(data, batch, generator=torch.Generator()
-                                                 .manual_seed(0))]
-    shares = [[idx for _, _, idx in jdata.batches(data, batch, rank=r, world_size=world,
-                                                  generator=torch.Generator().manual_seed(0))]
-              for r in range(world)]
+    data = jdata.ImageData(
+        torch.arange(n).float().view(n, 1), torch.zeros(n, dtype=torch.long), 1, "toy", ["0"]
+    )
+    single = [
+        idx for _, _, idx in jdata.batches(data, batch, generator=torch.Generator().manual_seed(0))
+    ]
+    shares = [
+        [
+            idx
+            for _, _, idx in jdata.batches(
+                data, batch, rank=r, world_size=world, generator=torch.Generator().manual_seed(0)
+            )
+        ]
+        for r in range(world)
+    ]
     steps = jdata.num_batches(n, batch, world_size=world)
     assert all(len(s) == steps for s in shares)  # every rank runs the same iterations
     for step in range(steps):
@@ -307,19 +377,19 @@ def test_ranks_share_out_every_batch(n, batch, world):
     assert steps == len(single) - (1 if n % batch and n % batch < world else 0)
 
 
-@pytest.mark.parametrize("classes, rows, world", [(1, 200, 2), (1, 7, 3), (10, 5, 2),
-                                                  (3, 4, 4)])
+@pytest.mark.parametrize("classes, rows, world", [(1, 200, 2), (1, 7, 3), (10, 5, 2), (3, 4, 4)])
 def test_buffer_shards_merge_to_the_single_process_layout(classes, rows, world):
     whole = torch.randn(classes * rows, 2, 3)
     shards = [distributed.split_buffer(whole, classes, Dist(r, world)) for r in range(world)]
-    sizes = [distributed.buffer_shard_size(classes * rows, classes, Dist(r, world))
-             for r in range(world)]
+    sizes = [
+        distributed.buffer_shard_size(classes * rows, classes, Dist(r, world)) for r in range(world)
+    ]
     assert [len(s) for s in shards] == sizes and sum(sizes) == classes * rows
     for s in shards:  # each shard keeps the class-major layout of a class-split buffer
         per = len(s) // classes
         for c in range(classes):
             rows_c = whole.view(classes, rows, 2, 3)[c]
-            assert all(any(torch.equal(x, y) for y in rows_c) for x in s[c * per:(c + 1) * per])
+            assert all(any(torch.equal(x, y) for y in rows_c) for x in s[c * per : (c + 1) * per])
     assert torch.equal(distributed.merge_buffer(shards, classes), whole)
 
 
@@ -353,8 +423,7 @@ def test_help_says_what_the_batch_size_means(capsys):
 
 def _as_rank_of(monkeypatch, world: int) -> None:
     """Make this process look like one torchrun launched (before it would join the job)."""
-    for key, value in dict(WORLD_SIZE=world, LOCAL_WORLD_SIZE=world, RANK=0,
-                           LOCAL_RANK=0).items():
+    for key, value in dict(WORLD_SIZE=world, LOCAL_WORLD_SIZE=world, RANK=0, LOCAL_RANK=0).items():
         monkeypatch.setenv(key, str(value))
 
 
@@ -362,8 +431,7 @@ def test_batch_that_does_not_split_is_refused(tmp_path, capsys, monkeypatch):
     _as_rank_of(monkeypatch, 2)
     assert jtrain.main(TINY + ["--batch-size", "63", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: --batch-size 63: the global batch must be a multiple of the 2 "
-                   "processes"]
+    assert err == ["error: --batch-size 63: the global batch must be a multiple of the 2 processes"]
     assert not (tmp_path / "run").exists() and not torch.distributed.is_initialized()
 
 

@@ -22,15 +22,40 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # Small settings: the whole end-to-end run takes a few seconds on a CPU.
 FAST = [
-    "--max-samples", "60", "--batch-size", "60", "--gen-n", "20", "--gen-steps", "2",
-    "--robust-n", "8", "--pgd-steps", "1", "--robust-refine-steps", "1",
-    "--robust-chains", "1", "--pgd-eps", "linf=0,0.2", "--pgd-eps", "l2=0,1",
-    "--no-progress", "--seed", "3",
+    "--max-samples",
+    "60",
+    "--batch-size",
+    "60",
+    "--gen-n",
+    "20",
+    "--gen-steps",
+    "2",
+    "--robust-n",
+    "8",
+    "--pgd-steps",
+    "1",
+    "--robust-refine-steps",
+    "1",
+    "--robust-chains",
+    "1",
+    "--pgd-eps",
+    "linf=0,0.2",
+    "--pgd-eps",
+    "l2=0,1",
+    "--no-progress",
+    "--seed",
+    "3",
 ]
 
 
-def _save(path: Path, objective: str, in_shape=(1, 8, 8), buffer: bool = True,
-          train_steps: int = 0, seed: int = 0) -> Path:
+def _save(
+    path: Path,
+    objective: str,
+    in_shape=(1, 8, 8),
+    buffer: bool = True,
+    train_steps: int = 0,
+    seed: int = 0,
+) -> Path:
     """Save a tiny small_cnn checkpoint (optionally a few CE steps on digits)."""
     torch.manual_seed(seed)
     model = build_model("small_cnn", 10, in_shape, width=8)
@@ -39,21 +64,24 @@ def _save(path: Path, objective: str, in_shape=(1, 8, 8), buffer: bool = True,
 
         data = load_dataset("digits", split="train")
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for step in range(train_steps):
+        for _ in range(train_steps):
             idx = torch.randint(len(data), (64,))
             loss = torch.nn.functional.cross_entropy(model(data.x[idx]), data.y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
     sampler = SGLDSampler(n_steps=2, buffer=ReplayBuffer(30, in_shape)) if buffer else None
-    save_checkpoint(path, {
-        "model_spec": model_spec(model),
-        "model": model.state_dict(),
-        "sampler": None if sampler is None else sampler.state_dict(),
-        "config": {"dataset": "digits", "data_root": None, "objective": objective},
-        "iteration": train_steps,
-        "best_val_accuracy": None,
-    })
+    save_checkpoint(
+        path,
+        {
+            "model_spec": model_spec(model),
+            "model": model.state_dict(),
+            "sampler": None if sampler is None else sampler.state_dict(),
+            "config": {"dataset": "digits", "data_root": None, "objective": objective},
+            "iteration": train_steps,
+            "best_val_accuracy": None,
+        },
+    )
     return path
 
 
@@ -72,8 +100,14 @@ def ckpts(tmp_path_factory):
     state = torch.load(bad_sampler, weights_only=True)
     state["sampler"] = {"step_size": 1.0, "noise_std": -0.5}
     save_checkpoint(bad_sampler, state)
-    return {"jem_run": jem_run, "ce": ce, "big": big, "foreign": foreign, "garbage": garbage,
-            "bad_sampler": bad_sampler}
+    return {
+        "jem_run": jem_run,
+        "ce": ce,
+        "big": big,
+        "foreign": foreign,
+        "garbage": garbage,
+        "bad_sampler": bad_sampler,
+    }
 
 
 def _run(argv, capsys):
@@ -85,12 +119,33 @@ def _run(argv, capsys):
 def test_end_to_end_with_compare(ckpts, tmp_path, capsys):
     out_dir = tmp_path / "out"
     code, out, err = _run(
-        ["--checkpoint", ckpts["jem_run"], "--compare", ckpts["ce"], "--out", out_dir,
-         "--refine-steps", "1", "--fid-classifier", ckpts["ce"], *FAST], capsys)
+        [
+            "--checkpoint",
+            ckpts["jem_run"],
+            "--compare",
+            ckpts["ce"],
+            "--out",
+            out_dir,
+            "--refine-steps",
+            "1",
+            "--fid-classifier",
+            ckpts["ce"],
+            *FAST,
+        ],
+        capsys,
+    )
     assert code == 0, err
     report = json.loads((out_dir / "report.json").read_text())
-    main_keys = {"accuracy", "accuracy_refined", "ece", "calibration", "ood", "generation",
-                 "fid", "robustness"}
+    main_keys = {
+        "accuracy",
+        "accuracy_refined",
+        "ece",
+        "calibration",
+        "ood",
+        "generation",
+        "fid",
+        "robustness",
+    }
     assert main_keys <= report.keys()
     assert main_keys <= report["compare"].keys()
     assert report["label"] == "jem" and report["compare"]["label"] == "ce"
@@ -114,10 +169,18 @@ def test_end_to_end_with_compare(ckpts, tmp_path, capsys):
     assert report["generation"]["buffer_size"] == 30
     assert "buffer" in report["compare"]["generation"]  # the CE twin has no replay buffer
 
-    expected_png = {"reliability.png", "logpx_hist.png", "logpx_hist_compare.png",
-                    "robustness_linf.png", "robustness_l2.png", "samples_uncond.png",
-                    "samples_cond.png", "samples_buffer.png", "samples_uncond_compare.png",
-                    "samples_cond_compare.png"}
+    expected_png = {
+        "reliability.png",
+        "logpx_hist.png",
+        "logpx_hist_compare.png",
+        "robustness_linf.png",
+        "robustness_l2.png",
+        "samples_uncond.png",
+        "samples_cond.png",
+        "samples_buffer.png",
+        "samples_uncond_compare.png",
+        "samples_cond_compare.png",
+    }
     files = {p.name for p in out_dir.iterdir()}
     assert files == expected_png | {"report.json", "report.md"}  # no temporary files left
     for name in expected_png:
@@ -125,8 +188,15 @@ def test_end_to_end_with_compare(ckpts, tmp_path, capsys):
     assert set(report["files"]) == files
 
     md = (out_dir / "report.md").read_text()
-    for heading in ("## Accuracy and calibration", "## OOD detection", "## Generation",
-                    "## IS and FID", "## Robustness", "### linf", "### l2"):
+    for heading in (
+        "## Accuracy and calibration",
+        "## OOD detection",
+        "## Generation",
+        "## IS and FID",
+        "## Robustness",
+        "### linf",
+        "### l2",
+    ):
         assert heading in md
     assert "| metric | jem | ce |" in md
     assert "| uniform |" in md and "| interp |" in md
@@ -138,8 +208,10 @@ def test_end_to_end_with_compare(ckpts, tmp_path, capsys):
 
 def test_fid_skipped_without_weights(ckpts, tmp_path, capsys):
     out_dir = tmp_path / "out"
-    code, out, err = _run(["--checkpoint", ckpts["jem_run"], "--tasks", "fid,accuracy",
-                           "--out", out_dir, *FAST], capsys)
+    code, out, err = _run(
+        ["--checkpoint", ckpts["jem_run"], "--tasks", "fid,accuracy", "--out", out_dir, *FAST],
+        capsys,
+    )
     assert code == 0, err
     report = json.loads((out_dir / "report.json").read_text())
     assert report["tasks"] == ["accuracy", "fid"]
@@ -153,8 +225,19 @@ def test_fid_skipped_without_weights(ckpts, tmp_path, capsys):
 def test_foreign_checkpoint_subprocess(ckpts, tmp_path):
     out_dir = tmp_path / "never"
     proc = subprocess.run(
-        [sys.executable, "-m", "jem_ext.eval", "--checkpoint", str(ckpts["foreign"]),
-         "--out", str(out_dir)], capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "jem_ext.eval",
+            "--checkpoint",
+            str(ckpts["foreign"]),
+            "--out",
+            str(out_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0  # one line
@@ -162,10 +245,24 @@ def test_foreign_checkpoint_subprocess(ckpts, tmp_path):
     assert not out_dir.exists()
 
 
-@pytest.mark.parametrize("case", ["model_shape", "ood_shape", "compare_shape", "missing",
-                                  "unknown_task", "bad_eps", "bad_inception",
-                                  "garbage_inception", "negative_noise", "nan_step",
-                                  "inf_sigma", "nan_pgd_step", "bad_sampler"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "model_shape",
+        "ood_shape",
+        "compare_shape",
+        "missing",
+        "unknown_task",
+        "bad_eps",
+        "bad_inception",
+        "garbage_inception",
+        "negative_noise",
+        "nan_step",
+        "inf_sigma",
+        "nan_pgd_step",
+        "bad_sampler",
+    ],
+)
 def test_bad_input_exit_2(ckpts, tmp_path, capsys, case):
     out_dir = tmp_path / "never"
     jem = ckpts["jem_run"]
@@ -174,13 +271,19 @@ def test_bad_input_exit_2(ckpts, tmp_path, capsys, case):
         "ood_shape": (["--checkpoint", jem, "--ood", "rings"], "--ood rings"),
         "compare_shape": (["--checkpoint", jem, "--compare", ckpts["big"]], "--compare"),
         "missing": (["--checkpoint", tmp_path / "nope.pt"], "no such"),
-        "unknown_task": (["--checkpoint", jem, "--tasks", "accuracy,bogus"],
-                         "unknown task(s) bogus"),
+        "unknown_task": (
+            ["--checkpoint", jem, "--tasks", "accuracy,bogus"],
+            "unknown task(s) bogus",
+        ),
         "bad_eps": (["--checkpoint", jem, "--pgd-eps", "linf=a"], "--pgd-eps"),
-        "bad_inception": (["--checkpoint", jem, "--inception-weights", ckpts["foreign"]],
-                          "--inception-weights"),
-        "garbage_inception": (["--checkpoint", jem, "--inception-weights", ckpts["garbage"]],
-                              "is not a state_dict file"),
+        "bad_inception": (
+            ["--checkpoint", jem, "--inception-weights", ckpts["foreign"]],
+            "--inception-weights",
+        ),
+        "garbage_inception": (
+            ["--checkpoint", jem, "--inception-weights", ckpts["garbage"]],
+            "is not a state_dict file",
+        ),
         "negative_noise": (["--checkpoint", jem, "--sgld-noise", "-1"], "--sgld-noise"),
         "nan_step": (["--checkpoint", jem, "--sgld-step-size", "nan"], "finite"),
         "inf_sigma": (["--checkpoint", jem, "--robust-sigma", "inf"], "finite"),
@@ -199,25 +302,47 @@ def test_help_documents_every_flag():
     for action in parser._actions:
         assert action.help, action.dest
     text = parser.format_help()
-    for flag in ("--compare", "--tasks", "--max-samples", "--refine-steps", "--ood",
-                 "--gen-steps", "--gen-n", "--inception-weights", "--fid-classifier",
-                 "--pgd-norms", "--pgd-eps", "--pgd-steps", "--pgd-step-size",
-                 "--robust-refine-steps", "--robust-chains", "--robust-n", "--seed",
-                 "--no-progress", "--batch-size", "--device"):
+    for flag in (
+        "--compare",
+        "--tasks",
+        "--max-samples",
+        "--refine-steps",
+        "--ood",
+        "--gen-steps",
+        "--gen-n",
+        "--inception-weights",
+        "--fid-classifier",
+        "--pgd-norms",
+        "--pgd-eps",
+        "--pgd-steps",
+        "--pgd-step-size",
+        "--robust-refine-steps",
+        "--robust-chains",
+        "--robust-n",
+        "--seed",
+        "--no-progress",
+        "--batch-size",
+        "--device",
+    ):
         assert flag in text
 
 
 def test_every_float_flag_refuses_non_finite_values():
     parser = cli.build_parser()
     float_flags = [a for a in parser._actions if a.type in (float, cli.finite_float)]
-    assert {a.dest for a in float_flags} >= {"sgld_step_size", "sgld_noise", "pgd_step_size",
-                                             "robust_sigma"}
+    assert {a.dest for a in float_flags} >= {
+        "sgld_step_size",
+        "sgld_noise",
+        "pgd_step_size",
+        "robust_sigma",
+    }
     for action in float_flags:
         assert action.type is cli.finite_float, action.dest
         for text in ("nan", "inf", "-inf", "NaN"):
             with pytest.raises(EvalError):
-                cli.parse_settings(["--checkpoint", "c", "--out", "o",
-                                    action.option_strings[0], text])
+                cli.parse_settings(
+                    ["--checkpoint", "c", "--out", "o", action.option_strings[0], text]
+                )
 
 
 def test_help_states_each_default_once():
@@ -233,8 +358,9 @@ def test_help_states_each_default_once():
 
 def test_fid_skip_listed_once_in_markdown(ckpts, tmp_path, capsys):
     out_dir = tmp_path / "out"
-    code, _, err = _run(["--checkpoint", ckpts["jem_run"], "--tasks", "fid", "--out", out_dir,
-                         *FAST], capsys)
+    code, _, err = _run(
+        ["--checkpoint", ckpts["jem_run"], "--tasks", "fid", "--out", out_dir, *FAST], capsys
+    )
     assert code == 0, err
     report = json.loads((out_dir / "report.json").read_text())
     reason = report["fid"]["skipped"]
@@ -245,14 +371,14 @@ def _refuse_constant(name):
     raise ValueError(f"non-standard JSON constant {name}")
 
 
-def test_report_json_is_standard_when_figures_are_not_finite(ckpts, tmp_path, capsys,
-                                                             monkeypatch):
+def test_report_json_is_standard_when_figures_are_not_finite(ckpts, tmp_path, capsys, monkeypatch):
     from jem_ext.eval import generation
 
     monkeypatch.setattr(generation, "_mean_logpx", lambda logits: float("-inf"))
     out_dir = tmp_path / "out"
-    code, _, err = _run(["--checkpoint", ckpts["jem_run"], "--tasks", "generation",
-                         "--out", out_dir, *FAST], capsys)
+    code, _, err = _run(
+        ["--checkpoint", ckpts["jem_run"], "--tasks", "generation", "--out", out_dir, *FAST], capsys
+    )
     assert code == 0, err
     report = json.loads((out_dir / "report.json").read_text(), parse_constant=_refuse_constant)
     assert report["generation"]["logpx_mean_samples"] is None
@@ -266,7 +392,10 @@ def test_to_json_text_writes_null_for_non_finite_numbers():
 
     text = to_json_text({"a": float("nan"), "b": [np.float64("-inf"), 1.5], "c": {"d": np.inf}})
     assert json.loads(text, parse_constant=_refuse_constant) == {
-        "a": None, "b": [None, 1.5], "c": {"d": None}}
+        "a": None,
+        "b": [None, 1.5],
+        "c": {"d": None},
+    }
 
 
 def test_builtin_ood_sets_shapes_and_ranges():
@@ -290,10 +419,15 @@ def test_ood_scores_match_definitions():
     x = torch.rand(7, 1, 8, 8) * 2 - 1
     scores = ood_scores(model, x, batch_size=3)
     logits = model(x).double()
-    torch.testing.assert_close(torch.from_numpy(scores["logpx"]),
-                               torch.logsumexp(logits, 1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.from_numpy(scores["maxprob"]),
-                               torch.softmax(logits, 1).max(1).values, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.from_numpy(scores["logpx"]), torch.logsumexp(logits, 1), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        torch.from_numpy(scores["maxprob"]),
+        torch.softmax(logits, 1).max(1).values,
+        rtol=1e-5,
+        atol=1e-6,
+    )
     xi = x[2:3].clone().requires_grad_(True)
     (g,) = torch.autograd.grad(torch.logsumexp(model(xi), 1).sum(), xi)
     assert scores["approx_mass"][2] == pytest.approx(-g.norm().item(), rel=1e-4)

@@ -21,14 +21,17 @@ def test_a_flag_replaces_an_unusable_sampler_value():
     assert resolve_sgld({"noise_std": -1.0}, None, 0.02).noise_std == 0.02
 
 
-@pytest.mark.parametrize("sampler, step, noise, needle", [
-    ({"noise_std": -1.0}, None, None, "checkpoint's sampler settings: SGLD noise"),
-    ({"step_size": math.nan}, None, None, "finite"),
-    ({"clamp": [1.0, -1.0]}, None, None, "low > high"),
-    ({"grad_clip": -0.5}, None, None, "gradient clip"),
-    (None, -1.0, None, "--sgld-step-size"),
-    (None, None, math.inf, "--sgld-noise"),
-])
+@pytest.mark.parametrize(
+    "sampler, step, noise, needle",
+    [
+        ({"noise_std": -1.0}, None, None, "checkpoint's sampler settings: SGLD noise"),
+        ({"step_size": math.nan}, None, None, "finite"),
+        ({"clamp": [1.0, -1.0]}, None, None, "low > high"),
+        ({"grad_clip": -0.5}, None, None, "gradient clip"),
+        (None, -1.0, None, "--sgld-step-size"),
+        (None, None, math.inf, "--sgld-noise"),
+    ],
+)
 def test_unusable_settings_are_refused_naming_their_source(sampler, step, noise, needle):
     with pytest.raises(EvalError, match=needle):
         resolve_sgld(sampler, step, noise)

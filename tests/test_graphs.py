@@ -55,6 +55,7 @@ def test_sampler_with_graphed_chain_on_cpu_equals_default():
             sampler.chain = chain
         out = sampler.sample(_model(), 6, generator=_gen(2))
         return out, buf.data
+
     (a, buf_a), (b, buf_b) = draw(None), draw(GraphedChain())
     assert torch.equal(a, b) and torch.equal(buf_a, buf_b)
 
@@ -64,16 +65,33 @@ def test_sample_from_noise_takes_the_graphed_chain_and_autocast():
     ref = sample_from_noise(model, 5, (3, 2, 2), 2, seed=4, batch_size=3)
     out = sample_from_noise(model, 5, (3, 2, 2), 2, seed=4, batch_size=3, chain=GraphedChain())
     assert torch.equal(out, ref)
-    bf16 = sample_from_noise(model, 5, (3, 2, 2), 2, seed=4, batch_size=3,
-                             autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    bf16 = sample_from_noise(
+        model,
+        5,
+        (3, 2, 2),
+        2,
+        seed=4,
+        batch_size=3,
+        autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+    )
     assert bf16.dtype == torch.float32 and not torch.equal(bf16, ref)
 
 
 def test_chain_key_separates_what_a_graph_bakes_in():
     model, x = _model(), torch.rand(4, 3, 2, 2)
     gen = _gen()
-    base = dict(model=model, x=x, n_steps=3, step_size=1.0, noise_std=0.01, y=None,
-                clamp=None, grad_clip=None, generator=gen, autocast=None)
+    base = dict(
+        model=model,
+        x=x,
+        n_steps=3,
+        step_size=1.0,
+        noise_std=0.01,
+        y=None,
+        clamp=None,
+        grad_clip=None,
+        generator=gen,
+        autocast=None,
+    )
     key = chain_key(**base)
     assert key == chain_key(**{**base, "x": torch.rand(4, 3, 2, 2)})  # values do not matter
     changed = [
@@ -81,9 +99,14 @@ def test_chain_key_separates_what_a_graph_bakes_in():
         {"x": torch.rand(4, 3, 2, 2).contiguous(memory_format=torch.channels_last)},
         {"x": torch.rand(4, 3, 2, 2, dtype=torch.float64)},
         {"y": torch.zeros(4, dtype=torch.int64)},
-        {"n_steps": 4}, {"step_size": 0.5}, {"noise_std": 0.0},
-        {"clamp": (-1.0, 1.0)}, {"grad_clip": 0.03},
-        {"generator": _gen()}, {"model": _model()}, {"autocast": lambda: None},
+        {"n_steps": 4},
+        {"step_size": 0.5},
+        {"noise_std": 0.0},
+        {"clamp": (-1.0, 1.0)},
+        {"grad_clip": 0.03},
+        {"generator": _gen()},
+        {"model": _model()},
+        {"autocast": lambda: None},
     ]
     for change in changed:
         assert chain_key(**{**base, **change}) != key, change
@@ -107,14 +130,27 @@ def emulated(monkeypatch):
     monkeypatch.setattr(graphs, "graph_unavailable", lambda x, gen: None)
     shapes = []
 
-    def capture(self, model, x, n_steps, step_size, noise_std, y, clamp, grad_clip, generator,
-                autocast):
+    def capture(
+        self, model, x, n_steps, step_size, noise_std, y, clamp, grad_clip, generator, autocast
+    ):
         static_x = x.detach().clone()
         static_y = None if y is None else y.clone()
         shapes.append(tuple(x.shape))
         self.captures += 1
-        graph = _EagerGraph(lambda: sgld_steps_(model, static_x, n_steps, step_size, noise_std,
-                                                static_y, clamp, grad_clip, generator, autocast))
+        graph = _EagerGraph(
+            lambda: sgld_steps_(
+                model,
+                static_x,
+                n_steps,
+                step_size,
+                noise_std,
+                static_y,
+                clamp,
+                grad_clip,
+                generator,
+                autocast,
+            )
+        )
         return graphs._Captured(graph, static_x, static_y)
 
     monkeypatch.setattr(GraphedChain, "_capture", capture)
@@ -136,11 +172,13 @@ def test_replay_plumbing_equals_eager_and_captures_once_per_shape(emulated):
     graphed(model, torch.rand(7, 3, 2, 2), generator=gen_a, **CHAIN)
     assert len(graphed.graphs) == 2  # least recently used (batch 6) dropped
     assert emulated[-1] == (7, 3, 2, 2)
-    graphed(model, torch.rand(4, 3, 2, 2), y=torch.zeros(4, dtype=torch.long), generator=gen_a,
-            **CHAIN)
+    graphed(
+        model, torch.rand(4, 3, 2, 2), y=torch.zeros(4, dtype=torch.long), generator=gen_a, **CHAIN
+    )
     assert len(emulated) == 3  # batch 4 was used last before 7, so it was kept
-    graphed(model, torch.rand(6, 3, 2, 2), y=torch.zeros(6, dtype=torch.long), generator=gen_a,
-            **CHAIN)
+    graphed(
+        model, torch.rand(6, 3, 2, 2), y=torch.zeros(6, dtype=torch.long), generator=gen_a, **CHAIN
+    )
     assert emulated[-1] == (6, 3, 2, 2) and len(emulated) == 4  # dropped, so captured again
 
 
@@ -178,8 +216,9 @@ def test_bad_arguments():
 
 
 def _cuda_setup(batch: int = 8):
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.LeakyReLU(0.2), nn.Flatten(),
-                          nn.Linear(8 * 8 * 8, 10)).cuda()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(8 * 8 * 8, 10)
+    ).cuda()
     x = torch.rand(batch, 3, 8, 8, device="cuda") * 2 - 1
     return model, x, torch.Generator(device="cuda").manual_seed(11)
 
@@ -190,8 +229,10 @@ def test_cuda_replay_equals_eager_from_same_generator_state(precision):
     model, x, gen = _cuda_setup()
     autocast = None
     if precision is not None:
+
         def autocast():
             return torch.autocast("cuda", dtype=precision, cache_enabled=False)
+
     graphed = GraphedChain()
     chain = dict(n_steps=5, step_size=1.0, noise_std=0.01, autocast=autocast)
     graphed(model, x, generator=gen, **chain)  # capture
@@ -215,7 +256,7 @@ def test_cuda_every_replay_draws_fresh_noise():
         for j in range(i + 1, 3):
             assert not torch.equal(outs[i], outs[j])
     noise = torch.stack(outs) - x
-    assert abs(noise.std().item() - 3 ** 0.5) < 0.1
+    assert abs(noise.std().item() - 3**0.5) < 0.1
 
 
 @pytest.mark.cuda

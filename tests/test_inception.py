@@ -186,8 +186,9 @@ def test_extract_batches_and_mirrors_outputs():
     torch.manual_seed(2)
     model = SmallNet()
     x = torch.randn(11, 3, 8, 8)
-    features, probs = extract(lambda b: classifier_features(model, b), x, batch_size=4,
-                              progress=False)
+    features, probs = extract(
+        lambda b: classifier_features(model, b), x, batch_size=4, progress=False
+    )
     assert isinstance(features, np.ndarray) and features.shape == (11, 16)
     np.testing.assert_allclose(probs, torch.softmax(model(x), 1).detach().numpy(), rtol=1e-5)
     logits = extract(model, x.numpy(), batch_size=5, progress=False)

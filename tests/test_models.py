@@ -138,14 +138,17 @@ def test_registry_errors():
         build_from_spec({"name": "mlp", "num_classes": 2})
 
 
-@pytest.mark.parametrize("name, kwargs, message", [
-    ("mlp", {"hidden": 0}, "hidden >= 1"),
-    ("mlp", {"depth": -4}, "depth >= 1"),
-    ("small_cnn", {"width": 0}, "width >= 1"),
-    ("wrn", {"widen_factor": -1}, "widen_factor >= 1"),
-    ("small_cnn", {"dropout": 1.5}, "dropout in"),
-    ("mlp", {"hidden": 10**8, "depth": 2}, "parameters, more than"),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, message",
+    [
+        ("mlp", {"hidden": 0}, "hidden >= 1"),
+        ("mlp", {"depth": -4}, "depth >= 1"),
+        ("small_cnn", {"width": 0}, "width >= 1"),
+        ("wrn", {"widen_factor": -1}, "widen_factor >= 1"),
+        ("small_cnn", {"dropout": 1.5}, "dropout in"),
+        ("mlp", {"hidden": 10**8, "depth": 2}, "parameters, more than"),
+    ],
+)
 def test_out_of_range_arguments_are_refused_before_building(name, kwargs, message):
     shape = (2,) if name == "mlp" else (3, 8, 8)
     with pytest.raises(ValueError, match=message):
@@ -154,7 +157,13 @@ def test_out_of_range_arguments_are_refused_before_building(name, kwargs, messag
 
 def test_meta_model_allocates_nothing_and_keeps_the_rng():
     state = torch.get_rng_state()
-    model = meta_model({"name": "wrn", "num_classes": 10, "in_shape": [3, 32, 32],
-                        "kwargs": {"depth": 16, "widen_factor": 8}})
+    model = meta_model(
+        {
+            "name": "wrn",
+            "num_classes": 10,
+            "in_shape": [3, 32, 32],
+            "kwargs": {"depth": 16, "widen_factor": 8},
+        }
+    )
     assert all(p.device.type == "meta" for p in model.parameters())
     assert torch.equal(state, torch.get_rng_state())

@@ -41,7 +41,7 @@ def reference_loss(model, x, y, x_q, y_q, objective, labeled, w_px, w_pyx, l2):
         e_d = -logits[lab].gather(1, y[lab, None]).squeeze(1)
         e_q = -model(x_q).gather(1, y_q[:, None]).squeeze(1)
         loss = w_px * (e_d.mean() - e_q.mean())
-    return loss + l2 * ((e_d ** 2).mean() + (e_q ** 2).mean())
+    return loss + l2 * ((e_d**2).mean() + (e_q**2).mean())
 
 
 @pytest.mark.parametrize("objective", ["jem", "factored", "ce"])
@@ -52,8 +52,18 @@ def test_gradients_match_formulas(objective, use_mask, w_px, w_pyx, l2):
     x, y, x_q, y_q = batch()
     labeled = torch.tensor([1, 0, 1, 1, 0, 1, 0], dtype=torch.bool) if use_mask else None
     y_in = torch.where(labeled, y, -1) if use_mask else y  # unlabeled rows carry junk labels
-    loss, terms = jem_loss(model, x, y_in, x_q, labeled=labeled, objective=objective,
-                           w_px=w_px, w_pyx=w_pyx, l2_energy=l2, y_q=y_q)
+    loss, terms = jem_loss(
+        model,
+        x,
+        y_in,
+        x_q,
+        labeled=labeled,
+        objective=objective,
+        w_px=w_px,
+        w_pyx=w_pyx,
+        l2_energy=l2,
+        y_q=y_q,
+    )
     ref = reference_loss(model, x, y, x_q, y_q, objective, labeled, w_px, w_pyx, l2)
     params = list(model.parameters())
     got = torch.autograd.grad(loss, params)

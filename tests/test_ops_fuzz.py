@@ -8,14 +8,18 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import philox_normals, sgld_reference
 
 from jem_ext import ops
-from reference import philox_normals, sgld_reference
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 SPECIAL = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e4, -1e4, 60.0, -60.0]
 
@@ -52,8 +56,9 @@ def lay_out(values: torch.Tensor, b: int, c: int, layout: str) -> torch.Tensor:
     return m
 
 
-def assert_matches(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype,
-                   scale: torch.Tensor | float = 1.0) -> None:
+def assert_matches(
+    got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | float = 1.0
+) -> None:
     """NaN exactly where the reference has NaN, the same infinities, and
     |got - want| <= tol * (scale + |want|) elsewhere (scale per element or row)."""
     got = got.detach().double()
@@ -61,8 +66,7 @@ def assert_matches(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype,
     inf = torch.isinf(want)
     assert torch.equal(got[inf], want[inf]) and not torch.isinf(got[~inf]).any(), (got, want)
     finite = torch.isfinite(want)
-    bound = TOL[dtype] * (torch.as_tensor(scale, dtype=torch.float64).expand_as(want)
-                          + want.abs())
+    bound = TOL[dtype] * (torch.as_tensor(scale, dtype=torch.float64).expand_as(want) + want.abs())
     excess = ((got - want).abs() - bound)[finite]
     assert not (excess > 0).any(), (got, want)
 
@@ -91,8 +95,7 @@ def row_scale(logits: torch.Tensor) -> torch.Tensor:
 def test_energy_matches_float64_logsumexp(case, with_labels):
     logits, y = case
     ref = logits.detach().double().requires_grad_(True)
-    want = -(ref.gather(1, y.unsqueeze(1)).squeeze(1) if with_labels
-             else torch.logsumexp(ref, 1))
+    want = -(ref.gather(1, y.unsqueeze(1)).squeeze(1) if with_labels else torch.logsumexp(ref, 1))
     upstream = torch.linspace(-1.0, 2.0, logits.shape[0], dtype=torch.float64)
     (want * upstream).sum().backward()
     x = logits.clone().requires_grad_(True)
@@ -124,8 +127,7 @@ def test_energy_ce_matches_float64_reference(case):
 
 # ------------------------------------------------------------------ sgld_step_
 
-SGLD_TOL = {torch.float32: 2e-6, torch.float64: 2e-6, torch.float16: 1e-3,
-            torch.bfloat16: 8e-3}
+SGLD_TOL = {torch.float32: 2e-6, torch.float64: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
 @st.composite
@@ -145,8 +147,19 @@ def sgld_case(draw):
     clip = draw(st.sampled_from([None, 0.0, 0.5, 10.0]))
     seed = draw(st.integers(0, 2**64 - 1))
     offset = 4 * draw(st.integers(0, 2**20))
-    return x, grad, dict(step_size=step, noise_std=std, seed=seed, offset=offset,
-                         clamp_min=lo, clamp_max=hi, grad_clip=clip)
+    return (
+        x,
+        grad,
+        dict(
+            step_size=step,
+            noise_std=std,
+            seed=seed,
+            offset=offset,
+            clamp_min=lo,
+            clamp_max=hi,
+            grad_clip=clip,
+        ),
+    )
 
 
 @FUZZ
@@ -156,14 +169,27 @@ def test_sgld_step_matches_float64_reference(case):
     xi = torch.from_numpy(philox_normals(x.numel(), kw["seed"], kw["offset"]))
     # The op's noise is float32 Box-Muller: a few ulp from the float64 one.
     xi = xi.float().double().view(x.shape) if x.numel() else xi.view(x.shape)
-    want = sgld_reference(x, grad, xi, kw["step_size"], kw["noise_std"], kw["clamp_min"],
-                          kw["clamp_max"], kw["grad_clip"])
+    want = sgld_reference(
+        x,
+        grad,
+        xi,
+        kw["step_size"],
+        kw["noise_std"],
+        kw["clamp_min"],
+        kw["clamp_max"],
+        kw["grad_clip"],
+    )
     got = ops.sgld_step_philox_(x.clone(), grad, **kw)
     assert got.dtype == x.dtype and got.shape == x.shape
     got = got.double()
     assert torch.equal(torch.isnan(got), torch.isnan(want)), (got, want)
-    torch.testing.assert_close(got, want, rtol=SGLD_TOL[x.dtype],
-                               atol=SGLD_TOL[x.dtype] + 4e-6 * kw["noise_std"], equal_nan=True)
+    torch.testing.assert_close(
+        got,
+        want,
+        rtol=SGLD_TOL[x.dtype],
+        atol=SGLD_TOL[x.dtype] + 4e-6 * kw["noise_std"],
+        equal_nan=True,
+    )
 
 
 @FUZZ
@@ -175,7 +201,7 @@ def test_sgld_step_overlap_refused_or_equal_to_eager(n, data):
     a = data.draw(st.integers(0, n - k))
     b = data.draw(st.integers(0, n - k))
     base = torch.arange(float(n)) * 0.5 - 3.0
-    x, grad = base[a:a + k], base[b:b + k]
+    x, grad = base[a : a + k], base[b : b + k]
     want_x = x.clone() - 0.25 * grad.clone()
     if a == b or abs(a - b) >= k:
         ops.sgld_step_(x, grad, 0.25, 0.0)

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from reference import energy_reference, philox_normals, sgld_reference
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import jem_ext.ops as ops
-from reference import energy_reference, philox_normals, sgld_reference
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -34,8 +34,10 @@ def _labels(b, c, device, seed):
 
 def _logit_layouts(dtype, device):
     """(logits, labels) pairs: class counts 1..1000, a strided and an empty batch."""
-    out = [(_logits(b, c, dtype, device, seed=c), _labels(b, c, device, seed=c))
-           for b, c in ((4, 10), (3, 1), (5, 37), (2, 1000))]
+    out = [
+        (_logits(b, c, dtype, device, seed=c), _labels(b, c, device, seed=c))
+        for b, c in ((4, 10), (3, 1), (5, 37), (2, 1000))
+    ]
     wide = _logits(6, 16, dtype, device, seed=7)
     out.append((wide[:, ::2], _labels(6, 8, device, seed=7)))
     out.append((_logits(0, 5, dtype, device, seed=0), _labels(0, 5, device, seed=0)))
@@ -148,8 +150,17 @@ def test_opcheck(device, dtype):
         kw = dict(clamp_min=None, clamp_max=None, grad_clip=None) | s.kwargs
         torch.library.opcheck(
             torch.ops.jem_ext._sgld_step_philox_.default,
-            (x.clone(), grad, step, std, kw["clamp_min"], kw["clamp_max"], kw["grad_clip"],
-             seed, offset),
+            (
+                x.clone(),
+                grad,
+                step,
+                std,
+                kw["clamp_min"],
+                kw["clamp_max"],
+                kw["grad_clip"],
+                seed,
+                offset,
+            ),
         )
 
 
@@ -172,11 +183,13 @@ def test_torch_compile_matches_eager(device, dtype):
         torch.testing.assert_close(compiled_energies(*s.args), energies(*s.args))
     for s in sgld_sample_inputs(device, dtype)[:2]:
         x, rest = s.args[0], s.args[1:]
-        torch.testing.assert_close(compiled_step(x.clone(), *rest, **s.kwargs),
-                                   step(x.clone(), *rest, **s.kwargs))
+        torch.testing.assert_close(
+            compiled_step(x.clone(), *rest, **s.kwargs), step(x.clone(), *rest, **s.kwargs)
+        )
 
 
 # ------------------------------------------------- fake kernels refuse too
+
 
 def _bad_calls():
     z = torch.zeros
@@ -188,33 +201,66 @@ def _bad_calls():
         (ops_.energy.default, (z(3, 0),), "at least one class"),
         (ops_.energy.default, (z(3, 4), z(3, dtype=torch.int32)), "y must be int64"),
         (ops_.energy.default, (z(3, 4), z(2, dtype=torch.int64)), r"y must have shape \[3\]"),
-        (ops_.energy.default, (z(3, 4), z(3, dtype=torch.int64, device="meta")),
-         "y must be on logits's device"),
+        (
+            ops_.energy.default,
+            (z(3, 4), z(3, dtype=torch.int64, device="meta")),
+            "y must be on logits's device",
+        ),
         (ops_.energy_ce.default, (z(3, 4), None), "y .*is required"),
-        (ops_.energy_ce.default, (z(3, 4, dtype=torch.int64), z(3, dtype=torch.int64)),
-         "logits must be float32"),
-        (ops_.energy_backward.default, (z(3, 4), None, None, z(3, dtype=torch.int64), None),
-         "grad_lse must be float32"),
-        (ops_.energy_backward.default, (z(3, 4), None, None, z(2), None),
-         r"grad_lse must have shape \[3\]"),
-        (ops_.energy_backward.default, (z(3, 4), None, None, None, z(3)),
-         "grad_pick needs the labels y"),
-        (ops_.energy_backward.default, (z(3, 4), None, z(3, device="meta"), z(3), None),
-         "energy must be on logits's device"),
-        (ops_.sgld_step_.default, (z(3, dtype=torch.int32), z(3, dtype=torch.int32), 1.0, 0.0),
-         "x must be float32"),
+        (
+            ops_.energy_ce.default,
+            (z(3, 4, dtype=torch.int64), z(3, dtype=torch.int64)),
+            "logits must be float32",
+        ),
+        (
+            ops_.energy_backward.default,
+            (z(3, 4), None, None, z(3, dtype=torch.int64), None),
+            "grad_lse must be float32",
+        ),
+        (
+            ops_.energy_backward.default,
+            (z(3, 4), None, None, z(2), None),
+            r"grad_lse must have shape \[3\]",
+        ),
+        (
+            ops_.energy_backward.default,
+            (z(3, 4), None, None, None, z(3)),
+            "grad_pick needs the labels y",
+        ),
+        (
+            ops_.energy_backward.default,
+            (z(3, 4), None, z(3, device="meta"), z(3), None),
+            "energy must be on logits's device",
+        ),
+        (
+            ops_.sgld_step_.default,
+            (z(3, dtype=torch.int32), z(3, dtype=torch.int32), 1.0, 0.0),
+            "x must be float32",
+        ),
         (ops_.sgld_step_.default, (z(3), z(4), 1.0, 0.0), "grad must have x's shape"),
-        (ops_.sgld_step_.default, (z(3), z(3, dtype=torch.float64), 1.0, 0.0),
-         "grad must have x's dtype"),
-        (ops_.sgld_step_.default, (z(3), z(3, device="meta"), 1.0, 0.0),
-         "grad must be on x's device"),
+        (
+            ops_.sgld_step_.default,
+            (z(3), z(3, dtype=torch.float64), 1.0, 0.0),
+            "grad must have x's dtype",
+        ),
+        (
+            ops_.sgld_step_.default,
+            (z(3), z(3, device="meta"), 1.0, 0.0),
+            "grad must be on x's device",
+        ),
         (ops_.sgld_step_.default, (z(3), z(3), 1.0, -1.0), "noise_std must be >= 0"),
         (ops_.sgld_step_.default, (z(3), z(3), 1.0, 0.0, nan), "clamp_min must be a number"),
         (ops_.sgld_step_.default, (z(3), z(3), 1.0, 0.0, 1.0, 0.0), "clamp_min must be <="),
-        (ops_.sgld_step_.default, (z(3), z(3), 1.0, 0.0, None, None, -1.0),
-         "grad_clip must be >= 0"),
-        (ops_._sgld_step_philox_.default, (z(3), z(3), 1.0, 0.0, None, None, None, 0, 3),
-         "offset must be a non-negative multiple of 4"),
+        (
+            ops_.sgld_step_.default,
+            (z(3), z(3), 1.0, 0.0, None, None, -1.0),
+            "grad_clip must be >= 0",
+        ),
+        (
+            ops_._sgld_step_philox_.default,
+            (z(3), z(3), 1.0, 0.0, None, None, None, 0, 3),
+            "offset must be a non-negative multiple of 4",
+        ),
     ]
 
 

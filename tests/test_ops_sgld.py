@@ -24,15 +24,22 @@ def noise(n, seed, offset=0, device="cpu", dtype=torch.float32):
 
 # ------------------------------------------------------------- the generator
 
+
 def test_philox_known_answers():
     # Known-answer vectors of Philox4x32-10 (Random123's kat_vectors).
-    ctr = np.array([[0, 0, 0, 0], [0xFFFFFFFF] * 4,
-                    [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344]], dtype=np.uint64)
-    key = np.array([[0, 0], [0xFFFFFFFF, 0xFFFFFFFF], [0xA4093822, 0x299F31D0]],
-                   dtype=np.uint64)
-    expected = np.array([[0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8],
-                         [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD],
-                         [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]], dtype=np.uint32)
+    ctr = np.array(
+        [[0, 0, 0, 0], [0xFFFFFFFF] * 4, [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344]],
+        dtype=np.uint64,
+    )
+    key = np.array([[0, 0], [0xFFFFFFFF, 0xFFFFFFFF], [0xA4093822, 0x299F31D0]], dtype=np.uint64)
+    expected = np.array(
+        [
+            [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8],
+            [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD],
+            [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1],
+        ],
+        dtype=np.uint32,
+    )
     np.testing.assert_array_equal(philox4x32_10(ctr, key), expected)
 
 
@@ -83,11 +90,17 @@ def test_consecutive_calls_independent_and_seeded_calls_reproducible():
 
 # ------------------------------------------------------------------ the update
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "kw",
-    [dict(), dict(clamp_min=-1.0, clamp_max=1.0), dict(grad_clip=0.05),
-     dict(clamp_min=-0.5), dict(clamp_max=0.25, grad_clip=1.0)],
+    [
+        dict(),
+        dict(clamp_min=-1.0, clamp_max=1.0),
+        dict(grad_clip=0.05),
+        dict(clamp_min=-0.5),
+        dict(clamp_max=0.25, grad_clip=1.0),
+    ],
 )
 def test_update_matches_reference(device, dtype, kw):
     torch.manual_seed(0)
@@ -107,11 +120,14 @@ def test_in_place_and_returns_x():
     assert torch.equal(x, torch.full((16,), -0.5))
 
 
-@pytest.mark.parametrize("make", [
-    lambda t: t.t(),                       # transposed
-    lambda t: t[:, ::2],                   # strided columns
-    lambda t: t.unsqueeze(0).expand(2, -1, -1)[1],  # a view of an expanded tensor's slice
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda t: t.t(),  # transposed
+        lambda t: t[:, ::2],  # strided columns
+        lambda t: t.unsqueeze(0).expand(2, -1, -1)[1],  # a view of an expanded tensor's slice
+    ],
+)
 def test_non_contiguous_inputs(make, device):
     torch.manual_seed(1)
     base = torch.randn(6, 8, device=device)
@@ -150,50 +166,84 @@ def test_paper_parameterisation():
     # x - alpha/2 dE/dx + N(0, alpha): step alpha/2, std sqrt(alpha).
     alpha = 0.04
     x = torch.zeros(400_000)
-    ops.sgld_step_(x, torch.full_like(x, 2.0), alpha / 2, alpha ** 0.5,
-                   generator=torch.Generator().manual_seed(0))
+    ops.sgld_step_(
+        x,
+        torch.full_like(x, 2.0),
+        alpha / 2,
+        alpha**0.5,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert abs(x.mean().item() + alpha) < 5 * math.sqrt(alpha / x.numel())
     assert abs(x.var().item() / alpha - 1) < 0.02
 
 
 # -------------------------------------------------------------------- errors
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: ops.sgld_step_(torch.zeros(3, dtype=torch.int32),
-                            torch.zeros(3, dtype=torch.int32), 1, 0),
-     "x must be float32, float64, float16 or bfloat16"),
-    (lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(4), 1, 0), "grad must have x's shape"),
-    (lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(3, dtype=torch.float64), 1, 0),
-     "grad must have x's dtype"),
-    (lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(3), 1, -1.0), "noise_std must be >= 0"),
-    (lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(3), 1, 0, grad_clip=-1.0),
-     "grad_clip must be >= 0"),
-    (lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(3), 1, 0, clamp_min=1.0, clamp_max=0.0),
-     "clamp_min must be <= clamp_max"),
-    (lambda: torch.ops.jem_ext._sgld_step_philox_(torch.zeros(3), torch.zeros(3), 1.0, 0.0,
-                                                  None, None, None, 0, 3),
-     "offset must be a non-negative multiple of 4"),
-    (lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(3), 1, 0, clamp_min=float("nan")),
-     "clamp_min must be a number or None, got nan"),
-    (lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(3), 1, 0, clamp_min=0.0,
-                            clamp_max=float("nan")),
-     "clamp_max must be a number or None, got nan"),
-    (lambda: ops.sgld_step_philox_(torch.zeros(3), torch.zeros(3), 1, 0, seed=0,
-                                   clamp_max=float("nan")),
-     "clamp_max must be a number or None"),
-])
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (
+            lambda: ops.sgld_step_(
+                torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32), 1, 0
+            ),
+            "x must be float32, float64, float16 or bfloat16",
+        ),
+        (lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(4), 1, 0), "grad must have x's shape"),
+        (
+            lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(3, dtype=torch.float64), 1, 0),
+            "grad must have x's dtype",
+        ),
+        (lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(3), 1, -1.0), "noise_std must be >= 0"),
+        (
+            lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(3), 1, 0, grad_clip=-1.0),
+            "grad_clip must be >= 0",
+        ),
+        (
+            lambda: ops.sgld_step_(
+                torch.zeros(3), torch.zeros(3), 1, 0, clamp_min=1.0, clamp_max=0.0
+            ),
+            "clamp_min must be <= clamp_max",
+        ),
+        (
+            lambda: torch.ops.jem_ext._sgld_step_philox_(
+                torch.zeros(3), torch.zeros(3), 1.0, 0.0, None, None, None, 0, 3
+            ),
+            "offset must be a non-negative multiple of 4",
+        ),
+        (
+            lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(3), 1, 0, clamp_min=float("nan")),
+            "clamp_min must be a number or None, got nan",
+        ),
+        (
+            lambda: ops.sgld_step_(
+                torch.zeros(3), torch.zeros(3), 1, 0, clamp_min=0.0, clamp_max=float("nan")
+            ),
+            "clamp_max must be a number or None, got nan",
+        ),
+        (
+            lambda: ops.sgld_step_philox_(
+                torch.zeros(3), torch.zeros(3), 1, 0, seed=0, clamp_max=float("nan")
+            ),
+            "clamp_max must be a number or None",
+        ),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(call, match):
     with pytest.raises(RuntimeError, match=match):
         call()
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(seed=2**64), r"seed must be in \[0, 2\*\*64 - 1\], got 18446744073709551616"),
-    (dict(seed=-1), r"seed must be in \[0, 2\*\*64 - 1\], got -1"),
-    (dict(seed=0, offset=3), r"offset must be a multiple of 4 in \[0, 2\*\*63 - 4\], got 3"),
-    (dict(seed=0, offset=-4), r"offset must be a multiple of 4 in \[0, 2\*\*63 - 4\]"),
-    (dict(seed=0, offset=2**63), r"offset must be a multiple of 4 in \[0, 2\*\*63 - 4\]"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(seed=2**64), r"seed must be in \[0, 2\*\*64 - 1\], got 18446744073709551616"),
+        (dict(seed=-1), r"seed must be in \[0, 2\*\*64 - 1\], got -1"),
+        (dict(seed=0, offset=3), r"offset must be a multiple of 4 in \[0, 2\*\*63 - 4\], got 3"),
+        (dict(seed=0, offset=-4), r"offset must be a multiple of 4 in \[0, 2\*\*63 - 4\]"),
+        (dict(seed=0, offset=2**63), r"offset must be a multiple of 4 in \[0, 2\*\*63 - 4\]"),
+    ],
+)
 def test_philox_seed_and_offset_out_of_range_name_the_range(kw, match):
     with pytest.raises(ValueError, match=match):
         ops.sgld_step_philox_(torch.zeros(3), torch.zeros(3), 1.0, 0.0, **kw)
@@ -206,12 +256,16 @@ def test_philox_seed_range_ends_are_accepted():
 
 # ------------------------------------------------------------------ aliasing
 
-@pytest.mark.parametrize("views", [
-    lambda b: (b[1:], b[:-1]),                            # shifted by one element
-    lambda b: (b[:4], b[2:6]),                            # half overlapping
-    lambda b: (b[:6].view(2, 3), b[:6].view(3, 2).t()),   # same memory, other layout
-    lambda b: (b[:6].view(2, 3)[:, ::2], b[1:7].view(2, 3)[:, ::2]),  # strided views
-])
+
+@pytest.mark.parametrize(
+    "views",
+    [
+        lambda b: (b[1:], b[:-1]),  # shifted by one element
+        lambda b: (b[:4], b[2:6]),  # half overlapping
+        lambda b: (b[:6].view(2, 3), b[:6].view(3, 2).t()),  # same memory, other layout
+        lambda b: (b[:6].view(2, 3)[:, ::2], b[1:7].view(2, 3)[:, ::2]),  # strided views
+    ],
+)
 def test_partially_overlapping_grad_is_refused(views, device):
     base = torch.arange(7.0, device=device)
     x, grad = views(base)
@@ -256,14 +310,20 @@ def test_bumps_version_counter():
 
 # ------------------------------------------------------ opcheck and compile
 
+
 def test_opcheck():
     x = torch.randn(5, 3)
     g = torch.randn(5, 3)
     # Noise-free calls: opcheck compares repeated runs, which random noise would fail.
-    torch.library.opcheck(torch.ops.jem_ext.sgld_step_.default, (x.clone(), g, 0.1, 0.0),
-                          {"clamp_min": -1.0, "clamp_max": 1.0})
-    torch.library.opcheck(torch.ops.jem_ext._sgld_step_philox_.default,
-                          (x.clone(), g, 0.1, 0.5, None, None, 0.3, 17, 8))
+    torch.library.opcheck(
+        torch.ops.jem_ext.sgld_step_.default,
+        (x.clone(), g, 0.1, 0.0),
+        {"clamp_min": -1.0, "clamp_max": 1.0},
+    )
+    torch.library.opcheck(
+        torch.ops.jem_ext._sgld_step_philox_.default,
+        (x.clone(), g, 0.1, 0.5, None, None, 0.3, 17, 8),
+    )
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -296,6 +356,7 @@ def test_torch_compile_fullgraph_matches_eager(backend):
 
 # ---------------------------------------------------------------------- CUDA
 
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("n", [1, 5, 4096, 1_000_003])
 def test_cuda_noise_equals_cpu_bitwise(n):
@@ -307,14 +368,17 @@ def test_cuda_noise_equals_cpu_bitwise(n):
 @pytest.mark.cuda
 def test_cuda_generator_reproducible_and_graph_capturable():
     g = torch.Generator(device="cuda").manual_seed(5)
-    a = ops.sgld_step_(torch.zeros(1000, device="cuda"), torch.zeros(1000, device="cuda"), 0, 1,
-                       generator=g)
-    b = ops.sgld_step_(torch.zeros(1000, device="cuda"), torch.zeros(1000, device="cuda"), 0, 1,
-                       generator=g)
+    a = ops.sgld_step_(
+        torch.zeros(1000, device="cuda"), torch.zeros(1000, device="cuda"), 0, 1, generator=g
+    )
+    b = ops.sgld_step_(
+        torch.zeros(1000, device="cuda"), torch.zeros(1000, device="cuda"), 0, 1, generator=g
+    )
     assert not torch.equal(a, b)
     g.manual_seed(5)
-    a2 = ops.sgld_step_(torch.zeros(1000, device="cuda"), torch.zeros(1000, device="cuda"), 0, 1,
-                        generator=g)
+    a2 = ops.sgld_step_(
+        torch.zeros(1000, device="cuda"), torch.zeros(1000, device="cuda"), 0, 1, generator=g
+    )
     assert torch.equal(a, a2)
     # The generator's Philox state is (seed, offset 0) then (seed, 4): the
     # first call equals the explicit-seed op at offset 0.

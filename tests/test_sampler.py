@@ -34,7 +34,9 @@ class GaussianMixtureLogits(nn.Module):
         self.register_buffer("prec", torch.linalg.inv(covs).float())
         d = means.shape[1]
         logdet = torch.logdet(covs)
-        self.register_buffer("const", (w.log() - 0.5 * logdet - 0.5 * d * math.log(2 * math.pi)).float())
+        self.register_buffer(
+            "const", (w.log() - 0.5 * logdet - 0.5 * d * math.log(2 * math.pi)).float()
+        )
         self.modes_seen: list[bool] = []
 
     def forward(self, x):
@@ -56,7 +58,9 @@ def mixture_moments(means, covs, weights):
 def sample_mixture(n, means, covs, weights, generator):
     means = torch.as_tensor(means, dtype=torch.float64)
     chol = torch.linalg.cholesky(torch.as_tensor(covs, dtype=torch.float64))
-    k = torch.multinomial(torch.as_tensor(weights, dtype=torch.float64), n, True, generator=generator)
+    k = torch.multinomial(
+        torch.as_tensor(weights, dtype=torch.float64), n, True, generator=generator
+    )
     z = torch.randn(n, means.shape[1], dtype=torch.float64, generator=generator)
     return (means[k] + (chol[k] @ z[:, :, None]).squeeze(-1)).float()
 
@@ -106,8 +110,13 @@ def test_langevin_converges_to_gaussian_from_uniform():
     s = 0.01
     a = torch.linalg.inv(cov[0].double())
     ula_cov = torch.linalg.inv(a - s * a @ a / 2)
-    sampler = SGLDSampler(n_steps=400, step_size=s, noise_std=math.sqrt(2 * s),
-                          init=UniformInit(-1, 1), sample_shape=(2,))
+    sampler = SGLDSampler(
+        n_steps=400,
+        step_size=s,
+        noise_std=math.sqrt(2 * s),
+        init=UniformInit(-1, 1),
+        sample_shape=(2,),
+    )
     g = torch.Generator().manual_seed(1)
     x = sampler.sample(model, 4000, generator=g)
     assert_moments(x, mu[0].double(), ula_cov, z=5.0)
@@ -123,8 +132,12 @@ def test_conditional_chain_uses_class_energy():
     x = sgld_chain(model, x0, 150, step_size=s, noise_std=math.sqrt(2 * s), y=y, generator=g)
     for k in range(2):
         a = torch.linalg.inv(torch.tensor(COVS[k], dtype=torch.float64))
-        assert_moments(x[y == k], torch.tensor(MEANS[k], dtype=torch.float64),
-                       torch.linalg.inv(a - s * a @ a / 2), z=5.0)
+        assert_moments(
+            x[y == k],
+            torch.tensor(MEANS[k], dtype=torch.float64),
+            torch.linalg.inv(a - s * a @ a / 2),
+            z=5.0,
+        )
 
 
 def test_chain_step_matches_formula_and_leaves_input():
@@ -228,7 +241,9 @@ def test_class_split_buffer():
 
 
 def test_class_split_buffer_gaussian_init():
-    x = torch.cat([torch.full((50, 2), -0.5), torch.full((50, 2), 0.5)]) + 0.01 * torch.randn(100, 2)
+    x = torch.cat([torch.full((50, 2), -0.5), torch.full((50, 2), 0.5)]) + 0.01 * torch.randn(
+        100, 2
+    )
     y = torch.arange(2).repeat_interleave(50)
     init = GaussianInit.fit(x, y, 2)
     buf = ReplayBuffer(40, (2,), num_classes=2, init=init, reinit_prob=1.0)
@@ -260,8 +275,9 @@ def test_proximal_keeps_range_and_clips_steps():
     x0 = torch.rand(64, 4) * 2 - 1
     x1 = sgld_chain(model, x0, 1, step_size=1.0, noise_std=0.0, grad_clip=0.01, clamp=(-1, 1))
     assert ((x1 - x0).abs() <= 0.01 + 1e-6).all()
-    sampler = SGLDSampler(n_steps=10, step_size=1.0, noise_std=0.5, clamp=(-1, 1), grad_clip=0.05,
-                          sample_shape=(4,))
+    sampler = SGLDSampler(
+        n_steps=10, step_size=1.0, noise_std=0.5, clamp=(-1, 1), grad_clip=0.05, sample_shape=(4,)
+    )
     x = sampler.sample(model, 256)
     assert x.min() >= -1 and x.max() <= 1
     assert (x.abs() == 1).any()  # the clamp was active
@@ -314,8 +330,15 @@ def test_state_dict_roundtrip_weights_only():
     data = torch.randn(40, 2).clamp(-1, 1)
     init = GaussianInit.fit(data, torch.arange(40) % 2, 2)
     buf = ReplayBuffer(20, (2,), num_classes=2, init=init)
-    s = SGLDSampler(n_steps=3, step_size=0.1, noise_std=0.02, clamp=(-1, 1), grad_clip=0.1,
-                    buffer=buf, conditional=True)
+    s = SGLDSampler(
+        n_steps=3,
+        step_size=0.1,
+        noise_std=0.02,
+        clamp=(-1, 1),
+        grad_clip=0.1,
+        buffer=buf,
+        conditional=True,
+    )
     f = io.BytesIO()
     torch.save(s.state_dict(), f)
     f.seek(0)
@@ -325,7 +348,13 @@ def test_state_dict_roundtrip_weights_only():
     s2.load_state_dict(state)
     assert torch.equal(buf2.data, buf.data)
     assert (s2.n_steps, s2.step_size, s2.noise_std, s2.clamp, s2.grad_clip, s2.conditional) == (
-        3, 0.1, 0.02, (-1.0, 1.0), 0.1, True)
+        3,
+        0.1,
+        0.02,
+        (-1.0, 1.0),
+        0.1,
+        True,
+    )
     assert isinstance(s2.init, GaussianInit) and buf2.init is s2.init
     torch.testing.assert_close(s2.init.chol, init.chol)
     with pytest.raises(ValueError, match="does not match"):
@@ -380,8 +409,9 @@ def test_no_host_sync_ops_in_sampling():
     data = torch.rand(40, 1, 4, 4) * 2 - 1
     init = GaussianInit.fit(data, torch.arange(40) % 4, 4, ridge=1e-2)
     buf = ReplayBuffer(40, (1, 4, 4), num_classes=4, init=init, reinit_prob=0.5)
-    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.LeakyReLU(0.2), nn.Flatten(),
-                          nn.Linear(48, 4))
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(48, 4)
+    )
     cond = SGLDSampler(n_steps=2, buffer=buf, conditional=True, clamp=(-1, 1), grad_clip=0.01)
     plain = SGLDSampler(n_steps=2, buffer=ReplayBuffer(10, (1, 4, 4)))
     short = SGLDSampler(n_steps=2, init=init)
@@ -391,6 +421,14 @@ def test_no_host_sync_ops_in_sampling():
         plain.sample(model, 4, generator=g)
         short.sample(model, 4, generator=g)
     assert "sgld_step_" in spy.ops and "energy" in spy.ops
-    forbidden = {"_local_scalar_dense", "item", "nonzero", "masked_select", "is_nonzero",
-                 "equal", "_unique2", "unique_dim"}
+    forbidden = {
+        "_local_scalar_dense",
+        "item",
+        "nonzero",
+        "masked_select",
+        "is_nonzero",
+        "equal",
+        "_unique2",
+        "unique_dim",
+    }
     assert not (spy.ops & forbidden), spy.ops & forbidden

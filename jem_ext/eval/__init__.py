@@ -16,4 +16,6 @@ Submodules (imported explicitly, so that e.g. matplotlib is only loaded when plo
 - :mod:`jem_ext.eval.attacks`: PGD (L-inf and L2), the SGLD-refined classifier of the JEM
   robustness experiment, and robust-accuracy sweeps.
 - :mod:`jem_ext.eval.plots`: reliability diagrams, log p(x) histograms and robustness curves.
+- :mod:`jem_ext.eval.speed`: the speed options (precision, channels-last, compile, CUDA-graph
+  chains), through the trainer's helpers.
 """

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .._cli import DefaultsHelpFormatter, RaisingParser, finite_float
+from ..training.accel import PRECISIONS
 from .report import run
 from .settings import BUILTIN_OOD, DEFAULT_EPS, NORMS, TASKS, EvalError, EvalSettings
 from .writers import render_markdown
@@ -21,35 +23,11 @@ from .writers import render_markdown
 __all__ = ["build_parser", "main", "parse_settings"]
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(RaisingParser):
     """An argument parser whose errors become :class:`EvalError` (one line, exit status 2)."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise EvalError(f"{message} (see --help)")
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """Adds ``(default: X)`` to a flag's help unless the help already speaks of its default
-    or there is none to show (None, False, an empty list)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        shown = action.default is not None and action.default is not False
-        shown = shown and action.default != [] and action.default is not argparse.SUPPRESS
-        if "default" in text or not shown or not action.option_strings:
-            return text
-        return text + " (default: %(default)s)"
-
-
-def finite_float(text: str) -> float:
-    """argparse type: a finite float (``nan`` and ``inf`` are refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
+    error_type = EvalError
+    error_suffix = " (see --help)"
 
 
 def _csv(text: str) -> list[str]:
@@ -64,95 +42,195 @@ def build_parser() -> argparse.ArgumentParser:
         "generation, IS/FID, adversarial robustness) and write report.json, report.md and "
         "PNG figures to --out. With --compare, a second checkpoint (e.g. the cross-entropy "
         "twin) is evaluated on the same data and shown beside the first.",
-        formatter_class=_HelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     _add_input_flags(p)
     _add_sgld_flags(p)
     _add_fid_flags(p)
     _add_robustness_flags(p)
+    _add_speed_flags(p.add_argument_group("speed"))
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
     return p
 
 
 def _add_input_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True,
-                   help="checkpoint file (.pt) or run folder (uses checkpoints/best.pt, else "
-                   "checkpoints/last.pt)")
-    p.add_argument("--compare", default=None,
-                   help="second checkpoint or run folder evaluated on the same data; its "
-                   "figures go under 'compare' in report.json and beside the first everywhere")
-    p.add_argument("--out", required=True,
-                   help="output folder (created; existing report files are replaced)")
-    p.add_argument("--tasks", default=",".join(TASKS),
-                   help="comma-separated tasks among " + ", ".join(TASKS))
-    p.add_argument("--label", default=None,
-                   help="name of the first model in tables and plots (default: its objective "
-                   "from the run config, e.g. 'jem')")
-    p.add_argument("--compare-label", default=None,
-                   help="name of the --compare model (default: its objective, e.g. 'ce')")
-    p.add_argument("--dataset", default=None,
-                   help="evaluate on this data set (default: the checkpoint's "
-                   "config['dataset'])")
-    p.add_argument("--data-root", default=None,
-                   help="folder of the data set files (default: the checkpoint's "
-                   "config['data_root'])")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint file (.pt) or run folder (uses checkpoints/best.pt, else "
+        "checkpoints/last.pt)",
+    )
+    p.add_argument(
+        "--compare",
+        default=None,
+        help="second checkpoint or run folder evaluated on the same data; its "
+        "figures go under 'compare' in report.json and beside the first everywhere",
+    )
+    p.add_argument(
+        "--out", required=True, help="output folder (created; existing report files are replaced)"
+    )
+    p.add_argument(
+        "--tasks", default=",".join(TASKS), help="comma-separated tasks among " + ", ".join(TASKS)
+    )
+    p.add_argument(
+        "--label",
+        default=None,
+        help="name of the first model in tables and plots (default: its objective "
+        "from the run config, e.g. 'jem')",
+    )
+    p.add_argument(
+        "--compare-label",
+        default=None,
+        help="name of the --compare model (default: its objective, e.g. 'ce')",
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="evaluate on this data set (default: the checkpoint's config['dataset'])",
+    )
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="folder of the data set files (default: the checkpoint's config['data_root'])",
+    )
     p.add_argument("--batch-size", type=int, default=100, help="batch size of every pass")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device")
-    p.add_argument("--max-samples", type=int, default=None,
-                   help="use a random subset (fixed by --seed) of at most this many test "
-                   "images (and of each --ood set) (default: all of them)")
+    p.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
+    )
+    p.add_argument(
+        "--max-samples",
+        type=int,
+        default=None,
+        help="use a random subset (fixed by --seed) of at most this many test "
+        "images (and of each --ood set) (default: all of them)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
-    p.add_argument("--ood", action="append", default=[], metavar="NAME[:FOLDER]",
-                   help="extra OOD data set (any name load_dataset knows, e.g. svhn:/data/svhn "
-                   "or folder:/path/to/images); its test split is used; repeatable")
+    p.add_argument(
+        "--ood",
+        action="append",
+        default=[],
+        metavar="NAME[:FOLDER]",
+        help="extra OOD data set (any name load_dataset knows, e.g. svhn:/data/svhn "
+        "or folder:/path/to/images); its test split is used; repeatable",
+    )
 
 
 def _add_sgld_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sgld-step-size", type=finite_float, default=None,
-                   help="SGLD step size on d log p(x)/dx for refinement, generation and the "
-                   "robust classifier, used for both models (default: the --checkpoint's "
-                   "sampler setting, else JEM's 1.0)")
-    p.add_argument("--sgld-noise", type=finite_float, default=None,
-                   help="SGLD noise standard deviation, >= 0 (default: the --checkpoint's "
-                   "sampler setting, else JEM's 0.01)")
-    p.add_argument("--refine-steps", type=int, default=0,
-                   help="accuracy task: also report the accuracy after K SGLD refinement steps "
-                   "(0: skip)")
-    p.add_argument("--gen-steps", type=int, default=100,
-                   help="SGLD steps of the fresh generation chains (from U(-1,1) noise)")
-    p.add_argument("--gen-n", type=int, default=100,
-                   help="number of fresh unconditional samples (grid, IS and FID); the "
-                   "conditional grid has max(1, gen_n // classes) samples per class")
+    p.add_argument(
+        "--sgld-step-size",
+        type=finite_float,
+        default=None,
+        help="SGLD step size on d log p(x)/dx for refinement, generation and the "
+        "robust classifier, used for both models (default: the --checkpoint's "
+        "sampler setting, else JEM's 1.0)",
+    )
+    p.add_argument(
+        "--sgld-noise",
+        type=finite_float,
+        default=None,
+        help="SGLD noise standard deviation, >= 0 (default: the --checkpoint's "
+        "sampler setting, else JEM's 0.01)",
+    )
+    p.add_argument(
+        "--refine-steps",
+        type=int,
+        default=0,
+        help="accuracy task: also report the accuracy after K SGLD refinement steps (0: skip)",
+    )
+    p.add_argument(
+        "--gen-steps",
+        type=int,
+        default=100,
+        help="SGLD steps of the fresh generation chains (from U(-1,1) noise)",
+    )
+    p.add_argument(
+        "--gen-n",
+        type=int,
+        default=100,
+        help="number of fresh unconditional samples (grid, IS and FID); the "
+        "conditional grid has max(1, gen_n // classes) samples per class",
+    )
 
 
 def _add_fid_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--inception-weights", default=None,
-                   help="FID Inception-v3 state_dict (pytorch-fid's "
-                   "pt_inception-2015-12-05-6726825d.pth) for the fid task")
-    p.add_argument("--fid-classifier", default=None,
-                   help="checkpoint whose classifier replaces Inception for IS/FID when "
-                   "--inception-weights is not given (figures not comparable with papers)")
+    p.add_argument(
+        "--inception-weights",
+        default=None,
+        help="FID Inception-v3 state_dict (pytorch-fid's "
+        "pt_inception-2015-12-05-6726825d.pth) for the fid task",
+    )
+    p.add_argument(
+        "--fid-classifier",
+        default=None,
+        help="checkpoint whose classifier replaces Inception for IS/FID when "
+        "--inception-weights is not given (figures not comparable with papers)",
+    )
 
 
 def _add_robustness_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pgd-norms", default="linf,l2", help="comma-separated PGD norms (linf, l2)")
-    p.add_argument("--pgd-eps", action="append", default=[], metavar="[NORM=]E1,E2,...",
-                   help="PGD radii in the model's [-1, 1] input units, e.g. 'linf=0,0.1,0.2' "
-                   "or 'l2=0,0.5,1'; without 'NORM=' the list applies to every norm; "
-                   "repeatable (default: " + "; ".join(
-                       f"{k}={','.join(map(str, v))}" for k, v in DEFAULT_EPS.items()) + ")")
+    p.add_argument(
+        "--pgd-eps",
+        action="append",
+        default=[],
+        metavar="[NORM=]E1,E2,...",
+        help="PGD radii in the model's [-1, 1] input units, e.g. 'linf=0,0.1,0.2' "
+        "or 'l2=0,0.5,1'; without 'NORM=' the list applies to every norm; "
+        "repeatable (default: "
+        + "; ".join(f"{k}={','.join(map(str, v))}" for k, v in DEFAULT_EPS.items())
+        + ")",
+    )
     p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps per attack")
-    p.add_argument("--pgd-step-size", type=finite_float, default=None,
-                   help="PGD step length (default: 2.5 * eps / steps, as Madry et al.)")
-    p.add_argument("--robust-refine-steps", type=int, default=5,
-                   help="K: SGLD refinement steps of the attacked classifier (0: plain)")
-    p.add_argument("--robust-chains", type=int, default=2,
-                   help="noisy SGLD chains averaged by the attacked classifier")
-    p.add_argument("--robust-sigma", type=finite_float, default=0.0,
-                   help="std of the Gaussian noise added to the input to start each chain")
-    p.add_argument("--robust-n", type=int, default=100,
-                   help="number of test points attacked")
+    p.add_argument(
+        "--pgd-step-size",
+        type=finite_float,
+        default=None,
+        help="PGD step length (default: 2.5 * eps / steps, as Madry et al.)",
+    )
+    p.add_argument(
+        "--robust-refine-steps",
+        type=int,
+        default=5,
+        help="K: SGLD refinement steps of the attacked classifier (0: plain)",
+    )
+    p.add_argument(
+        "--robust-chains",
+        type=int,
+        default=2,
+        help="noisy SGLD chains averaged by the attacked classifier",
+    )
+    p.add_argument(
+        "--robust-sigma",
+        type=finite_float,
+        default=0.0,
+        help="std of the Gaussian noise added to the input to start each chain",
+    )
+    p.add_argument("--robust-n", type=int, default=100, help="number of test points attacked")
+
+
+def _add_speed_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="arithmetic of the network's forward and input-gradient (logits, OOD "
+        "scores, PGD, SGLD chains): bf16 or fp16 autocast; inputs and chain states "
+        "stay float32, the IS/FID network runs in float32",
+    )
+    g.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="channels-last (NHWC) layout for a convolutional model's weights and its input",
+    )
+    g.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (every task uses it)"
+    )
+    g.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="capture the generation task's K-step SGLD chains in a CUDA graph once "
+        "per shape and replay them (runs eagerly, with a note, on the CPU)",
+    )
 
 
 def _check_tasks(text: str) -> list[str]:
@@ -185,8 +263,7 @@ def _check_ranges(args: argparse.Namespace) -> None:
 def _check_norms(text: str) -> list[str]:
     norms = _csv(text)
     if not norms or any(n not in NORMS for n in norms):
-        raise EvalError(f"--pgd-norms: expected a comma list of {', '.join(NORMS)}, got "
-                        f"{text!r}")
+        raise EvalError(f"--pgd-norms: expected a comma list of {', '.join(NORMS)}, got {text!r}")
     return norms
 
 
@@ -195,8 +272,9 @@ def _check_eps(specs: list[str], norms: list[str]) -> dict[str, list[float]]:
     for spec in specs:
         target, _, values = spec.rpartition("=")
         if target and target not in NORMS:
-            raise EvalError(f"--pgd-eps {spec!r}: unknown norm {target!r} (expected "
-                            f"{', '.join(NORMS)})")
+            raise EvalError(
+                f"--pgd-eps {spec!r}: unknown norm {target!r} (expected {', '.join(NORMS)})"
+            )
         try:
             parsed = [float(v) for v in _csv(values)]
         except ValueError:
@@ -240,8 +318,12 @@ def parse_settings(argv: Sequence[str] | None = None) -> EvalSettings:
         raise EvalError(f"--out {out}: exists and is not a folder")
     values = vars(args)
     norms = _check_norms(args.pgd_norms)
-    values.update(tasks=_check_tasks(args.tasks), pgd_norms=norms,
-                  pgd_eps=_check_eps(args.pgd_eps, norms), ood=_check_ood(args.ood))
+    values.update(
+        tasks=_check_tasks(args.tasks),
+        pgd_norms=norms,
+        pgd_eps=_check_eps(args.pgd_eps, norms),
+        ood=_check_ood(args.ood),
+    )
     return EvalSettings(**values)
 
 
@@ -254,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jem_ext.eval: error: {err}", file=sys.stderr)
         return 2
     print(render_markdown(report, images=False))
-    print(f"\nwrote {Path(settings.out) / 'report.json'}, report.md and "
-          f"{len(report['files']) - 2} PNGs in {report['seconds']} s")
+    print(
+        f"\nwrote {Path(settings.out) / 'report.json'}, report.md and "
+        f"{len(report['files']) - 2} PNGs in {report['seconds']} s"
+    )
     return 0

@@ -285,8 +285,9 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _mismatches(state: Mapping[str, torch.Tensor],
-                expected: Mapping[str, torch.Tensor]) -> list[str]:
+def _mismatches(
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+) -> list[str]:
     """Missing keys, unexpected keys and wrong shapes of ``state`` against ``expected``."""
     missing = expected.keys() - state.keys()
     unexpected = state.keys() - expected.keys()
@@ -328,9 +329,7 @@ def load_inception(path: str | os.PathLike, device: torch.device | str = "cpu") 
             state[key] = expected[key]
     problems = _mismatches(state, expected)
     if problems:
-        raise ValueError(
-            f"{path!r} is not an FID Inception-v3 state_dict: " + "; ".join(problems)
-        )
+        raise ValueError(f"{path!r} is not an FID Inception-v3 state_dict: " + "; ".join(problems))
     model.load_state_dict(state)
     model.requires_grad_(False)
     return model.to(device).eval()

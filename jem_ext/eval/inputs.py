@@ -74,9 +74,14 @@ def load_model(path: str, device: str, what: str, label: str | None = None) -> L
     cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
     if label is None:
         label = str(cfg.get("objective") or file.parent.parent.name or file.stem)
-    return Loaded(path=file, state=state, model=model, label=label,
-                  in_shape=tuple(int(s) for s in spec["in_shape"]),
-                  num_classes=int(spec["num_classes"]))
+    return Loaded(
+        path=file,
+        state=state,
+        model=model,
+        label=label,
+        in_shape=tuple(int(s) for s in spec["in_shape"]),
+        num_classes=int(spec["num_classes"]),
+    )
 
 
 def load_data(name: str, root: str | None, what: str):
@@ -123,14 +128,15 @@ def load_eval_data(settings: EvalSettings, main: Loaded) -> EvalData:
     """The test subset of the checkpoint's (or ``--dataset``'s) data and the ``--ood`` sets."""
     dataset = settings.dataset or main.config.get("dataset")
     if not dataset:
-        raise EvalError(f"--checkpoint {main.path}: its config names no 'dataset'; "
-                        "pass --dataset")
+        raise EvalError(f"--checkpoint {main.path}: its config names no 'dataset'; pass --dataset")
     root = settings.data_root if settings.data_root is not None else main.config.get("data_root")
     data = load_data(dataset, root, f"data set {dataset!r}")
     check_shape(data, main, f"data set {dataset!r}")
     if data.num_classes != main.num_classes:
-        raise EvalError(f"data set {dataset!r} has {data.num_classes} classes but the model of "
-                        f"{main.path} has {main.num_classes} outputs")
+        raise EvalError(
+            f"data set {dataset!r} has {data.num_classes} classes but the model of "
+            f"{main.path} has {main.num_classes} outputs"
+        )
     x, y = subset(data, settings.max_samples, settings.seed)
     extra = {}
     for name, folder in settings.ood or []:

@@ -107,7 +107,8 @@ def expected_calibration_error(probs, labels, n_bins: int = 20) -> CalibrationRe
 
     nonempty = counts > 0
     ece = np.sum(
-        counts[nonempty] / probs.shape[0]
+        counts[nonempty]
+        / probs.shape[0]
         * np.abs(bin_accuracy[nonempty] - bin_confidence[nonempty])
     )
     return CalibrationResult(

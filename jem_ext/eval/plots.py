@@ -56,26 +56,43 @@ def reliability_diagram(
         filled = res.counts > 0
         accuracy = np.where(filled, res.accuracy, 0.0)
         confidence = np.where(filled, res.confidence, 0.0)
-        top.bar(left, accuracy, width=width, align="edge", edgecolor="black",
-                color="tab:blue", label="accuracy")
-        top.bar(left[filled], (confidence - accuracy)[filled], bottom=accuracy[filled],
-                width=width[filled], align="edge", fill=False, hatch="//",
-                edgecolor="tab:red", linewidth=0.5, label="gap to confidence")
+        top.bar(
+            left,
+            accuracy,
+            width=width,
+            align="edge",
+            edgecolor="black",
+            color="tab:blue",
+            label="accuracy",
+        )
+        top.bar(
+            left[filled],
+            (confidence - accuracy)[filled],
+            bottom=accuracy[filled],
+            width=width[filled],
+            align="edge",
+            fill=False,
+            hatch="//",
+            edgecolor="tab:red",
+            linewidth=0.5,
+            label="gap to confidence",
+        )
         top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-        top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy",
-                title=f"{label}: ECE = {100 * res.ece:.1f}%")
+        top.set(
+            xlim=(0, 1),
+            ylim=(0, 1),
+            ylabel="accuracy",
+            title=f"{label}: ECE = {100 * res.ece:.1f}%",
+        )
         top.legend(loc="upper left", fontsize="small")
-        bottom.bar(left, res.counts, width=width, align="edge", color="gray",
-                   edgecolor="black")
+        bottom.bar(left, res.counts, width=width, align="edge", color="gray", edgecolor="black")
         bottom.set(xlabel="confidence max p(y|x)", ylabel="count")
     if title:
         fig.suptitle(title)
     _save_atomically(fig, path)
 
 
-def logpx_histograms(
-    scores: Mapping[str, np.ndarray], path: str | os.PathLike, title: str
-) -> None:
+def logpx_histograms(scores: Mapping[str, np.ndarray], path: str | os.PathLike, title: str) -> None:
     """Overlaid, normalised histograms of log p(x) (up to a constant) for several data sets.
 
     All sets share the same bins, spanning the finite values of every set.

@@ -52,6 +52,10 @@ Modules: :mod:`~jem_ext.eval.cli` (the command line), :mod:`~jem_ext.eval.inputs
 tasks, each returning a typed result), :mod:`~jem_ext.eval.writers` (report.json, report.md);
 this module runs the tasks for each model and assembles the report.
 
+Speed options (``--precision``, ``--channels-last``, ``--compile``, ``--cuda-graph``, as the
+trainer's) change how the figures are computed, not what is computed; they are recorded in
+report.json's ``"settings"`` (:mod:`~jem_ext.eval.speed`).
+
 Bad input (a foreign or missing checkpoint, data whose sample shape or class count does not
 match the model, an unknown task or data set, unreadable Inception weights, a non-finite or
 out-of-range number, unusable SGLD settings in the checkpoint) is reported as one line on
@@ -63,6 +67,7 @@ report.json is standard JSON (a non-finite figure is written as null).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +88,7 @@ from .generation import (
 )
 from .inputs import EvalData, Loaded, load_compare, load_eval_data, load_model
 from .settings import EvalSettings, SGLDSettings, resolve_sgld
+from .speed import apply_model_options, make_chain
 from .tasks import (
     AccuracyResult,
     CalibrationTaskResult,
@@ -109,6 +115,7 @@ class Inputs:
     sgld: SGLDSettings
     fid_net: FIDNetwork | None
     fid_skip_reason: str | None
+    chain: Callable[..., torch.Tensor] | None = None  # the generation chains' function
 
 
 def prepare(settings: EvalSettings) -> Inputs:
@@ -117,10 +124,18 @@ def prepare(settings: EvalSettings) -> Inputs:
     sgld = resolve_sgld(main.state.get("sampler"), settings.sgld_step_size, settings.sgld_noise)
     data = load_eval_data(settings, main)
     models = [main] + ([load_compare(settings, main)] if settings.compare else [])
-    fid_net, reason = (prepare_fid(settings, main) if "fid" in settings.tasks
-                       else (None, None))
-    return Inputs(settings=settings, models=models, data=data, sgld=sgld, fid_net=fid_net,
-                  fid_skip_reason=reason)
+    fid_net, reason = prepare_fid(settings, main) if "fid" in settings.tasks else (None, None)
+    for m, what in zip(models, ("--checkpoint", "--compare")):
+        apply_model_options(m.model, m.state["model_spec"], settings, what)
+    return Inputs(
+        settings=settings,
+        models=models,
+        data=data,
+        sgld=sgld,
+        fid_net=fid_net,
+        fid_skip_reason=reason,
+        chain=make_chain(settings),
+    )
 
 
 @dataclass
@@ -141,14 +156,17 @@ class ModelResults:
     def test_logits(self, inp: Inputs) -> torch.Tensor:
         """The model's logits on the test images, computed once."""
         if self.logits is None:
-            self.logits = logits_of(self.model.model, inp.data.x, inp.settings,
-                                    f"{self.model.label}: logits")
+            self.logits = logits_of(
+                self.model.model, inp.data.x, inp.settings, f"{self.model.label}: logits"
+            )
         return self.logits
 
     def to_json(self) -> dict[str, Any]:
         m = self.model
         out: dict[str, Any] = {
-            "label": m.label, "checkpoint": str(m.path), "objective": m.config.get("objective"),
+            "label": m.label,
+            "checkpoint": str(m.path),
+            "objective": m.config.get("objective"),
             "iteration": m.state.get("iteration"),
             "best_val_accuracy": m.state.get("best_val_accuracy"),
         }
@@ -166,8 +184,17 @@ def _fresh_samples(res: ModelResults, inp: Inputs) -> torch.Tensor:
     if res.generation is not None:
         return res.generation.samples
     s, m = inp.settings, res.model
-    return generate(m.model, s.gen_n, m.in_shape, s.gen_steps, inp.sgld, s, seed=s.seed + 2,
-                    desc=f"{m.label}: SGLD for FID")
+    return generate(
+        m.model,
+        s.gen_n,
+        m.in_shape,
+        s.gen_steps,
+        inp.sgld,
+        s,
+        seed=s.seed + 2,
+        desc=f"{m.label}: SGLD for FID",
+        chain=inp.chain,
+    )
 
 
 def _run_task(task: str, res: ModelResults, inp: Inputs) -> None:
@@ -180,10 +207,13 @@ def _run_task(task: str, res: ModelResults, inp: Inputs) -> None:
     elif task == "ood":
         res.ood = run_ood(m, data, s)
     elif task == "generation":
-        res.generation = run_generation(m, data, s, sgld, res.test_logits(inp))
+        res.generation = run_generation(m, data, s, sgld, res.test_logits(inp), inp.chain)
     elif task == "fid":
-        res.fid = (FIDResult(skipped=inp.fid_skip_reason) if inp.fid_net is None
-                   else run_fid(m, data, s, inp.fid_net, _fresh_samples(res, inp)))
+        res.fid = (
+            FIDResult(skipped=inp.fid_skip_reason)
+            if inp.fid_net is None
+            else run_fid(m, data, s, inp.fid_net, _fresh_samples(res, inp))
+        )
     elif task == "robustness":
         res.robustness = run_robustness(m, data, s, sgld)
 
@@ -204,34 +234,60 @@ def figures(results: list[ModelResults], inp: Inputs) -> list[Figure]:
     out: list[Figure] = []
     for r in results:
         for kind, (x, nrow) in (r.generation.grids() if r.generation else {}).items():
-            out.append((grid_file(kind, r.compare),
-                        lambda p, x=x, nrow=nrow: save_image_grid(x, p, nrow=nrow)))
+            out.append(
+                (
+                    grid_file(kind, r.compare),
+                    lambda p, x=x, nrow=nrow: save_image_grid(x, p, nrow=nrow),
+                )
+            )
     title = inp.data.dataset
     if all(r.calibration for r in results):
         cal = {r.model.label: r.calibration.stats for r in results}
-        out.append(("reliability.png", lambda p: plots.reliability_diagram(
-            cal, p, title=f"Reliability on {title} test")))
+        out.append(
+            (
+                "reliability.png",
+                lambda p: plots.reliability_diagram(cal, p, title=f"Reliability on {title} test"),
+            )
+        )
     for r, name in zip(results, ["logpx_hist.png", "logpx_hist_compare.png"]):
         if r.ood is not None:
-            out.append((name, lambda p, d=r.ood.logpx, lab=r.model.label:
-                        plots.logpx_histograms(d, p, title=f"log p(x) under {lab}")))
+            out.append(
+                (
+                    name,
+                    lambda p, d=r.ood.logpx, lab=r.model.label: plots.logpx_histograms(
+                        d, p, title=f"log p(x) under {lab}"
+                    ),
+                )
+            )
     if all(r.robustness for r in results):
         for norm in inp.settings.pgd_norms or []:
-            curves = {r.model.label: [tuple(c) for c in r.robustness.curves[norm]]
-                      for r in results}
-            out.append((f"robustness_{norm}.png", lambda p, c=curves, n=norm:
-                        plots.robustness_curve(c, p, title=f"PGD {n}, K = "
-                        f"{inp.settings.robust_refine_steps} SGLD steps", xlabel=f"eps ({n})")))
+            curves = {r.model.label: [tuple(c) for c in r.robustness.curves[norm]] for r in results}
+            out.append(
+                (
+                    f"robustness_{norm}.png",
+                    lambda p, c=curves, n=norm: plots.robustness_curve(
+                        c,
+                        p,
+                        title=f"PGD {n}, K = {inp.settings.robust_refine_steps} SGLD steps",
+                        xlabel=f"eps ({n})",
+                    ),
+                )
+            )
     return out
 
 
 def assemble(results: list[ModelResults], inp: Inputs) -> dict[str, Any]:
     """The report dict: the first model's results, the second's under ``"compare"``."""
     report = results[0].to_json()
-    report.update({
-        "dataset": inp.data.dataset, "split": "test", "n_test": len(inp.data.x),
-        "tasks": inp.settings.tasks, "settings": inp.settings.to_json(inp.sgld),
-    })
+    report.update(
+        {
+            "dataset": inp.data.dataset,
+            "split": "test",
+            "n_test": len(inp.data.x),
+            "tasks": inp.settings.tasks,
+            "settings": inp.settings.to_json(inp.sgld),
+        }
+    )
     if "fid" in inp.settings.tasks and inp.fid_net is None:
         report["skipped"] = {"fid": inp.fid_skip_reason}
     if len(results) > 1:

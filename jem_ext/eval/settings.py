@@ -12,8 +12,16 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "BUILTIN_OOD", "DEFAULT_EPS", "ECE_BINS", "NORMS", "SCORES", "TASKS",
-    "EvalError", "EvalSettings", "SGLDSettings", "resolve_sgld",
+    "BUILTIN_OOD",
+    "DEFAULT_EPS",
+    "ECE_BINS",
+    "NORMS",
+    "SCORES",
+    "TASKS",
+    "EvalError",
+    "EvalSettings",
+    "SGLDSettings",
+    "resolve_sgld",
 ]
 
 TASKS = ("accuracy", "calibration", "ood", "generation", "fid", "robustness")
@@ -44,8 +52,12 @@ class SGLDSettings:
 
     def validate(self, source: str) -> None:
         """Raise :class:`EvalError` (naming ``source``) unless the settings are usable."""
-        values = {"step size": self.step_size, "noise": self.noise_std,
-                  "clamp low": self.clamp[0], "clamp high": self.clamp[1]}
+        values = {
+            "step size": self.step_size,
+            "noise": self.noise_std,
+            "clamp low": self.clamp[0],
+            "clamp high": self.clamp[1],
+        }
         if self.grad_clip is not None:
             values["gradient clip"] = self.grad_clip
         for name, v in values.items():
@@ -58,8 +70,9 @@ class SGLDSettings:
             raise EvalError(f"{source}: SGLD clamp {self.clamp} has low > high")
 
 
-def resolve_sgld(sampler: dict[str, Any] | None, step_size: float | None,
-                 noise_std: float | None) -> SGLDSettings:
+def resolve_sgld(
+    sampler: dict[str, Any] | None, step_size: float | None, noise_std: float | None
+) -> SGLDSettings:
     """The chains' settings: the flags where given, else the checkpoint's sampler, else JEM's.
 
     The clamp and the gradient clip always come from the sampler (clamp [-1, 1] without one).
@@ -76,7 +89,8 @@ def resolve_sgld(sampler: dict[str, Any] | None, step_size: float | None,
         noise_std = DEFAULT_SGLD_NOISE if noise is None else float(noise)
     clamp, grad_clip = sampler.get("clamp"), sampler.get("grad_clip")
     settings = SGLDSettings(
-        step_size=float(step_size), noise_std=float(noise_std),
+        step_size=float(step_size),
+        noise_std=float(noise_std),
         clamp=DEFAULT_CLAMP if clamp is None else (float(clamp[0]), float(clamp[1])),
         grad_clip=None if grad_clip is None else float(grad_clip),
     )
@@ -117,6 +131,10 @@ class EvalSettings:
     robust_sigma: float = 0.0
     robust_n: int = 100
     no_progress: bool = False
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    cuda_graph: bool = False
 
     @property
     def progress(self) -> bool:
@@ -125,8 +143,12 @@ class EvalSettings:
     def to_json(self, sgld: SGLDSettings) -> dict[str, Any]:
         """The settings as report.json's ``"settings"``, with the SGLD settings in use."""
         out = dict(vars(self))
-        out.update(sgld_step_size=sgld.step_size, sgld_noise=sgld.noise_std,
-                   gen_clamp=list(sgld.clamp), gen_grad_clip=sgld.grad_clip)
+        out.update(
+            sgld_step_size=sgld.step_size,
+            sgld_noise=sgld.noise_std,
+            gen_clamp=list(sgld.clamp),
+            gen_grad_clip=sgld.grad_clip,
+        )
         out["tasks"] = ",".join(self.tasks)
         out["pgd_norms"] = ",".join(self.pgd_norms or [])
         out["ood"] = [f"{n}:{f}" if f else n for n, f in self.ood or []]

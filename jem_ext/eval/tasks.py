@@ -22,11 +22,20 @@ from .attacks import SGLDRefinedClassifier, robust_accuracy
 from .inputs import EvalData, Loaded
 from .metrics import CalibrationResult, accuracy, auroc, expected_calibration_error
 from .settings import ECE_BINS, SCORES, EvalSettings, SGLDSettings
+from .speed import autocast_model, uncompiled
 
 __all__ = [
-    "AccuracyResult", "CalibrationTaskResult", "OODResult", "RobustnessResult",
-    "builtin_ood_sets", "logits_of", "ood_scores", "run_accuracy", "run_calibration",
-    "run_ood", "run_robustness",
+    "AccuracyResult",
+    "CalibrationTaskResult",
+    "OODResult",
+    "RobustnessResult",
+    "builtin_ood_sets",
+    "logits_of",
+    "ood_scores",
+    "run_accuracy",
+    "run_calibration",
+    "run_ood",
+    "run_robustness",
 ]
 
 
@@ -35,12 +44,20 @@ def progress_bar(total: int, desc: str, progress: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
 
 
-def logits_of(model: nn.Module, x: torch.Tensor, settings: EvalSettings, desc: str,
-              progress: bool | None = None) -> torch.Tensor:
-    """Batched eval-mode logits of ``model`` on ``x`` (float32, on the CPU), with a bar."""
+def logits_of(
+    model: nn.Module,
+    x: torch.Tensor,
+    settings: EvalSettings,
+    desc: str,
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """Batched eval-mode logits of ``model`` on ``x`` (float32, on the CPU), with a bar;
+    the forward runs in --precision."""
     show = settings.progress if progress is None else progress
     with progress_bar(len(x), desc, show) as bar:
-        return predict_logits(model, x, settings.batch_size, on_batch=bar.update)
+        return predict_logits(
+            autocast_model(model, settings), x, settings.batch_size, on_batch=bar.update
+        )
 
 
 # ------------------------------------------------------------------------------ accuracy
@@ -57,19 +74,23 @@ class AccuracyResult:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"accuracy": self.accuracy}
         if self.refined_steps > 0:
-            out["accuracy_refined"] = {"steps": self.refined_steps,
-                                       "accuracy": self.refined_accuracy}
+            out["accuracy_refined"] = {
+                "steps": self.refined_steps,
+                "accuracy": self.refined_accuracy,
+            }
         return out
 
 
-def run_accuracy(m: Loaded, data: EvalData, settings: EvalSettings, sgld: SGLDSettings,
-                 logits: torch.Tensor) -> AccuracyResult:
+def run_accuracy(
+    m: Loaded, data: EvalData, settings: EvalSettings, sgld: SGLDSettings, logits: torch.Tensor
+) -> AccuracyResult:
     """Accuracy of the test ``logits``; with --refine-steps K also after K SGLD steps."""
     result = AccuracyResult(accuracy=accuracy(logits, data.y))
     if settings.refine_steps > 0:
         torch.manual_seed(settings.seed)
-        refined = SGLDRefinedClassifier(m.model, settings.refine_steps, sgld.step_size,
-                                        sgld.noise_std)
+        refined = SGLDRefinedClassifier(
+            m.model, settings.refine_steps, sgld.step_size, sgld.noise_std
+        )
         r_logits = logits_of(refined, data.x, settings, f"{m.label}: refined accuracy")
         result.refined_steps = settings.refine_steps
         result.refined_accuracy = accuracy(r_logits, data.y)
@@ -91,9 +112,16 @@ class CalibrationTaskResult:
 
     def to_json(self) -> dict[str, Any]:
         s = self.stats
-        return {"ece": s.ece, "calibration": {
-            "n_bins": ECE_BINS, "bin_edges": s.bin_edges.tolist(), "counts": s.counts.tolist(),
-            "accuracy": _none_if_nan(s.accuracy), "confidence": _none_if_nan(s.confidence)}}
+        return {
+            "ece": s.ece,
+            "calibration": {
+                "n_bins": ECE_BINS,
+                "bin_edges": s.bin_edges.tolist(),
+                "counts": s.counts.tolist(),
+                "accuracy": _none_if_nan(s.accuracy),
+                "confidence": _none_if_nan(s.confidence),
+            },
+        }
 
 
 def run_calibration(data: EvalData, logits: torch.Tensor) -> CalibrationTaskResult:
@@ -105,8 +133,14 @@ def run_calibration(data: EvalData, logits: torch.Tensor) -> CalibrationTaskResu
 # ----------------------------------------------------------------------------------- OOD
 
 
-def ood_scores(model: nn.Module, x: torch.Tensor, batch_size: int, device: str = "cpu",
-               progress: bool = False, desc: str = "scores") -> dict[str, np.ndarray]:
+def ood_scores(
+    model: nn.Module,
+    x: torch.Tensor,
+    batch_size: int,
+    device: str = "cpu",
+    progress: bool = False,
+    desc: str = "scores",
+) -> dict[str, np.ndarray]:
     """Per-sample OOD scores (higher = more in-distribution) of ``x`` under ``model``.
 
     Returns ``{"logpx": logsumexp f(x), "maxprob": max p(y|x), "approx_mass": -||d logpx/dx||}``
@@ -115,14 +149,15 @@ def ood_scores(model: nn.Module, x: torch.Tensor, batch_size: int, device: str =
     out: dict[str, list[np.ndarray]] = {k: [] for k in SCORES}
     with progress_bar(len(x), desc, progress) as bar:
         for s in range(0, len(x), batch_size):
-            xb = x[s:s + batch_size].to(device).requires_grad_(True)
+            xb = x[s : s + batch_size].to(device).requires_grad_(True)
             with torch.enable_grad():
                 logits = model(xb)
                 logpx = -energy(logits)
                 (grad,) = torch.autograd.grad(logpx.sum(), xb)
             out["logpx"].append(logpx.detach().double().cpu().numpy())
-            out["maxprob"].append(torch.softmax(logits.detach().double(), 1).max(1).values
-                                  .cpu().numpy())
+            out["maxprob"].append(
+                torch.softmax(logits.detach().double(), 1).max(1).values.cpu().numpy()
+            )
             out["approx_mass"].append(-grad.flatten(1).double().norm(dim=1).cpu().numpy())
             bar.update(len(xb))
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -144,8 +179,12 @@ def builtin_ood_sets(x_test: torch.Tensor, seed: int) -> dict[str, torch.Tensor]
     fixed = perm == torch.arange(n)
     perm[fixed] = (perm[fixed] + 1) % n  # never mix an image with itself
     interp = 0.5 * (x_test + x_test[perm])
-    return {"uniform": uniform, "gaussian": gaussian, "constant": constant.contiguous(),
-            "interp": interp}
+    return {
+        "uniform": uniform,
+        "gaussian": gaussian,
+        "constant": constant.contiguous(),
+        "interp": interp,
+    }
 
 
 @dataclass
@@ -157,8 +196,11 @@ class OODResult:
     logpx: dict[str, np.ndarray] = field(repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {"ood": self.auroc, "ood_sizes": self.sizes,
-                "logpx_mean": {k: float(np.mean(v)) for k, v in self.logpx.items()}}
+        return {
+            "ood": self.auroc,
+            "ood_sizes": self.sizes,
+            "logpx_mean": {k: float(np.mean(v)) for k, v in self.logpx.items()},
+        }
 
 
 def run_ood(m: Loaded, data: EvalData, settings: EvalSettings) -> OODResult:
@@ -166,9 +208,17 @@ def run_ood(m: Loaded, data: EvalData, settings: EvalSettings) -> OODResult:
     sets = dict(builtin_ood_sets(data.x, settings.seed))
     sets.update(data.ood_extra)
 
+    model = autocast_model(m.model, settings)
+
     def scores(x: torch.Tensor, name: str) -> dict[str, np.ndarray]:
-        return ood_scores(m.model, x, settings.batch_size, settings.device, settings.progress,
-                          f"{m.label}: scores {name}")
+        return ood_scores(
+            model,
+            x,
+            settings.batch_size,
+            settings.device,
+            settings.progress,
+            f"{m.label}: scores {name}",
+        )
 
     scores_in = scores(data.x, data.dataset)
     table: dict[str, dict[str, float]] = {}
@@ -208,22 +258,47 @@ def _pgd_step(settings: EvalSettings) -> float | Callable[[float], float]:
     return lambda e: 2.5 * e / steps
 
 
-def run_robustness(m: Loaded, data: EvalData, settings: EvalSettings,
-                   sgld: SGLDSettings) -> RobustnessResult:
-    """PGD accuracy of the SGLD-refined classifier on the first --robust-n test points."""
+def run_robustness(
+    m: Loaded, data: EvalData, settings: EvalSettings, sgld: SGLDSettings
+) -> RobustnessResult:
+    """PGD accuracy of the SGLD-refined classifier on the first --robust-n test points (the
+    model runs uncompiled: PGD differentiates through the refinement's input gradients)."""
     s = settings
     n = min(s.robust_n, len(data.x))
     x, y = data.x[:n], data.y[:n]
-    clf = SGLDRefinedClassifier(m.model, s.robust_refine_steps, sgld.step_size, sgld.noise_std,
-                                sigma=s.robust_sigma, n_chains=s.robust_chains)
-    result = RobustnessResult(n=n, refine_steps=s.robust_refine_steps, chains=s.robust_chains,
-                              sigma=s.robust_sigma, pgd_steps=s.pgd_steps,
-                              pgd_step_size=s.pgd_step_size or "2.5 * eps / steps", curves={})
+    clf = SGLDRefinedClassifier(
+        autocast_model(uncompiled(m.model), s),
+        s.robust_refine_steps,
+        sgld.step_size,
+        sgld.noise_std,
+        sigma=s.robust_sigma,
+        n_chains=s.robust_chains,
+    )
+    result = RobustnessResult(
+        n=n,
+        refine_steps=s.robust_refine_steps,
+        chains=s.robust_chains,
+        sigma=s.robust_sigma,
+        pgd_steps=s.pgd_steps,
+        pgd_step_size=s.pgd_step_size or "2.5 * eps / steps",
+        curves={},
+    )
     g = torch.Generator(device=s.device).manual_seed(s.seed + 5)
     for norm in s.pgd_norms or []:
         torch.manual_seed(s.seed + 6)
-        curve = robust_accuracy(clf, x, y, norm, s.pgd_eps[norm], s.pgd_steps, _pgd_step(s),
-                                s.batch_size, device=s.device, generator=g,
-                                desc=f"{m.label}: PGD {norm}", progress=s.progress)
+        curve = robust_accuracy(
+            clf,
+            x,
+            y,
+            norm,
+            s.pgd_eps[norm],
+            s.pgd_steps,
+            _pgd_step(s),
+            s.batch_size,
+            device=s.device,
+            generator=g,
+            desc=f"{m.label}: PGD {norm}",
+            progress=s.progress,
+        )
         result.curves[norm] = [[e, acc] for e, acc in curve]
     return result

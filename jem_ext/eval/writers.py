@@ -65,12 +65,21 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def _header(report: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
     title = f"# Evaluation of {report['label']}" + (
-        f" vs {report['compare']['label']}" if "compare" in report else "")
-    rows = [[r["label"], f"`{r['checkpoint']}`", r.get("objective", "-"),
-             r.get("iteration", "-")] for r in results]
-    return [title, "", _table(["model", "checkpoint", "objective", "iteration"], rows), "",
-            f"Data: `{report['dataset']}` test split, {report['n_test']} images "
-            f"(seed {report['settings']['seed']}).", ""]
+        f" vs {report['compare']['label']}" if "compare" in report else ""
+    )
+    rows = [
+        [r["label"], f"`{r['checkpoint']}`", r.get("objective", "-"), r.get("iteration", "-")]
+        for r in results
+    ]
+    return [
+        title,
+        "",
+        _table(["model", "checkpoint", "objective", "iteration"], rows),
+        "",
+        f"Data: `{report['dataset']}` test split, {report['n_test']} images "
+        f"(seed {report['settings']['seed']}).",
+        "",
+    ]
 
 
 def _accuracy_section(report, results, tasks, images: bool) -> list[str]:
@@ -79,14 +88,21 @@ def _accuracy_section(report, results, tasks, images: bool) -> list[str]:
         cols.append(("accuracy (%)", [_pct(r.get("accuracy")) for r in results]))
         if "accuracy_refined" in report:
             k = report["accuracy_refined"]["steps"]
-            cols.append((f"accuracy after {k} SGLD steps (%)",
-                         [_pct(r.get("accuracy_refined", {}).get("accuracy"))
-                          for r in results]))
+            cols.append(
+                (
+                    f"accuracy after {k} SGLD steps (%)",
+                    [_pct(r.get("accuracy_refined", {}).get("accuracy")) for r in results],
+                )
+            )
     if "calibration" in tasks:
         cols.append((f"ECE, {ECE_BINS} bins (%)", [_pct(r.get("ece")) for r in results]))
     header = ["metric"] + [r["label"] for r in results]
-    parts = ["## Accuracy and calibration", "",
-             _table(header, [[name, *vals] for name, vals in cols]), ""]
+    parts = [
+        "## Accuracy and calibration",
+        "",
+        _table(header, [[name, *vals] for name, vals in cols]),
+        "",
+    ]
     if images and "calibration" in tasks:
         parts += ["![reliability diagram](reliability.png)", ""]
     return parts
@@ -94,27 +110,58 @@ def _accuracy_section(report, results, tasks, images: bool) -> list[str]:
 
 def _ood_section(report, results, images: bool) -> list[str]:
     header = ["OOD set"] + [f"{s} ({r['label']})" for s in SCORES for r in results]
-    rows = [[name] + [_num(r["ood"][name][s]) for s in SCORES for r in results]
-            for name in report["ood"]]
-    parts = ["## OOD detection (AUROC, in-distribution test set vs each set)", "",
-             "Scores: logpx = logsumexp_y f(x)[y]; maxprob = max_y p(y|x); "
-             "approx_mass = -||d logpx/dx||_2. Built-in sets: uniform U(-1,1), "
-             "gaussian N(0,1) clamped to [-1,1], constant (one random value per image), "
-             "interp (mean of two test images).", "", _table(header, rows), ""]
+    rows = [
+        [name] + [_num(r["ood"][name][s]) for s in SCORES for r in results]
+        for name in report["ood"]
+    ]
+    parts = [
+        "## OOD detection (AUROC, in-distribution test set vs each set)",
+        "",
+        "Scores: logpx = logsumexp_y f(x)[y]; maxprob = max_y p(y|x); "
+        "approx_mass = -||d logpx/dx||_2. Built-in sets: uniform U(-1,1), "
+        "gaussian N(0,1) clamped to [-1,1], constant (one random value per image), "
+        "interp (mean of two test images).",
+        "",
+        _table(header, rows),
+        "",
+    ]
     if images:
-        parts += [f"![log p(x) {r['label']}]({f})" for r, f in
-                  zip(results, ["logpx_hist.png", "logpx_hist_compare.png"])] + [""]
+        parts += [
+            f"![log p(x) {r['label']}]({f})"
+            for r, f in zip(results, ["logpx_hist.png", "logpx_hist_compare.png"])
+        ] + [""]
     return parts
 
 
 def _generation_section(results, images: bool) -> list[str]:
-    rows = [[r["label"], g["steps"], _pct(g["conditional_accuracy"]),
-             _num(g["logpx_mean_samples"], ".2f"), _num(g["logpx_mean_test"], ".2f"),
-             g.get("buffer_size", "none")] for r in results for g in [r["generation"]]]
-    parts = ["## Generation (fresh SGLD chains from U(-1,1))", "",
-             _table(["model", "SGLD steps", "conditional samples classified as their "
-                     "class (%)", "mean logpx samples", "mean logpx test",
-                     "replay buffer size"], rows), ""]
+    rows = [
+        [
+            r["label"],
+            g["steps"],
+            _pct(g["conditional_accuracy"]),
+            _num(g["logpx_mean_samples"], ".2f"),
+            _num(g["logpx_mean_test"], ".2f"),
+            g.get("buffer_size", "none"),
+        ]
+        for r in results
+        for g in [r["generation"]]
+    ]
+    parts = [
+        "## Generation (fresh SGLD chains from U(-1,1))",
+        "",
+        _table(
+            [
+                "model",
+                "SGLD steps",
+                "conditional samples classified as their class (%)",
+                "mean logpx samples",
+                "mean logpx test",
+                "replay buffer size",
+            ],
+            rows,
+        ),
+        "",
+    ]
     if images:
         for r in results:
             for kind, f in r["generation"]["files"].items():
@@ -127,10 +174,24 @@ def _fid_section(report, results) -> list[str]:
     f0 = report["fid"]
     if "skipped" in f0:
         return ["## IS and FID", "", f"Skipped: {f0['skipped']}", ""]
-    rows = [[r["label"], f"{_num(f['is_mean'])} ± {_num(f['is_std'])}", _num(f["fid"]),
-             f["n_generated"]] for r in results for f in [r["fid"]]]
-    parts = ["## IS and FID", "", f"Network: {f0['note']}.", "",
-             _table(["model", "IS", "FID", "samples"], rows), ""]
+    rows = [
+        [
+            r["label"],
+            f"{_num(f['is_mean'])} ± {_num(f['is_std'])}",
+            _num(f["fid"]),
+            f["n_generated"],
+        ]
+        for r in results
+        for f in [r["fid"]]
+    ]
+    parts = [
+        "## IS and FID",
+        "",
+        f"Network: {f0['note']}.",
+        "",
+        _table(["model", "IS", "FID", "samples"], rows),
+        "",
+    ]
     if "warning" in f0:
         parts += [f"Warning: {f0['warning']}.", ""]
     return parts
@@ -138,15 +199,22 @@ def _fid_section(report, results) -> list[str]:
 
 def _robustness_section(report, results, images: bool) -> list[str]:
     rb = report["robustness"]
-    parts = ["## Robustness (PGD through the SGLD-refined classifier)", "",
-             f"{rb['n']} test points, K = {rb['refine_steps']} SGLD steps, "
-             f"{rb['chains']} chains, PGD {rb['pgd_steps']} steps, step "
-             f"{rb['pgd_step_size']}; eps in the model's [-1, 1] input units "
-             "(eps 0 = clean accuracy of the refined classifier).", ""]
+    parts = [
+        "## Robustness (PGD through the SGLD-refined classifier)",
+        "",
+        f"{rb['n']} test points, K = {rb['refine_steps']} SGLD steps, "
+        f"{rb['chains']} chains, PGD {rb['pgd_steps']} steps, step "
+        f"{rb['pgd_step_size']}; eps in the model's [-1, 1] input units "
+        "(eps 0 = clean accuracy of the refined classifier).",
+        "",
+    ]
     labels = [r["label"] for r in results]
     for norm, curve in rb["curves"].items():
-        rows = [[f"{e:g}"] + [_pct(dict(map(tuple, r["robustness"]["curves"][norm])).get(e))
-                              for r in results] for e, _ in curve]
+        rows = [
+            [f"{e:g}"]
+            + [_pct(dict(map(tuple, r["robustness"]["curves"][norm])).get(e)) for r in results]
+            for e, _ in curve
+        ]
         parts += [f"### {norm} (accuracy %)", "", _table(["eps"] + labels, rows), ""]
         if images:
             parts += [f"![{norm}](robustness_{norm}.png)", ""]
