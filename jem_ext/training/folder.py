@@ -30,7 +30,7 @@ class RunFolder:
         self.created = created
 
     @classmethod
-    def claim_new(cls, path: str | os.PathLike, flag: str = "--out") -> "RunFolder":
+    def claim_new(cls, path: str | os.PathLike, flag: str = "--out") -> RunFolder:
         """Create ``path`` (or take it if it is an empty folder) and lock it.
 
         Raises:
@@ -56,7 +56,7 @@ class RunFolder:
         return folder
 
     @classmethod
-    def claim_existing(cls, path: str | os.PathLike, flag: str = "--resume") -> "RunFolder":
+    def claim_existing(cls, path: str | os.PathLike, flag: str = "--resume") -> RunFolder:
         """Lock an existing run folder (to resume it).
 
         Raises:

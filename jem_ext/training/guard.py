@@ -41,7 +41,7 @@ class DivergenceGuard:
     check_gap: bool = True
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> "DivergenceGuard":
+    def from_config(cls, cfg: dict[str, Any]) -> DivergenceGuard:
         return cls(cfg["divergence_threshold"], cfg["max_recoveries"],
                    cfg["recover_lr_factor"], check_gap=cfg["objective"] != "ce")
 

@@ -50,7 +50,7 @@ class MetricsLog:
         self.enabled = enabled
         self._file: TextIO | None = None
 
-    def __enter__(self) -> "MetricsLog":
+    def __enter__(self) -> MetricsLog:
         if self.enabled:
             self._file = self.path.open("a", encoding="utf-8")
         return self
@@ -104,7 +104,7 @@ class Progress:
             self._bar = tqdm(total=total, initial=self.done, desc=desc, unit="it",
                              dynamic_ncols=True, file=self._stream)
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -36,7 +36,7 @@ class RunState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_checkpoint(cls, ckpt: dict[str, Any]) -> "RunState":
+    def from_checkpoint(cls, ckpt: dict[str, Any]) -> RunState:
         """The state saved in a training checkpoint (older checkpoints may lack ``progress``)."""
         names = {f.name for f in dataclasses.fields(cls)}
         saved = ckpt.get("progress") or {}
