@@ -68,8 +68,18 @@ OOD_SETS = ("uniform", "gaussian", "constant", "interp")
 
 # Smoke mode: a synthetic image folder and a few iterations, for the test suite.
 SMOKE_CLASSES, SMOKE_TRAIN, SMOKE_TEST, SMOKE_SIZE, SMOKE_WIDTH = 3, 12, 4, 8, 4
-SMOKE_TRAIN_FLAGS = ["--width", str(SMOKE_WIDTH), "--buffer-size", "50", "--sgld-steps", "1",
-                     "--max-iters", "2", "--log-every", "1"]
+SMOKE_TRAIN_FLAGS = [
+    "--width",
+    str(SMOKE_WIDTH),
+    "--buffer-size",
+    "50",
+    "--sgld-steps",
+    "1",
+    "--max-iters",
+    "2",
+    "--log-every",
+    "1",
+]
 SMOKE_EVAL_FLAGS = ["--gen-n", "8", "--gen-steps", "2"]
 
 
@@ -79,23 +89,39 @@ class BenchmarkError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", default=",".join(CONFIGS),
-                   help="comma-separated configuration names (see --list)")
-    p.add_argument("--data-root", default=None,
-                   help="image folder with train/ and test/ (one sub-folder per class)")
-    p.add_argument("--archives", default=None,
-                   help="folder holding train.tar.gz and test.tar.gz: extracted into "
-                   "--data-root first, unless it already has train/ and test/")
-    p.add_argument("--minutes", type=float, default=15.0,
-                   help="training wall time of every configuration")
+    p.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help="comma-separated configuration names (see --list)",
+    )
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="image folder with train/ and test/ (one sub-folder per class)",
+    )
+    p.add_argument(
+        "--archives",
+        default=None,
+        help="folder holding train.tar.gz and test.tar.gz: extracted into "
+        "--data-root first, unless it already has train/ and test/",
+    )
+    p.add_argument(
+        "--minutes", type=float, default=15.0, help="training wall time of every configuration"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads of each run")
     p.add_argument("--seed", type=int, default=1, help="training seed")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results folder")
-    p.add_argument("--runs", default="runs/cifar_budget",
-                   help="folder of the run folders (checkpoints; kept out of version control)")
-    p.add_argument("--smoke", action="store_true",
-                   help="a synthetic image folder and two iterations per configuration "
-                   "(seconds; checks the pipeline, figures meaningless)")
+    p.add_argument(
+        "--runs",
+        default="runs/cifar_budget",
+        help="folder of the run folders (checkpoints; kept out of version control)",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a synthetic image folder and two iterations per configuration "
+        "(seconds; checks the pipeline, figures meaningless)",
+    )
     p.add_argument("--list", action="store_true", help="print the configurations and exit")
     return p
 
@@ -129,14 +155,34 @@ def make_smoke_folder(root: Path) -> None:
 def train_argv(name: str, args: argparse.Namespace, data_root: Path, run_dir: Path) -> list[str]:
     """The trainer's command line of configuration ``name``."""
     budget = SMOKE_TRAIN_FLAGS if args.smoke else ["--max-minutes", f"{args.minutes:g}"]
-    return ["--dataset", "folder", "--data-root", str(data_root), "--model", "small_cnn",
-            "--width", str(WIDTH), "--warmup-iters", str(WARMUP_ITERS), "--seed",
-            str(args.seed), "--threads", str(args.threads), "--no-progress",
-            "--sample-every", "0", "--out", str(run_dir), *CONFIGS[name], *budget]
+    return [
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(data_root),
+        "--model",
+        "small_cnn",
+        "--width",
+        str(WIDTH),
+        "--warmup-iters",
+        str(WARMUP_ITERS),
+        "--seed",
+        str(args.seed),
+        "--threads",
+        str(args.threads),
+        "--no-progress",
+        "--sample-every",
+        "0",
+        "--out",
+        str(run_dir),
+        *CONFIGS[name],
+        *budget,
+    ]
 
 
-def run_config(name: str, args: argparse.Namespace, data_root: Path, runs: Path,
-               out: Path) -> dict[str, Any]:
+def run_config(
+    name: str, args: argparse.Namespace, data_root: Path, runs: Path, out: Path
+) -> dict[str, Any]:
     """Train (unless done) and evaluate one configuration; returns its figures."""
     run_dir = runs / name
     if not (run_dir / "summary.json").is_file():
@@ -144,9 +190,18 @@ def run_config(name: str, args: argparse.Namespace, data_root: Path, runs: Path,
         print("+ python -m jem_ext.train", " ".join(argv), flush=True)
         if train_main(argv) not in (0, 1):  # 1: diverged, still summarised
             raise RuntimeError(f"{name}: training failed")
-    eval_argv = ["--checkpoint", str(run_dir / "checkpoints" / "last.pt"),
-                 "--out", str(out / name), "--tasks", EVAL_TASKS, "--label", name,
-                 "--no-progress", *(SMOKE_EVAL_FLAGS if args.smoke else [])]
+    eval_argv = [
+        "--checkpoint",
+        str(run_dir / "checkpoints" / "last.pt"),
+        "--out",
+        str(out / name),
+        "--tasks",
+        EVAL_TASKS,
+        "--label",
+        name,
+        "--no-progress",
+        *(SMOKE_EVAL_FLAGS if args.smoke else []),
+    ]
     print("+ python -m jem_ext.eval", " ".join(eval_argv), flush=True)
     if eval_main(eval_argv) != 0:
         raise RuntimeError(f"{name}: evaluation failed")
@@ -158,11 +213,17 @@ def figures(name: str, run_dir: Path, eval_dir: Path) -> dict[str, Any]:
     summary = json.loads((run_dir / "summary.json").read_text())
     report = json.loads((eval_dir / "report.json").read_text())
     row = {
-        "config": name, "flags": CONFIGS[name], "status": summary["status"],
-        "stop_reason": summary.get("stop_reason"), "iterations": summary["iterations"],
-        "seconds": summary["seconds"], "seconds_per_iteration": summary["seconds_per_iteration"],
-        "recoveries": summary["recoveries"], **last_energies(run_dir / "metrics.jsonl"),
-        "accuracy": report["accuracy"], "ece": report["ece"],
+        "config": name,
+        "flags": CONFIGS[name],
+        "status": summary["status"],
+        "stop_reason": summary.get("stop_reason"),
+        "iterations": summary["iterations"],
+        "seconds": summary["seconds"],
+        "seconds_per_iteration": summary["seconds_per_iteration"],
+        "recoveries": summary["recoveries"],
+        **last_energies(run_dir / "metrics.jsonl"),
+        "accuracy": report["accuracy"],
+        "ece": report["ece"],
         "auroc": {s: {score: report["ood"][s][score] for score in SCORES} for s in OOD_SETS},
         "logpx_mean": report["logpx_mean"],
         "files": sorted(str(Path(name) / f) for f in _png_files(eval_dir)),
@@ -190,9 +251,13 @@ def last_energies(metrics_path: Path) -> dict[str, float | None]:
 def target_met(row: dict[str, Any]) -> bool:
     """Accuracy and AUROC log p(x) vs uniform at their targets, no divergence on the way."""
     auroc = row["auroc"]["uniform"]["logpx"]
-    return (row["status"] != "diverged" and row["recoveries"] == 0
-            and row["accuracy"] >= TARGET_ACCURACY and auroc is not None
-            and auroc >= TARGET_AUROC_UNIFORM)
+    return (
+        row["status"] != "diverged"
+        and row["recoveries"] == 0
+        and row["accuracy"] >= TARGET_ACCURACY
+        and auroc is not None
+        and auroc >= TARGET_AUROC_UNIFORM
+    )
 
 
 def markdown(rows: list[dict[str, Any]], minutes: float | None) -> str:
@@ -201,23 +266,31 @@ def markdown(rows: list[dict[str, Any]], minutes: float | None) -> str:
         title = f"smoke run: synthetic images, 2 iterations, SmallCNN width {SMOKE_WIDTH}"
     else:
         title = f"{minutes:g} minutes per configuration, SmallCNN width {WIDTH}"
-    lines = [f"# CIFAR budget: {title}", "",
-             "AUROC cells: log p(x) / max p(y|x) / approximate mass. Target: accuracy >= "
-             f"{TARGET_ACCURACY:.0%}, AUROC log p(x) vs uniform >= {TARGET_AUROC_UNIFORM}, "
-             "no divergence.", "",
-             "| config | status | iters | s/iter | E data / E sample | acc | ECE | "
-             + " | ".join(f"AUROC {s}" for s in OOD_SETS) + " | target |",
-             "|" + "---|" * (8 + len(OOD_SETS))]
+    lines = [
+        f"# CIFAR budget: {title}",
+        "",
+        "AUROC cells: log p(x) / max p(y|x) / approximate mass. Target: accuracy >= "
+        f"{TARGET_ACCURACY:.0%}, AUROC log p(x) vs uniform >= {TARGET_AUROC_UNIFORM}, "
+        "no divergence.",
+        "",
+        "| config | status | iters | s/iter | E data / E sample | acc | ECE | "
+        + " | ".join(f"AUROC {s}" for s in OOD_SETS)
+        + " | target |",
+        "|" + "---|" * (8 + len(OOD_SETS)),
+    ]
     for r in rows:
         aurocs = [" / ".join(_num(r["auroc"][s][k], 2) for k in SCORES) for s in OOD_SETS]
         energies = f"{_num(r['energy_data'], 1)} / {_num(r['energy_sample'], 1)}"
         lines.append(
             f"| {r['config']} | {r['status']} | {r['iterations']} | "
             f"{r['seconds_per_iteration']:.2f} | {energies} | {r['accuracy']:.1%} | "
-            f"{r['ece']:.1%} | " + " | ".join(aurocs)
-            + f" | {'yes' if r['target_met'] else 'no'} |")
-    lines += ["", "Per configuration: `<config>/report.md`, log p(x) histograms "
-              "(`logpx_hist.png`), reliability diagram and sample grids."]
+            f"{r['ece']:.1%} | " + " | ".join(aurocs) + f" | {'yes' if r['target_met'] else 'no'} |"
+        )
+    lines += [
+        "",
+        "Per configuration: `<config>/report.md`, log p(x) histograms "
+        "(`logpx_hist.png`), reliability diagram and sample grids.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -232,12 +305,15 @@ def check_args(args: argparse.Namespace) -> list[str]:
     names = [n for n in args.configs.split(",") if n]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown or not names:
-        raise BenchmarkError(f"--configs: unknown {unknown or 'empty list'}; expected names "
-                             f"among {', '.join(CONFIGS)}")
+        raise BenchmarkError(
+            f"--configs: unknown {unknown or 'empty list'}; expected names "
+            f"among {', '.join(CONFIGS)}"
+        )
     if not args.smoke:
         if args.data_root is None:
-            raise BenchmarkError("--data-root: required (an image folder with train/ and "
-                                 "test/), or --smoke")
+            raise BenchmarkError(
+                "--data-root: required (an image folder with train/ and test/), or --smoke"
+            )
         if not (args.minutes > 0 and math.isfinite(args.minutes)):
             raise BenchmarkError(f"--minutes: expected a positive number, got {args.minutes}")
     if args.threads < 1:
@@ -251,8 +327,17 @@ def run_all(names: list[str], args: argparse.Namespace, data_root: Path, runs: P
     rows = [run_config(n, args, data_root, runs, out) for n in names]
     minutes = None if args.smoke else args.minutes
     with (out / "results.json").open("w", encoding="utf-8") as f:
-        json.dump({"minutes": minutes, "width": WIDTH, "threads": args.threads,
-                   "seed": args.seed, "rows": rows}, f, indent=2)
+        json.dump(
+            {
+                "minutes": minutes,
+                "width": WIDTH,
+                "threads": args.threads,
+                "seed": args.seed,
+                "rows": rows,
+            },
+            f,
+            indent=2,
+        )
         f.write("\n")
     (out / "results.md").write_text(markdown(rows, minutes), encoding="utf-8")
     print(f"wrote {out / 'results.json'} and results.md")
@@ -275,8 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.archives is not None:
             extract_archives(Path(args.archives), data_root)
         if not ((data_root / "train").is_dir() and (data_root / "test").is_dir()):
-            raise BenchmarkError(f"--data-root {data_root}: expected train/ and test/ folders "
-                                 "(give --archives to extract them)")
+            raise BenchmarkError(
+                f"--data-root {data_root}: expected train/ and test/ folders "
+                "(give --archives to extract them)"
+            )
         run_all(names, args, data_root, Path(args.runs))
     except BenchmarkError as err:
         print(f"error: {err}", file=sys.stderr)

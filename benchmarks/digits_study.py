@@ -75,12 +75,16 @@ ENERGIES = ("energy_data", "energy_sample")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", default="default,ce",
-                   help="comma-separated configuration names (see --list)")
+    p.add_argument(
+        "--configs", default="default,ce", help="comma-separated configuration names (see --list)"
+    )
     p.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="folder of results.json/.md")
-    p.add_argument("--runs", default="runs/digits_study",
-                   help="folder of the run folders (checkpoints; kept out of version control)")
+    p.add_argument(
+        "--runs",
+        default="runs/digits_study",
+        help="folder of the run folders (checkpoints; kept out of version control)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads of each training run")
     p.add_argument("--list", action="store_true", help="print the configurations and exit")
     return p
@@ -90,14 +94,26 @@ def train_run(name: str, seed: int, run_dir: Path, threads: int) -> None:
     """Train one configuration and seed into ``run_dir`` (skipped when already complete)."""
     if (run_dir / "summary.json").is_file():
         return
-    cmd = [sys.executable, "-m", "jem_ext.train", "--dataset", "digits", "--seed", str(seed),
-           "--threads", str(threads), "--no-progress", "--out", str(run_dir), *CONFIGS[name]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jem_ext.train",
+        "--dataset",
+        "digits",
+        "--seed",
+        str(seed),
+        "--threads",
+        str(threads),
+        "--no-progress",
+        "--out",
+        str(run_dir),
+        *CONFIGS[name],
+    ]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
 
-def score_run(run_dir: Path, test_x: torch.Tensor,
-              test_y: torch.Tensor) -> dict[str, float | None]:
+def score_run(run_dir: Path, test_x: torch.Tensor, test_y: torch.Tensor) -> dict[str, float | None]:
     """Accuracy, ECE, mean confidence and log p(x) AUROCs of a run's final checkpoint."""
     model = model_from_checkpoint(load_checkpoint(run_dir / "checkpoints" / "last.pt"))
     g = torch.Generator().manual_seed(NOISE_SEED)
@@ -105,8 +121,10 @@ def score_run(run_dir: Path, test_x: torch.Tensor,
     gaussian = torch.randn(test_x.shape, generator=g).clamp(-1, 1)
     with torch.no_grad():
         logits = predict_logits(model, test_x)
-        logpx = {name: torch.logsumexp(predict_logits(model, x), dim=1)
-                 for name, x in (("uniform", uniform), ("gaussian", gaussian))}
+        logpx = {
+            name: torch.logsumexp(predict_logits(model, x), dim=1)
+            for name, x in (("uniform", uniform), ("gaussian", gaussian))
+        }
     probs = logits.softmax(dim=1)
     logpx_test = torch.logsumexp(logits, dim=1)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -192,20 +210,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:
-        print(f"error: --seeds: expected integers separated by commas, got {args.seeds!r}",
-              file=sys.stderr)
+        print(
+            f"error: --seeds: expected integers separated by commas, got {args.seeds!r}",
+            file=sys.stderr,
+        )
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     test = load_dataset("digits", split="test")
-    rows = [r for r in load_rows(out / "results.json")
-            if (r["config"], r["seed"]) not in {(n, s) for n in names for s in seeds}]
+    rows = [
+        r
+        for r in load_rows(out / "results.json")
+        if (r["config"], r["seed"]) not in {(n, s) for n in names for s in seeds}
+    ]
     for name in names:
         for seed in seeds:
             run_dir = Path(args.runs) / f"{name}-s{seed}"
             train_run(name, seed, run_dir, args.threads)
-            row = {"config": name, "seed": seed, "flags": CONFIGS[name],
-                   **score_run(run_dir, test.x, test.y)}
+            row = {
+                "config": name,
+                "seed": seed,
+                "flags": CONFIGS[name],
+                **score_run(run_dir, test.x, test.y),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
             write_results(out, rows)
@@ -216,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
 def write_results(out: Path, rows: list[dict[str, Any]]) -> None:
     agg = aggregate(rows)
     (out / "results.json").write_text(
-        json.dumps({"runs": rows, "configs": agg}, indent=2, default=_finite) + "\n")
+        json.dumps({"runs": rows, "configs": agg}, indent=2, default=_finite) + "\n"
+    )
     (out / "results.md").write_text(markdown(agg))
 
 

@@ -102,8 +102,10 @@ def jem_loss(
     else:
         if x_px is not None:
             if x_px.shape != x.shape:
-                raise ValueError(f"jem_loss: x_px must have the shape of x {tuple(x.shape)}, "
-                                 f"got {tuple(x_px.shape)}")
+                raise ValueError(
+                    f"jem_loss: x_px must have the shape of x {tuple(x.shape)}, "
+                    f"got {tuple(x_px.shape)}"
+                )
             e_data, ce = ops.energy_ce(model(x_px), y)
             e_data, ce = _widen(e_data), _widen(ce)
             e_data_mean = e_data.mean()
@@ -120,15 +122,27 @@ def jem_loss(
                 sq_d = _masked_mean(e_d.pow(2), labeled if objective == "factored" else None)
                 loss = loss + l2_energy * (sq_d + e_q.pow(2).mean())
 
-    vals = torch.stack(
-        [loss.detach(), ce_mean.detach(), px.detach(), e_data_mean.detach(),
-         e_q_mean.detach(), accuracy]
-    ).double().cpu().tolist()  # one host sync for all terms
+    vals = (
+        torch.stack(
+            [
+                loss.detach(),
+                ce_mean.detach(),
+                px.detach(),
+                e_data_mean.detach(),
+                e_q_mean.detach(),
+                accuracy,
+            ]
+        )
+        .double()
+        .cpu()
+        .tolist()
+    )  # one host sync for all terms
     return loss, dict(zip(_TERM_NAMES, vals))
 
 
-def _checked_labels(objective: str, x: Tensor, y: Tensor, labeled: Tensor | None,
-                    x_q: Tensor | None, w_px: float) -> tuple[Tensor, Tensor | None]:
+def _checked_labels(
+    objective: str, x: Tensor, y: Tensor, labeled: Tensor | None, x_q: Tensor | None, w_px: float
+) -> tuple[Tensor, Tensor | None]:
     """Check the arguments of :func:`jem_loss`; labels as int64 (0 on unlabeled rows) and the
     mask as bool, on ``x``'s device."""
     if objective not in OBJECTIVES:
@@ -157,8 +171,9 @@ def _accuracy(logits: Tensor, y: Tensor, labeled: Tensor | None) -> Tensor:
     return (correct * m).sum() / m.sum()
 
 
-def _data_energies(objective: str, e_data: Tensor, e_data_mean: Tensor, ce: Tensor,
-                   labeled: Tensor | None) -> tuple[Tensor, Tensor]:
+def _data_energies(
+    objective: str, e_data: Tensor, e_data_mean: Tensor, ce: Tensor, labeled: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """Per-row data energies of the generative term and their mean: ``E(x)`` for "jem",
     ``E(x, y) = -f(x)[y] = E(x) + CE`` on the labeled rows for "factored"."""
     if objective == "jem":
@@ -172,15 +187,16 @@ def _widen(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _forward(model: nn.Module, x: Tensor, x_q: Tensor | None, joint: bool
-             ) -> tuple[Tensor, Tensor | None]:
+def _forward(
+    model: nn.Module, x: Tensor, x_q: Tensor | None, joint: bool
+) -> tuple[Tensor, Tensor | None]:
     """``(f(x), f(x_q))``: two forwards, or one on ``cat([x, x_q])`` when ``joint``."""
     if x_q is None:
         return model(x), None
     if not joint:
         return model(x), model(x_q)
     both = model(torch.cat([x, x_q.to(x.dtype)]))
-    return both[: x.shape[0]], both[x.shape[0]:]
+    return both[: x.shape[0]], both[x.shape[0] :]
 
 
 def _sample_energies(logits_q: Tensor, objective: str, y_q: Tensor) -> Tensor:

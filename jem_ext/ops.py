@@ -131,8 +131,7 @@ def _offset_as_int64(offset: int) -> int:
     offset = operator.index(offset)
     if not (0 <= offset < _INT64_END and offset % 4 == 0):
         raise ValueError(
-            "sgld_step_philox_: offset must be a multiple of 4 in [0, 2**63 - 4], "
-            f"got {offset}"
+            f"sgld_step_philox_: offset must be a multiple of 4 in [0, 2**63 - 4], got {offset}"
         )
     return offset
 
@@ -231,7 +230,7 @@ def _check_sgld_meta(op, x, grad, noise_std, clamp_min, clamp_max, grad_clip) ->
     for name, bound in (("clamp_min", clamp_min), ("clamp_max", clamp_max)):
         torch._check(
             bound is None or not math.isnan(bound),
-            lambda: f"{op}: {name} must be a number or None, got nan",
+            lambda name=name: f"{op}: {name} must be a number or None, got nan",
         )
     torch._check(
         clamp_min is None or clamp_max is None or clamp_min <= clamp_max,
@@ -240,14 +239,16 @@ def _check_sgld_meta(op, x, grad, noise_std, clamp_min, clamp_max, grad_clip) ->
 
 
 @torch.library.register_fake("jem_ext::sgld_step_")
-def _sgld_step_fake(x, grad, step_size, noise_std, clamp_min=None, clamp_max=None,
-                    grad_clip=None, generator=None):
+def _sgld_step_fake(
+    x, grad, step_size, noise_std, clamp_min=None, clamp_max=None, grad_clip=None, generator=None
+):
     _check_sgld_meta("sgld_step_", x, grad, noise_std, clamp_min, clamp_max, grad_clip)
 
 
 @torch.library.register_fake("jem_ext::_sgld_step_philox_")
-def _sgld_step_philox_fake(x, grad, step_size, noise_std, clamp_min, clamp_max, grad_clip,
-                           seed, offset):
+def _sgld_step_philox_fake(
+    x, grad, step_size, noise_std, clamp_min, clamp_max, grad_clip, seed, offset
+):
     op = "_sgld_step_philox_"
     _check_sgld_meta(op, x, grad, noise_std, clamp_min, clamp_max, grad_clip)
     torch._check(

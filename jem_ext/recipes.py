@@ -55,11 +55,11 @@ _JEMPP_SH = "sndnyang/JEMPP scripts/jempp_cifar10.sh"
 _SADA = "sndnyang/SADAJEM train_sadajem.py"
 _SADA_SH = "sndnyang/SADAJEM scripts/sadajem_cifar10.sh"
 
-_WRN_NOTE = ("36 M parameters: on a CPU use --model small_cnn (--width 64 for CIFAR-sized "
-             "images)")
+_WRN_NOTE = "36 M parameters: on a CPU use --model small_cnn (--width 64 for CIFAR-sized images)"
 _EPOCHS_NOTE = "scale down with the budget; decay epochs follow in proportion"
-_BUFFER_NOTE = ("a buffer larger than the training set only keeps chains longer; small data "
-                "sets can keep it")
+_BUFFER_NOTE = (
+    "a buffer larger than the training set only keeps chains longer; small data sets can keep it"
+)
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,11 @@ RECIPES: dict[str, dict[str, Setting]] = {
         "weight_decay": Setting(0.0, f"{_JEM} --weight_decay default"),
         "sam_rho": Setting(0.0, "no SAM in JEM"),
         "sam_adaptive": Setting(False, "no SAM in JEM"),
-        "warmup_iters": Setting(1000, f"{_JEM_README} --warmup_iters 1000",
-                                "about 2.5 epochs of CIFAR-10: keep it short of the run"),
+        "warmup_iters": Setting(
+            1000,
+            f"{_JEM_README} --warmup_iters 1000",
+            "about 2.5 epochs of CIFAR-10: keep it short of the run",
+        ),
         "epochs": Setting(200, f"{_JEM} --n_epochs default", _EPOCHS_NOTE),
         "decay_epochs": Setting([160, 180], f"{_JEM} --decay_epochs default", _EPOCHS_NOTE),
         "decay_rate": Setting(0.3, f"{_JEM} --decay_rate default"),
@@ -119,8 +122,9 @@ RECIPES: dict[str, dict[str, Setting]] = {
     },
     "jempp": {
         **_common_wrn(_JEMPP),
-        "norm": Setting("batch", f"{_JEMPP_SH} --norm batch (JEM++ paper: informative init "
-                        "lets BatchNorm work)"),
+        "norm": Setting(
+            "batch", f"{_JEMPP_SH} --norm batch (JEM++ paper: informative init lets BatchNorm work)"
+        ),
         "optimizer": Setting("sgd", f"{_JEMPP_SH} --optimizer=sgd (momentum 0.9 in the code)"),
         "lr": Setting(0.1, f"{_JEMPP_SH} --lr=.1"),
         "weight_decay": Setting(4e-4, f"{_JEMPP} --weight_decay default"),
@@ -128,23 +132,32 @@ RECIPES: dict[str, dict[str, Setting]] = {
         "sam_adaptive": Setting(False, "no SAM in JEM++"),
         "warmup_iters": Setting(1000, f"{_JEMPP_SH} --warmup_iters=1000"),
         "epochs": Setting(150, f"{_JEMPP_SH} --n_epochs=150", _EPOCHS_NOTE),
-        "decay_epochs": Setting([50, 100, 125], f"{_JEMPP_SH} --decay_epochs 50 100 125",
-                                _EPOCHS_NOTE),
+        "decay_epochs": Setting(
+            [50, 100, 125], f"{_JEMPP_SH} --decay_epochs 50 100 125", _EPOCHS_NOTE
+        ),
         "decay_rate": Setting(0.2, f"{_JEMPP} --decay_rate default"),
         "no_augment": Setting(False, f"{_JEMPP} utils: pad-4 reflect crop and flip"),
         "input_noise": Setting(0.03, f"{_JEMPP_SH} --sigma=.03"),
         "px_augment": Setting(True, f"{_JEMPP} utils: the p(x) batch is augmented too"),
-        "sgld_steps": Setting(10, f"{_JEMPP_SH} --n_steps=10 (outer steps; its 5 YOPO inner "
-                              "steps per outer step are not carried over)",
-                              "5 outer steps (the script's earlier setting) halve the cost"),
+        "sgld_steps": Setting(
+            10,
+            f"{_JEMPP_SH} --n_steps=10 (outer steps; its 5 YOPO inner "
+            "steps per outer step are not carried over)",
+            "5 outer steps (the script's earlier setting) halve the cost",
+        ),
         "sgld_noise": Setting(0.0, f"{_JEMPP} --sgld_std default"),
-        "proximal": Setting(True, "JEM++ paper, proximal SGLD; samples clamped to [-1, 1] "
-                            "in sample_q"),
-        "grad_clip": Setting(1.0, f"{_JEMPP} --eps default (element-wise clip of the "
-                             "sampling gradient)"),
-        "init": Setting("gaussian", "JEM++ paper, informative initialisation: one "
-                        f"Gaussian per class fitted to the training data ({_JEMPP} "
-                        "init_from_centers)"),
+        "proximal": Setting(
+            True, "JEM++ paper, proximal SGLD; samples clamped to [-1, 1] in sample_q"
+        ),
+        "grad_clip": Setting(
+            1.0, f"{_JEMPP} --eps default (element-wise clip of the sampling gradient)"
+        ),
+        "init": Setting(
+            "gaussian",
+            "JEM++ paper, informative initialisation: one "
+            f"Gaussian per class fitted to the training data ({_JEMPP} "
+            "init_from_centers)",
+        ),
         "l2_energy": Setting(0.0, f"{_JEMPP}: no energy penalty"),
     },
     "sadajem": {
@@ -157,19 +170,25 @@ RECIPES: dict[str, dict[str, Setting]] = {
         "sam_adaptive": Setting(True, f"{_SADA}: adaptive SAM whenever rho >= 0.5"),
         "warmup_iters": Setting(1000, f"{_SADA_SH} --warmup_iters 1000"),
         "epochs": Setting(200, f"{_SADA_SH} --n_epochs 200", _EPOCHS_NOTE),
-        "decay_epochs": Setting([60, 120, 180], f"{_SADA_SH} --decay_epochs 60 120 180",
-                                _EPOCHS_NOTE),
+        "decay_epochs": Setting(
+            [60, 120, 180], f"{_SADA_SH} --decay_epochs 60 120 180", _EPOCHS_NOTE
+        ),
         "decay_rate": Setting(0.2, f"{_SADA} --decay_rate default"),
-        "no_augment": Setting(False, f"{_SADA} utils: pad-4 reflect crop and flip on the "
-                              "cross-entropy batch"),
+        "no_augment": Setting(
+            False, f"{_SADA} utils: pad-4 reflect crop and flip on the cross-entropy batch"
+        ),
         "input_noise": Setting(0.0, f"{_SADA_SH} --sigma .0"),
-        "px_augment": Setting(False, "SADA-JEM paper: no data augmentation in the p(x) "
-                              f"branch ({_SADA} utils: the p(x) loader uses the test "
-                              "transform)"),
+        "px_augment": Setting(
+            False,
+            "SADA-JEM paper: no data augmentation in the p(x) "
+            f"branch ({_SADA} utils: the p(x) loader uses the test "
+            "transform)",
+        ),
         "sgld_steps": Setting(5, f"{_SADA_SH} --n_steps 5"),
         "sgld_noise": Setting(0.0, f"{_SADA_SH} --sgld_std 0.0"),
-        "proximal": Setting(True, f"{_SADA} sample_q: gradient clipped to [-1, 1], samples "
-                            "clamped to [-1, 1]"),
+        "proximal": Setting(
+            True, f"{_SADA} sample_q: gradient clipped to [-1, 1], samples clamped to [-1, 1]"
+        ),
         "grad_clip": Setting(1.0, f"{_SADA} sample_q: clamp(eta, -1, 1)"),
         "init": Setting("gaussian", f"{_SADA} --init gm default (one Gaussian per class)"),
         "l2_energy": Setting(0.0, f"{_SADA} --l2_coeff default 0"),
@@ -185,8 +204,10 @@ def recipe_values(name: str) -> dict[str, Any]:
     """
     if name not in RECIPES:
         raise KeyError(f"unknown recipe {name!r}: expected one of {', '.join(RECIPES)}")
-    return {key: (list(s.value) if isinstance(s.value, list) else s.value)
-            for key, s in RECIPES[name].items()}
+    return {
+        key: (list(s.value) if isinstance(s.value, list) else s.value)
+        for key, s in RECIPES[name].items()
+    }
 
 
 def apply_recipe(cfg: Mapping[str, Any], name: str, explicit: set[str]) -> dict[str, Any]:
@@ -210,15 +231,17 @@ def apply_recipe(cfg: Mapping[str, Any], name: str, explicit: set[str]) -> dict[
     values = recipe_values(name)
     missing = sorted(set(values) - set(cfg))
     if missing:
-        raise KeyError(f"recipe {name!r} sets config keys this trainer does not have: "
-                       f"{', '.join(missing)}")
+        raise KeyError(
+            f"recipe {name!r} sets config keys this trainer does not have: {', '.join(missing)}"
+        )
     out = dict(cfg)
     for key, value in values.items():
         if key not in explicit:
             out[key] = value
     if "epochs" in explicit and "decay_epochs" not in explicit:
-        out["decay_epochs"] = _scaled_epochs(values["decay_epochs"], values["epochs"],
-                                             out["epochs"])
+        out["decay_epochs"] = _scaled_epochs(
+            values["decay_epochs"], values["epochs"], out["epochs"]
+        )
     return out
 
 

@@ -54,8 +54,14 @@ class SAM(torch.optim.Optimizer):
     schedule that writes ``group["lr"]`` into :attr:`param_groups` reaches the base optimiser.
     """
 
-    def __init__(self, params: Iterable[Any], base_optimizer: Callable[..., torch.optim.Optimizer],
-                 rho: float = 0.05, adaptive: bool = False, **base_kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: Callable[..., torch.optim.Optimizer],
+        rho: float = 0.05,
+        adaptive: bool = False,
+        **base_kwargs: Any,
+    ) -> None:
         if not rho >= 0.0:
             raise ValueError(f"rho: expected >= 0, got {rho}")
         super().__init__(params, dict(rho=rho, adaptive=adaptive, **base_kwargs))
@@ -68,7 +74,9 @@ class SAM(torch.optim.Optimizer):
         """``||T(w) g||`` over every parameter that has a gradient."""
         norms = [
             ((p.abs() if group["adaptive"] else 1.0) * p.grad).norm(p=2)
-            for group in self.param_groups for p in group["params"] if p.grad is not None
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None
         ]
         if not norms:
             return torch.zeros(())
@@ -122,8 +130,10 @@ class SAM(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The base optimiser's state and parameter groups (which carry ``rho``/``adaptive``)."""
         if self._saved:
-            raise RuntimeError("SAM.state_dict between first_step and second_step: the "
-                               "parameters are at the ascent point")
+            raise RuntimeError(
+                "SAM.state_dict between first_step and second_step: the "
+                "parameters are at the ascent point"
+            )
         return self.base_optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

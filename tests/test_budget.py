@@ -15,9 +15,29 @@ from jem_ext.checkpoint import load_checkpoint
 from jem_ext.training.loop import budget_reason
 
 # A tiny JEM on the 2-D toy moons (32 iterations per epoch).
-TOY = ["--dataset", "moons", "--model", "mlp", "--width", "16", "--depth", "2",
-       "--sgld-steps", "2", "--buffer-size", "100", "--warmup-iters", "5", "--no-progress",
-       "--log-every", "1", "--sample-every", "0", "--ckpt-every", "0"]
+TOY = [
+    "--dataset",
+    "moons",
+    "--model",
+    "mlp",
+    "--width",
+    "16",
+    "--depth",
+    "2",
+    "--sgld-steps",
+    "2",
+    "--buffer-size",
+    "100",
+    "--warmup-iters",
+    "5",
+    "--no-progress",
+    "--log-every",
+    "1",
+    "--sample-every",
+    "0",
+    "--ckpt-every",
+    "0",
+]
 
 
 def _summary(run: Path) -> dict:
@@ -50,8 +70,7 @@ def test_max_iters_stops_with_a_complete_run_folder(tmp_path, capsys):
     assert "stopped early, reached --max-iters 40" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("sam", [[], ["--optimizer", "sgd", "--sam-rho", "0.5",
-                                      "--sam-adaptive"]])
+@pytest.mark.parametrize("sam", [[], ["--optimizer", "sgd", "--sam-rho", "0.5", "--sam-adaptive"]])
 def test_resume_with_a_larger_budget_equals_the_uninterrupted_run(tmp_path, sam):
     args = TOY + ["--epochs", "2", "--seed", "7"] + sam
     full, cut = tmp_path / "full", tmp_path / "cut"
@@ -71,8 +90,7 @@ def test_resume_with_a_larger_budget_equals_the_uninterrupted_run(tmp_path, sam)
 
 def test_max_minutes_stops_with_a_complete_run_folder(tmp_path):
     run = tmp_path / "r"
-    assert jtrain.main(TOY + ["--epochs", "50", "--max-minutes", "0.001",
-                              "--out", str(run)]) == 0
+    assert jtrain.main(TOY + ["--epochs", "50", "--max-minutes", "0.001", "--out", str(run)]) == 0
     summary = _summary(run)
     assert summary["status"] == "budget" and "--max-minutes 0.001" in summary["stop_reason"]
     assert summary["iterations"] < 50 * 32
@@ -80,8 +98,10 @@ def test_max_minutes_stops_with_a_complete_run_folder(tmp_path):
     assert (run / "samples" / "samples_final.png").is_file()
 
 
-@pytest.mark.parametrize("flag,value", [("--max-iters", "0"), ("--max-minutes", "0"),
-                                        ("--max-minutes", "-1"), ("--max-iters", "x")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [("--max-iters", "0"), ("--max-minutes", "0"), ("--max-minutes", "-1"), ("--max-iters", "x")],
+)
 def test_bad_budget_is_a_one_line_error(tmp_path, capsys, flag, value):
     assert jtrain.main(TOY + [flag, value, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
@@ -117,9 +137,14 @@ def test_cifar_budget_smoke_writes_one_results_folder(tmp_path):
     assert "| sadajem | budget | 2 |" in table and "| ce | budget | 2 |" in table
 
 
-@pytest.mark.parametrize("argv,flag", [(["--smoke", "--configs", "nope"], "--configs"),
-                                       ([], "--data-root"),
-                                       (["--data-root", "x", "--minutes", "0"], "--minutes")])
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["--smoke", "--configs", "nope"], "--configs"),
+        ([], "--data-root"),
+        (["--data-root", "x", "--minutes", "0"], "--minutes"),
+    ],
+)
 def test_cifar_budget_bad_input_is_one_line(tmp_path, capsys, argv, flag):
     assert _cifar_budget().main(argv + ["--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err

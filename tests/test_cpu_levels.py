@@ -118,8 +118,9 @@ def run_python(code: str, level: str | None, *args: str) -> subprocess.Completed
     env = {k: v for k, v in os.environ.items() if k != ENV}
     if level is not None:
         env[ENV] = level
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
-                          text=True)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True
+    )
 
 
 @cache
@@ -130,7 +131,7 @@ def best_level() -> str:
 
 
 def supported_levels() -> list[str]:
-    return LEVELS[LEVELS.index(best_level()):]
+    return LEVELS[LEVELS.index(best_level()) :]
 
 
 @cache
@@ -193,8 +194,7 @@ def test_energy_level_matches_baseline(level, tmp_dir):
         if classes_of(name) in STATIC_CLASSES:
             np.testing.assert_array_equal(bits(t), bits(ref), err_msg=name)
         else:
-            torch.testing.assert_close(t, ref, rtol=FEW_ULP, atol=FEW_ULP, equal_nan=True,
-                                       msg=name)
+            torch.testing.assert_close(t, ref, rtol=FEW_ULP, atol=FEW_ULP, equal_nan=True, msg=name)
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -220,8 +220,10 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo") or platform.machine() != "x86_64",
-                    reason="reads the x86 CPU flags from /proc/cpuinfo")
+@pytest.mark.skipif(
+    not os.path.exists("/proc/cpuinfo") or platform.machine() != "x86_64",
+    reason="reads the x86 CPU flags from /proc/cpuinfo",
+)
 def test_default_level_is_the_best_the_cpu_supports():
     flags = cpu_flags()
     if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"} <= flags:
@@ -233,9 +235,11 @@ def test_default_level_is_the_best_the_cpu_supports():
     assert best_level() == want
 
 
-LEVEL_CALL = ("import torch, jem_ext; x = torch.zeros(9); "
-              "jem_ext.ops.sgld_step_(x, torch.zeros(9), 0.1, 1.0); "
-              "print(torch.ops.jem_ext._cpu_level())")
+LEVEL_CALL = (
+    "import torch, jem_ext; x = torch.zeros(9); "
+    "jem_ext.ops.sgld_step_(x, torch.zeros(9), 0.1, 1.0); "
+    "print(torch.ops.jem_ext._cpu_level())"
+)
 
 
 def test_unknown_level_is_a_clear_error():
@@ -245,7 +249,7 @@ def test_unknown_level_is_a_clear_error():
 
 
 def test_unsupported_level_is_a_clear_error():
-    missing = LEVELS[:LEVELS.index(best_level())]
+    missing = LEVELS[: LEVELS.index(best_level())]
     if not missing:
         pytest.skip("this CPU supports every level")
     out = run_python(LEVEL_CALL, missing[-1])

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import energy_reference
 
 from jem_ext import ops
-from reference import energy_reference
 
 TOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES = list(TOL)
@@ -35,8 +35,9 @@ def test_energy_and_gradient_match_reference(device, dtype, c):
     g = torch.randn(33, dtype=torch.float64)
     e.backward(g.to(device, dtype))
     want_grad = -torch.softmax(logits.detach().double(), 1) * g.to(device).unsqueeze(1)
-    torch.testing.assert_close(logits.grad.double(), want_grad, rtol=TOL[dtype] * 4,
-                               atol=TOL[dtype] * 4)
+    torch.testing.assert_close(
+        logits.grad.double(), want_grad, rtol=TOL[dtype] * 4, atol=TOL[dtype] * 4
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -59,13 +60,16 @@ def test_energy_ce_matches_reference(device, dtype, c):
     lg = logits.detach().double()
     tol = TOL[dtype] * 10
     torch.testing.assert_close(e.double(), energy_reference(lg), rtol=tol, atol=tol)
-    torch.testing.assert_close(ce.double(), F.cross_entropy(lg, y, reduction="none"),
-                               rtol=tol, atol=tol)
+    torch.testing.assert_close(
+        ce.double(), F.cross_entropy(lg, y, reduction="none"), rtol=tol, atol=tol
+    )
     ge, gce = torch.randn(17, device=device), torch.randn(17, device=device)
     (e.float() * ge + ce.float() * gce).sum().backward()
     ref = lg.clone().requires_grad_(True)
-    ((-torch.logsumexp(ref, 1)) * ge.double()
-     + F.cross_entropy(ref, y, reduction="none") * gce.double()).sum().backward()
+    (
+        (-torch.logsumexp(ref, 1)) * ge.double()
+        + F.cross_entropy(ref, y, reduction="none") * gce.double()
+    ).sum().backward()
     torch.testing.assert_close(logits.grad.double(), ref.grad, rtol=tol * 4, atol=tol * 4)
 
 
@@ -90,15 +94,15 @@ def test_double_backward_through_input_gradient_matches_reference():
         return gx
 
     x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
-    torch.testing.assert_close(penalty(ops.energy, x),
-                               penalty(lambda t: -torch.logsumexp(t, 1), x))
+    torch.testing.assert_close(penalty(ops.energy, x), penalty(lambda t: -torch.logsumexp(t, 1), x))
 
 
 def test_extreme_values(device):
     big = 1e30
     ninf = float("-inf")
-    logits = torch.tensor([[big, big, 0.0], [ninf, 2.0, ninf], [-big, -big, -big]],
-                          device=device, requires_grad=True)
+    logits = torch.tensor(
+        [[big, big, 0.0], [ninf, 2.0, ninf], [-big, -big, -big]], device=device, requires_grad=True
+    )
     e = ops.energy(logits)
     want = torch.tensor([-(big + torch.log(torch.tensor(2.0)).item()), -2.0, big])
     torch.testing.assert_close(e.cpu(), want)
@@ -113,8 +117,16 @@ def test_extreme_values(device):
 NAN, INF = float("nan"), float("inf")
 # Rows of three logits with every kind of non-finite content.
 NONFINITE_ROWS = [
-    [NAN, NAN, NAN], [1.0, NAN, INF], [NAN, 0.0, 1.0], [NAN, -INF, -INF], [INF, 0.0, 1.0],
-    [INF, INF, -INF], [INF, -INF, 2.0], [-INF, -INF, -INF], [-INF, 3.0, -INF], [0.5, -1.0, 2.0],
+    [NAN, NAN, NAN],
+    [1.0, NAN, INF],
+    [NAN, 0.0, 1.0],
+    [NAN, -INF, -INF],
+    [INF, 0.0, 1.0],
+    [INF, INF, -INF],
+    [INF, -INF, 2.0],
+    [-INF, -INF, -INF],
+    [-INF, 3.0, -INF],
+    [0.5, -1.0, 2.0],
 ]
 
 
@@ -166,7 +178,8 @@ def test_energy_ce_cross_entropy_precise_for_large_logits(device, scale):
     # Spread logits and logits around a large common offset (small CE).
     spread = make_logits(128, 10, torch.float32, device, scale=scale, seed=3)
     offset = make_logits(128, 10, torch.float32, device, seed=4) + scale * torch.tensor(
-        [[1.0], [-1.0]], device=device).repeat(64, 1)
+        [[1.0], [-1.0]], device=device
+    ).repeat(64, 1)
     logits = torch.cat([spread, offset])
     y = torch.randint(0, 10, (256,), generator=torch.Generator().manual_seed(1)).to(device)
     _, ce = ops.energy_ce(logits, y)
@@ -184,8 +197,9 @@ def test_half_types_accumulate_in_float32(device, dtype):
     # 1000 equal logits: a half-precision running sum would be off by ~1 in lse.
     logits = torch.full((3, 1000), 2.0, dtype=dtype, device=device)
     want = -(2.0 + torch.log(torch.tensor(1000.0, dtype=torch.float64)))
-    torch.testing.assert_close(ops.energy(logits).double().cpu(), want.expand(3),
-                               rtol=TOL[dtype], atol=TOL[dtype] * 10)
+    torch.testing.assert_close(
+        ops.energy(logits).double().cpu(), want.expand(3), rtol=TOL[dtype], atol=TOL[dtype] * 10
+    )
 
 
 def test_non_contiguous_and_empty(device):
@@ -201,26 +215,44 @@ def test_non_contiguous_and_empty(device):
 
 
 @settings(max_examples=40, deadline=None)
-@given(b=st.integers(1, 40), c=st.integers(1, 300), scale=st.floats(0.01, 100.0),
-       shift=st.floats(-1e4, 1e4))
+@given(
+    b=st.integers(1, 40),
+    c=st.integers(1, 300),
+    scale=st.floats(0.01, 100.0),
+    shift=st.floats(-1e4, 1e4),
+)
 def test_energy_property_matches_reference(b, c, scale, shift):
     logits = torch.randn(b, c, dtype=torch.float64) * scale + shift
-    torch.testing.assert_close(ops.energy(logits.float()).double(),
-                               energy_reference(logits.float()),
-                               rtol=3e-6, atol=3e-6 * (abs(shift) + scale))
+    torch.testing.assert_close(
+        ops.energy(logits.float()).double(),
+        energy_reference(logits.float()),
+        rtol=3e-6,
+        atol=3e-6 * (abs(shift) + scale),
+    )
     torch.testing.assert_close(ops.energy(logits), energy_reference(logits), rtol=1e-12, atol=1e-9)
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: ops.energy(torch.zeros(3)), "logits must be 2-D"),
-    (lambda: ops.energy(torch.zeros(3, 0)), "at least one class"),
-    (lambda: ops.energy(torch.zeros(3, 4, dtype=torch.int64)), "logits must be float32"),
-    (lambda: ops.energy(torch.zeros(3, 4), torch.zeros(3, dtype=torch.int32)), "y must be int64"),
-    (lambda: ops.energy(torch.zeros(3, 4), torch.zeros(2, dtype=torch.int64)),
-     r"y must have shape \[3\]"),
-    (lambda: ops.energy(torch.zeros(3, 4), torch.tensor([0, 4, 1])), r"y\[1\] = 4 is out of range"),
-    (lambda: ops.energy_ce(torch.zeros(3, 4), torch.tensor([0, -1, 1])), "out of range for 4"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: ops.energy(torch.zeros(3)), "logits must be 2-D"),
+        (lambda: ops.energy(torch.zeros(3, 0)), "at least one class"),
+        (lambda: ops.energy(torch.zeros(3, 4, dtype=torch.int64)), "logits must be float32"),
+        (
+            lambda: ops.energy(torch.zeros(3, 4), torch.zeros(3, dtype=torch.int32)),
+            "y must be int64",
+        ),
+        (
+            lambda: ops.energy(torch.zeros(3, 4), torch.zeros(2, dtype=torch.int64)),
+            r"y must have shape \[3\]",
+        ),
+        (
+            lambda: ops.energy(torch.zeros(3, 4), torch.tensor([0, 4, 1])),
+            r"y\[1\] = 4 is out of range",
+        ),
+        (lambda: ops.energy_ce(torch.zeros(3, 4), torch.tensor([0, -1, 1])), "out of range for 4"),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(call, match):
     with pytest.raises(RuntimeError, match=match):
         call()
@@ -233,8 +265,10 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.jem_ext.energy.default, (logits, y))
     torch.library.opcheck(torch.ops.jem_ext.energy_ce.default, (logits, y))
     g = torch.randn(5, requires_grad=True)
-    torch.library.opcheck(torch.ops.jem_ext.energy_backward.default,
-                          (logits.detach().requires_grad_(True), y, None, g, g))
+    torch.library.opcheck(
+        torch.ops.jem_ext.energy_backward.default,
+        (logits.detach().requires_grad_(True), y, None, g, g),
+    )
 
 
 @pytest.mark.cuda

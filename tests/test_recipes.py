@@ -43,7 +43,8 @@ def test_recipe_values_pass_the_trainers_validation(name):
             continue
         want = float if isinstance(default, float) else type(default)
         assert isinstance(value, want) and not (isinstance(value, bool) and want is not bool), (
-            f"{name}.{key}: {value!r} is not a {want.__name__}")
+            f"{name}.{key}: {value!r} is not a {want.__name__}"
+        )
     trainer_cfg = {k: v for k, v in cfg.items() if k in defaults}
     assert trainer_cfg == cfg, "a recipe sets keys the trainer does not have"
     validate(trainer_cfg)  # raises ConfigError on a bad value
@@ -51,13 +52,25 @@ def test_recipe_values_pass_the_trainers_validation(name):
 
 def test_published_values_are_pinned():
     jem, jempp, sada = (recipe_values(n) for n in ("jem", "jempp", "sadajem"))
-    assert (jem["optimizer"], jem["lr"], jem["sgld_steps"], jem["sgld_noise"]) == \
-        ("adam", 1e-4, 20, 0.01)
+    assert (jem["optimizer"], jem["lr"], jem["sgld_steps"], jem["sgld_noise"]) == (
+        "adam",
+        1e-4,
+        20,
+        0.01,
+    )
     assert (jem["buffer_size"], jem["reinit_prob"], jem["norm"]) == (10000, 0.05, "none")
-    assert (jempp["init"], jempp["proximal"], jempp["norm"], jempp["optimizer"]) == \
-        ("gaussian", True, "batch", "sgd")
-    assert (sada["sam_rho"], sada["sam_adaptive"], sada["sgld_steps"], sada["sgld_noise"]) == \
-        (2.0, True, 5, 0.0)
+    assert (jempp["init"], jempp["proximal"], jempp["norm"], jempp["optimizer"]) == (
+        "gaussian",
+        True,
+        "batch",
+        "sgd",
+    )
+    assert (sada["sam_rho"], sada["sam_adaptive"], sada["sgld_steps"], sada["sgld_noise"]) == (
+        2.0,
+        True,
+        5,
+        0.0,
+    )
     assert sada["px_augment"] is False and jem["px_augment"] is True
 
 

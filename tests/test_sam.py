@@ -64,8 +64,9 @@ def test_sgd_plain_matches_hand_computation(adaptive):
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_sgd_momentum_weight_decay_matches_hand_computation(adaptive):
     params, lr, rho, mom, wd = _params(), 0.05, 0.3, 0.9, 0.01
-    opt = SAM(params, torch.optim.SGD, rho=rho, adaptive=adaptive, lr=lr, momentum=mom,
-              weight_decay=wd)
+    opt = SAM(
+        params, torch.optim.SGD, rho=rho, adaptive=adaptive, lr=lr, momentum=mom, weight_decay=wd
+    )
     ws = [w.double() for w in W0]
     bufs = None
     for _ in range(3):

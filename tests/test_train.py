@@ -20,9 +20,27 @@ from jem_ext.training.guard import DivergenceGuard
 ROOT = Path(__file__).resolve().parents[1]
 
 # A tiny JEM on the 2-D toy moons (32 iterations per epoch, a fraction of a second each).
-TOY = ["--dataset", "moons", "--model", "mlp", "--width", "16", "--depth", "2",
-       "--sgld-steps", "2", "--buffer-size", "100", "--warmup-iters", "5", "--no-progress",
-       "--log-every", "1", "--sample-every", "0"]
+TOY = [
+    "--dataset",
+    "moons",
+    "--model",
+    "mlp",
+    "--width",
+    "16",
+    "--depth",
+    "2",
+    "--sgld-steps",
+    "2",
+    "--buffer-size",
+    "100",
+    "--warmup-iters",
+    "5",
+    "--no-progress",
+    "--log-every",
+    "1",
+    "--sample-every",
+    "0",
+]
 
 
 def _run(argv: list[str]) -> int:
@@ -42,15 +60,49 @@ def test_help_lists_every_flag(capsys):
         jtrain.main(["--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--dataset", "--data-root", "--model", "--depth", "--width", "--norm",
-                 "--dropout", "--objective", "--w-px", "--w-pyx", "--l2-energy",
-                 "--labels-per-class", "--sgld-steps", "--sgld-step-size", "--sgld-noise",
-                 "--buffer-size", "--reinit-prob", "--init", "--proximal", "--grad-clip",
-                 "--optimizer", "--lr", "--warmup-iters", "--decay-epochs", "--decay-rate",
-                 "--batch-size", "--epochs", "--seed", "--device", "--out", "--config",
-                 "--resume", "--log-every", "--ckpt-every", "--sample-every", "--eval-every",
-                 "--max-recoveries", "--divergence-threshold", "--recover-lr-factor",
-                 "--no-progress", "--threads"):
+    for flag in (
+        "--dataset",
+        "--data-root",
+        "--model",
+        "--depth",
+        "--width",
+        "--norm",
+        "--dropout",
+        "--objective",
+        "--w-px",
+        "--w-pyx",
+        "--l2-energy",
+        "--labels-per-class",
+        "--sgld-steps",
+        "--sgld-step-size",
+        "--sgld-noise",
+        "--buffer-size",
+        "--reinit-prob",
+        "--init",
+        "--proximal",
+        "--grad-clip",
+        "--optimizer",
+        "--lr",
+        "--warmup-iters",
+        "--decay-epochs",
+        "--decay-rate",
+        "--batch-size",
+        "--epochs",
+        "--seed",
+        "--device",
+        "--out",
+        "--config",
+        "--resume",
+        "--log-every",
+        "--ckpt-every",
+        "--sample-every",
+        "--eval-every",
+        "--max-recoveries",
+        "--divergence-threshold",
+        "--recover-lr-factor",
+        "--no-progress",
+        "--threads",
+    ):
         assert flag in text, flag
     assert "debug" not in text.lower()  # test hooks are not flags
     assert "(default: None)" not in text and text.count("(default: all labels)") == 1
@@ -61,8 +113,23 @@ def test_help_lists_every_flag(capsys):
 
 def test_digits_end_to_end_writes_every_file(tmp_path, capsys):
     run = tmp_path / "run"
-    argv = ["--epochs", "1", "--sgld-steps", "2", "--buffer-size", "100", "--out", str(run),
-            "--ckpt-every", "7", "--sample-every", "10", "--log-every", "5", "--no-progress"]
+    argv = [
+        "--epochs",
+        "1",
+        "--sgld-steps",
+        "2",
+        "--buffer-size",
+        "100",
+        "--out",
+        str(run),
+        "--ckpt-every",
+        "7",
+        "--sample-every",
+        "10",
+        "--log-every",
+        "5",
+        "--no-progress",
+    ]
     assert _run(argv) == 0
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "test accuracy" in last_line and str(run) in last_line
@@ -71,15 +138,34 @@ def test_digits_end_to_end_writes_every_file(tmp_path, capsys):
     rows = _rows(run)
     train_rows = [r for r in rows if "loss" in r]
     assert [r["iteration"] for r in train_rows] == [5, 10, 15, 20]
-    for key in ("iteration", "epoch", "loss", "ce", "px", "energy_data", "energy_sample",
-                "accuracy", "lr", "seconds"):
+    for key in (
+        "iteration",
+        "epoch",
+        "loss",
+        "ce",
+        "px",
+        "energy_data",
+        "energy_sample",
+        "accuracy",
+        "lr",
+        "seconds",
+    ):
         assert all(key in r for r in train_rows), key
     assert any("val_accuracy" in r for r in rows)
     for name in ("last.pt", "best.pt"):
         raw = torch.load(run / "checkpoints" / name, weights_only=True)
         assert raw["format"] == "jem_ext.checkpoint"
-        assert {"model_spec", "model", "optimizer", "sampler", "rng", "iteration", "epoch",
-                "config", "best_val_accuracy"} <= set(raw)
+        assert {
+            "model_spec",
+            "model",
+            "optimizer",
+            "sampler",
+            "rng",
+            "iteration",
+            "epoch",
+            "config",
+            "best_val_accuracy",
+        } <= set(raw)
     assert load_checkpoint(run / "checkpoints" / "last.pt")["iteration"] == 20
     pngs = sorted(p.name for p in (run / "samples").glob("*.png"))
     assert "samples_0000010.png" in pngs and "samples_final.png" in pngs
@@ -148,11 +234,16 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
     sc = json.loads((cut / "summary.json").read_text())
     assert sc["iterations"] == sf["iterations"] == 64
     assert sc["test_accuracy"] == sf["test_accuracy"]
+
     # The metrics of the resumed run match the uninterrupted one row for row (times and the
     # resume's own event row aside).
     def strip(rows):
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows
-                if r.get("event") != "resume"]
+        return [
+            {k: v for k, v in r.items() if k != "seconds"}
+            for r in rows
+            if r.get("event") != "resume"
+        ]
+
     assert strip(_rows(cut)) == strip(_rows(full))
 
 
@@ -161,6 +252,7 @@ def bad_loss(monkeypatch):
     """Arm ``bad_loss(iterations, **terms)``: the training loss of those (0-based) iterations
     gets the given term values (default: a NaN loss). Counts the objective's calls, which are
     one per iteration in a fresh run."""
+
     def arm(iterations, **bad_terms):
         real = objectives.jem_loss
         calls = itertools.count()
@@ -175,14 +267,31 @@ def bad_loss(monkeypatch):
             return loss, terms
 
         monkeypatch.setattr(objectives, "jem_loss", corrupted)
+
     return arm
 
 
 def test_injected_divergence_is_recovered_and_logged(tmp_path, bad_loss):
     run = tmp_path / "nan"
     bad_loss({10})
-    assert _run(TOY + ["--epochs", "1", "--ckpt-every", "4", "--recover-lr-factor", "0.25",
-                       "--lr", "1e-3", "--out", str(run)]) == 0
+    assert (
+        _run(
+            TOY
+            + [
+                "--epochs",
+                "1",
+                "--ckpt-every",
+                "4",
+                "--recover-lr-factor",
+                "0.25",
+                "--lr",
+                "1e-3",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     events = [r for r in _rows(run) if r.get("event")]
     assert len(events) == 1
     ev = events[0]
@@ -215,21 +324,38 @@ def test_energy_gap_triggers_recovery(tmp_path, bad_loss):
     run = tmp_path / "gap"
     # A finite, small loss with an energy gap far above the threshold: only the gap branch fires.
     bad_loss({6}, loss=0.5, energy_data=-3.0, energy_sample=2e3)
-    assert _run(TOY + ["--epochs", "1", "--max-recoveries", "0", "--divergence-threshold",
-                       "1e3", "--out", str(run)]) == 1
+    assert (
+        _run(
+            TOY
+            + [
+                "--epochs",
+                "1",
+                "--max-recoveries",
+                "0",
+                "--divergence-threshold",
+                "1e3",
+                "--out",
+                str(run),
+            ]
+        )
+        == 1
+    )
     stopped = [r for r in _rows(run) if r.get("event") == "stopped"]
     assert len(stopped) == 1 and stopped[0]["iteration"] == 6
     assert stopped[0]["reason"].startswith("energy gap")
 
 
-@pytest.mark.parametrize("terms, verdict", [
-    ({"loss": 1.0, "energy_data": 0.0, "energy_sample": 1.0}, None),
-    ({"loss": float("nan"), "energy_data": 0.0, "energy_sample": 1.0}, "non-finite loss"),
-    ({"loss": float("-inf"), "energy_data": 0.0, "energy_sample": 1.0}, "non-finite loss"),
-    ({"loss": -20.0, "energy_data": 0.0, "energy_sample": 1.0}, "|loss|"),
-    ({"loss": 1.0, "energy_data": -6.0, "energy_sample": 5.0}, "energy gap"),
-    ({"loss": 1.0, "energy_data": float("inf"), "energy_sample": 5.0}, "energy gap"),
-])
+@pytest.mark.parametrize(
+    "terms, verdict",
+    [
+        ({"loss": 1.0, "energy_data": 0.0, "energy_sample": 1.0}, None),
+        ({"loss": float("nan"), "energy_data": 0.0, "energy_sample": 1.0}, "non-finite loss"),
+        ({"loss": float("-inf"), "energy_data": 0.0, "energy_sample": 1.0}, "non-finite loss"),
+        ({"loss": -20.0, "energy_data": 0.0, "energy_sample": 1.0}, "|loss|"),
+        ({"loss": 1.0, "energy_data": -6.0, "energy_sample": 5.0}, "energy gap"),
+        ({"loss": 1.0, "energy_data": float("inf"), "energy_sample": 5.0}, "energy gap"),
+    ],
+)
 def test_guard_verdicts(terms, verdict):
     guard = DivergenceGuard(threshold=10.0, max_recoveries=1, lr_factor=0.5)
     got = guard.check(terms)
@@ -241,14 +367,26 @@ def test_guard_verdicts(terms, verdict):
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jem_ext.train", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "jem_ext.train", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_bad_data_folder_cli_exit_2_no_traceback(tmp_path):
     out = tmp_path / "run"
-    proc = _cli("--dataset", "folder", "--data-root", str(tmp_path / "nope"), "--out", str(out),
-                cwd=tmp_path)
+    proc = _cli(
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(tmp_path / "nope"),
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -279,14 +417,17 @@ def test_corrupt_and_foreign_checkpoint_on_resume(tmp_path, capsys):
     assert _run(["--resume", str(run)]) == 2
     assert "not a jem_ext checkpoint" in capsys.readouterr().err
     # a jem_ext checkpoint of another model
-    save_checkpoint(last, {"model": {"w": torch.zeros(1)}, "optimizer": {}, "rng": {},
-                           "iteration": 0, "epoch": 0})
+    save_checkpoint(
+        last,
+        {"model": {"w": torch.zeros(1)}, "optimizer": {}, "rng": {}, "iteration": 0, "epoch": 0},
+    )
     assert _run(["--resume", str(run)]) == 2
     assert "does not match" in capsys.readouterr().err
     # nothing but last.pt was touched
     after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     assert {p: t for p, t in after.items() if p != last} == {
-        p: t for p, t in before.items() if p != last}
+        p: t for p, t in before.items() if p != last
+    }
 
 
 def test_corrupt_checkpoint_cli_no_traceback(tmp_path):
@@ -299,14 +440,17 @@ def test_corrupt_checkpoint_cli_no_traceback(tmp_path):
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "no such file"),
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "expected a JSON object"),
-    ('{"dataset": "moons", "bogus": 1}', "unknown keys"),
-    ('{"epochs": "ten"}', "key 'epochs': expected an integer"),
-    ('{"dataset": "mnist"}', "key 'dataset': expected one of"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"dataset": "moons", "bogus": 1}', "unknown keys"),
+        ('{"epochs": "ten"}', "key 'epochs': expected an integer"),
+        ('{"dataset": "mnist"}', "key 'dataset': expected one of"),
+    ],
+)
 def test_bad_config_file(tmp_path, capsys, content, message):
     cfg = tmp_path / "config.json"
     if content is not None:
@@ -335,11 +479,14 @@ def test_learning_rate_schedule():
     assert jtrain.learning_rate(cfg, 100, 5, scale=0.5) == pytest.approx(0.005)
 
 
-@pytest.mark.parametrize("extra", [
-    ["--objective", "factored"],
-    ["--init", "gaussian", "--buffer-size", "0"],
-    ["--proximal", "--labels-per-class", "5", "--optimizer", "sgd", "--decay-epochs", "1"],
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--objective", "factored"],
+        ["--init", "gaussian", "--buffer-size", "0"],
+        ["--proximal", "--labels-per-class", "5", "--optimizer", "sgd", "--decay-epochs", "1"],
+    ],
+)
 def test_sampler_and_objective_variants_run(tmp_path, extra):
     run = tmp_path / "v"
     assert _run(TOY + ["--epochs", "1", "--out", str(run)] + extra) == 0
@@ -361,9 +508,19 @@ def test_toy_set_with_image_model_is_a_clear_error(tmp_path, capsys):
 
 
 def test_train_function_in_process(tmp_path):
-    cfg = {"dataset": "gmm", "model": "mlp", "width": 16, "depth": 2, "sgld_steps": 2,
-           "buffer_size": 64, "epochs": 1, "batch_size": 128, "no_progress": True,
-           "sample_every": 0, "out": str(tmp_path / "fn")}
+    cfg = {
+        "dataset": "gmm",
+        "model": "mlp",
+        "width": 16,
+        "depth": 2,
+        "sgld_steps": 2,
+        "buffer_size": 64,
+        "epochs": 1,
+        "batch_size": 128,
+        "no_progress": True,
+        "sample_every": 0,
+        "out": str(tmp_path / "fn"),
+    }
     summary = jtrain.train(cfg)
     assert summary["iterations"] == 16 and summary["status"] == "completed"
     assert json.loads((tmp_path / "fn" / "summary.json").read_text()) == summary

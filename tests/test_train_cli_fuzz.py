@@ -21,16 +21,25 @@ from jem_ext.training.config import RANGES
 from jem_ext.training.flags import build_parser, finite_float, int_list
 
 BASE = ["--dataset", "moons", "--model", "mlp", "--width", "8", "--depth", "1", "--no-progress"]
-VALID_EXTRAS = [["--epochs", "1"], ["--seed", "3"], ["--lr", "0.01"], ["--sgld-steps", "2"],
-                ["--no-augment"], ["--objective", "ce"], ["--batch-size", "16"],
-                ["--decay-epochs", "1,2"], ["--threads", "1"]]
+VALID_EXTRAS = [
+    ["--epochs", "1"],
+    ["--seed", "3"],
+    ["--lr", "0.01"],
+    ["--sgld-steps", "2"],
+    ["--no-augment"],
+    ["--objective", "ce"],
+    ["--batch-size", "16"],
+    ["--decay-epochs", "1,2"],
+    ["--threads", "1"],
+]
 # Invocation flags that take paths: fuzzed separately (their values are not typed).
 PATH_FLAGS = {"out", "config", "resume", "data_root"}
 
 
 def _actions() -> dict[str, argparse.Action]:
-    return {a.dest: a for a in build_parser()._actions
-            if a.dest != "help" and a.dest not in PATH_FLAGS}
+    return {
+        a.dest: a for a in build_parser()._actions if a.dest != "help" and a.dest not in PATH_FLAGS
+    }
 
 
 def _out_of_range(key: str, rng: random.Random) -> list:
@@ -104,17 +113,24 @@ def test_fuzz_flags(tmp_path, capsys, monkeypatch):
             _assert_refused(capsys, argv, out, f"{flag}={value!r}")
             cases += 1
     combinations = [
-        ["--no-such-flag"], ["--resume", str(tmp_path / "none")], ["--data-root", str(tmp_path)],
+        ["--no-such-flag"],
+        ["--resume", str(tmp_path / "none")],
+        ["--data-root", str(tmp_path)],
         ["--dataset", "digits", "--model", "mlp", "--data-root", str(tmp_path)],
-        ["--model", "small_cnn"], ["--model", "wrn"], ["--sgld-steps", "0"],
-        ["--config", str(tmp_path)], ["--config", str(tmp_path / "none.json")],
-        ["--out", "/proc/jem-ext/run"], ["--width", "100000000"],
+        ["--model", "small_cnn"],
+        ["--model", "wrn"],
+        ["--sgld-steps", "0"],
+        ["--config", str(tmp_path)],
+        ["--config", str(tmp_path / "none.json")],
+        ["--out", "/proc/jem-ext/run"],
+        ["--width", "100000000"],
     ]
     if not torch.cuda.is_available():
         combinations.append(["--device", "cuda"])
     for argv in combinations:
-        _assert_refused(capsys, BASE + argv + ["--out", str(out)] * ("--out" not in argv), out,
-                        " ".join(argv))
+        _assert_refused(
+            capsys, BASE + argv + ["--out", str(out)] * ("--out" not in argv), out, " ".join(argv)
+        )
         cases += 1
     assert cases > 150
 
@@ -136,11 +152,21 @@ def test_fuzz_config_files(tmp_path, capsys, monkeypatch):
             cfg[dest] = value
             text = json.dumps(cfg).replace('"INF_LITERAL"', "1e999")
             path.write_text(text)
-            _assert_refused(capsys, ["--config", str(path), "--out", str(out)], out,
-                            f"{dest}: {text}")
+            _assert_refused(
+                capsys, ["--config", str(path), "--out", str(out)], out, f"{dest}: {text}"
+            )
             cases += 1
-    for text in ("", "[]", "3", '{"epochs": NaN}', '{"lr": Infinity}', "{bad", '{"bogus": 1}',
-                 "\u00ff\u00fe", '{"epochs": 1, "epochs": "x"}'):
+    for text in (
+        "",
+        "[]",
+        "3",
+        '{"epochs": NaN}',
+        '{"lr": Infinity}',
+        "{bad",
+        '{"bogus": 1}',
+        "\u00ff\u00fe",
+        '{"epochs": 1, "epochs": "x"}',
+    ):
         path.write_text(text)
         _assert_refused(capsys, ["--config", str(path), "--out", str(out)], out, repr(text))
         cases += 1
@@ -151,9 +177,18 @@ def test_fuzz_config_files(tmp_path, capsys, monkeypatch):
 def test_valid_inputs_are_not_refused(tmp_path, argv):
     """The fuzz's base inputs are valid: the refusals above come from the bad element."""
     cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({"dataset": "moons", "model": "mlp", "width": 8, "depth": 1,
-                               "epochs": 1, "no_progress": True}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "dataset": "moons",
+                "model": "mlp",
+                "width": 8,
+                "depth": 1,
+                "epochs": 1,
+                "no_progress": True,
+            }
+        )
+    )
     argv = [a.replace("{cfg}", str(cfg)) for a in argv]
     extra = BASE if "--config" not in argv else []
-    assert jtrain.main(extra + argv + ["--out", str(tmp_path / "run"),
-                                       "--sample-every", "0"]) == 0
+    assert jtrain.main(extra + argv + ["--out", str(tmp_path / "run"), "--sample-every", "0"]) == 0

@@ -18,9 +18,27 @@ from jem_ext.checkpoint import load_checkpoint
 from jem_ext.training import cli, loop, runlog
 from jem_ext.training.folder import RunFolder
 
-TOY = ["--dataset", "moons", "--model", "mlp", "--width", "16", "--depth", "2",
-       "--sgld-steps", "2", "--buffer-size", "100", "--warmup-iters", "5", "--no-progress",
-       "--log-every", "1", "--sample-every", "0"]
+TOY = [
+    "--dataset",
+    "moons",
+    "--model",
+    "mlp",
+    "--width",
+    "16",
+    "--depth",
+    "2",
+    "--sgld-steps",
+    "2",
+    "--buffer-size",
+    "100",
+    "--warmup-iters",
+    "5",
+    "--no-progress",
+    "--log-every",
+    "1",
+    "--sample-every",
+    "0",
+]
 
 
 def _rows(run: Path) -> list[dict]:
@@ -64,8 +82,7 @@ def test_resume_keeps_the_overrides_of_earlier_resumes(tmp_path, monkeypatch):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["iterations"] == 64
     resumes = [r for r in _rows(run) if r.get("event") == "resume"]
-    assert [(r["iteration"], r["overrides"]) for r in resumes] == [(32, {"epochs": 2}),
-                                                                   (42, {})]
+    assert [(r["iteration"], r["overrides"]) for r in resumes] == [(32, {"epochs": 2}), (42, {})]
     # --config repeats what the run did: two epochs, the same weights
     again = tmp_path / "again"
     assert jtrain.main(["--config", str(run / "config.json"), "--out", str(again)]) == 0
@@ -80,8 +97,9 @@ def test_resume_and_config_keep_the_thread_count(tmp_path, monkeypatch):
     run = tmp_path / "r"
     _die_at(monkeypatch, 20)
     with pytest.raises(_Killed):
-        jtrain.main(TOY + ["--epochs", "1", "--ckpt-every", "7", "--threads", "2",
-                           "--out", str(run)])
+        jtrain.main(
+            TOY + ["--epochs", "1", "--ckpt-every", "7", "--threads", "2", "--out", str(run)]
+        )
     monkeypatch.setattr(loop, "learning_rate", jtrain.learning_rate)
     calls.clear()
     assert jtrain.main(["--resume", str(run)]) == 0
@@ -124,8 +142,11 @@ def test_an_empty_folder_held_by_another_run_is_refused(tmp_path, capsys):
 
 def test_failed_check_after_the_claim_leaves_no_folder(tmp_path, capsys):
     out = tmp_path / "r"
-    err = _refused(capsys, ["--dataset", "folder", "--data-root", str(tmp_path / "none"),
-                            "--out", str(out)], out)
+    err = _refused(
+        capsys,
+        ["--dataset", "folder", "--data-root", str(tmp_path / "none"), "--out", str(out)],
+        out,
+    )
     assert "folder" in err
 
 
@@ -138,13 +159,17 @@ def test_unwritable_out_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("where", ["prepare", "train"])
-def test_ctrl_c_before_the_first_checkpoint_does_not_advise_resume(tmp_path, capsys,
-                                                                   monkeypatch, where):
+def test_ctrl_c_before_the_first_checkpoint_does_not_advise_resume(
+    tmp_path, capsys, monkeypatch, where
+):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli if where == "prepare" else loop,
-                        "load_data" if where == "prepare" else "build_run", interrupt)
+    monkeypatch.setattr(
+        cli if where == "prepare" else loop,
+        "load_data" if where == "prepare" else "build_run",
+        interrupt,
+    )
     out = tmp_path / "r"
     assert jtrain.main(TOY + ["--out", str(out)]) == 130
     err = capsys.readouterr().err
@@ -158,9 +183,11 @@ def test_resume_refuses_flags_it_would_ignore(tmp_path, capsys):
     capsys.readouterr()
     other = tmp_path / "s"
     assert "cannot be combined with --resume" in _refused(
-        capsys, ["--resume", str(run), "--out", str(other)], other)
+        capsys, ["--resume", str(run), "--out", str(other)], other
+    )
     assert "cannot be combined with --resume" in _refused(
-        capsys, ["--resume", str(run), "--config", str(run / "config.json")])
+        capsys, ["--resume", str(run), "--config", str(run / "config.json")]
+    )
 
 
 def test_config_that_is_a_directory(tmp_path, capsys):
@@ -180,30 +207,53 @@ def test_toy_set_with_an_image_model_suggests_mlp(tmp_path, capsys):
     assert "--model mlp" in err
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--width", "0", ">= 1"), ("--width", "-4", ">= 1"), ("--depth", "0", ">= 1"),
-    ("--batch-size", "0", ">= 1"), ("--epochs", "-1", ">= 1"),
-    ("--labels-per-class", "0", ">= 1"), ("--buffer-size", "-1", ">= 0"),
-    ("--lr", "inf", "finite"), ("--lr", "0", "> 0"), ("--sgld-step-size", "nan", "finite"),
-    ("--w-px", "nan", "finite"), ("--decay-rate", "nan", "finite"),
-    ("--sgld-noise", "-inf", "finite"), ("--dropout", "1", "< 1"),
-    ("--grad-clip", "0", "> 0"), ("--seed", "-1", ">= 0"), ("--reinit-prob", "1.5", "<= 1"),
-    ("--divergence-threshold", "1e400", "finite"), ("--decay-epochs", "a,b", "integers"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--width", "0", ">= 1"),
+        ("--width", "-4", ">= 1"),
+        ("--depth", "0", ">= 1"),
+        ("--batch-size", "0", ">= 1"),
+        ("--epochs", "-1", ">= 1"),
+        ("--labels-per-class", "0", ">= 1"),
+        ("--buffer-size", "-1", ">= 0"),
+        ("--lr", "inf", "finite"),
+        ("--lr", "0", "> 0"),
+        ("--sgld-step-size", "nan", "finite"),
+        ("--w-px", "nan", "finite"),
+        ("--decay-rate", "nan", "finite"),
+        ("--sgld-noise", "-inf", "finite"),
+        ("--dropout", "1", "< 1"),
+        ("--grad-clip", "0", "> 0"),
+        ("--seed", "-1", ">= 0"),
+        ("--reinit-prob", "1.5", "<= 1"),
+        ("--divergence-threshold", "1e400", "finite"),
+        ("--decay-epochs", "a,b", "integers"),
+    ],
+)
 def test_bad_flag_values_are_refused_naming_the_flag(tmp_path, capsys, flag, value, message):
     out = tmp_path / "r"
     err = _refused(capsys, TOY + [f"{flag}={value}", "--out", str(out)], out)
     assert flag in err and message in err
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("labels_per_class", "5", "expected an integer"), ("width", "abc", "expected an integer"),
-    ("grad_clip", "x", "expected a number"), ("data_root", 5, "expected a string"),
-    ("decay_epochs", ["a", "b"], "list of integers"), ("depth", 2.5, "expected an integer"),
-    ("no_augment", "yes", "true or false"), ("lr", 1e999, "finite"), ("width", 0, ">= 1"),
-    ("epochs", True, "expected an integer"), ("norm", "group", "expected one of"),
-    ("seed", None, "expected a value"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("labels_per_class", "5", "expected an integer"),
+        ("width", "abc", "expected an integer"),
+        ("grad_clip", "x", "expected a number"),
+        ("data_root", 5, "expected a string"),
+        ("decay_epochs", ["a", "b"], "list of integers"),
+        ("depth", 2.5, "expected an integer"),
+        ("no_augment", "yes", "true or false"),
+        ("lr", 1e999, "finite"),
+        ("width", 0, ">= 1"),
+        ("epochs", True, "expected an integer"),
+        ("norm", "group", "expected one of"),
+        ("seed", None, "expected a value"),
+    ],
+)
 def test_bad_config_values_are_refused_naming_the_key(tmp_path, capsys, key, value, message):
     cfg = tmp_path / "c.json"
     text = json.dumps({"dataset": "moons", "model": "mlp", key: value})
@@ -273,15 +323,19 @@ def test_progress_off_a_terminal_prints_plain_lines():
 def test_two_processes_with_the_same_out_one_runs(tmp_path):
     out = tmp_path / "r"
     argv = [sys.executable, "-m", "jem_ext.train", *TOY, "--epochs", "1", "--out", str(out)]
-    procs = [subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     results = sorted((p.wait(timeout=300), p.stderr.read()) for p in procs)
     for p in procs:
         p.stdout.close()
         p.stderr.close()
     assert [code for code, _ in results] == [0, 2]
     refusal = results[1][1]
-    assert ("in use by another training process" in refusal or "not empty" in refusal)
+    assert "in use by another training process" in refusal or "not empty" in refusal
     assert refusal.count("\n") == 1
     rows = _rows(out)
     assert [r["iteration"] for r in rows if "loss" in r] == list(range(1, 33))  # one writer

@@ -19,8 +19,21 @@ from jem_ext.training.config import INVOCATION_KEYS, parse_command_line
 from jem_ext.training.setup import build_run, make_augment
 from jem_ext.training.step import Batch, LossWeights, SharpnessAwareContext, StepContext, train_step
 
-DIGITS = ["--model", "small_cnn", "--width", "4", "--buffer-size", "200", "--sgld-steps", "2",
-          "--no-progress", "--sample-every", "0", "--epochs", "1"]
+DIGITS = [
+    "--model",
+    "small_cnn",
+    "--width",
+    "4",
+    "--buffer-size",
+    "200",
+    "--sgld-steps",
+    "2",
+    "--no-progress",
+    "--sample-every",
+    "0",
+    "--epochs",
+    "1",
+]
 
 
 def _cfg(argv: list[str]) -> dict:
@@ -35,12 +48,21 @@ def test_help_lists_the_recipes_and_points_to_the_table(capsys):
 
 
 def test_recipe_sets_its_values_and_explicit_flags_win():
-    cfg = _cfg(["--recipe", "sadajem", "--model", "small_cnn", "--width", "64",
-                "--epochs", "20"])
+    cfg = _cfg(["--recipe", "sadajem", "--model", "small_cnn", "--width", "64", "--epochs", "20"])
     sada = recipe_values("sadajem")
     assert (cfg["model"], cfg["width"], cfg["epochs"]) == ("small_cnn", 64, 20)
-    for key in ("optimizer", "lr", "sam_rho", "sam_adaptive", "px_augment", "sgld_steps",
-                "init", "proximal", "norm", "input_noise"):
+    for key in (
+        "optimizer",
+        "lr",
+        "sam_rho",
+        "sam_adaptive",
+        "px_augment",
+        "sgld_steps",
+        "init",
+        "proximal",
+        "norm",
+        "input_noise",
+    ):
         assert cfg[key] == sada[key], key
     assert cfg["decay_epochs"] == [6, 12, 18]  # scaled with the shorter run
     assert _cfg(["--recipe", "jem", "--lr", "0.01"])["lr"] == 0.01
@@ -62,8 +84,10 @@ def test_recipe_is_recorded_and_repeated_by_config_and_resume(tmp_path):
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=0)
     assert jtrain.main(["--resume", str(a), "--max-iters", "4"]) == 0
-    assert _experiment(json.loads((a / "config.json").read_text())) == \
-        {**_experiment(cfg_a), "max_iters": 4}
+    assert _experiment(json.loads((a / "config.json").read_text())) == {
+        **_experiment(cfg_a),
+        "max_iters": 4,
+    }
 
 
 def _experiment(cfg: dict) -> dict:
@@ -71,14 +95,22 @@ def _experiment(cfg: dict) -> dict:
 
 
 def test_train_function_applies_the_recipe_under_given_keys(tmp_path):
-    summary = jtrain.train({"recipe": "jempp", "model": "small_cnn", "width": 4,
-                            "sgld_steps": 1, "buffer_size": 100, "max_iters": 2,
-                            "no_progress": True, "sample_every": 0,
-                            "out": str(tmp_path / "r")})
+    summary = jtrain.train(
+        {
+            "recipe": "jempp",
+            "model": "small_cnn",
+            "width": 4,
+            "sgld_steps": 1,
+            "buffer_size": 100,
+            "max_iters": 2,
+            "no_progress": True,
+            "sample_every": 0,
+            "out": str(tmp_path / "r"),
+        }
+    )
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     assert summary["status"] == "budget"
-    assert (cfg["optimizer"], cfg["lr"], cfg["norm"], cfg["sgld_steps"]) == \
-        ("sgd", 0.1, "batch", 1)
+    assert (cfg["optimizer"], cfg["lr"], cfg["norm"], cfg["sgld_steps"]) == ("sgd", 0.1, "batch", 1)
 
 
 def test_sam_optimiser_is_built_from_the_config():
@@ -124,8 +156,9 @@ def test_sam_step_equals_the_two_pass_hand_computation(adaptive):
     model = _bn_model()
     ref = copy.deepcopy(model)
     sampler = _FixedSampler(x_q)
-    ctx = SharpnessAwareContext(model, model, SAM(model.parameters(), torch.optim.SGD, **kw),
-                                sampler, torch.Generator())
+    ctx = SharpnessAwareContext(
+        model, model, SAM(model.parameters(), torch.optim.SGD, **kw), sampler, torch.Generator()
+    )
     train_step(ctx, Batch(x, y, None, x_px), weights)
     assert sampler.calls == 1
 
@@ -133,8 +166,9 @@ def test_sam_step_equals_the_two_pass_hand_computation(adaptive):
     ref.train()
 
     def loss():
-        return objectives.jem_loss(ref, x, y, x_q=x_q, w_px=1.0, w_pyx=1.0, l2_energy=0.01,
-                                   x_px=x_px)[0]
+        return objectives.jem_loss(
+            ref, x, y, x_q=x_q, w_px=1.0, w_pyx=1.0, l2_energy=0.01, x_px=x_px
+        )[0]
 
     loss().backward()
     stats = {k: b.clone() for k, b in ref.named_buffers()}
@@ -151,8 +185,9 @@ def test_sam_step_equals_the_two_pass_hand_computation(adaptive):
 
 def test_sam_update_refuses_a_plain_optimiser():
     model = _bn_model()
-    ctx = SharpnessAwareContext(model, model, torch.optim.SGD(model.parameters(), lr=0.1),
-                                None, torch.Generator())
+    ctx = SharpnessAwareContext(
+        model, model, torch.optim.SGD(model.parameters(), lr=0.1), None, torch.Generator()
+    )
     with pytest.raises(TypeError, match="SAM"):
         ctx.update(model(torch.zeros(2, 1, 8, 8)).sum(), lambda: torch.zeros(()))
 

@@ -17,8 +17,9 @@ Each option is one small function:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +34,7 @@ _HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 Autocast = Callable[[], AbstractContextManager[Any]]
 
 
-def autocast_factory(precision: str, device: torch.device, cache_enabled: bool = True
-                     ) -> Autocast:
+def autocast_factory(precision: str, device: torch.device, cache_enabled: bool = True) -> Autocast:
     """A zero-argument callable giving the context manager for ``precision`` on ``device``.
 
     ``cache_enabled=False`` is needed where the region is captured in a CUDA graph (the
@@ -44,8 +44,12 @@ def autocast_factory(precision: str, device: torch.device, cache_enabled: bool =
         raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp32":
         return nullcontext
-    return functools.partial(torch.autocast, device_type=torch.device(device).type,
-                             dtype=_HALF_DTYPES[precision], cache_enabled=cache_enabled)
+    return functools.partial(
+        torch.autocast,
+        device_type=torch.device(device).type,
+        dtype=_HALF_DTYPES[precision],
+        cache_enabled=cache_enabled,
+    )
 
 
 def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
@@ -100,14 +104,16 @@ def apply_speed_options(ctx: StepContext, cfg: dict[str, Any], device: torch.dev
     ctx.joint_forward = batch_independent(model)
 
 
-def configure_sampler(sampler: SGLDSampler, cfg: dict[str, Any], device: torch.device
-                      ) -> SGLDSampler:
+def configure_sampler(
+    sampler: SGLDSampler, cfg: dict[str, Any], device: torch.device
+) -> SGLDSampler:
     """The sampler's speed options from the config: the chain's autocast (``precision``), a
     CUDA-graph chain (``cuda_graph``) and a channels-last buffer (``channels_last``, image
     buffers). Applied wherever a sampler is built, so a rebuilt sampler keeps them."""
     precision = cfg.get("precision", "fp32")
-    sampler.autocast = None if precision == "fp32" else autocast_factory(
-        precision, device, cache_enabled=False)
+    sampler.autocast = (
+        None if precision == "fp32" else autocast_factory(precision, device, cache_enabled=False)
+    )
     if cfg.get("cuda_graph"):
         sampler.chain = GraphedChain()
     buffer = sampler.buffer

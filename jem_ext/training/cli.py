@@ -36,12 +36,17 @@ def _load_resume_state(run_dir: str) -> dict[str, Any]:
     return state
 
 
-def _check_model(cfg: dict[str, Any], datasets: dict[str, jdata.ImageData],
-                 resume_state: dict[str, Any] | None) -> None:
+def _check_model(
+    cfg: dict[str, Any], datasets: dict[str, jdata.ImageData], resume_state: dict[str, Any] | None
+) -> None:
     """Check the model flags (and a resumed checkpoint's weights) without allocating a model."""
     train_d = datasets["train"]
-    spec = {"name": cfg["model"], "num_classes": train_d.num_classes,
-            "in_shape": list(train_d.shape), "kwargs": model_kwargs(cfg)}
+    spec = {
+        "name": cfg["model"],
+        "num_classes": train_d.num_classes,
+        "in_shape": list(train_d.shape),
+        "kwargs": model_kwargs(cfg),
+    }
     try:
         model = meta_model(spec)
     except ValueError as err:
@@ -50,8 +55,7 @@ def _check_model(cfg: dict[str, Any], datasets: dict[str, jdata.ImageData],
         diff = weights_mismatch(model, resume_state["model"])
         if diff is not None:
             raise CheckpointError(
-                f"--resume: checkpoint does not match the config's model (first difference: "
-                f"{diff})"
+                f"--resume: checkpoint does not match the config's model (first difference: {diff})"
             )
 
 
@@ -146,8 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         job = distributed.current()
         if job.parallel:
             distributed.print_main(distributed.describe(job, prepared.cfg), job)
-        summary = train(prepared.cfg, resume_state=prepared.resume_state,
-                        datasets=prepared.datasets, resume_overrides=prepared.overrides)
+        summary = train(
+            prepared.cfg,
+            resume_state=prepared.resume_state,
+            datasets=prepared.datasets,
+            resume_overrides=prepared.overrides,
+        )
     except (ConfigError, jdata.DataError, CheckpointError, distributed.LaunchError) as err:
         # before training starts (a resume state that does not fit: nothing written yet)
         _release(prepared, keep_run=False)
@@ -162,8 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         job = distributed.current()
         if not distributed.is_communication_failure(err, job):
             raise
-        print(distributed.fail_message(err, job, prepared.cfg["dist_timeout"]
-                                       if prepared else 0), file=sys.stderr)
+        print(
+            distributed.fail_message(err, job, prepared.cfg["dist_timeout"] if prepared else 0),
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         if prepared is not None and prepared.folder is None:

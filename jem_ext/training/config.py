@@ -39,8 +39,9 @@ class Range:
     hi_open: bool = False
 
     def contains(self, v: float) -> bool:
-        return ((self.lo is None or (v > self.lo if self.lo_open else v >= self.lo))
-                and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)))
+        return (self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)) and (
+            self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        )
 
     def __str__(self) -> str:
         parts = []
@@ -56,20 +57,40 @@ _FRACTION = Range(0, 1)
 # The accepted range of every numeric key. Upper bounds keep a run inside what one machine
 # can hold (a replay buffer of more chains, a deeper MLP, more threads fail late and unclearly).
 RANGES: dict[str, Range] = {
-    "batch_size": _POSITIVE, "epochs": _POSITIVE, "log_every": _POSITIVE,
-    "eval_every": _POSITIVE, "labels_per_class": _POSITIVE, "width": Range(1, 2**16),
-    "depth": Range(1, 1000), "sgld_steps": Range(0, 10**6), "buffer_size": Range(0, 10**7),
-    "threads": Range(0, 1024), "seed": Range(0, 2**62), "warmup_iters": _NON_NEGATIVE,
-    "ckpt_every": _NON_NEGATIVE, "sample_every": _NON_NEGATIVE,
-    "max_recoveries": _NON_NEGATIVE, "decay_epochs": _NON_NEGATIVE,
-    "lr": Range(0, lo_open=True), "dropout": Range(0, 1, hi_open=True),
-    "w_px": _NON_NEGATIVE, "w_pyx": _NON_NEGATIVE, "l2_energy": _NON_NEGATIVE,
-    "sgld_step_size": _NON_NEGATIVE, "sgld_noise": _NON_NEGATIVE, "reinit_prob": _FRACTION,
-    "grad_clip": Range(0, lo_open=True), "decay_rate": Range(0, lo_open=True),
-    "weight_decay": _NON_NEGATIVE, "divergence_threshold": Range(0, lo_open=True),
-    "recover_lr_factor": Range(0, 1, lo_open=True), "dist_timeout": Range(0, lo_open=True),
-    "sam_rho": _NON_NEGATIVE, "input_noise": _NON_NEGATIVE,
-    "max_minutes": Range(0, lo_open=True), "max_iters": _POSITIVE,
+    "batch_size": _POSITIVE,
+    "epochs": _POSITIVE,
+    "log_every": _POSITIVE,
+    "eval_every": _POSITIVE,
+    "labels_per_class": _POSITIVE,
+    "width": Range(1, 2**16),
+    "depth": Range(1, 1000),
+    "sgld_steps": Range(0, 10**6),
+    "buffer_size": Range(0, 10**7),
+    "threads": Range(0, 1024),
+    "seed": Range(0, 2**62),
+    "warmup_iters": _NON_NEGATIVE,
+    "ckpt_every": _NON_NEGATIVE,
+    "sample_every": _NON_NEGATIVE,
+    "max_recoveries": _NON_NEGATIVE,
+    "decay_epochs": _NON_NEGATIVE,
+    "lr": Range(0, lo_open=True),
+    "dropout": Range(0, 1, hi_open=True),
+    "w_px": _NON_NEGATIVE,
+    "w_pyx": _NON_NEGATIVE,
+    "l2_energy": _NON_NEGATIVE,
+    "sgld_step_size": _NON_NEGATIVE,
+    "sgld_noise": _NON_NEGATIVE,
+    "reinit_prob": _FRACTION,
+    "grad_clip": Range(0, lo_open=True),
+    "decay_rate": Range(0, lo_open=True),
+    "weight_decay": _NON_NEGATIVE,
+    "divergence_threshold": Range(0, lo_open=True),
+    "recover_lr_factor": Range(0, 1, lo_open=True),
+    "dist_timeout": Range(0, lo_open=True),
+    "sam_rho": _NON_NEGATIVE,
+    "input_noise": _NON_NEGATIVE,
+    "max_minutes": Range(0, lo_open=True),
+    "max_iters": _POSITIVE,
 }
 
 
@@ -114,8 +135,10 @@ def _range_error(key: str, value: Any) -> str | None:
         return None
     for v in value if isinstance(value, list) else [value]:
         if not rng.contains(v):
-            return f"expected {'values ' if isinstance(value, list) else 'a value '}{rng}, " \
-                   f"got {value!r}"
+            return (
+                f"expected {'values ' if isinstance(value, list) else 'a value '}{rng}, "
+                f"got {value!r}"
+            )
     return None
 
 
@@ -143,20 +166,28 @@ def validate(cfg: dict[str, Any], where: dict[str, str] | None = None) -> None:
 
 def _validate_combinations(cfg: dict[str, Any], name: Any) -> None:
     if cfg["objective"] != "ce" and cfg["sgld_steps"] < 1:
-        raise ConfigError(f"{name('sgld_steps')}: expected >= 1 for the jem and factored "
-                          "objectives")
+        raise ConfigError(
+            f"{name('sgld_steps')}: expected >= 1 for the jem and factored objectives"
+        )
     if cfg["dataset"] in TOY_DATASETS and cfg["model"] != "mlp":
-        raise ConfigError(f"{name('model')}: {cfg['model']} needs images; the 2-D set "
-                          f"{cfg['dataset']} needs --model mlp")
+        raise ConfigError(
+            f"{name('model')}: {cfg['model']} needs images; the 2-D set "
+            f"{cfg['dataset']} needs --model mlp"
+        )
     if cfg["data_root"] is not None and cfg["dataset"] not in FILE_DATASETS:
-        raise ConfigError(f"{name('data_root')}: the {cfg['dataset']} dataset reads no files "
-                          f"(only {', '.join(FILE_DATASETS)} do); leave it out")
+        raise ConfigError(
+            f"{name('data_root')}: the {cfg['dataset']} dataset reads no files "
+            f"(only {', '.join(FILE_DATASETS)} do); leave it out"
+        )
     if cfg["channels_last"] and cfg["model"] == "mlp":
-        raise ConfigError(f"{name('channels_last')}: expected a convolutional model (wrn, "
-                          "small_cnn), got mlp")
+        raise ConfigError(
+            f"{name('channels_last')}: expected a convolutional model (wrn, small_cnn), got mlp"
+        )
     if cfg["sam_rho"] > 0 and cfg["precision"] == "fp16":
-        raise ConfigError(f"{name('sam_rho')}: SAM takes two gradients per update, which "
-                          "float16 gradient scaling does not support; use --precision bf16")
+        raise ConfigError(
+            f"{name('sam_rho')}: SAM takes two gradients per update, which "
+            "float16 gradient scaling does not support; use --precision bf16"
+        )
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{name('device')}: cuda requested but no CUDA device is available")
 
@@ -228,11 +259,14 @@ def _check_resume_flags(args: argparse.Namespace, explicit: dict[str, Any]) -> N
     if not run.is_dir():
         raise ConfigError(f"--resume {args.resume}: no such run folder")
     if "out" in explicit and Path(args.out).resolve() != run.resolve():
-        raise ConfigError("--out: cannot be combined with --resume (a resumed run continues "
-                          "in its own folder)")
+        raise ConfigError(
+            "--out: cannot be combined with --resume (a resumed run continues in its own folder)"
+        )
     if "config" in explicit:
-        raise ConfigError("--config: cannot be combined with --resume (a resumed run "
-                          "continues with its own config.json; give flags to override it)")
+        raise ConfigError(
+            "--config: cannot be combined with --resume (a resumed run "
+            "continues with its own config.json; give flags to override it)"
+        )
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

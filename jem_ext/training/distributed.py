@@ -52,8 +52,9 @@ import datetime
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -65,8 +66,9 @@ from ..eval import metrics
 from ..models import predict_logits
 
 T = TypeVar("T")
-_TRANSPORT_ERROR = re.compile(r"gloo|nccl|c10d|connection (reset|closed|refused)|timed out",
-                              re.IGNORECASE)
+_TRANSPORT_ERROR = re.compile(
+    r"gloo|nccl|c10d|connection (reset|closed|refused)|timed out", re.IGNORECASE
+)
 DistError = dist.DistError  # what a failed or timed-out collective raises
 
 EVAL_BATCH = 500  # rows per prediction batch; shards are whole batches, so logits match
@@ -116,8 +118,12 @@ def current() -> Dist:
     """The job of this process, from torch.distributed's state (single when not initialised)."""
     if not (dist.is_available() and dist.is_initialized()):
         return SINGLE
-    return Dist(dist.get_rank(), dist.get_world_size(),
-                int(os.environ.get("LOCAL_RANK", 0)), dist.get_backend())
+    return Dist(
+        dist.get_rank(),
+        dist.get_world_size(),
+        int(os.environ.get("LOCAL_RANK", 0)),
+        dist.get_backend(),
+    )
 
 
 def check_devices(processes_per_node: int, visible: int) -> None:
@@ -172,8 +178,9 @@ def init_from_env(cfg: dict[str, Any]) -> Dist:
     if cuda:
         check_devices(int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count())
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo",
-                            timeout=datetime.timedelta(seconds=cfg["dist_timeout"]))
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=cfg["dist_timeout"])
+    )
     return current()
 
 
@@ -202,9 +209,11 @@ def shutdown() -> None:
 
 def describe(d: Dist, cfg: dict[str, Any]) -> str:
     """The job's line printed at start: processes, backend, global and per-process batch."""
-    return (f"distributed: {d.world_size} processes ({d.backend}); --batch-size "
-            f"{cfg['batch_size']} is the global batch, {cfg['batch_size'] // d.world_size} per "
-            f"process; learning rate as configured (gradients are averaged)")
+    return (
+        f"distributed: {d.world_size} processes ({d.backend}); --batch-size "
+        f"{cfg['batch_size']} is the global batch, {cfg['batch_size'] // d.world_size} per "
+        f"process; learning rate as configured (gradients are averaged)"
+    )
 
 
 def local_device(device: torch.device, d: Dist) -> torch.device:
@@ -253,7 +262,7 @@ def split_buffer(whole: Tensor, classes: int, d: Dist) -> Tensor:
     """This process's shard of a whole buffer (inverse of :func:`merge_buffer`)."""
     rows = whole.reshape(classes, -1, *whole.shape[1:])
     start, count = shard_rows(rows.shape[1], d.world_size, d.rank)
-    return rows[:, start:start + count].reshape(-1, *whole.shape[1:]).clone()
+    return rows[:, start : start + count].reshape(-1, *whole.shape[1:]).clone()
 
 
 def _buffer_classes(buffer_state: dict[str, Any]) -> int:
@@ -280,10 +289,15 @@ def gather_checkpoint(state: dict[str, Any], d: Dist) -> dict[str, Any]:
         classes = _buffer_classes(buffer)
         whole = merge_buffer([p["buffer"] for p in parts], classes)
         shard_rows_saved = [len(p["buffer"]) // classes for p in parts]
-        merged["sampler"] = {**state["sampler"], "buffer": {
-            **buffer, "data": whole, "per_class": len(whole) // classes}}
-    merged["distributed"] = {"world_size": d.world_size, "shard_rows": shard_rows_saved,
-                             "rng": [p["rng"] for p in parts]}
+        merged["sampler"] = {
+            **state["sampler"],
+            "buffer": {**buffer, "data": whole, "per_class": len(whole) // classes},
+        }
+    merged["distributed"] = {
+        "world_size": d.world_size,
+        "shard_rows": shard_rows_saved,
+        "rng": [p["rng"] for p in parts],
+    }
     return merged
 
 
@@ -320,17 +334,21 @@ def local_share(ckpt: dict[str, Any], d: Dist) -> LocalShare:
     if buffer is not None:
         classes = _buffer_classes(buffer)
         shard = split_buffer(buffer["data"], classes, d)
-        sampler = {**sampler, "buffer": {**buffer, "data": shard,
-                                         "per_class": len(shard) // classes}}
+        sampler = {
+            **sampler,
+            "buffer": {**buffer, "data": shard, "per_class": len(shard) // classes},
+        }
     return LocalShare(sampler, rng, saved_world)
 
 
 def reshard_note(saved_world: int, d: Dist, chains: int | None) -> str:
     """The line printed when a run resumes with another number of processes."""
     what = f"the replay buffer ({chains} chains) is re-sharded and " if chains else ""
-    return (f"--resume: the checkpoint was written by {saved_world} process"
-            f"{'es' if saved_world != 1 else ''} and this run has {d.world_size}: {what}"
-            "each process's generators are re-seeded from (seed, rank, iteration)")
+    return (
+        f"--resume: the checkpoint was written by {saved_world} process"
+        f"{'es' if saved_world != 1 else ''} and this run has {d.world_size}: {what}"
+        "each process's generators are re-seeded from (seed, rank, iteration)"
+    )
 
 
 # -------------------------------------------------------------------------------- collectives
@@ -378,8 +396,8 @@ def accuracy(model: nn.Module, data: jdata.ImageData, d: Dist = SINGLE) -> float
         return metrics.accuracy(predict_logits(model, data.x, EVAL_BATCH), data.y)
     correct = 0
     for start in range(d.rank * EVAL_BATCH, len(data), d.world_size * EVAL_BATCH):
-        logits = predict_logits(model, data.x[start:start + EVAL_BATCH], EVAL_BATCH)
-        labels = data.y[start:start + EVAL_BATCH].cpu()
+        logits = predict_logits(model, data.x[start : start + EVAL_BATCH], EVAL_BATCH)
+        labels = data.y[start : start + EVAL_BATCH].cpu()
         correct += int((logits.argmax(1) == labels).sum())
     counts = _tensor([correct], torch.int64, d)
     dist.all_reduce(counts)
@@ -401,9 +419,11 @@ def fail_message(err: BaseException, d: Dist, timeout: float) -> str:
     """The one line a process prints when a collective fails (a peer died or hung)."""
     text = str(err).strip()
     first = text.splitlines()[0].split(". ")[0] if text else type(err).__name__
-    return (f"error: process {d.rank} of {d.world_size}: communication with the other "
-            f"processes failed ({first}); another process probably died or stopped answering "
-            f"(collectives time out after --dist-timeout {timeout:g} s)")
+    return (
+        f"error: process {d.rank} of {d.world_size}: communication with the other "
+        f"processes failed ({first}); another process probably died or stopped answering "
+        f"(collectives time out after --dist-timeout {timeout:g} s)"
+    )
 
 
 def print_main(line: str, d: Dist) -> None:

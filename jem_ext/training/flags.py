@@ -9,9 +9,9 @@ A parse error raises :class:`ConfigError` (one line, exit status 2 at the comman
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Any
 
+from .._cli import DefaultsHelpFormatter, RaisingParser, finite_float
 from ..data import DATASETS
 from ..models import MODELS, NORMS
 from ..objectives import OBJECTIVES
@@ -28,26 +28,10 @@ class ConfigError(ValueError):
     """A config value or config file is invalid."""
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Appends ``(default: X)`` to a flag's help unless the help already says its default."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default in (None, argparse.SUPPRESS, False):
-            return text
-        if action.option_strings:
-            default = action.default
-            if isinstance(default, list):
-                default = ",".join(str(v) for v in default)
-            text += f" (default: {default})"
-        return text
-
-
-class _Parser(argparse.ArgumentParser):
+class _Parser(RaisingParser):
     """An argument parser whose errors are a :class:`ConfigError` (one line, exit status 2)."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(message)
+    error_type = ConfigError
 
 
 def int_list(text: str) -> list[int]:
@@ -57,17 +41,6 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"expected integers separated by commas, got {text!r}"
         ) from None
-
-
-def finite_float(text: str) -> float:
-    """A float flag's type: a finite number (``nan`` and ``inf`` are refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -83,7 +56,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         "cross-entropy twin, writing a run folder with config, metrics, checkpoints, sample "
         "grids and a summary. Defaults train a JEM on the 8x8 digits on the CPU in minutes.",
         argument_default=argparse.SUPPRESS if suppress_defaults else None,
-        formatter_class=_HelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     group = p.add_argument_group
 
@@ -107,159 +80,348 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
 
 
 def _add_recipe_flags(add: Any, g: Any) -> None:
-    add(g, "--recipe", choices=tuple(RECIPES), default=None,
+    add(
+        g,
+        "--recipe",
+        choices=tuple(RECIPES),
+        default=None,
         help="set every flag of a published recipe at once: jem (JEM, 2020), jempp (JEM++, "
         "2021), sadajem (SADA-JEM, 2023); flags given explicitly override it. The values, "
         "their sources and what to scale down for a small model: the table in "
-        "python -c 'import jem_ext.recipes; help(jem_ext.recipes)'")
+        "python -c 'import jem_ext.recipes; help(jem_ext.recipes)'",
+    )
 
 
 def _add_data_flags(add: Any, g: Any) -> None:
-    add(g, "--dataset", "--data", dest="dataset", choices=DATASETS, default="digits",
-        help="dataset to train on (cifar10/cifar100/svhn/folder need --data-root)")
-    add(g, "--data-root", default=None,
-        help="folder holding the dataset files (CIFAR, SVHN, image folder)")
-    add(g, "--labels-per-class", type=int, default=None,
+    add(
+        g,
+        "--dataset",
+        "--data",
+        dest="dataset",
+        choices=DATASETS,
+        default="digits",
+        help="dataset to train on (cifar10/cifar100/svhn/folder need --data-root)",
+    )
+    add(
+        g,
+        "--data-root",
+        default=None,
+        help="folder holding the dataset files (CIFAR, SVHN, image folder)",
+    )
+    add(
+        g,
+        "--labels-per-class",
+        type=int,
+        default=None,
         help="semi-supervised: keep only this many labels per class for the CE term "
-        "(default: all labels)")
-    add(g, "--no-augment", action="store_true", default=False,
-        help="disable the dataset's default augmentation (crop/flip/Gaussian noise)")
-    add(g, "--input-noise", type=finite_float, default=None,
+        "(default: all labels)",
+    )
+    add(
+        g,
+        "--no-augment",
+        action="store_true",
+        default=False,
+        help="disable the dataset's default augmentation (crop/flip/Gaussian noise)",
+    )
+    add(
+        g,
+        "--input-noise",
+        type=finite_float,
+        default=None,
         help="standard deviation of the Gaussian noise the augmentation adds to training "
-        "inputs (default: the dataset's preset, 0.03 for images)")
-    add(g, "--no-px-augment", dest="px_augment", action="store_false", default=True,
+        "inputs (default: the dataset's preset, 0.03 for images)",
+    )
+    add(
+        g,
+        "--no-px-augment",
+        dest="px_augment",
+        action="store_false",
+        default=True,
         help="the p(x) term's data energies use the batch before augmentation (SADA-JEM); "
-        "the cross-entropy term still uses the augmented batch (default: both augmented)")
+        "the cross-entropy term still uses the augmented batch (default: both augmented)",
+    )
 
 
 def _add_model_flags(add: Any, g: Any) -> None:
     add(g, "--model", choices=tuple(MODELS), default="small_cnn", help="network architecture")
-    add(g, "--depth", type=int, default=None,
-        help="depth: WRN total depth (6n+4, default 28) or MLP hidden layers (default 3)")
-    add(g, "--width", type=int, default=None,
+    add(
+        g,
+        "--depth",
+        type=int,
+        default=None,
+        help="depth: WRN total depth (6n+4, default 28) or MLP hidden layers (default 3)",
+    )
+    add(
+        g,
+        "--width",
+        type=int,
+        default=None,
         help="width: WRN widen factor (default 10), SmallCNN first-layer channels (default "
-        "32) or MLP hidden units (default 128)")
-    add(g, "--norm", choices=NORM_CHOICES, default="none",
-        help="normalisation layers of WRN/SmallCNN (JEM uses none)")
+        "32) or MLP hidden units (default 128)",
+    )
+    add(
+        g,
+        "--norm",
+        choices=NORM_CHOICES,
+        default="none",
+        help="normalisation layers of WRN/SmallCNN (JEM uses none)",
+    )
     add(g, "--dropout", type=finite_float, default=0.0, help="dropout rate (WRN/SmallCNN)")
 
 
 def _add_objective_flags(add: Any, g: Any) -> None:
-    add(g, "--objective", choices=OBJECTIVES, default="jem",
+    add(
+        g,
+        "--objective",
+        choices=OBJECTIVES,
+        default="jem",
         help="jem: log p(x) + log p(y|x); factored: log p(y) + log p(x|y) (class-conditional "
-        "sampling); ce: cross-entropy only (the classifier twin)")
-    add(g, "--w-px", type=finite_float, default=1.0,
-        help="weight of the generative (log p(x)) term")
+        "sampling); ce: cross-entropy only (the classifier twin)",
+    )
+    add(
+        g, "--w-px", type=finite_float, default=1.0, help="weight of the generative (log p(x)) term"
+    )
     add(g, "--w-pyx", type=finite_float, default=1.0, help="weight of the cross-entropy term")
-    add(g, "--l2-energy", type=finite_float, default=0.01,
+    add(
+        g,
+        "--l2-energy",
+        type=finite_float,
+        default=0.01,
         help="weight of an L2 penalty on the energies of data and samples (divergence "
-        "insurance; 0 disables)")
+        "insurance; 0 disables)",
+    )
 
 
 def _add_sampler_flags(add: Any, g: Any) -> None:
     add(g, "--sgld-steps", type=int, default=20, help="SGLD steps per training iteration")
     add(g, "--sgld-step-size", type=finite_float, default=1.0, help="SGLD step on dE/dx")
     add(g, "--sgld-noise", type=finite_float, default=0.01, help="SGLD noise standard deviation")
-    add(g, "--buffer-size", type=int, default=10000,
-        help="persistent replay buffer size; 0 = short-run chains from the init each time")
-    add(g, "--reinit-prob", type=finite_float, default=0.05,
-        help="fraction of buffer chains re-initialised at each draw")
-    add(g, "--init", choices=INITS, default="uniform",
+    add(
+        g,
+        "--buffer-size",
+        type=int,
+        default=10000,
+        help="persistent replay buffer size; 0 = short-run chains from the init each time",
+    )
+    add(
+        g,
+        "--reinit-prob",
+        type=finite_float,
+        default=0.05,
+        help="fraction of buffer chains re-initialised at each draw",
+    )
+    add(
+        g,
+        "--init",
+        choices=INITS,
+        default="uniform",
         help="chain initialisation: uniform on [-1,1], or per-class Gaussians fitted to the "
-        "training data (JEM++ informative init)")
-    add(g, "--proximal", action="store_true", default=False,
+        "training data (JEM++ informative init)",
+    )
+    add(
+        g,
+        "--proximal",
+        action="store_true",
+        default=False,
         help="proximal SGLD (JEM++): clip the gradient element-wise to --grad-clip "
-        "(0.03 when not given) and clamp samples to [-1, 1]")
-    add(g, "--grad-clip", type=finite_float, default=None,
-        help="clip dE/dx element-wise to [-c, c] in each SGLD step (default: no clipping)")
+        "(0.03 when not given) and clamp samples to [-1, 1]",
+    )
+    add(
+        g,
+        "--grad-clip",
+        type=finite_float,
+        default=None,
+        help="clip dE/dx element-wise to [-c, c] in each SGLD step (default: no clipping)",
+    )
 
 
 def _add_optimisation_flags(add: Any, g: Any) -> None:
     add(g, "--optimizer", choices=OPTIMIZERS, default="adam", help="optimiser")
     add(g, "--lr", type=finite_float, default=3e-3, help="peak learning rate")
-    add(g, "--warmup-iters", type=int, default=200,
-        help="linear learning-rate warm-up iterations")
-    add(g, "--decay-epochs", type=int_list, default=[40, 50],
-        help="epochs at which the learning rate is multiplied by --decay-rate (e.g. 160,180)")
+    add(g, "--warmup-iters", type=int, default=200, help="linear learning-rate warm-up iterations")
+    add(
+        g,
+        "--decay-epochs",
+        type=int_list,
+        default=[40, 50],
+        help="epochs at which the learning rate is multiplied by --decay-rate (e.g. 160,180)",
+    )
     add(g, "--decay-rate", type=finite_float, default=0.3, help="learning-rate decay factor")
     add(g, "--weight-decay", type=finite_float, default=0.0, help="weight decay")
-    add(g, "--sam-rho", type=finite_float, default=0.0,
+    add(
+        g,
+        "--sam-rho",
+        type=finite_float,
+        default=0.0,
         help="sharpness-aware minimisation (SAM) around the optimiser with this "
         "neighbourhood radius: two gradients per update, the second at the ascent point on "
-        "the same batch and samples (0 = off)")
-    add(g, "--sam-adaptive", action="store_true", default=False,
-        help="adaptive SAM (ASAM): the neighbourhood scales with each weight (SADA-JEM)")
-    add(g, "--batch-size", type=int, default=64,
+        "the same batch and samples (0 = off)",
+    )
+    add(
+        g,
+        "--sam-adaptive",
+        action="store_true",
+        default=False,
+        help="adaptive SAM (ASAM): the neighbourhood scales with each weight (SADA-JEM)",
+    )
+    add(
+        g,
+        "--batch-size",
+        type=int,
+        default=64,
         help="mini-batch size; under torchrun the global batch, split evenly over the "
-        "processes (a multiple of their number; learning rate not scaled)")
+        "processes (a multiple of their number; learning rate not scaled)",
+    )
     add(g, "--epochs", type=int, default=60, help="training epochs")
     add(g, "--seed", type=int, default=1, help="random seed (model init, data order, sampler)")
-    add(g, "--device", choices=DEVICES, default="auto",
-        help="device; auto = cuda when available")
-    add(g, "--threads", type=int, default=1,
+    add(g, "--device", choices=DEVICES, default="auto", help="device; auto = cuda when available")
+    add(
+        g,
+        "--threads",
+        type=int,
+        default=1,
         help="CPU threads for torch (0 = torch's default). Part of the experiment: results "
         "can differ with the thread count (the order of floating-point sums changes), so "
         "--resume and --config keep the run's value. 1 is the default because small models "
         "gain little from more, and on a shared machine extra OpenMP threads can make each "
-        "iteration tens of times slower")
+        "iteration tens of times slower",
+    )
 
 
 def _add_run_folder_flags(add: Any, g: Any) -> None:
-    add(g, "--out", default=None,
-        help="run folder to create (default: a fresh runs/<timestamp>-<dataset>-<objective>)")
-    add(g, "--config", default=None,
-        help="repeat a run from its config.json; flags given explicitly override it")
-    add(g, "--resume", default=None, metavar="RUN_DIR",
+    add(
+        g,
+        "--out",
+        default=None,
+        help="run folder to create (default: a fresh runs/<timestamp>-<dataset>-<objective>)",
+    )
+    add(
+        g,
+        "--config",
+        default=None,
+        help="repeat a run from its config.json; flags given explicitly override it",
+    )
+    add(
+        g,
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
         help="continue an interrupted run from RUN_DIR/checkpoints/last.pt (flags given "
-        "explicitly, e.g. --epochs, override its config)")
+        "explicitly, e.g. --epochs, override its config)",
+    )
     add(g, "--log-every", type=int, default=10, help="write a metrics row every N iterations")
-    add(g, "--ckpt-every", type=int, default=100,
+    add(
+        g,
+        "--ckpt-every",
+        type=int,
+        default=100,
         help="save checkpoints/last.pt every N iterations (and at every epoch end; 0 = only "
-        "at epoch ends)")
-    add(g, "--sample-every", type=int, default=500,
-        help="write a sample grid every N iterations (0 = only at the end)")
-    add(g, "--eval-every", type=int, default=1,
-        help="evaluate on the validation split every N epochs")
+        "at epoch ends)",
+    )
+    add(
+        g,
+        "--sample-every",
+        type=int,
+        default=500,
+        help="write a sample grid every N iterations (0 = only at the end)",
+    )
+    add(
+        g,
+        "--eval-every",
+        type=int,
+        default=1,
+        help="evaluate on the validation split every N epochs",
+    )
     add(g, "--no-progress", action="store_true", default=False, help="hide the progress bar")
 
 
 def _add_budget_flags(add: Any, g: Any) -> None:
-    add(g, "--max-minutes", type=finite_float, default=None,
+    add(
+        g,
+        "--max-minutes",
+        type=finite_float,
+        default=None,
         help="stop cleanly after this many minutes of training (over every resume), with a "
         "final checkpoint, samples and a summary whose status is 'budget'; --resume with a "
-        "larger budget continues (default: no limit)")
-    add(g, "--max-iters", type=int, default=None,
+        "larger budget continues (default: no limit)",
+    )
+    add(
+        g,
+        "--max-iters",
+        type=int,
+        default=None,
         help="stop cleanly after this many iterations in all, like --max-minutes "
-        "(default: no limit)")
+        "(default: no limit)",
+    )
 
 
 def _add_guard_flags(add: Any, g: Any) -> None:
-    add(g, "--max-recoveries", type=int, default=5,
-        help="stop with an error after this many recoveries from divergence")
-    add(g, "--divergence-threshold", type=finite_float, default=1e6,
-        help="treat |loss| or |energy_data - energy_sample| above this as divergence")
-    add(g, "--recover-lr-factor", type=finite_float, default=0.5,
-        help="multiply the learning rate by this after each recovery")
+    add(
+        g,
+        "--max-recoveries",
+        type=int,
+        default=5,
+        help="stop with an error after this many recoveries from divergence",
+    )
+    add(
+        g,
+        "--divergence-threshold",
+        type=finite_float,
+        default=1e6,
+        help="treat |loss| or |energy_data - energy_sample| above this as divergence",
+    )
+    add(
+        g,
+        "--recover-lr-factor",
+        type=finite_float,
+        default=0.5,
+        help="multiply the learning rate by this after each recovery",
+    )
 
 
 def _add_speed_flags(add: Any, g: Any) -> None:
-    add(g, "--precision", choices=PRECISIONS, default="fp32",
+    add(
+        g,
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
         help="arithmetic of the network's forward and input-gradient (chain and loss): bf16 or "
-        "fp16 autocast (fp16 with a gradient scaler); the chain state stays float32")
-    add(g, "--channels-last", action="store_true", default=False,
+        "fp16 autocast (fp16 with a gradient scaler); the chain state stays float32",
+    )
+    add(
+        g,
+        "--channels-last",
+        action="store_true",
+        default=False,
         help="channels-last (NHWC) layout for a convolutional model's weights, its input and "
-        "the replay buffer")
-    add(g, "--compile", action="store_true", default=False,
-        help="torch.compile the model (the loss and the SGLD chain both use it)")
-    add(g, "--cuda-graph", action="store_true", default=False,
+        "the replay buffer",
+    )
+    add(
+        g,
+        "--compile",
+        action="store_true",
+        default=False,
+        help="torch.compile the model (the loss and the SGLD chain both use it)",
+    )
+    add(
+        g,
+        "--cuda-graph",
+        action="store_true",
+        default=False,
         help="capture the K-step SGLD chain in a CUDA graph once per shape and replay it "
-        "(runs eagerly, with a note, on the CPU)")
+        "(runs eagerly, with a note, on the CPU)",
+    )
 
 
 def _add_distributed_flags(add: Any, g: Any) -> None:
-    add(g, "--dist-timeout", type=finite_float, default=600.0,
+    add(
+        g,
+        "--dist-timeout",
+        type=finite_float,
+        default=600.0,
         help="seconds a process waits for the others at a collective before the job stops "
-        "with an error (a process died or hangs)")
+        "with an error (a process died or hangs)",
+    )
 
 
 def default_config() -> dict[str, Any]:

@@ -42,8 +42,12 @@ class DivergenceGuard:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> DivergenceGuard:
-        return cls(cfg["divergence_threshold"], cfg["max_recoveries"],
-                   cfg["recover_lr_factor"], check_gap=cfg["objective"] != "ce")
+        return cls(
+            cfg["divergence_threshold"],
+            cfg["max_recoveries"],
+            cfg["recover_lr_factor"],
+            check_gap=cfg["objective"] != "ce",
+        )
 
     def check(self, terms: dict[str, float]) -> str | None:
         """Why the iteration with these loss terms diverged, or None when it did not."""
@@ -56,8 +60,7 @@ class DivergenceGuard:
         if self.check_gap and ed is not None and es is not None:
             gap = abs(ed - es)
             if not math.isfinite(gap) or gap > self.threshold:
-                return (f"energy gap |energy_data - energy_sample| = {gap:.3g} > "
-                        f"{self.threshold:g}")
+                return f"energy gap |energy_data - energy_sample| = {gap:.3g} > {self.threshold:g}"
         return None
 
     def recover(self, run: Run, reason: str) -> None:
@@ -68,8 +71,14 @@ class DivergenceGuard:
         """
         st, it = run.state, run.state.iteration
         st.recoveries += 1
-        row = {"event": "recovery", "iteration": it, "epoch": st.epoch, "reason": reason,
-               "recoveries": st.recoveries, "seconds": run.elapsed()}
+        row = {
+            "event": "recovery",
+            "iteration": it,
+            "epoch": st.epoch,
+            "reason": reason,
+            "recoveries": st.recoveries,
+            "seconds": run.elapsed(),
+        }
         if st.recoveries > self.max_recoveries:
             row["event"] = "stopped"
             run.log.write(row)
@@ -82,10 +91,14 @@ class DivergenceGuard:
         st.lr_scale *= self.lr_factor
         st.reseeds += 1
         run.generators["sampler"].manual_seed(
-            sampler_seed(run.cfg["seed"], st.reseeds, run.dist.rank))
-        run.ctx.sampler = make_sampler(run.cfg, run.data.train, run.device,
-                                       generator=run.generators["sampler"], dist=run.dist)
+            sampler_seed(run.cfg["seed"], st.reseeds, run.dist.rank)
+        )
+        run.ctx.sampler = make_sampler(
+            run.cfg, run.data.train, run.device, generator=run.generators["sampler"], dist=run.dist
+        )
         row["lr_scale"] = st.lr_scale
         run.log.write(row)
-        run.progress.note(f"recovery {st.recoveries}/{self.max_recoveries} at iteration {it}: "
-                          f"{reason}; lr x{st.lr_scale:.3g}")
+        run.progress.note(
+            f"recovery {st.recoveries}/{self.max_recoveries} at iteration {it}: "
+            f"{reason}; lr x{st.lr_scale:.3g}"
+        )

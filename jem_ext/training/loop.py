@@ -53,8 +53,9 @@ def epoch_order_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7919 + 17) % (2**63))
 
 
-def accuracy(model: torch.nn.Module, data: jdata.ImageData,
-             dist: Dist = distributed.SINGLE) -> float:
+def accuracy(
+    model: torch.nn.Module, data: jdata.ImageData, dist: Dist = distributed.SINGLE
+) -> float:
     """Classification accuracy of ``model`` on ``data`` (shared out over a job's processes)."""
     return distributed.accuracy(model, data, dist)
 
@@ -92,9 +93,14 @@ def train_one_epoch(run: Run) -> None:
     """
     cfg, st, epoch = run.cfg, run.state, run.state.epoch
     order = epoch_order_generator(cfg["seed"], epoch)
-    batches = jdata.batches(run.data.train_on_device, cfg["batch_size"], shuffle=True,
-                            generator=order, rank=run.dist.rank,
-                            world_size=run.dist.world_size)
+    batches = jdata.batches(
+        run.data.train_on_device,
+        cfg["batch_size"],
+        shuffle=True,
+        generator=order,
+        rank=run.dist.rank,
+        world_size=run.dist.world_size,
+    )
     for pos, (x, y, idx) in enumerate(batches):
         if pos < st.pos:
             continue  # resuming inside the epoch: skip batches already trained on
@@ -125,8 +131,7 @@ def train_one_epoch(run: Run) -> None:
         run.progress.step(terms if reason is None else None)
         if cfg["sample_every"] and (it + 1) % cfg["sample_every"] == 0:
             write_samples(run, f"{it + 1:07d}")
-        if cfg["ckpt_every"] and (it + 1) % cfg["ckpt_every"] == 0 \
-                and st.pos < run.steps_per_epoch:
+        if cfg["ckpt_every"] and (it + 1) % cfg["ckpt_every"] == 0 and st.pos < run.steps_per_epoch:
             run.saver.save_last(run)
 
 
@@ -136,8 +141,14 @@ def end_of_epoch(run: Run) -> None:
     st.epoch, st.pos = st.epoch + 1, 0
     if st.epoch % cfg["eval_every"] == 0 or st.epoch == cfg["epochs"]:
         val_acc = accuracy(run.ctx.model_for_chain, run.data.val, run.dist)
-        run.log.write({"iteration": st.iteration, "epoch": st.epoch, "val_accuracy": val_acc,
-                       "seconds": run.elapsed()})
+        run.log.write(
+            {
+                "iteration": st.iteration,
+                "epoch": st.epoch,
+                "val_accuracy": val_acc,
+                "seconds": run.elapsed(),
+            }
+        )
         if val_acc > st.best_val_accuracy:
             st.best_val_accuracy = val_acc
             run.saver.save_best(run)
@@ -152,10 +163,17 @@ def write_samples(run: Run, tag: str) -> None:
         return
     if x is None:  # CE runs, or nothing sampled yet
         clamp, grad_clip = chain_limits(cfg)
-        x = sample_from_noise(run.ctx.model_for_chain, GRID_CHAINS, run.data.train.shape,
-                              max(1, cfg["sgld_steps"]), cfg["sgld_step_size"],
-                              cfg["sgld_noise"], clamp=clamp, grad_clip=grad_clip,
-                              seed=cfg["seed"] * 7 + run.state.iteration)
+        x = sample_from_noise(
+            run.ctx.model_for_chain,
+            GRID_CHAINS,
+            run.data.train.shape,
+            max(1, cfg["sgld_steps"]),
+            cfg["sgld_step_size"],
+            cfg["sgld_noise"],
+            clamp=clamp,
+            grad_clip=grad_clip,
+            seed=cfg["seed"] * 7 + run.state.iteration,
+        )
     save_samples(x, run.out / "samples" / f"samples_{tag}.png", run.data.train)
 
 
@@ -185,21 +203,29 @@ def _open_run_folder(run: Run, resuming: bool) -> None:
     if resuming:
         truncate_metrics(run.out / "metrics.jsonl", run.state.iteration)
     record = {**run.cfg, **launch_record(run)}
-    atomic_write_text(run.out / "config.json",
-                      json.dumps(record, indent=2, sort_keys=True, default=json_default) + "\n")
+    atomic_write_text(
+        run.out / "config.json",
+        json.dumps(record, indent=2, sort_keys=True, default=json_default) + "\n",
+    )
     (run.out / "samples").mkdir(parents=True, exist_ok=True)
 
 
 def launch_record(run: Run) -> dict[str, int]:
     """How the run is launched, for config.json and summary.json (see :mod:`.distributed`)."""
     batch, world = run.cfg["batch_size"], run.dist.world_size
-    return {"world_size": world, "global_batch_size": batch,
-            "batch_size_per_process": batch // world}
+    return {
+        "world_size": world,
+        "global_batch_size": batch,
+        "batch_size_per_process": batch // world,
+    }
 
 
-def train(cfg: dict[str, Any], resume_state: dict[str, Any] | None = None,
-          datasets: dict[str, jdata.ImageData] | None = None,
-          resume_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def train(
+    cfg: dict[str, Any],
+    resume_state: dict[str, Any] | None = None,
+    datasets: dict[str, jdata.ImageData] | None = None,
+    resume_overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Train according to ``cfg``, writing the run folder ``cfg["out"]``.
 
     Args:
@@ -233,14 +259,26 @@ def train(cfg: dict[str, Any], resume_state: dict[str, Any] | None = None,
         run.saver.save_last(run)
     run.started = time.perf_counter() - run.state.seconds
     total = run.steps_per_epoch * cfg["epochs"]
-    with MetricsLog(run.out / "metrics.jsonl", enabled=main) as run.log, \
-            Progress(total, run.state.iteration, f"{cfg['dataset']}/{cfg['objective']}",
-                     enabled=main and not cfg["no_progress"]) as run.progress:
+    with (
+        MetricsLog(run.out / "metrics.jsonl", enabled=main) as run.log,
+        Progress(
+            total,
+            run.state.iteration,
+            f"{cfg['dataset']}/{cfg['objective']}",
+            enabled=main and not cfg["no_progress"],
+        ) as run.progress,
+    ):
         if resume_state is not None:
-            run.log.write({"event": "resume", "iteration": run.state.iteration,
-                           "epoch": run.state.epoch, "overrides": resume_overrides or {},
-                           "world_size": run.dist.world_size,
-                           "checkpoint_world_size": distributed.saved_world_size(resume_state)})
+            run.log.write(
+                {
+                    "event": "resume",
+                    "iteration": run.state.iteration,
+                    "epoch": run.state.epoch,
+                    "overrides": resume_overrides or {},
+                    "world_size": run.dist.world_size,
+                    "checkpoint_world_size": distributed.saved_world_size(resume_state),
+                }
+            )
         status, reason = fit(run)
     if status != "diverged":
         write_samples(run, "final")

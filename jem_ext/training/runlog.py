@@ -92,8 +92,14 @@ class Progress:
     percent of the run is done. Disabled, nothing is printed.
     """
 
-    def __init__(self, total: int, initial: int, desc: str, enabled: bool = True,
-                 stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        initial: int,
+        desc: str,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+    ) -> None:
         self._stream = stream if stream is not None else sys.stderr
         self._bar = None
         self._plain = enabled and not self._stream.isatty()
@@ -101,8 +107,14 @@ class Progress:
         self._last_percent = self._percent()
         self._postfix = ""
         if enabled and not self._plain:
-            self._bar = tqdm(total=total, initial=self.done, desc=desc, unit="it",
-                             dynamic_ncols=True, file=self._stream)
+            self._bar = tqdm(
+                total=total,
+                initial=self.done,
+                desc=desc,
+                unit="it",
+                dynamic_ncols=True,
+                file=self._stream,
+            )
 
     def __enter__(self) -> Progress:
         return self
@@ -118,16 +130,19 @@ class Progress:
         """One iteration done; ``terms`` (None after a recovery) are shown beside the count."""
         self.done += 1
         if terms is not None:
-            self._postfix = (f"loss={terms['loss']:.3g}, "
-                             f"acc={terms.get('accuracy', float('nan')):.2f}")
+            self._postfix = (
+                f"loss={terms['loss']:.3g}, acc={terms.get('accuracy', float('nan')):.2f}"
+            )
         if self._bar is not None:
             self._bar.update(1)
             if terms is not None:
                 self._bar.set_postfix_str(self._postfix, refresh=False)
         elif self._plain and self._percent() >= self._last_percent + PLAIN_STEP:
             self._last_percent = self._percent() - self._percent() % PLAIN_STEP
-            self._line(f"{self.desc}: {self.done}/{self.total} it ({self._percent()}%) "
-                       f"{self._postfix}".rstrip())
+            self._line(
+                f"{self.desc}: {self.done}/{self.total} it ({self._percent()}%) "
+                f"{self._postfix}".rstrip()
+            )
 
     def describe(self, desc: str) -> None:
         self.desc = desc

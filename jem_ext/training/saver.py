@@ -30,18 +30,21 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
     shard and RNG states (see :func:`.distributed.gather_checkpoint`).
     """
     model, ctx = run.ctx.model_for_chain, run.ctx
-    return distributed.gather_checkpoint(new_state(
-        model_spec=model_spec(model),
-        model=model.state_dict(),
-        optimizer=ctx.optimizer.state_dict(),
-        sampler=ctx.sampler.state_dict() if ctx.sampler is not None else None,
-        rng=capture_rng(run.generators),
-        iteration=run.state.iteration,
-        epoch=run.state.epoch,
-        config=json.loads(json.dumps(run.cfg, default=json_default)),
-        best_val_accuracy=run.state.best_val_accuracy,
-        progress=run.state.to_dict(),
-    ), run.dist)
+    return distributed.gather_checkpoint(
+        new_state(
+            model_spec=model_spec(model),
+            model=model.state_dict(),
+            optimizer=ctx.optimizer.state_dict(),
+            sampler=ctx.sampler.state_dict() if ctx.sampler is not None else None,
+            rng=capture_rng(run.generators),
+            iteration=run.state.iteration,
+            epoch=run.state.epoch,
+            config=json.loads(json.dumps(run.cfg, default=json_default)),
+            best_val_accuracy=run.state.best_val_accuracy,
+            progress=run.state.to_dict(),
+        ),
+        run.dist,
+    )
 
 
 class CheckpointSaver:
@@ -90,7 +93,8 @@ class CheckpointSaver:
         bases = {"sampler": sampler_seed(seed, st.reseeds), "augment": augment_seed(seed)}
         for name, base in bases.items():
             run.generators[name].manual_seed(
-                distributed.generator_seed(base, rank, st.iteration + 1))
+                distributed.generator_seed(base, rank, st.iteration + 1)
+            )
         chains = run.cfg["buffer_size"] if getattr(run.ctx.sampler, "buffer", None) else None
         if run.dist.is_main:
             print(distributed.reshard_note(saved_world_size, run.dist, chains), file=sys.stderr)

@@ -78,8 +78,9 @@ class Run:
 
     @property
     def steps_per_epoch(self) -> int:
-        return jdata.num_batches(len(self.data.train), self.cfg["batch_size"],
-                                 world_size=self.dist.world_size)
+        return jdata.num_batches(
+            len(self.data.train), self.cfg["batch_size"], world_size=self.dist.world_size
+        )
 
     def elapsed(self) -> float:
         """Training seconds so far, over every resume."""
@@ -107,10 +108,12 @@ def resolve_device(name: str) -> torch.device:
 def model_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     """The constructor arguments of the config's model (depth/width mapped to its names)."""
     norm = None if cfg["norm"] in (None, "none") else cfg["norm"]
-    names = {"wrn": ("depth", "widen_factor"), "small_cnn": (None, "width"),
-             "mlp": ("depth", "hidden")}[cfg["model"]]
-    kw: dict[str, Any] = {} if cfg["model"] == "mlp" else {"norm": norm,
-                                                            "dropout": cfg["dropout"]}
+    names = {
+        "wrn": ("depth", "widen_factor"),
+        "small_cnn": (None, "width"),
+        "mlp": ("depth", "hidden"),
+    }[cfg["model"]]
+    kw: dict[str, Any] = {} if cfg["model"] == "mlp" else {"norm": norm, "dropout": cfg["dropout"]}
     for key, name in zip(("depth", "width"), names):
         if name is not None and cfg[key] is not None:
             kw[name] = cfg[key]
@@ -135,9 +138,13 @@ def augment_seed(seed: int, rank: int = 0) -> int:
     return distributed.generator_seed(seed + 202, rank)
 
 
-def make_sampler(cfg: dict[str, Any], train_data: jdata.ImageData, device: torch.device,
-                 generator: torch.Generator | None = None,
-                 dist: Dist = distributed.SINGLE) -> SGLDSampler | None:
+def make_sampler(
+    cfg: dict[str, Any],
+    train_data: jdata.ImageData,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    dist: Dist = distributed.SINGLE,
+) -> SGLDSampler | None:
     """Build the SGLD sampler described by the config, or None for CE; its replay buffer is
     this process's shard (the whole buffer for a single process)."""
     if cfg["objective"] == "ce":
@@ -151,16 +158,30 @@ def make_sampler(cfg: dict[str, Any], train_data: jdata.ImageData, device: torch
     if cfg["buffer_size"] > 0:
         classes = train_data.num_classes if conditional else 1
         buffer = ReplayBuffer(
-            distributed.buffer_shard_size(cfg["buffer_size"], classes, dist), train_data.shape,
+            distributed.buffer_shard_size(cfg["buffer_size"], classes, dist),
+            train_data.shape,
             num_classes=train_data.num_classes if conditional else None,
-            device=device, reinit_prob=cfg["reinit_prob"], init=init, generator=generator,
+            device=device,
+            reinit_prob=cfg["reinit_prob"],
+            init=init,
+            generator=generator,
         )
     clamp, grad_clip = chain_limits(cfg)
-    return configure_sampler(SGLDSampler(
-        n_steps=cfg["sgld_steps"], step_size=cfg["sgld_step_size"], noise_std=cfg["sgld_noise"],
-        clamp=clamp, grad_clip=grad_clip, buffer=buffer, init=init, conditional=conditional,
-        sample_shape=train_data.shape,
-    ), cfg, device)
+    return configure_sampler(
+        SGLDSampler(
+            n_steps=cfg["sgld_steps"],
+            step_size=cfg["sgld_step_size"],
+            noise_std=cfg["sgld_noise"],
+            clamp=clamp,
+            grad_clip=grad_clip,
+            buffer=buffer,
+            init=init,
+            conditional=conditional,
+            sample_shape=train_data.shape,
+        ),
+        cfg,
+        device,
+    )
 
 
 def chain_limits(cfg: dict[str, Any]) -> tuple[tuple[float, float] | None, float | None]:
@@ -182,8 +203,9 @@ def make_optimizer(cfg: dict[str, Any], model: torch.nn.Module) -> torch.optim.O
         base, kwargs = torch.optim.SGD, {"momentum": 0.9}
     kwargs.update(lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     if cfg["sam_rho"] > 0:
-        return SAM(model.parameters(), base, rho=cfg["sam_rho"],
-                   adaptive=cfg["sam_adaptive"], **kwargs)
+        return SAM(
+            model.parameters(), base, rho=cfg["sam_rho"], adaptive=cfg["sam_adaptive"], **kwargs
+        )
     return base(model.parameters(), **kwargs)
 
 
@@ -197,9 +219,14 @@ def make_augment(cfg: dict[str, Any]) -> jdata.Augment | None:
     return augment
 
 
-def build_context(cfg: dict[str, Any], model: torch.nn.Module, train_data: jdata.ImageData,
-                  device: torch.device, generator: torch.Generator,
-                  dist: Dist = distributed.SINGLE) -> StepContext:
+def build_context(
+    cfg: dict[str, Any],
+    model: torch.nn.Module,
+    train_data: jdata.ImageData,
+    device: torch.device,
+    generator: torch.Generator,
+    dist: Dist = distributed.SINGLE,
+) -> StepContext:
     """The :class:`StepContext` of a run: default precision; with several processes the loss
     goes through DistributedDataParallel and the chains through the module itself.
 
@@ -208,7 +235,9 @@ def build_context(cfg: dict[str, Any], model: torch.nn.Module, train_data: jdata
     """
     context = SharpnessAwareContext if cfg["sam_rho"] > 0 else StepContext
     ctx = context(
-        model_for_chain=model, model_for_loss=model, optimizer=make_optimizer(cfg, model),
+        model_for_chain=model,
+        model_for_loss=model,
+        optimizer=make_optimizer(cfg, model),
         sampler=make_sampler(cfg, train_data, device, generator=generator, dist=dist),
         generator=generator,
     )
@@ -242,7 +271,8 @@ def build_run(cfg: dict[str, Any], datasets: dict[str, jdata.ImageData] | None =
     gen_device = device if device.type == "cuda" else torch.device("cpu")
     generators = {
         "sampler": torch.Generator(device=gen_device).manual_seed(
-            sampler_seed(seed, rank=dist.rank)),
+            sampler_seed(seed, rank=dist.rank)
+        ),
         "augment": torch.Generator(device=gen_device).manual_seed(augment_seed(seed, dist.rank)),
     }
     ctx = build_context(cfg, model, train_d, device, generators["sampler"], dist)
@@ -250,12 +280,28 @@ def build_run(cfg: dict[str, Any], datasets: dict[str, jdata.ImageData] | None =
     if cfg["labels_per_class"]:
         labeled = jdata.labeled_mask(train_d.y, cfg["labels_per_class"], seed=seed).to(device)
     data = RunData(
-        train=train_d, val=datasets["val"], test=datasets["test"],
-        train_on_device=jdata.ImageData(train_d.x.to(device), train_d.y.to(device),
-                                        train_d.num_classes, train_d.name, train_d.classes),
+        train=train_d,
+        val=datasets["val"],
+        test=datasets["test"],
+        train_on_device=jdata.ImageData(
+            train_d.x.to(device),
+            train_d.y.to(device),
+            train_d.num_classes,
+            train_d.name,
+            train_d.classes,
+        ),
         labeled=labeled,
-        augment=make_augment(cfg), px_augment=cfg["px_augment"],
+        augment=make_augment(cfg),
+        px_augment=cfg["px_augment"],
     )
     weights = LossWeights(cfg["objective"], cfg["w_px"], cfg["w_pyx"], cfg["l2_energy"])
-    return Run(cfg=cfg, device=device, ctx=ctx, data=data, weights=weights,
-               generators=generators, out=Path(cfg["out"]), dist=dist)
+    return Run(
+        cfg=cfg,
+        device=device,
+        ctx=ctx,
+        data=data,
+        weights=weights,
+        generators=generators,
+        out=Path(cfg["out"]),
+        dist=dist,
+    )

@@ -97,8 +97,9 @@ class SharpnessAwareContext(StepContext):
             raise RuntimeError("SAM with float16 gradient scaling is not supported")
         optimizer = self.optimizer
         if not isinstance(optimizer, SAM):
-            raise TypeError(f"SharpnessAwareContext needs a SAM optimiser, got "
-                            f"{type(optimizer).__name__}")
+            raise TypeError(
+                f"SharpnessAwareContext needs a SAM optimiser, got {type(optimizer).__name__}"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
 
@@ -146,8 +147,9 @@ class Batch:
     x_px: Tensor | None = None
 
 
-def train_step(ctx: StepContext, batch: Batch, weights: LossWeights
-               ) -> tuple[dict[str, float], Tensor | None]:
+def train_step(
+    ctx: StepContext, batch: Batch, weights: LossWeights
+) -> tuple[dict[str, float], Tensor | None]:
     """One iteration of JEM's Algorithm 1 on ``batch``.
 
     Returns:
@@ -158,16 +160,24 @@ def train_step(ctx: StepContext, batch: Batch, weights: LossWeights
     x_q = None
     if ctx.sampler is not None:
         y_q = batch.y if ctx.sampler.conditional else None
-        x_q = ctx.sampler.sample(ctx.model_for_chain, batch.x.shape[0], y=y_q,
-                                 generator=ctx.generator)
+        x_q = ctx.sampler.sample(
+            ctx.model_for_chain, batch.x.shape[0], y=y_q, generator=ctx.generator
+        )
 
     # loss = CE(f(x), y) + E(x) - E(x_q) (+ L2 penalty on the energies)
     def loss_and_terms() -> tuple[Tensor, dict[str, float]]:
         with ctx.autocast():
             return objectives.jem_loss(
-                ctx.model_for_loss, batch.x, batch.y, x_q=x_q, labeled=batch.labeled,
-                objective=weights.objective, w_px=weights.w_px, w_pyx=weights.w_pyx,
-                l2_energy=weights.l2_energy, joint_forward=ctx.joint_forward,
+                ctx.model_for_loss,
+                batch.x,
+                batch.y,
+                x_q=x_q,
+                labeled=batch.labeled,
+                objective=weights.objective,
+                w_px=weights.w_px,
+                w_pyx=weights.w_pyx,
+                l2_energy=weights.l2_energy,
+                joint_forward=ctx.joint_forward,
                 x_px=batch.x_px,
             )
 
