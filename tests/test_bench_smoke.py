@@ -35,7 +35,7 @@ def test_failing_stage_is_recorded_and_the_others_run(tmp_path, monkeypatch):
     def broken(device, sizes):
         raise RuntimeError("no kernel image is available")
 
-    monkeypatch.setattr(bench, "stage_ops", broken)
+    monkeypatch.setattr(bench.cli, "stage_ops", broken)
     out = tmp_path / "bench"
     assert bench.main(["--smoke", "--stages", "env,ops,train", "--out", str(out)]) == 0
     results = json.loads((out / "bench.json").read_text())
@@ -53,7 +53,7 @@ def test_spent_budget_skips_options_and_partial_results_are_written(tmp_path, mo
         seen.append(json.loads(json.dumps(sorted(results))))
         write(folder, results)
 
-    monkeypatch.setattr(bench, "write_results", spy)
+    monkeypatch.setattr(bench.cli, "write_results", spy)
     assert (
         bench.main(["--smoke", "--stages", "env,chain", "--budget-s", "1e-9", "--out", str(out)])
         == 0

@@ -459,3 +459,11 @@ def test_save_image_grid(tmp_path):
         assert im.mode == "RGB" and im.size == (3 * 34 + 2, 2 * 34 + 2)
     with pytest.raises(ValueError, match="expected"):
         save_image_grid(torch.zeros(4, 2), tmp_path / "bad.png")
+
+
+def test_dataset_type_is_importable_from_data_files_and_data():
+    from jem_ext import data, data_files, image_data
+
+    for name in ("DataError", "ImageData"):
+        assert getattr(data_files, name) is getattr(image_data, name)
+        assert getattr(data, name) is getattr(image_data, name)

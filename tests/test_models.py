@@ -167,3 +167,10 @@ def test_meta_model_allocates_nothing_and_keeps_the_rng():
     )
     assert all(p.device.type == "meta" for p in model.parameters())
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_wrn_names_are_importable_from_models():
+    from jem_ext import models, wrn
+
+    for name in ("NORMS", "WideBasic", "WideResNet"):
+        assert getattr(models, name) is getattr(wrn, name)

@@ -432,3 +432,11 @@ def test_no_host_sync_ops_in_sampling():
         "unique_dim",
     }
     assert not (spy.ops & forbidden), spy.ops & forbidden
+
+
+def test_initialisers_are_importable_from_replay_and_sampler():
+    from jem_ext import inits, replay, sampler
+
+    for name in ("INITS", "Initializer", "UniformInit", "GaussianInit"):
+        assert getattr(replay, name) is getattr(inits, name)
+        assert getattr(sampler, name) is getattr(inits, name)

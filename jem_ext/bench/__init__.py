@@ -1,0 +1,47 @@
+"""``python -m jem_ext.bench``: one-call speed validation of jem_ext on a device.
+
+Stages (each guarded: a failing stage records its error in the JSON and the others still run):
+
+* ``env`` -- torch, jem_ext build facts, device name.
+* ``ops`` -- effective bandwidth of ``sgld_step_`` (16M elements) and of the energy's
+  forward + backward (65536 x 10 logits), each against a device-to-device copy of the same size.
+* ``chain`` -- images x steps per second of the SGLD chain (WRN-28-10, batch 64, K=20) for each
+  speed option (precision, channels-last, CUDA graph, compile), against an eager copy of the
+  JEM reference sampler (per step ``autograd.grad`` of ``logsumexp``, then
+  ``x.data += -step * g + std * randn_like(x)``, buffer on the CPU) on the same device.
+* ``train`` -- seconds per full training iteration (chain + loss + update) for fp32 eager and
+  the fastest option set, and the projected hours of the full CIFAR-10 recipe (150 epochs of
+  50,000 images, batch 64).
+
+Results go to ``<out>/bench.json`` and ``<out>/bench.md``. ``--smoke`` runs every stage on the
+CPU with tiny sizes (a tiny WRN, K=2, few repeats) so the script is exercised by the test suite.
+"""
+
+from .chain import ReferenceSampler, stage_chain
+from .cli import build_parser, main, run_bench
+from .config import CPU_OPTIONS, GPU_OPTIONS, RECIPE, SMOKE, STAGES, Option, Sizes
+from .ops import stage_env, stage_ops
+from .report import markdown, write_results
+from .timing import time_call
+from .train import stage_train
+
+__all__ = [
+    "CPU_OPTIONS",
+    "GPU_OPTIONS",
+    "RECIPE",
+    "SMOKE",
+    "STAGES",
+    "Option",
+    "ReferenceSampler",
+    "Sizes",
+    "build_parser",
+    "main",
+    "markdown",
+    "run_bench",
+    "stage_chain",
+    "stage_env",
+    "stage_ops",
+    "stage_train",
+    "time_call",
+    "write_results",
+]

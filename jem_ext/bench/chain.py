@@ -1,0 +1,150 @@
+"""The ``chain`` stage: SGLD chain throughput per option set against an eager copy of the
+JEM reference sampler."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..models import build_model
+from ..sampler import ReplayBuffer, SGLDSampler
+from ..training import accel
+from ..training.step import StepContext
+from .config import Option, Sizes
+from .timing import _sync, _within, time_call
+
+
+def _wrn(sizes: Sizes, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model("wrn", 10, sizes.image, depth=sizes.depth, widen_factor=sizes.width)
+    return model.to(device)
+
+
+class ReferenceSampler:
+    """Eager copy of the JEM reference sampler: CPU buffer, ``autograd.grad`` of logsumexp and
+    ``x.data += -step * g + std * randn_like(x)`` per step (``g = dE/dx``)."""
+
+    def __init__(
+        self,
+        sizes: Sizes,
+        device: torch.device,
+        step: float = 1.0,
+        std: float = 0.01,
+        reinit: float = 0.05,
+    ) -> None:
+        self.buffer = torch.empty(sizes.buffer, *sizes.image).uniform_(-1, 1)
+        self.device, self.steps, self.step, self.std, self.reinit = (
+            device,
+            sizes.steps,
+            step,
+            std,
+            reinit,
+        )
+
+    def sample(self, model: nn.Module, batch: int) -> Tensor:
+        idx = torch.randint(0, len(self.buffer), (batch,))
+        fresh = torch.empty(batch, *self.buffer.shape[1:]).uniform_(-1, 1)
+        pick = (torch.rand(batch) < self.reinit).float().view(batch, 1, 1, 1)
+        x = (pick * fresh + (1 - pick) * self.buffer[idx]).to(self.device).requires_grad_(True)
+        model.eval()
+        for _ in range(self.steps):
+            (g,) = torch.autograd.grad(-model(x).logsumexp(1).sum(), [x], retain_graph=True)
+            x.data += -self.step * g + self.std * torch.randn_like(x)
+        model.train()
+        self.buffer[idx] = x.detach().cpu()
+        return x.detach()
+
+
+def _sampler(sizes: Sizes, device: torch.device) -> SGLDSampler:
+    gen = torch.Generator(device=device).manual_seed(1)
+    buffer = ReplayBuffer(sizes.buffer, sizes.image, device=device, generator=gen)
+    return SGLDSampler(n_steps=sizes.steps, buffer=buffer)
+
+
+def _context(option: Option, sizes: Sizes, device: torch.device) -> StepContext:
+    model = _wrn(sizes, device)
+    ctx = StepContext(
+        model_for_chain=model,
+        model_for_loss=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-4),
+        sampler=_sampler(sizes, device),
+        generator=torch.Generator(device=device).manual_seed(2),
+    )
+    accel.apply_speed_options(
+        ctx,
+        {
+            "precision": option.precision,
+            "channels_last": option.channels_last,
+            "compile": option.compile,
+            "cuda_graph": option.cuda_graph,
+        },
+        device,
+    )
+    return ctx
+
+
+def _rate(sizes: Sizes, timing: dict[str, float]) -> dict[str, float]:
+    work = sizes.batch * sizes.steps
+    return {
+        **timing,
+        "images_steps_per_s": work / timing["median_s"],
+        "best_images_steps_per_s": work / timing["best_s"],
+    }
+
+
+def stage_chain(
+    device: torch.device, sizes: Sizes, options: tuple[Option, ...], deadline: float = math.inf
+) -> dict[str, Any]:
+    """Chain throughput of each option set and of the reference sampler (options not started
+    by ``deadline``, a ``time.perf_counter()`` value, are recorded as skipped)."""
+    model = _wrn(sizes, device)
+    ref = ReferenceSampler(sizes, device)
+
+    def reference() -> Tensor:
+        return ref.sample(model, sizes.batch)
+
+    out: dict[str, Any] = {"reference": _rate(sizes, time_call(reference, device, sizes.reps))}
+    for option in options:
+        out[option.name] = _within(
+            deadline, partial(_chain_option, option, sizes, device, reference)
+        )
+    return out
+
+
+def _chain_option(
+    option: Option, sizes: Sizes, device: torch.device, reference: Callable[[], Any]
+) -> dict[str, Any]:
+    """The option's chain timed alternately with the reference chain (so that other load on
+    the machine hits both alike); the speed-up is the ratio of their medians."""
+    ctx = _context(option, sizes, device)
+    start = time.perf_counter()
+    ctx.sampler.sample(ctx.model_for_chain, sizes.batch, generator=ctx.generator)
+    _sync(device)
+    first = time.perf_counter() - start  # capture / compilation included
+    ours, ref = [], []
+    for _ in range(sizes.reps):
+        ref.append(time_call(reference, device, 1, warmup=0)["median_s"])
+        ours.append(
+            time_call(
+                lambda: ctx.sampler.sample(
+                    ctx.model_for_chain, sizes.batch, generator=ctx.generator
+                ),
+                device,
+                1,
+                warmup=0,
+            )["median_s"]
+        )
+    res = _rate(sizes, {"median_s": statistics.median(ours), "best_s": min(ours)})
+    return {
+        **res,
+        "first_call_s": first,
+        "reference_median_s": statistics.median(ref),
+        "speedup_vs_reference": statistics.median(ref) / res["median_s"],
+    }

@@ -1,0 +1,68 @@
+"""Problem sizes, speed option sets and stage names of the bench."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RECIPE = {"epochs": 150, "images": 50_000, "batch": 64}  # the CIFAR-10 JEM recipe
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Problem sizes of a bench run."""
+
+    sgld_elements: int = 16 * 2**20
+    energy_rows: int = 65536
+    energy_classes: int = 10
+    depth: int = 28
+    width: int = 10
+    image: tuple[int, int, int] = (3, 32, 32)
+    batch: int = 64
+    steps: int = 20
+    buffer: int = 10000
+    reps: int = 5
+    op_reps: int = 50
+
+
+SMOKE = Sizes(
+    sgld_elements=4096,
+    energy_rows=256,
+    depth=10,
+    width=1,
+    image=(3, 8, 8),
+    batch=4,
+    steps=2,
+    buffer=32,
+    reps=2,
+    op_reps=3,
+)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One set of speed options for the chain and training stages."""
+
+    name: str
+    precision: str = "fp32"
+    channels_last: bool = False
+    cuda_graph: bool = False
+    compile: bool = False
+
+
+GPU_OPTIONS = (  # most telling first: a spent --budget-s skips from the end
+    Option("fp32 eager"),
+    Option("bf16", "bf16"),
+    Option("bf16 + cuda-graph", "bf16", cuda_graph=True),
+    Option("bf16 + channels-last", "bf16", channels_last=True),
+    Option("bf16 + channels-last + cuda-graph", "bf16", channels_last=True, cuda_graph=True),
+    Option("bf16 + cuda-graph + compile", "bf16", cuda_graph=True, compile=True),
+)
+CPU_OPTIONS = (
+    Option("fp32 eager"),
+    Option("bf16", "bf16"),
+    Option("fp32 + channels-last", channels_last=True),
+    Option("fp32 + compile", compile=True),
+)
+
+
+STAGES = ("env", "ops", "chain", "train")

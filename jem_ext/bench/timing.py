@@ -1,0 +1,55 @@
+"""Timing helpers and the guards that keep a failing or late bench stage from losing the others."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(
+    fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median and best wall seconds of ``fn()`` over ``reps`` runs (after ``warmup`` runs)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "best_s": min(times)}
+
+
+def _gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+def _within(deadline: float, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``_guarded(fn)`` when there is time left before ``deadline``, else a skip record."""
+    if time.perf_counter() > deadline:
+        return {"skipped": "time budget (--budget-s) spent"}
+    return _guarded(fn)
+
+
+def _guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``fn()``, or ``{"error": ...}`` when it raises (the other stages still run)."""
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 -- a bench stage must not lose the others
+        tb = traceback.format_exc(limit=3).strip().splitlines()
+        return {"error": f"{type(err).__name__}: {err}".strip(), "where": tb[-3:]}
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,101 @@
+"""The in-memory dataset type every reader returns, and the split rules they share.
+
+:class:`ImageData` holds images in ``[-1, 1]`` with their labels; :class:`DataError` says what a
+dataset lacked. Real-data splits are stratified and seeded with a fixed seed, never the run's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+_SPLIT_SEED = 1234  # fixed: real-data splits never depend on the run's seed
+_MAX_VAL = 5000
+
+
+class DataError(ValueError):
+    """A dataset is missing, malformed or inconsistent; the message says what was expected."""
+
+
+@dataclass
+class ImageData:
+    """An in-memory labelled dataset.
+
+    Attributes:
+        x: float32 ``[N, C, H, W]`` images in ``[-1, 1]``, or ``[N, 2]`` points for toy sets.
+        y: int64 ``[N]`` labels in ``0 .. num_classes - 1``.
+        num_classes: number of classes.
+        name: dataset name (as given to :func:`load_dataset`).
+        classes: class names, ``classes[k]`` is the name of label ``k``.
+    """
+
+    x: Tensor
+    y: Tensor
+    num_classes: int
+    name: str
+    classes: list[str]
+
+    def __post_init__(self) -> None:
+        if self.x.shape[0] != self.y.shape[0]:
+            raise DataError(
+                f"{self.name}: expected as many labels as samples, "
+                f"got {self.y.shape[0]} labels for {self.x.shape[0]} samples"
+            )
+        if len(self.classes) != self.num_classes:
+            raise DataError(
+                f"{self.name}: expected {self.num_classes} class names, got {len(self.classes)}"
+            )
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one sample, e.g. ``(3, 32, 32)`` or ``(2,)``."""
+        return tuple(self.x.shape[1:])
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits
+# ----------------------------------------------------------------------------------------------
+
+
+def _stratified_holdout(y: np.ndarray, n_holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``arange(len(y))`` into sorted ``(rest, holdout)`` with exactly ``n_holdout`` held out.
+
+    Each class contributes in proportion to its size (largest-remainder rounding).
+    """
+    classes, counts = np.unique(y, return_counts=True)
+    quota = counts * (n_holdout / len(y))
+    take = np.floor(quota).astype(np.int64)
+    short = n_holdout - int(take.sum())
+    take[np.argsort(take - quota, kind="stable")[:short]] += 1
+    rng = np.random.default_rng(seed)
+    held = [rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, take)]
+    is_held = np.zeros(len(y), dtype=bool)
+    is_held[np.concatenate(held)] = True
+    return np.flatnonzero(~is_held), np.flatnonzero(is_held)
+
+
+def _split_fractions(y: np.ndarray, split: str, val_frac: float, test_frac: float) -> np.ndarray:
+    """Indices of ``split`` in a fixed stratified train/val/test split of one labelled pool."""
+    n = len(y)
+    rest, test = _stratified_holdout(y, round(n * test_frac), _SPLIT_SEED)
+    if split == "test":
+        return test
+    train, val = _stratified_holdout(y[rest], round(n * val_frac), _SPLIT_SEED + 1)
+    return rest[val] if split == "val" else rest[train]
+
+
+def _split_heldout_val(y: np.ndarray, split: str) -> np.ndarray:
+    """Indices of ``split`` ("train" or "val") in an official training set with held-out val."""
+    train, val = _stratified_holdout(y, min(_MAX_VAL, len(y) // 10), _SPLIT_SEED)
+    return val if split == "val" else train
+
+
+def _to_unit_range(images: np.ndarray) -> Tensor:
+    """uint8 ``[N, C, H, W]`` (0..255) -> float32 tensor in ``[-1, 1]``."""
+    return torch.from_numpy(np.ascontiguousarray(images)).float().div_(127.5).sub_(1.0)
