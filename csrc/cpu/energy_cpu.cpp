@@ -137,6 +137,20 @@ JEM_EXT_INLINE void grad_rows(const scalar_t* __restrict l, int64_t rows, int64_
   }
 }
 
+// energy_ce's outputs of `rows` rows from lse_rows' scratch: the energy
+// -lse and the cross-entropy of label y[r] (y, e and ce start at the
+// block's first row).
+template <typename scalar_t, typename acc_t>
+JEM_EXT_INLINE void ce_rows(const scalar_t* __restrict l, int64_t rows, int64_t C,
+                            const int64_t* __restrict y, const RowScratch<acc_t>& s,
+                            scalar_t* __restrict e, scalar_t* __restrict ce) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t l_y = static_cast<acc_t>(l[r * C + y[r]]);
+    e[r] = static_cast<scalar_t>(-s.lse[r]);
+    ce[r] = static_cast<scalar_t>(ce_finish(s.m[r], s.sums[r], s.lse[r], l_y));
+  }
+}
+
 // The backward without the softmax term (grad_lse absent): the pick term
 // alone (zero without grad_pick).
 template <typename scalar_t, typename acc_t>
@@ -174,15 +188,19 @@ void pick_grad_rows(int64_t rows, int64_t C, const int64_t* y, const acc_t* grad
 #define JEM_EXT_GRAD(k) grad_rows<float, float, k>(l, rows, C, s, grad_lse, y, grad_pick, out)
 
 // One level's pair of float32 loops, named <name>_<level>.
-#define JEM_EXT_ENERGY_LOOPS(ATTR, LEVEL)                                                   \
-  ATTR void lse_rows_float_##LEVEL(const float* l, int64_t rows, int64_t C,                 \
-                                   const RowScratch<float>& s) {                            \
-    JEM_EXT_STATIC_CLASSES(JEM_EXT_LSE);                                                    \
-  }                                                                                         \
-  ATTR void grad_rows_float_##LEVEL(const float* l, int64_t rows, int64_t C,                \
-                                    const RowScratch<float>& s, const float* grad_lse,      \
-                                    const int64_t* y, const float* grad_pick, float* out) { \
-    JEM_EXT_STATIC_CLASSES(JEM_EXT_GRAD);                                                   \
+#define JEM_EXT_ENERGY_LOOPS(ATTR, LEVEL)                                                    \
+  ATTR void lse_rows_float_##LEVEL(const float* l, int64_t rows, int64_t C,                  \
+                                   const RowScratch<float>& s) {                             \
+    JEM_EXT_STATIC_CLASSES(JEM_EXT_LSE);                                                     \
+  }                                                                                          \
+  ATTR void ce_rows_float_##LEVEL(const float* l, int64_t rows, int64_t C, const int64_t* y, \
+                                  const RowScratch<float>& s, float* e, float* ce) {         \
+    ce_rows<float, float>(l, rows, C, y, s, e, ce);                                          \
+  }                                                                                          \
+  ATTR void grad_rows_float_##LEVEL(const float* l, int64_t rows, int64_t C,                 \
+                                    const RowScratch<float>& s, const float* grad_lse,       \
+                                    const int64_t* y, const float* grad_pick, float* out) {  \
+    JEM_EXT_STATIC_CLASSES(JEM_EXT_GRAD);                                                    \
   }
 
 JEM_EXT_ENERGY_LOOPS(, baseline)
@@ -198,15 +216,20 @@ JEM_EXT_ENERGY_LOOPS(JEM_EXT_TARGET_AVX512, avx512)
 // The per-level float32 loops of the forward and the backward.
 struct EnergyKernels {
   void (*lse_rows)(const float* l, int64_t rows, int64_t C, const RowScratch<float>& s);
+  void (*ce_rows)(const float* l, int64_t rows, int64_t C, const int64_t* y,
+                  const RowScratch<float>& s, float* e, float* ce);
   void (*grad_rows)(const float* l, int64_t rows, int64_t C, const RowScratch<float>& s,
                     const float* grad_lse, const int64_t* y, const float* grad_pick, float* out);
 };
 
 const EnergyKernels& energy_kernels(CpuLevel level) {
-  static constexpr EnergyKernels kBaseline{lse_rows_float_baseline, grad_rows_float_baseline};
+  static constexpr EnergyKernels kBaseline{lse_rows_float_baseline, ce_rows_float_baseline,
+                                           grad_rows_float_baseline};
 #if JEM_EXT_X86_LEVELS
-  static constexpr EnergyKernels kAvx2{lse_rows_float_avx2, grad_rows_float_avx2};
-  static constexpr EnergyKernels kAvx512{lse_rows_float_avx512, grad_rows_float_avx512};
+  static constexpr EnergyKernels kAvx2{lse_rows_float_avx2, ce_rows_float_avx2,
+                                       grad_rows_float_avx2};
+  static constexpr EnergyKernels kAvx512{lse_rows_float_avx512, ce_rows_float_avx512,
+                                         grad_rows_float_avx512};
   switch (level) {
     case CpuLevel::kAvx512:
       return kAvx512;
@@ -225,6 +248,16 @@ void lse_block(const scalar_t* l, int64_t rows, int64_t C, const RowScratch<acc_
     energy_kernels(cpu_level()).lse_rows(l, rows, C, s);
   } else {
     lse_rows<scalar_t, acc_t>(l, rows, C, s);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void ce_block(const scalar_t* l, int64_t rows, int64_t C, const int64_t* y,
+              const RowScratch<acc_t>& s, scalar_t* e, scalar_t* ce) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    energy_kernels(cpu_level()).ce_rows(l, rows, C, y, s, e, ce);
+  } else {
+    ce_rows<scalar_t, acc_t>(l, rows, C, y, s, e, ce);
   }
 }
 
@@ -315,12 +348,7 @@ std::tuple<at::Tensor, at::Tensor> energy_ce_cpu(const at::Tensor& logits_in,
         scalar_t* ce_p = ce.data_ptr<scalar_t>();
         for_row_blocks<acc_t>(B, C, [&](int64_t r0, int64_t rows, const RowScratch<acc_t>& s) {
           lse_block<scalar_t, acc_t>(l + r0 * C, rows, C, s);
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t b = r0 + r;
-            const acc_t l_y = static_cast<acc_t>(l[b * C + yp[b]]);
-            e[b] = static_cast<scalar_t>(-s.lse[r]);
-            ce_p[b] = static_cast<scalar_t>(ce_finish(s.m[r], s.sums[r], s.lse[r], l_y));
-          }
+          ce_block<scalar_t, acc_t>(l + r0 * C, rows, C, yp + r0, s, e + r0, ce_p + r0);
         });
       });
   return {energy, ce};
