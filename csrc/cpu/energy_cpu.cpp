@@ -128,11 +128,15 @@ JEM_EXT_INLINE void grad_rows(const scalar_t* __restrict l, int64_t rows, int64_
   for (int64_t r = 0; r < rows; ++r) {
     const acc_t* e = t + r * C;
     const acc_t scale = grad_row_scale(grad_lse[r], row_sum<kC, acc_t>(e, C));
-    const int64_t target = y != nullptr ? y[r] : -1;
-    const acc_t pick = grad_pick != nullptr ? grad_pick[r] : acc_t(0);
     scalar_t* o = out + r * C;
+    // Every logit unpicked (a loop without a per-element label test), then
+    // the labelled one rewritten with the pick term.
     for (int64_t c = 0; c < C; ++c) {
-      o[c] = static_cast<scalar_t>(energy_grad(e[c], scale, pick, c == target));
+      o[c] = static_cast<scalar_t>(energy_grad(e[c], scale, acc_t(0), false));
+    }
+    if (y != nullptr) {
+      const acc_t pick = grad_pick != nullptr ? grad_pick[r] : acc_t(0);
+      o[y[r]] = static_cast<scalar_t>(energy_grad(e[y[r]], scale, pick, true));
     }
   }
 }
