@@ -28,28 +28,53 @@ namespace {
 
 constexpr int64_t kBlockElems = 2048;
 
-// Max and sum of one row of a runtime length: vector reductions.
-template <typename acc_t, typename T>
+// Max and sum of one row. A long or runtime-length row (kC == 0) uses a
+// vector reduction; a short compile-time row uses two interleaved scalar
+// chains (half the dependency latency, and no horizontal vector reduction,
+// which costs more than the few adds of a short row).
+template <int kC, typename acc_t, typename T>
 JEM_EXT_INLINE acc_t row_max(const T* __restrict row, int64_t C) {
-  acc_t m = static_cast<acc_t>(row[0]);
+  if constexpr (kC > 0) {
+    acc_t m0 = static_cast<acc_t>(row[0]);
+    acc_t m1 = static_cast<acc_t>(row[kC > 1 ? 1 : 0]);
+    for (int c = 2; c + 1 < kC; c += 2) {
+      m0 = std::max(m0, static_cast<acc_t>(row[c]));
+      m1 = std::max(m1, static_cast<acc_t>(row[c + 1]));
+    }
+    if (kC % 2 == 1) m0 = std::max(m0, static_cast<acc_t>(row[kC - 1]));
+    return std::max(m0, m1);
+  } else {
+    acc_t m = static_cast<acc_t>(row[0]);
 #pragma omp simd reduction(max : m)
-  for (int64_t c = 1; c < C; ++c) m = std::max(m, static_cast<acc_t>(row[c]));
-  return m;
+    for (int64_t c = 1; c < C; ++c) m = std::max(m, static_cast<acc_t>(row[c]));
+    return m;
+  }
 }
 
-template <typename acc_t>
+template <int kC, typename acc_t>
 JEM_EXT_INLINE acc_t row_sum(const acc_t* __restrict row, int64_t C) {
-  acc_t sum = 0;
+  if constexpr (kC > 0) {
+    acc_t s0 = 0, s1 = 0;
+    for (int c = 0; c + 1 < kC; c += 2) {
+      s0 += row[c];
+      s1 += row[c + 1];
+    }
+    if (kC % 2 == 1) s0 += row[kC - 1];
+    return s0 + s1;
+  } else {
+    acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t c = 0; c < C; ++c) sum += row[c];
-  return sum;
+    for (int64_t c = 0; c < C; ++c) sum += row[c];
+    return sum;
+  }
 }
 
 // t[r, :] = row r minus `shift[r]`: lse_shift(max) in the forward, lse in
 // the backward.
-template <typename scalar_t, typename acc_t>
+template <int kC, typename scalar_t, typename acc_t>
 JEM_EXT_INLINE void shift_rows(const scalar_t* __restrict l, const acc_t* __restrict shift,
-                               acc_t* __restrict t, int64_t rows, int64_t C) {
+                               acc_t* __restrict t, int64_t rows, int64_t C_rt) {
+  const int64_t C = kC > 0 ? kC : C_rt;
   for (int64_t r = 0; r < rows; ++r) {
     const acc_t s = shift[r];
     const scalar_t* row = l + r * C;
@@ -68,109 +93,6 @@ struct RowScratch {
   acc_t* lse;
 };
 
-// A block of rows with a compile-time number of classes kC is processed
-// column by column: tt[c * rows + r] holds logit c of row r, so every
-// per-row step (max, shift, exp, sum, scale) is a loop over rows that
-// vectorises across rows, with no short per-row loop left. The max and the
-// sum of a row run as two interleaved chains (even and odd columns), then
-// one max or add.
-template <int kC, typename scalar_t, typename acc_t>
-JEM_EXT_INLINE void to_columns(const scalar_t* __restrict l, int64_t rows, acc_t* __restrict tt) {
-  for (int c = 0; c < kC; ++c) {
-    acc_t* __restrict col = tt + c * rows;
-    for (int64_t r = 0; r < rows; ++r) col[r] = static_cast<acc_t>(l[r * kC + c]);
-  }
-}
-
-// op folded over the columns col(c) of one row: two chains, then one op.
-template <int kC, typename acc_t, typename Col, typename Op>
-JEM_EXT_INLINE acc_t fold_columns(const Col& col, const Op& op) {
-  acc_t a0 = col(0);
-  acc_t a1 = col(kC > 1 ? 1 : 0);
-#pragma GCC unroll 16
-  for (int c = 2; c + 1 < kC; c += 2) {
-    a0 = op(a0, col(c));
-    a1 = op(a1, col(c + 1));
-  }
-  if (kC % 2 == 1 && kC > 1) a0 = op(a0, col(kC - 1));
-  return kC > 1 ? op(a0, a1) : a0;
-}
-
-template <int kC, typename acc_t>
-JEM_EXT_INLINE acc_t column_max(const acc_t* __restrict tt, int64_t rows, int64_t r) {
-  return fold_columns<kC, acc_t>([&](int c) { return tt[c * rows + r]; },
-                                 [](acc_t a, acc_t b) { return std::max(a, b); });
-}
-
-// Sum of one row of tt, in fold_columns' order.
-template <int kC, typename acc_t>
-JEM_EXT_INLINE acc_t column_sum(const acc_t* __restrict tt, int64_t rows, int64_t r) {
-  acc_t s0 = 0, s1 = 0;
-#pragma GCC unroll 16
-  for (int c = 0; c + 1 < kC; c += 2) {
-    s0 += tt[c * rows + r];
-    s1 += tt[(c + 1) * rows + r];
-  }
-  if (kC % 2 == 1) s0 += tt[(kC - 1) * rows + r];
-  return s0 + s1;
-}
-
-// tt[c, r] = exp(tt[c, r] - shift[r]) for every column.
-template <int kC, typename acc_t>
-JEM_EXT_INLINE void exp_shifted_columns(acc_t* __restrict tt, const acc_t* __restrict shift,
-                                        int64_t rows) {
-  for (int c = 0; c < kC; ++c) {
-    acc_t* col = tt + c * rows;
-    for (int64_t r = 0; r < rows; ++r) col[r] = exp_acc<acc_t>(col[r] - shift[r]);
-  }
-}
-
-template <int kC, typename scalar_t, typename acc_t>
-JEM_EXT_INLINE void lse_columns(const scalar_t* __restrict l, int64_t rows,
-                                const RowScratch<acc_t>& s) {
-  to_columns<kC>(l, rows, s.t);
-  for (int64_t r = 0; r < rows; ++r) {
-    s.m[r] = column_max<kC>(s.t, rows, r);
-    s.lse[r] = lse_shift(s.m[r]);  // the shift, for now
-  }
-  exp_shifted_columns<kC>(s.t, s.lse, rows);
-  for (int64_t r = 0; r < rows; ++r) s.sums[r] = column_sum<kC>(s.t, rows, r);
-  for (int64_t r = 0; r < rows; ++r) s.lse[r] = lse_finish(s.m[r], s.sums[r]);
-}
-
-// grad_rows for a compile-time kC; s.sums receives each row's scale.
-template <int kC, typename scalar_t, typename acc_t>
-JEM_EXT_INLINE void grad_columns(const scalar_t* __restrict l, int64_t rows,
-                                 const RowScratch<acc_t>& s, const acc_t* __restrict grad_lse,
-                                 const int64_t* __restrict y, const acc_t* __restrict grad_pick,
-                                 scalar_t* __restrict out) {
-  to_columns<kC>(l, rows, s.t);
-  exp_shifted_columns<kC>(s.t, s.lse, rows);
-  for (int64_t r = 0; r < rows; ++r) {
-    s.sums[r] = grad_row_scale(grad_lse[r], column_sum<kC>(s.t, rows, r));
-  }
-  const acc_t* __restrict tt = s.t;
-  const acc_t* __restrict scale = s.sums;
-  if (y == nullptr) {
-    for (int64_t r = 0; r < rows; ++r) {
-#pragma GCC unroll 16
-      for (int c = 0; c < kC; ++c) {
-        out[r * kC + c] =
-            static_cast<scalar_t>(energy_grad(tt[c * rows + r], scale[r], acc_t(0), false));
-      }
-    }
-    return;
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const acc_t pick = grad_pick != nullptr ? grad_pick[r] : acc_t(0);
-#pragma GCC unroll 16
-    for (int c = 0; c < kC; ++c) {
-      out[r * kC + c] =
-          static_cast<scalar_t>(energy_grad(tt[c * rows + r], scale[r], pick, c == y[r]));
-    }
-  }
-}
-
 // lse of `rows` rows starting at l (and their max and sum, for ce_finish).
 // std::max maps onto maxss/maxps (a `v > m ? v : m` chain compiles to a
 // serial compare-and-move); it may drop a NaN from the max, but a NaN entry
@@ -178,20 +100,16 @@ JEM_EXT_INLINE void grad_columns(const scalar_t* __restrict l, int64_t rows,
 template <typename scalar_t, typename acc_t, int kC = 0>
 JEM_EXT_INLINE void lse_rows(const scalar_t* __restrict l, int64_t rows, int64_t C_rt,
                              const RowScratch<acc_t>& s) {
-  if constexpr (kC > 0) {
-    lse_columns<kC>(l, rows, s);
-  } else {
-    const int64_t C = C_rt;
-    for (int64_t r = 0; r < rows; ++r) {
-      s.m[r] = row_max<acc_t>(l + r * C, C);
-      s.lse[r] = lse_shift(s.m[r]);  // the shift, for now
-    }
-    shift_rows(l, s.lse, s.t, rows, C);
-    const int64_t n = rows * C;
-    for (int64_t i = 0; i < n; ++i) s.t[i] = exp_acc<acc_t>(s.t[i]);
-    for (int64_t r = 0; r < rows; ++r) s.sums[r] = row_sum(s.t + r * C, C);
-    for (int64_t r = 0; r < rows; ++r) s.lse[r] = lse_finish(s.m[r], s.sums[r]);
+  const int64_t C = kC > 0 ? kC : C_rt;
+  for (int64_t r = 0; r < rows; ++r) {
+    s.m[r] = row_max<kC, acc_t>(l + r * C, C);
+    s.lse[r] = lse_shift(s.m[r]);  // the shift, for now
   }
+  shift_rows<kC>(l, s.lse, s.t, rows, C);
+  const int64_t n = rows * C;
+  for (int64_t i = 0; i < n; ++i) s.t[i] = exp_acc<acc_t>(s.t[i]);
+  for (int64_t r = 0; r < rows; ++r) s.sums[r] = row_sum<kC, acc_t>(s.t + r * C, C);
+  for (int64_t r = 0; r < rows; ++r) s.lse[r] = lse_finish(s.m[r], s.sums[r]);
 }
 
 // The backward of `rows` rows given their lse (in s.lse): energy_grad of
@@ -202,24 +120,38 @@ JEM_EXT_INLINE void grad_rows(const scalar_t* __restrict l, int64_t rows, int64_
                               const RowScratch<acc_t>& s, const acc_t* __restrict grad_lse,
                               const int64_t* __restrict y, const acc_t* __restrict grad_pick,
                               scalar_t* __restrict out) {
-  if constexpr (kC > 0) {
-    grad_columns<kC>(l, rows, s, grad_lse, y, grad_pick, out);
-  } else {
-    const int64_t C = C_rt;
-    acc_t* __restrict t = s.t;
-    shift_rows(l, s.lse, t, rows, C);
-    const int64_t n = rows * C;
-    for (int64_t i = 0; i < n; ++i) t[i] = exp_acc<acc_t>(t[i]);
-    for (int64_t r = 0; r < rows; ++r) {
-      const acc_t* e = t + r * C;
-      const acc_t scale = grad_row_scale(grad_lse[r], row_sum(e, C));
-      const int64_t target = y != nullptr ? y[r] : -1;
-      const acc_t pick = grad_pick != nullptr ? grad_pick[r] : acc_t(0);
-      scalar_t* o = out + r * C;
-      for (int64_t c = 0; c < C; ++c) {
-        o[c] = static_cast<scalar_t>(energy_grad(e[c], scale, pick, c == target));
-      }
+  const int64_t C = kC > 0 ? kC : C_rt;
+  acc_t* __restrict t = s.t;
+  shift_rows<kC>(l, s.lse, t, rows, C);
+  const int64_t n = rows * C;
+  for (int64_t i = 0; i < n; ++i) t[i] = exp_acc<acc_t>(t[i]);
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t* e = t + r * C;
+    const acc_t scale = grad_row_scale(grad_lse[r], row_sum<kC, acc_t>(e, C));
+    scalar_t* o = out + r * C;
+    // Every logit unpicked (a loop without a per-element label test), then
+    // the labelled one rewritten with the pick term.
+    for (int64_t c = 0; c < C; ++c) {
+      o[c] = static_cast<scalar_t>(energy_grad(e[c], scale, acc_t(0), false));
     }
+    if (y != nullptr) {
+      const acc_t pick = grad_pick != nullptr ? grad_pick[r] : acc_t(0);
+      o[y[r]] = static_cast<scalar_t>(energy_grad(e[y[r]], scale, pick, true));
+    }
+  }
+}
+
+// energy_ce's outputs of `rows` rows from lse_rows' scratch: the energy
+// -lse and the cross-entropy of label y[r] (y, e and ce start at the
+// block's first row).
+template <typename scalar_t, typename acc_t>
+JEM_EXT_INLINE void ce_rows(const scalar_t* __restrict l, int64_t rows, int64_t C,
+                            const int64_t* __restrict y, const RowScratch<acc_t>& s,
+                            scalar_t* __restrict e, scalar_t* __restrict ce) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t l_y = static_cast<acc_t>(l[r * C + y[r]]);
+    e[r] = static_cast<scalar_t>(-s.lse[r]);
+    ce[r] = static_cast<scalar_t>(ce_finish(s.m[r], s.sums[r], s.lse[r], l_y));
   }
 }
 
@@ -260,15 +192,19 @@ void pick_grad_rows(int64_t rows, int64_t C, const int64_t* y, const acc_t* grad
 #define JEM_EXT_GRAD(k) grad_rows<float, float, k>(l, rows, C, s, grad_lse, y, grad_pick, out)
 
 // One level's pair of float32 loops, named <name>_<level>.
-#define JEM_EXT_ENERGY_LOOPS(ATTR, LEVEL)                                                   \
-  ATTR void lse_rows_float_##LEVEL(const float* l, int64_t rows, int64_t C,                 \
-                                   const RowScratch<float>& s) {                            \
-    JEM_EXT_STATIC_CLASSES(JEM_EXT_LSE);                                                    \
-  }                                                                                         \
-  ATTR void grad_rows_float_##LEVEL(const float* l, int64_t rows, int64_t C,                \
-                                    const RowScratch<float>& s, const float* grad_lse,      \
-                                    const int64_t* y, const float* grad_pick, float* out) { \
-    JEM_EXT_STATIC_CLASSES(JEM_EXT_GRAD);                                                   \
+#define JEM_EXT_ENERGY_LOOPS(ATTR, LEVEL)                                                    \
+  ATTR void lse_rows_float_##LEVEL(const float* l, int64_t rows, int64_t C,                  \
+                                   const RowScratch<float>& s) {                             \
+    JEM_EXT_STATIC_CLASSES(JEM_EXT_LSE);                                                     \
+  }                                                                                          \
+  ATTR void ce_rows_float_##LEVEL(const float* l, int64_t rows, int64_t C, const int64_t* y, \
+                                  const RowScratch<float>& s, float* e, float* ce) {         \
+    ce_rows<float, float>(l, rows, C, y, s, e, ce);                                          \
+  }                                                                                          \
+  ATTR void grad_rows_float_##LEVEL(const float* l, int64_t rows, int64_t C,                 \
+                                    const RowScratch<float>& s, const float* grad_lse,       \
+                                    const int64_t* y, const float* grad_pick, float* out) {  \
+    JEM_EXT_STATIC_CLASSES(JEM_EXT_GRAD);                                                    \
   }
 
 JEM_EXT_ENERGY_LOOPS(, baseline)
@@ -284,15 +220,20 @@ JEM_EXT_ENERGY_LOOPS(JEM_EXT_TARGET_AVX512, avx512)
 // The per-level float32 loops of the forward and the backward.
 struct EnergyKernels {
   void (*lse_rows)(const float* l, int64_t rows, int64_t C, const RowScratch<float>& s);
+  void (*ce_rows)(const float* l, int64_t rows, int64_t C, const int64_t* y,
+                  const RowScratch<float>& s, float* e, float* ce);
   void (*grad_rows)(const float* l, int64_t rows, int64_t C, const RowScratch<float>& s,
                     const float* grad_lse, const int64_t* y, const float* grad_pick, float* out);
 };
 
 const EnergyKernels& energy_kernels(CpuLevel level) {
-  static constexpr EnergyKernels kBaseline{lse_rows_float_baseline, grad_rows_float_baseline};
+  static constexpr EnergyKernels kBaseline{lse_rows_float_baseline, ce_rows_float_baseline,
+                                           grad_rows_float_baseline};
 #if JEM_EXT_X86_LEVELS
-  static constexpr EnergyKernels kAvx2{lse_rows_float_avx2, grad_rows_float_avx2};
-  static constexpr EnergyKernels kAvx512{lse_rows_float_avx512, grad_rows_float_avx512};
+  static constexpr EnergyKernels kAvx2{lse_rows_float_avx2, ce_rows_float_avx2,
+                                       grad_rows_float_avx2};
+  static constexpr EnergyKernels kAvx512{lse_rows_float_avx512, ce_rows_float_avx512,
+                                         grad_rows_float_avx512};
   switch (level) {
     case CpuLevel::kAvx512:
       return kAvx512;
@@ -311,6 +252,16 @@ void lse_block(const scalar_t* l, int64_t rows, int64_t C, const RowScratch<acc_
     energy_kernels(cpu_level()).lse_rows(l, rows, C, s);
   } else {
     lse_rows<scalar_t, acc_t>(l, rows, C, s);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void ce_block(const scalar_t* l, int64_t rows, int64_t C, const int64_t* y,
+              const RowScratch<acc_t>& s, scalar_t* e, scalar_t* ce) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    energy_kernels(cpu_level()).ce_rows(l, rows, C, y, s, e, ce);
+  } else {
+    ce_rows<scalar_t, acc_t>(l, rows, C, y, s, e, ce);
   }
 }
 
@@ -401,12 +352,7 @@ std::tuple<at::Tensor, at::Tensor> energy_ce_cpu(const at::Tensor& logits_in,
         scalar_t* ce_p = ce.data_ptr<scalar_t>();
         for_row_blocks<acc_t>(B, C, [&](int64_t r0, int64_t rows, const RowScratch<acc_t>& s) {
           lse_block<scalar_t, acc_t>(l + r0 * C, rows, C, s);
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t b = r0 + r;
-            const acc_t l_y = static_cast<acc_t>(l[b * C + yp[b]]);
-            e[b] = static_cast<scalar_t>(-s.lse[r]);
-            ce_p[b] = static_cast<scalar_t>(ce_finish(s.m[r], s.sums[r], s.lse[r], l_y));
-          }
+          ce_block<scalar_t, acc_t>(l + r0 * C, rows, C, yp + r0, s, e + r0, ce_p + r0);
         });
       });
   return {energy, ce};
