@@ -9,35 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy_runs import TOY as TOY_BASE
 
 from jem_ext import train as jtrain
 from jem_ext.checkpoint import load_checkpoint
 from jem_ext.training.loop import budget_reason
 
-# A tiny JEM on the 2-D toy moons (32 iterations per epoch).
-TOY = [
-    "--dataset",
-    "moons",
-    "--model",
-    "mlp",
-    "--width",
-    "16",
-    "--depth",
-    "2",
-    "--sgld-steps",
-    "2",
-    "--buffer-size",
-    "100",
-    "--warmup-iters",
-    "5",
-    "--no-progress",
-    "--log-every",
-    "1",
-    "--sample-every",
-    "0",
-    "--ckpt-every",
-    "0",
-]
+TOY = [*TOY_BASE, "--ckpt-every", "0"]
 
 
 def _summary(run: Path) -> dict:

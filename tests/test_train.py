@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy_runs import TOY
 
 from jem_ext import objectives
 from jem_ext import train as jtrain
@@ -18,29 +19,6 @@ from jem_ext.training import loop
 from jem_ext.training.guard import DivergenceGuard
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# A tiny JEM on the 2-D toy moons (32 iterations per epoch, a fraction of a second each).
-TOY = [
-    "--dataset",
-    "moons",
-    "--model",
-    "mlp",
-    "--width",
-    "16",
-    "--depth",
-    "2",
-    "--sgld-steps",
-    "2",
-    "--buffer-size",
-    "100",
-    "--warmup-iters",
-    "5",
-    "--no-progress",
-    "--log-every",
-    "1",
-    "--sample-every",
-    "0",
-]
 
 
 def _run(argv: list[str]) -> int:

@@ -11,34 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from toy_runs import TOY
 
 from jem_ext import data as jdata
 from jem_ext import train as jtrain
 from jem_ext.checkpoint import load_checkpoint
 from jem_ext.training import cli, loop, runlog
 from jem_ext.training.folder import RunFolder
-
-TOY = [
-    "--dataset",
-    "moons",
-    "--model",
-    "mlp",
-    "--width",
-    "16",
-    "--depth",
-    "2",
-    "--sgld-steps",
-    "2",
-    "--buffer-size",
-    "100",
-    "--warmup-iters",
-    "5",
-    "--no-progress",
-    "--log-every",
-    "1",
-    "--sample-every",
-    "0",
-]
 
 
 def _rows(run: Path) -> list[dict]:
