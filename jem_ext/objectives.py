@@ -1,4 +1,4 @@
-"""JEM training objectives (Grathwohl et al. 2020), written as in /work/shared/JEM.md.
+"""JEM training objectives, as in the paper (Grathwohl et al., ICLR 2020, Sections 3 and 4).
 
 With logits ``f(x)``, ``E(x) = -logsumexp_y f(x)[y]`` and ``E(x, y) = -f(x)[y]``:
 
