@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             distributed.fail_message(err, job, prepared.cfg["dist_timeout"] if prepared else 0),
             file=sys.stderr,
         )
-        return 1
+        distributed.abandon(1)
     except KeyboardInterrupt:
         if prepared is not None and prepared.folder is None:
             return 130  # rank 0 of the job says how to continue

@@ -54,7 +54,7 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -202,9 +202,26 @@ def on_main(fn: Callable[[], T], d: Dist) -> T:
 
 
 def shutdown() -> None:
-    """Leave the job (a no-op for a single process)."""
+    """Leave the job together (a no-op for a single process).
+
+    The barrier keeps a process from tearing its process group down while another one still
+    talks to it: gloo aborts a process whose connections close under a pending operation.
+    """
     if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        except RuntimeError:
+            pass  # another process is gone: leave anyway
         dist.destroy_process_group()
+
+
+def abandon(status: int) -> NoReturn:
+    """Exit at once with ``status`` after a lost process: the broken process group cannot be
+    torn down cleanly (gloo's teardown aborts the process when a peer vanished), and the job is
+    over anyway, so the interpreter's teardown is skipped once the output is flushed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def describe(d: Dist, cfg: dict[str, Any]) -> str:
