@@ -64,6 +64,28 @@ inline bool cpu_supports(CpuLevel level) {
 #endif
 }
 
+// The table of kernels compiled for `level`: one per level, the baseline when the build has no
+// x86 levels.
+template <typename Table>
+const Table& for_level(CpuLevel level, const Table& baseline, const Table& avx2,
+                       const Table& avx512) {
+#if JEM_EXT_X86_LEVELS
+  switch (level) {
+    case CpuLevel::kAvx512:
+      return avx512;
+    case CpuLevel::kAvx2:
+      return avx2;
+    default:
+      break;
+  }
+#else
+  (void)level;
+  (void)avx2;
+  (void)avx512;
+#endif
+  return baseline;
+}
+
 inline CpuLevel best_cpu_level() {
   for (CpuLevel level : {CpuLevel::kAvx512, CpuLevel::kAvx2}) {
     if (cpu_supports(level)) {

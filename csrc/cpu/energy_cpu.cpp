@@ -234,16 +234,10 @@ const EnergyKernels& energy_kernels(CpuLevel level) {
                                        grad_rows_float_avx2};
   static constexpr EnergyKernels kAvx512{lse_rows_float_avx512, ce_rows_float_avx512,
                                          grad_rows_float_avx512};
-  switch (level) {
-    case CpuLevel::kAvx512:
-      return kAvx512;
-    case CpuLevel::kAvx2:
-      return kAvx2;
-    default:
-      break;
-  }
+  return for_level(level, kBaseline, kAvx2, kAvx512);
+#else
+  return for_level(level, kBaseline, kBaseline, kBaseline);
 #endif
-  return kBaseline;
 }
 
 template <typename scalar_t, typename acc_t>

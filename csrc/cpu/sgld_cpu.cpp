@@ -357,16 +357,10 @@ const SgldKernels& sgld_kernels(CpuLevel level) {
   static constexpr SgldKernels kAvx2{philox_words_avx2, box_muller_block_avx2, update_float_avx2};
   static constexpr SgldKernels kAvx512{philox_words_avx512, box_muller_block_avx512,
                                        update_float_avx512};
-  switch (level) {
-    case CpuLevel::kAvx512:
-      return kAvx512;
-    case CpuLevel::kAvx2:
-      return kAvx2;
-    default:
-      break;
-  }
+  return for_level(level, kBaseline, kAvx2, kAvx512);
+#else
+  return for_level(level, kBaseline, kBaseline, kBaseline);
 #endif
-  return kBaseline;
 }
 
 // z[4 * i + k] = normal k of group first + i, for i < count.
