@@ -14,7 +14,10 @@ every configuration's figures (with its training status, iterations and final da
 energies: far apart means the chains no longer reach the data) and ``OUT/results.md`` the same
 as a table, with whether the target is met: test accuracy >= 35 % and AUROC log p(x) vs uniform
 >= 0.95 without divergence. The run folders (checkpoints) go to ``--runs``; a configuration
-whose run folder already holds a summary is evaluated again but not retrained.
+whose run folder already holds a summary is evaluated again but not retrained, unless a
+larger ``--minutes`` is asked for: then the run resumes from its last checkpoint and trains
+until the new budget (e.g. ``--minutes 60`` after a 15-minute study extends the runs to one
+hour each, with the same data order and optimiser state).
 
 Each recipe is the published one (``--recipe``, see :mod:`jem_ext.recipes`) scaled to the
 budget: SmallCNN width 64 instead of a WRN-28-10, and a warm-up of ``WARMUP_ITERS`` iterations
@@ -33,9 +36,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import sys
 import tarfile
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +56,7 @@ WIDTH = 64
 WARMUP_ITERS = 100
 TARGET_ACCURACY = 0.35
 TARGET_AUROC_UNIFORM = 0.95
+BUDGET_MET = 0.99  # a run stopped within 1 % of the budget has had it
 EVAL_TASKS = "accuracy,calibration,ood,generation"
 ARCHIVES = ("train.tar.gz", "test.tar.gz")
 
@@ -109,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--minutes", type=float, default=15.0, help="training wall time of every configuration"
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads of each run")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="configurations trained at once (each with --threads threads): on N cores, "
+        "--jobs N --threads 1 gives every configuration one core for the same wall time",
+    )
     p.add_argument("--seed", type=int, default=1, help="training seed")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results folder")
     p.add_argument(
@@ -185,8 +198,15 @@ def run_config(
 ) -> dict[str, Any]:
     """Train (unless done) and evaluate one configuration; returns its figures."""
     run_dir = runs / name
-    if not (run_dir / "summary.json").is_file():
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
         argv = train_argv(name, args, data_root, run_dir)
+    elif not args.smoke and stopped_short(json.loads(summary_path.read_text()), args.minutes):
+        # A longer budget continues the run where its shorter budget stopped it.
+        argv = ["--resume", str(run_dir), "--max-minutes", f"{args.minutes:g}"]
+    else:
+        argv = None
+    if argv is not None:
         print("+ python -m jem_ext.train", " ".join(argv), flush=True)
         if train_main(argv) not in (0, 1):  # 1: diverged, still summarised
             raise RuntimeError(f"{name}: training failed")
@@ -206,6 +226,11 @@ def run_config(
     if eval_main(eval_argv) != 0:
         raise RuntimeError(f"{name}: evaluation failed")
     return figures(name, run_dir, out / name)
+
+
+def stopped_short(summary: dict[str, Any], minutes: float) -> bool:
+    """Whether a run stopped by its budget trained for less than ``minutes``."""
+    return summary["status"] == "budget" and summary["seconds"] < 60.0 * minutes * BUDGET_MET
 
 
 def figures(name: str, run_dir: Path, eval_dir: Path) -> dict[str, Any]:
@@ -318,13 +343,21 @@ def check_args(args: argparse.Namespace) -> list[str]:
             raise BenchmarkError(f"--minutes: expected a positive number, got {args.minutes}")
     if args.threads < 1:
         raise BenchmarkError(f"--threads: expected >= 1, got {args.threads}")
+    if args.jobs < 1:
+        raise BenchmarkError(f"--jobs: expected >= 1, got {args.jobs}")
     return names
 
 
 def run_all(names: list[str], args: argparse.Namespace, data_root: Path, runs: Path) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [run_config(n, args, data_root, runs, out) for n in names]
+    if args.jobs == 1:
+        rows = [run_config(n, args, data_root, runs, out) for n in names]
+    else:  # fresh interpreters: each run sets its own torch thread count
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(run_config, n, args, data_root, runs, out) for n in names]
+            rows = [f.result() for f in futures]
     minutes = None if args.smoke else args.minutes
     with (out / "results.json").open("w", encoding="utf-8") as f:
         json.dump(
@@ -332,6 +365,7 @@ def run_all(names: list[str], args: argparse.Namespace, data_root: Path, runs: P
                 "minutes": minutes,
                 "width": WIDTH,
                 "threads": args.threads,
+                "jobs": args.jobs,
                 "seed": args.seed,
                 "rows": rows,
             },

@@ -116,11 +116,27 @@ def test_cifar_budget_smoke_writes_one_results_folder(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "status,seconds,minutes,extend",
+    [
+        ("budget", 900.4, 15, False),  # had its 15 minutes
+        ("budget", 900.4, 60, True),  # a 15-minute run asked for an hour continues
+        ("budget", 3590.0, 60, False),  # within 1 % of the hour
+        ("completed", 100.0, 60, False),  # every epoch trained: nothing to continue
+        ("diverged", 100.0, 60, False),
+    ],
+)
+def test_cifar_budget_extends_only_runs_its_budget_stopped_short(status, seconds, minutes, extend):
+    summary = {"status": status, "seconds": seconds}
+    assert _cifar_budget().stopped_short(summary, minutes) is extend
+
+
+@pytest.mark.parametrize(
     "argv,flag",
     [
         (["--smoke", "--configs", "nope"], "--configs"),
         ([], "--data-root"),
         (["--data-root", "x", "--minutes", "0"], "--minutes"),
+        (["--smoke", "--jobs", "0"], "--jobs"),
     ],
 )
 def test_cifar_budget_bad_input_is_one_line(tmp_path, capsys, argv, flag):
