@@ -14,10 +14,11 @@ every configuration's figures (with its training status, iterations and final da
 energies: far apart means the chains no longer reach the data) and ``OUT/results.md`` the same
 as a table, with whether the target is met: test accuracy >= 35 % and AUROC log p(x) vs uniform
 >= 0.95 without divergence. The run folders (checkpoints) go to ``--runs``; a configuration
-whose run folder already holds a summary is evaluated again but not retrained, unless a
-larger ``--minutes`` is asked for: then the run resumes from its last checkpoint and trains
-until the new budget (e.g. ``--minutes 60`` after a 15-minute study extends the runs to one
-hour each, with the same data order and optimiser state).
+whose run folder already holds a summary is not retrained (nor evaluated again when its report
+is newer than its checkpoint), unless a larger ``--minutes`` is asked for: then the run
+resumes from its last checkpoint and trains until the new budget (e.g. ``--minutes 60`` after a
+15-minute study extends the runs to one hour each, with the same data order and optimiser
+state).
 
 Each recipe is the published one (``--recipe``, see :mod:`jem_ext.recipes`) scaled to the
 budget: SmallCNN width 64 instead of a WRN-28-10, and a warm-up of ``WARMUP_ITERS`` iterations
@@ -65,6 +66,12 @@ CONFIGS: dict[str, list[str]] = {
     "sadajem": ["--recipe", "sadajem"],
     # SADA-JEM with chains (re)started from uniform noise: the model sees noise as negatives.
     "sadajem_uniform": ["--recipe", "sadajem", "--init", "uniform"],
+    # The fast proximal run of the digits-era defaults with chains from uniform noise instead of
+    # the per-class Gaussians (which keep the model from ever seeing noise as a negative).
+    "proximal_uniform": [
+        *("--proximal", "--sgld-steps", "5", "--lr", "1e-3"),
+        *("--w-px", "1", "--init", "uniform"),
+    ],
     "jempp": ["--recipe", "jempp"],
     "jem": ["--recipe", "jem"],
     "ce": ["--objective", "ce"],
@@ -210,11 +217,24 @@ def run_config(
         print("+ python -m jem_ext.train", " ".join(argv), flush=True)
         if train_main(argv) not in (0, 1):  # 1: diverged, still summarised
             raise RuntimeError(f"{name}: training failed")
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    if not evaluated(checkpoint, out / name / "report.json"):
+        evaluate(name, args, checkpoint, out / name)
+    return figures(name, run_dir, out / name)
+
+
+def evaluated(checkpoint: Path, report: Path) -> bool:
+    """Whether ``report`` was written after ``checkpoint`` (then it is that checkpoint's)."""
+    return report.is_file() and report.stat().st_mtime > checkpoint.stat().st_mtime
+
+
+def evaluate(name: str, args: argparse.Namespace, checkpoint: Path, eval_dir: Path) -> None:
+    """``python -m jem_ext.eval`` of one configuration's checkpoint into ``eval_dir``."""
     eval_argv = [
         "--checkpoint",
-        str(run_dir / "checkpoints" / "last.pt"),
+        str(checkpoint),
         "--out",
-        str(out / name),
+        str(eval_dir),
         "--tasks",
         EVAL_TASKS,
         "--label",
@@ -225,7 +245,6 @@ def run_config(
     print("+ python -m jem_ext.eval", " ".join(eval_argv), flush=True)
     if eval_main(eval_argv) != 0:
         raise RuntimeError(f"{name}: evaluation failed")
-    return figures(name, run_dir, out / name)
 
 
 def stopped_short(summary: dict[str, Any], minutes: float) -> bool:
