@@ -2,7 +2,8 @@
 
 Each run is one ``python -m jem_ext.train --dataset digits ...`` call (in a subprocess, one at a
 time) into ``RUNS/<config>-s<seed>``; its final checkpoint (``checkpoints/last.pt``) is then
-scored on the test split:
+scored on the test split (``--checkpoint best``: the checkpoint of the best validation
+accuracy instead):
 
 - ``accuracy``: test accuracy;
 - ``ece``: expected calibration error, 20 equal-width bins of max p(y|x) (the JEM paper's);
@@ -48,25 +49,45 @@ DEFAULT_OUT = ROOT / "out" / "digits_study"
 ECE_BINS = 20
 NOISE_SEED = 1234
 
-# Trainer flags on top of the trainer's defaults (python -m jem_ext.train --help).
+# The trainer's defaults, spelled out so that every configuration keeps its meaning if they change.
+DEFAULTS = ["--w-px", "1", "--sgld-steps", "20", "--epochs", "60", "--decay-epochs", "40,50"]
+# The best-calibrated configuration found (FINDINGS.md); it splits its energies, does not generate.
+CALIBRATED = ["--w-px", "0.3", "--sgld-steps", "10", "--epochs", "90", "--decay-epochs", "60,75"]
+
+# Trainer flags of each configuration (python -m jem_ext.train --help).
 CONFIGS: dict[str, list[str]] = {
-    "default": [],
-    "ce": ["--objective", "ce"],
-    "no_l2": ["--l2-energy", "0"],
-    "no_augment": ["--no-augment"],
-    "no_augment_no_l2": ["--no-augment", "--l2-energy", "0"],
-    "lr1e-3": ["--lr", "1e-3"],
-    "no_augment_lr1e-3": ["--no-augment", "--lr", "1e-3"],
-    "no_augment_dropout": ["--no-augment", "--dropout", "0.2"],
-    "no_augment_k10": ["--no-augment", "--sgld-steps", "10"],
-    "no_augment_wd": ["--no-augment", "--weight-decay", "5e-4"],
-    "ce_no_augment": ["--objective", "ce", "--no-augment"],
-    "w_px0.3": ["--w-px", "0.3"],
+    "default": DEFAULTS,
+    "ce": [*DEFAULTS, "--objective", "ce"],
+    "no_l2": [*DEFAULTS, "--l2-energy", "0"],
+    "no_augment": [*DEFAULTS, "--no-augment"],
+    "no_augment_no_l2": [*DEFAULTS, "--no-augment", "--l2-energy", "0"],
+    "lr1e-3": [*DEFAULTS, "--lr", "1e-3"],
+    "no_augment_lr1e-3": [*DEFAULTS, "--no-augment", "--lr", "1e-3"],
+    "no_augment_dropout": [*DEFAULTS, "--no-augment", "--dropout", "0.2"],
+    "no_augment_k10": [*DEFAULTS, "--no-augment", "--sgld-steps", "10"],
+    "no_augment_wd": [*DEFAULTS, "--no-augment", "--weight-decay", "5e-4"],
+    "ce_no_augment": [*DEFAULTS, "--objective", "ce", "--no-augment"],
+    "w_px0.3": [*DEFAULTS, "--w-px", "0.3"],
     # the p(x) term on the batch before augmentation (SADA-JEM), cross-entropy augmented
-    "no_px_augment": ["--no-px-augment"],
-    "no_px_augment_w_px0.3": ["--no-px-augment", "--w-px", "0.3"],
-    "no_px_augment_lr1e-3": ["--no-px-augment", "--lr", "1e-3"],
-    "w_px0.3_noise0.01": ["--w-px", "0.3", "--input-noise", "0.01"],
+    "no_px_augment": [*DEFAULTS, "--no-px-augment"],
+    "no_px_augment_w_px0.3": [*DEFAULTS, "--no-px-augment", "--w-px", "0.3"],
+    "no_px_augment_lr1e-3": [*DEFAULTS, "--no-px-augment", "--lr", "1e-3"],
+    "w_px0.3_noise0.01": [*DEFAULTS, "--w-px", "0.3", "--input-noise", "0.01"],
+    "w_px0.3_k10": [*DEFAULTS, "--w-px", "0.3", "--sgld-steps", "10"],
+    "calibrated": CALIBRATED,
+    "calibrated_ce": [*CALIBRATED, "--objective", "ce"],
+    # attempts to keep the calibrated configuration's chains on the data:
+    # longer chains,
+    "calibrated_k20": [*CALIBRATED, "--sgld-steps", "20"],
+    # chains from per-class Gaussians (JEM++'s informative init), which start near the data,
+    "calibrated_gaussian_init": [*CALIBRATED, "--init", "gaussian"],
+    # a buffer near the training set's size (each chain drawn about every 16 iterations, so
+    # the buffer holds mature samples instead of young, noise-like ones),
+    "calibrated_buffer1000": [*CALIBRATED, "--buffer-size", "1000"],
+    # proximal SGLD (JEM++): clipped gradient steps cannot throw the chains off the data,
+    "calibrated_proximal": [*CALIBRATED, "--proximal"],
+    # a third of the peak learning rate: the model moves slower than the chains follow.
+    "calibrated_lr1e-3": [*CALIBRATED, "--lr", "1e-3"],
 }
 
 METRICS = ("accuracy", "ece", "confidence", "auroc_uniform", "auroc_gaussian", "seconds")
@@ -86,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of the run folders (checkpoints; kept out of version control)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads of each training run")
+    p.add_argument(
+        "--checkpoint",
+        choices=("last", "best"),
+        default="last",
+        help="checkpoint scored: the final one, or the best validation accuracy's",
+    )
     p.add_argument("--list", action="store_true", help="print the configurations and exit")
     return p
 
@@ -113,9 +140,11 @@ def train_run(name: str, seed: int, run_dir: Path, threads: int) -> None:
     subprocess.run(cmd, check=True)
 
 
-def score_run(run_dir: Path, test_x: torch.Tensor, test_y: torch.Tensor) -> dict[str, float | None]:
-    """Accuracy, ECE, mean confidence and log p(x) AUROCs of a run's final checkpoint."""
-    model = model_from_checkpoint(load_checkpoint(run_dir / "checkpoints" / "last.pt"))
+def score_run(
+    run_dir: Path, test_x: torch.Tensor, test_y: torch.Tensor, checkpoint: str = "last"
+) -> dict[str, float | None]:
+    """Accuracy, ECE, mean confidence and log p(x) AUROCs of a run's checkpoint."""
+    model = model_from_checkpoint(load_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt"))
     g = torch.Generator().manual_seed(NOISE_SEED)
     uniform = torch.rand(test_x.shape, generator=g) * 2 - 1
     gaussian = torch.randn(test_x.shape, generator=g).clamp(-1, 1)
@@ -231,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                 "config": name,
                 "seed": seed,
                 "flags": CONFIGS[name],
-                **score_run(run_dir, test.x, test.y),
+                "checkpoint": args.checkpoint,
+                **score_run(run_dir, test.x, test.y, args.checkpoint),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
