@@ -72,6 +72,13 @@ CONFIGS: dict[str, list[str]] = {
         *("--proximal", "--sgld-steps", "5", "--lr", "1e-3"),
         *("--w-px", "1", "--init", "uniform"),
     ],
+    # A light p(x) term (gap bound w_px / (2 l2_energy) = 5) beside the full cross-entropy, and
+    # short chains from uniform noise: the classifier trains at nearly its own pace and log p(x)
+    # still learns that noise is unlikely.
+    "light_px_uniform": [
+        *("--w-px", "0.1", "--l2-energy", "0.01", "--sgld-steps", "5"),
+        *("--lr", "1e-3", "--init", "uniform"),
+    ],
     "jempp": ["--recipe", "jempp"],
     "jem": ["--recipe", "jem"],
     "ce": ["--objective", "ce"],
