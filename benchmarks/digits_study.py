@@ -74,6 +74,13 @@ CONFIGS: dict[str, list[str]] = {
     "no_px_augment_lr1e-3": [*DEFAULTS, "--no-px-augment", "--lr", "1e-3"],
     "w_px0.3_noise0.01": [*DEFAULTS, "--w-px", "0.3", "--input-noise", "0.01"],
     "w_px0.3_k10": [*DEFAULTS, "--w-px", "0.3", "--sgld-steps", "10"],
+    # the reference's schedule (Adam 1e-4 for 150 epochs, warm-up 1,000, no decay) with half its
+    # chain length, to fit 2 minutes: slow enough for the chains to follow the model
+    "reference_k10": [
+        *DEFAULTS,
+        *("--lr", "1e-4", "--epochs", "150", "--warmup-iters", "1000"),
+        *("--decay-epochs", "150", "--sgld-steps", "10"),
+    ],
     "calibrated": CALIBRATED,
     "calibrated_ce": [*CALIBRATED, "--objective", "ce"],
     # attempts to keep the calibrated configuration's chains on the data:

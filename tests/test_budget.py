@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,6 +115,18 @@ def test_cifar_budget_smoke_writes_one_results_folder(tmp_path):
     assert any(f.startswith("sadajem/samples_") for f in rows["sadajem"]["files"])
     table = (out / "results.md").read_text()
     assert "| sadajem | budget | 2 |" in table and "| ce | budget | 2 |" in table
+
+
+def test_cifar_budget_side_by_side_jobs_write_the_same_results(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cifar_budget.py"
+    out = tmp_path / "out"
+    argv = ["--smoke", "--jobs", "2", "--configs", "sadajem,ce", "--out", str(out)]
+    proc = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["jobs"] == 2
+    assert [r["config"] for r in results["rows"]] == ["sadajem", "ce"]  # the order asked for
+    assert all(r["iterations"] == 2 for r in results["rows"])
 
 
 @pytest.mark.parametrize(
