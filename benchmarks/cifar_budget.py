@@ -215,11 +215,12 @@ def run_config(
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         argv = train_argv(name, args, data_root, run_dir)
-    elif not args.smoke and stopped_short(json.loads(summary_path.read_text()), args.minutes):
-        # A longer budget continues the run where its shorter budget stopped it.
-        argv = ["--resume", str(run_dir), "--max-minutes", f"{args.minutes:g}"]
-    else:
+    elif args.smoke:
         argv = None
+    else:
+        # A longer budget continues the run where its shorter budget stopped it.
+        stopped = stopped_short(json.loads(summary_path.read_text()), args.minutes)
+        argv = ["--resume", str(run_dir), "--max-minutes", f"{args.minutes:g}"] if stopped else None
     if argv is not None:
         print("+ python -m jem_ext.train", " ".join(argv), flush=True)
         if train_main(argv) not in (0, 1):  # 1: diverged, still summarised
@@ -257,6 +258,11 @@ def evaluate(name: str, args: argparse.Namespace, checkpoint: Path, eval_dir: Pa
 def stopped_short(summary: dict[str, Any], minutes: float) -> bool:
     """Whether a run stopped by its budget trained for less than ``minutes``."""
     return summary["status"] == "budget" and summary["seconds"] < 60.0 * minutes * BUDGET_MET
+
+
+def trained_past(summary: dict[str, Any], minutes: float) -> bool:
+    """Whether a run has trained beyond ``minutes`` (its figures would not be that budget's)."""
+    return summary["seconds"] > 60.0 * minutes / BUDGET_MET
 
 
 def figures(name: str, run_dir: Path, eval_dir: Path) -> dict[str, Any]:
@@ -374,7 +380,22 @@ def check_args(args: argparse.Namespace) -> list[str]:
     return names
 
 
+def check_runs(names: list[str], args: argparse.Namespace, runs: Path) -> None:
+    """Refuse run folders that have trained past ``--minutes``: their figures are not its."""
+    for name in names:
+        path = runs / name / "summary.json"
+        if args.smoke or not path.is_file():
+            continue
+        summary = json.loads(path.read_text())
+        if trained_past(summary, args.minutes):
+            raise BenchmarkError(
+                f"--minutes {args.minutes:g}: {runs / name} has trained "
+                f"{summary['seconds'] / 60.0:.1f} minutes; give another --runs folder"
+            )
+
+
 def run_all(names: list[str], args: argparse.Namespace, data_root: Path, runs: Path) -> None:
+    check_runs(names, args, runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.jobs == 1:

@@ -117,6 +117,21 @@ def test_cifar_budget_smoke_writes_one_results_folder(tmp_path):
     assert "| sadajem | budget | 2 |" in table and "| ce | budget | 2 |" in table
 
 
+def test_cifar_budget_refuses_a_run_trained_past_the_budget(tmp_path, capsys):
+    # an hour-long run must not be reported as a 15-minute one
+    for split in ("train", "test"):
+        (tmp_path / "data" / split).mkdir(parents=True)
+    run = tmp_path / "runs" / "ce"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"status": "budget", "seconds": 3600.0}))
+    argv = ["--data-root", str(tmp_path / "data"), "--runs", str(tmp_path / "runs")]
+    argv += ["--configs", "ce", "--minutes", "15", "--out", str(tmp_path / "o")]
+    assert _cifar_budget().main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --minutes 15") and "60.0 minutes" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_cifar_budget_side_by_side_jobs_write_the_same_results(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "cifar_budget.py"
     out = tmp_path / "out"
