@@ -127,6 +127,22 @@ def fused_energy_ce_fb(logits, y):
     return g
 
 
+def timing_row(op: str, label: str, size, times, bytes_moved: int) -> dict:
+    """One result row from the (eager, fused, compiled or None) seconds of an op."""
+    t_eager, t_fused, t_comp = times
+    return dict(
+        op=op,
+        device=label,
+        size=size,
+        eager_s=t_eager,
+        fused_s=t_fused,
+        compiled_s=t_comp,
+        speedup_vs_eager=t_eager / t_fused,
+        speedup_vs_compiled=(t_comp / t_fused) if t_comp else None,
+        fused_GBps=bytes_moved / t_fused / 1e9,
+    )
+
+
 def bench_device(
     device: str,
     threads: int | None,
@@ -155,19 +171,7 @@ def bench_device(
             clock=clock,
         )
         bytes_moved = 3 * n * x.element_size()  # read x, read grad, write x
-        rows.append(
-            dict(
-                op="sgld_step_",
-                device=label,
-                size=n,
-                eager_s=t_eager,
-                fused_s=t_fused,
-                compiled_s=t_comp,
-                speedup_vs_eager=t_eager / t_fused,
-                speedup_vs_compiled=(t_comp / t_fused) if t_comp else None,
-                fused_GBps=bytes_moved / t_fused / 1e9,
-            )
-        )
+        rows.append(timing_row("sgld_step_", label, n, (t_eager, t_fused, t_comp), bytes_moved))
         print(fmt(rows[-1]), flush=True)
     for b, c in shapes:
         logits = torch.randn(b, c, device=device, requires_grad=True)
@@ -183,17 +187,7 @@ def bench_device(
         )
         bytes_moved = 3 * b * c * logits.element_size()  # fwd read, bwd read + write
         rows.append(
-            dict(
-                op="energy fwd+bwd",
-                device=label,
-                size=f"{b}x{c}",
-                eager_s=t_eager,
-                fused_s=t_fused,
-                compiled_s=t_comp,
-                speedup_vs_eager=t_eager / t_fused,
-                speedup_vs_compiled=(t_comp / t_fused) if t_comp else None,
-                fused_GBps=bytes_moved / t_fused / 1e9,
-            )
+            timing_row("energy fwd+bwd", label, f"{b}x{c}", (t_eager, t_fused, t_comp), bytes_moved)
         )
         print(fmt(rows[-1]), flush=True)
     for b, c in shapes:  # the JEM loss's pair: energy and cross-entropy
@@ -211,17 +205,7 @@ def bench_device(
         )
         bytes_moved = 3 * b * c * logits.element_size()
         rows.append(
-            dict(
-                op="energy_ce f+b",
-                device=label,
-                size=f"{b}x{c}",
-                eager_s=t_eager,
-                fused_s=t_fused,
-                compiled_s=t_comp,
-                speedup_vs_eager=t_eager / t_fused,
-                speedup_vs_compiled=(t_comp / t_fused) if t_comp else None,
-                fused_GBps=bytes_moved / t_fused / 1e9,
-            )
+            timing_row("energy_ce f+b", label, f"{b}x{c}", (t_eager, t_fused, t_comp), bytes_moved)
         )
         print(fmt(rows[-1]), flush=True)
     return rows
