@@ -24,6 +24,12 @@ TORCH_LIBRARY(jem_ext, m) {
   m.def("energy(Tensor logits, Tensor? y=None) -> Tensor");
   // One pass: (E = -logsumexp, per-sample cross-entropy = logsumexp - logits[y]).
   m.def("energy_ce(Tensor logits, Tensor y) -> (Tensor, Tensor)");
+  // (E = -logsumexp, softmax) in one pass, for a caller whose backward
+  // then needs no exp (CPU kernel only: there the exps dominate the cost).
+  m.def("_energy_softmax(Tensor logits) -> (Tensor, Tensor)");
+  // Its backward, in the softmax's memory: softmax <- grad_lse[:, None] * softmax
+  // (d/dlogits). Returns nothing, as sgld_step_.
+  m.def("_energy_softmax_backward_(Tensor(a!) softmax, Tensor grad_lse) -> ()");
   // d/dlogits = grad_lse[:, None] * softmax + grad_pick[:, None] * onehot(y).
   // `energy` (= -logsumexp) saves recomputing the row sums; when absent the
   // kernel recomputes them from the logits.

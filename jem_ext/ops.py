@@ -145,9 +145,54 @@ def energy(logits: Tensor, y: Tensor | None = None) -> Tensor:
     huge values; NaN and infinite logits give what ``-torch.logsumexp`` gives,
     in the value and in the gradient (a row of only ``-inf``: ``E = +inf``
     with a NaN gradient). The backward is fused: ``-softmax(logits) * g``
-    (or ``-g`` on the label), and supports double backward.
+    (or ``-g`` on the label), and supports double backward. On the CPU, when
+    a backward will follow, the forward keeps its softmax and the backward
+    scales it in place (no second pass of exps).
     """
+    if y is None and _keeps_softmax(logits):
+        return _EnergyKeptSoftmax.apply(logits)
     return _ops.energy.default(logits, y)
+
+
+def _keeps_softmax(logits: Tensor) -> bool:
+    # On the CPU the backward's exps cost as much as the whole forward, so
+    # when a backward will follow, the forward keeps its softmax for it and
+    # the backward turns it into the gradient in place (no exp, no new B x C
+    # tensor). Half types would round it; other devices and compiled graphs
+    # (which plan their own memory) recompute.
+    return (
+        logits.requires_grad
+        and torch.is_grad_enabled()
+        and logits.device.type == "cpu"
+        and logits.dtype in (torch.float32, torch.float64)
+        and not torch.compiler.is_compiling()
+    )
+
+
+class _EnergyKeptSoftmax(torch.autograd.Function):
+    """``energy(logits)`` whose forward keeps its softmax for the backward."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor) -> Tensor:
+        energy_out, probs = _ops._energy_softmax.default(logits)
+        ctx.save_for_backward(logits, energy_out)
+        # Not saved for backward: the first backward takes it over as its
+        # gradient, in place.
+        ctx.probs = probs
+        return energy_out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        probs, ctx.probs = ctx.probs, None
+        logits, energy_out = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # The backward is itself differentiated (create_graph):
+            # energy_backward carries the second-order formula.
+            return _ops.energy_backward.default(logits, None, energy_out, -grad, None)
+        if probs is None:  # a later backward of a retained graph: the same bits again
+            probs = _ops._energy_softmax.default(logits)[1]
+        _ops._energy_softmax_backward_.default(probs, -grad)
+        return probs
 
 
 def energy_ce(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -261,6 +306,22 @@ def _sgld_step_philox_fake(
 def _energy_fake(logits, y=None):
     _check_logits_meta("energy", logits, y)
     return logits.new_empty(logits.shape[0])
+
+
+@torch.library.register_fake("jem_ext::_energy_softmax")
+def _energy_softmax_fake(logits):
+    _check_logits_meta("_energy_softmax", logits, None)
+    return (
+        logits.new_empty(logits.shape[0]),
+        torch.empty_like(logits, memory_format=torch.contiguous_format),
+    )
+
+
+@torch.library.register_fake("jem_ext::_energy_softmax_backward_")
+def _energy_softmax_backward_fake(softmax, grad_lse):
+    op = "_energy_softmax_backward_"
+    _check_logits_meta(op, softmax, None)
+    _check_row_vector_meta(op, "grad_lse", grad_lse, softmax)
 
 
 @torch.library.register_fake("jem_ext::energy_ce")

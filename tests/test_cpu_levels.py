@@ -109,6 +109,11 @@ ENERGY_SCRIPT = textwrap.dedent("""
                 yield f"backward hint {b}x{c}", ops.energy_backward(l, None, e, g, None)
                 yield f"backward {b}x{c}", ops.energy_backward(l, y, None, g, gp)
                 yield f"backward pick {b}x{c}", ops.energy_backward(l, y, None, None, gp)
+                e_kept, probs = ops._energy_softmax(l)
+                yield f"energy kept softmax {b}x{c}", torch.stack([e_kept, e])
+                yield f"softmax {b}x{c}", probs.clone()
+                ops._energy_softmax_backward_(probs, g)
+                yield f"softmax backward {b}x{c}", probs
 
     torch.save(dict(level=ops._cpu_level(), cases=dict(cases())), sys.argv[1])
 """)

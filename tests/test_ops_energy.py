@@ -269,6 +269,80 @@ def test_opcheck():
         torch.ops.jem_ext.energy_backward.default,
         (logits.detach().requires_grad_(True), y, None, g, g),
     )
+    # the kept-softmax pair: the autograd of energy() uses them, they have none
+    torch.library.opcheck(torch.ops.jem_ext._energy_softmax.default, (logits.detach(),))
+    probs = torch.softmax(logits.detach(), 1)
+    torch.library.opcheck(torch.ops.jem_ext._energy_softmax_backward_.default, (probs, g.detach()))
+
+
+# On the CPU, energy() with a backward ahead keeps the forward's softmax
+# (_energy_softmax) and its backward needs no exp; every other call recomputes
+# it in energy_backward. Both must give the same gradients, values and NaNs.
+
+
+def _grad_node_names(t: torch.Tensor) -> str:
+    return type(t.grad_fn).__name__ if t.grad_fn is not None else ""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_energy_keeps_the_softmax_on_the_cpu_when_a_backward_follows(dtype):
+    logits = make_logits(9, 10, dtype, "cpu").requires_grad_(True)
+    assert "KeptSoftmax" in _grad_node_names(ops.energy(logits))
+    assert "KeptSoftmax" not in _grad_node_names(ops.energy(logits, torch.zeros(9).long()))
+    with torch.no_grad():
+        assert ops.energy(logits).grad_fn is None
+    half = make_logits(9, 10, torch.float16, "cpu").requires_grad_(True)
+    assert "KeptSoftmax" not in _grad_node_names(ops.energy(half))
+
+
+@pytest.mark.parametrize("c", [1, 3, 10, 16, 17, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kept_softmax_gradient_equals_the_recomputed_one(dtype, c):
+    logits = make_logits(300, c, dtype, "cpu", scale=6.0)
+    if c > 1:
+        logits[0, 0] = float("nan")
+        logits[1, :] = float("-inf")
+        logits[2, c - 1] = float("inf")
+        logits[3, :] = 1e30
+        logits[4, 0] = -1e30
+    g = torch.randn(300, dtype=dtype)
+    g[5] = float("inf")
+    lr = logits.clone().requires_grad_(True)
+    e = ops.energy(lr)
+    (got,) = torch.autograd.grad(e, [lr], g)
+    want = torch.ops.jem_ext.energy_backward(logits, None, None, -g, None)
+    assert_close_nan(got, want.double(), TOL[dtype])
+    # and the energies are those of the energy op
+    same = torch.ops.jem_ext.energy.default(logits, None)
+    torch.testing.assert_close(e.detach(), same, rtol=0, atol=0, equal_nan=True)
+
+
+def test_kept_softmax_survives_retain_graph_and_create_graph():
+    logits = make_logits(6, 10, torch.float64, "cpu").requires_grad_(True)
+    e = ops.energy(logits)
+    (g1,) = torch.autograd.grad(e.sum(), [logits], retain_graph=True)
+    (g1b,) = torch.autograd.grad(e.sum(), [logits], retain_graph=True)  # the softmax is spent
+    (g2,) = torch.autograd.grad(e.sum(), [logits], create_graph=True)
+    torch.testing.assert_close(g1, g1b)
+    torch.testing.assert_close(g1, g2)
+    # the first gradient is not changed by the later backwards
+    torch.testing.assert_close(g1, -torch.softmax(logits.detach(), 1))
+    # second order through the create_graph backward: d/dl sum(g2 ** 2)
+    (h,) = torch.autograd.grad((g2**2).sum(), [logits])
+    ref = logits.detach().clone().requires_grad_(True)
+    (rg,) = torch.autograd.grad((-ref.logsumexp(1)).sum(), [ref], create_graph=True)
+    (rh,) = torch.autograd.grad((rg**2).sum(), [ref])
+    torch.testing.assert_close(h, rh)
+
+
+def test_softmax_backward_bad_inputs_raise_clear_errors():
+    probs = torch.rand(4, 10)
+    with pytest.raises(RuntimeError, match="grad_lse"):
+        torch.ops.jem_ext._energy_softmax_backward_(probs, torch.ones(5))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.jem_ext._energy_softmax_backward_(torch.rand(10, 4).t(), torch.ones(4))
+    with pytest.raises(RuntimeError, match="_energy_softmax"):
+        torch.ops.jem_ext._energy_softmax(torch.ones(4))
 
 
 @pytest.mark.cuda

@@ -141,6 +141,50 @@ JEM_EXT_INLINE void grad_rows(const scalar_t* __restrict l, int64_t rows, int64_
   }
 }
 
+// softmax(l) of `rows` rows after lse_rows, which left e = exp(l - shift)
+// in s.t and each row's max and sum: e / sum, from the forward's exps (so a
+// caller that keeps it spares the backward its exps). A row that is not
+// regular (a NaN, or an infinite max) is recomputed as the backward computes
+// it (exp(l - lse) scaled by grad_row_scale), so its NaN and zeros are those
+// of torch.logsumexp's gradient.
+template <typename scalar_t, typename acc_t, int kC = 0>
+JEM_EXT_INLINE void softmax_rows(const scalar_t* __restrict l, int64_t rows, int64_t C_rt,
+                                 const RowScratch<acc_t>& s, scalar_t* __restrict probs) {
+  const int64_t C = kC > 0 ? kC : C_rt;
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t inv_sum = acc_t(1) / s.sums[r];
+    const acc_t* e = s.t + r * C;
+    scalar_t* p = probs + r * C;
+    for (int64_t c = 0; c < C; ++c) p[c] = static_cast<scalar_t>(e[c] * inv_sum);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    if (regular_row(s.m[r], s.sums[r])) continue;
+    const scalar_t* row = l + r * C;
+    acc_t* e = s.t + r * C;
+    for (int64_t c = 0; c < C; ++c) e[c] = exp_acc<acc_t>(static_cast<acc_t>(row[c]) - s.lse[r]);
+    const acc_t scale = grad_row_scale(acc_t(1), row_sum<kC, acc_t>(e, C));
+    for (int64_t c = 0; c < C; ++c) {
+      probs[r * C + c] = static_cast<scalar_t>(energy_grad(e[c], scale, acc_t(0), false));
+    }
+  }
+}
+
+// The backward of energy from a kept softmax (softmax_rows), in place:
+// energy_grad of every logit with the probability in place of e and
+// grad_lse as the row scale (the softmax already holds the 1 / sum).
+template <typename scalar_t, typename acc_t, int kC = 0>
+JEM_EXT_INLINE void softmax_grad_rows(scalar_t* __restrict probs, int64_t rows, int64_t C_rt,
+                                      const acc_t* __restrict grad_lse) {
+  const int64_t C = kC > 0 ? kC : C_rt;
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t scale = grad_lse[r];
+    scalar_t* p = probs + r * C;
+    for (int64_t c = 0; c < C; ++c) {
+      p[c] = static_cast<scalar_t>(energy_grad(static_cast<acc_t>(p[c]), scale, acc_t(0), false));
+    }
+  }
+}
+
 // energy_ce's outputs of `rows` rows from lse_rows' scratch: the energy
 // -lse and the cross-entropy of label y[r] (y, e and ce start at the
 // block's first row).
@@ -190,6 +234,8 @@ void pick_grad_rows(int64_t rows, int64_t C, const int64_t* y, const acc_t* grad
 // clang-format on
 #define JEM_EXT_LSE(k) lse_rows<float, float, k>(l, rows, C, s)
 #define JEM_EXT_GRAD(k) grad_rows<float, float, k>(l, rows, C, s, grad_lse, y, grad_pick, out)
+#define JEM_EXT_SOFTMAX(k) softmax_rows<float, float, k>(l, rows, C, s, probs)
+#define JEM_EXT_SOFTMAX_GRAD(k) softmax_grad_rows<float, float, k>(probs, rows, C, grad_lse)
 
 // One level's pair of float32 loops, named <name>_<level>.
 #define JEM_EXT_ENERGY_LOOPS(ATTR, LEVEL)                                                    \
@@ -205,6 +251,14 @@ void pick_grad_rows(int64_t rows, int64_t C, const int64_t* y, const acc_t* grad
                                     const RowScratch<float>& s, const float* grad_lse,       \
                                     const int64_t* y, const float* grad_pick, float* out) {  \
     JEM_EXT_STATIC_CLASSES(JEM_EXT_GRAD);                                                    \
+  }                                                                                          \
+  ATTR void softmax_rows_float_##LEVEL(const float* l, int64_t rows, int64_t C,              \
+                                       const RowScratch<float>& s, float* probs) {           \
+    JEM_EXT_STATIC_CLASSES(JEM_EXT_SOFTMAX);                                                 \
+  }                                                                                          \
+  ATTR void softmax_grad_rows_float_##LEVEL(float* probs, int64_t rows, int64_t C,           \
+                                            const float* grad_lse) {                         \
+    JEM_EXT_STATIC_CLASSES(JEM_EXT_SOFTMAX_GRAD);                                            \
   }
 
 JEM_EXT_ENERGY_LOOPS(, baseline)
@@ -213,6 +267,8 @@ JEM_EXT_ENERGY_LOOPS(JEM_EXT_TARGET_AVX2, avx2)
 JEM_EXT_ENERGY_LOOPS(JEM_EXT_TARGET_AVX512, avx512)
 #endif
 #undef JEM_EXT_ENERGY_LOOPS
+#undef JEM_EXT_SOFTMAX_GRAD
+#undef JEM_EXT_SOFTMAX
 #undef JEM_EXT_GRAD
 #undef JEM_EXT_LSE
 #undef JEM_EXT_STATIC_CLASSES
@@ -224,16 +280,22 @@ struct EnergyKernels {
                   const RowScratch<float>& s, float* e, float* ce);
   void (*grad_rows)(const float* l, int64_t rows, int64_t C, const RowScratch<float>& s,
                     const float* grad_lse, const int64_t* y, const float* grad_pick, float* out);
+  void (*softmax_rows)(const float* l, int64_t rows, int64_t C, const RowScratch<float>& s,
+                       float* probs);
+  void (*softmax_grad_rows)(float* probs, int64_t rows, int64_t C, const float* grad_lse);
 };
 
 const EnergyKernels& energy_kernels(CpuLevel level) {
   static constexpr EnergyKernels kBaseline{lse_rows_float_baseline, ce_rows_float_baseline,
-                                           grad_rows_float_baseline};
+                                           grad_rows_float_baseline, softmax_rows_float_baseline,
+                                           softmax_grad_rows_float_baseline};
 #if JEM_EXT_X86_LEVELS
   static constexpr EnergyKernels kAvx2{lse_rows_float_avx2, ce_rows_float_avx2,
-                                       grad_rows_float_avx2};
+                                       grad_rows_float_avx2, softmax_rows_float_avx2,
+                                       softmax_grad_rows_float_avx2};
   static constexpr EnergyKernels kAvx512{lse_rows_float_avx512, ce_rows_float_avx512,
-                                         grad_rows_float_avx512};
+                                         grad_rows_float_avx512, softmax_rows_float_avx512,
+                                         softmax_grad_rows_float_avx512};
   return for_level(level, kBaseline, kAvx2, kAvx512);
 #else
   return for_level(level, kBaseline, kBaseline, kBaseline);
@@ -266,6 +328,25 @@ void grad_block(const scalar_t* l, int64_t rows, int64_t C, const RowScratch<acc
     energy_kernels(cpu_level()).grad_rows(l, rows, C, s, grad_lse, y, grad_pick, out);
   } else {
     grad_rows<scalar_t, acc_t>(l, rows, C, s, grad_lse, y, grad_pick, out);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void softmax_block(const scalar_t* l, int64_t rows, int64_t C, const RowScratch<acc_t>& s,
+                   scalar_t* probs) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    energy_kernels(cpu_level()).softmax_rows(l, rows, C, s, probs);
+  } else {
+    softmax_rows<scalar_t, acc_t>(l, rows, C, s, probs);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void softmax_grad_block(scalar_t* probs, int64_t rows, int64_t C, const acc_t* grad_lse) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    energy_kernels(cpu_level()).softmax_grad_rows(probs, rows, C, grad_lse);
+  } else {
+    softmax_grad_rows<scalar_t, acc_t>(probs, rows, C, grad_lse);
   }
 }
 
@@ -352,6 +433,50 @@ std::tuple<at::Tensor, at::Tensor> energy_ce_cpu(const at::Tensor& logits_in,
   return {energy, ce};
 }
 
+std::tuple<at::Tensor, at::Tensor> energy_softmax_cpu(const at::Tensor& logits_in) {
+  check_logits("_energy_softmax", logits_in, c10::nullopt);
+  check_device_type("_energy_softmax", logits_in, at::kCPU);
+  const at::Tensor logits = logits_in.contiguous();
+  const int64_t B = logits.size(0), C = logits.size(1);
+  at::Tensor energy = at::empty({B}, logits.options());
+  at::Tensor probs = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  if (B == 0) return {energy, probs};
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "energy_softmax_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* l = logits.data_ptr<scalar_t>();
+        scalar_t* e = energy.data_ptr<scalar_t>();
+        scalar_t* p = probs.data_ptr<scalar_t>();
+        for_row_blocks<acc_t>(B, C, [&](int64_t r0, int64_t rows, const RowScratch<acc_t>& s) {
+          lse_block<scalar_t, acc_t>(l + r0 * C, rows, C, s);
+          for (int64_t r = 0; r < rows; ++r) e[r0 + r] = static_cast<scalar_t>(-s.lse[r]);
+          softmax_block<scalar_t, acc_t>(l + r0 * C, rows, C, s, p + r0 * C);
+        });
+      });
+  return {energy, probs};
+}
+
+void energy_softmax_backward_cpu_(const at::Tensor& probs, const at::Tensor& grad_lse_in) {
+  const char* op = "_energy_softmax_backward_";
+  check_logits(op, probs, c10::nullopt);
+  check_row_vector(op, "grad_lse", grad_lse_in, probs);
+  check_device_type(op, probs, at::kCPU);
+  TORCH_CHECK(probs.is_contiguous(), op, ": softmax must be contiguous (it is updated in place)");
+  const int64_t B = probs.size(0), C = probs.size(1);
+  if (B == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, probs.scalar_type(), "energy_softmax_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const at::Tensor grad_lse =
+            grad_lse_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+        scalar_t* p = probs.data_ptr<scalar_t>();
+        const acc_t* g = grad_lse.data_ptr<acc_t>();
+        for_row_blocks<acc_t>(B, C, [&](int64_t r0, int64_t rows, const RowScratch<acc_t>&) {
+          softmax_grad_block<scalar_t, acc_t>(p + r0 * C, rows, C, g + r0);
+        });
+      });
+}
+
 at::Tensor energy_backward_cpu(const at::Tensor& logits_in, const c10::optional<at::Tensor>& y_in,
                                const c10::optional<at::Tensor>& energy_in,
                                const c10::optional<at::Tensor>& grad_lse_in,
@@ -411,4 +536,6 @@ TORCH_LIBRARY_IMPL(jem_ext, CPU, m) {
   m.impl("energy", &jem_ext::energy_cpu);
   m.impl("energy_ce", &jem_ext::energy_ce_cpu);
   m.impl("energy_backward", &jem_ext::energy_backward_cpu);
+  m.impl("_energy_softmax", &jem_ext::energy_softmax_cpu);
+  m.impl("_energy_softmax_backward_", &jem_ext::energy_softmax_backward_cpu_);
 }
