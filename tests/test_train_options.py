@@ -244,3 +244,30 @@ def test_sam_with_float16_scaling_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --sam-rho:") and "bf16" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_px_weight_decays_at_its_epochs():
+    cfg = _cfg(["--w-px", "0.5", "--w-px-decay-epochs", "2,4", "--w-px-decay-rate", "0.1"])
+    base = LossWeights("jem", w_px=0.5, w_pyx=2.0, l2_energy=0.01)
+    got = [loop.loss_weights(cfg, base, epoch) for epoch in range(6)]
+    assert [w.w_px for w in got] == pytest.approx([0.5, 0.5, 0.05, 0.05, 0.005, 0.005])
+    assert all((w.objective, w.w_pyx, w.l2_energy) == ("jem", 2.0, 0.01) for w in got)
+    assert loop.loss_weights(_cfg([]), base, 100) == base  # default: constant
+
+
+def test_training_steps_use_the_epochs_px_weight(tmp_path, monkeypatch):
+    seen = []
+    real_step = loop.train_step
+
+    def recording_step(ctx, batch, weights):
+        seen.append(weights.w_px)
+        return real_step(ctx, batch, weights)
+
+    monkeypatch.setattr(loop, "train_step", recording_step)
+    argv = [*DIGITS, "--epochs", "2", "--out", str(tmp_path / "run")]
+    argv += ["--w-px", "0.8", "--w-px-decay-epochs", "1", "--w-px-decay-rate", "0.25"]
+    assert jtrain.main(argv) == 0
+    per_epoch = len(seen) // 2
+    assert seen == pytest.approx([0.8] * per_epoch + [0.2] * (len(seen) - per_epoch))
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (cfg["w_px_decay_epochs"], cfg["w_px_decay_rate"]) == ([1], 0.25)

@@ -181,6 +181,21 @@ def _add_objective_flags(add: Any, g: Any) -> None:
     add(
         g, "--w-px", type=finite_float, default=1.0, help="weight of the generative (log p(x)) term"
     )
+    add(
+        g,
+        "--w-px-decay-epochs",
+        type=int_list,
+        default=[],
+        help="epochs at which the p(x) weight is multiplied by --w-px-decay-rate (e.g. 40): "
+        "the cross-entropy term then leads while the chains still track the model",
+    )
+    add(
+        g,
+        "--w-px-decay-rate",
+        type=finite_float,
+        default=0.1,
+        help="factor applied to --w-px at each of --w-px-decay-epochs",
+    )
     add(g, "--w-pyx", type=finite_float, default=1.0, help="weight of the cross-entropy term")
     add(
         g,

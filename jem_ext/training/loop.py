@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ from .runlog import (
 )
 from .saver import CheckpointSaver
 from .setup import Run, build_run, chain_limits, fresh_out
-from .step import Batch, train_step
+from .step import Batch, LossWeights, train_step
 
 
 def learning_rate(cfg: dict[str, Any], iteration: int, epoch: int, scale: float = 1.0) -> float:
@@ -44,8 +45,19 @@ def learning_rate(cfg: dict[str, Any], iteration: int, epoch: int, scale: float 
     lr = cfg["lr"] * scale
     if cfg["warmup_iters"] > 0:
         lr *= min(1.0, (iteration + 1) / cfg["warmup_iters"])
-    lr *= cfg["decay_rate"] ** sum(1 for e in cfg["decay_epochs"] if epoch >= e)
+    lr *= step_decay(cfg["decay_rate"], cfg["decay_epochs"], epoch)
     return lr
+
+
+def step_decay(rate: float, epochs: list[int], epoch: int) -> float:
+    """``rate`` to the number of ``epochs`` reached by ``epoch``: a step schedule's factor."""
+    return rate ** sum(1 for e in epochs if epoch >= e)
+
+
+def loss_weights(cfg: dict[str, Any], weights: LossWeights, epoch: int) -> LossWeights:
+    """The loss weights of ``epoch``: ``weights`` with the p(x) weight's step decay applied."""
+    factor = step_decay(cfg["w_px_decay_rate"], cfg["w_px_decay_epochs"], epoch)
+    return weights if factor == 1.0 else replace(weights, w_px=weights.w_px * factor)
 
 
 def epoch_order_generator(seed: int, epoch: int) -> torch.Generator:
@@ -115,7 +127,8 @@ def train_one_epoch(run: Run) -> None:
         for group in run.ctx.optimizer.param_groups:
             group["lr"] = lr
         # the step; its terms are host floats (the iteration's one sync point)
-        terms, x_q = train_step(run.ctx, _batch(run, x, y, idx), run.weights)
+        weights = loss_weights(cfg, run.weights, epoch)
+        terms, x_q = train_step(run.ctx, _batch(run, x, y, idx), weights)
         if x_q is not None:
             run.last_samples = x_q
         reason = distributed.agree_on_divergence(run.guard.check(terms), run.dist)
