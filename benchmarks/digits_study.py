@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
 import subprocess
 import sys
@@ -49,35 +50,45 @@ DEFAULT_OUT = ROOT / "out" / "digits_study"
 ECE_BINS = 20
 NOISE_SEED = 1234
 
-# The trainer's defaults, spelled out so that every configuration keeps its meaning if they change.
-DEFAULTS = ["--w-px", "1", "--sgld-steps", "20", "--epochs", "60", "--decay-epochs", "40,50"]
-# The best-calibrated configuration found (FINDINGS.md); it splits its energies, does not generate.
-CALIBRATED = ["--w-px", "0.3", "--sgld-steps", "10", "--epochs", "90", "--decay-epochs", "60,75"]
+# The trainer's defaults, spelled out so that every configuration keeps its meaning if they change:
+# the schedule,
+BASE = ["--w-px", "1", "--sgld-steps", "20", "--epochs", "60", "--decay-epochs", "40,50"]
+# with the p(x) weight cut to a tenth at epoch 30 (the default since 2026-11-26, FINDINGS.md),
+DEFAULTS = [*BASE, "--w-px-decay-epochs", "30", "--w-px-decay-rate", "0.1"]
+# or constant (the default before; most configurations of the study are built on it).
+CONSTANT = [*BASE, "--w-px-decay-epochs", ""]
+# The best-calibrated configuration with a constant p(x) weight (FINDINGS.md); it splits its
+# energies and does not generate.
+CALIBRATED = [
+    *("--w-px", "0.3", "--sgld-steps", "10", "--epochs", "90", "--decay-epochs", "60,75"),
+    *("--w-px-decay-epochs", ""),
+]
 
 # Trainer flags of each configuration (python -m jem_ext.train --help).
 CONFIGS: dict[str, list[str]] = {
     "default": DEFAULTS,
+    "constant_px": CONSTANT,
     "ce": [*DEFAULTS, "--objective", "ce"],
-    "no_l2": [*DEFAULTS, "--l2-energy", "0"],
-    "no_augment": [*DEFAULTS, "--no-augment"],
-    "no_augment_no_l2": [*DEFAULTS, "--no-augment", "--l2-energy", "0"],
-    "lr1e-3": [*DEFAULTS, "--lr", "1e-3"],
-    "no_augment_lr1e-3": [*DEFAULTS, "--no-augment", "--lr", "1e-3"],
-    "no_augment_dropout": [*DEFAULTS, "--no-augment", "--dropout", "0.2"],
-    "no_augment_k10": [*DEFAULTS, "--no-augment", "--sgld-steps", "10"],
-    "no_augment_wd": [*DEFAULTS, "--no-augment", "--weight-decay", "5e-4"],
-    "ce_no_augment": [*DEFAULTS, "--objective", "ce", "--no-augment"],
-    "w_px0.3": [*DEFAULTS, "--w-px", "0.3"],
+    "no_l2": [*CONSTANT, "--l2-energy", "0"],
+    "no_augment": [*CONSTANT, "--no-augment"],
+    "no_augment_no_l2": [*CONSTANT, "--no-augment", "--l2-energy", "0"],
+    "lr1e-3": [*CONSTANT, "--lr", "1e-3"],
+    "no_augment_lr1e-3": [*CONSTANT, "--no-augment", "--lr", "1e-3"],
+    "no_augment_dropout": [*CONSTANT, "--no-augment", "--dropout", "0.2"],
+    "no_augment_k10": [*CONSTANT, "--no-augment", "--sgld-steps", "10"],
+    "no_augment_wd": [*CONSTANT, "--no-augment", "--weight-decay", "5e-4"],
+    "ce_no_augment": [*CONSTANT, "--objective", "ce", "--no-augment"],
+    "w_px0.3": [*CONSTANT, "--w-px", "0.3"],
     # the p(x) term on the batch before augmentation (SADA-JEM), cross-entropy augmented
-    "no_px_augment": [*DEFAULTS, "--no-px-augment"],
-    "no_px_augment_w_px0.3": [*DEFAULTS, "--no-px-augment", "--w-px", "0.3"],
-    "no_px_augment_lr1e-3": [*DEFAULTS, "--no-px-augment", "--lr", "1e-3"],
-    "w_px0.3_noise0.01": [*DEFAULTS, "--w-px", "0.3", "--input-noise", "0.01"],
-    "w_px0.3_k10": [*DEFAULTS, "--w-px", "0.3", "--sgld-steps", "10"],
+    "no_px_augment": [*CONSTANT, "--no-px-augment"],
+    "no_px_augment_w_px0.3": [*CONSTANT, "--no-px-augment", "--w-px", "0.3"],
+    "no_px_augment_lr1e-3": [*CONSTANT, "--no-px-augment", "--lr", "1e-3"],
+    "w_px0.3_noise0.01": [*CONSTANT, "--w-px", "0.3", "--input-noise", "0.01"],
+    "w_px0.3_k10": [*CONSTANT, "--w-px", "0.3", "--sgld-steps", "10"],
     # the reference's schedule (Adam 1e-4 for 150 epochs, warm-up 1,000, no decay) with half its
     # chain length, to fit 2 minutes: slow enough for the chains to follow the model
     "reference_k10": [
-        *DEFAULTS,
+        *CONSTANT,
         *("--lr", "1e-4", "--epochs", "150", "--warmup-iters", "1000"),
         *("--decay-epochs", "150", "--sgld-steps", "10"),
     ],
@@ -95,6 +106,33 @@ CONFIGS: dict[str, list[str]] = {
     "calibrated_proximal": [*CALIBRATED, "--proximal"],
     # a third of the peak learning rate: the model moves slower than the chains follow.
     "calibrated_lr1e-3": [*CALIBRATED, "--lr", "1e-3"],
+    # The p(x) weight cut to a tenth once the classifier is trained (balanced chains all along):
+    # at the first learning-rate decay,
+    "px_decay40": [*BASE, "--w-px-decay-epochs", "40", "--w-px-decay-rate", "0.1"],
+    # (ten epochs earlier, at 30, is the default), ten epochs earlier still,
+    "px_decay20": [*BASE, "--w-px-decay-epochs", "20", "--w-px-decay-rate", "0.1"],
+    # with half-length chains and 90 epochs (the calibrated schedule), cut at 60 or at 20,
+    "px_decay60_k10_e90": [
+        *BASE,
+        *("--sgld-steps", "10", "--epochs", "90", "--decay-epochs", "60,75"),
+        *("--w-px-decay-epochs", "60", "--w-px-decay-rate", "0.1"),
+    ],
+    "px_decay20_k10_e90": [
+        *BASE,
+        *("--sgld-steps", "10", "--epochs", "90", "--decay-epochs", "60,75"),
+        *("--w-px-decay-epochs", "20", "--w-px-decay-rate", "0.1"),
+    ],
+    # at 30 or 40 still at the peak learning rate, decays at 50 and 60 of 70 epochs.
+    "px_decay30_e70": [
+        *BASE,
+        *("--epochs", "70", "--decay-epochs", "50,60"),
+        *("--w-px-decay-epochs", "30", "--w-px-decay-rate", "0.1"),
+    ],
+    "px_decay40_e70": [
+        *BASE,
+        *("--epochs", "70", "--decay-epochs", "50,60"),
+        *("--w-px-decay-epochs", "40", "--w-px-decay-rate", "0.1"),
+    ],
 }
 
 METRICS = ("accuracy", "ece", "confidence", "auroc_uniform", "auroc_gaussian", "seconds")
@@ -217,7 +255,7 @@ def markdown(agg: dict[str, dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in agg.items():
-        flags = " ".join(CONFIGS.get(name, [])) or "(trainer defaults)"
+        flags = shlex.join(CONFIGS.get(name, [])) or "(trainer defaults)"
         lines.append(
             f"| {name} | `{flags}` | {s['runs']} | {pct(s, 'accuracy')} | {pct(s, 'ece')} "
             f"| {pct(s, 'confidence')} | {s['auroc_uniform']:.3f} | {s['auroc_gaussian']:.3f} "

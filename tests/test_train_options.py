@@ -252,7 +252,7 @@ def test_px_weight_decays_at_its_epochs():
     got = [loop.loss_weights(cfg, base, epoch) for epoch in range(6)]
     assert [w.w_px for w in got] == pytest.approx([0.5, 0.5, 0.05, 0.05, 0.005, 0.005])
     assert all((w.objective, w.w_pyx, w.l2_energy) == ("jem", 2.0, 0.01) for w in got)
-    assert loop.loss_weights(_cfg([]), base, 100) == base  # default: constant
+    assert loop.loss_weights(_cfg(["--w-px-decay-epochs", ""]), base, 100) == base
 
 
 def test_training_steps_use_the_epochs_px_weight(tmp_path, monkeypatch):
@@ -271,3 +271,17 @@ def test_training_steps_use_the_epochs_px_weight(tmp_path, monkeypatch):
     assert seen == pytest.approx([0.8] * per_epoch + [0.2] * (len(seen) - per_epoch))
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (cfg["w_px_decay_epochs"], cfg["w_px_decay_rate"]) == ([1], 0.25)
+
+
+def test_config_files_from_before_the_px_weight_decay_keep_a_constant_weight(tmp_path):
+    run = tmp_path / "old"
+    assert jtrain.main([*DIGITS, "--max-iters", "2", "--out", str(run)]) == 0
+    cfg_file = run / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    assert cfg["w_px_decay_epochs"] == [30]  # today's default
+    del cfg["w_px_decay_epochs"]  # as a run folder written before the flag existed
+    cfg_file.write_text(json.dumps(cfg))
+    assert parse_command_line(["--config", str(cfg_file)]).cfg["w_px_decay_epochs"] == []
+    assert parse_command_line(["--resume", str(run)]).cfg["w_px_decay_epochs"] == []
+    again = parse_command_line(["--resume", str(run), "--w-px-decay-epochs", "5"]).cfg
+    assert again["w_px_decay_epochs"] == [5]

@@ -27,6 +27,9 @@ INVOCATION_KEYS = ("out", "config", "resume", "no_progress")
 LAUNCH_KEYS = ("world_size", "global_batch_size", "batch_size_per_process")
 # Keys older config.json files may hold that no longer mean anything: read and dropped.
 RETIRED_KEYS = ("debug_inject_nan_at",)
+# Keys added after config files were first written, with the value that repeats what such a
+# file meant: a run from before the p(x) weight decay kept its weight constant.
+ADDED_KEYS: dict[str, Any] = {"w_px_decay_epochs": []}
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,7 @@ def parse_command_line(argv: list[str] | None) -> Invocation:
     if base_file is not None:
         loaded = read_config_file(base_file)
         cfg = default_config()
+        cfg.update({k: v for k, v in ADDED_KEYS.items() if k not in loaded})
         cfg.update({k: v for k, v in loaded.items() if k not in INVOCATION_KEYS})
         cfg.update(explicit)
         cfg["resume"], cfg["config"] = args.resume, args.config

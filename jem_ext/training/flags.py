@@ -185,9 +185,10 @@ def _add_objective_flags(add: Any, g: Any) -> None:
         g,
         "--w-px-decay-epochs",
         type=int_list,
-        default=[],
-        help="epochs at which the p(x) weight is multiplied by --w-px-decay-rate (e.g. 40): "
-        "the cross-entropy term then leads while the chains still track the model",
+        default=[30],
+        help="epochs at which the p(x) weight is multiplied by --w-px-decay-rate (\"\" for "
+        "none): once the classifier is trained the cross-entropy term leads, which keeps JEM "
+        "calibrated while the chains still track the model",
     )
     add(
         g,
