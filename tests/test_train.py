@@ -16,7 +16,8 @@ from jem_ext import objectives
 from jem_ext import train as jtrain
 from jem_ext.checkpoint import load_checkpoint, save_checkpoint
 from jem_ext.training import loop
-from jem_ext.training.guard import DivergenceGuard
+from jem_ext.training.guard import SPLIT_FRACTION, SPLIT_PATIENCE, DivergenceGuard, SplitWatch
+from jem_ext.training.state import RunState
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -342,6 +343,93 @@ def test_guard_verdicts(terms, verdict):
     ce = DivergenceGuard(threshold=10.0, max_recoveries=1, lr_factor=0.5, check_gap=False)
     if verdict == "energy gap":
         assert ce.check(terms) is None
+
+
+class _Recorder:
+    """The run's log and progress as lists (what SplitWatch writes to)."""
+
+    def __init__(self):
+        self.rows, self.notes = [], []
+
+    def write(self, row):
+        self.rows.append(row)
+
+    def note(self, text):
+        self.notes.append(text)
+
+
+def _watch_run():
+    rec = _Recorder()
+    run = type("FakeRun", (), {})()
+    run.state, run.log, run.progress = RunState(), rec, rec
+    return run, rec
+
+
+def _split_terms(w_px: float, l2: float, fraction: float) -> dict[str, float]:
+    half = fraction * w_px / l2 / 2
+    return {"loss": 0.0, "energy_data": -half, "energy_sample": half}
+
+
+def test_split_watch_reports_a_gap_held_at_the_penalty_bound_once():
+    watch = SplitWatch.from_config({"objective": "jem", "l2_energy": 0.01})
+    run, rec = _watch_run()
+    near = _split_terms(1.0, 0.01, SPLIT_FRACTION + 0.05)  # gap 85 of the bound 100
+    for it in range(SPLIT_PATIENCE - 1):
+        run.state.iteration = it
+        watch.check(run, near, 1.0)
+    watch.check(run, _split_terms(1.0, 0.01, 0.5), 1.0)  # one iteration back: the count restarts
+    for _ in range(SPLIT_PATIENCE - 1):
+        watch.check(run, near, 1.0)
+    assert rec.rows == [] and run.state.split_at == -1
+    run.state.iteration = 500
+    watch.check(run, near, 1.0)
+    assert run.state.split_at == 500
+    (row,) = rec.rows
+    assert row["event"] == "energy_split" and row["bound"] == pytest.approx(100.0)
+    assert len(rec.notes) == 1 and "no longer reach the data" in rec.notes[0]
+    for _ in range(3 * SPLIT_PATIENCE):  # reported once
+        watch.check(run, near, 1.0)
+    assert len(rec.rows) == 1
+
+
+def test_split_watch_bound_follows_the_px_weight_and_is_off_without_a_penalty():
+    watch = SplitWatch.from_config({"objective": "jem", "l2_energy": 0.01})
+    run, rec = _watch_run()
+    at_small_weight = _split_terms(0.1, 0.01, 0.9)  # gap 9 of the bound 10 after a decay to 0.1
+    for _ in range(SPLIT_PATIENCE):
+        watch.check(run, at_small_weight, 1.0)  # the bound at weight 1 is 100: not a split
+    assert rec.rows == []
+    for _ in range(SPLIT_PATIENCE):
+        watch.check(run, at_small_weight, 0.1)
+    assert len(rec.rows) == 1
+    for cfg in ({"objective": "jem", "l2_energy": 0.0}, {"objective": "ce", "l2_energy": 0.01}):
+        off = SplitWatch.from_config(cfg)
+        run, rec = _watch_run()
+        for _ in range(2 * SPLIT_PATIENCE):
+            off.check(run, {"loss": 0.0, "energy_data": -1e3, "energy_sample": 1e3}, 1.0)
+        assert rec.rows == [] and run.state.split_at == -1
+
+
+def test_training_reports_a_split_in_the_log_and_the_summary(tmp_path, monkeypatch):
+    # A step whose logged energies sit at the bound from the start (w_px 1, l2 0.01: gap 100).
+    real_step = loop.train_step
+
+    def split_step(ctx, batch, weights):
+        terms, x_q = real_step(ctx, batch, weights)
+        return {**terms, "energy_data": -45.0, "energy_sample": 45.0}, x_q
+
+    monkeypatch.setattr(loop, "train_step", split_step)
+    run = tmp_path / "run"
+    argv = [*TOY, "--l2-energy", "0.01", "--max-iters", str(SPLIT_PATIENCE + 5)]
+    assert jtrain.main([*argv, "--out", str(run)]) == 0
+    events = [r for r in _rows(run) if r.get("event") == "energy_split"]
+    assert len(events) == 1 and events[0]["iteration"] == SPLIT_PATIENCE
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["energy_split_at"] == SPLIT_PATIENCE
+    # a resumed run keeps the report (and does not repeat it)
+    assert jtrain.main(["--resume", str(run), "--max-iters", str(SPLIT_PATIENCE + 10)]) == 0
+    assert json.loads((run / "summary.json").read_text())["energy_split_at"] == SPLIT_PATIENCE
+    assert len([r for r in _rows(run) if r.get("event") == "energy_split"]) == 1
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -132,6 +132,11 @@ def _summary_line(summary: dict[str, Any]) -> str:
     best = summary["best_val_accuracy"]
     best_text = "none" if best is None else f"{best:.4f}"
     stopped = f"stopped early, {summary['stop_reason']}; " if summary.get("stop_reason") else ""
+    if summary.get("energy_split_at") is not None:
+        stopped += (
+            f"energies split from iteration {summary['energy_split_at']} (the chains lost "
+            "the data, see metrics.jsonl); "
+        )
     return (
         f"{summary['dataset']}/{summary['objective']}: test accuracy "
         f"{summary['test_accuracy']:.4f}, val accuracy {summary['val_accuracy']:.4f} "

@@ -186,7 +186,7 @@ def _add_objective_flags(add: Any, g: Any) -> None:
         "--w-px-decay-epochs",
         type=int_list,
         default=[30],
-        help="epochs at which the p(x) weight is multiplied by --w-px-decay-rate (\"\" for "
+        help='epochs at which the p(x) weight is multiplied by --w-px-decay-rate ("" for '
         "none): once the classifier is trained the cross-entropy term leads, which keeps JEM "
         "calibrated while the chains still track the model",
     )

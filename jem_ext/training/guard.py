@@ -1,4 +1,5 @@
-"""The divergence guard: spot a diverging iteration from its loss terms and recover from it.
+"""The divergence guard: spot a diverging iteration from its loss terms and recover from it;
+and the split watch: report when the energies of data and samples settle apart.
 
 An iteration diverges when its loss is not finite, or ``|loss|`` or
 ``|energy_data - energy_sample|`` exceeds the threshold. Recovery restores the last good
@@ -8,7 +9,14 @@ row; past ``max_recoveries`` the run stops with :class:`TrainingDiverged`. The p
 distributed job decide together (the loop all-reduces the verdict), so all of them recover
 from the same iteration to the same state.
 
-The guard reads the host floats the step returned; it never reads a tensor.
+A split is a different failure, which leaves the loss finite and the accuracy high: the SGLD
+chains lose the data, and the energies of data and samples part until the L2 energy penalty
+holds them at -+w_px / (2 l2_energy) (benchmarks/out/digits_study/FINDINGS.md). The p(x) term
+then only separates data from chain samples: the model stops generating, and SGLD-based uses
+(refinement, robustness) fail. :class:`SplitWatch` reports it once, when the gap has stayed
+near that bound for ``SPLIT_PATIENCE`` iterations; training goes on.
+
+Both read the host floats the step returned; they never read a tensor.
 """
 
 from __future__ import annotations
@@ -18,6 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .setup import Run, make_sampler, sampler_seed
+
+# A gap |energy_data - energy_sample| of at least this fraction of the penalty's bound
+# w_px / l2_energy, held for SPLIT_PATIENCE iterations in a row, is a split.
+SPLIT_FRACTION = 0.8
+SPLIT_PATIENCE = 100
 
 
 class TrainingDiverged(RuntimeError):
@@ -102,3 +115,53 @@ class DivergenceGuard:
             f"recovery {st.recoveries}/{self.max_recoveries} at iteration {it}: "
             f"{reason}; lr x{st.lr_scale:.3g}"
         )
+
+
+@dataclass(frozen=True)
+class SplitWatch:
+    """Reports a split of the energies (see the module docstring); off without an L2 penalty
+    (no bound to settle at) and for the CE objective."""
+
+    l2_energy: float
+    active: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> SplitWatch:
+        return cls(cfg["l2_energy"], active=cfg["objective"] != "ce" and cfg["l2_energy"] > 0)
+
+    def bound(self, w_px: float) -> float:
+        """The gap at which the contrastive term and the L2 penalty balance."""
+        return w_px / self.l2_energy
+
+    def check(self, run: Run, terms: dict[str, float], w_px: float) -> None:
+        """Count the iterations in a row at the bound; log and note the split the first time."""
+        ed, es = terms.get("energy_data"), terms.get("energy_sample")
+        if not self.active or w_px <= 0 or ed is None or es is None:
+            return
+        st = run.state
+        bound = self.bound(w_px)
+        st.split_streak = st.split_streak + 1 if abs(ed - es) >= SPLIT_FRACTION * bound else 0
+        if st.split_streak < SPLIT_PATIENCE or st.split_at >= 0:
+            return
+        st.split_at = st.iteration
+        run.log.write(
+            {
+                "event": "energy_split",
+                "iteration": st.iteration,
+                "epoch": st.epoch,
+                "energy_data": ed,
+                "energy_sample": es,
+                "bound": bound,
+            }
+        )
+        run.progress.note(split_message(st.split_at, ed, es))
+
+
+def split_message(iteration: int, energy_data: float, energy_sample: float) -> str:
+    """What a split means and what to try, in one line."""
+    return (
+        f"energies split since iteration {iteration} (data {energy_data:.3g}, samples "
+        f"{energy_sample:.3g}, at the L2 penalty's bound): the SGLD chains no longer reach the "
+        "data, so the model stops generating; try a lower --lr, more --sgld-steps or a later "
+        "--w-px-decay-epochs"
+    )

@@ -25,7 +25,7 @@ from ..sampler import sample_from_noise
 from . import distributed
 from .config import default_config, validate, with_recipe
 from .distributed import Dist
-from .guard import DivergenceGuard, TrainingDiverged
+from .guard import DivergenceGuard, SplitWatch, TrainingDiverged
 from .runlog import (
     MetricsLog,
     Progress,
@@ -135,6 +135,8 @@ def train_one_epoch(run: Run) -> None:
         if reason is not None:
             run.guard.recover(run, reason)
         st.iteration, st.pos, st.seconds = it + 1, pos + 1, run.elapsed()
+        if reason is None:
+            run.split_watch.check(run, terms, weights.w_px)
         # bookkeeping: metrics row, progress, samples, resume point
         if reason is None and (it + 1) % cfg["log_every"] == 0:
             row = {"iteration": it + 1, "epoch": epoch}
@@ -264,6 +266,7 @@ def train(
     main = run.dist.is_main  # the process that writes the run folder
     run.saver = CheckpointSaver(run.out / "checkpoints", write=main)
     run.guard = DivergenceGuard.from_config(cfg)
+    run.split_watch = SplitWatch.from_config(cfg)
     if resume_state is not None:
         run.saver.resume(run, resume_state)
     if main:
@@ -326,6 +329,7 @@ def summarise(run: Run, status: str, reason: str | None) -> dict[str, Any]:
         "iterations": st.iteration,
         "epochs": st.epoch,
         "recoveries": st.recoveries,
+        "energy_split_at": st.split_at if st.split_at >= 0 else None,
         "seconds": seconds,
         "seconds_per_iteration": seconds / max(1, st.iteration),
         "parameters": sum(p.numel() for p in model.parameters()),

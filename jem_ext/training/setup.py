@@ -27,7 +27,7 @@ from .state import RunState
 from .step import LossWeights, SharpnessAwareContext, StepContext
 
 if TYPE_CHECKING:  # annotations only: these modules import this one
-    from .guard import DivergenceGuard
+    from .guard import DivergenceGuard, SplitWatch
     from .runlog import MetricsLog, Progress
     from .saver import CheckpointSaver
 
@@ -71,6 +71,7 @@ class Run:
     last_samples: Tensor | None = None
     saver: CheckpointSaver | None = None
     guard: DivergenceGuard | None = None
+    split_watch: SplitWatch | None = None
     log: MetricsLog | None = None
     progress: Progress | None = None
     started: float = field(default_factory=time.perf_counter)

@@ -20,6 +20,8 @@ class RunState:
         best_val_accuracy: best validation accuracy so far (-1 before the first evaluation).
         seconds: training time so far, over every resume.
         reseeds: how many times the sampler was rebuilt with a fresh seed after a recovery.
+        split_streak: iterations in a row with the energies at the split bound (guard.SplitWatch).
+        split_at: iteration at which a split of the energies was reported (-1: none).
     """
 
     iteration: int = 0
@@ -30,6 +32,8 @@ class RunState:
     best_val_accuracy: float = -1.0
     seconds: float = 0.0
     reseeds: int = 0
+    split_streak: int = 0
+    split_at: int = -1
 
     def to_dict(self) -> dict[str, Any]:
         """The state as a plain dict (the checkpoint's ``progress`` entry)."""
