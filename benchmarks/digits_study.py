@@ -111,6 +111,9 @@ CONFIGS: dict[str, list[str]] = {
     "px_decay40": [*BASE, "--w-px-decay-epochs", "40", "--w-px-decay-rate", "0.1"],
     # (ten epochs earlier, at 30, is the default), ten epochs earlier still,
     "px_decay20": [*BASE, "--w-px-decay-epochs", "20", "--w-px-decay-rate", "0.1"],
+    # halfway between, or at 20 to 0.3 (a stronger hold on the chains than 0.1),
+    "px_decay25": [*BASE, "--w-px-decay-epochs", "25", "--w-px-decay-rate", "0.1"],
+    "px_decay20_rate0.3": [*BASE, "--w-px-decay-epochs", "20", "--w-px-decay-rate", "0.3"],
     # with half-length chains and 90 epochs (the calibrated schedule), cut at 60 or at 20,
     "px_decay60_k10_e90": [
         *BASE,
