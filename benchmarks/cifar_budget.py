@@ -38,6 +38,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import shlex
 import sys
 import tarfile
 import tempfile
@@ -61,6 +62,9 @@ BUDGET_MET = 0.99  # a run stopped within 1 % of the budget has had it
 EVAL_TASKS = "accuracy,calibration,ood,generation"
 ARCHIVES = ("train.tar.gz", "test.tar.gz")
 
+# The trainer's defaults of the runs below that name no recipe (later defaults changed these).
+EARLIER_DEFAULTS = ["--adam-beta2", "0.999", "--w-px-decay-epochs", ""]
+
 # Trainer flags of each configuration, on top of the image folder, the model and the budget.
 CONFIGS: dict[str, list[str]] = {
     "sadajem": ["--recipe", "sadajem"],
@@ -69,6 +73,7 @@ CONFIGS: dict[str, list[str]] = {
     # The fast proximal run of the digits-era defaults with chains from uniform noise instead of
     # the per-class Gaussians (which keep the model from ever seeing noise as a negative).
     "proximal_uniform": [
+        *EARLIER_DEFAULTS,
         *("--proximal", "--sgld-steps", "5", "--lr", "1e-3"),
         *("--w-px", "1", "--init", "uniform"),
     ],
@@ -76,12 +81,13 @@ CONFIGS: dict[str, list[str]] = {
     # short chains from uniform noise: the classifier trains at nearly its own pace and log p(x)
     # still learns that noise is unlikely.
     "light_px_uniform": [
+        *EARLIER_DEFAULTS,
         *("--w-px", "0.1", "--l2-energy", "0.01", "--sgld-steps", "5"),
         *("--lr", "1e-3", "--init", "uniform"),
     ],
     "jempp": ["--recipe", "jempp"],
     "jem": ["--recipe", "jem"],
-    "ce": ["--objective", "ce"],
+    "ce": [*EARLIER_DEFAULTS, "--objective", "ce"],
 }
 SCORES = ("logpx", "maxprob", "approx_mass")
 OOD_SETS = ("uniform", "gaussian", "constant", "interp")
@@ -222,7 +228,7 @@ def run_config(
         stopped = stopped_short(json.loads(summary_path.read_text()), args.minutes)
         argv = ["--resume", str(run_dir), "--max-minutes", f"{args.minutes:g}"] if stopped else None
     if argv is not None:
-        print("+ python -m jem_ext.train", " ".join(argv), flush=True)
+        print("+ python -m jem_ext.train", shlex.join(argv), flush=True)
         if train_main(argv) not in (0, 1):  # 1: diverged, still summarised
             raise RuntimeError(f"{name}: training failed")
     checkpoint = run_dir / "checkpoints" / "last.pt"
@@ -250,7 +256,7 @@ def evaluate(name: str, args: argparse.Namespace, checkpoint: Path, eval_dir: Pa
         "--no-progress",
         *(SMOKE_EVAL_FLAGS if args.smoke else []),
     ]
-    print("+ python -m jem_ext.eval", " ".join(eval_argv), flush=True)
+    print("+ python -m jem_ext.eval", shlex.join(eval_argv), flush=True)
     if eval_main(eval_argv) != 0:
         raise RuntimeError(f"{name}: evaluation failed")
 
@@ -428,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list:
         for name, flags in CONFIGS.items():
-            print(f"{name:16s} {' '.join(flags)}")
+            print(f"{name:16s} {shlex.join(flags)}")
         return 0
     try:
         names = check_args(args)

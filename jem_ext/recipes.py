@@ -34,7 +34,8 @@ init                    uniform               gaussian per class    gaussian per
 l2_energy               0                     0                     0
 ======================  ====================  ====================  ========================
 
-None of the three decays the p(x) weight (``w_px_decay_epochs`` empty).
+None of the three decays the p(x) weight (``w_px_decay_epochs`` empty); Adam's second-moment
+decay is its usual 0.999 (``adam_beta2``, used by ``jem`` only).
 
 Not carried over: JEM++'s YOPO inner steps (5 cheap steps on the first layer's Hamiltonian
 inside each outer step; a speed device tied to the network's first layer), here replaced by
@@ -88,6 +89,7 @@ def _common_wrn(source: str) -> dict[str, Setting]:
         "objective": Setting("jem", "log p(x) + log p(y|x) with equal weights"),
         "w_px": Setting(1.0, f"{source} p(x) weight"),
         "w_px_decay_epochs": Setting([], f"{source}: the p(x) weight is constant"),
+        "adam_beta2": Setting(0.999, f"{source}: Adam's betas (0.9, 0.999); unused with SGD"),
         "w_pyx": Setting(1.0, f"{source} p(y|x) weight"),
         "batch_size": Setting(64, f"{source} --batch_size default"),
         "buffer_size": Setting(10000, f"{source} --buffer_size default", _BUFFER_NOTE),

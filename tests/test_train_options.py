@@ -16,7 +16,7 @@ from jem_ext.recipes import recipe_values
 from jem_ext.sam import SAM
 from jem_ext.training import loop
 from jem_ext.training.config import INVOCATION_KEYS, parse_command_line
-from jem_ext.training.setup import build_run, make_augment
+from jem_ext.training.setup import build_run, make_augment, make_optimizer
 from jem_ext.training.step import Batch, LossWeights, SharpnessAwareContext, StepContext, train_step
 
 DIGITS = [
@@ -278,10 +278,27 @@ def test_config_files_from_before_the_px_weight_decay_keep_a_constant_weight(tmp
     assert jtrain.main([*DIGITS, "--max-iters", "2", "--out", str(run)]) == 0
     cfg_file = run / "config.json"
     cfg = json.loads(cfg_file.read_text())
-    assert cfg["w_px_decay_epochs"] == [30]  # today's default
-    del cfg["w_px_decay_epochs"]  # as a run folder written before the flag existed
+    assert (cfg["w_px_decay_epochs"], cfg["adam_beta2"]) == ([30], 0.99)  # today's defaults
+    del cfg["w_px_decay_epochs"], cfg["adam_beta2"]  # a run folder from before the flags
     cfg_file.write_text(json.dumps(cfg))
-    assert parse_command_line(["--config", str(cfg_file)]).cfg["w_px_decay_epochs"] == []
-    assert parse_command_line(["--resume", str(run)]).cfg["w_px_decay_epochs"] == []
+    for argv in (["--config", str(cfg_file)], ["--resume", str(run)]):
+        old = parse_command_line(argv).cfg
+        assert (old["w_px_decay_epochs"], old["adam_beta2"]) == ([], 0.999)
     again = parse_command_line(["--resume", str(run), "--w-px-decay-epochs", "5"]).cfg
     assert again["w_px_decay_epochs"] == [5]
+
+
+def test_adam_beta2_reaches_the_optimiser_and_a_resume_can_change_it(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    assert make_optimizer(_cfg([]), model).param_groups[0]["betas"] == (0.9, 0.99)
+    jem = make_optimizer(_cfg(["--recipe", "jem"]), model)
+    assert jem.param_groups[0]["betas"] == (0.9, 0.999)  # the paper's Adam
+    run = tmp_path / "run"
+    argv = [*DIGITS, "--max-iters", "2", "--adam-beta2", "0.95", "--out", str(run)]
+    assert jtrain.main(argv) == 0
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")["optimizer"]["param_groups"][0]
+    assert tuple(saved["betas"]) == (0.9, 0.95)
+    argv = ["--resume", str(run), "--max-iters", "3", "--adam-beta2", "0.9"]
+    assert jtrain.main([*argv, "--weight-decay", "0.1"]) == 0
+    resumed = load_checkpoint(run / "checkpoints" / "last.pt")["optimizer"]["param_groups"][0]
+    assert (tuple(resumed["betas"]), resumed["weight_decay"]) == ((0.9, 0.9), 0.1)

@@ -28,8 +28,9 @@ LAUNCH_KEYS = ("world_size", "global_batch_size", "batch_size_per_process")
 # Keys older config.json files may hold that no longer mean anything: read and dropped.
 RETIRED_KEYS = ("debug_inject_nan_at",)
 # Keys added after config files were first written, with the value that repeats what such a
-# file meant: a run from before the p(x) weight decay kept its weight constant.
-ADDED_KEYS: dict[str, Any] = {"w_px_decay_epochs": []}
+# file meant: a run from before these flags kept its p(x) weight constant and used Adam's
+# usual second-moment decay.
+ADDED_KEYS: dict[str, Any] = {"w_px_decay_epochs": [], "adam_beta2": 0.999}
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ RANGES: dict[str, Range] = {
     "decay_epochs": _NON_NEGATIVE,
     "w_px_decay_epochs": _NON_NEGATIVE,
     "lr": Range(0, lo_open=True),
+    "adam_beta2": Range(0, 1, hi_open=True),
     "dropout": Range(0, 1, hi_open=True),
     "w_px": _NON_NEGATIVE,
     "w_pyx": _NON_NEGATIVE,

@@ -254,6 +254,15 @@ def _add_sampler_flags(add: Any, g: Any) -> None:
 def _add_optimisation_flags(add: Any, g: Any) -> None:
     add(g, "--optimizer", choices=OPTIMIZERS, default="adam", help="optimiser")
     add(g, "--lr", type=finite_float, default=3e-3, help="peak learning rate")
+    add(
+        g,
+        "--adam-beta2",
+        type=finite_float,
+        default=0.99,
+        help="Adam's second-moment decay (JEM's is 0.999). 0.99 forgets gradient scales within "
+        "about 100 iterations, so the cross-entropy's step recovers soon after "
+        "--w-px-decay-epochs lowers the p(x) term's large gradients",
+    )
     add(g, "--warmup-iters", type=int, default=200, help="linear learning-rate warm-up iterations")
     add(
         g,

@@ -17,7 +17,7 @@ from ..checkpoint import CheckpointError, capture_rng, new_state, restore_rng, s
 from ..models import model_spec
 from . import distributed
 from .runlog import json_default
-from .setup import Run, augment_seed, sampler_seed
+from .setup import Run, apply_optimizer_settings, augment_seed, sampler_seed
 from .state import RunState
 
 LAST, BEST = "last.pt", "best.pt"
@@ -117,6 +117,7 @@ class CheckpointSaver:
             share = distributed.local_share(ckpt, run.dist)
             ctx.model_for_chain.load_state_dict(ckpt["model"])
             ctx.optimizer.load_state_dict(ckpt["optimizer"])
+            apply_optimizer_settings(run.cfg, ctx.optimizer)
             if ctx.sampler is not None and share.sampler is not None:
                 ctx.sampler.load_state_dict(share.sampler)
             restore_rng(share.rng or ckpt["rng"], run.generators)

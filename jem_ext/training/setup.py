@@ -194,20 +194,35 @@ def chain_limits(cfg: dict[str, Any]) -> tuple[tuple[float, float] | None, float
     return clamp, grad_clip
 
 
+def optimizer_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The optimiser's hyperparameters from the config, other than the scheduled lr."""
+    settings: dict[str, Any] = {"weight_decay": cfg["weight_decay"]}
+    if cfg["optimizer"] == "adam":
+        settings["betas"] = (0.9, cfg["adam_beta2"])
+    return settings
+
+
 def make_optimizer(cfg: dict[str, Any], model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Adam (betas 0.9, 0.999, as in JEM) or SGD with momentum 0.9; wrapped in
+    """Adam (betas 0.9 and ``adam_beta2``) or SGD with momentum 0.9; wrapped in
     :class:`~jem_ext.sam.SAM` when ``sam_rho > 0``."""
     if cfg["optimizer"] == "adam":
         base: Any = torch.optim.Adam
         kwargs: dict[str, Any] = {}
     else:
         base, kwargs = torch.optim.SGD, {"momentum": 0.9}
-    kwargs.update(lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    kwargs.update(lr=cfg["lr"], **optimizer_settings(cfg))
     if cfg["sam_rho"] > 0:
         return SAM(
             model.parameters(), base, rho=cfg["sam_rho"], adaptive=cfg["sam_adaptive"], **kwargs
         )
     return base(model.parameters(), **kwargs)
+
+
+def apply_optimizer_settings(cfg: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """Write the config's hyperparameters over a loaded optimiser state (a resume's
+    ``--weight-decay`` or ``--adam-beta2`` then takes effect)."""
+    for group in optimizer.param_groups:
+        group.update(optimizer_settings(cfg))
 
 
 def make_augment(cfg: dict[str, Any]) -> jdata.Augment | None:
