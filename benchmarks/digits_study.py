@@ -51,24 +51,33 @@ ECE_BINS = 20
 NOISE_SEED = 1234
 
 # The trainer's defaults, spelled out so that every configuration keeps its meaning if they change:
-# the schedule,
-BASE = ["--w-px", "1", "--sgld-steps", "20", "--epochs", "60", "--decay-epochs", "40,50"]
-# with the p(x) weight cut to a tenth at epoch 30 (the default since 2026-11-26, FINDINGS.md),
-DEFAULTS = [*BASE, "--w-px-decay-epochs", "30", "--w-px-decay-rate", "0.1"]
-# or constant (the default before; most configurations of the study are built on it).
+# the schedule with Adam's usual second-moment decay (most configurations build on it),
+BASE = [
+    *("--w-px", "1", "--sgld-steps", "20", "--epochs", "60", "--decay-epochs", "40,50"),
+    *("--adam-beta2", "0.999"),
+]
+# with a constant p(x) weight (the default until 2026-11-26),
 CONSTANT = [*BASE, "--w-px-decay-epochs", ""]
+# and today's: the p(x) weight cut to a tenth at epoch 30, Adam's beta2 0.99 (FINDINGS.md).
+DEFAULTS = [
+    *("--w-px", "1", "--sgld-steps", "20", "--epochs", "60", "--decay-epochs", "40,50"),
+    *("--adam-beta2", "0.99", "--w-px-decay-epochs", "30", "--w-px-decay-rate", "0.1"),
+]
 # The best-calibrated configuration with a constant p(x) weight (FINDINGS.md); it splits its
 # energies and does not generate.
 CALIBRATED = [
     *("--w-px", "0.3", "--sgld-steps", "10", "--epochs", "90", "--decay-epochs", "60,75"),
-    *("--w-px-decay-epochs", ""),
+    *("--w-px-decay-epochs", "", "--adam-beta2", "0.999"),
 ]
 
 # Trainer flags of each configuration (python -m jem_ext.train --help).
 CONFIGS: dict[str, list[str]] = {
     "default": DEFAULTS,
     "constant_px": CONSTANT,
+    # Adam's beta2 0.99 with a constant p(x) weight: its share of the default's gain
+    "constant_px_beta2_0.99": [*CONSTANT, "--adam-beta2", "0.99"],
     "ce": [*DEFAULTS, "--objective", "ce"],
+    "ce_beta2_0.999": [*CONSTANT, "--objective", "ce"],
     "no_l2": [*CONSTANT, "--l2-energy", "0"],
     "no_augment": [*CONSTANT, "--no-augment"],
     "no_augment_no_l2": [*CONSTANT, "--no-augment", "--l2-energy", "0"],
@@ -109,7 +118,9 @@ CONFIGS: dict[str, list[str]] = {
     # The p(x) weight cut to a tenth once the classifier is trained (balanced chains all along):
     # at the first learning-rate decay,
     "px_decay40": [*BASE, "--w-px-decay-epochs", "40", "--w-px-decay-rate", "0.1"],
-    # (ten epochs earlier, at 30, is the default), ten epochs earlier still,
+    # ten epochs earlier (the default's cut, there with Adam's beta2 0.99),
+    "px_decay30": [*BASE, "--w-px-decay-epochs", "30", "--w-px-decay-rate", "0.1"],
+    # ten epochs earlier still,
     "px_decay20": [*BASE, "--w-px-decay-epochs", "20", "--w-px-decay-rate", "0.1"],
     # halfway between, or at 20 to 0.3 (a stronger hold on the chains than 0.1),
     "px_decay25": [*BASE, "--w-px-decay-epochs", "25", "--w-px-decay-rate", "0.1"],
@@ -184,7 +195,7 @@ def train_run(name: str, seed: int, run_dir: Path, threads: int) -> None:
         str(run_dir),
         *CONFIGS[name],
     ]
-    print("+", " ".join(cmd), flush=True)
+    print("+", shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
 
@@ -277,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list:
         for name, flags in CONFIGS.items():
-            print(f"{name:24s} {' '.join(flags) or '(trainer defaults)'}")
+            print(f"{name:24s} {shlex.join(flags) or '(trainer defaults)'}")
         return 0
     names = [n for n in args.configs.split(",") if n]
     unknown = [n for n in names if n not in CONFIGS]
