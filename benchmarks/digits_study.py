@@ -51,24 +51,27 @@ ECE_BINS = 20
 NOISE_SEED = 1234
 
 # The trainer's defaults, spelled out so that every configuration keeps its meaning if they change:
-# the schedule with Adam's usual second-moment decay (most configurations build on it),
-BASE = [
-    *("--w-px", "1", "--sgld-steps", "20", "--epochs", "60", "--decay-epochs", "40,50"),
-    *("--adam-beta2", "0.999"),
-]
+# the schedule,
+SCHEDULE = ["--w-px", "1", "--sgld-steps", "20", "--epochs", "60", "--decay-epochs", "40,50"]
+# with Adam's usual second-moment decay (most configurations build on it),
+BASE = [*SCHEDULE, "--adam-beta2", "0.999"]
+
+
+def px_cut(epoch: int, rate: str = "0.1") -> list[str]:
+    """Flags that multiply the p(x) weight by ``rate`` at ``epoch``."""
+    return ["--w-px-decay-epochs", str(epoch), "--w-px-decay-rate", rate]
+
+
 # with a constant p(x) weight (the default until 2026-11-26),
 CONSTANT = [*BASE, "--w-px-decay-epochs", ""]
 # and today's: the p(x) weight cut to a tenth at epoch 30, Adam's beta2 0.99 (FINDINGS.md).
-DEFAULTS = [
-    *("--w-px", "1", "--sgld-steps", "20", "--epochs", "60", "--decay-epochs", "40,50"),
-    *("--adam-beta2", "0.99", "--w-px-decay-epochs", "30", "--w-px-decay-rate", "0.1"),
-]
+DEFAULTS = [*SCHEDULE, "--adam-beta2", "0.99", *px_cut(30)]
+# Longer schedules: half-length chains over 90 epochs (the calibrated schedule), or 70 epochs.
+K10_E90 = ["--sgld-steps", "10", "--epochs", "90", "--decay-epochs", "60,75"]
+E70 = ["--epochs", "70", "--decay-epochs", "50,60"]
 # The best-calibrated configuration with a constant p(x) weight (FINDINGS.md); it splits its
 # energies and does not generate.
-CALIBRATED = [
-    *("--w-px", "0.3", "--sgld-steps", "10", "--epochs", "90", "--decay-epochs", "60,75"),
-    *("--w-px-decay-epochs", "", "--adam-beta2", "0.999"),
-]
+CALIBRATED = ["--w-px", "0.3", *K10_E90, "--w-px-decay-epochs", "", "--adam-beta2", "0.999"]
 
 # Trainer flags of each configuration (python -m jem_ext.train --help).
 CONFIGS: dict[str, list[str]] = {
@@ -117,36 +120,20 @@ CONFIGS: dict[str, list[str]] = {
     "calibrated_lr1e-3": [*CALIBRATED, "--lr", "1e-3"],
     # The p(x) weight cut to a tenth once the classifier is trained (balanced chains all along):
     # at the first learning-rate decay,
-    "px_decay40": [*BASE, "--w-px-decay-epochs", "40", "--w-px-decay-rate", "0.1"],
+    "px_decay40": [*BASE, *px_cut(40)],
     # ten epochs earlier (the default's cut, there with Adam's beta2 0.99),
-    "px_decay30": [*BASE, "--w-px-decay-epochs", "30", "--w-px-decay-rate", "0.1"],
+    "px_decay30": [*BASE, *px_cut(30)],
     # ten epochs earlier still,
-    "px_decay20": [*BASE, "--w-px-decay-epochs", "20", "--w-px-decay-rate", "0.1"],
+    "px_decay20": [*BASE, *px_cut(20)],
     # halfway between, or at 20 to 0.3 (a stronger hold on the chains than 0.1),
-    "px_decay25": [*BASE, "--w-px-decay-epochs", "25", "--w-px-decay-rate", "0.1"],
-    "px_decay20_rate0.3": [*BASE, "--w-px-decay-epochs", "20", "--w-px-decay-rate", "0.3"],
+    "px_decay25": [*BASE, *px_cut(25)],
+    "px_decay20_rate0.3": [*BASE, *px_cut(20, "0.3")],
     # with half-length chains and 90 epochs (the calibrated schedule), cut at 60 or at 20,
-    "px_decay60_k10_e90": [
-        *BASE,
-        *("--sgld-steps", "10", "--epochs", "90", "--decay-epochs", "60,75"),
-        *("--w-px-decay-epochs", "60", "--w-px-decay-rate", "0.1"),
-    ],
-    "px_decay20_k10_e90": [
-        *BASE,
-        *("--sgld-steps", "10", "--epochs", "90", "--decay-epochs", "60,75"),
-        *("--w-px-decay-epochs", "20", "--w-px-decay-rate", "0.1"),
-    ],
+    "px_decay60_k10_e90": [*BASE, *K10_E90, *px_cut(60)],
+    "px_decay20_k10_e90": [*BASE, *K10_E90, *px_cut(20)],
     # at 30 or 40 still at the peak learning rate, decays at 50 and 60 of 70 epochs.
-    "px_decay30_e70": [
-        *BASE,
-        *("--epochs", "70", "--decay-epochs", "50,60"),
-        *("--w-px-decay-epochs", "30", "--w-px-decay-rate", "0.1"),
-    ],
-    "px_decay40_e70": [
-        *BASE,
-        *("--epochs", "70", "--decay-epochs", "50,60"),
-        *("--w-px-decay-epochs", "40", "--w-px-decay-rate", "0.1"),
-    ],
+    "px_decay30_e70": [*BASE, *E70, *px_cut(30)],
+    "px_decay40_e70": [*BASE, *E70, *px_cut(40)],
 }
 
 METRICS = ("accuracy", "ece", "confidence", "auroc_uniform", "auroc_gaussian", "seconds")

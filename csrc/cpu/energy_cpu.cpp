@@ -144,9 +144,8 @@ JEM_EXT_INLINE void grad_rows(const scalar_t* __restrict l, int64_t rows, int64_
 // softmax(l) of `rows` rows after lse_rows, which left e = exp(l - shift)
 // in s.t and each row's max and sum: e / sum, from the forward's exps (so a
 // caller that keeps it spares the backward its exps). A row that is not
-// regular (a NaN, or an infinite max) is recomputed as the backward computes
-// it (exp(l - lse) scaled by grad_row_scale), so its NaN and zeros are those
-// of torch.logsumexp's gradient.
+// regular (a NaN, or an infinite max) is computed by grad_rows with
+// grad_lse = 1, so its NaN and zeros are those of torch.logsumexp's gradient.
 template <typename scalar_t, typename acc_t, int kC = 0>
 JEM_EXT_INLINE void softmax_rows(const scalar_t* __restrict l, int64_t rows, int64_t C_rt,
                                  const RowScratch<acc_t>& s, scalar_t* __restrict probs) {
@@ -157,15 +156,11 @@ JEM_EXT_INLINE void softmax_rows(const scalar_t* __restrict l, int64_t rows, int
     scalar_t* p = probs + r * C;
     for (int64_t c = 0; c < C; ++c) p[c] = static_cast<scalar_t>(e[c] * inv_sum);
   }
+  const acc_t one = 1;
   for (int64_t r = 0; r < rows; ++r) {
     if (regular_row(s.m[r], s.sums[r])) continue;
-    const scalar_t* row = l + r * C;
-    acc_t* e = s.t + r * C;
-    for (int64_t c = 0; c < C; ++c) e[c] = exp_acc<acc_t>(static_cast<acc_t>(row[c]) - s.lse[r]);
-    const acc_t scale = grad_row_scale(acc_t(1), row_sum<kC, acc_t>(e, C));
-    for (int64_t c = 0; c < C; ++c) {
-      probs[r * C + c] = static_cast<scalar_t>(energy_grad(e[c], scale, acc_t(0), false));
-    }
+    const RowScratch<acc_t> row{s.t + r * C, s.m + r, s.sums + r, s.lse + r};
+    grad_rows<scalar_t, acc_t, kC>(l + r * C, 1, C, row, &one, nullptr, nullptr, probs + r * C);
   }
 }
 

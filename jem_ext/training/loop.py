@@ -104,6 +104,7 @@ def train_one_epoch(run: Run) -> None:
         BudgetReached: before an iteration the budget no longer allows.
     """
     cfg, st, epoch = run.cfg, run.state, run.state.epoch
+    weights = loss_weights(cfg, run.weights, epoch)
     order = epoch_order_generator(cfg["seed"], epoch)
     batches = jdata.batches(
         run.data.train_on_device,
@@ -127,7 +128,6 @@ def train_one_epoch(run: Run) -> None:
         for group in run.ctx.optimizer.param_groups:
             group["lr"] = lr
         # the step; its terms are host floats (the iteration's one sync point)
-        weights = loss_weights(cfg, run.weights, epoch)
         terms, x_q = train_step(run.ctx, _batch(run, x, y, idx), weights)
         if x_q is not None:
             run.last_samples = x_q
