@@ -29,15 +29,19 @@ Datasets (``load_dataset(name, root, split)``, ``split`` in ``"train"``, ``"val"
     to 0). ``extra_32x32.mat`` is not used.
 
 ``"folder"``
-    Any image folder with one sub-folder per class holding ``.png`` / ``.jpg`` / ``.jpeg`` files
-    (class names are the sorted sub-folder names; hidden folders and loose files are ignored)::
+    Any image folder with at least two sub-folders (classes) holding ``.png`` / ``.jpg`` /
+    ``.jpeg`` files (class names are the sorted sub-folder names; hidden files and folders,
+    such as macOS ``._name`` files, other extensions and loose files are ignored)::
 
         root/<class>/<image>            split deterministically, stratified 80/10/10
         root/train/<class>/<image>      or an explicit split: test = root/test,
         root/test/<class>/<image>       val held out of train
 
-    All images must share one size; they are loaded as grey (1 channel) when every image is
-    grey and as RGB otherwise.
+    Every split must hold at least one image. All images must share one size; they are
+    loaded as grey (1 channel) when every image is grey (1-bit, 8-bit or 16-bit, with or
+    without alpha) and as RGB otherwise (palette, RGB, RGBA, CMYK). Values are scaled by each
+    image's bit depth (16-bit grey by 65535); images with transparent pixels, and modes with
+    no such scale (32-bit float or integer), are refused.
 
 ``"rings"``, ``"moons"``, ``"gmm"``
     2-D toy sets with 3, 2 and 8 classes: 2000/500/500 points for train/val/test, drawn from
@@ -49,6 +53,10 @@ independent of ``seed``, so every run sees the same train/val/test images.
 
 Every problem with the data (missing or empty folder, wrong format, corrupt file, mismatched
 shapes, unknown dataset) raises :class:`DataError` with one message saying what was expected.
+
+Each loaded split carries a digest (:attr:`ImageData.digest`), gathered by
+:func:`data_fingerprint` into the fingerprint a run records, so that a resume or an evaluation
+notices data that changed since training (:func:`fingerprint_changes`).
 """
 
 from __future__ import annotations
@@ -88,6 +96,9 @@ __all__ = [
     "default_augment",
     "batches",
     "save_image_grid",
+    "check_augment",
+    "data_fingerprint",
+    "fingerprint_changes",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -289,6 +300,81 @@ def batches(
                 continue
             idx, idx_y = idx[rank::world_size], idx_y[rank::world_size]
         yield data.x[idx], data.y[idx_y], idx
+
+
+def check_augment(augment: Augment | None, data: ImageData, root: str | None = None) -> None:
+    """Check that ``augment`` can pad ``data``'s images (reflect padding needs more pixels on
+    each side than it pads).
+
+    Raises:
+        DataError: the images are too small for the padding.
+    """
+    if augment is None or augment.pad == 0 or len(data.shape) != 3:
+        return
+    _, h, w = data.shape
+    if min(h, w) <= augment.pad:
+        where = f"{data.name} {root}" if root else data.name
+        need = augment.pad + 1
+        raise DataError(
+            f"{where}: images are {w}x{h} pixels, but augmentation pads {augment.pad} pixels on "
+            f"each side and needs at least {need}x{need}; use larger images or --no-augment"
+        )
+
+
+# The version of the fingerprint's rules: fingerprints of other versions are not compared.
+FINGERPRINT_SCHEME = 1
+
+
+def data_fingerprint(datasets: dict[str, ImageData]) -> dict[str, object]:
+    """What identifies a run's data: the data set, its classes and sample shape, and per split
+    the number of samples and :attr:`ImageData.digest`.
+
+    The digests are cheap to compute at every start: an image folder's cover each file's path,
+    size and label (no content hash: reading every file again would double the load time of a
+    large folder; no modification times: copying the folder changes them); the CIFAR and SVHN
+    files' cover their names, sizes and the split's labels; the built-in digits and the toy
+    sets are hashed whole (a few kilobytes). Adding, removing, moving or resizing an image
+    changes the fingerprint.
+    """
+    first = next(iter(datasets.values()))
+    return {
+        "scheme": FINGERPRINT_SCHEME,
+        "dataset": first.name,
+        "num_classes": first.num_classes,
+        "shape": list(first.shape),
+        "splits": {k: {"n": len(d), "digest": d.digest} for k, d in datasets.items()},
+    }
+
+
+def fingerprint_changes(recorded: object, current: dict[str, object]) -> list[str]:
+    """How ``current`` (from :func:`data_fingerprint`) differs from a ``recorded`` one, as short
+    phrases (empty: the same data, or nothing comparable recorded). Only the splits present in
+    both are compared."""
+    if not isinstance(recorded, dict) or recorded.get("scheme") != current.get("scheme"):
+        return []
+    changes = []
+    if recorded.get("dataset") != current["dataset"]:
+        return [f"data set {current['dataset']!r}, trained on {recorded.get('dataset')!r}"]
+    if recorded.get("num_classes") != current["num_classes"]:
+        changes.append(
+            f"the data now has {current['num_classes']} classes, trained on "
+            f"{recorded.get('num_classes')}"
+        )
+    if recorded.get("shape") != current["shape"]:
+        changes.append(
+            f"samples now have shape {tuple(current['shape'])}, trained on "
+            f"{tuple(recorded.get('shape') or ())}"
+        )
+    old_splits = recorded.get("splits") if isinstance(recorded.get("splits"), dict) else {}
+    for split, now in current["splits"].items():  # type: ignore[union-attr]
+        was = old_splits.get(split)
+        if not isinstance(was, dict):
+            continue
+        if was.get("n") != now["n"]:
+            changes.append(f"the {split} split now has {now['n']} samples, was {was.get('n')}")
+        elif was.get("digest") != now["digest"] and None not in (was.get("digest"), now["digest"]):
+            changes.append(f"the {split} split holds other files or labels")
+    return changes
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = False, world_size: int = 1) -> int:

@@ -20,13 +20,32 @@ from PIL import Image
 from .image_data import (
     DataError,
     ImageData,
+    _digest,
     _split_fractions,
     _split_heldout_val,
     _to_unit_range,
 )
 
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg")
-_GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+# Pillow modes an image folder reads, each with the scale of its values: 8-bit modes (and the
+# 1-bit mode "1", which Pillow converts to 0/255), 16-bit grey ("I;16*", and "I" as Pillow
+# opens 16-bit grey PNGs) scaled by 65535. Modes with an alpha channel (and palettes with a
+# transparent entry) load only when every pixel is opaque.
+_GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"})
+_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+_COLOUR_MODES = frozenset({"P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
+_ALPHA_MODES = frozenset({"LA", "PA", "RGBA"})
+
+
+def _content_digest(x: torch.Tensor, y: torch.Tensor, classes: list[str]) -> str:
+    """Digest of samples held in memory (built-in and generated sets: small, so hashed whole)."""
+    return _digest([x.contiguous().numpy().tobytes(), y.contiguous().numpy().tobytes(), *classes])
+
+
+def _files_digest(files: list[Path], y: np.ndarray, classes: list[str]) -> str:
+    """Digest of a split read from whole data files: their names and sizes, and its labels."""
+    parts: list[bytes | str] = [f"{f.name}\0{f.stat().st_size}" for f in files]
+    return _digest([*parts, np.ascontiguousarray(y, dtype=np.int64).tobytes(), *classes])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -41,7 +60,8 @@ def read_digits(split: str) -> ImageData:
     idx = _split_fractions(digits.target, split, val_frac=0.1, test_frac=0.2)
     x = torch.from_numpy(digits.data[idx]).float().div_(8.0).sub_(1.0).reshape(-1, 1, 8, 8)
     y = torch.from_numpy(digits.target[idx]).long()
-    return ImageData(x, y, 10, "digits", [str(k) for k in range(10)])
+    classes = [str(k) for k in range(10)]
+    return ImageData(x, y, 10, "digits", classes, _content_digest(x, y, classes))
 
 
 _TOY_SIZES = {"train": (0, 2000), "val": (2000, 2500), "test": (2500, 3000)}
@@ -72,7 +92,7 @@ def read_toy(name: str, split: str, seed: int) -> ImageData:
     lo, hi = _TOY_SIZES[split]
     x = torch.from_numpy(np.clip(points[lo:hi], -1.0, 1.0)).float()
     y = torch.from_numpy(np.asarray(labels[lo:hi])).long()
-    return ImageData(x, y, len(classes), name, classes)
+    return ImageData(x, y, len(classes), name, classes, _content_digest(x, y, classes))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,8 +219,9 @@ def read_cifar(name: str, root: str | os.PathLike | None, split: str) -> ImageDa
     if split != "test":
         idx = _split_heldout_val(labels_np, split)
         images_np, labels_np = images_np[idx], labels_np[idx]
+    digest = _files_digest([base / f for f in files], labels_np, classes)
     return ImageData(
-        _to_unit_range(images_np), torch.from_numpy(labels_np), len(classes), name, classes
+        _to_unit_range(images_np), torch.from_numpy(labels_np), len(classes), name, classes, digest
     )
 
 
@@ -239,7 +260,9 @@ def read_svhn(root: str | os.PathLike | None, split: str) -> ImageData:
         idx = _split_heldout_val(labels, split)
         images, labels = images[..., idx], labels[idx]
     x = _to_unit_range(images.transpose(3, 2, 0, 1))
-    return ImageData(x, torch.from_numpy(labels), 10, "svhn", [str(k) for k in range(10)])
+    classes = [str(k) for k in range(10)]
+    digest = _files_digest([path], labels, classes)
+    return ImageData(x, torch.from_numpy(labels), 10, "svhn", classes, digest)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,23 +270,34 @@ def read_svhn(root: str | os.PathLike | None, split: str) -> ImageData:
 # ----------------------------------------------------------------------------------------------
 
 
-def _list_class_folder(root: Path) -> dict[str, list[Path]]:
-    """Map each class sub-folder of ``root`` to its sorted image files."""
+def _is_hidden(path: Path) -> bool:
+    """Hidden files and folders (``.DS_Store``, macOS ``._name`` resource forks) are skipped."""
+    return path.name.startswith(".")
+
+
+def _list_class_folder(root: Path, min_classes: int = 2) -> dict[str, list[Path]]:
+    """Map each class sub-folder of ``root`` to its sorted image files (hidden ones skipped);
+    a classifier needs at least two classes to learn (a test/ folder may hold fewer)."""
     if not root.is_dir():
         raise DataError(f"image folder {root}: folder does not exist")
     tree: dict[str, list[Path]] = {}
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(f for f in sub.iterdir() if f.is_file() and f.suffix.lower() in _IMAGE_EXTS)
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p)):
+        files = sorted(
+            f
+            for f in sub.iterdir()
+            if f.is_file() and not _is_hidden(f) and f.suffix.lower() in _IMAGE_EXTS
+        )
         if not files:
             raise DataError(
                 f"image folder {root}: expected .png/.jpg files in class folder "
                 f"'{sub.name}', found none"
             )
         tree[sub.name] = files
-    if not tree:
+    if len(tree) < min_classes or not tree:
+        found = f"only '{next(iter(tree))}'" if tree else "none"
         raise DataError(
-            f"image folder {root}: expected one sub-folder per class containing .png/.jpg "
-            "files, found none"
+            f"image folder {root}: expected at least {max(min_classes, 1)} sub-folders of "
+            f"classes containing .png/.jpg files, found {found}"
         )
     return tree
 
@@ -276,21 +310,74 @@ def _flatten(tree: dict[str, list[Path]], classes: list[str]) -> tuple[list[Path
     return paths, np.asarray(labels, dtype=np.int64)
 
 
+def _unreadable(path: Path, err: BaseException) -> DataError:
+    return DataError(f"image folder: {path} is not a readable PNG/JPEG image ({err})")
+
+
 def _probe_image(path: Path) -> tuple[str, tuple[int, int]]:
-    """Mode and (width, height) of an image, read from its header only."""
+    """Mode and (width, height) of an image, read from its header only; refuses modes whose
+    values the folder reader cannot scale to [-1, 1]."""
     try:
         with Image.open(path) as im:
-            return im.mode, im.size
+            mode, size, fmt = im.mode, im.size, im.format
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ...
-        raise DataError(f"image folder: {path} is not a readable PNG/JPEG image ({err})") from err
+        raise _unreadable(path, err) from err
+    if mode not in _GREY_MODES | _COLOUR_MODES or (mode == "I" and fmt != "PNG"):
+        raise DataError(
+            f"image folder: {path} has Pillow mode {mode!r} ({fmt}), which cannot be read as "
+            "8- or 16-bit pixels; expected grey, grey+alpha, palette, RGB, RGBA or CMYK images"
+        )
+    return mode, size
 
 
-def _decode_image(path: Path, mode: str) -> np.ndarray:
+def _decode_image(path: Path, grey: bool) -> np.ndarray:
+    """An image as float32 ``[C, H, W]`` in [-1, 1] (C = 1 when ``grey``, else 3), scaled by
+    its bit depth (8-bit values by 255, 16-bit ones by 65535).
+
+    Raises:
+        DataError: unreadable file, or a pixel that is not fully opaque.
+    """
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert(mode), dtype=np.uint8)
+            im.load()
+            mode = im.mode
+            alpha = None
+            if mode in _ALPHA_MODES or (mode == "P" and "transparency" in im.info):
+                alpha = np.asarray(im.convert("RGBA" if mode != "LA" else "LA"))[..., -1]
+            if mode in _SIXTEEN_BIT_MODES:
+                values = np.asarray(im).astype(np.float64)
+                if values.min(initial=0) < 0 or values.max(initial=0) > 65535:
+                    raise DataError(
+                        f"image folder: {path} has {mode} pixel values outside 0..65535; "
+                        "expected a 16-bit image"
+                    )
+                pixels = (values / 32767.5 - 1.0).astype(np.float32)[None]
+                if not grey:
+                    pixels = np.repeat(pixels, 3, axis=0)
+            else:
+                array = np.asarray(im.convert("L" if grey else "RGB"), dtype=np.uint8)
+                pixels = array.reshape(array.shape[0], array.shape[1], -1).transpose(2, 0, 1)
+                # as _to_unit_range computes it: float32 value / 127.5 - 1
+                pixels = pixels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    except DataError:
+        raise
     except Exception as err:
-        raise DataError(f"image folder: {path} is not a readable PNG/JPEG image ({err})") from err
+        raise _unreadable(path, err) from err
+    if alpha is not None and int(alpha.min(initial=255)) < 255:
+        raise DataError(
+            f"image folder: {path} has transparent pixels (mode {mode}); expected opaque "
+            "images (flatten them onto a background first)"
+        )
+    return pixels
+
+
+def _folder_digest(base: Path, paths: list[Path], labels: np.ndarray, classes: list[str]) -> str:
+    """Digest of a split of an image folder: each file's path under the folder, size, label."""
+    parts: list[bytes | str] = [
+        f"{p.relative_to(base).as_posix()}\0{p.stat().st_size}\0{int(k)}"
+        for p, k in zip(paths, labels)
+    ]
+    return _digest([*parts, *classes])
 
 
 def read_folder(root: str | os.PathLike | None, split: str) -> ImageData:
@@ -300,7 +387,7 @@ def read_folder(root: str | os.PathLike | None, split: str) -> ImageData:
     explicit = (base / "train").is_dir() and (base / "test").is_dir()
     if explicit:
         train_tree = _list_class_folder(base / "train")
-        test_tree = _list_class_folder(base / "test")
+        test_tree = _list_class_folder(base / "test", min_classes=1)
         classes = sorted(train_tree)
         unknown = sorted(set(test_tree) - set(train_tree))
         if unknown:
@@ -316,12 +403,19 @@ def read_folder(root: str | os.PathLike | None, split: str) -> ImageData:
         else:
             idx = _split_heldout_val(train_y, split)
             paths, labels = [train_paths[i] for i in idx], train_y[idx]
+        rule = "train/ with a tenth held out for validation"
     else:
         tree = _list_class_folder(base)
         classes = sorted(tree)
         all_paths, all_y = _flatten(tree, classes)
         idx = _split_fractions(all_y, split, val_frac=0.1, test_frac=0.1)
         paths, labels = [all_paths[i] for i in idx], all_y[idx]
+        rule = "the 80/10/10 split"
+    if not paths:
+        raise DataError(
+            f"image folder {base}: {rule} leaves the {split} split without images "
+            f"({len(all_paths)} images in all); expected at least 10 images per split"
+        )
 
     # Mode and size are checked over every split (headers only) so that all splits agree.
     # A plain loop: for small images Pillow is GIL-bound and threads only add overhead.
@@ -333,11 +427,12 @@ def read_folder(root: str | os.PathLike | None, split: str) -> ImageData:
             f"image folder {base}: expected all images to share one size, but {p1} is "
             f"{s1[0]}x{s1[1]} and {p2} is {s2[0]}x{s2[1]}"
         )
-    mode = "L" if all(m in _GREY_MODES for m, _ in probes) else "RGB"
+    grey = all(m in _GREY_MODES for m, _ in probes)
     width, height = probes[0][1]
-    channels = 1 if mode == "L" else 3
-    images = np.empty((len(paths), height, width, channels), dtype=np.uint8)
+    channels = 1 if grey else 3
+    images = np.empty((len(paths), channels, height, width), dtype=np.float32)
     for i, path in enumerate(paths):
-        images[i] = _decode_image(path, mode).reshape(height, width, channels)
-    x = _to_unit_range(images.transpose(0, 3, 1, 2))
-    return ImageData(x, torch.from_numpy(labels), len(classes), "folder", classes)
+        images[i] = _decode_image(path, grey)
+    x = torch.from_numpy(images)
+    digest = _folder_digest(base, paths, labels, classes)
+    return ImageData(x, torch.from_numpy(labels), len(classes), "folder", classes, digest)

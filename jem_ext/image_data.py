@@ -6,6 +6,8 @@ dataset lacked. Real-data splits are stratified and seeded with a fixed seed, ne
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +32,8 @@ class ImageData:
         num_classes: number of classes.
         name: dataset name (as given to :func:`load_dataset`).
         classes: class names, ``classes[k]`` is the name of label ``k``.
+        digest: ``"sha256:<hex>"`` identifying this split's samples (see
+            :func:`jem_ext.data.data_fingerprint`), or None when unknown.
     """
 
     x: Tensor
@@ -37,6 +41,7 @@ class ImageData:
     num_classes: int
     name: str
     classes: list[str]
+    digest: str | None = None
 
     def __post_init__(self) -> None:
         if self.x.shape[0] != self.y.shape[0]:
@@ -99,3 +104,13 @@ def _split_heldout_val(y: np.ndarray, split: str) -> np.ndarray:
 def _to_unit_range(images: np.ndarray) -> Tensor:
     """uint8 ``[N, C, H, W]`` (0..255) -> float32 tensor in ``[-1, 1]``."""
     return torch.from_numpy(np.ascontiguousarray(images)).float().div_(127.5).sub_(1.0)
+
+
+def _digest(parts: Iterable[bytes | str]) -> str:
+    """``"sha256:<hex>"`` over ``parts`` (each length-prefixed, so boundaries count)."""
+    h = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else bytes(part)
+        h.update(b"%d:" % len(data))
+        h.update(data)
+    return "sha256:" + h.hexdigest()

@@ -17,7 +17,10 @@ from jem_ext.data import (
     DataError,
     ImageData,
     batches,
+    check_augment,
+    data_fingerprint,
     default_augment,
+    fingerprint_changes,
     labeled_mask,
     load_dataset,
     save_image_grid,
@@ -311,7 +314,8 @@ def test_folder_errors(tmp_path):
     with pytest.raises(DataError, match="expected root="):
         load_dataset("folder")
     with pytest.raises(
-        DataError, match="expected one sub-folder per class containing .png/.jpg files, found none"
+        DataError,
+        match="expected at least 2 sub-folders of classes containing .png/.jpg files, found none",
     ):
         load_dataset("folder", root=tmp_path)
 
@@ -329,6 +333,7 @@ def test_folder_errors(tmp_path):
 
     split_root = tmp_path / "split"
     _write_images(split_root / "train" / "a", 5)
+    _write_images(split_root / "train" / "b", 5)
     _write_images(split_root / "test" / "z", 5)
     with pytest.raises(DataError, match=r"test/ also has \['z'\]"):
         load_dataset("folder", root=split_root, split="test")
@@ -467,3 +472,184 @@ def test_dataset_type_is_importable_from_data_files_and_data():
     for name in ("DataError", "ImageData"):
         assert getattr(data_files, name) is getattr(image_data, name)
         assert getattr(data, name) is getattr(image_data, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# image folders: pixel modes, hidden files, class and split counts, augmentation sizes
+# ---------------------------------------------------------------------------------------------
+
+
+def _folder_of(tmp_path, image: Image.Image, fmt: str = "png", n: int = 10):
+    """A two-class folder: ``image`` in class ``a``, plain 8-bit grey images in class ``b``."""
+    (tmp_path / "a").mkdir(parents=True)
+    for i in range(n):
+        image.save(tmp_path / "a" / f"img{i:03d}.{fmt}")
+    _write_images(tmp_path / "b", n, image.size)
+    return tmp_path
+
+
+def _class_a(root) -> torch.Tensor:
+    """Every image of class ``a`` over the three splits."""
+    splits = [load_dataset("folder", root=root, split=s) for s in ("train", "val", "test")]
+    return torch.cat([d.x[d.y == 0] for d in splits])
+
+
+def test_folder_16_bit_grey_png_is_scaled_by_its_bit_depth(tmp_path):
+    values = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
+    image = Image.fromarray(values)
+    assert image.mode.startswith("I;16")
+    x = _class_a(_folder_of(tmp_path, image))
+    expected = torch.from_numpy(values.astype(np.float64) / 32767.5 - 1).float()
+    assert len(x[0].unique()) == 64  # not clipped to 255 (two values)
+    torch.testing.assert_close(x[0, 0], expected)
+
+
+@pytest.mark.parametrize(
+    "mode, fill, expected",
+    [
+        ("1", 1, [1.0]),
+        ("L", 51, [51 / 127.5 - 1]),
+        ("LA", (51, 255), [51 / 127.5 - 1]),
+        ("RGB", (255, 0, 51), [1.0, -1.0, 51 / 127.5 - 1]),
+        ("RGBA", (255, 0, 51, 255), [1.0, -1.0, 51 / 127.5 - 1]),
+    ],
+)
+def test_folder_8_bit_modes_load_scaled(tmp_path, mode, fill, expected):
+    x = _class_a(_folder_of(tmp_path, Image.new(mode, (8, 8), fill)))
+    assert x.shape[1] == len(expected)
+    for c, value in enumerate(expected):
+        torch.testing.assert_close(x[:, c], torch.full_like(x[:, c], value))
+
+
+def test_folder_palette_and_cmyk_load_as_rgb(tmp_path):
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 0, 10, 200, 30])
+    x = _class_a(_folder_of(tmp_path / "p", palette))
+    torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([10, 200, 30]) / 127.5 - 1)
+    cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # red
+    x = _class_a(_folder_of(tmp_path / "c", cmyk, fmt="jpg"))
+    assert x.shape[1] == 3 and x[0, 0].mean() > 0.9 and x[0, 1:].mean() < -0.9
+
+
+@pytest.mark.parametrize("mode", ["LA", "RGBA", "P"])
+def test_folder_transparent_pixels_are_refused(tmp_path, mode):
+    if mode == "P":
+        image = Image.new("P", (8, 8), 0)
+        image.putpalette([0, 0, 0, 255, 255, 255])
+        image.info["transparency"] = 0
+    else:
+        image = Image.new(mode, (8, 8), (100, 0) if mode == "LA" else (1, 2, 3, 0))
+    with pytest.raises(DataError, match="has transparent pixels .*expected opaque images"):
+        _class_a(_folder_of(tmp_path, image))
+
+
+@pytest.mark.parametrize("mode", ["F", "I"])
+def test_folder_modes_without_a_bit_depth_are_refused(tmp_path, mode):
+    # a TIFF named .png: Pillow opens it, but 32-bit values have no scale to [-1, 1]
+    image = Image.new(mode, (8, 8), 3)
+    (tmp_path / "a").mkdir()
+    for i in range(10):
+        image.save(tmp_path / "a" / f"img{i}.png", format="TIFF")
+    _write_images(tmp_path / "b", 10)
+    with pytest.raises(DataError, match=f"img0.png has Pillow mode '{mode}' \\(TIFF\\)"):
+        load_dataset("folder", root=tmp_path)
+
+
+def test_folder_skips_hidden_files(tmp_path):
+    for cls in ("a", "b"):
+        _write_images(tmp_path / cls, 10)
+        (tmp_path / cls / "._img000.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+        (tmp_path / cls / ".DS_Store").write_bytes(b"\x00")
+    d = load_dataset("folder", root=tmp_path, split="train")
+    assert len(d) == 16
+
+
+@pytest.mark.parametrize("layout", ["flat", "train_test"])
+def test_folder_with_one_class_is_refused(tmp_path, layout):
+    base = tmp_path / "train" if layout == "train_test" else tmp_path
+    _write_images(base / "only", 20)
+    _write_images(base / ".hidden", 20)
+    if layout == "train_test":
+        _write_images(tmp_path / "test" / "only", 5)
+    with pytest.raises(DataError, match="expected at least 2 sub-folders of classes.*only 'only'"):
+        load_dataset("folder", root=tmp_path, split="test")
+
+
+def test_folder_with_an_empty_split_is_refused(tmp_path):
+    for cls in ("a", "b"):
+        _write_images(tmp_path / cls, 2)
+    with pytest.raises(DataError, match="leaves the val split without images .*4 images in all"):
+        load_dataset("folder", root=tmp_path, split="val")
+
+
+@pytest.mark.parametrize("size, ok", [(4, False), (5, True)])
+def test_augmentation_padding_needs_larger_images(tmp_path, size, ok):
+    for cls in ("a", "b"):
+        _write_images(tmp_path / cls, 10, (size, size + 3))
+    data = load_dataset("folder", root=tmp_path)
+    augment = default_augment("folder")
+    if ok:
+        check_augment(augment, data, str(tmp_path))
+        assert augment(data.x).shape == data.x.shape
+    else:
+        with pytest.raises(DataError, match=r"images are 4x7 pixels, .*pads 4 .*at least 5x5"):
+            check_augment(augment, data, str(tmp_path))
+    check_augment(None, data)  # --no-augment
+    check_augment(Augment(pad=0), data)
+
+
+# ---------------------------------------------------------------------------------------------
+# fingerprints
+# ---------------------------------------------------------------------------------------------
+
+
+def _fingerprint(root) -> dict:
+    return data_fingerprint({s: load_dataset("folder", root, s) for s in ("train", "val", "test")})
+
+
+def test_folder_fingerprint_follows_files_not_times(tmp_path):
+    for k, cls in enumerate(("a", "b", "c")):
+        _write_images(tmp_path / cls, 10, seed=k)
+    first = _fingerprint(tmp_path)
+    assert first["num_classes"] == 3 and first["shape"] == [1, 8, 8]
+    assert {s: v["n"] for s, v in first["splits"].items()} == {"train": 24, "val": 3, "test": 3}
+    for f in (tmp_path / "a").iterdir():
+        os.utime(f, (1, 1))  # copies change times, not data
+    assert fingerprint_changes(first, _fingerprint(tmp_path)) == []
+    _write_images(tmp_path / "a", 11)  # one image more
+    changes = fingerprint_changes(first, _fingerprint(tmp_path))
+    assert changes[0] == "the train split now has 25 samples, was 24"
+    (tmp_path / "a" / "img010.png").unlink()
+    (tmp_path / "a" / "img009.png").rename(tmp_path / "a" / "img099.png")  # renamed
+    assert "other files or labels" in " ".join(fingerprint_changes(first, _fingerprint(tmp_path)))
+    (tmp_path / "a" / "img099.png").rename(tmp_path / "a" / "img009.png")
+    assert fingerprint_changes(first, _fingerprint(tmp_path)) == []
+    for f in (tmp_path / "c").iterdir():
+        f.unlink()
+    (tmp_path / "c").rmdir()
+    assert fingerprint_changes(first, _fingerprint(tmp_path))[0] == (
+        "the data now has 2 classes, trained on 3"
+    )
+
+
+def test_fingerprints_of_built_in_and_file_data_sets(tmp_path):
+    digits = data_fingerprint({s: load_dataset("digits", split=s) for s in ("train", "test")})
+    again = data_fingerprint({"test": load_dataset("digits", split="test")})
+    assert digits["splits"]["test"] == again["splits"]["test"]
+    assert fingerprint_changes(digits, again) == []  # only the splits both hold
+    moons = {s: data_fingerprint({s: load_dataset("moons", split=s, seed=1)}) for s in ("test",)}
+    other = data_fingerprint({"test": load_dataset("moons", split="test", seed=2)})
+    assert fingerprint_changes(moons["test"], other) == [
+        "the test split holds other files or labels"
+    ]
+    assert fingerprint_changes(digits, other) == ["data set 'moons', trained on 'digits'"]
+    _fake_cifar10(tmp_path)
+    cifar = data_fingerprint({"test": load_dataset("cifar10", tmp_path, "test")})
+    assert cifar["splits"]["test"]["digest"].startswith("sha256:")
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "ab") as f:
+        f.write(b"\0")  # another file
+    changed = data_fingerprint({"test": load_dataset("cifar10", tmp_path, "test")})
+    assert fingerprint_changes(cifar, changed) == ["the test split holds other files or labels"]
+    # unknown or other-scheme fingerprints are not compared
+    assert fingerprint_changes(None, cifar) == []
+    assert fingerprint_changes({**cifar, "scheme": 0, "num_classes": 3}, cifar) == []

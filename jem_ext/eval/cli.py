@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -295,7 +296,7 @@ def _check_ood(specs: list[str]) -> list[tuple[str, str | None]]:
             raise EvalError(f"--ood {spec!r}: expected NAME[:FOLDER]")
         if name in BUILTIN_OOD:
             raise EvalError(f"--ood {name}: a built-in OOD set, always evaluated")
-        oods.append((name, folder or None))
+        oods.append((name, os.path.abspath(folder) if folder else None))
     return oods
 
 
@@ -317,6 +318,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> EvalSettings:
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out}: exists and is not a folder")
     values = vars(args)
+    for key in ("checkpoint", "compare", "out", "data_root", "inception_weights", "fid_classifier"):
+        if values.get(key) is not None:  # report.json records absolute paths
+            values[key] = os.path.abspath(values[key])
     norms = _check_norms(args.pgd_norms)
     values.update(
         tasks=_check_tasks(args.tasks),

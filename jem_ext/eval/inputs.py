@@ -5,6 +5,7 @@ Each loader turns a bad input into one :class:`~jem_ext.eval.settings.EvalError`
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,18 @@ from ..checkpoint import (
     replay_buffer_samples,
     resolve_checkpoint,
 )
-from ..data import DataError, load_dataset
+from ..data import DataError, data_fingerprint, fingerprint_changes, load_dataset
 from .settings import EvalError, EvalSettings
 
-__all__ = ["EvalData", "Loaded", "load_data", "load_model", "load_eval_data"]
+__all__ = [
+    "EvalData",
+    "Loaded",
+    "load_data",
+    "load_model",
+    "load_eval_data",
+    "training_data",
+    "data_warnings",
+]
 
 
 @dataclass
@@ -53,18 +62,20 @@ class Loaded:
 
 @dataclass
 class EvalData:
-    """The test images and labels (a seeded subset) and the extra OOD sets."""
+    """The test images and labels (a seeded subset), the extra OOD sets, and the fingerprint of
+    the whole test split (see :func:`jem_ext.data.data_fingerprint`)."""
 
     dataset: str
     x: torch.Tensor
     y: torch.Tensor
     ood_extra: dict[str, torch.Tensor]
+    fingerprint: dict[str, Any] | None = None
 
 
 def load_model(path: str, device: str, what: str, label: str | None = None) -> Loaded:
     """Resolve, load and rebuild a checkpoint (raises :class:`EvalError`)."""
     try:
-        file = resolve_checkpoint(path)
+        file = Path(os.path.abspath(resolve_checkpoint(path)))
         state = load_checkpoint(file, map_location="cpu")
         model = model_from_checkpoint(state, device=device)
     except CheckpointError as err:
@@ -143,4 +154,60 @@ def load_eval_data(settings: EvalSettings, main: Loaded) -> EvalData:
         d = load_data(name, folder, f"--ood {name}")
         check_shape(d, main, f"--ood {name}")
         extra[name] = subset(d, settings.max_samples, settings.seed)[0]
-    return EvalData(dataset=dataset, x=x, y=y, ood_extra=extra)
+    fingerprint = data_fingerprint({"test": data})
+    return EvalData(dataset=dataset, x=x, y=y, ood_extra=extra, fingerprint=fingerprint)
+
+
+def training_data(m: Loaded, evaluated: dict[str, Any] | None) -> dict[str, Any]:
+    """What a checkpoint records about its training data, and whether the evaluated data are
+    those: ``matches`` is True (same fingerprint), False (``differences`` says how) or None
+    (unknown: the run recorded no fingerprint)."""
+    cfg = m.config
+    recorded = cfg.get("data_fingerprint")
+    recorded = recorded if isinstance(recorded, dict) else None
+    info: dict[str, Any] = {
+        "dataset": cfg.get("dataset"),
+        "data_root": cfg.get("data_root"),
+        "fingerprint": recorded,
+        "matches": None,
+        "differences": [],
+    }
+    if evaluated is None:
+        return info
+    if cfg.get("dataset") and cfg["dataset"] != evaluated["dataset"]:
+        info["differences"] = [f"trained on data set {cfg['dataset']!r}"]
+    elif recorded is not None and recorded.get("scheme") == evaluated.get("scheme"):
+        info["differences"] = fingerprint_changes(recorded, evaluated)
+    else:
+        return info
+    info["matches"] = not info["differences"]
+    return info
+
+
+def data_warnings(models: list[Loaded], data: EvalData) -> list[str]:
+    """One line per model evaluated on data that differ from its training data, and one when
+    the two models were trained on different data."""
+    out = []
+    for m, what in zip(models, ("--checkpoint", "--compare")):
+        info = training_data(m, data.fingerprint)
+        if info["matches"] is False:
+            out.append(
+                f"{what} {m.path}: the evaluated {data.dataset} test data differ from its "
+                f"training data ({'; '.join(info['differences'])}); its figures may not "
+                "measure what they seem to"
+            )
+    if len(models) == 2:
+        main, other = (m.config for m in models)
+        a, b = main.get("data_fingerprint"), other.get("data_fingerprint")
+        if main.get("dataset") != other.get("dataset"):
+            diff = [f"{other.get('dataset')!r}, not {main.get('dataset')!r}"]
+        elif isinstance(a, dict) and isinstance(b, dict) and a.get("scheme") == b.get("scheme"):
+            diff = fingerprint_changes(a, b)
+        else:
+            diff = []
+        if diff:
+            out.append(
+                f"--compare {models[1].path}: trained on other data than --checkpoint "
+                f"({'; '.join(diff)}); the two models' figures may not be comparable"
+            )
+    return out

@@ -62,10 +62,17 @@ out-of-range number, unusable SGLD settings in the checkpoint) is reported as on
 stderr with exit status 2, before anything is written. Every output file is written
 atomically (temporary file, then :func:`os.replace`), and only once all figures are computed;
 report.json is standard JSON (a non-finite figure is written as null).
+
+report.json records each model's training data (``"training_data"``: data set, data root and
+the data fingerprint its run recorded, and whether the evaluated test data match it) and the
+fingerprint of the evaluated test split (``"data_fingerprint"``). Test data that differ from a
+model's training data, or two models trained on different data, are not refused: each gives a
+line in ``"warnings"``, also printed on stderr.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,7 +93,15 @@ from .generation import (
     run_fid,
     run_generation,
 )
-from .inputs import EvalData, Loaded, load_compare, load_eval_data, load_model
+from .inputs import (
+    EvalData,
+    Loaded,
+    data_warnings,
+    load_compare,
+    load_eval_data,
+    load_model,
+    training_data,
+)
 from .settings import EvalSettings, SGLDSettings, resolve_sgld
 from .speed import apply_model_options, make_chain
 from .tasks import (
@@ -116,6 +131,7 @@ class Inputs:
     fid_net: FIDNetwork | None
     fid_skip_reason: str | None
     chain: Callable[..., torch.Tensor] | None = None  # the generation chains' function
+    warnings: list[str] = field(default_factory=list)  # data that differ (report.json)
 
 
 def prepare(settings: EvalSettings) -> Inputs:
@@ -135,6 +151,7 @@ def prepare(settings: EvalSettings) -> Inputs:
         fid_net=fid_net,
         fid_skip_reason=reason,
         chain=make_chain(settings),
+        warnings=data_warnings(models, data),
     )
 
 
@@ -292,6 +309,10 @@ def assemble(results: list[ModelResults], inp: Inputs) -> dict[str, Any]:
         report["skipped"] = {"fid": inp.fid_skip_reason}
     if len(results) > 1:
         report["compare"] = results[1].to_json()
+    report["data_fingerprint"] = inp.data.fingerprint
+    for r, part in zip(results, (report, report.get("compare"))):
+        part["training_data"] = training_data(r.model, inp.data.fingerprint)
+    report["warnings"] = inp.warnings
     return report
 
 
@@ -305,6 +326,8 @@ def run(settings: EvalSettings) -> dict[str, Any]:
         EvalError: bad input (nothing has been written).
     """
     inp = prepare(settings)
+    for warning in inp.warnings:
+        print(f"jem_ext.eval: warning: {warning}", file=sys.stderr)
     start = time.time()
     results = [evaluate(m, inp, compare=i > 0) for i, m in enumerate(inp.models)]
     report = assemble(results, inp)

@@ -11,7 +11,7 @@ from .. import data as jdata
 from ..checkpoint import CheckpointError, load_checkpoint, weights_mismatch
 from ..models import meta_model
 from . import distributed
-from .config import ConfigError, parse_command_line
+from .config import ConfigError, check_identity, parse_command_line
 from .folder import RunFolder
 from .guard import TrainingDiverged
 from .loop import train
@@ -108,6 +108,7 @@ def prepare(argv: list[str] | None = None) -> Prepared:
     try:
         resume_state = None if cfg["resume"] is None else _load_resume_state(cfg["resume"])
         datasets = load_data(cfg)
+        check_identity(cfg, datasets, resume_state)
         _check_model(cfg, datasets, resume_state)
         if cfg["labels_per_class"] is not None:
             jdata.labeled_mask(datasets["train"].y, cfg["labels_per_class"], seed=cfg["seed"])

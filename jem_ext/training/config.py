@@ -10,13 +10,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..data import FILE_DATASETS, TOY_DATASETS
+from ..checkpoint import CheckpointError
+from ..data import (
+    FILE_DATASETS,
+    TOY_DATASETS,
+    DataError,
+    ImageData,
+    data_fingerprint,
+    fingerprint_changes,
+)
 from ..recipes import apply_recipe
 from .flags import ConfigError, build_parser, default_config, finite_float, int_list
 
@@ -25,6 +35,13 @@ from .flags import ConfigError, build_parser, default_config, finite_float, int_
 INVOCATION_KEYS = ("out", "config", "resume", "no_progress")
 # Keys config.json records about the launch (world size, batches): not flags, dropped on read.
 LAUNCH_KEYS = ("world_size", "global_batch_size", "batch_size_per_process")
+# Keys config.json records about the run's identity: not flags. ``run_id`` names the run (every
+# checkpoint carries it in its config), ``data_fingerprint`` the data it trains on (see
+# jem_ext.data.data_fingerprint). A resume keeps and checks them; --config drops them (a new
+# run gets its own). Files written before they existed lack them: identity unknown.
+IDENTITY_KEYS = ("run_id", "data_fingerprint")
+# Keys holding paths: stored absolute, so that the run folder can be used from anywhere.
+PATH_KEYS = ("data_root", "out", "config", "resume")
 # Keys older config.json files may hold that no longer mean anything: read and dropped.
 RETIRED_KEYS = ("debug_inject_nan_at",)
 # Keys added after config files were first written, with the value that repeats what such a
@@ -246,7 +263,76 @@ def parse_command_line(argv: list[str] | None) -> Invocation:
             where.setdefault(key, f"config file {base_file}: key {key!r}")
     cfg = with_recipe(cfg, set(explicit))
     validate(cfg, where)
+    for key in PATH_KEYS:
+        if cfg[key] is not None:
+            cfg[key] = os.path.abspath(os.path.expanduser(cfg[key]))
+    recorded = loaded if args.resume is not None else {}
+    cfg["run_id"] = recorded.get("run_id") or new_run_id()
+    cfg["data_fingerprint"] = recorded.get("data_fingerprint")
     return Invocation(cfg, explicit)
+
+
+def new_run_id() -> str:
+    """A fresh run identity (random, 32 hex digits)."""
+    return uuid.uuid4().hex
+
+
+def check_identity(
+    cfg: dict[str, Any], datasets: dict[str, ImageData], resume_state: dict[str, Any] | None
+) -> None:
+    """Record the data's fingerprint in ``cfg``; on a resume first check that the checkpoint
+    belongs to this run and that the data are those the run was trained on.
+
+    A config.json or checkpoint without an identity (written before runs recorded one) is
+    not refused: what it lacks is unknown, and is recorded from now on.
+
+    Raises:
+        CheckpointError: the checkpoint carries another run's identity.
+        DataError: the data differ from the recorded fingerprint, or no longer fit the
+            checkpoint's model (another number of classes or sample shape).
+    """
+    current = data_fingerprint(datasets)
+    if resume_state is not None:
+        where = f"--resume {cfg['out']}"
+        saved = resume_state.get("config")
+        saved = saved if isinstance(saved, dict) else {}
+        ckpt_id = saved.get("run_id")
+        if cfg.get("run_id") and ckpt_id and ckpt_id != cfg["run_id"]:
+            raise CheckpointError(
+                f"{where}: checkpoints/last.pt belongs to another run (its run_id is {ckpt_id}, "
+                f"config.json's is {cfg['run_id']}; objective {saved.get('objective')!r}, "
+                f"dataset {saved.get('dataset')!r}); put this run's checkpoint back"
+            )
+        recorded = cfg.get("data_fingerprint") or saved.get("data_fingerprint")
+        changes = fingerprint_changes(recorded, current)
+        changes = changes or _model_changes(resume_state, datasets["train"])
+        if changes:
+            raise DataError(
+                f"{where}: the data differ from those the run was trained on "
+                f"({'; '.join(changes)}); restore them, or train a new run"
+            )
+        if ckpt_id and not cfg.get("run_id"):
+            cfg["run_id"] = ckpt_id
+    cfg["data_fingerprint"] = current
+
+
+def _model_changes(state: dict[str, Any], train: ImageData) -> list[str]:
+    """What a checkpoint's model says about its data that the data no longer match."""
+    spec = state.get("model_spec")
+    if not isinstance(spec, dict):
+        return []
+    changes = []
+    if isinstance(spec.get("num_classes"), int) and spec["num_classes"] != train.num_classes:
+        changes.append(
+            f"the data now has {train.num_classes} classes, the checkpoint's model "
+            f"{spec['num_classes']}"
+        )
+    if isinstance(spec.get("in_shape"), list) and tuple(spec["in_shape"]) != train.shape:
+        changes.append(
+            f"samples now have shape {train.shape}, the checkpoint's model takes "
+            f"{tuple(spec['in_shape'])}"
+        )
+    return changes
 
 
 def with_recipe(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
@@ -293,6 +379,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
             f"config file {path}: expected a JSON object, got {type(loaded).__name__}"
         )
     loaded = {k: v for k, v in loaded.items() if k not in RETIRED_KEYS + LAUNCH_KEYS}
+    identity = {k: loaded.pop(k) for k in IDENTITY_KEYS if k in loaded}
+    if not isinstance(identity.get("run_id", ""), str):
+        raise ConfigError(f"config file {path}: key 'run_id': expected a string")
+    if not isinstance(identity.get("data_fingerprint", {}), (dict, type(None))):
+        raise ConfigError(f"config file {path}: key 'data_fingerprint': expected an object")
     actions = _actions()
     unknown = sorted(set(loaded) - set(actions))
     if unknown:
@@ -303,7 +394,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         problem = _type_error(actions[key], value)
         if problem is not None:
             raise ConfigError(f"config file {path}: key {key!r}: {problem}")
-    return loaded
+    return {**loaded, **identity}
 
 
 def _reject_constant(name: str) -> Any:

@@ -89,9 +89,10 @@ class Run:
 
 
 def fresh_out(cfg: dict[str, Any]) -> str:
-    """A new run folder name, ``runs/<timestamp>-<dataset>-<objective>[-k]``."""
+    """A new run folder name, ``<cwd>/runs/<timestamp>-<dataset>-<objective>[-k]`` (absolute, as
+    every path a run records)."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path("runs") / f"{stamp}-{cfg['dataset']}-{cfg['objective']}"
+    base = Path.cwd() / "runs" / f"{stamp}-{cfg['dataset']}-{cfg['objective']}"
     out, k = base, 1
     while out.exists():
         k += 1
@@ -122,11 +123,15 @@ def model_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_data(cfg: dict[str, Any]) -> dict[str, jdata.ImageData]:
-    """Load the train/val/test splits named by the config (raises DataError)."""
-    return {
+    """Load the train/val/test splits named by the config, and check that its augmentation
+    fits the images (raises DataError)."""
+    datasets = {
         split: jdata.load_dataset(cfg["dataset"], cfg["data_root"], split, seed=cfg["seed"])
         for split in jdata.SPLITS
     }
+    augment = None if cfg.get("no_augment") else jdata.default_augment(cfg["dataset"])
+    jdata.check_augment(augment, datasets["train"], cfg.get("data_root"))
+    return datasets
 
 
 def sampler_seed(seed: int, reseeds: int = 0, rank: int = 0) -> int:
