@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,7 +17,7 @@ from toy_runs import TOY
 
 from jem_ext import data as jdata
 from jem_ext import train as jtrain
-from jem_ext.checkpoint import load_checkpoint
+from jem_ext.checkpoint import load_checkpoint, save_checkpoint
 from jem_ext.training import cli, loop, runlog
 from jem_ext.training.folder import RunFolder
 
@@ -318,3 +320,168 @@ def test_two_processes_with_the_same_out_one_runs(tmp_path):
     assert refusal.count("\n") == 1
     rows = _rows(out)
     assert [r["iteration"] for r in rows if "loss" in r] == list(range(1, 33))  # one writer
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity: the data a run trains on, the run a checkpoint belongs to, paths from anywhere
+# ---------------------------------------------------------------------------------------------
+
+FOLDER = [
+    "--dataset", "folder", "--model", "mlp", "--width", "16", "--depth", "2",
+    "--sgld-steps", "2", "--buffer-size", "60", "--warmup-iters", "2", "--batch-size", "16",
+    "--no-progress", "--log-every", "1", "--sample-every", "0", "--epochs", "1",
+]  # fmt: skip
+
+
+def _image_folder(root: Path, classes: str = "abc", n: int = 20, size: int = 8) -> Path:
+    rng = np.random.default_rng(len(classes) * 100 + n)
+    for cls in classes:
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            pixels = rng.integers(0, 256, (size, size), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / cls / f"{i:03d}.png")
+    return root
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(run)): p.read_bytes()
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def _strip_identity(run: Path) -> None:
+    """Make a run look as if written before runs recorded their identity."""
+    cfg = json.loads((run / "config.json").read_text())
+    for key in ("run_id", "data_fingerprint"):
+        cfg.pop(key)
+    (run / "config.json").write_text(json.dumps(cfg))
+    for ckpt in (run / "checkpoints").glob("*.pt"):
+        state = load_checkpoint(ckpt)
+        for key in ("run_id", "data_fingerprint"):
+            state["config"].pop(key)
+        state.pop("checksum")
+        save_checkpoint(ckpt, state)
+
+
+def test_run_records_its_identity_and_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _image_folder(tmp_path / "img")
+    assert jtrain.main(FOLDER + ["--data-root", "img", "--out", "r"]) == 0
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["data_root"] == str(tmp_path / "img") and cfg["out"] == str(tmp_path / "r")
+    assert len(cfg["run_id"]) == 32
+    fp = cfg["data_fingerprint"]
+    assert fp["dataset"] == "folder" and fp["num_classes"] == 3 and fp["shape"] == [1, 8, 8]
+    assert {s: v["n"] for s, v in fp["splits"].items()} == {"train": 48, "val": 6, "test": 6}
+    state = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
+    assert state["config"]["run_id"] == cfg["run_id"]
+    assert state["config"]["data_fingerprint"] == fp
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["run_dir"] == str(tmp_path / "r")
+    assert Path(summary["last_checkpoint"]).is_absolute()
+    # --config repeats the experiment as a new run: its own id
+    assert jtrain.main(["--config", "r/config.json", "--out", "again"]) == 0
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert again["run_id"] != cfg["run_id"] and again["data_fingerprint"] == fp
+    # a run folder from another directory: evaluation finds the data
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    from jem_ext.eval import cli as eval_cli
+
+    assert eval_cli.main(["--checkpoint", "../r", "--out", "ev", "--tasks", "accuracy"]) == 0
+    report = json.loads((elsewhere / "ev" / "report.json").read_text())
+    assert report["checkpoint"] == str(tmp_path / "r" / "checkpoints" / "best.pt")
+    assert report["settings"]["out"] == str(elsewhere / "ev")
+    assert report["warnings"] == [] and report["training_data"]["matches"] is True
+
+
+@pytest.mark.parametrize("change", ["added", "removed", "renamed", "class_removed"])
+def test_resume_refuses_data_that_changed(tmp_path, capsys, change):
+    img = _image_folder(tmp_path / "img")
+    run = tmp_path / "r"
+    assert jtrain.main(FOLDER + ["--data-root", str(img), "--out", str(run)]) == 0
+    capsys.readouterr()
+    before = _snapshot(run)
+    if change == "added":
+        (img / "a" / "000.png").rename(img / "a" / "new.png")
+        _image_folder(img, "a", 1)
+    elif change == "removed":
+        (img / "b" / "003.png").unlink()
+    elif change == "renamed":
+        (img / "c" / "003.png").rename(img / "c" / "zzz.png")
+    else:
+        for f in (img / "c").iterdir():
+            f.unlink()
+        (img / "c").rmdir()
+    err = _refused(capsys, ["--resume", str(run), "--epochs", "2"])
+    assert "the data differ from those the run was trained on" in err
+    if change == "class_removed":
+        assert "the data now has 2 classes, trained on 3" in err
+    assert _snapshot(run) == before  # nothing written, nothing lost
+
+
+def test_resume_of_an_old_run_with_a_removed_class_names_the_classes(tmp_path, capsys):
+    img = _image_folder(tmp_path / "img")
+    run = tmp_path / "r"
+    assert jtrain.main(FOLDER + ["--data-root", str(img), "--out", str(run)]) == 0
+    _strip_identity(run)
+    for f in (img / "c").iterdir():
+        f.unlink()
+    (img / "c").rmdir()
+    err = _refused(capsys, ["--resume", str(run), "--epochs", "2"])
+    assert "the data now has 2 classes, the checkpoint's model 3" in err
+
+
+def test_old_runs_without_identity_keep_resuming(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert jtrain.main(TOY + ["--epochs", "1", "--out", str(run)]) == 0
+    _strip_identity(run)
+    assert jtrain.main(["--resume", str(run), "--epochs", "2"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data_fingerprint"]["dataset"] == "moons"  # recorded from now on
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 2
+
+
+def test_resume_refuses_another_runs_checkpoint(tmp_path, capsys):
+    jem, ce = tmp_path / "jem", tmp_path / "ce"
+    assert jtrain.main(TOY + ["--epochs", "1", "--out", str(jem)]) == 0
+    assert jtrain.main(TOY + ["--epochs", "1", "--objective", "ce", "--out", str(ce)]) == 0
+    capsys.readouterr()
+    shutil.copy(ce / "checkpoints" / "last.pt", jem / "checkpoints" / "last.pt")
+    before = _snapshot(jem)
+    err = _refused(capsys, ["--resume", str(jem), "--epochs", "2"])
+    assert "checkpoints/last.pt belongs to another run" in err and "objective 'ce'" in err
+    assert _snapshot(jem) == before
+    # the run's own best.pt is its checkpoint: accepted
+    shutil.copy(jem / "checkpoints" / "best.pt", jem / "checkpoints" / "last.pt")
+    assert jtrain.main(["--resume", str(jem), "--epochs", "2"]) == 0
+
+
+def test_identity_keys_in_a_config_file_are_checked(tmp_path, capsys):
+    for key, value in (("run_id", 5), ("data_fingerprint", [1])):
+        path = tmp_path / f"{key}.json"
+        path.write_text(json.dumps({"dataset": "moons", "model": "mlp", key: value}))
+        err = _refused(capsys, ["--config", str(path)], tmp_path / "runs")
+        assert f"key '{key}'" in err
+
+
+@pytest.mark.parametrize("size", [1, 4])
+def test_images_too_small_for_augmentation_are_refused_up_front(tmp_path, capsys, size):
+    img = _image_folder(tmp_path / "img", "ab", 10, size)
+    out = tmp_path / "r"
+    err = _refused(capsys, FOLDER + ["--data-root", str(img), "--out", str(out)], out)
+    assert f"images are {size}x{size} pixels" in err and "--no-augment" in err
+    assert jtrain.main(FOLDER + ["--data-root", str(img), "--out", str(out), "--no-augment"]) == 0
+
+
+def test_hidden_files_are_skipped_and_one_class_is_refused(tmp_path, capsys):
+    img = _image_folder(tmp_path / "img", "ab", 10)
+    (img / "a" / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert jtrain.main(FOLDER + ["--data-root", str(img), "--out", str(tmp_path / "r")]) == 0
+    one = _image_folder(tmp_path / "one", "a", 20)
+    out = tmp_path / "r1"
+    err = _refused(capsys, FOLDER + ["--data-root", str(one), "--out", str(out)], out)
+    assert "expected at least 2 sub-folders of classes" in err
