@@ -55,6 +55,7 @@ def _save(
     buffer: bool = True,
     train_steps: int = 0,
     seed: int = 0,
+    config: dict | None = None,
 ) -> Path:
     """Save a tiny small_cnn checkpoint (optionally a few CE steps on digits)."""
     torch.manual_seed(seed)
@@ -77,7 +78,7 @@ def _save(
             "model_spec": model_spec(model),
             "model": model.state_dict(),
             "sampler": None if sampler is None else sampler.state_dict(),
-            "config": {"dataset": "digits", "data_root": None, "objective": objective},
+            "config": config or {"dataset": "digits", "data_root": None, "objective": objective},
             "iteration": train_steps,
             "best_val_accuracy": None,
         },
@@ -431,3 +432,71 @@ def test_ood_scores_match_definitions():
     xi = x[2:3].clone().requires_grad_(True)
     (g,) = torch.autograd.grad(torch.logsumexp(model(xi), 1).sum(), xi)
     assert scores["approx_mass"][2] == pytest.approx(-g.norm().item(), rel=1e-4)
+
+
+def _digits_fingerprint(**test_split) -> dict:
+    from jem_ext.data import data_fingerprint, load_dataset
+
+    fp = data_fingerprint({s: load_dataset("digits", split=s) for s in ("train", "val", "test")})
+    fp["splits"]["test"].update(test_split)
+    return fp
+
+
+def test_report_records_training_data_and_warns_when_it_differs(ckpts, tmp_path, capsys):
+    same = _save(
+        tmp_path / "same.pt",
+        "jem",
+        buffer=False,
+        config={"dataset": "digits", "objective": "jem", "data_fingerprint": _digits_fingerprint()},
+    )
+    changed = _save(
+        tmp_path / "changed.pt",
+        "ce",
+        buffer=False,
+        config={
+            "dataset": "digits",
+            "objective": "ce",
+            "data_fingerprint": _digits_fingerprint(n=400),
+        },
+    )
+    out_dir = tmp_path / "out"
+    argv = ["--checkpoint", same, "--compare", changed, "--tasks", "accuracy", *FAST]
+    code, _, err = _run(argv + ["--out", out_dir], capsys)
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["data_fingerprint"]["splits"]["test"]["n"] == 359
+    assert report["training_data"]["matches"] is True
+    assert report["training_data"]["fingerprint"]["dataset"] == "digits"
+    info = report["compare"]["training_data"]
+    assert info["matches"] is False
+    assert info["differences"] == ["the test split now has 359 samples, was 400"]
+    assert len(report["warnings"]) == 2 and err.count("jem_ext.eval: warning: ") == 2
+    assert str(changed) in report["warnings"][0] and "differ from its training data" in err
+    assert "--compare" in report["warnings"][1] and "trained on other data" in err
+    # a checkpoint that recorded no fingerprint: unknown, no warning
+    code, _, err = _run(
+        ["--checkpoint", ckpts["jem_run"], "--tasks", "accuracy", "--out", tmp_path / "o", *FAST],
+        capsys,
+    )
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert code == 0 and report["training_data"]["matches"] is None and report["warnings"] == []
+
+
+def test_compare_trained_on_another_data_set_is_reported(ckpts, tmp_path, capsys):
+    other = _save(
+        tmp_path / "other.pt",
+        "ce",
+        buffer=False,
+        config={"dataset": "cifar10", "data_root": "/data/c", "objective": "ce"},
+    )
+    out_dir = tmp_path / "out"
+    argv = ["--checkpoint", ckpts["jem_run"], "--compare", other, "--tasks", "accuracy"]
+    code, _, err = _run(argv + ["--out", out_dir, *FAST], capsys)
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    info = report["compare"]["training_data"]
+    assert info["dataset"] == "cifar10" and info["data_root"] == "/data/c"
+    assert info["matches"] is False and info["differences"] == ["trained on data set 'cifar10'"]
+    assert report["training_data"]["dataset"] == "digits"
+    assert any("('cifar10', not 'digits')" in w for w in report["warnings"])
+    assert "trained on other data than --checkpoint" in err
