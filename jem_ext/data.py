@@ -329,12 +329,12 @@ def data_fingerprint(datasets: dict[str, ImageData]) -> dict[str, object]:
     """What identifies a run's data: the data set, its classes and sample shape, and per split
     the number of samples and :attr:`ImageData.digest`.
 
-    The digests are cheap to compute at every start: an image folder's cover each file's path,
-    size and label (no content hash: reading every file again would double the load time of a
-    large folder; no modification times: copying the folder changes them); the CIFAR and SVHN
-    files' cover their names, sizes and the split's labels; the built-in digits and the toy
-    sets are hashed whole (a few kilobytes). Adding, removing, moving or resizing an image
-    changes the fingerprint.
+    The digests hash content, and cost little at every start: an image folder's cover each
+    file's path, label and the SHA-256 of its bytes (read anyway to decode it); CIFAR's and
+    SVHN's the split's uint8 pixels and labels (about 0.15 s for 50000 CIFAR images); the
+    built-in digits and the toy sets are hashed whole (a few kilobytes). Modification times
+    are left out: copying a folder changes them, not the data. Adding, removing, renaming,
+    moving or rewriting an image changes the fingerprint.
     """
     first = next(iter(datasets.values()))
     return {
@@ -373,7 +373,7 @@ def fingerprint_changes(recorded: object, current: dict[str, object]) -> list[st
         if was.get("n") != now["n"]:
             changes.append(f"the {split} split now has {now['n']} samples, was {was.get('n')}")
         elif was.get("digest") != now["digest"] and None not in (was.get("digest"), now["digest"]):
-            changes.append(f"the {split} split holds other files or labels")
+            changes.append(f"the {split} split holds other samples or labels")
     return changes
 
 

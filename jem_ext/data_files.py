@@ -9,6 +9,8 @@ re-exported here).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import pickle
 from pathlib import Path
@@ -42,10 +44,17 @@ def _content_digest(x: torch.Tensor, y: torch.Tensor, classes: list[str]) -> str
     return _digest([x.contiguous().numpy().tobytes(), y.contiguous().numpy().tobytes(), *classes])
 
 
-def _files_digest(files: list[Path], y: np.ndarray, classes: list[str]) -> str:
-    """Digest of a split read from whole data files: their names and sizes, and its labels."""
-    parts: list[bytes | str] = [f"{f.name}\0{f.stat().st_size}" for f in files]
-    return _digest([*parts, np.ascontiguousarray(y, dtype=np.int64).tobytes(), *classes])
+def _array_digest(images: np.ndarray, y: np.ndarray, classes: list[str]) -> str:
+    """Digest of a split's uint8 pixels and labels as read from the data files (about 0.15 s
+    for CIFAR-10's 50000 training images)."""
+    return _digest(
+        [
+            str(images.shape),
+            memoryview(np.ascontiguousarray(images)).cast("B"),
+            np.ascontiguousarray(y, dtype=np.int64).tobytes(),
+            *classes,
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +228,7 @@ def read_cifar(name: str, root: str | os.PathLike | None, split: str) -> ImageDa
     if split != "test":
         idx = _split_heldout_val(labels_np, split)
         images_np, labels_np = images_np[idx], labels_np[idx]
-    digest = _files_digest([base / f for f in files], labels_np, classes)
+    digest = _array_digest(images_np, labels_np, classes)
     return ImageData(
         _to_unit_range(images_np), torch.from_numpy(labels_np), len(classes), name, classes, digest
     )
@@ -261,7 +270,7 @@ def read_svhn(root: str | os.PathLike | None, split: str) -> ImageData:
         images, labels = images[..., idx], labels[idx]
     x = _to_unit_range(images.transpose(3, 2, 0, 1))
     classes = [str(k) for k in range(10)]
-    digest = _files_digest([path], labels, classes)
+    digest = _array_digest(images, labels, classes)
     return ImageData(x, torch.from_numpy(labels), 10, "svhn", classes, digest)
 
 
@@ -330,15 +339,16 @@ def _probe_image(path: Path) -> tuple[str, tuple[int, int]]:
     return mode, size
 
 
-def _decode_image(path: Path, grey: bool) -> np.ndarray:
+def _decode_image(path: Path, grey: bool) -> tuple[np.ndarray, str]:
     """An image as float32 ``[C, H, W]`` in [-1, 1] (C = 1 when ``grey``, else 3), scaled by
-    its bit depth (8-bit values by 255, 16-bit ones by 65535).
+    its bit depth (8-bit values by 255, 16-bit ones by 65535), and the SHA-256 of the file.
 
     Raises:
         DataError: unreadable file, or a pixel that is not fully opaque.
     """
     try:
-        with Image.open(path) as im:
+        raw = path.read_bytes()
+        with Image.open(io.BytesIO(raw)) as im:
             im.load()
             mode = im.mode
             alpha = None
@@ -368,14 +378,16 @@ def _decode_image(path: Path, grey: bool) -> np.ndarray:
             f"image folder: {path} has transparent pixels (mode {mode}); expected opaque "
             "images (flatten them onto a background first)"
         )
-    return pixels
+    return pixels, hashlib.sha256(raw).hexdigest()
 
 
-def _folder_digest(base: Path, paths: list[Path], labels: np.ndarray, classes: list[str]) -> str:
-    """Digest of a split of an image folder: each file's path under the folder, size, label."""
+def _folder_digest(
+    base: Path, paths: list[Path], hashes: list[str], labels: np.ndarray, classes: list[str]
+) -> str:
+    """Digest of a split of an image folder: each file's path under the folder, the SHA-256 of
+    its bytes (read anyway to decode it) and its label."""
     parts: list[bytes | str] = [
-        f"{p.relative_to(base).as_posix()}\0{p.stat().st_size}\0{int(k)}"
-        for p, k in zip(paths, labels)
+        f"{p.relative_to(base).as_posix()}\0{h}\0{int(k)}" for p, h, k in zip(paths, hashes, labels)
     ]
     return _digest([*parts, *classes])
 
@@ -431,8 +443,10 @@ def read_folder(root: str | os.PathLike | None, split: str) -> ImageData:
     width, height = probes[0][1]
     channels = 1 if grey else 3
     images = np.empty((len(paths), channels, height, width), dtype=np.float32)
+    hashes = []
     for i, path in enumerate(paths):
-        images[i] = _decode_image(path, grey)
+        images[i], file_hash = _decode_image(path, grey)
+        hashes.append(file_hash)
     x = torch.from_numpy(images)
-    digest = _folder_digest(base, paths, labels, classes)
+    digest = _folder_digest(base, paths, hashes, labels, classes)
     return ImageData(x, torch.from_numpy(labels), len(classes), "folder", classes, digest)

@@ -621,8 +621,18 @@ def test_folder_fingerprint_follows_files_not_times(tmp_path):
     assert changes[0] == "the train split now has 25 samples, was 24"
     (tmp_path / "a" / "img010.png").unlink()
     (tmp_path / "a" / "img009.png").rename(tmp_path / "a" / "img099.png")  # renamed
-    assert "other files or labels" in " ".join(fingerprint_changes(first, _fingerprint(tmp_path)))
+    assert "other samples or labels" in " ".join(fingerprint_changes(first, _fingerprint(tmp_path)))
     (tmp_path / "a" / "img099.png").rename(tmp_path / "a" / "img009.png")
+    assert fingerprint_changes(first, _fingerprint(tmp_path)) == []
+    rewritten = tmp_path / "a" / "img004.png"
+    pixels = np.asarray(Image.open(rewritten)).copy()
+    pixels[0, 0] ^= 1  # one pixel: same name, same size
+    size = rewritten.stat().st_size
+    Image.fromarray(pixels).save(rewritten)
+    assert rewritten.stat().st_size == size
+    assert "other samples or labels" in " ".join(fingerprint_changes(first, _fingerprint(tmp_path)))
+    pixels[0, 0] ^= 1
+    Image.fromarray(pixels).save(rewritten)
     assert fingerprint_changes(first, _fingerprint(tmp_path)) == []
     for f in (tmp_path / "c").iterdir():
         f.unlink()
@@ -640,16 +650,17 @@ def test_fingerprints_of_built_in_and_file_data_sets(tmp_path):
     moons = {s: data_fingerprint({s: load_dataset("moons", split=s, seed=1)}) for s in ("test",)}
     other = data_fingerprint({"test": load_dataset("moons", split="test", seed=2)})
     assert fingerprint_changes(moons["test"], other) == [
-        "the test split holds other files or labels"
+        "the test split holds other samples or labels"
     ]
     assert fingerprint_changes(digits, other) == ["data set 'moons', trained on 'digits'"]
-    _fake_cifar10(tmp_path)
+    folder, raw = _fake_cifar10(tmp_path)
     cifar = data_fingerprint({"test": load_dataset("cifar10", tmp_path, "test")})
     assert cifar["splits"]["test"]["digest"].startswith("sha256:")
-    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "ab") as f:
-        f.write(b"\0")  # another file
+    data, labels = raw["test_batch"]
+    data[3, 7] ^= 1  # one pixel of one image, same file size
+    _dump(folder / "test_batch", {b"batch_label": b"x", b"data": data, b"labels": labels})
     changed = data_fingerprint({"test": load_dataset("cifar10", tmp_path, "test")})
-    assert fingerprint_changes(cifar, changed) == ["the test split holds other files or labels"]
+    assert fingerprint_changes(cifar, changed) == ["the test split holds other samples or labels"]
     # unknown or other-scheme fingerprints are not compared
     assert fingerprint_changes(None, cifar) == []
     assert fingerprint_changes({**cifar, "scheme": 0, "num_classes": 3}, cifar) == []
