@@ -485,3 +485,16 @@ def test_hidden_files_are_skipped_and_one_class_is_refused(tmp_path, capsys):
     out = tmp_path / "r1"
     err = _refused(capsys, FOLDER + ["--data-root", str(one), "--out", str(out)], out)
     assert "expected at least 2 sub-folders of classes" in err
+
+
+def test_train_api_stores_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _image_folder(tmp_path / "img", "ab", 10)
+    cfg = jtrain.config_from_args(FOLDER + ["--data-root", "img", "--out", "r"])
+    cfg.update(data_root="img", out="r")  # as a caller of the Python API may pass them
+    summary = jtrain.train(cfg)
+    assert summary["run_dir"] == str(tmp_path / "r")
+    recorded = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert recorded["data_root"] == str(tmp_path / "img")
+    state = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
+    assert state["config"]["out"] == str(tmp_path / "r")

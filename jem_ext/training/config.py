@@ -263,13 +263,20 @@ def parse_command_line(argv: list[str] | None) -> Invocation:
             where.setdefault(key, f"config file {base_file}: key {key!r}")
     cfg = with_recipe(cfg, set(explicit))
     validate(cfg, where)
-    for key in PATH_KEYS:
-        if cfg[key] is not None:
-            cfg[key] = os.path.abspath(os.path.expanduser(cfg[key]))
+    absolute_paths(cfg)
     recorded = loaded if args.resume is not None else {}
     cfg["run_id"] = recorded.get("run_id") or new_run_id()
     cfg["data_fingerprint"] = recorded.get("data_fingerprint")
     return Invocation(cfg, explicit)
+
+
+def absolute_paths(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Make the config's paths (:data:`PATH_KEYS`) absolute, in place (and return ``cfg``):
+    a run folder, its checkpoints and reports then work from any directory."""
+    for key in PATH_KEYS:
+        if cfg.get(key) is not None:
+            cfg[key] = os.path.abspath(os.path.expanduser(cfg[key]))
+    return cfg
 
 
 def new_run_id() -> str:

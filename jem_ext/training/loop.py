@@ -23,7 +23,7 @@ from .._io import atomic_write_text
 from ..checkpoint import load_checkpoint, model_from_checkpoint
 from ..sampler import sample_from_noise
 from . import distributed
-from .config import default_config, validate, with_recipe
+from .config import absolute_paths, default_config, validate, with_recipe
 from .distributed import Dist
 from .guard import DivergenceGuard, SplitWatch, TrainingDiverged
 from .runlog import (
@@ -262,6 +262,7 @@ def train(
     if cfg["out"] is None:
         cfg["out"] = fresh_out(cfg)
     validate(cfg)
+    absolute_paths(cfg)
     run = build_run(cfg, datasets)
     main = run.dist.is_main  # the process that writes the run folder
     run.saver = CheckpointSaver(run.out / "checkpoints", write=main)
