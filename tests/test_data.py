@@ -494,11 +494,16 @@ def _class_a(root) -> torch.Tensor:
     return torch.cat([d.x[d.y == 0] for d in splits])
 
 
-def test_folder_16_bit_grey_png_is_scaled_by_its_bit_depth(tmp_path):
-    values = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
+@pytest.mark.parametrize("fmt, mode", [("PNG", "I;16"), ("TIFF", "I;16B")])
+def test_folder_16_bit_grey_png_is_scaled_by_its_bit_depth(tmp_path, fmt, mode):
+    values = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(">u2")
     image = Image.fromarray(values)
-    assert image.mode.startswith("I;16")
-    x = _class_a(_folder_of(tmp_path, image))
+    (tmp_path / "a").mkdir()
+    for i in range(10):
+        image.save(tmp_path / "a" / f"img{i:03d}.png", format=fmt)
+    assert Image.open(tmp_path / "a" / "img000.png").mode == mode
+    _write_images(tmp_path / "b", 10)
+    x = _class_a(tmp_path)
     expected = torch.from_numpy(values.astype(np.float64) / 32767.5 - 1).float()
     assert len(x[0].unique()) == 64  # not clipped to 255 (two values)
     torch.testing.assert_close(x[0, 0], expected)

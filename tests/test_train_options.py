@@ -91,7 +91,8 @@ def test_recipe_is_recorded_and_repeated_by_config_and_resume(tmp_path):
 
 
 def _experiment(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in INVOCATION_KEYS}
+    """The config without the invocation and the run's own identity (a repeat is a new run)."""
+    return {k: v for k, v in cfg.items() if k not in INVOCATION_KEYS + ("run_id",)}
 
 
 def test_train_function_applies_the_recipe_under_given_keys(tmp_path):
