@@ -8,7 +8,11 @@ A checkpoint is a plain dict saved with :func:`torch.save` and read back with
 - ``"model_spec"``: :func:`jem_ext.models.model_spec` of the network; ``"model"``: its state dict.
 - ``"optimizer"``: optimiser state dict; ``"sampler"``: ``SGLDSampler.state_dict()`` (or None).
 - ``"rng"``: RNG states (see :func:`capture_rng` / :func:`restore_rng`).
-- ``"iteration"``, ``"epoch"``: training progress; ``"config"``: the run's full config dict;
+- ``"iteration"``, ``"epoch"``: training progress; ``"config"``: the run's full config dict,
+  with its identity: ``config["run_id"]`` names the run (a resume refuses a checkpoint of
+  another run) and ``config["data_fingerprint"]`` the data it trained on (see
+  :func:`jem_ext.data.data_fingerprint`; a resume refuses changed data, an evaluation warns);
+  checkpoints written before they existed lack both and are accepted;
   ``"best_val_accuracy"``: best validation accuracy so far.
 - ``"distributed"`` (checkpoints of a job of several processes only): ``{"world_size",
   "shard_rows", "rng"}``: the number of processes, each one's replay-buffer rows (per class for

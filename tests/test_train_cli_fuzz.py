@@ -382,7 +382,7 @@ def _files(run: Path) -> dict[str, bytes]:
     }
 
 
-def test_fuzz_data_changed_under_a_run(tmp_path, capsys):
+def test_fuzz_data_changed_under_a_run(tmp_path, capsys, monkeypatch):
     rng = random.Random(5)
     pristine = tmp_path / "pristine"
     for k in range(3):
@@ -402,17 +402,37 @@ def test_fuzz_data_changed_under_a_run(tmp_path, capsys):
         kind = MUTATIONS[case] if case < len(MUTATIONS) else rng.choice(MUTATIONS)
         _mutate(data, rng, kind)
         _assert_resume_refused(capsys, run, before, f"case {case} ({kind})")
+        if case < 4 and kind != "remove_class":  # evaluation warns (a class less: refused)
+            warnings = _evaluate(tmp_path / f"eval{case}", run, capsys)
+            assert "differ from its training data" in warnings[0], (kind, warnings)
         shutil.rmtree(data)
         shutil.copytree(pristine, data)
-    # another run's checkpoint in place of last.pt
+    assert _evaluate(tmp_path / "eval_same", run, capsys) == []
+    # another run's checkpoint in place of last.pt (refused) and best.pt (a warning)
     shutil.copy(twin / "checkpoints" / "last.pt", run / "checkpoints" / "last.pt")
     swapped = _files(run)
     _assert_resume_refused(capsys, run, swapped, "another run's last.pt")
-    shutil.copy(tmp_path / "run" / "checkpoints" / "best.pt", run / "checkpoints" / "last.pt")
+    shutil.copy(twin / "checkpoints" / "best.pt", run / "checkpoints" / "best.pt")
+    warnings = _evaluate(tmp_path / "eval_swapped", run, capsys)
+    assert "belongs to another run than its run folder" in warnings[0]
+    for name in ("last.pt", "best.pt"):  # the run's own checkpoints back
+        (run / "checkpoints" / name).write_bytes(before[f"checkpoints/{name}"])
     # copying the data elsewhere (new times, same files) is the same data
     moved = tmp_path / "moved"
     shutil.copytree(pristine, moved)
     assert jtrain.main(["--resume", str(run), "--epochs", "2", "--data-root", str(moved)]) == 0
+
+
+def _evaluate(out: Path, run: Path, capsys) -> list[str]:
+    """Evaluate a run folder's accuracy; returns report.json's warnings (also on stderr)."""
+    from jem_ext.eval import cli as eval_cli
+
+    code = eval_cli.main(["--checkpoint", str(run), "--out", str(out), "--tasks", "accuracy"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    warnings = json.loads((out / "report.json").read_text())["warnings"]
+    assert err.count("jem_ext.eval: warning: ") == len(warnings)
+    return warnings
 
 
 def _assert_resume_refused(capsys, run: Path, before: dict[str, bytes], case: str) -> None:

@@ -5,6 +5,7 @@ Each loader turns a bad input into one :class:`~jem_ext.eval.settings.EvalError`
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,11 +185,30 @@ def training_data(m: Loaded, evaluated: dict[str, Any] | None) -> dict[str, Any]
     return info
 
 
+def _run_folder_id(m: Loaded) -> str | None:
+    """The run id in the config.json of the run folder holding the checkpoint, if any."""
+    if m.path.parent.name != "checkpoints":
+        return None
+    try:
+        recorded = json.loads((m.path.parent.parent / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    run_id = recorded.get("run_id") if isinstance(recorded, dict) else None
+    return run_id if isinstance(run_id, str) else None
+
+
 def data_warnings(models: list[Loaded], data: EvalData) -> list[str]:
-    """One line per model evaluated on data that differ from its training data, and one when
-    the two models were trained on different data."""
+    """One line per model evaluated on data that differ from its training data, or stored in
+    the run folder of another run, and one when the two models were trained on different
+    data."""
     out = []
     for m, what in zip(models, ("--checkpoint", "--compare")):
+        folder_id, own_id = _run_folder_id(m), m.config.get("run_id")
+        if folder_id and own_id and folder_id != own_id:
+            out.append(
+                f"{what} {m.path}: the checkpoint belongs to another run than its run folder "
+                f"(run_id {own_id}, the folder's config.json says {folder_id})"
+            )
         info = training_data(m, data.fingerprint)
         if info["matches"] is False:
             out.append(
