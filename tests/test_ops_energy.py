@@ -83,6 +83,35 @@ def test_gradcheck_first_and_second_order():
     assert torch.autograd.gradgradcheck(lambda t: ops.energy_ce(t, y), (logits,))
 
 
+GRADCHECK_MODES = dict(
+    check_forward_ad=True, check_batched_grad=True, check_batched_forward_grad=True
+)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        pytest.param(lambda t, g: ops.energy(t), id="energy"),
+        pytest.param(lambda t, g: ops.energy(t, torch.tensor([0, 6, 2, 3, 1, 5])), id="energy_y"),
+        pytest.param(lambda t, g: ops.energy_ce(t, torch.tensor([0, 6, 2, 3, 1, 5])), id="ce"),
+        pytest.param(
+            lambda t, g: torch.ops.jem_ext.energy_backward(
+                t, torch.tensor([0, 6, 2, 3, 1, 5]), None, g, g * 2
+            ),
+            id="energy_backward",
+        ),
+    ],
+)
+def test_gradcheck_forward_mode_and_batched_gradients(fn):
+    # Forward mode, and the batched gradients of autograd.grad(is_grads_batched)
+    # and vmap over forward mode, against finite differences; the energy ones
+    # on the CPU take the kept-softmax path.
+    logits = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fn, (logits, g), **GRADCHECK_MODES)
+    assert torch.autograd.gradgradcheck(fn, (logits, g), check_fwd_over_rev=True)
+
+
 def test_double_backward_through_input_gradient_matches_reference():
     # What PGD through SGLD refinement needs: d/dx of ||dE/dx||^2.
     torch.manual_seed(0)

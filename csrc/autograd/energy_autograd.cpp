@@ -60,12 +60,13 @@ at::Tensor energy_backward_op(const at::Tensor& logits, const at::Tensor& energy
 }
 
 // Tensors this kernel leaves to energy's Python autograd: forward-mode
-// tangents, torch.func wrappers, tensor subclasses and functionalization.
+// tangents, torch.func wrappers (and batched gradients), tensor subclasses
+// and functionalization.
 bool needs_general_autograd(const at::Tensor& t) {
-  constexpr c10::DispatchKeySet kSpecial({c10::DispatchKey::FuncTorchBatched,
-                                          c10::DispatchKey::FuncTorchGradWrapper,
-                                          c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
-                                          c10::DispatchKey::BatchedNestedTensor});
+  constexpr c10::DispatchKeySet kSpecial(
+      {c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::Batched,
+       c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Python,
+       c10::DispatchKey::Functionalize, c10::DispatchKey::BatchedNestedTensor});
   if (t.key_set().has_any(kSpecial)) return true;
   const auto* meta = torch::autograd::impl::get_autograd_meta(t);
   return meta != nullptr && meta->fw_grad_ != nullptr && !meta->fw_grad_->empty();
@@ -89,9 +90,10 @@ struct EnergyKeptSoftmax : public torch::autograd::Function<EnergyKeptSoftmax> {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& logits = saved[0];
     const at::Tensor& grad = grads[0];
-    if (at::GradMode::is_enabled()) {
-      // The backward is itself differentiated (create_graph): energy_backward
-      // carries the second-order formula.
+    if (at::GradMode::is_enabled() || needs_general_autograd(grad)) {
+      // The backward is itself differentiated (create_graph), or the
+      // gradient is batched (autograd.grad(is_grads_batched=True)):
+      // energy_backward carries the second-order formula and a vmap rule.
       return {energy_backward_op(logits, saved[1], grad.neg())};
     }
     at::Tensor probs;
