@@ -22,37 +22,48 @@ def onehot(y, c=C):
     return F.one_hot(y, c).to(torch.float64)
 
 
+def on(t, z):
+    """A constant of the cases on the device of the logits z."""
+    return t.to(z.device)
+
+
 # name -> (function of logits [B, C] under test, torch reference). The
 # energy_backward cases make its output a function of the logits and of the
 # row coefficients (closed over), the shape a create_graph backward has.
 CASES = {
     "energy": (lambda z: ops.energy(z), lambda z: -z.logsumexp(1)),
-    "energy_y": (lambda z: ops.energy(z, Y), lambda z: -z.gather(1, Y[:, None]).squeeze(1)),
-    "energy_ce.energy": (lambda z: ops.energy_ce(z, Y)[0], lambda z: -z.logsumexp(1)),
+    "energy_y": (
+        lambda z: ops.energy(z, on(Y, z)),
+        lambda z: -z.gather(1, on(Y, z)[:, None]).squeeze(1),
+    ),
+    "energy_ce.energy": (lambda z: ops.energy_ce(z, on(Y, z))[0], lambda z: -z.logsumexp(1)),
     "energy_ce.ce": (
-        lambda z: ops.energy_ce(z, Y)[1],
-        lambda z: F.cross_entropy(z, Y, reduction="none"),
+        lambda z: ops.energy_ce(z, on(Y, z))[1],
+        lambda z: F.cross_entropy(z, on(Y, z), reduction="none"),
     ),
     "raw_energy": (lambda z: torch.ops.jem_ext.energy(z), lambda z: -z.logsumexp(1)),
     "raw_energy_y": (
-        lambda z: torch.ops.jem_ext.energy(z, Y),
-        lambda z: -z.gather(1, Y[:, None]).squeeze(1),
+        lambda z: torch.ops.jem_ext.energy(z, on(Y, z)),
+        lambda z: -z.gather(1, on(Y, z)[:, None]).squeeze(1),
     ),
     "raw_energy_ce": (
-        lambda z: torch.ops.jem_ext.energy_ce(z, Y)[1] * 2 + torch.ops.jem_ext.energy_ce(z, Y)[0],
-        lambda z: F.cross_entropy(z, Y, reduction="none") * 2 - z.logsumexp(1),
+        lambda z: (
+            torch.ops.jem_ext.energy_ce(z, on(Y, z))[1] * 2
+            + torch.ops.jem_ext.energy_ce(z, on(Y, z))[0]
+        ),
+        lambda z: F.cross_entropy(z, on(Y, z), reduction="none") * 2 - z.logsumexp(1),
     ),
     "raw_kept_softmax": (
         lambda z: torch.ops.jem_ext._energy_kept_softmax(z),
         lambda z: -z.logsumexp(1),
     ),
     "raw_energy_backward": (
-        lambda z: torch.ops.jem_ext.energy_backward(z, Y, None, G_LSE, G_PICK),
-        lambda z: G_LSE[:, None] * z.softmax(1) + G_PICK[:, None] * onehot(Y),
+        lambda z: torch.ops.jem_ext.energy_backward(z, on(Y, z), None, on(G_LSE, z), on(G_PICK, z)),
+        lambda z: on(G_LSE, z)[:, None] * z.softmax(1) + on(G_PICK, z)[:, None] * onehot(on(Y, z)),
     ),
     "raw_energy_backward_with_energy": (
-        lambda z: torch.ops.jem_ext.energy_backward(z, None, -z.logsumexp(1), G_LSE, None),
-        lambda z: G_LSE[:, None] * z.softmax(1),
+        lambda z: torch.ops.jem_ext.energy_backward(z, None, -z.logsumexp(1), on(G_LSE, z), None),
+        lambda z: on(G_LSE, z)[:, None] * z.softmax(1),
     ),
 }
 
@@ -64,7 +75,7 @@ def logits(seed=0, *shape):
 
 def weights_like(out):
     g = torch.Generator().manual_seed(7)
-    return torch.randn(out.shape, generator=g, dtype=torch.float64)
+    return torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device)
 
 
 def scalar(f, w):
@@ -78,9 +89,9 @@ def forward_ad_tangent(f, x, t):
 
 
 # name -> transform(f) evaluated at x: a tensor to compare.
-def _transforms():
-    t = logits(1)
-    xb = logits(2, 4, B, C)  # a vmap batch of 4 logits matrices
+def _transforms(device="cpu"):
+    t = logits(1).to(device)
+    xb = logits(2, 4, B, C).to(device)  # a vmap batch of 4 logits matrices
 
     def with_w(fn):
         def run(f, x):
@@ -126,6 +137,16 @@ def test_transform_matches_torch_reference(case, transform):
     want = TRANSFORMS[transform](ref, x)
     assert got is not None, f"{transform} of {case} gave no tangent"
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("transform", ["jvp", "forward_ad", "grad", "hessian", "vmap_grad"])
+@pytest.mark.parametrize("case", ["energy", "energy_y", "energy_ce.ce", "raw_energy_backward"])
+def test_cuda_transform_matches_cpu(case, transform):
+    f, _ = CASES[case]
+    got = _transforms("cuda")[transform](f, logits(0).cuda())
+    want = TRANSFORMS[transform](f, logits(0))
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("case", list(CASES))
