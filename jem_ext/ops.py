@@ -8,8 +8,11 @@
 
 The kernels live in ``csrc/`` and are registered as ``torch.ops.jem_ext.*``
 when :mod:`jem_ext._C` loads; this module adds what PyTorch needs around
-them: fake (meta) kernels for ``torch.compile`` and the autograd formulas of
-the energy ops (first and second order).
+them: fake (meta) kernels for ``torch.compile``, and the energy ops'
+autograd (reverse and forward mode, first and second order) and vmap rules,
+so that autograd, ``torch.autograd.forward_ad`` and the ``torch.func``
+transforms differentiate them. The CPU kept-softmax path's autograd is C++
+(``csrc/autograd/energy_autograd.cpp``).
 """
 
 from __future__ import annotations
