@@ -134,7 +134,7 @@ inline void check_sgld_overlap(const char* op, const at::Tensor& x, const at::Te
 }
 
 inline void check_sgld_inputs(const char* op, const at::Tensor& x, const at::Tensor& grad,
-                              double noise_std, c10::optional<double> clamp_min,
+                              double step_size, double noise_std, c10::optional<double> clamp_min,
                               c10::optional<double> clamp_max, c10::optional<double> grad_clip) {
   check_floating(op, "x", x);
   TORCH_CHECK(grad.sizes() == x.sizes(), op, ": grad must have x's shape ", x.sizes(), ", got ",
@@ -143,7 +143,9 @@ inline void check_sgld_inputs(const char* op, const at::Tensor& x, const at::Ten
               x.scalar_type(), ", got ", grad.scalar_type());
   check_same_device(op, "grad", grad, x, "x");
   check_sgld_overlap(op, x, grad);
-  TORCH_CHECK(noise_std >= 0, op, ": noise_std must be >= 0, got ", noise_std);
+  TORCH_CHECK(std::isfinite(step_size), op, ": step_size must be finite, got ", step_size);
+  TORCH_CHECK(noise_std >= 0 && std::isfinite(noise_std), op,
+              ": noise_std must be finite and >= 0, got ", noise_std);
   TORCH_CHECK(!grad_clip.has_value() || *grad_clip >= 0, op, ": grad_clip must be >= 0, got ",
               *grad_clip);
   check_not_nan(op, "clamp_min", clamp_min);

@@ -2,7 +2,8 @@
 // concern has its own file:
 //   csrc/cpu/*_cpu.cpp, csrc/cuda/*_cuda.cu   device kernels
 //   csrc/autograd/sgld_autograd.cpp          Autograd kernels of the SGLD ops
-//   jem_ext/ops.py                           fake kernels, energy autograd
+//   csrc/autograd/energy_autograd.cpp        the CPU energy's kept-softmax autograd
+//   jem_ext/ops.py                           fake kernels, vmap rules, energy autograd
 #include <torch/library.h>
 
 #include "cpu/cpu_level.h"
@@ -24,12 +25,16 @@ TORCH_LIBRARY(jem_ext, m) {
   m.def("energy(Tensor logits, Tensor? y=None) -> Tensor");
   // One pass: (E = -logsumexp, per-sample cross-entropy = logsumexp - logits[y]).
   m.def("energy_ce(Tensor logits, Tensor y) -> (Tensor, Tensor)");
-  // (E = -logsumexp, softmax) in one pass, for a caller whose backward
-  // then needs no exp (CPU kernel only: there the exps dominate the cost).
+  // energy(logits) whose autograd (csrc/autograd/energy_autograd.cpp) keeps
+  // the forward's softmax for the backward (CPU kernel only: there the exps
+  // dominate the cost). What jem_ext.ops.energy calls on the CPU when a
+  // backward will follow.
+  m.def("_energy_kept_softmax(Tensor logits) -> Tensor");
+  // (E = -logsumexp, softmax) in one pass: that autograd's forward.
   m.def("_energy_softmax(Tensor logits) -> (Tensor, Tensor)");
-  // Its backward, in the softmax's memory: softmax <- grad_lse[:, None] * softmax
-  // (d/dlogits). Returns nothing, as sgld_step_.
-  m.def("_energy_softmax_backward_(Tensor(a!) softmax, Tensor grad_lse) -> ()");
+  // Its backward, in the softmax's memory: softmax <- -grad_energy[:, None] * softmax
+  // (d/dlogits of the energy). Returns nothing, as sgld_step_.
+  m.def("_energy_softmax_backward_(Tensor(a!) softmax, Tensor grad_energy) -> ()");
   // d/dlogits = grad_lse[:, None] * softmax + grad_pick[:, None] * onehot(y).
   // `energy` (= -logsumexp) saves recomputing the row sums; when absent the
   // kernel recomputes them from the logits.

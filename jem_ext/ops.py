@@ -8,15 +8,20 @@
 
 The kernels live in ``csrc/`` and are registered as ``torch.ops.jem_ext.*``
 when :mod:`jem_ext._C` loads; this module adds what PyTorch needs around
-them: fake (meta) kernels for ``torch.compile`` and the autograd formulas of
-the energy ops (first and second order).
+them: fake (meta) kernels for ``torch.compile``, and the energy ops'
+autograd (reverse and forward mode, first and second order) and vmap rules,
+so that autograd, ``torch.autograd.forward_ad`` and the ``torch.func``
+transforms differentiate them. The CPU kept-softmax path's autograd is C++
+(``csrc/autograd/energy_autograd.cpp``).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,8 +59,9 @@ def sgld_step_(
         x: float32, float16, bfloat16 or float64 tensor, any shape or layout
             (half types compute in float32). Updated in place.
         grad: :math:`\partial E/\partial x`, same shape, dtype and device as ``x``.
-        step_size: :math:`s`.
-        noise_std: :math:`\sigma \ge 0` (0 gives plain gradient descent).
+        step_size: :math:`s`, a finite real number (a Python or NumPy number
+            or a 0-dim tensor; not a bool or a string: those raise a TypeError).
+        noise_std: :math:`\sigma \ge 0`, finite (0 gives plain gradient descent).
         clamp_min, clamp_max: optional bounds applied after the update
             (``-1, 1`` for images in [-1, 1]; the proximal SGLD of JEM++).
         grad_clip: optional :math:`c`: the gradient is clipped to ``[-c, c]``
@@ -67,16 +73,13 @@ def sgld_step_(
             captured in a CUDA graph.
 
     The op is not differentiable: call it under ``torch.no_grad()`` with a
-    detached ``grad`` (it raises otherwise).
+    detached ``grad`` (it raises otherwise, and it raises on forward-mode dual
+    tensors and under ``torch.func`` transforms).
     """
     _ops.sgld_step_.default(
         x,
         grad,
-        float(step_size),
-        float(noise_std),
-        None if clamp_min is None else float(clamp_min),
-        None if clamp_max is None else float(clamp_max),
-        None if grad_clip is None else float(grad_clip),
+        *_sgld_scalars("sgld_step_", step_size, noise_std, clamp_min, clamp_max, grad_clip),
         generator,
     )
     return x
@@ -101,18 +104,56 @@ def sgld_step_philox_(
     comparing CPU with CUDA. ``seed`` is in ``[0, 2**64)``; ``offset`` is a
     multiple of 4 in ``[0, 2**63)``.
     """
+    op = "sgld_step_philox_"
     _ops._sgld_step_philox_.default(
         x,
         grad,
-        float(step_size),
-        float(noise_std),
-        None if clamp_min is None else float(clamp_min),
-        None if clamp_max is None else float(clamp_max),
-        None if grad_clip is None else float(grad_clip),
-        _seed_as_int64(seed),
-        _offset_as_int64(offset),
+        *_sgld_scalars(op, step_size, noise_std, clamp_min, clamp_max, grad_clip),
+        _seed_as_int64(_integer(op, "seed", seed)),
+        _offset_as_int64(_integer(op, "offset", offset)),
     )
     return x
+
+
+def _real(op: str, name: str, value, optional: bool = False) -> float | None:
+    """A scalar argument as a float, refusing what is not a real number.
+
+    Accepts what torch's own ops accept for a float argument (Python and
+    NumPy ints and floats, 0-dim real tensors), except bools: a step size of
+    ``True`` is a mistake, not the number 1. Strings, complex numbers and
+    tensors with dimensions raise a TypeError naming the argument.
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, Tensor):
+        if value.dim() == 0 and not value.dtype.is_complex and value.dtype != torch.bool:
+            return float(value.item())
+        what = f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    elif isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        return float(value)
+    else:
+        what = f"{type(value).__name__} {value!r}"
+    kind = "a real number or None" if optional else "a real number"
+    raise TypeError(f"{op}: {name} must be {kind}, got {what}")
+
+
+def _sgld_scalars(op: str, step_size, noise_std, clamp_min, clamp_max, grad_clip) -> tuple:
+    """The op's float arguments as floats, each a real number (or None where
+    optional). Their values (finite step_size and noise_std, no NaN bounds)
+    are the op's own checks."""
+    return (
+        _real(op, "step_size", step_size),
+        _real(op, "noise_std", noise_std),
+        _real(op, "clamp_min", clamp_min, optional=True),
+        _real(op, "clamp_max", clamp_max, optional=True),
+        _real(op, "grad_clip", grad_clip, optional=True),
+    )
+
+
+def _integer(op: str, name: str, value) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
 
 
 _UINT64_END = 2**64
@@ -145,12 +186,15 @@ def energy(logits: Tensor, y: Tensor | None = None) -> Tensor:
     huge values; NaN and infinite logits give what ``-torch.logsumexp`` gives,
     in the value and in the gradient (a row of only ``-inf``: ``E = +inf``
     with a NaN gradient). The backward is fused: ``-softmax(logits) * g``
-    (or ``-g`` on the label), and supports double backward. On the CPU, when
+    (or ``-g`` on the label), and supports double backward. Forward mode
+    (``torch.autograd.forward_ad``, ``torch.func.jvp``) and the ``torch.func``
+    transforms (``grad``, ``vjp``, ``jacrev``, ``jacfwd``, ``hessian``,
+    ``vmap``) give what they give for ``-torch.logsumexp``. On the CPU, when
     a backward will follow, the forward keeps its softmax and the backward
     scales it in place (no second pass of exps).
     """
     if y is None and _keeps_softmax(logits):
-        return _EnergyKeptSoftmax.apply(logits)
+        return _ops._energy_kept_softmax.default(logits)
     return _ops.energy.default(logits, y)
 
 
@@ -158,41 +202,19 @@ def _keeps_softmax(logits: Tensor) -> bool:
     # On the CPU the backward's exps cost as much as the whole forward, so
     # when a backward will follow, the forward keeps its softmax for it and
     # the backward turns it into the gradient in place (no exp, no new B x C
-    # tensor). Half types would round it; other devices and compiled graphs
-    # (which plan their own memory) recompute.
+    # tensor): _energy_kept_softmax, whose autograd is C++. Half types would
+    # round it; other devices and compiled graphs (which plan their own
+    # memory) recompute, and so do forward mode and the torch.func transforms
+    # (the op hands those to the energy op's autograd itself; checking here
+    # spares them the detour).
     return (
         logits.requires_grad
         and torch.is_grad_enabled()
         and logits.device.type == "cpu"
         and logits.dtype in (torch.float32, torch.float64)
         and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
     )
-
-
-class _EnergyKeptSoftmax(torch.autograd.Function):
-    """``energy(logits)`` whose forward keeps its softmax for the backward."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor) -> Tensor:
-        energy_out, probs = _ops._energy_softmax.default(logits)
-        ctx.save_for_backward(logits, energy_out)
-        # Not saved for backward: the first backward takes it over as its
-        # gradient, in place.
-        ctx.probs = probs
-        return energy_out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        probs, ctx.probs = ctx.probs, None
-        logits, energy_out = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # The backward is itself differentiated (create_graph):
-            # energy_backward carries the second-order formula.
-            return _ops.energy_backward.default(logits, None, energy_out, -grad, None)
-        if probs is None:  # a later backward of a retained graph: the same bits again
-            probs = _ops._energy_softmax.default(logits)[1]
-        _ops._energy_softmax_backward_.default(probs, -grad)
-        return probs
 
 
 def energy_ce(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -262,12 +284,18 @@ def _check_row_vector_meta(op: str, name: str, t: Tensor | None, logits: Tensor)
     _check_same_device(op, name, t, logits, "logits")
 
 
-def _check_sgld_meta(op, x, grad, noise_std, clamp_min, clamp_max, grad_clip) -> None:
+def _check_sgld_meta(op, x, grad, step_size, noise_std, clamp_min, clamp_max, grad_clip) -> None:
     _check_floating(op, "x", x)
     torch._check(grad.shape == x.shape, lambda: f"{op}: grad must have x's shape")
     torch._check(grad.dtype == x.dtype, lambda: f"{op}: grad must have x's dtype {x.dtype}")
     _check_same_device(op, "grad", grad, x, "x")
-    torch._check(noise_std >= 0, lambda: f"{op}: noise_std must be >= 0, got {noise_std}")
+    torch._check(
+        math.isfinite(step_size), lambda: f"{op}: step_size must be finite, got {step_size}"
+    )
+    torch._check(
+        noise_std >= 0 and math.isfinite(noise_std),
+        lambda: f"{op}: noise_std must be finite and >= 0, got {noise_std}",
+    )
     torch._check(
         grad_clip is None or grad_clip >= 0,
         lambda: f"{op}: grad_clip must be >= 0, got {grad_clip}",
@@ -287,7 +315,7 @@ def _check_sgld_meta(op, x, grad, noise_std, clamp_min, clamp_max, grad_clip) ->
 def _sgld_step_fake(
     x, grad, step_size, noise_std, clamp_min=None, clamp_max=None, grad_clip=None, generator=None
 ):
-    _check_sgld_meta("sgld_step_", x, grad, noise_std, clamp_min, clamp_max, grad_clip)
+    _check_sgld_meta("sgld_step_", x, grad, step_size, noise_std, clamp_min, clamp_max, grad_clip)
 
 
 @torch.library.register_fake("jem_ext::_sgld_step_philox_")
@@ -295,7 +323,7 @@ def _sgld_step_philox_fake(
     x, grad, step_size, noise_std, clamp_min, clamp_max, grad_clip, seed, offset
 ):
     op = "_sgld_step_philox_"
-    _check_sgld_meta(op, x, grad, noise_std, clamp_min, clamp_max, grad_clip)
+    _check_sgld_meta(op, x, grad, step_size, noise_std, clamp_min, clamp_max, grad_clip)
     torch._check(
         offset >= 0 and offset % 4 == 0,
         lambda: f"{op}: offset must be a non-negative multiple of 4, got {offset}",
@@ -317,11 +345,17 @@ def _energy_softmax_fake(logits):
     )
 
 
+@torch.library.register_fake("jem_ext::_energy_kept_softmax")
+def _energy_kept_softmax_fake(logits):
+    _check_logits_meta("energy", logits, None)
+    return logits.new_empty(logits.shape[0])
+
+
 @torch.library.register_fake("jem_ext::_energy_softmax_backward_")
-def _energy_softmax_backward_fake(softmax, grad_lse):
+def _energy_softmax_backward_fake(softmax, grad_energy):
     op = "_energy_softmax_backward_"
     _check_logits_meta(op, softmax, None)
-    _check_row_vector_meta(op, "grad_lse", grad_lse, softmax)
+    _check_row_vector_meta(op, "grad_energy", grad_energy, softmax)
 
 
 @torch.library.register_fake("jem_ext::energy_ce")
@@ -345,40 +379,21 @@ def _energy_backward_fake(logits, y, energy, grad_lse, grad_pick):
 
 
 # -------------------------------------------------------------------- autograd
+#
+# Each differentiable op (energy, energy_ce, energy_backward) has an
+# autograd.Function below, with the reverse-mode formula (backward), the
+# forward-mode one (jvp) and a vmap rule, so that autograd, forward_ad and
+# every torch.func transform differentiate the op itself. They are the ops'
+# Autograd kernels (registered at the end), so ``torch.ops.jem_ext.*`` called
+# directly behaves as the Python face does. The softmax Jacobian is
+# symmetric: one function, _softmax_jvp, is its product with a vector in both
+# modes.
 
 
 def _energy_hint(logits: Tensor, energy_out: Tensor) -> Tensor | None:
     # The saved energy (= -lse) spares the backward a pass over the logits,
     # but for half types it was rounded to 8 or 11 bits: recompute instead.
     return energy_out if logits.dtype in (torch.float32, torch.float64) else None
-
-
-def _energy_setup(ctx, inputs, output):
-    logits, y = inputs
-    ctx.save_for_backward(logits, y, output)
-
-
-def _energy_bwd(ctx, grad):
-    logits, y, out = ctx.saved_tensors
-    if y is None:
-        d = _ops.energy_backward.default(logits, None, _energy_hint(logits, out), -grad, None)
-    else:
-        d = _ops.energy_backward.default(logits, y, None, None, -grad)
-    return d, None
-
-
-def _energy_ce_setup(ctx, inputs, output):
-    logits, y = inputs
-    ctx.save_for_backward(logits, y, output[0])
-
-
-def _energy_ce_bwd(ctx, grad_energy, grad_ce):
-    # E = -lse, CE = lse - l_y  =>  dL/dl = (g_ce - g_E) softmax - g_ce onehot(y)
-    logits, y, out = ctx.saved_tensors
-    d = _ops.energy_backward.default(
-        logits, y, _energy_hint(logits, out), grad_ce - grad_energy, -grad_ce
-    )
-    return d, None
 
 
 def _softmax_acc(logits: Tensor) -> Tensor:
@@ -388,35 +403,289 @@ def _softmax_acc(logits: Tensor) -> Tensor:
     return torch.exp(acc - torch.logsumexp(acc, dim=1, keepdim=True))
 
 
-def _energy_backward_setup(ctx, inputs, output):
-    logits, y, energy_in, grad_lse, grad_pick = inputs
-    ctx.save_for_backward(logits, y, grad_lse)
+def _softmax_jvp(s: Tensor, v: Tensor) -> Tensor:
+    """(diag(s) - s s^T) v per row: the softmax Jacobian (symmetric) times v."""
+    sv = s * v
+    return sv - s * sv.sum(dim=1, keepdim=True)
 
 
-def _energy_backward_bwd(ctx, gg):
-    # out = grad_lse[:, None] * softmax(logits) + grad_pick[:, None] * onehot(y).
-    # The `energy` input is -lse(logits) itself, so its dependence on the
-    # logits is folded into the softmax Jacobian below and it gets no grad.
-    logits, y, grad_lse = ctx.saved_tensors
-    d_logits = d_grad_lse = d_grad_pick = None
-    if grad_lse is not None:
-        s = _softmax_acc(logits)
-        g = gg.to(s.dtype)
-        sg = s * g
-        if ctx.needs_input_grad[0]:
-            jvp = sg - s * sg.sum(dim=1, keepdim=True)
-            d_logits = (grad_lse.to(s.dtype).unsqueeze(1) * jvp).to(logits.dtype)
-        if ctx.needs_input_grad[3]:
-            d_grad_lse = sg.sum(dim=1).to(grad_lse.dtype)
-    if ctx.needs_input_grad[4]:
-        d_grad_pick = gg.gather(1, y.unsqueeze(1)).squeeze(1)
-    return d_logits, None, None, d_grad_lse, d_grad_pick
+def _lse_tangent(logits: Tensor, t: Tensor) -> Tensor:
+    """d logsumexp(logits) along the tangent t: sum_c softmax_c t_c."""
+    s = _softmax_acc(logits)
+    return (s * t.to(s.dtype)).sum(dim=1).to(logits.dtype)
 
 
-torch.library.register_autograd("jem_ext::energy", _energy_bwd, setup_context=_energy_setup)
-torch.library.register_autograd(
-    "jem_ext::energy_ce", _energy_ce_bwd, setup_context=_energy_ce_setup
-)
-torch.library.register_autograd(
-    "jem_ext::energy_backward", _energy_backward_bwd, setup_context=_energy_backward_setup
-)
+def _pick(t: Tensor, y: Tensor) -> Tensor:
+    return t.gather(1, y.unsqueeze(1)).squeeze(1)
+
+
+def _below_autograd(op, *args):
+    """The op's device kernel. Under torch.func transforms the call reaches
+    the lower transform levels first: those must see grad and forward grad
+    enabled, as they were outside (autograd.Function turns both off for the
+    level it runs at, which the dispatch below autograd already skips)."""
+    if not torch._C._are_functorch_transforms_active():
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    with (
+        torch.enable_grad(),
+        torch.autograd.forward_ad._set_fwd_grad_enabled(True),
+        torch._C._AutoDispatchBelowAutograd(),
+    ):
+        return op(*args)
+
+
+def _jvp_rule(jvp):
+    """A Function's jvp staticmethod, refusing forward-over-forward.
+
+    autograd.Function computes a tangent with forward grad off, so an outer
+    forward-mode level (jvp of jvp, jacfwd of jacfwd) would see a zero
+    derivative of it: that raises instead. Forward-over-reverse
+    (``torch.func.hessian``, jvp of grad) and reverse-over-forward work."""
+
+    def rule(ctx, *tangents):
+        if torch._C._are_functorch_transforms_active():
+            stack = torch._C._functorch.get_interpreter_stack() or []
+            jvps = sum(i.key() == torch._C._functorch.TransformType.Jvp for i in stack)
+            if jvps > 1:
+                raise NotImplementedError(
+                    "jem_ext energy ops: forward mode over forward mode (jvp of jvp, "
+                    "jacfwd of jacfwd) is not supported; use reverse mode for one of the "
+                    "two (torch.func.hessian, jacfwd(jacrev(f)), jvp of grad)"
+                )
+        return jvp(ctx, *tangents)
+
+    return staticmethod(rule)
+
+
+def _needs_autograd(*tensors: Tensor | None) -> bool:
+    """Whether a call must go through the op's autograd.Function: a tensor
+    that requires grad (with grad mode on), a forward-mode dual level open
+    (the Function finds the tangents), or a torch.func transform active."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    if torch._C._is_fwd_grad_enabled() and torch.autograd.forward_ad._current_level >= 0:
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# vmap: the ops are row-wise, so a batch of B-row inputs is one call on
+# N * B rows. Unbatched inputs are expanded to the batch.
+
+
+def _rows(t: Tensor | None, dim: int | None, n: int) -> Tensor | None:
+    """[B, ...] with a vmap dimension `dim` (None: unbatched) as [n * B, ...]."""
+    if t is None:
+        return None
+    t = t.unsqueeze(0).expand(n, *t.shape) if dim is None else t.movedim(dim, 0)
+    return t.reshape(n * t.shape[1], *t.shape[2:])
+
+
+def _check_samples(op: str, names, args, in_dims) -> None:
+    """Per-sample shapes, checked before the batch is flattened (after it,
+    the op would see N * B rows and its messages would name those)."""
+
+    def sample_shape(t, d):
+        return list(t.shape) if d is None else list(t.shape[:d] + t.shape[d + 1 :])
+
+    logits = sample_shape(args[0], in_dims[0])
+    torch._check(
+        len(logits) == 2, lambda: f"{op}: logits must be 2-D [batch, classes], got shape {logits}"
+    )
+    for name, t, d in zip(names[1:], args[1:], in_dims[1:]):
+        if t is not None:
+            shape = sample_shape(t, d)
+            torch._check(
+                shape == logits[:1],
+                lambda name=name, shape=shape: (
+                    f"{op}: {name} must have shape "
+                    f"[{logits[0]}] to match logits {logits}, got {shape}"
+                ),
+            )
+
+
+def _energy_vmap(info, in_dims, logits, y=None):
+    n = info.batch_size
+    _check_samples("energy", ("logits", "y"), (logits, y), in_dims)
+    flat = (_rows(t, d, n) for t, d in zip((logits, y), in_dims))
+    out = _ops.energy.default(*flat)
+    return out.reshape(n, -1), 0
+
+
+def _energy_ce_vmap(info, in_dims, logits, y):
+    n = info.batch_size
+    _check_samples("energy_ce", ("logits", "y"), (logits, y), in_dims)
+    flat = (_rows(t, d, n) for t, d in zip((logits, y), in_dims))
+    e, ce = _ops.energy_ce.default(*flat)
+    return (e.reshape(n, -1), ce.reshape(n, -1)), (0, 0)
+
+
+def _energy_backward_vmap(info, in_dims, logits, y, energy, grad_lse, grad_pick):
+    n = info.batch_size
+    args = (logits, y, energy, grad_lse, grad_pick)
+    names = ("logits", "y", "energy", "grad_lse", "grad_pick")
+    _check_samples("energy_backward", names, args, in_dims)
+    flat = [_rows(t, d, n) for t, d in zip(args, in_dims)]
+    out = _ops.energy_backward.default(*flat)
+    return out.reshape(n, -1, out.shape[1]), 0
+
+
+class _Energy(torch.autograd.Function):
+    """energy(logits, y): E = -lse(logits), or -logits[y]."""
+
+    @staticmethod
+    def forward(logits, y):
+        return _below_autograd(_ops.energy.default, logits, y)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, y = inputs
+        ctx.save_for_backward(logits, y, output)
+        ctx.save_for_forward(logits, y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, y, out = ctx.saved_tensors
+        if y is None:
+            d = _ops.energy_backward.default(logits, None, _energy_hint(logits, out), -grad, None)
+        else:
+            d = _ops.energy_backward.default(logits, y, None, None, -grad)
+        return d, None
+
+    def _jvp(ctx, t_logits, t_y):
+        logits, y = ctx.saved_tensors
+        return -(_lse_tangent(logits, t_logits) if y is None else _pick(t_logits, y))
+
+    jvp = _jvp_rule(_jvp)
+
+    vmap = staticmethod(_energy_vmap)
+
+
+class _EnergyCE(torch.autograd.Function):
+    """energy_ce(logits, y): (E = -lse, CE = lse - logits[y])."""
+
+    @staticmethod
+    def forward(logits, y):
+        return _below_autograd(_ops.energy_ce.default, logits, y)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, y = inputs
+        ctx.save_for_backward(logits, y, output[0])
+        ctx.save_for_forward(logits, y)
+
+    @staticmethod
+    def backward(ctx, grad_energy, grad_ce):
+        # E = -lse, CE = lse - l_y  =>  dL/dl = (g_ce - g_E) softmax - g_ce onehot(y)
+        logits, y, out = ctx.saved_tensors
+        d = _ops.energy_backward.default(
+            logits, y, _energy_hint(logits, out), grad_ce - grad_energy, -grad_ce
+        )
+        return d, None
+
+    def _jvp(ctx, t_logits, t_y):
+        logits, y = ctx.saved_tensors
+        d_lse = _lse_tangent(logits, t_logits)
+        return -d_lse, d_lse - _pick(t_logits, y)
+
+    jvp = _jvp_rule(_jvp)
+
+    vmap = staticmethod(_energy_ce_vmap)
+
+
+class _EnergyBackward(torch.autograd.Function):
+    """energy_backward: grad_lse[:, None] * softmax(logits) + grad_pick[:, None] * onehot(y).
+
+    The `energy` input is -lse(logits) itself, a hint that spares the kernel
+    a pass: its dependence on the logits is folded into the softmax Jacobian,
+    and it gets no gradient (nor does its tangent count)."""
+
+    @staticmethod
+    def forward(logits, y, energy, grad_lse, grad_pick):
+        return _below_autograd(_ops.energy_backward.default, logits, y, energy, grad_lse, grad_pick)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, y, energy_in, grad_lse, grad_pick = inputs
+        ctx.save_for_backward(logits, y, grad_lse)
+        ctx.save_for_forward(logits, y, grad_lse)
+
+    @staticmethod
+    def backward(ctx, gg):
+        logits, y, grad_lse = ctx.saved_tensors
+        d_logits = d_grad_lse = d_grad_pick = None
+        if grad_lse is not None:
+            s = _softmax_acc(logits)
+            g = gg.to(s.dtype)
+            if ctx.needs_input_grad[0]:
+                jvp = _softmax_jvp(s, g)
+                d_logits = (grad_lse.to(s.dtype).unsqueeze(1) * jvp).to(logits.dtype)
+            if ctx.needs_input_grad[3]:
+                d_grad_lse = (s * g).sum(dim=1).to(grad_lse.dtype)
+        if ctx.needs_input_grad[4]:
+            d_grad_pick = _pick(gg, y)
+        return d_logits, None, None, d_grad_lse, d_grad_pick
+
+    def _jvp(ctx, t_logits, t_y, t_energy, t_grad_lse, t_grad_pick):
+        logits, y, grad_lse = ctx.saved_tensors
+        out = torch.zeros_like(logits, memory_format=torch.contiguous_format)
+        if grad_lse is not None and (t_logits is not None or t_grad_lse is not None):
+            s = _softmax_acc(logits)
+            d = torch.zeros_like(s)
+            if t_logits is not None:
+                d = d + grad_lse.to(s.dtype).unsqueeze(1) * _softmax_jvp(s, t_logits.to(s.dtype))
+            if t_grad_lse is not None:
+                d = d + t_grad_lse.to(s.dtype).unsqueeze(1) * s
+            out = out + d.to(logits.dtype)
+        if t_grad_pick is not None:
+            out = out.scatter_add(1, y.unsqueeze(1), t_grad_pick.to(out.dtype).unsqueeze(1))
+        return out
+
+    jvp = _jvp_rule(_jvp)
+
+    vmap = staticmethod(_energy_backward_vmap)
+
+
+# The Autograd kernels: the Function when differentiation is asked for, the
+# device kernel directly otherwise (no Python autograd round trip).
+
+_lib = torch.library.Library("jem_ext", "IMPL")
+
+
+# Function.apply would hand a call under a torch.func transform to
+# custom_function_call, which runs every transform level around the Function
+# at once; an Autograd kernel is already inside one level (the dispatcher
+# calls it once per level, as for torch's own ops), so it applies the
+# Function at that level, as custom_function_call itself does for each level.
+_apply_at_this_level = torch._C._FunctionBase.__dict__["apply"]
+
+
+def _apply(apply, args):
+    if not torch._C._are_functorch_transforms_active():
+        return apply(*args)
+    with torch._functorch.utils.enable_single_level_autograd_function():
+        return apply(*args)
+
+
+def _autograd_kernel(name: str, function: type[torch.autograd.Function]) -> None:
+    op = getattr(_ops, name).default
+    n_args = len(op._schema.arguments)
+    apply = _apply_at_this_level.__get__(None, function)
+
+    def kernel(keyset, *args):
+        if _needs_autograd(*(a for a in args if isinstance(a, Tensor))):
+            # The dispatcher leaves out trailing arguments equal to their
+            # defaults (None for every optional tensor here).
+            return _apply(apply, (*args, *(None,) * (n_args - len(args))))
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    _lib.impl(name, kernel, "Autograd", with_keyset=True)
+
+
+_autograd_kernel("energy", _Energy)
+_autograd_kernel("energy_ce", _EnergyCE)
+_autograd_kernel("energy_backward", _EnergyBackward)
+torch.library.register_vmap("jem_ext::energy", _energy_vmap)
+torch.library.register_vmap("jem_ext::energy_ce", _energy_ce_vmap)
+torch.library.register_vmap("jem_ext::energy_backward", _energy_backward_vmap)

@@ -83,6 +83,35 @@ def test_gradcheck_first_and_second_order():
     assert torch.autograd.gradgradcheck(lambda t: ops.energy_ce(t, y), (logits,))
 
 
+GRADCHECK_MODES = dict(
+    check_forward_ad=True, check_batched_grad=True, check_batched_forward_grad=True
+)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        pytest.param(lambda t, g: ops.energy(t), id="energy"),
+        pytest.param(lambda t, g: ops.energy(t, torch.tensor([0, 6, 2, 3, 1, 5])), id="energy_y"),
+        pytest.param(lambda t, g: ops.energy_ce(t, torch.tensor([0, 6, 2, 3, 1, 5])), id="ce"),
+        pytest.param(
+            lambda t, g: torch.ops.jem_ext.energy_backward(
+                t, torch.tensor([0, 6, 2, 3, 1, 5]), None, g, g * 2
+            ),
+            id="energy_backward",
+        ),
+    ],
+)
+def test_gradcheck_forward_mode_and_batched_gradients(fn):
+    # Forward mode, and the batched gradients of autograd.grad(is_grads_batched)
+    # and vmap over forward mode, against finite differences; the energy ones
+    # on the CPU take the kept-softmax path.
+    logits = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fn, (logits, g), **GRADCHECK_MODES)
+    assert torch.autograd.gradgradcheck(fn, (logits, g), check_fwd_over_rev=True)
+
+
 def test_double_backward_through_input_gradient_matches_reference():
     # What PGD through SGLD refinement needs: d/dx of ||dE/dx||^2.
     torch.manual_seed(0)
@@ -269,7 +298,8 @@ def test_opcheck():
         torch.ops.jem_ext.energy_backward.default,
         (logits.detach().requires_grad_(True), y, None, g, g),
     )
-    # the kept-softmax pair: the autograd of energy() uses them, they have none
+    # the kept-softmax energy (C++ autograd) and the pair its autograd uses
+    torch.library.opcheck(torch.ops.jem_ext._energy_kept_softmax.default, (logits,))
     torch.library.opcheck(torch.ops.jem_ext._energy_softmax.default, (logits.detach(),))
     probs = torch.softmax(logits.detach(), 1)
     torch.library.opcheck(torch.ops.jem_ext._energy_softmax_backward_.default, (probs, g.detach()))
@@ -281,7 +311,7 @@ def test_opcheck():
 
 
 def _grad_node_names(t: torch.Tensor) -> str:
-    return type(t.grad_fn).__name__ if t.grad_fn is not None else ""
+    return t.grad_fn.name() if t.grad_fn is not None else ""
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -312,6 +342,10 @@ def test_kept_softmax_gradient_equals_the_recomputed_one(dtype, c):
     (got,) = torch.autograd.grad(e, [lr], g)
     want = torch.ops.jem_ext.energy_backward(logits, None, None, -g, None)
     assert_close_nan(got, want.double(), TOL[dtype])
+    # and from an expanded gradient (a sum's backward hands one over)
+    (got_sum,) = torch.autograd.grad(ops.energy(lr).sum(), [lr])
+    want_sum = torch.ops.jem_ext.energy_backward(logits, None, None, -torch.ones_like(g), None)
+    assert_close_nan(got_sum, want_sum.double(), TOL[dtype])
     # and the energies are those of the energy op
     same = torch.ops.jem_ext.energy.default(logits, None)
     torch.testing.assert_close(e.detach(), same, rtol=0, atol=0, equal_nan=True)
@@ -337,7 +371,7 @@ def test_kept_softmax_survives_retain_graph_and_create_graph():
 
 def test_softmax_backward_bad_inputs_raise_clear_errors():
     probs = torch.rand(4, 10)
-    with pytest.raises(RuntimeError, match="grad_lse"):
+    with pytest.raises(RuntimeError, match="grad_energy"):
         torch.ops.jem_ext._energy_softmax_backward_(probs, torch.ones(5))
     with pytest.raises(RuntimeError, match="contiguous"):
         torch.ops.jem_ext._energy_softmax_backward_(torch.rand(10, 4).t(), torch.ones(4))

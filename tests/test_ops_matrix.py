@@ -248,7 +248,7 @@ def _bad_calls():
             (z(3), z(3, device="meta"), 1.0, 0.0),
             "grad must be on x's device",
         ),
-        (ops_.sgld_step_.default, (z(3), z(3), 1.0, -1.0), "noise_std must be >= 0"),
+        (ops_.sgld_step_.default, (z(3), z(3), 1.0, -1.0), "noise_std must be finite and >= 0"),
         (ops_.sgld_step_.default, (z(3), z(3), 1.0, 0.0, nan), "clamp_min must be a number"),
         (ops_.sgld_step_.default, (z(3), z(3), 1.0, 0.0, 1.0, 0.0), "clamp_min must be <="),
         (

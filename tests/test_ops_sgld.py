@@ -194,7 +194,10 @@ def test_paper_parameterisation():
             lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(3, dtype=torch.float64), 1, 0),
             "grad must have x's dtype",
         ),
-        (lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(3), 1, -1.0), "noise_std must be >= 0"),
+        (
+            lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(3), 1, -1.0),
+            "noise_std must be finite and >= 0",
+        ),
         (
             lambda: ops.sgld_step_(torch.zeros(3), torch.zeros(3), 1, 0, grad_clip=-1.0),
             "grad_clip must be >= 0",
@@ -232,6 +235,77 @@ def test_paper_parameterisation():
 def test_bad_inputs_raise_clear_errors(call, match):
     with pytest.raises(RuntimeError, match=match):
         call()
+
+
+# The scalar arguments take real numbers (Python and NumPy ints and floats,
+# 0-dim real tensors), as torch's own float arguments do, but no bools: each
+# refusal is a TypeError naming the argument.
+SCALAR_ARGS = ["step_size", "noise_std", "clamp_min", "clamp_max", "grad_clip"]
+NOT_REAL = {
+    "str": "2",
+    "bool": True,
+    "numpy_bool": np.bool_(True),
+    "complex": 1 + 2j,
+    "list": [1.0],
+    "tensor_1_element": torch.tensor([2.0]),
+    "tensor_2_elements": torch.tensor([1.0, 2.0]),
+    "bool_tensor": torch.tensor(True),
+}
+
+
+def _sgld_kwargs(**override):
+    kw = dict(step_size=0.5, noise_std=0.0, clamp_min=-1.0, clamp_max=1.0, grad_clip=1.0)
+    kw.update(override)
+    return kw
+
+
+@pytest.mark.parametrize("value", list(NOT_REAL))
+@pytest.mark.parametrize("name", SCALAR_ARGS)
+@pytest.mark.parametrize("philox", [False, True])
+def test_scalar_arguments_refuse_what_is_not_a_real_number(name, value, philox):
+    x = torch.zeros(3)
+    call = (
+        (lambda **kw: ops.sgld_step_philox_(x, torch.ones(3), seed=1, **kw))
+        if philox
+        else (lambda **kw: ops.sgld_step_(x, torch.ones(3), **kw))
+    )
+    with pytest.raises(TypeError, match=f"{name} must be a real number"):
+        call(**_sgld_kwargs(**{name: NOT_REAL[value]}))
+    assert torch.equal(x, torch.zeros(3))  # nothing written
+
+
+@pytest.mark.parametrize(
+    "value", [2, 2.0, np.float32(2.0), np.int64(2), torch.tensor(2.0), torch.tensor(2)]
+)
+def test_scalar_arguments_take_numbers_and_0_dim_tensors(value):
+    x = torch.zeros(3)
+    ops.sgld_step_(x, torch.ones(3), step_size=value, noise_std=0.0)
+    torch.testing.assert_close(x, torch.full((3,), -2.0))
+
+
+@pytest.mark.parametrize("name", ["seed", "offset"])
+@pytest.mark.parametrize("value", [True, 4.0, "4"])
+def test_philox_seed_and_offset_refuse_what_is_not_an_int(name, value):
+    with pytest.raises(TypeError, match=f"{name} must be an int"):
+        ops.sgld_step_philox_(torch.zeros(3), torch.ones(3), 1.0, 0.0, **{"seed": 1, name: value})
+
+
+@pytest.mark.parametrize("name", ["step_size", "noise_std"])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("raw", [False, True])
+def test_step_size_and_noise_std_must_be_finite(name, value, raw):
+    kw = {"step_size": 0.5, "noise_std": 0.1, name: value}
+    x = torch.zeros(3)
+    call = torch.ops.jem_ext.sgld_step_ if raw else ops.sgld_step_
+    with pytest.raises(RuntimeError, match=f"{name} must be finite"):
+        call(x, torch.ones(3), kw["step_size"], kw["noise_std"])
+    assert torch.equal(x, torch.zeros(3))
+
+
+def test_infinite_bounds_and_clip_mean_no_bound():
+    x = torch.zeros(3)
+    ops.sgld_step_(x, torch.ones(3), 2.0, 0.0, -math.inf, math.inf, math.inf)
+    torch.testing.assert_close(x, torch.full((3,), -2.0))
 
 
 @pytest.mark.parametrize(

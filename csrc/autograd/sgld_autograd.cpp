@@ -1,5 +1,6 @@
 // Autograd kernels of the in-place SGLD ops: they refuse inputs that
-// require grad instead of letting autograd record an in-place op it cannot
+// require grad, carry a forward-mode tangent or come from a torch.func
+// grad/jvp transform instead of letting autograd record an in-place op it cannot
 // differentiate, then run the device kernel below autograd and bump x's
 // version counter.
 //
@@ -13,16 +14,30 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/forward_grad.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 namespace jem_ext {
 namespace {
+
+// A forward-mode tangent (torch.autograd.forward_ad, torch.func.jvp) or a
+// torch.func gradient wrapper: the update would leave it stale.
+bool differentiated(const at::Tensor& t) {
+  if (t.key_set().has(c10::DispatchKey::FuncTorchGradWrapper)) return true;
+  const auto* meta = torch::autograd::impl::get_autograd_meta(t);
+  return meta != nullptr && meta->fw_grad_ != nullptr && !meta->fw_grad_->empty();
+}
 
 void refuse_grad(const char* op, const at::Tensor& x, const at::Tensor& grad) {
   TORCH_CHECK(!(at::GradMode::is_enabled() && (x.requires_grad() || grad.requires_grad())), op,
               " is not differentiable: call it under torch.no_grad() on tensors that do not "
               "require grad (got x.requires_grad=",
               x.requires_grad(), ", grad.requires_grad=", grad.requires_grad(), ")");
+  TORCH_CHECK(!differentiated(x) && !differentiated(grad), op,
+              " is not differentiable: it takes no forward-mode dual tensors and runs under no "
+              "torch.func grad or jvp transform (got a tangent or a transformed tensor in ",
+              differentiated(x) ? "x" : "grad", ")");
 }
 
 void sgld_step_autograd(at::Tensor& x, const at::Tensor& grad, double step_size, double noise_std,

@@ -451,10 +451,13 @@ std::tuple<at::Tensor, at::Tensor> energy_softmax_cpu(const at::Tensor& logits_i
   return {energy, probs};
 }
 
-void energy_softmax_backward_cpu_(const at::Tensor& probs, const at::Tensor& grad_lse_in) {
+// softmax <- -grad_energy[:, None] * softmax. grad_energy may have any
+// stride (the backward of a sum hands over an expanded scalar): each block
+// gathers its rows' negated coefficients into scratch.
+void energy_softmax_backward_cpu_(const at::Tensor& probs, const at::Tensor& grad_energy_in) {
   const char* op = "_energy_softmax_backward_";
   check_logits(op, probs, c10::nullopt);
-  check_row_vector(op, "grad_lse", grad_lse_in, probs);
+  check_row_vector(op, "grad_energy", grad_energy_in, probs);
   check_device_type(op, probs, at::kCPU);
   TORCH_CHECK(probs.is_contiguous(), op, ": softmax must be contiguous (it is updated in place)");
   const int64_t B = probs.size(0), C = probs.size(1);
@@ -462,12 +465,13 @@ void energy_softmax_backward_cpu_(const at::Tensor& probs, const at::Tensor& gra
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, probs.scalar_type(), "energy_softmax_backward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const at::Tensor grad_lse =
-            grad_lse_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+        const at::Tensor grad = grad_energy_in.to(c10::CppTypeToScalarType<acc_t>::value);
         scalar_t* p = probs.data_ptr<scalar_t>();
-        const acc_t* g = grad_lse.data_ptr<acc_t>();
-        for_row_blocks<acc_t>(B, C, [&](int64_t r0, int64_t rows, const RowScratch<acc_t>&) {
-          softmax_grad_block<scalar_t, acc_t>(p + r0 * C, rows, C, g + r0);
+        const acc_t* g = grad.data_ptr<acc_t>();
+        const int64_t g_stride = grad.stride(0);
+        for_row_blocks<acc_t>(B, C, [&](int64_t r0, int64_t rows, const RowScratch<acc_t>& s) {
+          for (int64_t r = 0; r < rows; ++r) s.lse[r] = -g[(r0 + r) * g_stride];
+          softmax_grad_block<scalar_t, acc_t>(p + r0 * C, rows, C, s.lse);
         });
       });
 }
@@ -529,6 +533,9 @@ at::Tensor energy_backward_cpu(const at::Tensor& logits_in, const c10::optional<
 
 TORCH_LIBRARY_IMPL(jem_ext, CPU, m) {
   m.impl("energy", &jem_ext::energy_cpu);
+  // Below autograd the kept-softmax energy is the energy.
+  m.impl("_energy_kept_softmax",
+         [](const at::Tensor& logits) { return jem_ext::energy_cpu(logits, c10::nullopt); });
   m.impl("energy_ce", &jem_ext::energy_ce_cpu);
   m.impl("energy_backward", &jem_ext::energy_backward_cpu);
   m.impl("_energy_softmax", &jem_ext::energy_softmax_cpu);

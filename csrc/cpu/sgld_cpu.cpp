@@ -425,7 +425,7 @@ void sgld_cpu(at::Tensor& x, const at::Tensor& grad, double step_size, double no
 void sgld_step_cpu(at::Tensor& x, const at::Tensor& grad, double step_size, double noise_std,
                    c10::optional<double> clamp_min, c10::optional<double> clamp_max,
                    c10::optional<double> grad_clip, c10::optional<at::Generator> generator) {
-  check_sgld_inputs("sgld_step_", x, grad, noise_std, clamp_min, clamp_max, grad_clip);
+  check_sgld_inputs("sgld_step_", x, grad, step_size, noise_std, clamp_min, clamp_max, grad_clip);
   TORCH_CHECK(x.device().is_cpu(), "sgld_step_: expected CPU tensors, got ", x.device());
   // The CPU generator (Mersenne twister) has no Philox offset: we draw a
   // fresh 64-bit Philox key from it instead. Same generator state -> same
@@ -443,7 +443,8 @@ void sgld_step_cpu(at::Tensor& x, const at::Tensor& grad, double step_size, doub
 void sgld_step_philox_cpu(at::Tensor& x, const at::Tensor& grad, double step_size, double noise_std,
                           c10::optional<double> clamp_min, c10::optional<double> clamp_max,
                           c10::optional<double> grad_clip, int64_t seed, int64_t offset) {
-  check_sgld_inputs("_sgld_step_philox_", x, grad, noise_std, clamp_min, clamp_max, grad_clip);
+  check_sgld_inputs("_sgld_step_philox_", x, grad, step_size, noise_std, clamp_min, clamp_max,
+                    grad_clip);
   TORCH_CHECK(x.device().is_cpu(), "_sgld_step_philox_: expected CPU tensors, got ", x.device());
   TORCH_CHECK(offset >= 0 && offset % 4 == 0,
               "_sgld_step_philox_: offset must be a non-negative multiple of 4, got ", offset);

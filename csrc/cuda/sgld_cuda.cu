@@ -97,7 +97,7 @@ void sgld_cuda(at::Tensor& x, const at::Tensor& grad, double step_size, double n
 void sgld_step_cuda(at::Tensor& x, const at::Tensor& grad, double step_size, double noise_std,
                     c10::optional<double> clamp_min, c10::optional<double> clamp_max,
                     c10::optional<double> grad_clip, c10::optional<at::Generator> generator) {
-  check_sgld_inputs("sgld_step_", x, grad, noise_std, clamp_min, clamp_max, grad_clip);
+  check_sgld_inputs("sgld_step_", x, grad, step_size, noise_std, clamp_min, clamp_max, grad_clip);
   TORCH_CHECK(x.is_cuda(), "sgld_step_: expected CUDA tensors, got ", x.device());
   c10::cuda::CUDAGuard device_guard(x.device());
   auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
@@ -114,7 +114,8 @@ void sgld_step_philox_cuda(at::Tensor& x, const at::Tensor& grad, double step_si
                            double noise_std, c10::optional<double> clamp_min,
                            c10::optional<double> clamp_max, c10::optional<double> grad_clip,
                            int64_t seed, int64_t offset) {
-  check_sgld_inputs("_sgld_step_philox_", x, grad, noise_std, clamp_min, clamp_max, grad_clip);
+  check_sgld_inputs("_sgld_step_philox_", x, grad, step_size, noise_std, clamp_min, clamp_max,
+                    grad_clip);
   TORCH_CHECK(x.is_cuda(), "_sgld_step_philox_: expected CUDA tensors, got ", x.device());
   TORCH_CHECK(offset >= 0 && offset % 4 == 0,
               "_sgld_step_philox_: offset must be a non-negative multiple of 4, got ", offset);
