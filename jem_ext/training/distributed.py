@@ -114,6 +114,32 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
+def launch_rank() -> int:
+    """This process's global rank as the launcher set it (0 when not launched): known before
+    the process joins the job, so that a command-line error is printed once, by rank 0."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted the job's processes (``--max-restarts``): 0 for
+    the first launch and without torchrun."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) if launched() else 0
+    except ValueError:
+        return 0
+
+
+def max_restarts() -> int:
+    """torchrun's ``--max-restarts`` (0 without torchrun)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) if launched() else 0
+    except ValueError:
+        return 0
+
+
 def current() -> Dist:
     """The job of this process, from torch.distributed's state (single when not initialised)."""
     if not (dist.is_available() and dist.is_initialized()):
