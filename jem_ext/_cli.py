@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import select
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,10 +71,44 @@ def terminate_as_interrupt() -> Iterator[None]:
 
     _received.clear()
     previous = signal.signal(signal.SIGTERM, handler)
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    watchdog = threading.Thread(target=_watchdog, args=(read_fd,), daemon=True)
+    watchdog.start()
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.set_wakeup_fd(previous_fd)
+        os.close(write_fd)  # ends the watchdog
+        watchdog.join()
+        os.close(read_fd)
+
+
+TERMINATE_GRACE_S = 20.0  # torchrun and most schedulers send SIGKILL 30 s after SIGTERM
+
+
+def _watchdog(read_fd: int) -> None:
+    """Exit with 143 when the main thread has not stopped ``TERMINATE_GRACE_S`` after SIGTERM.
+
+    Python runs a signal handler only between two bytecodes of the main thread; a main thread
+    blocked inside one call (a collective waiting for a peer, joining a job) would otherwise
+    not see SIGTERM at all. The C-level handler writes the signal's number to the wake-up fd
+    even then, and this thread reads it.
+    """
+    while True:
+        data = os.read(read_fd, 64)
+        if not data:
+            return  # the block ended
+        if signal.SIGTERM in data:
+            break
+    ready, _, _ = select.select([read_fd], [], [], TERMINATE_GRACE_S)
+    if ready and not os.read(read_fd, 64):
+        return  # the block ended in time
+    sys.stderr.write("terminated (SIGTERM): stopped\n")
+    sys.stderr.flush()
+    os._exit(SIGTERM_STATUS)
 
 
 def machine_cores() -> int:

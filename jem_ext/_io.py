@@ -122,8 +122,17 @@ def torch_save(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, _Writer(f))
     except RuntimeError:
         if errors:
-            raise errors[0] from None
+            raise with_filename(errors[0], path) from None
         raise
+    except OSError as err:
+        raise with_filename(err, path) from None
+
+
+def with_filename(err: OSError, path: str | os.PathLike) -> OSError:
+    """``err``, naming ``path`` when it names no file (a failed ``write`` names none)."""
+    if err.filename is not None:
+        return err
+    return type(err)(err.errno, err.strerror or str(err), os.fspath(path))
 
 
 # What each errno of a failed write means, in the words of the one-line error.
