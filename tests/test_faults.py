@@ -306,6 +306,40 @@ def test_fuzz_failed_writes_of_a_run(tmp_path, monkeypatch, capsys, seed):
         assert json.loads((run / "summary.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_fuzz_sigterm_during_the_writes_of_a_run(tmp_path, monkeypatch, capsys, seed):
+    """Seeded fuzz: SIGTERM arrives while the run writes its k-th file (the temporary is
+    written, the rename not done): exit 143, one line, no temporaries, and the resumed run
+    completes when a checkpoint exists."""
+    k = random.Random(seed).randint(1, 10)
+    run = tmp_path / "run"
+    real_replace = os.replace
+    count = []
+
+    def interrupted_replace(src, dst):
+        if Path(dst).is_relative_to(run):
+            count.append(dst)
+            if len(count) == k:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)  # the handler raises here
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted_replace)
+    argv = TOY + ["--epochs", "2", "--ckpt-every", "8", "--sample-every", "20", "--out", str(run)]
+    status = jtrain.main(argv)
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert status == 143, err
+    line = _one_line(err)
+    assert line.startswith("terminated (SIGTERM)")
+    if "--resume" in line:
+        assert _temporaries(run) == []
+        assert jtrain.main(["--resume", str(run)]) == 0
+        assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    else:
+        assert "nothing to resume" in line and not run.exists()
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
 def test_evaluation_that_cannot_write_leaves_the_folder_as_it_was(
     tmp_path, monkeypatch, capsys, code
