@@ -173,7 +173,7 @@ def test_sigterm_stops_evaluation_without_a_half_report(tmp_path, monkeypatch, c
     )
     monkeypatch.setattr(writers, "render_markdown", lambda r, images=True: "report")
     assert eval_cli.main([]) == 143
-    assert "interrupted; no report was written" in _one_line(capsys.readouterr().err)
+    assert "terminated (SIGTERM); no report was written" in _one_line(capsys.readouterr().err)
     assert sorted(p.name for p in out.iterdir()) == ["report.json"]
     assert (out / "report.json").read_text() == "{}"
 
@@ -192,7 +192,10 @@ def test_sigterm_handler_exits_a_blocked_main_thread(tmp_path):
         "store = dist.TCPStore('127.0.0.1', 0, 1, is_master=True)\n"
         "with c.terminate_as_interrupt():\n"
         "    print('ready', flush=True)\n"
-        "    store.wait(['never'], datetime.timedelta(seconds=60))  # one call, no handlers\n"
+        "    try:\n"
+        "        store.wait(['never'], datetime.timedelta(seconds=60))  # one call, no handlers\n"
+        "    except KeyboardInterrupt:  # SIGTERM came before the call: a clean-up that hangs\n"
+        "        store.wait(['never'], datetime.timedelta(seconds=60))\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -479,3 +482,38 @@ def test_threads_beyond_the_cores_are_refused(tmp_path, capsys, monkeypatch):
     assert jtrain.main(["--resume", str(run)]) == 2
     line = _one_line(capsys.readouterr().err)
     assert "--threads 2: this machine has 1 core;" in line and "give --threads" in line
+
+
+# ------------------------------------------------------- a real small and read-only disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 KiB tmpfs (root only, where mounting is allowed; skipped elsewhere)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small file system needs root")
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip("mount is not permitted here")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_real_full_then_read_only_disk(small_disk, capsys):
+    run = small_disk / "run"
+    argv = ["--dataset", "moons", "--model", "mlp", "--width", "64", "--depth", "3"]
+    assert jtrain.main(argv + ["--epochs", "3", "--no-progress", "--out", str(run)]) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("error: cannot write ") and "no space left on the device" in line
+    assert "unexpected pos" not in line and _temporaries(run) == []
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    out = small_disk / "eval"
+    evaluate = ["--checkpoint", str(run), "--out", str(out), "--tasks", "accuracy", "--no-progress"]
+    assert eval_cli.main(evaluate) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith(f"jem_ext.eval: error: cannot write {out}: read-only file system")
+    assert not out.exists()
