@@ -517,3 +517,15 @@ def test_a_real_full_then_read_only_disk(small_disk, capsys):
     line = _one_line(capsys.readouterr().err)
     assert line.startswith(f"jem_ext.eval: error: cannot write {out}: read-only file system")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("script", ["bench_ddp.py", "bench_ops.py", "bench_sampler.py"])
+def test_benchmark_scripts_refuse_threads_beyond_the_cores(script):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--threads", "100000"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--threads 100000: this machine has" in _one_line(done.stderr)
