@@ -96,7 +96,7 @@ class DivergenceGuard:
             run.log.write(row)
             raise TrainingDiverged(
                 f"training diverged at iteration {it} ({reason}) after {st.recoveries} "
-                f"recoveries; stopping. The last good checkpoint is {run.saver.last_path}: "
+                f"recover{'y' if st.recoveries == 1 else 'ies'}; stopping. The last good checkpoint is {run.saver.last_path}: "
                 "lower --lr, raise --sgld-steps or --l2-energy, or try another --seed"
             )
         st.recoveries += 1
