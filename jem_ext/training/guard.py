@@ -96,7 +96,8 @@ class DivergenceGuard:
             run.log.write(row)
             raise TrainingDiverged(
                 f"training diverged at iteration {it} ({reason}) after {st.recoveries} "
-                f"recover{'y' if st.recoveries == 1 else 'ies'}; stopping. The last good checkpoint is {run.saver.last_path}: "
+                f"recover{'y' if st.recoveries == 1 else 'ies'}; stopping. The last good "
+                f"checkpoint is {run.saver.last_path}: "
                 "lower --lr, raise --sgld-steps or --l2-energy, or try another --seed"
             )
         st.recoveries += 1
