@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from jem_ext._cli import check_threads
 from jem_ext._io import atomic_write_text
 from jem_ext.training import distributed
 from jem_ext.training.config import default_config
@@ -155,6 +156,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--repeats and --iters must be >= 1, --warmup >= 0")
     if any(n < 1 or args.batch_size % n for n in args.procs):
         p.error("--procs: every count must be >= 1 and divide --batch-size")
+    refused = check_threads(args.threads)
+    if refused is not None:
+        p.error(refused)
     if args.device == "cuda" and max(args.procs) > torch.cuda.device_count():
         p.error(f"--procs: only {torch.cuda.device_count()} CUDA devices are visible")
     return args

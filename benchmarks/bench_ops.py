@@ -36,6 +36,7 @@ import torch
 
 import jem_ext
 from jem_ext import ops
+from jem_ext._cli import check_threads
 
 CPU_LEVELS = ["avx512", "avx2", "baseline"]
 CPU_LEVEL_ENV = "JEM_EXT_CPU_LEVEL"
@@ -290,6 +291,10 @@ def main(argv=None) -> int:
         "default: the best this CPU supports)",
     )
     args = p.parse_args(argv)
+    refused = next(filter(None, map(check_threads, args.threads or [])), None)
+    if refused is not None:
+        print(f"bench_ops.py: {refused}", file=sys.stderr)
+        return 2
     if args.clock == "cpu" and args.threads != [1]:
         print(
             "bench_ops.py: --clock cpu counts one thread's time: use it with --threads 1",

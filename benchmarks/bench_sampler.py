@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 import torch
 from tqdm import tqdm
 
+from jem_ext._cli import check_threads
 from jem_ext._io import atomic_write_text
 from jem_ext.models import build_model
 from jem_ext.sampler import ReplayBuffer, SGLDSampler
@@ -239,6 +240,8 @@ def parse_args(argv=None):
         help="also write the results (settings, per-repeat times, medians) to OUT",
     )
     args = p.parse_args(argv)
+    if args.threads is not None and check_threads(args.threads) is not None:
+        p.error(check_threads(args.threads))
     try:
         args.device = torch.device(args.device)
     except RuntimeError:

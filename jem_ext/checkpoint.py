@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._io import atomic_path
+from ._io import atomic_path, torch_save
 from .models import build_from_spec, meta_model
 
 FORMAT = "jem_ext.checkpoint"
@@ -88,13 +88,14 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
     Raises:
         CheckpointError: ``state`` is not a dict.
+        OSError: the file cannot be written (no space, a read-only file system).
     """
     if not isinstance(state, dict):
         raise CheckpointError(f"save_checkpoint: expected a dict, got {type(state).__name__}")
     state = {"format": FORMAT, "version": VERSION, **state}
     state[CHECKSUM_KEY] = state_checksum(state)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        torch_save(state, tmp)  # a full disk raises its OSError, not torch's RuntimeError
 
 
 def _first_sentence(err: BaseException, limit: int = 160) -> str:

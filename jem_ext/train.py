@@ -26,6 +26,17 @@ Divergence guard: a non-finite loss, or ``|loss|`` or ``|energy_data - energy_sa
 ``--recover-lr-factor``, re-initialises the sampler's replay buffer and logs an event row;
 after ``--max-recoveries`` recoveries the run stops with a non-zero exit.
 
+Stopping and failures: Ctrl-C and SIGTERM (``timeout``, a scheduler, torchrun passing its own
+SIGTERM on) stop the run the same way: the file being written is abandoned (its temporary
+removed), the resume command is printed, and the exit status is 130 or 143. Temporary files
+that a run killed outright (SIGKILL) left behind are removed when its folder is claimed again.
+A write that fails (no space, a read-only file system) ends the run with one line naming the
+file and the cause (exit 1); so does a run folder removed while the run writes it (the run
+never recreates part of a folder). A run stopped before its first checkpoint has nothing to
+resume: its command, re-run with the same ``--out``, starts it afresh. Under ``torchrun
+--max-restarts N`` (``--out`` required), a restarted job continues from ``last.pt`` as
+``--resume`` would.
+
 The code lives in :mod:`jem_ext.training`, one concern per module; this module is the command
 and re-exports its public names.
 """

@@ -62,7 +62,8 @@ from jem_ext.training import distributed, loop
 
 plan, argv = json.loads(sys.argv[1]), sys.argv[2:]
 rank = int(os.environ["RANK"])
-if rank in plan.get("exit_ranks", []):
+restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+if rank in plan.get("exit_ranks", []) and not (plan.get("first_attempt") and restarted):
     real_lr = loop.learning_rate
     def dying_lr(cfg, iteration, epoch, scale=1.0):
         if iteration == plan["exit_at"]:
@@ -262,6 +263,136 @@ def test_killed_job_resumes_bitwise_under_torchrun(full, tmp_path):
         ]
 
     assert strip(_rows(cut)) == strip(_rows(full[0]))
+
+
+def _torchrun(args: list[str], timeout: float = 240, **popen) -> subprocess.CompletedProcess:
+    """Run the venv's torchrun (as ``python -m torch.distributed.run``) on a free port."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        *args,
+    ]
+    return subprocess.run(
+        command,
+        cwd=ROOT,
+        env={**_env_without_rank(), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_elastic_restart_resumes_from_the_last_checkpoint(full, tmp_path):
+    """torchrun --max-restarts 1, one process killed at iteration 25: the restarted job
+    continues from last.pt (iteration 21), says so once, and ends as the uninterrupted job."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    run = tmp_path / "run"
+    plan = {"exit_ranks": [1], "exit_at": 25, "first_attempt": True}
+    done = _torchrun(
+        ["--nproc-per-node", "2", "--max-restarts", "1", str(worker), json.dumps(plan)]
+        + JOB
+        + ["--out", str(run)]
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "connectFullMesh" not in done.stderr
+    assert done.stderr.count("torchrun restarted the job") == 1
+    assert "(restart 1 of 1): resuming" in done.stderr and "(iteration 21)" in done.stderr
+    a = load_checkpoint(full[0] / "checkpoints" / "last.pt")
+    b = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert a["iteration"] == b["iteration"] == 40
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.equal(replay_buffer_samples(a), replay_buffer_samples(b))
+    resumes = [r for r in _rows(run) if r.get("event") == "resume"]
+    assert len(resumes) == 1 and resumes[0]["iteration"] == 21
+
+
+def test_a_job_that_may_restart_needs_an_out_folder(tmp_path, capsys, monkeypatch):
+    _as_rank_of(monkeypatch, 2)
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.chdir(tmp_path)
+    assert jtrain.main(TINY) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: --out: needed when torchrun may restart the job (--max-restarts 3): the "
+        "restarted processes resume from the run folder"
+    ]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_command_line_error_under_torchrun_is_printed_once(tmp_path):
+    """A batch of 64 does not split over 3 processes: rank 0 says so, every rank exits 2."""
+    run = tmp_path / "run"
+    done = _torchrun(["--nproc-per-node", "3", "-m", "jem_ext.train"] + TINY + ["--out", str(run)])
+    message = "error: --batch-size 64: the global batch must be a multiple of the 3 processes"
+    assert done.stderr.count(message) == 1, done.stderr[-3000:]
+    assert "exitcode  : 2" in done.stderr  # torchrun's report (it stops the others itself)
+    assert not run.exists()
+    # launched directly, every process exits 2 and only rank 0 speaks
+    results = launch(TINY + ["--out", str(run)], world=3, timeout=60)
+    assert [r.returncode for r in results] == [2, 2, 2]
+    assert results[0].stderr.strip() == message
+    assert results[1].stderr == results[2].stderr == ""
+    assert not run.exists()
+
+
+def test_sigterm_to_torchrun_stops_the_job_cleanly(tmp_path):
+    """SIGTERM to torchrun reaches every process: rank 0 prints the resume command once, and
+    no temporary file is left in the run folder."""
+    run = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "jem_ext.train",
+        *TINY,
+        "--epochs",
+        "100",
+        "--ckpt-every",
+        "3",
+        "--out",
+        str(run),
+    ]
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**_env_without_rank(), "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        end = time.time() + 90
+        while not (run / "checkpoints" / "last.pt").exists():
+            assert proc.poll() is None and time.time() < end, proc.communicate()
+            time.sleep(0.2)
+        time.sleep(1.0)
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    line = (
+        "terminated (SIGTERM); continue with: torchrun --nproc-per-node 2 -m jem_ext.train "
+        f"--resume {run}"
+    )
+    assert err.count(line) == 1, err[-3000:]
+    assert "Unable to shutdown process" not in err  # every process left before SIGKILL
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["iteration"] >= 3
 
 
 def test_resume_with_another_world_size_reshards(full, tmp_path, capsys):

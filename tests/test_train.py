@@ -293,10 +293,11 @@ def test_max_recoveries_stops_with_clear_message(tmp_path, capsys, bad_loss):
     err = capsys.readouterr().err
     assert err.startswith("error: training diverged at iteration 5")
     assert "after 2 recoveries" in err
-    events = [r["event"] for r in _rows(run) if r.get("event")]
-    assert events == ["recovery", "recovery", "stopped"]
+    events = [(r["event"], r["recoveries"]) for r in _rows(run) if r.get("event")]
+    assert events == [("recovery", 1), ("recovery", 2), ("stopped", 2)]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "diverged"
+    # one count everywhere: the message, the stopped row and summary.json
+    assert summary["status"] == "diverged" and summary["recoveries"] == 2
 
 
 def test_energy_gap_triggers_recovery(tmp_path, bad_loss):

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .._cli import check_threads, interrupt_status, terminate_as_interrupt
+from .._io import remove_temporaries, write_failure
 from .chain import stage_chain
 from .config import CPU_OPTIONS, GPU_OPTIONS, SMOKE, STAGES, Option, Sizes
 from .ops import stage_env, stage_ops
@@ -154,9 +156,14 @@ def _choose(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status: 0, 1 when the results cannot be written, 2 on bad
+    input, 130 after Ctrl-C and 143 after SIGTERM (bench.json then holds the finished stages)."""
     args = build_parser().parse_args(argv)
     try:
         device, sizes, options, train_options = _choose(args)
+        refused = check_threads(args.threads)
+        if refused is not None:
+            raise ValueError(refused)
     except ValueError as err:
         print(f"python -m jem_ext.bench: {err}", file=sys.stderr)
         return 2
@@ -164,17 +171,28 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads if args.threads > 0 else 1)
     stages = tuple(s for s in args.stages.split(",") if s)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = run_bench(
-        device,
-        sizes,
-        options,
-        train_options,
-        stages,
-        "smoke" if args.smoke else "full",
-        budget_s=args.budget_s,
-        on_stage=lambda r: write_results(out, r),
-    )
+    try:
+        with terminate_as_interrupt():
+            out.mkdir(parents=True, exist_ok=True)
+            remove_temporaries(out)
+            results = run_bench(
+                device,
+                sizes,
+                options,
+                train_options,
+                stages,
+                "smoke" if args.smoke else "full",
+                budget_s=args.budget_s,
+                on_stage=lambda r: write_results(out, r),
+            )
+    except OSError as err:
+        print(f"python -m jem_ext.bench: error: {write_failure(err, out)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:
+        done = out / "bench.json"
+        kept = f"; {done} holds the stages finished before" if done.is_file() else ""
+        print(f"\npython -m jem_ext.bench: interrupted{kept}", file=sys.stderr)
+        return interrupt_status(err)
     print(markdown(results))
     print(f"bench: wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return 0

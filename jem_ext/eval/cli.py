@@ -15,7 +15,15 @@ from pathlib import Path
 
 import torch
 
-from .._cli import DefaultsHelpFormatter, RaisingParser, finite_float
+from .._cli import (
+    SIGTERM_STATUS,
+    DefaultsHelpFormatter,
+    RaisingParser,
+    finite_float,
+    interrupt_status,
+    terminate_as_interrupt,
+)
+from .._io import remove_temporaries, write_failure
 from ..training.accel import PRECISIONS
 from .report import run
 from .settings import BUILTIN_OOD, DEFAULT_EPS, NORMS, TASKS, EvalError, EvalSettings
@@ -332,13 +340,35 @@ def parse_settings(argv: Sequence[str] | None = None) -> EvalSettings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m jem_ext.eval``; returns the exit status (2 on bad input)."""
+    """Entry point of ``python -m jem_ext.eval``; returns the exit status: 0, 1 when the report
+    cannot be written (no space, a read-only file system: the output folder is left as it
+    was), 2 on bad input, 130 after Ctrl-C and 143 after SIGTERM (nothing written either)."""
+    settings, existed = None, False
     try:
-        settings = parse_settings(argv)
-        report = run(settings)
+        with terminate_as_interrupt():
+            settings = parse_settings(argv)
+            existed = Path(settings.out).exists()
+            if Path(settings.out).is_dir():  # what an evaluation killed outright left behind
+                remove_temporaries(settings.out)
+            report = run(settings)
     except EvalError as err:
         print(f"jem_ext.eval: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        out = settings.out if settings is not None else None
+        state = "is as it was" if existed else "was not created"
+        print(
+            f"jem_ext.eval: error: {write_failure(err, out)}; no report was written "
+            f"(--out {out} {state})",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt as err:
+        status = interrupt_status(err)
+        what = "terminated (SIGTERM)" if status == SIGTERM_STATUS else "interrupted"
+        where = f" to --out {settings.out}" if settings is not None else ""
+        print(f"\njem_ext.eval: {what}; no report was written{where}", file=sys.stderr)
+        return status
     print(render_markdown(report, images=False))
     print(
         f"\nwrote {Path(settings.out) / 'report.json'}, report.md and "

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -249,14 +252,28 @@ def render_markdown(report: dict[str, Any], images: bool = True) -> str:
 
 
 def write_report(out: Path, report: dict[str, Any], figures: list[Figure]) -> None:
-    """Draw the figures and write report.md and report.json into ``out``, each atomically.
+    """Draw the figures and write report.md and report.json into ``out``, all or nothing.
 
     Both texts are rendered before anything is written, so a rendering error leaves no files.
+    Every file is first written into a temporary folder inside ``out`` and moved into place
+    only once all of them are written: a write that fails (no space, a read-only file system)
+    or an interruption leaves ``out`` as it was, with no part of the new report.
+
+    Raises:
+        OSError: a file could not be written (``out`` is unchanged).
     """
     markdown = render_markdown(report) + "\n"
     as_json = to_json_text(report)
     out.mkdir(parents=True, exist_ok=True)
-    for name, draw in figures:
-        draw(out / name)
-    atomic_write_text(out / "report.md", markdown)
-    atomic_write_text(out / "report.json", as_json)
+    staging = out / f".report.{uuid.uuid4().hex}.tmp"
+    try:
+        staging.mkdir()
+        for name, draw in figures:
+            draw(staging / name)
+        atomic_write_text(staging / "report.md", markdown)
+        atomic_write_text(staging / "report.json", as_json)
+        names = [name for name, _ in figures] + ["report.md", "report.json"]
+        for name in names:  # renames within one folder: they take no space
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

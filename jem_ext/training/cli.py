@@ -8,11 +8,20 @@ from pathlib import Path
 from typing import Any
 
 from .. import data as jdata
+from .._cli import (
+    SIGTERM_STATUS,
+    Terminated,
+    check_threads,
+    interrupt_status,
+    terminate_as_interrupt,
+    terminated,
+)
+from .._io import write_failure
 from ..checkpoint import CheckpointError, load_checkpoint, weights_mismatch
 from ..models import meta_model
 from . import distributed
 from .config import ConfigError, check_identity, parse_command_line
-from .folder import RunFolder
+from .folder import RunFolder, RunFolderLost
 from .guard import TrainingDiverged
 from .loop import train
 from .setup import fresh_out, load_data, model_kwargs
@@ -22,6 +31,8 @@ _TRAINING_KEYS = {"model": dict, "optimizer": dict, "rng": dict, "iteration": in
 
 def _load_resume_state(run_dir: str) -> dict[str, Any]:
     ckpt = Path(run_dir) / "checkpoints" / "last.pt"
+    if not ckpt.exists():
+        raise CheckpointError(_nothing_to_resume(run_dir))
     state = load_checkpoint(ckpt)
     for key, kind in _TRAINING_KEYS.items():
         if key not in state:
@@ -92,6 +103,61 @@ def _claim_once(cfg: dict[str, Any], dist: distributed.Dist) -> RunFolder | None
     return folder
 
 
+def _nothing_to_resume(run_dir: str) -> str:
+    return (
+        f"--resume {run_dir}: the run stopped before its first checkpoint (no "
+        "checkpoints/last.pt), so there is nothing to resume; re-running its command with "
+        f"--out {run_dir} starts it afresh"
+    )
+
+
+def _resume_target(argv: list[str]) -> str | None:
+    """The value of ``--resume`` on a command line (None without one)."""
+    for i, arg in enumerate(argv):
+        if arg == "--resume" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--resume="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _parse(argv: list[str]) -> tuple[Any, bool]:
+    """Parse the command line; in a job that torchrun restarted (``--max-restarts``), continue
+    the run from its last checkpoint exactly as ``--resume`` would. Returns the invocation and
+    whether it is such a restart.
+
+    Raises:
+        ConfigError: bad flags, or a job that torchrun may restart without an ``--out``.
+    """
+    target = _resume_target(argv)
+    if target is not None and Path(target).is_dir():
+        if not (Path(target) / "checkpoints" / "last.pt").exists():
+            raise ConfigError(_nothing_to_resume(target))
+    invocation = parse_command_line(argv)
+    cfg = invocation.cfg
+    if cfg["resume"] is not None:
+        return invocation, False
+    if cfg["out"] is None and distributed.max_restarts() > 0:
+        raise ConfigError(
+            "--out: needed when torchrun may restart the job (--max-restarts "
+            f"{distributed.max_restarts()}): the restarted processes resume from the run folder"
+        )
+    out = cfg["out"]
+    if distributed.restart_count() > 0 and (Path(out) / "checkpoints" / "last.pt").is_file():
+        return parse_command_line([*argv, "--resume", out]), True
+    return invocation, False
+
+
+def _check_threads(cfg: dict[str, Any], explicit: dict[str, Any]) -> None:
+    refused = check_threads(cfg["threads"])
+    if refused is None:
+        return
+    if "threads" in explicit:
+        raise ConfigError(refused)
+    source = "the resumed run's config.json" if cfg["resume"] else f"--config {cfg['config']}"
+    raise ConfigError(f"{refused} ({source} sets it; give --threads to override)")
+
+
 def prepare(argv: list[str] | None = None) -> Prepared:
     """Parse and check everything (config, data, checkpoint) before any file is written.
 
@@ -102,11 +168,19 @@ def prepare(argv: list[str] | None = None) -> Prepared:
     Raises:
         ConfigError, DataError, CheckpointError, LaunchError.
     """
-    invocation = parse_command_line(argv)
+    invocation, restarted = _parse(list(sys.argv[1:] if argv is None else argv))
     cfg = invocation.cfg
+    _check_threads(cfg, invocation.explicit)
     folder = _claim_once(cfg, distributed.init_from_env(cfg))
     try:
         resume_state = None if cfg["resume"] is None else _load_resume_state(cfg["resume"])
+        if restarted and distributed.launch_rank() == 0:
+            print(
+                f"torchrun restarted the job (restart {distributed.restart_count()} of "
+                f"{distributed.max_restarts()}): resuming {cfg['out']} from its last checkpoint "
+                f"(iteration {resume_state['iteration']}), as --resume would",
+                file=sys.stderr,
+            )
         datasets = load_data(cfg)
         check_identity(cfg, datasets, resume_state)
         _check_model(cfg, datasets, resume_state)
@@ -120,13 +194,20 @@ def prepare(argv: list[str] | None = None) -> Prepared:
     return Prepared(cfg, resume_state, datasets, folder, overrides)
 
 
-def _interrupted(folder: RunFolder | None) -> str:
-    """The message after Ctrl-C: how to continue, when there is something to continue."""
+def _interrupted(folder: RunFolder | None, what: str = "interrupted") -> str:
+    """The message after Ctrl-C or SIGTERM (``what``): how to continue, when there is something
+    to continue."""
     if folder is None:
-        return "interrupted before training started; nothing was written"
+        return f"{what} before training started; nothing was written"
     if (folder.path / "checkpoints" / "last.pt").is_file():
-        return f"interrupted; continue with: python -m jem_ext.train --resume {folder.path}"
-    return "interrupted before the first checkpoint; nothing to resume"
+        job = distributed.current()
+        launch = (
+            f"torchrun --nproc-per-node {job.world_size} -m jem_ext.train"
+            if job.parallel
+            else "python -m jem_ext.train"
+        )
+        return f"{what}; continue with: {launch} --resume {folder.path}"
+    return f"{what} before the first checkpoint; nothing to resume"
 
 
 def _summary_line(summary: dict[str, Any]) -> str:
@@ -148,8 +229,16 @@ def _summary_line(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 ok, 1 diverged or a distributed
-    job lost a process, 2 bad input)."""
+    """Command-line entry point; returns the exit status: 0 ok; 1 diverged, a distributed job
+    lost a process, the run folder was removed, or a file could not be written (no space, a
+    read-only file system); 2 bad input (under torchrun printed by rank 0 only, every process
+    exits 2); 130 after Ctrl-C and 143 after SIGTERM, which stops the run the same way (the
+    write in progress is abandoned, the resume command printed)."""
+    with terminate_as_interrupt():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     prepared = None
     try:
         prepared = prepare(argv)
@@ -165,15 +254,28 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, jdata.DataError, CheckpointError, distributed.LaunchError) as err:
         # before training starts (a resume state that does not fit: nothing written yet)
         _release(prepared, keep_run=False)
-        print(f"error: {err}", file=sys.stderr)
+        if distributed.launch_rank() == 0:  # every process of a job meets the same error
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
         _release(prepared, keep_run=True)
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except RuntimeError as err:
+    except RunFolderLost as err:
         _release(prepared, keep_run=True)
+        distributed.print_main(f"error: {err}", distributed.current())
+        return 1
+    except OSError as err:  # a write failed: rank 0 writes, so only rank 0 gets here
+        _release(prepared, keep_run=True)
+        print(f"error: {_write_failed(err, prepared)}", file=sys.stderr)
+        if distributed.current().parallel:
+            distributed.abandon(1)  # the others wait in a collective: end the job now
+        return 1
+    except RuntimeError as err:
         job = distributed.current()
+        if terminated() and job.parallel:  # a collective broken by the job's SIGTERM
+            return _stop(prepared, Terminated())
+        _release(prepared, keep_run=True)
         if not distributed.is_communication_failure(err, job):
             raise
         print(
@@ -181,22 +283,49 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         distributed.abandon(1)
-    except KeyboardInterrupt:
-        if prepared is not None and prepared.folder is None:
-            return 130  # rank 0 of the job says how to continue
-        message = _interrupted(prepared.folder if prepared else None)
-        _release(prepared, keep_run=message.startswith("interrupted; continue"))
-        print(f"\n{message}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        return _stop(prepared, err)
     except BaseException:
         _release(prepared, keep_run=True)
         raise
     finally:
-        distributed.shutdown()
+        if not terminated():
+            distributed.shutdown()
     _release(prepared, keep_run=True)
     if prepared.folder is not None:  # the process that holds the run folder
         print(_summary_line(summary))
     return 0
+
+
+def _stop(prepared: Prepared | None, err: BaseException) -> int:
+    """Ctrl-C or SIGTERM: release the run folder (removed when nothing can be resumed from
+    it), say how to continue, exit 130 or 143. A process of a job leaves at once: the others
+    stop too (torchrun signals all of them), and a barrier could wait for one that is gone."""
+    status = interrupt_status(err)
+    job = distributed.current()
+    what = "terminated (SIGTERM)" if status == SIGTERM_STATUS else "interrupted"
+    folder = prepared.folder if prepared else None
+    message = _interrupted(folder, what)
+    _release(prepared, keep_run=" continue with: " in message)
+    if job.is_main and distributed.launch_rank() == 0:
+        print(f"\n{message}", file=sys.stderr)
+    if job.parallel:
+        distributed.abandon(status)
+    return status
+
+
+def _write_failed(err: OSError, prepared: Prepared | None) -> str:
+    """The one line of a failed write, with how to continue when a checkpoint exists."""
+    folder = prepared.folder if prepared else None
+    line = write_failure(err, folder.path if folder is not None else None)
+    if folder is not None and (folder.path / "checkpoints" / "last.pt").is_file():
+        line += (
+            f"; the run stopped; once the disk is writable, continue with: "
+            f"python -m jem_ext.train --resume {folder.path}"
+        )
+    else:
+        line += "; the run stopped"
+    return line
 
 
 def _release(prepared: Prepared | None, keep_run: bool) -> None:

@@ -114,6 +114,32 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
+def launch_rank() -> int:
+    """This process's global rank as the launcher set it (0 when not launched): known before
+    the process joins the job, so that a command-line error is printed once, by rank 0."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted the job's processes (``--max-restarts``): 0 for
+    the first launch and without torchrun."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) if launched() else 0
+    except ValueError:
+        return 0
+
+
+def max_restarts() -> int:
+    """torchrun's ``--max-restarts`` (0 without torchrun)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) if launched() else 0
+    except ValueError:
+        return 0
+
+
 def current() -> Dist:
     """The job of this process, from torch.distributed's state (single when not initialised)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -178,10 +204,36 @@ def init_from_env(cfg: dict[str, Any]) -> Dist:
     if cuda:
         check_devices(int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count())
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(
-        "nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=cfg["dist_timeout"])
-    )
+    timeout = datetime.timedelta(seconds=cfg["dist_timeout"])
+    backend = "nccl" if cuda else "gloo"
+    store = _attempt_store(world, timeout)
+    if store is None:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        rank = int(os.environ["RANK"])
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return current()
+
+
+def _attempt_store(world: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """The store of this attempt of a job torchrun may restart, or None (``env://``).
+
+    torchrun's agent keeps one store for the whole job (static rendezvous, the default with
+    ``--master-addr``/``--master-port``), and ``env://`` reads and writes the same keys at
+    every attempt: after a restart, a process reads the address its dead peer published at
+    the previous attempt, and gloo fails with "connectFullMesh failed ... Connection
+    refused". Keys under an attempt prefix keep the attempts apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"jem_ext/attempt_{restart_count()}", client)
 
 
 def on_main(fn: Callable[[], T], d: Dist) -> T:

@@ -83,23 +83,25 @@ class DivergenceGuard:
             TrainingDiverged: more than ``max_recoveries`` recoveries.
         """
         st, it = run.state, run.state.iteration
-        st.recoveries += 1
         row = {
             "event": "recovery",
             "iteration": it,
             "epoch": st.epoch,
             "reason": reason,
-            "recoveries": st.recoveries,
+            "recoveries": st.recoveries,  # recoveries made: the stop below is not one
             "seconds": run.elapsed(),
         }
-        if st.recoveries > self.max_recoveries:
+        if st.recoveries >= self.max_recoveries:
             row["event"] = "stopped"
             run.log.write(row)
             raise TrainingDiverged(
-                f"training diverged at iteration {it} ({reason}) after {self.max_recoveries} "
-                f"recoveries; stopping. The last good checkpoint is {run.saver.last_path}: "
+                f"training diverged at iteration {it} ({reason}) after {st.recoveries} "
+                f"recover{'y' if st.recoveries == 1 else 'ies'}; stopping. The last good "
+                f"checkpoint is {run.saver.last_path}: "
                 "lower --lr, raise --sgld-steps or --l2-energy, or try another --seed"
             )
+        st.recoveries += 1
+        row["recoveries"] = st.recoveries
         run.saver.restore_last_good(run)
         st.lr_scale *= self.lr_factor
         st.reseeds += 1

@@ -25,6 +25,7 @@ from ..sampler import sample_from_noise
 from . import distributed
 from .config import absolute_paths, default_config, validate, with_recipe
 from .distributed import Dist
+from .folder import check_intact, folder_identity
 from .guard import DivergenceGuard, SplitWatch, TrainingDiverged
 from .runlog import (
     MetricsLog,
@@ -139,14 +140,17 @@ def train_one_epoch(run: Run) -> None:
             run.split_watch.check(run, terms, weights.w_px)
         # bookkeeping: metrics row, progress, samples, resume point
         if reason is None and (it + 1) % cfg["log_every"] == 0:
+            check_folder(run)
             row = {"iteration": it + 1, "epoch": epoch}
             mean = distributed.mean_terms(terms, run.dist)
             row.update({k: finite_or_none(v) for k, v in mean.items()})
             run.log.write({**row, "lr": lr, "seconds": st.seconds})
         run.progress.step(terms if reason is None else None)
         if cfg["sample_every"] and (it + 1) % cfg["sample_every"] == 0:
+            check_folder(run)
             write_samples(run, f"{it + 1:07d}")
         if cfg["ckpt_every"] and (it + 1) % cfg["ckpt_every"] == 0 and st.pos < run.steps_per_epoch:
+            check_folder(run)
             run.saver.save_last(run)
 
 
@@ -154,6 +158,7 @@ def end_of_epoch(run: Run) -> None:
     """Close the epoch: validate when due (best.pt on a new best), then save last.pt."""
     cfg, st = run.cfg, run.state
     st.epoch, st.pos = st.epoch + 1, 0
+    check_folder(run)
     if st.epoch % cfg["eval_every"] == 0 or st.epoch == cfg["epochs"]:
         val_acc = accuracy(run.ctx.model_for_chain, run.data.val, run.dist)
         run.log.write(
@@ -206,6 +211,7 @@ def fit(run: Run) -> tuple[str, str | None]:
         return "diverged", str(err)
     except BudgetReached as reached:
         run.state.seconds = run.elapsed()
+        check_folder(run)
         run.saver.save_last(run)
         return "budget", str(reached)
     return "completed", None
@@ -223,6 +229,22 @@ def _open_run_folder(run: Run, resuming: bool) -> None:
         json.dumps(record, indent=2, sort_keys=True, default=json_default) + "\n",
     )
     (run.out / "samples").mkdir(parents=True, exist_ok=True)
+    run.folder_id = folder_identity(run.out)
+
+
+def check_folder(run: Run) -> None:
+    """Stop (every process) when the run folder was removed or replaced since it was opened:
+    called before each write, so the run never recreates a folder it cannot resume from.
+
+    Raises:
+        RunFolderLost
+    """
+
+    def check() -> None:
+        if run.folder_id is not None:  # None: not opened yet
+            check_intact(run.out, run.folder_id)
+
+    distributed.on_main(check, run.dist)
 
 
 def launch_record(run: Run) -> dict[str, int]:
@@ -297,6 +319,7 @@ def train(
                 }
             )
         status, reason = fit(run)
+    check_folder(run)
     if status != "diverged":
         write_samples(run, "final")
     summary = summarise(run, status, reason)

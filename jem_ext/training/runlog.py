@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import data as jdata
-from .._io import atomic_path, atomic_write_text
+from .._io import atomic_path, atomic_write_text, with_filename
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -55,17 +55,24 @@ class MetricsLog:
             self._file = self.path.open("a", encoding="utf-8")
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError as err:
+                if exc_type is None:  # else the error in flight already says what failed
+                    raise with_filename(err, self.path) from None
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
         assert self._file is not None, "MetricsLog.write outside its with block"
-        self._file.write(json.dumps(row, default=json_default) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(row, default=json_default) + "\n")
+            self._file.flush()
+        except OSError as err:  # a full disk: say which file
+            raise with_filename(err, self.path) from None
 
 
 def truncate_metrics(path: Path, iteration: int) -> None:

@@ -76,6 +76,7 @@ class Run:
     progress: Progress | None = None
     started: float = field(default_factory=time.perf_counter)
     dist: Dist = distributed.SINGLE
+    folder_id: tuple[int, int] | None = None  # the run folder's identity (rank 0, once open)
 
     @property
     def steps_per_epoch(self) -> int:
