@@ -184,6 +184,8 @@ def sample_from_noise(
                 autocast=autocast,
             ).cpu()
         )
+        if yb is not None:  # class-conditional chains: their labels' deferred check (CUDA)
+            ops.raise_label_errors(device)
         if on_batch is not None:
             on_batch(len(xb))
     return torch.cat(out) if out else x0
