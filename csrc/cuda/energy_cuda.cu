@@ -328,11 +328,11 @@ int64_t sm_count() {
   static std::array<std::atomic<int>, 64> cache{};
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device < 0 || device >= static_cast<int>(cache.size())) device = 0;
-  int n = cache[device].load(std::memory_order_relaxed);
+  const bool cached = device >= 0 && device < static_cast<int>(cache.size());
+  int n = cached ? cache[device].load(std::memory_order_relaxed) : 0;
   if (n == 0) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    cache[device].store(n, std::memory_order_relaxed);
+    if (cached) cache[device].store(n, std::memory_order_relaxed);
   }
   return n;
 }

@@ -16,7 +16,7 @@ class Sizes:
     energy_classes: int = 10
     # (rows, classes) of the many-class energy figures: an ImageNet head and 100k classes,
     # 16M logits each
-    energy_wide: tuple[tuple[int, int], ...] = ((16384, 1000), (168, 100_000))
+    energy_wide: tuple[tuple[int, int], ...] = ((16800, 1000), (168, 100_000))
     depth: int = 28
     width: int = 10
     image: tuple[int, int, int] = (3, 32, 32)
