@@ -190,7 +190,7 @@ if not smoke:
             shutil.which(tool) or importlib.util.find_spec(tool),
             f"the build requirement {tool} (a program or a Python module)",
         )
-for mod in ("pytest", "hypothesis", "numpy", "sklearn", "PIL", "matplotlib", "tqdm"):
+for mod in ("pytest", "hypothesis", "numpy", "scipy", "sklearn", "PIL", "matplotlib", "tqdm"):
     need(importlib.util.find_spec(mod) is not None, f"the test requirement {mod}")
 if smoke:
     need(importlib.util.find_spec("jem_ext") is not None, "jem_ext installed for --smoke")
