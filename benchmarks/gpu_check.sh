@@ -4,8 +4,9 @@
 #
 #   bash benchmarks/gpu_check.sh [--smoke] [OUT]          (default OUT: gpu_check_out)
 #
-# Steps, each with its own time limit inside a total budget (GPU_CHECK_TOTAL_S, default 360 s,
-# build included), each recorded in OUT/steps.tsv and OUT/summary.md as soon as it ends:
+# Steps, each with its own time limit inside a total budget (GPU_CHECK_TOTAL_S, default 345 s,
+# build included; with a stopped step's 10 s grace, 6 minutes at most), each recorded in
+# OUT/steps.tsv and OUT/summary.md as soon as it ends:
 #   preflight  fails in seconds, with one line naming what is missing: the interpreter
 #              (PYTHON, default python3), torch with CUDA and a CUDA device, nvcc (PATH or
 #              /usr/local/cuda/bin), Python headers, the build and test requirements
@@ -57,7 +58,7 @@ OUT_ARG="${OUT_ARG:-gpu_check_out}"
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PYTHON:-python3}"
-TOTAL_S="${GPU_CHECK_TOTAL_S:-360}"
+TOTAL_S="${GPU_CHECK_TOTAL_S:-345}"
 case "$TOTAL_S" in
   '' | *[!0-9]*)
     echo "gpu_check: GPU_CHECK_TOTAL_S must be a whole number of seconds, got '$TOTAL_S'" >&2
@@ -176,7 +177,10 @@ def need(ok, what):
 
 need(sys.version_info >= (3, 10), f"Python >= 3.10 (got {sys.version.split()[0]})")
 need(importlib.util.find_spec("torch") is not None, "torch is not importable")
-import torch  # noqa: E402
+try:
+    import torch
+except Exception as err:  # a broken install: one line, not a traceback
+    need(False, f"torch fails to import: {type(err).__name__}: {err}".splitlines()[0])
 
 if not smoke:
     need(torch.version.cuda is not None, f"a CUDA build of torch (got {torch.__version__})")
@@ -195,7 +199,7 @@ for mod in ("pytest", "hypothesis", "numpy", "scipy", "sklearn", "PIL", "matplot
 if smoke:
     need(importlib.util.find_spec("jem_ext") is not None, "jem_ext installed for --smoke")
 PYEOF
-)" || preflight_fail "${missing:-the pre-flight check could not run}"
+)" || preflight_fail "$(printf '%s\n' "${missing:-the pre-flight check could not run}" | tail -n 1)"
 SANITIZER="$(command -v compute-sanitizer || true)"
 if [ -z "$SANITIZER" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
   SANITIZER=/usr/local/cuda/bin/compute-sanitizer
