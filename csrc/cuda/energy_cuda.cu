@@ -29,6 +29,7 @@
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <limits>
@@ -392,6 +393,17 @@ unsigned rows_as_blocks(int64_t rows) {
   return static_cast<unsigned>(rows);
 }
 
+// `wanted` threads for a block of `kernel`, halved while the kernel's
+// registers do not allow that many (so that a launch never fails for lack of
+// registers); a power of two, hence a multiple of 32, as WholeBlock needs.
+template <typename Kernel>
+int fit_block(Kernel kernel, int wanted) {
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  while (wanted > 32 && wanted > attr.maxThreadsPerBlock) wanted /= 2;
+  return wanted;
+}
+
 // Launches the forward kernel (energy, and ce when y is given) for the
 // layout of a [B, C] problem.
 template <typename scalar_t>
@@ -402,8 +414,10 @@ void launch_energy(const at::Tensor& logits, const int64_t* y, scalar_t* energy,
   const scalar_t* l = logits.data_ptr<scalar_t>();
   const RowLayout layout = row_layout(B, C);
   if (layout.block_threads > 0) {
+    static const int most = fit_block(energy_block_kernel<scalar_t, acc_t>, 1024);
+    const int threads = std::min(layout.block_threads, most);
     energy_block_kernel<scalar_t, acc_t>
-        <<<rows_as_blocks(B), layout.block_threads, 0, stream>>>(l, y, C, energy, ce);
+        <<<rows_as_blocks(B), threads, 0, stream>>>(l, y, C, energy, ce);
   } else {
     with_lanes(layout.lanes, [&](auto lanes) {
       energy_kernel<decltype(lanes)::value, scalar_t, acc_t>
@@ -492,8 +506,10 @@ at::Tensor energy_backward_cuda(const at::Tensor& logits_in, const c10::optional
         scalar_t* out = grad.data_ptr<scalar_t>();
         const RowLayout layout = row_layout(B, C);
         if (layout.block_threads > 0) {
+          static const int most = fit_block(energy_backward_block_kernel<scalar_t, acc_t>, 1024);
+          const int threads = std::min(layout.block_threads, most);
           energy_backward_block_kernel<scalar_t, acc_t>
-              <<<rows_as_blocks(B), layout.block_threads, 0, stream>>>(l, yp, ep, glp, gpp, C, out);
+              <<<rows_as_blocks(B), threads, 0, stream>>>(l, yp, ep, glp, gpp, C, out);
         } else {
           with_lanes(layout.lanes, [&](auto lanes) {
             energy_backward_kernel<decltype(lanes)::value, scalar_t, acc_t>
