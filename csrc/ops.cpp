@@ -41,6 +41,12 @@ TORCH_LIBRARY(jem_ext, m) {
   m.def(
       "energy_backward(Tensor logits, Tensor? y, Tensor? energy, Tensor? grad_lse, "
       "Tensor? grad_pick) -> Tensor");
+  // The record of the first out-of-range label a CUDA energy kernel met
+  // since the last call, as int64 [op, row, label, classes] (op 0: none; 1
+  // energy, 2 energy_ce, 3 energy_backward) on `like`'s device, and clears
+  // it, without waiting for the device. CPU kernels raise at once, so on the
+  // CPU the record is always empty. See jem_ext.ops.raise_label_errors.
+  m.def("_take_label_error(Tensor like) -> Tensor");
   // The instruction-set level the CPU kernels run at ("avx512", "avx2" or
   // "baseline"; see csrc/cpu/cpu_level.h). No tensor to dispatch on, so the
   // kernel is bound here, for every backend.

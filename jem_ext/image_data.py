@@ -53,6 +53,16 @@ class ImageData:
             raise DataError(
                 f"{self.name}: expected {self.num_classes} class names, got {len(self.classes)}"
             )
+        if self.y.device.type == "cpu":
+            # Checked here, on the host, where it costs nothing: on a GPU the energy kernels
+            # can only report a bad label later (see jem_ext.ops.raise_label_errors).
+            bad = ((self.y < 0) | (self.y >= self.num_classes)).nonzero()
+            if bad.numel():
+                i = int(bad[0, 0])
+                raise DataError(
+                    f"{self.name}: expected labels in 0 .. {self.num_classes - 1}, "
+                    f"got y[{i}] = {int(self.y[i])}"
+                )
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -122,22 +122,29 @@ def jem_loss(
                 sq_d = _masked_mean(e_d.pow(2), labeled if objective == "factored" else None)
                 loss = loss + l2_energy * (sq_d + e_q.pow(2).mean())
 
-    vals = (
-        torch.stack(
-            [
-                loss.detach(),
-                ce_mean.detach(),
-                px.detach(),
-                e_data_mean.detach(),
-                e_q_mean.detach(),
-                accuracy,
-            ]
-        )
-        .double()
-        .cpu()
-        .tolist()
-    )  # one host sync for all terms
-    return loss, dict(zip(_TERM_NAMES, vals))
+    terms = torch.stack(
+        [
+            loss.detach(),
+            ce_mean.detach(),
+            px.detach(),
+            e_data_mean.detach(),
+            e_q_mean.detach(),
+            accuracy,
+        ]
+    ).double()
+    return loss, dict(zip(_TERM_NAMES, _read_terms(terms)))
+
+
+def _read_terms(terms: Tensor) -> list[float]:
+    """The float64 terms as host floats: one host sync for all of them. On a GPU the device's
+    label record (see :func:`jem_ext.ops.raise_label_errors`) travels in the same copy, so a
+    label out of range raises here, as the CPU kernels raise at once."""
+    if terms.device.type == "cpu":
+        return terms.tolist()
+    record = ops.label_error_record(terms.device)
+    host = torch.cat([terms.view(torch.int64), record]).cpu()
+    ops.check_label_record(host[terms.numel() :])
+    return host[: terms.numel()].view(torch.float64).tolist()
 
 
 def _checked_labels(

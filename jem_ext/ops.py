@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["sgld_step_", "energy", "energy_ce"]
+__all__ = ["sgld_step_", "energy", "energy_ce", "raise_label_errors"]
 
 _ops = torch.ops.jem_ext
 
@@ -192,6 +192,13 @@ def energy(logits: Tensor, y: Tensor | None = None) -> Tensor:
     ``vmap``) give what they give for ``-torch.logsumexp``. On the CPU, when
     a backward will follow, the forward keeps its softmax and the backward
     scales it in place (no second pass of exps).
+
+    Labels out of range raise ``RuntimeError("energy: label y[b] = v is out of
+    range for C classes")`` on the CPU. On CUDA the kernels cannot raise
+    without a host synchronisation per call: they give NaN for that row
+    (value and gradient) and record the first bad label on the device;
+    :func:`raise_label_errors` raises the same message from that record (the
+    trainer does so with the loss terms it reads every iteration).
     """
     if y is None and _keeps_softmax(logits):
         return _ops._energy_kept_softmax.default(logits)
@@ -224,9 +231,62 @@ def energy_ce(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     cross-entropy ``logsumexp(logits) - logits[y]``; this computes the
     logsumexp once. The cross-entropy of a finite row is computed from the
     max-shifted logits, as ``F.cross_entropy`` does, so it keeps its precision
-    for large logits. Differentiable in ``logits`` (fused backward).
+    for large logits. Differentiable in ``logits`` (fused backward). Labels
+    out of range: as in :func:`energy` (on CUDA a NaN cross-entropy for that
+    row and an error raised later by :func:`raise_label_errors`).
     """
     return _ops.energy_ce.default(logits, y)
+
+
+# --------------------------------------------------------- deferred label check
+
+# Op codes of the device's label record (csrc/cuda/energy_cuda.cu).
+_LABEL_ERROR_OPS = {1: "energy", 2: "energy_ce", 3: "energy_backward"}
+
+
+def label_error_record(device: torch.device | str) -> Tensor:
+    """The label record of ``device``, taken (cleared), without waiting for the device.
+
+    An int64 tensor ``[op, row, label, classes]`` on ``device``: the first out-of-range label
+    a CUDA energy kernel met since the last take (``op`` 0: none). Copy it to the host together
+    with other values read anyway and pass it to :func:`check_label_record`. On the CPU the
+    kernels raise at once and the record is always empty.
+    """
+    return _ops._take_label_error.default(torch.empty(0, device=device))
+
+
+def check_label_record(record: Tensor) -> None:
+    """Raise the CPU kernels' ``RuntimeError`` for a label record that holds an error.
+
+    ``record`` is a host copy of :func:`label_error_record`'s tensor.
+    """
+    op, row, label, classes = (int(v) for v in record.tolist())
+    if op:
+        name = _LABEL_ERROR_OPS.get(op, f"energy op {op}")
+        raise RuntimeError(
+            f"{name}: label y[{row}] = {label} is out of range for {classes} classes"
+        )
+
+
+def raise_label_errors(device: torch.device | str | None = None) -> None:
+    """Raise the error of the first out-of-range label that ``device``'s energy kernels met.
+
+    On CUDA, :func:`energy` with labels, :func:`energy_ce` and their backward give NaN for a
+    row whose label is out of range and record it on the device instead of raising (raising
+    would need a host synchronisation in every call). This reads and clears the record (one
+    small device-to-host copy, which waits for the work queued so far) and raises the message
+    the CPU kernels raise, naming the op, the row, the label and the number of classes.
+    A no-op on the CPU (the kernels there raise at once). ``device``: the current CUDA
+    device when ``None``.
+    """
+    if device is None:
+        if not torch.cuda.is_available():
+            return
+        device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device)
+    if device.type == "cpu":
+        return
+    check_label_record(label_error_record(device).cpu())
 
 
 # ---------------------------------------------------------------- fake kernels
@@ -366,6 +426,11 @@ def _energy_ce_fake(logits, y):
     )
     _check_logits_meta("energy_ce", logits, y)
     return logits.new_empty(logits.shape[0]), logits.new_empty(logits.shape[0])
+
+
+@torch.library.register_fake("jem_ext::_take_label_error")
+def _take_label_error_fake(like):
+    return like.new_empty(4, dtype=torch.int64)
 
 
 @torch.library.register_fake("jem_ext::energy_backward")

@@ -80,6 +80,8 @@ def sgld_chain(
         step_size: ``s`` in ``x - s * dE/dx``.
         noise_std: standard deviation of the added Gaussian noise.
         y: int64 ``[B]`` labels for the class-conditional energy ``E(x, y) = -f(x)[y]``.
+            A label out of range raises on the CPU; on CUDA its chain turns NaN and
+            :func:`jem_ext.ops.raise_label_errors` raises later (the chain never syncs).
         clamp: ``(lo, hi)`` bounds applied after each step, or None.
         grad_clip: clip ``dE/dx`` element-wise to ``[-grad_clip, grad_clip]``, or None.
         generator: generator for the noise (on ``x``'s device).
@@ -184,6 +186,8 @@ def sample_from_noise(
                 autocast=autocast,
             ).cpu()
         )
+        if yb is not None:  # class-conditional chains: their labels' deferred check (CUDA)
+            ops.raise_label_errors(device)
         if on_batch is not None:
             on_batch(len(xb))
     return torch.cat(out) if out else x0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from jem_ext import bench
 
@@ -23,6 +24,9 @@ def test_smoke_writes_json_and_table(tmp_path, capsys):
         assert chain[name]["images_steps_per_s"] > 0 and chain[name]["speedup_vs_reference"] > 0
     ops_r = results["ops"]
     assert ops_r["sgld_step_"]["gbps"] > 0 and ops_r["energy_fwd_bwd"]["fraction_of_copy"] > 0
+    for rows, classes in bench.SMOKE.energy_wide:  # the many-class figures
+        r = ops_r[f"energy_fwd_bwd_c{classes}"]
+        assert (r["rows"], r["classes"]) == (rows, classes) and r["fraction_of_copy"] > 0
     train = results["train"]
     assert train["recipe"]["iterations"] == 782 * 150
     assert train["fp32 eager"]["projected_hours"] > 0
@@ -72,6 +76,8 @@ def test_spent_budget_skips_options_and_partial_results_are_written(tmp_path, mo
         (["--reps", "0"], "--reps"),
         (["--depth", "11"], "--depth: expected 6n + 4"),
         (["--budget-s", "0"], "--budget-s"),
+        (["--options", "warp speed"], "--options: unknown warp speed"),
+        (["--options", ","], "--options: unknown empty list"),
     ],
 )
 def test_bad_arguments_exit_2(tmp_path, capsys, argv, message):
@@ -79,3 +85,21 @@ def test_bad_arguments_exit_2(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "b").exists()
+
+
+def test_options_selects_option_sets_by_name(tmp_path):
+    out = tmp_path / "bench"
+    argv = ["--smoke", "--stages", "chain", "--options", "bf16", "--out", str(out)]
+    assert bench.main(argv) == 0
+    chain = json.loads((out / "bench.json").read_text())["chain"]
+    assert set(chain) == {"reference", "bf16"} and "error" not in chain["bf16"]
+
+
+def test_default_sizes_measure_bandwidth_beyond_the_l2_cache():
+    # 64 MB or more per tensor: an H100's 50-60 MB L2 cannot hold the operands
+    sizes = bench.Sizes()
+    assert 4 * sizes.sgld_elements >= 64 * 2**20
+    for rows, classes in ((sizes.energy_rows, sizes.energy_classes), *sizes.energy_wide):
+        assert rows * classes >= 16 * 2**20
+    timing = bench.timing.time_stream(lambda: None, torch.device("cpu"), 3)
+    assert timing["reps"] == 3 and timing["mean_s"] >= 0

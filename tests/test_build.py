@@ -15,7 +15,8 @@ def test_build_facts_readable():
     assert info["torch_version"] == torch.__version__
     assert isinstance(info["cuda"], bool)
     assert (info["cuda_archs"] != "") == info["cuda"]
-    for op in ("sgld_step_", "_sgld_step_philox_", "energy", "energy_ce", "energy_backward"):
+    ops = ("sgld_step_", "_sgld_step_philox_", "energy", "energy_ce", "energy_backward")
+    for op in (*ops, "_take_label_error"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"jem_ext::{op}", "CPU")
         if info["cuda"]:
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"jem_ext::{op}", "CUDA")

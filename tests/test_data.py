@@ -105,6 +105,13 @@ def test_image_data_checks_lengths():
         ImageData(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), 2, "toy", ["a"])
 
 
+@pytest.mark.parametrize("bad", [2, -1])
+def test_image_data_refuses_labels_out_of_range(bad):
+    # Checked on the host: on a GPU the energy kernels could only report it later.
+    with pytest.raises(DataError, match=rf"toy: expected labels in 0 \.\. 1, got y\[1\] = {bad}"):
+        ImageData(torch.zeros(3, 2), torch.tensor([0, bad, 1]), 2, "toy", ["a", "b"])
+
+
 # ---------------------------------------------------------------------------------------------
 # CIFAR pickles
 # ---------------------------------------------------------------------------------------------

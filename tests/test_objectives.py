@@ -150,3 +150,33 @@ def test_bad_arguments():
     # w_px = 0 needs no samples
     loss, _ = jem_loss(model, x, y, None, w_px=0.0)
     assert loss.item() == pytest.approx(F.cross_entropy(model(x), y).item())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("objective", ["jem", "factored", "ce"])
+def test_bad_label_raises_the_same_message_on_every_device(device, objective):
+    # The CPU kernels raise at once; on CUDA the label record travels with the
+    # loss terms' one host read and raises there, before any parameter update.
+    model = tiny_model().to(device)
+    x, y, x_q, y_q = (t.to(device) for t in batch())
+    y[2] = 3
+    if device == "cuda":
+        from jem_ext import ops
+
+        ops.raise_label_errors(device)
+    with pytest.raises(RuntimeError) as err:
+        jem_loss(model, x, y, x_q, objective=objective, y_q=y_q)
+    assert str(err.value) == "energy_ce: label y[2] = 3 is out of range for 3 classes"
+
+
+@pytest.mark.cuda
+def test_cuda_bad_sample_label_raises_at_the_terms_read():
+    from jem_ext import ops
+
+    model = tiny_model().cuda()
+    x, y, x_q, y_q = (t.cuda() for t in batch())
+    y_q[4] = -2
+    ops.raise_label_errors("cuda")
+    with pytest.raises(RuntimeError) as err:
+        jem_loss(model, x, y, x_q, objective="factored", y_q=y_q)
+    assert str(err.value) == "energy: label y[4] = -2 is out of range for 3 classes"

@@ -380,7 +380,7 @@ def test_softmax_backward_bad_inputs_raise_clear_errors():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("c", [1, 10, 33, 1000])
+@pytest.mark.parametrize("c", [1, 10, 33, 257, 1000, 2049, 4096, 100_000])
 def test_cuda_matches_cpu(c):
     logits = make_logits(70, c, torch.float32, "cpu")
     y = torch.randint(0, c, (70,))
@@ -397,6 +397,28 @@ def test_cuda_matches_cpu(c):
         torch.testing.assert_close(lg.grad.cpu(), lc.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("b", "c"), [(3, 1000), (2000, 1000), (5, 3001), (2, 100_000), (7, 77)])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_cuda_rows_of_many_classes_match_the_reference(dtype, b, c, offset):
+    # Small and large batches take the block and the warp layouts; offset 1
+    # starts the rows off any 16-byte boundary (the vector loads' scalar head).
+    flat = make_logits(b * c + 1, 1, dtype, "cuda").flatten()
+    logits = flat[offset : offset + b * c].view(b, c)
+    assert (logits.data_ptr() % 16 == 0) == (offset == 0)
+    logits.requires_grad_(True)
+    y = torch.randint(0, c, (b,), generator=torch.Generator().manual_seed(3)).cuda()
+    ref = logits.detach().double()
+    tol = TOL[dtype] * max(1.0, math.log(c))
+    e, ce = ops.energy_ce(logits, y)
+    torch.testing.assert_close(e.double(), -torch.logsumexp(ref, 1), rtol=tol, atol=tol)
+    want_ce = F.cross_entropy(ref, y, reduction="none")
+    torch.testing.assert_close(ce.double(), want_ce, rtol=tol, atol=tol)
+    (g,) = torch.autograd.grad(ops.energy(logits).sum(), [logits])
+    torch.testing.assert_close(g.double(), -torch.softmax(ref, 1), rtol=tol, atol=tol)
+
+
 def test_second_order_nonfinite_follows_torch_logsumexp():
     w = torch.linspace(-1.0, 1.0, 3, dtype=torch.float64)
 
@@ -410,27 +432,96 @@ def test_second_order_nonfinite_follows_torch_logsumexp():
     assert_close_nan(hessian_times_w(ops.energy), want, 1e-10)
 
 
+# ---------------------------------------------------------------- bad labels
+# The CPU kernels raise at once; the CUDA kernels give NaN rows and record the
+# first bad label, which ops.raise_label_errors turns into the same message.
+
+BAD_LABEL_CALLS = {
+    "energy": lambda logits, y: ops.energy(logits, y),
+    "energy_ce": lambda logits, y: ops.energy_ce(logits, y),
+    "energy_backward": lambda logits, y: torch.ops.jem_ext.energy_backward(
+        logits, y, None, None, torch.ones(logits.shape[0], device=logits.device)
+    ),
+}
+
+
+def _cpu_message(op, label):
+    logits, y = torch.zeros(3, 4), torch.tensor([0, label, 1])
+    with pytest.raises(RuntimeError) as err:
+        BAD_LABEL_CALLS[op](logits, y)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("op", list(BAD_LABEL_CALLS))
+@pytest.mark.parametrize("label", [4, -1, 2**40])
+def test_label_record_raises_the_cpu_kernels_message(op, label):
+    code = {v: k for k, v in ops._LABEL_ERROR_OPS.items()}[op]
+    want = _cpu_message(op, label)
+    assert want == f"{op}: label y[1] = {label} is out of range for 4 classes"
+    with pytest.raises(RuntimeError) as err:
+        ops.check_label_record(torch.tensor([code, 1, label, 4]))
+    assert str(err.value) == want
+    ops.check_label_record(torch.zeros(4, dtype=torch.int64))  # op 0: nothing recorded
+
+
+def test_raise_label_errors_is_a_no_op_on_the_cpu():
+    with pytest.raises(RuntimeError):
+        ops.energy(torch.zeros(3, 4), torch.tensor([0, 4, 1]))
+    assert "raise_label_errors" in ops.__all__
+    assert ops.label_error_record("cpu").tolist() == [0, 0, 0, 0]
+    ops.raise_label_errors("cpu")
+    ops.raise_label_errors(torch.device("cpu"))
+
+
 @pytest.mark.cuda
-def test_cuda_bad_labels_raise_the_cpu_message_and_leave_the_context_usable():
-    logits = torch.zeros(3, 4, device="cuda")
-    y = torch.tensor([0, 4, 1], device="cuda")
-    for call in (lambda: ops.energy(logits, y), lambda: ops.energy_ce(logits, y)):
-        with pytest.raises(RuntimeError, match=r"y\[1\] = 4 is out of range for 4 classes"):
-            call()
-    torch.cuda.synchronize()
-    assert ops.energy(logits).sum().item() == pytest.approx(-3 * math.log(4.0))
+@pytest.mark.parametrize("op", list(BAD_LABEL_CALLS))
+@pytest.mark.parametrize("c", [4, 40, 3000])
+def test_cuda_bad_labels_give_nan_rows_and_a_deferred_cpu_message(op, c):
+    ops.raise_label_errors("cuda")  # nothing left over from other tests
+    logits = torch.zeros(3, c, device="cuda")
+    y = torch.tensor([0, c, 1], device="cuda")
+    out = BAD_LABEL_CALLS[op](logits, y)  # no raise, no host sync
+    rows = out[1] if isinstance(out, tuple) else out
+    assert torch.isnan(rows[1]).all() and not torch.isnan(rows[[0, 2]]).any()
+    with pytest.raises(RuntimeError) as err:
+        ops.raise_label_errors("cuda")
+    assert str(err.value) == f"{op}: label y[1] = {c} is out of range for {c} classes"
+    ops.raise_label_errors("cuda")  # taken: cleared
+    torch.cuda.synchronize()  # the context is still usable
+    assert ops.energy(logits).sum().item() == pytest.approx(-3 * math.log(c))
+
+
+@pytest.mark.cuda
+def test_cuda_labelled_energy_calls_do_not_synchronise():
+    logits = torch.randn(64, 10, device="cuda", requires_grad=True)
+    y = torch.randint(0, 10, (64,), device="cuda")
+    for _ in range(2):  # the second round runs with lazy initialisation done
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            e, ce = ops.energy_ce(logits, y)
+            (e.sum() + ce.sum() + ops.energy(logits, y).sum()).backward()
+            record = ops.label_error_record("cuda")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert record.tolist() == [0, 0, 0, 0]
 
 
 @pytest.mark.cuda
 def test_cuda_bad_labels_under_graph_capture_give_nan_rows():
-    # No host read while capturing: the row of the bad label becomes NaN.
+    # No host read while capturing: the row of the bad label becomes NaN, and
+    # the record written by the replay raises afterwards.
+    ops.raise_label_errors("cuda")
     logits = torch.zeros(3, 4, device="cuda")
     y = torch.tensor([0, 7, 1], device="cuda")
     ops.energy_ce(logits, torch.zeros(3, dtype=torch.int64, device="cuda"))  # warm-up
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         e, ce = ops.energy_ce(logits, y)
+    ops.raise_label_errors("cuda")  # capturing ran nothing
     graph.replay()
     torch.cuda.synchronize()
     assert torch.isnan(ce[1]) and not torch.isnan(ce[[0, 2]]).any()
     assert not torch.isnan(e).any()
+    with pytest.raises(RuntimeError, match=r"^energy_ce: label y\[1\] = 7 is out of range for 4"):
+        ops.raise_label_errors("cuda")

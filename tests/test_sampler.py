@@ -15,6 +15,7 @@ from jem_ext.sampler import (
     ReplayBuffer,
     SGLDSampler,
     UniformInit,
+    sample_from_noise,
     sgld_chain,
 )
 
@@ -440,3 +441,28 @@ def test_initialisers_are_importable_from_replay_and_sampler():
     for name in ("INITS", "Initializer", "UniformInit", "GaussianInit"):
         assert getattr(replay, name) is getattr(inits, name)
         assert getattr(sampler, name) is getattr(inits, name)
+
+
+@pytest.mark.cuda
+def test_cuda_conditional_chain_defers_bad_labels_without_a_sync():
+    model = nn.Linear(3, 4).cuda()
+    x0 = torch.randn(6, 3, device="cuda")
+    y = torch.tensor([0, 1, 9, 3, 0, 1], device="cuda")
+    ops.raise_label_errors("cuda")
+    sgld_chain(model, x0.clone(), 1, y=torch.zeros_like(y))  # lazy initialisation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x = sgld_chain(model, x0.clone(), 3, y=y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isnan(x[2]).all() and not torch.isnan(x[[0, 1, 3, 4, 5]]).any()
+    with pytest.raises(RuntimeError, match=r"^energy: label y\[2\] = 9 is out of range for 4"):
+        ops.raise_label_errors("cuda")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_sample_from_noise_with_a_bad_label_raises_on_every_device(device):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).to(device)
+    with pytest.raises(RuntimeError, match=r"^energy: label y\[1\] = 3 is out of range for 3"):
+        sample_from_noise(model, 2, (1, 2, 2), 2, y=torch.tensor([0, 3]))

@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -531,6 +532,15 @@ at::Tensor energy_backward_cpu(const at::Tensor& logits_in, const c10::optional<
 }  // namespace
 }  // namespace jem_ext
 
+namespace jem_ext {
+namespace {
+// The CPU kernels refuse bad labels at once: nothing is ever recorded.
+at::Tensor take_label_error_cpu(const at::Tensor& like) {
+  return at::zeros({4}, like.options().dtype(at::kLong));
+}
+}  // namespace
+}  // namespace jem_ext
+
 TORCH_LIBRARY_IMPL(jem_ext, CPU, m) {
   m.impl("energy", &jem_ext::energy_cpu);
   // Below autograd the kept-softmax energy is the energy.
@@ -540,4 +550,5 @@ TORCH_LIBRARY_IMPL(jem_ext, CPU, m) {
   m.impl("energy_backward", &jem_ext::energy_backward_cpu);
   m.impl("_energy_softmax", &jem_ext::energy_softmax_cpu);
   m.impl("_energy_softmax_backward_", &jem_ext::energy_softmax_backward_cpu_);
+  m.impl("_take_label_error", &jem_ext::take_label_error_cpu);
 }

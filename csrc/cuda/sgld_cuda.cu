@@ -29,30 +29,56 @@ struct alignas(4 * sizeof(scalar_t)) Pack4 {
   scalar_t v[4];
 };
 
+// `g` carries no __restrict__: grad may be x itself (each element is read
+// before it is written, by the same thread), and a restrict-qualified
+// read-only pointer into memory the kernel writes would let the compiler
+// route its loads through the non-coherent read-only cache.
+//
+// The loads of x and g are issued before the ~200 instructions of
+// Philox/Box-Muller, so their latency overlaps the noise math instead of
+// being hidden by occupancy alone.
 template <typename scalar_t, typename acc_t, bool kVectorized>
-__global__ void sgld_kernel(scalar_t* __restrict__ x, const scalar_t* __restrict__ g, int64_t n,
-                            SgldParams<acc_t> p, at::PhiloxCudaState rng) {
+__global__ void sgld_kernel(scalar_t* x, const scalar_t* g, int64_t n, SgldParams<acc_t> p,
+                            at::PhiloxCudaState rng) {
   const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t e0 = group * 4;
   if (e0 >= n) return;
+  const bool full = kVectorized && e0 + 4 <= n;
+  acc_t xv[4] = {0, 0, 0, 0};
+  acc_t gv[4] = {0, 0, 0, 0};
+  if (full) {
+    const Pack4<scalar_t> xp = *reinterpret_cast<const Pack4<scalar_t>*>(x + e0);
+    const Pack4<scalar_t> gp = *reinterpret_cast<const Pack4<scalar_t>*>(g + e0);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      xv[k] = static_cast<acc_t>(xp.v[k]);
+      gv[k] = static_cast<acc_t>(gp.v[k]);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if (e0 + k < n) {
+        xv[k] = static_cast<acc_t>(x[e0 + k]);
+        gv[k] = static_cast<acc_t>(g[e0 + k]);
+      }
+    }
+  }
   const auto seeds = at::cuda::philox::unpack(rng);
   float z[4] = {0.f, 0.f, 0.f, 0.f};
   if (p.noise_std != acc_t(0)) {
     normal4(std::get<0>(seeds), std::get<1>(seeds), static_cast<uint64_t>(group), z);
   }
-  if (kVectorized && e0 + 4 <= n) {
-    Pack4<scalar_t> xv = *reinterpret_cast<const Pack4<scalar_t>*>(x + e0);
-    const Pack4<scalar_t> gv = *reinterpret_cast<const Pack4<scalar_t>*>(g + e0);
+  if (full) {
+    Pack4<scalar_t> out;
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      xv.v[k] = static_cast<scalar_t>(
-          sgld_update<acc_t>(static_cast<acc_t>(xv.v[k]), static_cast<acc_t>(gv.v[k]), z[k], p));
+      out.v[k] = static_cast<scalar_t>(sgld_update<acc_t>(xv[k], gv[k], z[k], p));
     }
-    *reinterpret_cast<Pack4<scalar_t>*>(x + e0) = xv;
+    *reinterpret_cast<Pack4<scalar_t>*>(x + e0) = out;
   } else {
-    for (int k = 0; k < 4 && e0 + k < n; ++k) {
-      x[e0 + k] = static_cast<scalar_t>(sgld_update<acc_t>(static_cast<acc_t>(x[e0 + k]),
-                                                           static_cast<acc_t>(g[e0 + k]), z[k], p));
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if (e0 + k < n) x[e0 + k] = static_cast<scalar_t>(sgld_update<acc_t>(xv[k], gv[k], z[k], p));
     }
   }
 }

@@ -4,7 +4,8 @@ Stages (each guarded: a failing stage records its error in the JSON and the othe
 
 * ``env`` -- torch, jem_ext build facts, device name.
 * ``ops`` -- effective bandwidth of ``sgld_step_`` (16M elements) and of the energy's
-  forward + backward (65536 x 10 logits), each against a device-to-device copy of the same size.
+  forward + backward (2M x 10, 16800 x 1000 and 168 x 100,000 logits), as fractions of the
+  device-to-device copy bandwidth measured on 64 MB (CUDA events over back-to-back calls).
 * ``chain`` -- images x steps per second of the SGLD chain (WRN-28-10, batch 64, K=20) for each
   speed option (precision, channels-last, CUDA graph, compile), against an eager copy of the
   JEM reference sampler (per step ``autograd.grad`` of ``logsumexp``, then

@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave out the torch.compile option (compilation takes minutes)",
     )
+    p.add_argument(
+        "--options",
+        default=None,
+        help="comma-separated names of the chain/training option sets to run (default: all "
+        "of the device's, e.g. 'bf16 + cuda-graph + compile' alone)",
+    )
     p.add_argument("--reps", type=int, default=None, help="timed repeats per chain/train figure")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument(
@@ -150,6 +156,16 @@ def _choose(
     options = GPU_OPTIONS if device.type == "cuda" else CPU_OPTIONS
     if args.no_compile or args.smoke:
         options = tuple(o for o in options if not o.compile)
+    if args.options is not None:
+        wanted = [w.strip() for w in args.options.split(",") if w.strip()]
+        known = {o.name for o in options}
+        unknown = [w for w in wanted if w not in known]
+        if unknown or not wanted:
+            raise ValueError(
+                f"--options: unknown {', '.join(unknown) or 'empty list'}; expected names from "
+                f"{', '.join(sorted(known))}"
+            )
+        options = tuple(o for o in options if o.name in wanted)
     best = "bf16 + cuda-graph" if device.type == "cuda" else "bf16"
     train_options = tuple(o for o in options if o.name in ("fp32 eager", best))
     return device, sizes, options, train_options

@@ -11,9 +11,12 @@ RECIPE = {"epochs": 150, "images": 50_000, "batch": 64}  # the CIFAR-10 JEM reci
 class Sizes:
     """Problem sizes of a bench run."""
 
-    sgld_elements: int = 16 * 2**20
-    energy_rows: int = 65536
+    sgld_elements: int = 16 * 2**20  # 64 MB of float32: more than the L2 cache
+    energy_rows: int = 2**21  # x 10 classes: 80 MB of logits
     energy_classes: int = 10
+    # (rows, classes) of the many-class energy figures: an ImageNet head and 100k classes,
+    # 16M logits each
+    energy_wide: tuple[tuple[int, int], ...] = ((16800, 1000), (168, 100_000))
     depth: int = 28
     width: int = 10
     image: tuple[int, int, int] = (3, 32, 32)
@@ -27,6 +30,7 @@ class Sizes:
 SMOKE = Sizes(
     sgld_elements=4096,
     energy_rows=256,
+    energy_wide=((8, 1000), (2, 3000)),
     depth=10,
     width=1,
     image=(3, 8, 8),

@@ -12,7 +12,7 @@ import jem_ext
 
 from .. import ops
 from .config import Sizes
-from .timing import _gbps, time_call
+from .timing import _gbps, time_stream
 
 
 def stage_env(device: torch.device, sizes: Sizes) -> dict[str, Any]:
@@ -33,39 +33,46 @@ def stage_env(device: torch.device, sizes: Sizes) -> dict[str, Any]:
 
 
 def stage_ops(device: torch.device, sizes: Sizes) -> dict[str, Any]:
-    """Bandwidth of sgld_step_ and of the energy's forward + backward against a copy."""
-    n, gen = sizes.sgld_elements, torch.Generator(device=device).manual_seed(0)
+    """Bandwidth of sgld_step_ and of the energy's forward + backward, as fractions of the
+    device's measured device-to-device copy bandwidth.
+
+    Every figure is the mean of ``op_reps`` back-to-back calls timed with CUDA events (the wall
+    clock on the CPU), on tensors of ``sgld_elements`` floats (64 MB at the default 16M), more
+    than the 50-60 MB L2 cache of an H100, so that the cache does not flatter them.
+    """
+    n = sizes.sgld_elements
+    copy, sgld = _copy_and_sgld(device, n, sizes.op_reps)
+    copy_gbps = _gbps(2 * 4 * n, copy["mean_s"])
+    out: dict[str, Any] = {"copy": {**copy, "gbps": copy_gbps, "elements": n}}
+
+    def add(name: str, timing: dict[str, float], nbytes: int, **facts: Any) -> None:
+        gbps = _gbps(nbytes, timing["mean_s"])
+        out[name] = {**timing, **facts, "gbps": gbps, "fraction_of_copy": gbps / copy_gbps}
+
+    add("sgld_step_", sgld, 3 * 4 * n, elements=n)  # read x and g, write x
+    for rows, classes in ((sizes.energy_rows, sizes.energy_classes), *sizes.energy_wide):
+        name = "energy_fwd_bwd" if classes == sizes.energy_classes else f"energy_fwd_bwd_c{classes}"
+        logits = torch.randn(rows, classes, device=device, requires_grad=True)
+
+        def energy_fb(logits: torch.Tensor = logits) -> None:
+            torch.autograd.grad(ops.energy(logits).sum(), [logits])
+
+        # forward reads the logits; backward reads them again and writes their gradient
+        nbytes = 3 * 4 * rows * classes + 3 * 4 * rows
+        add(name, time_stream(energy_fb, device, sizes.op_reps), nbytes, rows=rows, classes=classes)
+        del logits, energy_fb
+    return out
+
+
+def _copy_and_sgld(
+    device: torch.device, n: int, reps: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Timings of a copy of ``n`` floats and of sgld_step_ on ``n`` floats (the tensors are
+    freed on return, before the energy figures)."""
+    gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(n, device=device)
     g = torch.randn(n, device=device)
     dst = torch.empty_like(x)
-    copy = time_call(lambda: dst.copy_(x), device, sizes.op_reps)
-    sgld = time_call(lambda: ops.sgld_step_(x, g, 1.0, 0.01, generator=gen), device, sizes.op_reps)
-    copy_gbps = _gbps(2 * 4 * n, copy["median_s"])
-    sgld_gbps = _gbps(3 * 4 * n, sgld["median_s"])  # read x and g, write x
-
-    rows, classes = sizes.energy_rows, sizes.energy_classes
-    logits = torch.randn(rows, classes, device=device, requires_grad=True)
-    small = torch.empty(rows * classes, device=device)
-    src = torch.randn(rows * classes, device=device)
-    e_copy = time_call(lambda: small.copy_(src), device, sizes.op_reps)
-
-    def energy_fb() -> None:
-        (grad,) = torch.autograd.grad(ops.energy(logits).sum(), [logits])
-
-    energy = time_call(energy_fb, device, sizes.op_reps)
-    # forward reads the logits; backward reads them again and writes their gradient
-    energy_bytes = 3 * 4 * rows * classes + 3 * 4 * rows
-    e_copy_gbps = _gbps(2 * 4 * rows * classes, e_copy["median_s"])
-    energy_gbps = _gbps(energy_bytes, energy["median_s"])
-    return {
-        "copy": {**copy, "gbps": copy_gbps, "elements": n},
-        "sgld_step_": {**sgld, "gbps": sgld_gbps, "fraction_of_copy": sgld_gbps / copy_gbps},
-        "energy_copy": {**e_copy, "gbps": e_copy_gbps},
-        "energy_fwd_bwd": {
-            **energy,
-            "gbps": energy_gbps,
-            "rows": rows,
-            "classes": classes,
-            "fraction_of_copy": energy_gbps / e_copy_gbps,
-        },
-    }
+    copy = time_stream(lambda: dst.copy_(x), device, reps)
+    sgld = time_stream(lambda: ops.sgld_step_(x, g, 1.0, 0.01, generator=gen), device, reps)
+    return copy, sgld

@@ -38,10 +38,11 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def _ops_table(ops_r: dict[str, Any]) -> list[str]:
-    lines = ["| op | median ms | GB/s | fraction of copy |", "|---|---:|---:|---:|"]
-    for name in ("copy", "sgld_step_", "energy_copy", "energy_fwd_bwd"):
+    lines = ["| op | mean ms | GB/s | fraction of copy |", "|---|---:|---:|---:|"]
+    names = ["copy", "sgld_step_"] + [k for k in ops_r if k.startswith("energy_fwd_bwd")]
+    for name in names:
         r = ops_r.get(name, {})
-        ms = None if "median_s" not in r else r["median_s"] * 1e3
+        ms = None if "mean_s" not in r else r["mean_s"] * 1e3
         lines.append(
             f"| {name} | {_fmt(ms, '.3f')} | {_fmt(r.get('gbps'), '.1f')} | "
             f"{_fmt(r.get('fraction_of_copy'), '.2f')} |"

@@ -32,6 +32,31 @@ def time_call(
     return {"median_s": statistics.median(times), "best_s": min(times)}
 
 
+def time_stream(fn: Callable[[], Any], device: torch.device, reps: int) -> dict[str, float]:
+    """Mean seconds per call of ``fn()`` over ``reps`` back-to-back calls.
+
+    On CUDA two events bracket the calls, so the figure is device time without a host
+    synchronisation between calls (the launch overhead hides behind the kernels, as in a real
+    loop); elsewhere the wall clock. One untimed call first.
+    """
+    fn()
+    _sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+    else:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        seconds = time.perf_counter() - t0
+    return {"mean_s": seconds / reps, "reps": reps}
+
+
 def _gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
 
