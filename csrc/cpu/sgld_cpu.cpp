@@ -115,6 +115,36 @@ void step_float_baseline(float* __restrict x, const float* __restrict g, int64_t
 // chosen (kGroupsA/B below) so that the 4 x 4 transposition of the normals
 // into element order ends inside 128-bit lanes: 8 unpacks, no lane crossing.
 
+// Philox's first two rounds when the offset (c0, c1) and the group's high
+// word (c3) are the same in every lane: round 0's first product and round
+// 1's second are then lane-independent, and what remains per lane is
+//   round 0: p1 = M1 * c2;  c0 = hi(p1) ^ r0_c0;  c1 = p1
+//   round 1: p0 = M0 * c0;  c0 = c1 ^ r1_c0;  c1 = r1_c1;  c2 = hi(p0) ^ r1_c2;  c3 = p0
+// (7 vector operations in place of 12; philox4x32_10 in philox.h is the definition).
+// The vector levels draw a block's noise this way when all its groups share
+// their high word (every tensor under 2^34 elements), the scalar loops otherwise.
+struct PhiloxHead {
+  uint32_t r0_c0, r1_c0, r1_c1, r1_c2;
+};
+
+inline PhiloxHead philox_head(uint64_t seed, uint64_t offset, uint32_t group_hi) {
+  using namespace philox_detail;
+  const uint64_t step = offset / 4;
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const uint64_t p0 = static_cast<uint64_t>(kMul0) * static_cast<uint32_t>(step);
+  const uint32_t c2 = static_cast<uint32_t>(p0 >> 32) ^ group_hi ^ k1;  // after round 0
+  const uint32_t c3 = static_cast<uint32_t>(p0);
+  const uint64_t p1 = static_cast<uint64_t>(kMul1) * c2;  // round 1
+  return PhiloxHead{static_cast<uint32_t>(step >> 32) ^ k0,
+                    static_cast<uint32_t>(p1 >> 32) ^ (k0 + kWeyl0), static_cast<uint32_t>(p1),
+                    c3 ^ (k1 + kWeyl1)};
+}
+
+// Whether the `count` groups from `first` share their high word.
+inline bool same_group_hi(uint64_t first, int64_t count) {
+  return (first >> 32) == ((first + static_cast<uint64_t>(count) - 1) >> 32);
+}
+
 // ---------------------------------------------------------------- AVX-512
 // Groups of the 64-bit lanes of the two Philox vectors of a 16-group chunk:
 // the packed 32-bit lane l = 4 L + j then holds group 4 j + L.
@@ -123,11 +153,12 @@ constexpr int64_t kGroupsB512[8] = {2, 6, 10, 14, 3, 7, 11, 15};
 
 struct Philox512 {
   __m512i key0[philox_detail::kRounds], key1[philox_detail::kRounds];
-  __m512i step_lo, step_hi, groups_a, groups_b;
+  __m512i r0_c0, r1_c0, r1_c1, r1_c2, groups_a, groups_b;
 };
 
+// For groups whose high word is group_hi.
 JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void philox_setup_avx512(Philox512& s, uint64_t seed,
-                                                              uint64_t offset) {
+                                                              uint64_t offset, uint32_t group_hi) {
   using namespace philox_detail;
   // The round keys are the same for every group: broadcast them once.
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
@@ -135,9 +166,11 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void philox_setup_avx512(Philox512& s, uint
     s.key0[round] = _mm512_set1_epi32(static_cast<int>(k0));
     s.key1[round] = _mm512_set1_epi32(static_cast<int>(k1));
   }
-  const uint64_t step = offset / 4;
-  s.step_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(step)));
-  s.step_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(step >> 32)));
+  const PhiloxHead h = philox_head(seed, offset, group_hi);
+  s.r0_c0 = _mm512_set1_epi32(static_cast<int>(h.r0_c0));
+  s.r1_c0 = _mm512_set1_epi32(static_cast<int>(h.r1_c0));
+  s.r1_c1 = _mm512_set1_epi32(static_cast<int>(h.r1_c1));
+  s.r1_c2 = _mm512_set1_epi32(static_cast<int>(h.r1_c2));
   s.groups_a = _mm512_loadu_si512(kGroupsA512);
   s.groups_b = _mm512_loadu_si512(kGroupsB512);
 }
@@ -153,13 +186,15 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void philox8_avx512(const Philox512& s, con
   const __m512i mul0 = _mm512_set1_epi64(kMul0);
   const __m512i mul1 = _mm512_set1_epi64(kMul1);
   __m512i c0[NV], c1[NV], c2[NV], c3[NV];
-  for (int v = 0; v < NV; ++v) {
-    c0[v] = s.step_lo;
-    c1[v] = s.step_hi;
-    c2[v] = group[v];
-    c3[v] = _mm512_srli_epi64(group[v], 32);
+  for (int v = 0; v < NV; ++v) {  // rounds 0 and 1 (PhiloxHead)
+    const __m512i p1 = _mm512_mul_epu32(group[v], mul1);
+    const __m512i p0 = _mm512_mul_epu32(_mm512_xor_si512(_mm512_srli_epi64(p1, 32), s.r0_c0), mul0);
+    c0[v] = _mm512_xor_si512(p1, s.r1_c0);
+    c1[v] = s.r1_c1;
+    c2[v] = _mm512_xor_si512(_mm512_shuffle_epi32(p0, _MM_PERM_CDAB), s.r1_c2);
+    c3[v] = p0;
   }
-  for (int round = 0; round < kRounds; ++round) {
+  for (int round = 2; round < kRounds; ++round) {
     for (int v = 0; v < NV; ++v) {
       const __m512i p0 = _mm512_mul_epu32(c0[v], mul0);
       const __m512i p1 = _mm512_mul_epu32(c2[v], mul1);
@@ -302,8 +337,12 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void normals_of_words_avx512(const __m512i 
 
 JEM_EXT_TARGET_AVX512 void normals_avx512(float* __restrict z, uint64_t seed, uint64_t offset,
                                           uint64_t first, int64_t count) {
+  if (!same_group_hi(first, (count + 15) / 16 * 16)) {
+    normals_baseline(z, seed, offset, first, count);
+    return;
+  }
   Philox512 s;
-  philox_setup_avx512(s, seed, offset);
+  philox_setup_avx512(s, seed, offset, static_cast<uint32_t>(first >> 32));
   for (int64_t i = 0; i < count; i += 16) {
     __m512i r[1][4];
     __m512 n[4];
@@ -355,8 +394,12 @@ JEM_EXT_TARGET_AVX512 void update_float_avx512(float* __restrict x, const float*
 JEM_EXT_TARGET_AVX512 void step_float_avx512(float* __restrict x, const float* __restrict g,
                                              int64_t n_elems, uint64_t seed, uint64_t offset,
                                              uint64_t first, const SgldParams<float>& p) {
+  if (!same_group_hi(first, (n_elems + 63) / 64 * 16)) {
+    step_float_baseline(x, g, n_elems, seed, offset, first, p);
+    return;
+  }
   Philox512 s;
-  philox_setup_avx512(s, seed, offset);
+  philox_setup_avx512(s, seed, offset, static_cast<uint32_t>(first >> 32));
   const Update512 u = update_setup_avx512(p);
   // Two chunks of 16 groups per iteration: Philox's 4 independent vectors
   // per round keep the multiplier busy through its 5-cycle latency.
@@ -403,24 +446,27 @@ constexpr int64_t kGroupsB256[4] = {2, 6, 3, 7};
 
 struct Philox256 {
   __m256i key0[philox_detail::kRounds], key1[philox_detail::kRounds];
-  __m256i step_lo, step_hi, groups_a, groups_b;
+  __m256i r0_c0, r1_c0, r1_c1, r1_c2, groups_a, groups_b;
 };
 
 JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE __m256i set1_u32_avx2(uint32_t v) {
   return _mm256_set1_epi32(static_cast<int>(v));
 }
 
+// For groups whose high word is group_hi.
 JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void philox_setup_avx2(Philox256& s, uint64_t seed,
-                                                          uint64_t offset) {
+                                                          uint64_t offset, uint32_t group_hi) {
   using namespace philox_detail;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < kRounds; ++round, k0 += kWeyl0, k1 += kWeyl1) {
     s.key0[round] = set1_u32_avx2(k0);
     s.key1[round] = set1_u32_avx2(k1);
   }
-  const uint64_t step = offset / 4;
-  s.step_lo = set1_u32_avx2(static_cast<uint32_t>(step));
-  s.step_hi = set1_u32_avx2(static_cast<uint32_t>(step >> 32));
+  const PhiloxHead h = philox_head(seed, offset, group_hi);
+  s.r0_c0 = set1_u32_avx2(h.r0_c0);
+  s.r1_c0 = set1_u32_avx2(h.r1_c0);
+  s.r1_c1 = set1_u32_avx2(h.r1_c1);
+  s.r1_c2 = set1_u32_avx2(h.r1_c2);
   s.groups_a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kGroupsA256));
   s.groups_b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kGroupsB256));
 }
@@ -434,13 +480,15 @@ JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void philox4_avx2(const Philox256& s, const _
   const __m256i mul0 = _mm256_set1_epi64x(kMul0);
   const __m256i mul1 = _mm256_set1_epi64x(kMul1);
   __m256i c0[NV], c1[NV], c2[NV], c3[NV];
-  for (int v = 0; v < NV; ++v) {
-    c0[v] = s.step_lo;
-    c1[v] = s.step_hi;
-    c2[v] = group[v];
-    c3[v] = _mm256_srli_epi64(group[v], 32);
+  for (int v = 0; v < NV; ++v) {  // rounds 0 and 1 (PhiloxHead)
+    const __m256i p1 = _mm256_mul_epu32(group[v], mul1);
+    const __m256i p0 = _mm256_mul_epu32(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), s.r0_c0), mul0);
+    c0[v] = _mm256_xor_si256(p1, s.r1_c0);
+    c1[v] = s.r1_c1;
+    c2[v] = _mm256_xor_si256(_mm256_shuffle_epi32(p0, 0xB1), s.r1_c2);
+    c3[v] = p0;
   }
-  for (int round = 0; round < kRounds; ++round) {
+  for (int round = 2; round < kRounds; ++round) {
     for (int v = 0; v < NV; ++v) {
       const __m256i p0 = _mm256_mul_epu32(c0[v], mul0);
       const __m256i p1 = _mm256_mul_epu32(c2[v], mul1);
@@ -571,8 +619,12 @@ JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void normals_of_words_avx2(const __m256i r[4]
 
 JEM_EXT_TARGET_AVX2 void normals_avx2(float* __restrict z, uint64_t seed, uint64_t offset,
                                       uint64_t first, int64_t count) {
+  if (!same_group_hi(first, (count + 7) / 8 * 8)) {
+    normals_baseline(z, seed, offset, first, count);
+    return;
+  }
   Philox256 s;
-  philox_setup_avx2(s, seed, offset);
+  philox_setup_avx2(s, seed, offset, static_cast<uint32_t>(first >> 32));
   for (int64_t i = 0; i < count; i += 8) {
     __m256i r[1][4];
     __m256 n[4];
@@ -618,8 +670,12 @@ JEM_EXT_TARGET_AVX2 void update_float_avx2(float* __restrict x, const float* __r
 JEM_EXT_TARGET_AVX2 void step_float_avx2(float* __restrict x, const float* __restrict g,
                                          int64_t n_elems, uint64_t seed, uint64_t offset,
                                          uint64_t first, const SgldParams<float>& p) {
+  if (!same_group_hi(first, (n_elems + 31) / 32 * 8)) {
+    step_float_baseline(x, g, n_elems, seed, offset, first, p);
+    return;
+  }
   Philox256 s;
-  philox_setup_avx2(s, seed, offset);
+  philox_setup_avx2(s, seed, offset, static_cast<uint32_t>(first >> 32));
   const Update256 u = update_setup_avx2(p);
   constexpr int kChunks = 2;  // chunks of 8 groups per iteration, as step_float_avx512
   int64_t e = 0;
