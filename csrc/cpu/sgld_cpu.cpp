@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <mutex>
 #include <type_traits>
 
@@ -223,12 +224,14 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE __m512 fma_avx512(__m512 a, __m512 b, float
 // log_positive, lane by lane, for x > 0 (the sign bit is then clear).
 JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE __m512 log_positive_avx512(__m512 x) {
   const __m512i bits = _mm512_castps_si512(x);
-  __m512i e = _mm512_sub_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(126));
   // (bits & 0x807fffff) | 0x3f000000 in one instruction.
   __m512 m = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(
       bits, _mm512_set1_epi32(static_cast<int>(0x807fffffu)), _mm512_set1_epi32(0x3f000000), 0xEA));
   const __mmask16 small = _mm512_cmp_ps_mask(m, _mm512_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
-  e = _mm512_mask_sub_epi32(e, small, e, _mm512_set1_epi32(1));
+  // float(e) with e = biased exponent - 126 - small, from getexp (the
+  // unbiased exponent, as a float: every step exact).
+  const __m512 e1 = _mm512_add_ps(_mm512_getexp_ps(x), _mm512_set1_ps(1.0f));
+  const __m512 ef = _mm512_mask_sub_ps(e1, small, e1, _mm512_set1_ps(1.0f));
   // m + (small ? m : 0) - 1: adding 0 to a positive m leaves it as it is.
   m = _mm512_sub_ps(_mm512_mask_add_ps(m, small, m, m), _mm512_set1_ps(1.0f));
   const __m512 z = _mm512_mul_ps(m, m);
@@ -241,7 +244,6 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE __m512 log_positive_avx512(__m512 x) {
   p = fma_avx512(p, m, 2.0000714765e-1f);
   p = fma_avx512(p, m, -2.4999993993e-1f);
   p = fma_avx512(p, m, 3.3333331174e-1f);
-  const __m512 ef = _mm512_cvtepi32_ps(e);
   __m512 y = _mm512_mul_ps(_mm512_mul_ps(p, m), z);
   y = _mm512_fmadd_ps(ef, _mm512_set1_ps(-2.12194440e-4f), y);
   y = _mm512_fmadd_ps(z, _mm512_set1_ps(-0.5f), y);
@@ -280,9 +282,10 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void sincos_turn4_avx512(__m512 t4, __m512*
 // box_muller of the words r0, r1, lane by lane.
 JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void box_muller_avx512(__m512i r0, __m512i r1, __m512* z0,
                                                             __m512* z1) {
-  const __m512 u0 = _mm512_mul_ps(
-      _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_srli_epi32(r0, 8), _mm512_set1_epi32(1))),
-      _mm512_set1_ps(5.9604644775390625e-8f));
+  // uniform_open0: (k + 1) * 2^-24 == k * 2^-24 + 2^-24, exact either way (k < 2^24).
+  const __m512 u0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(r0, 8)),
+                                    _mm512_set1_ps(5.9604644775390625e-8f),
+                                    _mm512_set1_ps(5.9604644775390625e-8f));
   const __m512 radius =
       _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), log_positive_avx512(u0)));
   // 4 * uniform_open1(r1) in one product: k * 2^-24 * 4 == k * 2^-22 exactly (k < 2^24).
@@ -367,12 +370,17 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE Update512 update_setup_avx512(const SgldPar
                    _mm512_set1_ps(p.clamp_min),  _mm512_set1_ps(p.clamp_max)};
 }
 
+// kClip / kClamp false: the bounds are infinite, and the max and min that
+// would leave every value (NaN too) as it is are left out.
+template <bool kClip = true, bool kClamp = true>
 JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE __m512 update_avx512(const Update512& u, __m512 x, __m512 g,
                                                           __m512 z) {
-  const __m512 gc = _mm512_min_ps(u.clip_hi, _mm512_max_ps(u.clip_lo, g));
-  const __m512 moved = _mm512_sub_ps(x, _mm512_mul_ps(u.step, gc));
+  if (kClip) {
+    g = _mm512_min_ps(u.clip_hi, _mm512_max_ps(u.clip_lo, g));
+  }
+  const __m512 moved = _mm512_sub_ps(x, _mm512_mul_ps(u.step, g));
   const __m512 v = _mm512_add_ps(moved, _mm512_mul_ps(u.std_, z));
-  return _mm512_min_ps(u.hi, _mm512_max_ps(u.lo, v));
+  return kClamp ? _mm512_min_ps(u.hi, _mm512_max_ps(u.lo, v)) : v;
 }
 
 JEM_EXT_TARGET_AVX512 void update_float_avx512(float* __restrict x, const float* __restrict g,
@@ -391,13 +399,10 @@ JEM_EXT_TARGET_AVX512 void update_float_avx512(float* __restrict x, const float*
 
 // The noise of each 16-group chunk goes from registers straight into the
 // update: no round trip of the normals through memory.
-JEM_EXT_TARGET_AVX512 void step_float_avx512(float* __restrict x, const float* __restrict g,
-                                             int64_t n_elems, uint64_t seed, uint64_t offset,
-                                             uint64_t first, const SgldParams<float>& p) {
-  if (!same_group_hi(first, (n_elems + 63) / 64 * 16)) {
-    step_float_baseline(x, g, n_elems, seed, offset, first, p);
-    return;
-  }
+template <bool kClip, bool kClamp>
+JEM_EXT_TARGET_AVX512 void step_float_avx512_t(float* __restrict x, const float* __restrict g,
+                                               int64_t n_elems, uint64_t seed, uint64_t offset,
+                                               uint64_t first, const SgldParams<float>& p) {
   Philox512 s;
   philox_setup_avx512(s, seed, offset, static_cast<uint32_t>(first >> 32));
   const Update512 u = update_setup_avx512(p);
@@ -414,7 +419,8 @@ JEM_EXT_TARGET_AVX512 void step_float_avx512(float* __restrict x, const float* _
       for (int j = 0; j < 4; ++j) {
         float* xj = x + e + 64 * c + 16 * j;
         const float* gj = g + e + 64 * c + 16 * j;
-        _mm512_storeu_ps(xj, update_avx512(u, _mm512_loadu_ps(xj), _mm512_loadu_ps(gj), n[j]));
+        _mm512_storeu_ps(
+            xj, update_avx512<kClip, kClamp>(u, _mm512_loadu_ps(xj), _mm512_loadu_ps(gj), n[j]));
       }
     }
   }
@@ -430,10 +436,31 @@ JEM_EXT_TARGET_AVX512 void step_float_avx512(float* __restrict x, const float* _
       }
       const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
       float* xj = x + e + 16 * j;
-      const __m512 v = update_avx512(u, _mm512_maskz_loadu_ps(m, xj),
-                                     _mm512_maskz_loadu_ps(m, g + e + 16 * j), n[j]);
+      const __m512 v = update_avx512<kClip, kClamp>(u, _mm512_maskz_loadu_ps(m, xj),
+                                                    _mm512_maskz_loadu_ps(m, g + e + 16 * j), n[j]);
       _mm512_mask_storeu_ps(xj, m, v);
     }
+  }
+}
+
+JEM_EXT_TARGET_AVX512 void step_float_avx512(float* __restrict x, const float* __restrict g,
+                                             int64_t n_elems, uint64_t seed, uint64_t offset,
+                                             uint64_t first, const SgldParams<float>& p) {
+  if (!same_group_hi(first, (n_elems + 63) / 64 * 16)) {
+    step_float_baseline(x, g, n_elems, seed, offset, first, p);
+    return;
+  }
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  const bool clip = p.grad_clip != inf;
+  const bool clamp = p.clamp_min != -inf || p.clamp_max != inf;
+  if (clip && clamp) {
+    step_float_avx512_t<true, true>(x, g, n_elems, seed, offset, first, p);
+  } else if (clip) {
+    step_float_avx512_t<true, false>(x, g, n_elems, seed, offset, first, p);
+  } else if (clamp) {
+    step_float_avx512_t<false, true>(x, g, n_elems, seed, offset, first, p);
+  } else {
+    step_float_avx512_t<false, false>(x, g, n_elems, seed, offset, first, p);
   }
 }
 
@@ -568,9 +595,10 @@ JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void sincos_turn4_avx2(__m256 t4, __m256* s_o
 // box_muller of the words r0, r1, lane by lane.
 JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void box_muller_avx2(__m256i r0, __m256i r1, __m256* z0,
                                                         __m256* z1) {
-  const __m256 u0 = _mm256_mul_ps(
-      _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_srli_epi32(r0, 8), _mm256_set1_epi32(1))),
-      _mm256_set1_ps(5.9604644775390625e-8f));
+  // uniform_open0: (k + 1) * 2^-24 == k * 2^-24 + 2^-24, exact either way (k < 2^24).
+  const __m256 u0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r0, 8)),
+                                    _mm256_set1_ps(5.9604644775390625e-8f),
+                                    _mm256_set1_ps(5.9604644775390625e-8f));
   const __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log_positive_avx2(u0)));
   // 4 * uniform_open1(r1) in one product: k * 2^-24 * 4 == k * 2^-22 exactly (k < 2^24).
   const __m256 t4 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r1, 8)),
@@ -647,12 +675,15 @@ JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE Update256 update_setup_avx2(const SgldParams<
 }
 
 // sgld_update<float>, lane by lane (max and min as in update_avx512).
+template <bool kClip = true, bool kClamp = true>
 JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE __m256 update_avx2(const Update256& u, __m256 x, __m256 g,
                                                       __m256 z) {
-  const __m256 gc = _mm256_min_ps(u.clip_hi, _mm256_max_ps(u.clip_lo, g));
-  const __m256 moved = _mm256_sub_ps(x, _mm256_mul_ps(u.step, gc));
+  if (kClip) {
+    g = _mm256_min_ps(u.clip_hi, _mm256_max_ps(u.clip_lo, g));
+  }
+  const __m256 moved = _mm256_sub_ps(x, _mm256_mul_ps(u.step, g));
   const __m256 v = _mm256_add_ps(moved, _mm256_mul_ps(u.std_, z));
-  return _mm256_min_ps(u.hi, _mm256_max_ps(u.lo, v));
+  return kClamp ? _mm256_min_ps(u.hi, _mm256_max_ps(u.lo, v)) : v;
 }
 
 JEM_EXT_TARGET_AVX2 void update_float_avx2(float* __restrict x, const float* __restrict g,
@@ -667,13 +698,10 @@ JEM_EXT_TARGET_AVX2 void update_float_avx2(float* __restrict x, const float* __r
   update_loop<float, float>(x, g, z, e, n_elems, p);
 }
 
-JEM_EXT_TARGET_AVX2 void step_float_avx2(float* __restrict x, const float* __restrict g,
-                                         int64_t n_elems, uint64_t seed, uint64_t offset,
-                                         uint64_t first, const SgldParams<float>& p) {
-  if (!same_group_hi(first, (n_elems + 31) / 32 * 8)) {
-    step_float_baseline(x, g, n_elems, seed, offset, first, p);
-    return;
-  }
+template <bool kClip, bool kClamp>
+JEM_EXT_TARGET_AVX2 void step_float_avx2_t(float* __restrict x, const float* __restrict g,
+                                           int64_t n_elems, uint64_t seed, uint64_t offset,
+                                           uint64_t first, const SgldParams<float>& p) {
   Philox256 s;
   philox_setup_avx2(s, seed, offset, static_cast<uint32_t>(first >> 32));
   const Update256 u = update_setup_avx2(p);
@@ -688,7 +716,8 @@ JEM_EXT_TARGET_AVX2 void step_float_avx2(float* __restrict x, const float* __res
       for (int j = 0; j < 4; ++j) {
         float* xj = x + e + 32 * c + 8 * j;
         const float* gj = g + e + 32 * c + 8 * j;
-        _mm256_storeu_ps(xj, update_avx2(u, _mm256_loadu_ps(xj), _mm256_loadu_ps(gj), n[j]));
+        _mm256_storeu_ps(
+            xj, update_avx2<kClip, kClamp>(u, _mm256_loadu_ps(xj), _mm256_loadu_ps(gj), n[j]));
       }
     }
   }
@@ -702,6 +731,27 @@ JEM_EXT_TARGET_AVX2 void step_float_avx2(float* __restrict x, const float* __res
       _mm256_store_ps(z + 8 * j, n[j]);
     }
     update_loop<float, float>(x + e, g + e, z, 0, std::min<int64_t>(32, n_elems - e), p);
+  }
+}
+
+JEM_EXT_TARGET_AVX2 void step_float_avx2(float* __restrict x, const float* __restrict g,
+                                         int64_t n_elems, uint64_t seed, uint64_t offset,
+                                         uint64_t first, const SgldParams<float>& p) {
+  if (!same_group_hi(first, (n_elems + 31) / 32 * 8)) {
+    step_float_baseline(x, g, n_elems, seed, offset, first, p);
+    return;
+  }
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  const bool clip = p.grad_clip != inf;
+  const bool clamp = p.clamp_min != -inf || p.clamp_max != inf;
+  if (clip && clamp) {
+    step_float_avx2_t<true, true>(x, g, n_elems, seed, offset, first, p);
+  } else if (clip) {
+    step_float_avx2_t<true, false>(x, g, n_elems, seed, offset, first, p);
+  } else if (clamp) {
+    step_float_avx2_t<false, true>(x, g, n_elems, seed, offset, first, p);
+  } else {
+    step_float_avx2_t<false, false>(x, g, n_elems, seed, offset, first, p);
   }
 }
 #endif  // JEM_EXT_X86_LEVELS
