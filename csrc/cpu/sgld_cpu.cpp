@@ -221,33 +221,46 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE __m512 fma_avx512(__m512 a, __m512 b, float
   return _mm512_fmadd_ps(a, b, _mm512_set1_ps(c));
 }
 
+// The Box-Muller functions below take N independent vectors and write each
+// step for all N side by side: the long dependency chains of the
+// polynomials (and of the square root) then overlap within the out-of-order
+// window instead of one after the other.
+
 // log_positive, lane by lane, for x > 0 (the sign bit is then clear).
-JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE __m512 log_positive_avx512(__m512 x) {
-  const __m512i bits = _mm512_castps_si512(x);
-  // (bits & 0x807fffff) | 0x3f000000 in one instruction.
-  __m512 m = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(
-      bits, _mm512_set1_epi32(static_cast<int>(0x807fffffu)), _mm512_set1_epi32(0x3f000000), 0xEA));
-  const __mmask16 small = _mm512_cmp_ps_mask(m, _mm512_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
-  // float(e) with e = biased exponent - 126 - small, from getexp (the
-  // unbiased exponent, as a float: every step exact).
-  const __m512 e1 = _mm512_add_ps(_mm512_getexp_ps(x), _mm512_set1_ps(1.0f));
-  const __m512 ef = _mm512_mask_sub_ps(e1, small, e1, _mm512_set1_ps(1.0f));
-  // m + (small ? m : 0) - 1: adding 0 to a positive m leaves it as it is.
-  m = _mm512_sub_ps(_mm512_mask_add_ps(m, small, m, m), _mm512_set1_ps(1.0f));
-  const __m512 z = _mm512_mul_ps(m, m);
-  __m512 p = _mm512_set1_ps(7.0376836292e-2f);
-  p = fma_avx512(p, m, -1.1514610310e-1f);
-  p = fma_avx512(p, m, 1.1676998740e-1f);
-  p = fma_avx512(p, m, -1.2420140846e-1f);
-  p = fma_avx512(p, m, 1.4249322787e-1f);
-  p = fma_avx512(p, m, -1.6668057665e-1f);
-  p = fma_avx512(p, m, 2.0000714765e-1f);
-  p = fma_avx512(p, m, -2.4999993993e-1f);
-  p = fma_avx512(p, m, 3.3333331174e-1f);
-  __m512 y = _mm512_mul_ps(_mm512_mul_ps(p, m), z);
-  y = _mm512_fmadd_ps(ef, _mm512_set1_ps(-2.12194440e-4f), y);
-  y = _mm512_fmadd_ps(z, _mm512_set1_ps(-0.5f), y);
-  return _mm512_fmadd_ps(ef, _mm512_set1_ps(0.693359375f), _mm512_add_ps(m, y));
+template <int N>
+JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void log_positive_avx512(const __m512* x, __m512* out) {
+  __m512 m[N], ef[N], z[N], p[N];
+  for (int i = 0; i < N; ++i) {
+    const __m512i bits = _mm512_castps_si512(x[i]);
+    // (bits & 0x807fffff) | 0x3f000000 in one instruction.
+    m[i] = _mm512_castsi512_ps(
+        _mm512_ternarylogic_epi32(bits, _mm512_set1_epi32(static_cast<int>(0x807fffffu)),
+                                  _mm512_set1_epi32(0x3f000000), 0xEA));
+  }
+  for (int i = 0; i < N; ++i) {
+    const __mmask16 small =
+        _mm512_cmp_ps_mask(m[i], _mm512_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+    // float(e) with e = biased exponent - 126 - small, from getexp (the
+    // unbiased exponent, as a float: every step exact).
+    const __m512 e1 = _mm512_add_ps(_mm512_getexp_ps(x[i]), _mm512_set1_ps(1.0f));
+    ef[i] = _mm512_mask_sub_ps(e1, small, e1, _mm512_set1_ps(1.0f));
+    // m + (small ? m : 0) - 1: adding 0 to a positive m leaves it as it is.
+    m[i] = _mm512_sub_ps(_mm512_mask_add_ps(m[i], small, m[i], m[i]), _mm512_set1_ps(1.0f));
+    z[i] = _mm512_mul_ps(m[i], m[i]);
+    p[i] = _mm512_set1_ps(7.0376836292e-2f);
+  }
+  for (const float c : {-1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f, 1.4249322787e-1f,
+                        -1.6668057665e-1f, 2.0000714765e-1f, -2.4999993993e-1f, 3.3333331174e-1f}) {
+    for (int i = 0; i < N; ++i) {
+      p[i] = fma_avx512(p[i], m[i], c);
+    }
+  }
+  for (int i = 0; i < N; ++i) {
+    __m512 y = _mm512_mul_ps(_mm512_mul_ps(p[i], m[i]), z[i]);
+    y = _mm512_fmadd_ps(ef[i], _mm512_set1_ps(-2.12194440e-4f), y);
+    y = _mm512_fmadd_ps(z[i], _mm512_set1_ps(-0.5f), y);
+    out[i] = _mm512_fmadd_ps(ef[i], _mm512_set1_ps(0.693359375f), _mm512_add_ps(m[i], y));
+  }
 }
 
 // v with its sign flipped in the lanes where bit 1 of n is set (a ^ (b & c)).
@@ -258,43 +271,57 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE __m512 negate_where_avx512(__m512 v, __m512
 }
 
 // sincos_turn of t = t4 / 4, lane by lane.
-JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void sincos_turn4_avx512(__m512 t4, __m512* s_out,
+template <int N>
+JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void sincos_turn4_avx512(const __m512* t4, __m512* s_out,
                                                               __m512* c_out) {
-  const __m512i q = _mm512_cvttps_epi32(_mm512_add_ps(t4, _mm512_set1_ps(0.5f)));
-  const __m512 a =
-      _mm512_mul_ps(_mm512_sub_ps(t4, _mm512_cvtepi32_ps(q)), _mm512_set1_ps(1.57079632679489662f));
-  const __m512 z = _mm512_mul_ps(a, a);
-  __m512 sp = _mm512_set1_ps(-1.9515295891e-4f);
-  sp = fma_avx512(sp, z, 8.3321608736e-3f);
-  sp = fma_avx512(sp, z, -1.6666654611e-1f);
-  const __m512 sa = _mm512_fmadd_ps(_mm512_mul_ps(sp, z), a, a);
-  __m512 cp = _mm512_set1_ps(2.443315711809948e-5f);
-  cp = fma_avx512(cp, z, -1.388731625493765e-3f);
-  cp = fma_avx512(cp, z, 4.166664568298827e-2f);
-  const __m512 ca =
-      _mm512_fmadd_ps(_mm512_mul_ps(cp, z), z, fma_avx512(z, _mm512_set1_ps(-0.5f), 1.0f));
-  const __m512i one = _mm512_set1_epi32(1);
-  const __mmask16 swap = _mm512_test_epi32_mask(q, one);
-  *s_out = negate_where_avx512(_mm512_mask_blend_ps(swap, sa, ca), q);
-  *c_out = negate_where_avx512(_mm512_mask_blend_ps(swap, ca, sa), _mm512_add_epi32(q, one));
+  __m512i q[N];
+  __m512 a[N], z[N], sp[N], cp[N];
+  for (int i = 0; i < N; ++i) {
+    q[i] = _mm512_cvttps_epi32(_mm512_add_ps(t4[i], _mm512_set1_ps(0.5f)));
+    a[i] = _mm512_mul_ps(_mm512_sub_ps(t4[i], _mm512_cvtepi32_ps(q[i])),
+                         _mm512_set1_ps(1.57079632679489662f));
+    z[i] = _mm512_mul_ps(a[i], a[i]);
+    sp[i] = fma_avx512(_mm512_set1_ps(-1.9515295891e-4f), z[i], 8.3321608736e-3f);
+    cp[i] = fma_avx512(_mm512_set1_ps(2.443315711809948e-5f), z[i], -1.388731625493765e-3f);
+  }
+  for (int i = 0; i < N; ++i) {
+    sp[i] = fma_avx512(sp[i], z[i], -1.6666654611e-1f);
+    cp[i] = fma_avx512(cp[i], z[i], 4.166664568298827e-2f);
+  }
+  for (int i = 0; i < N; ++i) {
+    const __m512 sa = _mm512_fmadd_ps(_mm512_mul_ps(sp[i], z[i]), a[i], a[i]);
+    const __m512 ca = _mm512_fmadd_ps(_mm512_mul_ps(cp[i], z[i]), z[i],
+                                      fma_avx512(z[i], _mm512_set1_ps(-0.5f), 1.0f));
+    const __m512i one = _mm512_set1_epi32(1);
+    const __mmask16 swap = _mm512_test_epi32_mask(q[i], one);
+    s_out[i] = negate_where_avx512(_mm512_mask_blend_ps(swap, sa, ca), q[i]);
+    c_out[i] = negate_where_avx512(_mm512_mask_blend_ps(swap, ca, sa), _mm512_add_epi32(q[i], one));
+  }
 }
 
-// box_muller of the words r0, r1, lane by lane.
-JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void box_muller_avx512(__m512i r0, __m512i r1, __m512* z0,
-                                                            __m512* z1) {
-  // uniform_open0: (k + 1) * 2^-24 == k * 2^-24 + 2^-24, exact either way (k < 2^24).
-  const __m512 u0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(r0, 8)),
-                                    _mm512_set1_ps(5.9604644775390625e-8f),
-                                    _mm512_set1_ps(5.9604644775390625e-8f));
-  const __m512 radius =
-      _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), log_positive_avx512(u0)));
-  // 4 * uniform_open1(r1) in one product: k * 2^-24 * 4 == k * 2^-22 exactly (k < 2^24).
-  const __m512 t4 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(r1, 8)),
-                                  _mm512_set1_ps(2.384185791015625e-7f));
-  __m512 s, c;
-  sincos_turn4_avx512(t4, &s, &c);
-  *z0 = _mm512_mul_ps(radius, c);
-  *z1 = _mm512_mul_ps(radius, s);
+// box_muller of the words r0[i], r1[i], lane by lane.
+template <int N>
+JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void box_muller_avx512(const __m512i* r0, const __m512i* r1,
+                                                            __m512* z0, __m512* z1) {
+  __m512 u0[N], t4[N], lg[N], s[N], c[N];
+  for (int i = 0; i < N; ++i) {
+    // uniform_open0: (k + 1) * 2^-24 == k * 2^-24 + 2^-24, exact either way (k < 2^24).
+    u0[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(r0[i], 8)),
+                            _mm512_set1_ps(5.9604644775390625e-8f),
+                            _mm512_set1_ps(5.9604644775390625e-8f));
+    // 4 * uniform_open1(r1) in one product: k * 2^-24 * 4 == k * 2^-22 exactly (k < 2^24).
+    t4[i] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(r1[i], 8)),
+                          _mm512_set1_ps(2.384185791015625e-7f));
+  }
+  log_positive_avx512<N>(u0, lg);
+  for (int i = 0; i < N; ++i) {
+    lg[i] = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), lg[i]));  // the radius
+  }
+  sincos_turn4_avx512<N>(t4, s, c);
+  for (int i = 0; i < N; ++i) {
+    z0[i] = _mm512_mul_ps(lg[i], c[i]);
+    z1[i] = _mm512_mul_ps(lg[i], s[i]);
+  }
 }
 
 // The Philox words of the NC chunks of 16 groups from `first`: r[c][k] holds
@@ -319,23 +346,34 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void words16_avx512(const Philox512& s, uin
   }
 }
 
-// The normals of one chunk's words r, in element order: out[j] holds
-// elements 16 j .. 16 j + 15 of the chunk (its groups 4 j .. 4 j + 3).
-JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void normals_of_words_avx512(const __m512i r[4],
-                                                                  __m512 out[4]) {
-  __m512 n0, n1, n2, n3;
-  box_muller_avx512(r[0], r[1], &n0, &n1);
-  box_muller_avx512(r[2], r[3], &n2, &n3);
-  // Lane l = 4 L + j holds group 4 j + L: two rounds of unpacks gather each
-  // group's 4 normals into 128-bit lane L of vector j.
-  const __m512d a = _mm512_castps_pd(_mm512_unpacklo_ps(n0, n1));
-  const __m512d b = _mm512_castps_pd(_mm512_unpackhi_ps(n0, n1));
-  const __m512d c = _mm512_castps_pd(_mm512_unpacklo_ps(n2, n3));
-  const __m512d d = _mm512_castps_pd(_mm512_unpackhi_ps(n2, n3));
-  out[0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-  out[1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-  out[2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-  out[3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+// The normals of NC chunks' words r, in element order: out[c][j] holds
+// elements 16 j .. 16 j + 15 of chunk c (its groups 4 j .. 4 j + 3).
+template <int NC>
+JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void normals_of_words_avx512(const __m512i (*r)[4],
+                                                                  __m512 (*out)[4]) {
+  // Pairs (word 0, word 1) and (word 2, word 3) of every chunk.
+  __m512i r0[2 * NC], r1[2 * NC];
+  __m512 z0[2 * NC], z1[2 * NC];
+  for (int c = 0; c < NC; ++c) {
+    r0[2 * c] = r[c][0];
+    r1[2 * c] = r[c][1];
+    r0[2 * c + 1] = r[c][2];
+    r1[2 * c + 1] = r[c][3];
+  }
+  box_muller_avx512<2 * NC>(r0, r1, z0, z1);
+  for (int c = 0; c < NC; ++c) {
+    // Lane l = 4 L + j holds group 4 j + L: two rounds of unpacks gather
+    // each group's 4 normals into 128-bit lane L of vector j.
+    const __m512 n0 = z0[2 * c], n1 = z1[2 * c], n2 = z0[2 * c + 1], n3 = z1[2 * c + 1];
+    const __m512d a = _mm512_castps_pd(_mm512_unpacklo_ps(n0, n1));
+    const __m512d b = _mm512_castps_pd(_mm512_unpackhi_ps(n0, n1));
+    const __m512d cc = _mm512_castps_pd(_mm512_unpacklo_ps(n2, n3));
+    const __m512d d = _mm512_castps_pd(_mm512_unpackhi_ps(n2, n3));
+    out[c][0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, cc));
+    out[c][1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, cc));
+    out[c][2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    out[c][3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
 }
 
 JEM_EXT_TARGET_AVX512 void normals_avx512(float* __restrict z, uint64_t seed, uint64_t offset,
@@ -348,11 +386,11 @@ JEM_EXT_TARGET_AVX512 void normals_avx512(float* __restrict z, uint64_t seed, ui
   philox_setup_avx512(s, seed, offset, static_cast<uint32_t>(first >> 32));
   for (int64_t i = 0; i < count; i += 16) {
     __m512i r[1][4];
-    __m512 n[4];
+    __m512 n[1][4];
     words16_avx512<1>(s, first + static_cast<uint64_t>(i), r);
-    normals_of_words_avx512(r[0], n);
+    normals_of_words_avx512<1>(r, n);
     for (int j = 0; j < 4; ++j) {
-      _mm512_storeu_ps(z + 4 * i + 16 * j, n[j]);
+      _mm512_storeu_ps(z + 4 * i + 16 * j, n[0][j]);
     }
   }
 }
@@ -413,22 +451,22 @@ JEM_EXT_TARGET_AVX512 void step_float_avx512_t(float* __restrict x, const float*
   for (; e + 64 * kChunks <= n_elems; e += 64 * kChunks) {
     __m512i r[kChunks][4];
     words16_avx512<kChunks>(s, first + static_cast<uint64_t>(e / 4), r);
+    __m512 n[kChunks][4];
+    normals_of_words_avx512<kChunks>(r, n);
     for (int c = 0; c < kChunks; ++c) {
-      __m512 n[4];
-      normals_of_words_avx512(r[c], n);
       for (int j = 0; j < 4; ++j) {
         float* xj = x + e + 64 * c + 16 * j;
         const float* gj = g + e + 64 * c + 16 * j;
         _mm512_storeu_ps(
-            xj, update_avx512<kClip, kClamp>(u, _mm512_loadu_ps(xj), _mm512_loadu_ps(gj), n[j]));
+            xj, update_avx512<kClip, kClamp>(u, _mm512_loadu_ps(xj), _mm512_loadu_ps(gj), n[c][j]));
       }
     }
   }
   for (; e < n_elems; e += 64) {  // the last chunks, the final one partial: masked
     __m512i r[1][4];
-    __m512 n[4];
+    __m512 n[1][4];
     words16_avx512<1>(s, first + static_cast<uint64_t>(e / 4), r);
-    normals_of_words_avx512(r[0], n);
+    normals_of_words_avx512<1>(r, n);
     for (int j = 0; j < 4; ++j) {
       const int64_t left = n_elems - e - 16 * j;
       if (left <= 0) {
@@ -436,8 +474,8 @@ JEM_EXT_TARGET_AVX512 void step_float_avx512_t(float* __restrict x, const float*
       }
       const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
       float* xj = x + e + 16 * j;
-      const __m512 v = update_avx512<kClip, kClamp>(u, _mm512_maskz_loadu_ps(m, xj),
-                                                    _mm512_maskz_loadu_ps(m, g + e + 16 * j), n[j]);
+      const __m512 v = update_avx512<kClip, kClamp>(
+          u, _mm512_maskz_loadu_ps(m, xj), _mm512_maskz_loadu_ps(m, g + e + 16 * j), n[0][j]);
       _mm512_mask_storeu_ps(xj, m, v);
     }
   }
