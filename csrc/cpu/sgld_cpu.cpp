@@ -576,30 +576,37 @@ JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE __m256 fma_avx2(__m256 a, __m256 b, float c) 
   return _mm256_fmadd_ps(a, b, _mm256_set1_ps(c));
 }
 
+// The Box-Muller functions take N independent vectors, each step written
+// for all N side by side (as at AVX-512).
+
 // log_positive, lane by lane, for x > 0 (the sign bit is then clear).
-JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE __m256 log_positive_avx2(__m256 x) {
-  const __m256i bits = _mm256_castps_si256(x);
-  __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126));
-  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, set1_u32_avx2(0x807fffffu)),
-                                                 set1_u32_avx2(0x3f000000u)));
-  const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
-  e = _mm256_add_epi32(e, _mm256_castps_si256(small));  // small lanes are -1
-  m = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), _mm256_set1_ps(1.0f));
-  const __m256 z = _mm256_mul_ps(m, m);
-  __m256 p = _mm256_set1_ps(7.0376836292e-2f);
-  p = fma_avx2(p, m, -1.1514610310e-1f);
-  p = fma_avx2(p, m, 1.1676998740e-1f);
-  p = fma_avx2(p, m, -1.2420140846e-1f);
-  p = fma_avx2(p, m, 1.4249322787e-1f);
-  p = fma_avx2(p, m, -1.6668057665e-1f);
-  p = fma_avx2(p, m, 2.0000714765e-1f);
-  p = fma_avx2(p, m, -2.4999993993e-1f);
-  p = fma_avx2(p, m, 3.3333331174e-1f);
-  const __m256 ef = _mm256_cvtepi32_ps(e);
-  __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, m), z);
-  y = _mm256_fmadd_ps(ef, _mm256_set1_ps(-2.12194440e-4f), y);
-  y = _mm256_fmadd_ps(z, _mm256_set1_ps(-0.5f), y);
-  return _mm256_fmadd_ps(ef, _mm256_set1_ps(0.693359375f), _mm256_add_ps(m, y));
+template <int N>
+JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void log_positive_avx2(const __m256* x, __m256* out) {
+  __m256 m[N], ef[N], z[N], p[N];
+  for (int i = 0; i < N; ++i) {
+    const __m256i bits = _mm256_castps_si256(x[i]);
+    __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126));
+    m[i] = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, set1_u32_avx2(0x807fffffu)),
+                                               set1_u32_avx2(0x3f000000u)));
+    const __m256 small = _mm256_cmp_ps(m[i], _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+    e = _mm256_add_epi32(e, _mm256_castps_si256(small));  // small lanes are -1
+    ef[i] = _mm256_cvtepi32_ps(e);
+    m[i] = _mm256_sub_ps(_mm256_add_ps(m[i], _mm256_and_ps(small, m[i])), _mm256_set1_ps(1.0f));
+    z[i] = _mm256_mul_ps(m[i], m[i]);
+    p[i] = _mm256_set1_ps(7.0376836292e-2f);
+  }
+  for (const float c : {-1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f, 1.4249322787e-1f,
+                        -1.6668057665e-1f, 2.0000714765e-1f, -2.4999993993e-1f, 3.3333331174e-1f}) {
+    for (int i = 0; i < N; ++i) {
+      p[i] = fma_avx2(p[i], m[i], c);
+    }
+  }
+  for (int i = 0; i < N; ++i) {
+    __m256 y = _mm256_mul_ps(_mm256_mul_ps(p[i], m[i]), z[i]);
+    y = _mm256_fmadd_ps(ef[i], _mm256_set1_ps(-2.12194440e-4f), y);
+    y = _mm256_fmadd_ps(z[i], _mm256_set1_ps(-0.5f), y);
+    out[i] = _mm256_fmadd_ps(ef[i], _mm256_set1_ps(0.693359375f), _mm256_add_ps(m[i], y));
+  }
 }
 
 // v with its sign flipped in the lanes where bit 1 of n is set.
@@ -609,42 +616,58 @@ JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE __m256 negate_where_avx2(__m256 v, __m256i n)
 }
 
 // sincos_turn of t = t4 / 4, lane by lane.
-JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void sincos_turn4_avx2(__m256 t4, __m256* s_out, __m256* c_out) {
-  const __m256i q = _mm256_cvttps_epi32(_mm256_add_ps(t4, _mm256_set1_ps(0.5f)));
-  const __m256 a =
-      _mm256_mul_ps(_mm256_sub_ps(t4, _mm256_cvtepi32_ps(q)), _mm256_set1_ps(1.57079632679489662f));
-  const __m256 z = _mm256_mul_ps(a, a);
-  __m256 sp = _mm256_set1_ps(-1.9515295891e-4f);
-  sp = fma_avx2(sp, z, 8.3321608736e-3f);
-  sp = fma_avx2(sp, z, -1.6666654611e-1f);
-  const __m256 sa = _mm256_fmadd_ps(_mm256_mul_ps(sp, z), a, a);
-  __m256 cp = _mm256_set1_ps(2.443315711809948e-5f);
-  cp = fma_avx2(cp, z, -1.388731625493765e-3f);
-  cp = fma_avx2(cp, z, 4.166664568298827e-2f);
-  const __m256 ca =
-      _mm256_fmadd_ps(_mm256_mul_ps(cp, z), z, fma_avx2(z, _mm256_set1_ps(-0.5f), 1.0f));
-  const __m256i one = _mm256_set1_epi32(1);
-  // Lanes with bit 0 of q set: the sign bit set by the shift, as blendv reads it.
-  const __m256 swap = _mm256_castsi256_ps(_mm256_slli_epi32(q, 31));
-  *s_out = negate_where_avx2(_mm256_blendv_ps(sa, ca, swap), q);
-  *c_out = negate_where_avx2(_mm256_blendv_ps(ca, sa, swap), _mm256_add_epi32(q, one));
+template <int N>
+JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void sincos_turn4_avx2(const __m256* t4, __m256* s_out,
+                                                          __m256* c_out) {
+  __m256i q[N];
+  __m256 a[N], z[N], sp[N], cp[N];
+  for (int i = 0; i < N; ++i) {
+    q[i] = _mm256_cvttps_epi32(_mm256_add_ps(t4[i], _mm256_set1_ps(0.5f)));
+    a[i] = _mm256_mul_ps(_mm256_sub_ps(t4[i], _mm256_cvtepi32_ps(q[i])),
+                         _mm256_set1_ps(1.57079632679489662f));
+    z[i] = _mm256_mul_ps(a[i], a[i]);
+    sp[i] = fma_avx2(_mm256_set1_ps(-1.9515295891e-4f), z[i], 8.3321608736e-3f);
+    cp[i] = fma_avx2(_mm256_set1_ps(2.443315711809948e-5f), z[i], -1.388731625493765e-3f);
+  }
+  for (int i = 0; i < N; ++i) {
+    sp[i] = fma_avx2(sp[i], z[i], -1.6666654611e-1f);
+    cp[i] = fma_avx2(cp[i], z[i], 4.166664568298827e-2f);
+  }
+  for (int i = 0; i < N; ++i) {
+    const __m256 sa = _mm256_fmadd_ps(_mm256_mul_ps(sp[i], z[i]), a[i], a[i]);
+    const __m256 ca = _mm256_fmadd_ps(_mm256_mul_ps(cp[i], z[i]), z[i],
+                                      fma_avx2(z[i], _mm256_set1_ps(-0.5f), 1.0f));
+    // Lanes with bit 0 of q set: the sign bit set by the shift, as blendv reads it.
+    const __m256 swap = _mm256_castsi256_ps(_mm256_slli_epi32(q[i], 31));
+    s_out[i] = negate_where_avx2(_mm256_blendv_ps(sa, ca, swap), q[i]);
+    c_out[i] = negate_where_avx2(_mm256_blendv_ps(ca, sa, swap),
+                                 _mm256_add_epi32(q[i], _mm256_set1_epi32(1)));
+  }
 }
 
-// box_muller of the words r0, r1, lane by lane.
-JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void box_muller_avx2(__m256i r0, __m256i r1, __m256* z0,
-                                                        __m256* z1) {
-  // uniform_open0: (k + 1) * 2^-24 == k * 2^-24 + 2^-24, exact either way (k < 2^24).
-  const __m256 u0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r0, 8)),
-                                    _mm256_set1_ps(5.9604644775390625e-8f),
-                                    _mm256_set1_ps(5.9604644775390625e-8f));
-  const __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log_positive_avx2(u0)));
-  // 4 * uniform_open1(r1) in one product: k * 2^-24 * 4 == k * 2^-22 exactly (k < 2^24).
-  const __m256 t4 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r1, 8)),
-                                  _mm256_set1_ps(2.384185791015625e-7f));
-  __m256 s, c;
-  sincos_turn4_avx2(t4, &s, &c);
-  *z0 = _mm256_mul_ps(radius, c);
-  *z1 = _mm256_mul_ps(radius, s);
+// box_muller of the words r0[i], r1[i], lane by lane.
+template <int N>
+JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void box_muller_avx2(const __m256i* r0, const __m256i* r1,
+                                                        __m256* z0, __m256* z1) {
+  __m256 u0[N], t4[N], lg[N], s[N], c[N];
+  for (int i = 0; i < N; ++i) {
+    // uniform_open0: (k + 1) * 2^-24 == k * 2^-24 + 2^-24, exact either way (k < 2^24).
+    u0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r0[i], 8)),
+                            _mm256_set1_ps(5.9604644775390625e-8f),
+                            _mm256_set1_ps(5.9604644775390625e-8f));
+    // 4 * uniform_open1(r1) in one product: k * 2^-24 * 4 == k * 2^-22 exactly (k < 2^24).
+    t4[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r1[i], 8)),
+                          _mm256_set1_ps(2.384185791015625e-7f));
+  }
+  log_positive_avx2<N>(u0, lg);
+  for (int i = 0; i < N; ++i) {
+    lg[i] = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), lg[i]));  // the radius
+  }
+  sincos_turn4_avx2<N>(t4, s, c);
+  for (int i = 0; i < N; ++i) {
+    z0[i] = _mm256_mul_ps(lg[i], c[i]);
+    z1[i] = _mm256_mul_ps(lg[i], s[i]);
+  }
 }
 
 // The Philox words of the NC chunks of 8 groups from `first`: r[c][k] holds
@@ -667,20 +690,31 @@ JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void words8_avx2(const Philox256& s, uint64_t
   }
 }
 
-// The normals of one chunk's words r, in element order: out[j] holds
-// elements 8 j .. 8 j + 7 of the chunk (its groups 2 j, 2 j + 1).
-JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void normals_of_words_avx2(const __m256i r[4], __m256 out[4]) {
-  __m256 n0, n1, n2, n3;
-  box_muller_avx2(r[0], r[1], &n0, &n1);
-  box_muller_avx2(r[2], r[3], &n2, &n3);
-  const __m256d a = _mm256_castps_pd(_mm256_unpacklo_ps(n0, n1));
-  const __m256d b = _mm256_castps_pd(_mm256_unpackhi_ps(n0, n1));
-  const __m256d c = _mm256_castps_pd(_mm256_unpacklo_ps(n2, n3));
-  const __m256d d = _mm256_castps_pd(_mm256_unpackhi_ps(n2, n3));
-  out[0] = _mm256_castpd_ps(_mm256_unpacklo_pd(a, c));
-  out[1] = _mm256_castpd_ps(_mm256_unpackhi_pd(a, c));
-  out[2] = _mm256_castpd_ps(_mm256_unpacklo_pd(b, d));
-  out[3] = _mm256_castpd_ps(_mm256_unpackhi_pd(b, d));
+// The normals of NC chunks' words r, in element order: out[c][j] holds
+// elements 8 j .. 8 j + 7 of chunk c (its groups 2 j, 2 j + 1).
+template <int NC>
+JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void normals_of_words_avx2(const __m256i (*r)[4],
+                                                              __m256 (*out)[4]) {
+  __m256i r0[2 * NC], r1[2 * NC];
+  __m256 z0[2 * NC], z1[2 * NC];
+  for (int c = 0; c < NC; ++c) {
+    r0[2 * c] = r[c][0];
+    r1[2 * c] = r[c][1];
+    r0[2 * c + 1] = r[c][2];
+    r1[2 * c + 1] = r[c][3];
+  }
+  box_muller_avx2<2 * NC>(r0, r1, z0, z1);
+  for (int c = 0; c < NC; ++c) {
+    const __m256 n0 = z0[2 * c], n1 = z1[2 * c], n2 = z0[2 * c + 1], n3 = z1[2 * c + 1];
+    const __m256d a = _mm256_castps_pd(_mm256_unpacklo_ps(n0, n1));
+    const __m256d b = _mm256_castps_pd(_mm256_unpackhi_ps(n0, n1));
+    const __m256d cc = _mm256_castps_pd(_mm256_unpacklo_ps(n2, n3));
+    const __m256d d = _mm256_castps_pd(_mm256_unpackhi_ps(n2, n3));
+    out[c][0] = _mm256_castpd_ps(_mm256_unpacklo_pd(a, cc));
+    out[c][1] = _mm256_castpd_ps(_mm256_unpackhi_pd(a, cc));
+    out[c][2] = _mm256_castpd_ps(_mm256_unpacklo_pd(b, d));
+    out[c][3] = _mm256_castpd_ps(_mm256_unpackhi_pd(b, d));
+  }
 }
 
 JEM_EXT_TARGET_AVX2 void normals_avx2(float* __restrict z, uint64_t seed, uint64_t offset,
@@ -693,11 +727,11 @@ JEM_EXT_TARGET_AVX2 void normals_avx2(float* __restrict z, uint64_t seed, uint64
   philox_setup_avx2(s, seed, offset, static_cast<uint32_t>(first >> 32));
   for (int64_t i = 0; i < count; i += 8) {
     __m256i r[1][4];
-    __m256 n[4];
+    __m256 n[1][4];
     words8_avx2<1>(s, first + static_cast<uint64_t>(i), r);
-    normals_of_words_avx2(r[0], n);
+    normals_of_words_avx2<1>(r, n);
     for (int j = 0; j < 4; ++j) {
-      _mm256_storeu_ps(z + 4 * i + 8 * j, n[j]);
+      _mm256_storeu_ps(z + 4 * i + 8 * j, n[0][j]);
     }
   }
 }
@@ -748,25 +782,25 @@ JEM_EXT_TARGET_AVX2 void step_float_avx2_t(float* __restrict x, const float* __r
   for (; e + 32 * kChunks <= n_elems; e += 32 * kChunks) {
     __m256i r[kChunks][4];
     words8_avx2<kChunks>(s, first + static_cast<uint64_t>(e / 4), r);
+    __m256 n[kChunks][4];
+    normals_of_words_avx2<kChunks>(r, n);
     for (int c = 0; c < kChunks; ++c) {
-      __m256 n[4];
-      normals_of_words_avx2(r[c], n);
       for (int j = 0; j < 4; ++j) {
         float* xj = x + e + 32 * c + 8 * j;
         const float* gj = g + e + 32 * c + 8 * j;
         _mm256_storeu_ps(
-            xj, update_avx2<kClip, kClamp>(u, _mm256_loadu_ps(xj), _mm256_loadu_ps(gj), n[j]));
+            xj, update_avx2<kClip, kClamp>(u, _mm256_loadu_ps(xj), _mm256_loadu_ps(gj), n[c][j]));
       }
     }
   }
   for (; e < n_elems; e += 32) {  // the last chunks, the final one partial: through a buffer
     alignas(32) float z[32];
     __m256i r[1][4];
-    __m256 n[4];
+    __m256 n[1][4];
     words8_avx2<1>(s, first + static_cast<uint64_t>(e / 4), r);
-    normals_of_words_avx2(r[0], n);
+    normals_of_words_avx2<1>(r, n);
     for (int j = 0; j < 4; ++j) {
-      _mm256_store_ps(z + 8 * j, n[j]);
+      _mm256_store_ps(z + 8 * j, n[0][j]);
     }
     update_loop<float, float>(x + e, g + e, z, 0, std::min<int64_t>(32, n_elems - e), p);
   }
