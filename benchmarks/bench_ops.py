@@ -5,12 +5,14 @@
   against torch.compile of that eager code; 1e4 to 1.6e7 elements. Beside
   the ratios, the fraction of the memory limit the op reaches: the op moves
   1.5 times the bytes of a copy of x (reads x and grad, writes x), so
-  ``fraction = 1.5 * t_copy / t_fused``, the copy (a clone's reads and
+  ``fraction = 1.5 * t_copy / t_fused``, with the copy (a clone's reads and
   writes, into a tensor allocated once, so that fresh pages do not count)
-  timed in the same repeats. Unlike a ratio to eager torch, which depends on
-  torch's kernels and the CPU, that fraction travels between machines; it
-  means a memory limit only for tensors well beyond the caches (4M elements
-  and up).
+  and the op interleaved in repeats of their own (the eager update's
+  temporaries would otherwise evict the copy's data from the caches).
+  Unlike a ratio to eager torch, which depends on torch's kernels and the
+  CPU, that fraction travels between machines. The limit is that of
+  whichever level holds the data: beyond the caches, memory bandwidth
+  (at 4M elements x and grad, 32 MB, sit in L3 only on CPUs with a large one).
 * energy forward + backward: ``ops.energy`` against ``-logits.logsumexp(1)``
   with autograd (and its torch.compile), logits 64x10, 65536x10, 4096x1000;
   and ``ops.energy_ce`` against the eager pair a JEM loss needs
@@ -153,15 +155,22 @@ def timing_row(op: str, label: str, size, times, bytes_moved: int) -> dict:
     )
 
 
-def sgld_row(label: str, n: int, times, copy_rounds: list[float], rounds) -> dict:
-    """The sgld_step_ row: timing_row plus the copy and the fraction of the memory limit."""
-    t_eager, t_fused, _ = times
+def sgld_row(label: str, n: int, rounds: list[dict]) -> dict:
+    """The sgld_step_ row from its rounds: timing_row (each time the median over the
+    rounds), plus the copy and the fraction of the memory limit."""
+
+    def med(key):
+        vals = [r[key] for r in rounds]
+        return None if vals[0] is None else statistics.median(vals)
+
+    times = (med("eager_s"), med("fused_s"), med("compiled_s"))
     row = timing_row("sgld_step_", label, n, times, 3 * n * 4)
-    t_copy = statistics.median(copy_rounds)
+    t_copy, t_fused_copy = med("copy_s"), med("fused_with_copy_s")
     row.update(
         copy_s=t_copy,
+        fused_with_copy_s=t_fused_copy,
         # The op moves 1.5 copies' bytes: at the memory limit it takes 1.5 copies' time.
-        fraction_of_memory_limit=1.5 * t_copy / t_fused,
+        fraction_of_memory_limit=1.5 * t_copy / t_fused_copy,
         rounds=rounds,
     )
     return row
@@ -186,28 +195,37 @@ def bench_device(
         x = torch.rand(n, device=device) * 2 - 1
         grad = torch.randn(n, device=device)
         copy = torch.empty_like(x)
-        # Rounds of interleaved repeats; each time is the median over the rounds' medians.
+        # Rounds of interleaved repeats: the op against eager (and compiled), then the op
+        # against the copy on its own (the eager update's temporaries would evict the
+        # copy's data from the caches and slow it, which is no limit of the op's).
         rounds = []
         for _ in range(n_rounds):
-            t_eager, t_fused, t_comp, t_copy = timeit(
+            t_eager, t_fused, t_comp = timeit(
                 [
                     lambda: eager_sgld(x, grad),
                     lambda: fused_sgld(x, grad),
                     (lambda: compiled_sgld(x, grad)) if compile_ else None,
-                    lambda: copy.copy_(x),
                 ],
                 device,
                 min_time,
                 clock=clock,
             )
-            rounds.append(dict(eager_s=t_eager, fused_s=t_fused, compiled_s=t_comp, copy_s=t_copy))
-
-        def med(key):
-            vals = [r[key] for r in rounds]
-            return None if vals[0] is None else statistics.median(vals)
-
-        times = (med("eager_s"), med("fused_s"), med("compiled_s"))
-        rows.append(sgld_row(label, n, times, [r["copy_s"] for r in rounds], rounds))
+            t_fused_copy, t_copy = timeit(
+                [lambda: fused_sgld(x, grad), lambda: copy.copy_(x)],
+                device,
+                min_time,
+                clock=clock,
+            )
+            rounds.append(
+                dict(
+                    eager_s=t_eager,
+                    fused_s=t_fused,
+                    compiled_s=t_comp,
+                    fused_with_copy_s=t_fused_copy,
+                    copy_s=t_copy,
+                )
+            )
+        rows.append(sgld_row(label, n, rounds))
         print(fmt(rows[-1]), flush=True)
     for b, c in shapes:
         logits = torch.randn(b, c, device=device, requires_grad=True)
