@@ -1,5 +1,6 @@
-// CPU launcher of sgld_step_: Philox noise in blocks, then the shared
-// per-element update (csrc/sgld.h), parallel over element groups.
+// CPU launcher of sgld_step_: Philox noise and the shared per-element update
+// (csrc/sgld.h), block by block, parallel over blocks; hand-vectorised per CPU
+// level (cpu_level.h), the float32 step with the noise kept in registers.
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -102,10 +103,11 @@ void step_float_baseline(float* __restrict x, const float* __restrict g, int64_t
 #if JEM_EXT_X86_LEVELS
 // ---------------------------------------------------------------- vector levels
 // Hand-written: compilers vectorise the 32x32->64-bit Philox products and
-// the per-group layout of the normals poorly. Each function evaluates
-// exactly the integer and float operations of its scalar definition
-// (philox.h, float_math.h, sgld.h), fused multiply-adds where those call
-// fma_f and nowhere else, so its results are bit-identical.
+// the per-group layout of the normals poorly. Each function evaluates the
+// integer and float operations of its scalar definition (philox.h,
+// float_math.h, sgld.h), fused multiply-adds where those call fma_f, or in a
+// few places other operations that give the same bits whatever the input
+// (each says why), so its results are bit-identical (tests/test_cpu_levels.py).
 //
 // Philox runs with one group per 64-bit lane: _mm*_mul_epu32 multiplies the
 // low 32-bit halves into the full 64-bit product, whose low half is the next
