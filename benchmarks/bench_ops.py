@@ -2,7 +2,17 @@
 
 * sgld_step_: the fused op against the JEM reference's eager update
   (``x.data += -step * grad + std * torch.randn_like(x)`` then a clamp) and
-  against torch.compile of that eager code; 1e4 to 1.6e7 elements.
+  against torch.compile of that eager code; 1e4 to 1.6e7 elements. Beside
+  the ratios, the fraction of the memory limit the op reaches: the op moves
+  1.5 times the bytes of a copy of x (reads x and grad, writes x), so
+  ``fraction = 1.5 * t_copy / t_fused``, with the copy (a clone's reads and
+  writes, into a tensor allocated once, so that fresh pages do not count)
+  and the op interleaved in repeats of their own (the eager update's
+  temporaries would otherwise evict the copy's data from the caches).
+  Unlike a ratio to eager torch, which depends on torch's kernels and the
+  CPU, that fraction travels between machines. The limit is that of
+  whichever level holds the data: beyond the caches, memory bandwidth
+  (at 4M elements x and grad, 32 MB, sit in L3 only on CPUs with a large one).
 * energy forward + backward: ``ops.energy`` against ``-logits.logsumexp(1)``
   with autograd (and its torch.compile), logits 64x10, 65536x10, 4096x1000;
   and ``ops.energy_ce`` against the eager pair a JEM loss needs
@@ -13,12 +23,14 @@ the bytes each op must move). Medians over many repeats; prints a table and
 writes JSON (--json). Ratios are "eager time / fused time" from one run.
 The CPU kernels of both ops run at the best instruction-set level the CPU
 supports, or at the one --cpu-level (or JEM_EXT_CPU_LEVEL) names; the JSON
-records it.
+records it. Eager torch runs at its own default level, as users run it.
 To emulate an older CPU for eager PyTorch too, set ATEN_CPU_CAPABILITY
 (avx2, default) in the environment; the JSON records torch's level as well.
 
     python benchmarks/bench_ops.py --json benchmarks/out/ops.json
     python benchmarks/bench_ops.py --quick --threads 1 --cpu-level avx2 --json out.json
+    python benchmarks/bench_ops.py --threads 1 --no-compile --no-energy --rounds 3 \
+        --sgld-sizes 4000000 --cpu-level avx512   # the SGLD row alone, three rounds
 """
 
 from __future__ import annotations
@@ -144,6 +156,27 @@ def timing_row(op: str, label: str, size, times, bytes_moved: int) -> dict:
     )
 
 
+def sgld_row(label: str, n: int, rounds: list[dict]) -> dict:
+    """The sgld_step_ row from its rounds: timing_row (each time the median over the
+    rounds), plus the copy and the fraction of the memory limit."""
+
+    def med(key):
+        vals = [r[key] for r in rounds]
+        return None if vals[0] is None else statistics.median(vals)
+
+    times = (med("eager_s"), med("fused_s"), med("compiled_s"))
+    row = timing_row("sgld_step_", label, n, times, 3 * n * 4)
+    t_copy, t_fused_copy = med("copy_s"), med("fused_with_copy_s")
+    row.update(
+        copy_s=t_copy,
+        fused_with_copy_s=t_fused_copy,
+        # The op moves 1.5 copies' bytes: at the memory limit it takes 1.5 copies' time.
+        fraction_of_memory_limit=1.5 * t_copy / t_fused_copy,
+        rounds=rounds,
+    )
+    return row
+
+
 def bench_device(
     device: str,
     threads: int | None,
@@ -152,6 +185,7 @@ def bench_device(
     sizes,
     shapes,
     clock: str = "wall",
+    n_rounds: int = 1,
 ) -> list[dict]:
     rows = []
     label = device if threads is None else f"{device}/{threads}t"
@@ -161,18 +195,38 @@ def bench_device(
     for n in sizes:
         x = torch.rand(n, device=device) * 2 - 1
         grad = torch.randn(n, device=device)
-        t_eager, t_fused, t_comp = timeit(
-            [
-                lambda: eager_sgld(x, grad),
-                lambda: fused_sgld(x, grad),
-                (lambda: compiled_sgld(x, grad)) if compile_ else None,
-            ],
-            device,
-            min_time,
-            clock=clock,
-        )
-        bytes_moved = 3 * n * x.element_size()  # read x, read grad, write x
-        rows.append(timing_row("sgld_step_", label, n, (t_eager, t_fused, t_comp), bytes_moved))
+        copy = torch.empty_like(x)
+        # Rounds of interleaved repeats: the op against eager (and compiled), then the op
+        # against the copy on its own (the eager update's temporaries would evict the
+        # copy's data from the caches and slow it, which is no limit of the op's).
+        rounds = []
+        for _ in range(n_rounds):
+            t_eager, t_fused, t_comp = timeit(
+                [
+                    lambda: eager_sgld(x, grad),
+                    lambda: fused_sgld(x, grad),
+                    (lambda: compiled_sgld(x, grad)) if compile_ else None,
+                ],
+                device,
+                min_time,
+                clock=clock,
+            )
+            t_fused_copy, t_copy = timeit(
+                [lambda: fused_sgld(x, grad), lambda: copy.copy_(x)],
+                device,
+                min_time,
+                clock=clock,
+            )
+            rounds.append(
+                dict(
+                    eager_s=t_eager,
+                    fused_s=t_fused,
+                    compiled_s=t_comp,
+                    fused_with_copy_s=t_fused_copy,
+                    copy_s=t_copy,
+                )
+            )
+        rows.append(sgld_row(label, n, rounds))
         print(fmt(rows[-1]), flush=True)
     for b, c in shapes:
         logits = torch.randn(b, c, device=device, requires_grad=True)
@@ -214,17 +268,18 @@ def bench_device(
 
 HEADER = (
     f"{'op':<15} {'device':<8} {'size':>11} {'eager ms':>9} {'compiled ms':>11} "
-    f"{'fused ms':>9} {'x eager':>8} {'x compiled':>10} {'fused GB/s':>10}"
+    f"{'fused ms':>9} {'x eager':>8} {'x compiled':>10} {'fused GB/s':>10} {'of mem limit':>12}"
 )
 
 
 def fmt(r: dict) -> str:
     comp = f"{r['compiled_s'] * 1e3:11.3f}" if r["compiled_s"] else f"{'-':>11}"
     xcomp = f"{r['speedup_vs_compiled']:10.2f}" if r["speedup_vs_compiled"] else f"{'-':>10}"
+    mem = f"{r['fraction_of_memory_limit']:.0%}" if "fraction_of_memory_limit" in r else "-"
     return (
         f"{r['op']:<15} {r['device']:<8} {str(r['size']):>11} {r['eager_s'] * 1e3:9.3f} "
         f"{comp} {r['fused_s'] * 1e3:9.3f} {r['speedup_vs_eager']:8.2f} {xcomp} "
-        f"{r['fused_GBps']:10.2f}"
+        f"{r['fused_GBps']:10.2f} {mem:>12}"
     )
 
 
@@ -271,6 +326,21 @@ def main(argv=None) -> int:
         help="CPU thread counts to run (default: 1 and all cores)",
     )
     p.add_argument("--no-cpu", action="store_true", help="skip the CPU runs")
+    p.add_argument("--no-energy", action="store_true", help="only sgld_step_ (skip the energy ops)")
+    p.add_argument(
+        "--sgld-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help=f"sgld_step_ sizes in elements (default: {SGLD_SIZES}; --quick: 4000000)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="sgld_step_: rounds of interleaved repeats (times: the median over rounds)",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
@@ -301,14 +371,19 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
+    bad = [n for n in args.sgld_sizes or [] if n < 1]
+    if bad or args.rounds < 1:
+        what = f"--sgld-sizes {bad[0]}" if bad else f"--rounds {args.rounds}"
+        print(f"bench_ops.py: {what}: expected a positive integer", file=sys.stderr)
+        return 2
     try:
         cpu_level = select_cpu_level(args.cpu_level)
     except RuntimeError as e:
         print(f"bench_ops.py: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
 
-    sizes = [4_000_000] if args.quick else SGLD_SIZES
-    shapes = LOGIT_SHAPES[1:] if args.quick else LOGIT_SHAPES
+    sizes = args.sgld_sizes or ([4_000_000] if args.quick else SGLD_SIZES)
+    shapes = [] if args.no_energy else LOGIT_SHAPES[1:] if args.quick else LOGIT_SHAPES
     all_threads = torch.get_num_threads()
     threads = args.threads or sorted({1, all_threads})
     print(
@@ -322,11 +397,13 @@ def main(argv=None) -> int:
         for t in threads:
             torch.set_num_threads(t)
             rows += bench_device(
-                "cpu", t, args.min_time, not args.no_compile, sizes, shapes, args.clock
+                "cpu", t, args.min_time, not args.no_compile, sizes, shapes, args.clock, args.rounds
             )
         torch.set_num_threads(all_threads)
     if torch.cuda.is_available():
-        rows += bench_device("cuda", None, args.min_time, not args.no_compile, sizes, shapes)
+        rows += bench_device(
+            "cuda", None, args.min_time, not args.no_compile, sizes, shapes, n_rounds=args.rounds
+        )
         # The copy bandwidth a memory-bound elementwise op can hope for.
         n = 16_000_000
         a = torch.empty(n, device="cuda")

@@ -30,7 +30,9 @@ CASES_SCRIPT = textwrap.dedent("""
     DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
     # Tails of 8- and 16-lane vectors, of 1024-element noise blocks, and
     # sizes that span several blocks and threads.
-    SIZES = [1, 3, 5, 7, 8, 9, 15, 17, 31, 33, 63, 65, 1023, 1025, 4099, 40_003]
+    # 64- and 128-element chunks of the vector loops too.
+    SIZES = [1, 3, 5, 7, 8, 9, 15, 17, 31, 33, 63, 65, 127, 129, 191, 257, 1023, 1025, 4099,
+             40_003]
     BOUNDS = [dict(), dict(clamp_min=-0.5, clamp_max=0.75, grad_clip=0.3),
               dict(clamp_min=-1.0), dict(grad_clip=0.0)]
 
@@ -65,6 +67,13 @@ CASES_SCRIPT = textwrap.dedent("""
         x = torch.zeros(5000)
         yield ("high words", ops.sgld_step_philox_(x, torch.zeros_like(x), 0.0, 1.0,
                                                    2**64 - 2**62 - 3, 4 * 2**33 + 4))
+        # Seeds and offsets whose words fill every bit of Philox's first two
+        # rounds (folded per block by the vector levels).
+        for seed in [0, 1, 2**32 - 1, 2**32, 2**63 + 12345, 2**64 - 1]:
+            for offset in [0, 4, 4 * (2**32 - 1), 4 * 2**32, 4 * (2**61 - 1)]:
+                x = torch.zeros(300)
+                yield (f"offsets {seed} {offset}",
+                       ops.sgld_step_philox_(x, torch.zeros_like(x), 0.0, 1.0, seed, offset))
         # The noise alone, for its statistics.
         x = torch.zeros(1_000_000)
         yield ("noise", ops.sgld_step_philox_(x, torch.zeros_like(x), 0.0, 1.0, 2024, 0))
