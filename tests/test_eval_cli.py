@@ -500,3 +500,28 @@ def test_compare_trained_on_another_data_set_is_reported(ckpts, tmp_path, capsys
     assert report["training_data"]["dataset"] == "digits"
     assert any("('cifar10', not 'digits')" in w for w in report["warnings"])
     assert "trained on other data than --checkpoint" in err
+
+
+@pytest.mark.parametrize("dataset", ["moons", "rings", "gmm"])
+def test_a_toy_run_is_evaluated_on_its_own_test_split(dataset, tmp_path, capsys):
+    """Toy sets are drawn from the run's seed: evaluation draws the same points, so the
+    figures match the trainer's and nothing is flagged as other data."""
+    from jem_ext import train as jtrain
+
+    run = tmp_path / "run"
+    argv = ["--dataset", dataset, "--model", "mlp", "--width", "16", "--depth", "2"]
+    assert (
+        jtrain.main(argv + ["--epochs", "1", "--seed", "7", "--no-progress", "--out", str(run)])
+        == 0
+    )
+    summary = json.loads((run / "summary.json").read_text())
+    out = tmp_path / "eval"
+    ckpt = str(run / "checkpoints" / "last.pt")
+    assert (
+        cli.main(["--checkpoint", ckpt, "--out", str(out), "--tasks", "accuracy", "--no-progress"])
+        == 0
+    )
+    assert "warning" not in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["warnings"] == []
+    assert report["accuracy"] == pytest.approx(summary["test_accuracy"])

@@ -96,10 +96,11 @@ def load_model(path: str, device: str, what: str, label: str | None = None) -> L
     )
 
 
-def load_data(name: str, root: str | None, what: str):
-    """The test split of data set ``name`` (raises :class:`EvalError`)."""
+def load_data(name: str, root: str | None, what: str, seed: int = 0):
+    """The test split of data set ``name`` (raises :class:`EvalError`); ``seed`` draws the
+    points of the toy sets, as in training."""
     try:
-        return load_dataset(name, root, "test")
+        return load_dataset(name, root, "test", seed=seed)
     except DataError as err:
         raise EvalError(f"{what}: {err}") from None
 
@@ -142,7 +143,9 @@ def load_eval_data(settings: EvalSettings, main: Loaded) -> EvalData:
     if not dataset:
         raise EvalError(f"--checkpoint {main.path}: its config names no 'dataset'; pass --dataset")
     root = settings.data_root if settings.data_root is not None else main.config.get("data_root")
-    data = load_data(dataset, root, f"data set {dataset!r}")
+    # A toy set is drawn from the run's seed: the checkpoint's own data set is its test split.
+    seed = main.config.get("seed", 0) if dataset == main.config.get("dataset") else 0
+    data = load_data(dataset, root, f"data set {dataset!r}", seed=seed)
     check_shape(data, main, f"data set {dataset!r}")
     if data.num_classes != main.num_classes:
         raise EvalError(
