@@ -473,6 +473,8 @@ def test_report_records_training_data_and_warns_when_it_differs(ckpts, tmp_path,
     assert len(report["warnings"]) == 2 and err.count("jem_ext.eval: warning: ") == 2
     assert str(changed) in report["warnings"][0] and "differ from its training data" in err
     assert "--compare" in report["warnings"][1] and "trained on other data" in err
+    markdown = (out_dir / "report.md").read_text()
+    assert all(f"> **Warning:** {w}" in markdown for w in report["warnings"])
     # a checkpoint that recorded no fingerprint: unknown, no warning
     code, _, err = _run(
         ["--checkpoint", ckpts["jem_run"], "--tasks", "accuracy", "--out", tmp_path / "o", *FAST],

@@ -82,7 +82,7 @@ def _header(report: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
         f"Data: `{report['dataset']}` test split, {report['n_test']} images "
         f"(seed {report['settings']['seed']}).",
         "",
-    ]
+    ] + [f"> **Warning:** {w}\n" for w in report.get("warnings", [])]
 
 
 def _accuracy_section(report, results, tasks, images: bool) -> list[str]:
