@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..models import build_model
 from ..sampler import ReplayBuffer, SGLDSampler
-from ..training import accel
+from ..training.setup import apply_speed_options
 from ..training.step import StepContext
 from .config import Option, Sizes
 from .timing import _sync, _within, time_call
@@ -77,7 +77,7 @@ def _context(option: Option, sizes: Sizes, device: torch.device) -> StepContext:
         sampler=_sampler(sizes, device),
         generator=torch.Generator(device=device).manual_seed(2),
     )
-    accel.apply_speed_options(
+    apply_speed_options(
         ctx,
         {
             "precision": option.precision,
