@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,38 @@ def test_digits_study_keeps_scoring_against_its_noise_images():
     g = torch.Generator().manual_seed(1234)
     assert torch.equal(sets["uniform"], torch.rand(x.shape, generator=g) * 2 - 1)
     assert torch.equal(sets["gaussian"], torch.randn(x.shape, generator=g).clamp(-1, 1))
+
+
+def _cited_patterns() -> list[str]:
+    """Regular expressions of the benchmarks/out paths that RESULTS.md, README.md and the
+    FINDINGS.md files cite (``<level>`` and the like stand for any one name part; a path that
+    ends in ``/`` cites a folder)."""
+    out = ROOT / "benchmarks" / "out"
+    docs = [ROOT / "benchmarks" / "RESULTS.md", ROOT / "README.md", *out.rglob("FINDINGS.md")]
+    token = r"`([^`\s]+)`|\]\(([^)\s]+)\)|(?<![\w/])((?:benchmarks/)?out/[\w./<>|-]+)"
+    refs = {t.rstrip(".,;:") for d in docs for m in re.findall(token, d.read_text()) for t in m}
+    patterns = []
+    for ref in refs:
+        if not re.search(r"\.(json|md|png)$|/$", ref):
+            continue
+        ref = ref.removeprefix("benchmarks/").removeprefix("out/")
+        parts = re.split(r"(<[^>]+>)", ref)
+        patterns.append("".join("[^/]+" if p.startswith("<") else re.escape(p) for p in parts))
+    return patterns
+
+
+def test_benchmarks_out_keeps_only_cited_results():
+    """Every result kept under benchmarks/out/ is cited (by its path, its folder or its name
+    pattern). The ops benchmark's own files (ops*.json, sgld_*.json) are left to it."""
+    out = ROOT / "benchmarks" / "out"
+    patterns = _cited_patterns()
+    uncited = [
+        rel
+        for f in sorted(out.rglob("*"))
+        if f.is_file()
+        and not re.match(r"(ops|sgld_).*\.json$", (rel := f.relative_to(out).as_posix()))
+        and not any(
+            re.search(r"(^|/)" + p + ("" if p.endswith("/") else "$"), rel) for p in patterns
+        )
+    ]
+    assert uncited == []
