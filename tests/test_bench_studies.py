@@ -133,36 +133,60 @@ def test_digits_study_keeps_scoring_against_its_noise_images():
     assert torch.equal(sets["gaussian"], torch.randn(x.shape, generator=g).clamp(-1, 1))
 
 
-def _cited_patterns() -> list[str]:
-    """Regular expressions of the benchmarks/out paths that RESULTS.md, README.md and the
-    FINDINGS.md files cite (``<level>`` and the like stand for any one name part; a path that
-    ends in ``/`` cites a folder)."""
+def _pattern(ref: str) -> str:
+    """A cited path as a regular expression: ``<level>`` and the like stand for any name part."""
+    parts = re.split(r"(<[^>]+>)", ref)
+    return "".join("[^/]+" if p.startswith("<") else re.escape(p) for p in parts)
+
+
+def _is_cited(rel: str, doc_refs: dict[str, set[str]]) -> bool:
+    """Whether the file ``rel`` (relative to benchmarks/out) is cited: by a path ending in it
+    or in one of its folders, or by its bare name from a document that cites its folder."""
+    folder = rel.rpartition("/")[0]
+    for doc_folder, refs in doc_refs.items():
+        paths = [r.removeprefix("benchmarks/").removeprefix("out/") for r in refs]
+        folders = {doc_folder, ""} | {p.rpartition("/")[0] for p in paths if "/" in p}
+        for ref in paths:
+            if "/" in ref:
+                tail = "" if ref.endswith("/") else "$"
+                if re.search(r"(^|/)" + _pattern(ref) + tail, rel):
+                    return True
+            elif folder in folders and re.fullmatch(_pattern(ref), rel.rpartition("/")[2]):
+                return True
+    return False
+
+
+def _cited_refs() -> dict[str, set[str]]:
+    """The paths that RESULTS.md, README.md and the FINDINGS.md files cite, by the folder
+    (under benchmarks/out) their bare names are relative to."""
     out = ROOT / "benchmarks" / "out"
-    docs = [ROOT / "benchmarks" / "RESULTS.md", ROOT / "README.md", *out.rglob("FINDINGS.md")]
+    docs = {"": [ROOT / "benchmarks" / "RESULTS.md", ROOT / "README.md"]}
+    for f in out.rglob("FINDINGS.md"):
+        docs.setdefault(f.parent.relative_to(out).as_posix(), []).append(f)
     token = r"`([^`\s]+)`|\]\(([^)\s]+)\)|(?<![\w/])((?:benchmarks/)?out/[\w./<>|-]+)"
-    refs = {t.rstrip(".,;:") for d in docs for m in re.findall(token, d.read_text()) for t in m}
-    patterns = []
-    for ref in refs:
-        if not re.search(r"\.(json|md|png)$|/$", ref):
-            continue
-        ref = ref.removeprefix("benchmarks/").removeprefix("out/")
-        parts = re.split(r"(<[^>]+>)", ref)
-        patterns.append("".join("[^/]+" if p.startswith("<") else re.escape(p) for p in parts))
-    return patterns
+    refs: dict[str, set[str]] = {}
+    for folder, files in docs.items():
+        found = {
+            t.rstrip(".,;:") for d in files for m in re.findall(token, d.read_text()) for t in m
+        }
+        refs[folder] = {r for r in found if re.search(r"\.(json|md|png)$|/$", r)}
+    return refs
 
 
 def test_benchmarks_out_keeps_only_cited_results():
     """Every result kept under benchmarks/out/ is cited (by its path, its folder or its name
     pattern). The ops benchmark's own files (ops*.json, sgld_*.json) are left to it."""
     out = ROOT / "benchmarks" / "out"
-    patterns = _cited_patterns()
-    uncited = [
-        rel
-        for f in sorted(out.rglob("*"))
-        if f.is_file()
-        and not re.match(r"(ops|sgld_).*\.json$", (rel := f.relative_to(out).as_posix()))
-        and not any(
-            re.search(r"(^|/)" + p + ("" if p.endswith("/") else "$"), rel) for p in patterns
-        )
-    ]
-    assert uncited == []
+    refs = _cited_refs()
+    files = [f.relative_to(out).as_posix() for f in sorted(out.rglob("*")) if f.is_file()]
+    mine = [rel for rel in files if not re.match(r"(ops|sgld_).*\.json$", rel)]
+    assert [rel for rel in mine if not _is_cited(rel, refs)] == []
+
+
+def test_the_citation_check_sees_an_uncited_copy():
+    refs = {"": {"`benchmarks/out/study/results.md`"}, "study": {"results.json", "60min/"}}
+    refs = {k: {r.strip("`") for r in v} for k, v in refs.items()}
+    assert _is_cited("study/results.md", refs) and _is_cited("study/results.json", refs)
+    assert _is_cited("study/60min/a/report.json", refs)
+    assert not _is_cited("study/old_copy/results.md", refs)
+    assert not _is_cited("other/results.json", refs)
