@@ -50,7 +50,7 @@ from .runlog import (
     save_samples,
     truncate_metrics,
 )
-from .saver import CheckpointSaver
+from .saver import CHECKPOINTS, CheckpointSaver
 from .setup import Run, build_run, chain_limits, fresh_out, make_sampler, sampler_seed
 from .step import Batch, LossWeights, train_step
 
@@ -431,7 +431,7 @@ def train(
     absolute_paths(cfg)
     run = build_run(cfg, datasets)
     main = run.dist.is_main  # the process that writes the run folder
-    saver = CheckpointSaver(run.out / "checkpoints", write=main)
+    saver = CheckpointSaver(run.out / CHECKPOINTS, write=main)
     if resume_state is not None:
         resume_run(run, resume_state)
         saver.remember(run.ctx.model_for_chain.state_dict(), run.ctx.optimizer.state_dict())
@@ -468,7 +468,7 @@ def train(
     check_folder(run)
     if status != "diverged":
         write_samples(run, "final")
-    summary = summarise(run, saver, status, reason)
+    summary = summarise(run, status, reason)
     if main:
         atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     if status == "diverged":
@@ -476,10 +476,11 @@ def train(
     return summary
 
 
-def summarise(run: Run, saver: CheckpointSaver, status: str, reason: str | None) -> dict[str, Any]:
+def summarise(run: Run, status: str, reason: str | None) -> dict[str, Any]:
     """The run's final figures (``summary.json``): ``error`` holds a divergence's message,
     ``stop_reason`` the budget a "budget" run reached."""
     model, st = run.ctx.model_for_chain, run.state
+    saver = CheckpointSaver(run.out / CHECKPOINTS, write=False)  # the paths of its files
     seconds = run.elapsed()
     test_at_best_val = None  # the test accuracy of best.pt, the best-validation checkpoint
     if run.dist.is_main and saver.best_path.is_file():  # rank 0's machine holds the file

@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 
 from ..checkpoint import save_checkpoint
 
+CHECKPOINTS = "checkpoints"  # the run folder's checkpoint folder
 LAST, BEST = "last.pt", "best.pt"
 
 
