@@ -39,6 +39,7 @@ import torch.multiprocessing as mp
 
 from jem_ext._cli import check_threads
 from jem_ext._io import atomic_write_text
+from jem_ext.bench import sync
 from jem_ext.training import distributed
 from jem_ext.training.config import default_config
 from jem_ext.training.setup import build_run
@@ -76,12 +77,12 @@ def _worker(
 
         for _ in range(args.warmup):
             one_iteration()
-        _sync(run.device)
+        sync(run.device)
         dist.barrier()
         start = time.perf_counter()
         for _ in range(args.iters):
             one_iteration()
-        _sync(run.device)
+        sync(run.device)
         seconds = torch.tensor(
             [time.perf_counter() - start],
             dtype=torch.float64,
@@ -93,11 +94,6 @@ def _worker(
                 json.dump({"seconds": float(seconds.item())}, f)
     finally:
         distributed.shutdown()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(world: int, cfg: dict, args: argparse.Namespace) -> float:

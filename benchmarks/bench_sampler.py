@@ -5,7 +5,8 @@ from a replay buffer and run the same number of SGLD steps on the same model ins
 
 * ``jem_ext``: :class:`jem_ext.sampler.SGLDSampler` with a :class:`ReplayBuffer` on the model's
   device (``ops.energy`` + ``torch.autograd.grad`` + fused ``ops.sgld_step_``, write-back).
-* ``reference``: the loop of wgrathwohl/JEM ``train_wrn_ebm.py``: the buffer is a CPU tensor
+* ``reference``: :class:`jem_ext.bench.ReferenceSampler`, the loop of wgrathwohl/JEM
+  ``train_wrn_ebm.py``: the buffer is a CPU tensor
   (random indices, uniform re-init of 5% of rows, ``.to(device)``), then per step
   ``torch.autograd.grad(model(x).logsumexp(1).sum(), [x], retain_graph=True)[0]`` and
   ``x.data += step * g + std * torch.randn_like(x)``, and the result copied back to the CPU buffer.
@@ -27,7 +28,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from datetime import datetime, timezone
 
 import torch
@@ -35,74 +35,9 @@ from tqdm import tqdm
 
 from jem_ext._cli import check_threads
 from jem_ext._io import atomic_write_text
+from jem_ext.bench import ReferenceSampler, time_call
 from jem_ext.models import build_model
 from jem_ext.sampler import ReplayBuffer, SGLDSampler
-
-# ------------------------------------------------------------------ reference sampler
-
-
-class ReferenceSampler:
-    """Eager copy of the JEM reference sampler (``sample_p_0`` / ``sample_q``, unconditional)."""
-
-    def __init__(
-        self,
-        buffer_size,
-        sample_shape,
-        device,
-        n_steps,
-        step_size=1.0,
-        noise_std=0.01,
-        reinit_freq=0.05,
-    ):
-        self.sample_shape = tuple(sample_shape)
-        self.device = torch.device(device)
-        self.n_steps = n_steps
-        self.step_size = step_size
-        self.noise_std = noise_std
-        self.reinit_freq = reinit_freq
-        self.replay_buffer = self.init_random(buffer_size)  # on the CPU, as in the reference
-
-    def init_random(self, bs):
-        return torch.FloatTensor(bs, *self.sample_shape).uniform_(-1, 1)
-
-    def sample_p_0(self, bs):
-        inds = torch.randint(0, len(self.replay_buffer), (bs,))
-        buffer_samples = self.replay_buffer[inds]
-        random_samples = self.init_random(bs)
-        choose_random = (torch.rand(bs) < self.reinit_freq).float()
-        choose_random = choose_random.view(bs, *([1] * len(self.sample_shape)))
-        samples = choose_random * random_samples + (1 - choose_random) * buffer_samples
-        return samples.to(self.device), inds
-
-    def sample(self, model, bs):
-        model.eval()
-        init_sample, inds = self.sample_p_0(bs)
-        x_k = init_sample.clone().requires_grad_(True)
-        for _ in range(self.n_steps):
-            f_prime = torch.autograd.grad(model(x_k).logsumexp(1).sum(), [x_k], retain_graph=True)[
-                0
-            ]
-            x_k.data += self.step_size * f_prime + self.noise_std * torch.randn_like(x_k)
-        model.train()
-        final = x_k.detach()
-        self.replay_buffer[inds] = final.cpu()
-        return final
-
-
-# ----------------------------------------------------------------------------- runs
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn, device):
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
 
 
 def bench_config(
@@ -136,10 +71,10 @@ def bench_config(
     times = {k: [] for k in runs}
     for _ in range(warmup):
         for fn in runs.values():
-            time_call(fn, device)
+            time_call(fn, device, 1, warmup=0)
     for _ in tqdm(range(repeats), desc=name, leave=False, file=sys.stderr):
         for k, fn in runs.items():  # alternate so drifts in machine load hit both alike
-            times[k].append(time_call(fn, device))
+            times[k].append(time_call(fn, device, 1, warmup=0)["best_s"])
     res = {
         "name": name,
         "model": model_name,

@@ -49,7 +49,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from jem_ext.eval.cli import main as eval_main
+from jem_ext.bench import evaluate as evaluate_checkpoint
+from jem_ext.bench import last_energies
 from jem_ext.training.cli import main as train_main
 
 ROOT = Path(__file__).resolve().parent
@@ -244,21 +245,8 @@ def evaluated(checkpoint: Path, report: Path) -> bool:
 
 def evaluate(name: str, args: argparse.Namespace, checkpoint: Path, eval_dir: Path) -> None:
     """``python -m jem_ext.eval`` of one configuration's checkpoint into ``eval_dir``."""
-    eval_argv = [
-        "--checkpoint",
-        str(checkpoint),
-        "--out",
-        str(eval_dir),
-        "--tasks",
-        EVAL_TASKS,
-        "--label",
-        name,
-        "--no-progress",
-        *(SMOKE_EVAL_FLAGS if args.smoke else []),
-    ]
-    print("+ python -m jem_ext.eval", shlex.join(eval_argv), flush=True)
-    if eval_main(eval_argv) != 0:
-        raise RuntimeError(f"{name}: evaluation failed")
+    flags = ["--label", name, *(SMOKE_EVAL_FLAGS if args.smoke else [])]
+    evaluate_checkpoint(checkpoint, eval_dir, EVAL_TASKS, flags)
 
 
 def stopped_short(summary: dict[str, Any], minutes: float) -> bool:
@@ -297,18 +285,6 @@ def figures(name: str, run_dir: Path, eval_dir: Path) -> dict[str, Any]:
 
 def _png_files(folder: Path) -> list[str]:
     return [p.name for p in folder.glob("*.png")]
-
-
-def last_energies(metrics_path: Path) -> dict[str, float | None]:
-    """The last logged mean data and sample energies (None for CE runs)."""
-    last: dict[str, float | None] = {"energy_data": None, "energy_sample": None}
-    with metrics_path.open(encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            for key in last:
-                if row.get(key) is not None:
-                    last[key] = row[key]
-    return last
 
 
 def target_met(row: dict[str, Any]) -> bool:

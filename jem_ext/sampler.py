@@ -254,7 +254,7 @@ class SGLDSampler:
         self.sample_shape = None if sample_shape is None else tuple(int(s) for s in sample_shape)
         if buffer is None and self.sample_shape is None:
             raise ValueError("SGLDSampler: short-run mode (no buffer) needs sample_shape")
-        # How the chain runs, not what it computes (set by jem_ext.training.accel): the chain
+        # How the chain runs, not what it computes (set by jem_ext.accel): the chain
         # function (sgld_chain, or a CUDA-graph replay of it) and the autocast of its forwards.
         self.chain: Callable[..., Tensor] = sgld_chain
         self.autocast: Callable[[], AbstractContextManager[Any]] | None = None

@@ -1,4 +1,4 @@
-"""Tests of the trainer's speed options (jem_ext.training.accel) and the joint forward."""
+"""Tests of the trainer's speed options (jem_ext.accel) and the joint forward."""
 
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from jem_ext import objectives
+from jem_ext import accel, objectives
 from jem_ext import train as jtrain
 from jem_ext.graphs import GraphedChain
 from jem_ext.models import build_model
 from jem_ext.sampler import ReplayBuffer, SGLDSampler, sgld_chain
-from jem_ext.training import accel
 from jem_ext.training.config import default_config
 from jem_ext.training.setup import build_run, make_sampler
 from jem_ext.training.step import Batch, train_step

@@ -1,5 +1,6 @@
 """The speed flags of ``python -m jem_ext.eval`` (--precision, --channels-last, --compile,
---cuda-graph): accepted, recorded in report.json, applied through the trainer's helpers."""
+--cuda-graph): accepted, recorded in report.json, applied through the
+helpers shared with the trainer (jem_ext.accel)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 import pytest
 import torch
 
+from jem_ext import accel
 from jem_ext.checkpoint import save_checkpoint
 from jem_ext.eval import cli
 from jem_ext.eval.generation import generate
@@ -16,7 +18,6 @@ from jem_ext.eval.settings import EvalSettings, SGLDSettings
 from jem_ext.eval.speed import AutocastModel, autocast_model, make_chain, uncompiled
 from jem_ext.graphs import GraphedChain
 from jem_ext.models import build_model, model_spec
-from jem_ext.training import accel
 from jem_ext.training.flags import build_parser as train_parser
 
 SPEED_FLAGS = ("--precision", "--channels-last", "--compile", "--cuda-graph")
@@ -112,16 +113,19 @@ def _speed_actions(parser):
 
 
 def test_speed_flags_match_the_trainers():
+    """One flag group (jem_ext.accel.add_speed_flags) serves both command lines: same names,
+    help texts and defaults."""
     ours, theirs = _speed_actions(cli.build_parser()), _speed_actions(train_parser())
     assert set(ours) == set(theirs) == set(SPEED_FLAGS)
     for flag in SPEED_FLAGS:
         a, b = ours[flag], theirs[flag]
-        assert (a.dest, a.choices, a.default, a.nargs, type(a)) == (
+        assert (a.dest, a.choices, a.default, a.nargs, type(a), a.help) == (
             b.dest,
             b.choices,
             b.default,
             b.nargs,
             type(b),
+            b.help,
         ), flag
         assert a.help, flag
 

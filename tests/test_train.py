@@ -16,7 +16,16 @@ from jem_ext import objectives
 from jem_ext import train as jtrain
 from jem_ext.checkpoint import load_checkpoint, save_checkpoint
 from jem_ext.training import loop
-from jem_ext.training.guard import SPLIT_FRACTION, SPLIT_PATIENCE, DivergenceGuard, SplitWatch
+from jem_ext.training.guard import (
+    SPLIT_FRACTION,
+    SPLIT_PATIENCE,
+    DivergenceGuard,
+    SplitWatch,
+    Verdict,
+    split_message,
+)
+from jem_ext.training.runlog import Progress
+from jem_ext.training.saver import CheckpointSaver
 from jem_ext.training.state import RunState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -346,24 +355,66 @@ def test_guard_verdicts(terms, verdict):
         assert ce.check(terms) is None
 
 
-class _Recorder:
-    """The run's log and progress as lists (what SplitWatch writes to)."""
-
-    def __init__(self):
-        self.rows, self.notes = [], []
-
-    def write(self, row):
-        self.rows.append(row)
-
-    def note(self, text):
-        self.notes.append(text)
+def test_guard_verdict_recovers_until_the_limit_then_stops_and_changes_nothing():
+    guard = DivergenceGuard(threshold=10.0, max_recoveries=2, lr_factor=0.5)
+    state = RunState()
+    assert guard.verdict(state, "why") == Verdict("why", stop=False, recoveries=1, lr_scale=0.5)
+    assert (state.recoveries, state.lr_scale) == (0, 1.0)  # the loop acts, not the guard
+    state.recoveries, state.lr_scale = 1, 0.5
+    assert guard.verdict(state, "b") == Verdict("b", stop=False, recoveries=2, lr_scale=0.25)
+    state.recoveries, state.lr_scale = 2, 0.25
+    assert guard.verdict(state, "c") == Verdict("c", stop=True, recoveries=2, lr_scale=0.25)
 
 
-def _watch_run():
-    rec = _Recorder()
-    run = type("FakeRun", (), {})()
-    run.state, run.log, run.progress = RunState(), rec, rec
-    return run, rec
+def _epoch_hooks(run, tmp_path, log_rows):
+    """Hooks of a run trained outside :func:`loop.train`: a saver in ``tmp_path``, the log's
+    rows in ``log_rows``, no progress line."""
+
+    class Log:
+        def write(self, row):
+            log_rows.append(row)
+
+    cfg = run.cfg
+    progress = Progress(1, 0, "test", enabled=False)
+    saver = CheckpointSaver(tmp_path / "checkpoints")
+    return loop.Hooks(
+        DivergenceGuard.from_config(cfg), SplitWatch.from_config(cfg), saver, Log(), progress
+    )
+
+
+def test_train_one_epoch_takes_its_hooks_and_returns_the_epochs_metrics(tmp_path, monkeypatch):
+    cfg = jtrain.config_from_args(TOY + ["--epochs", "1", "--out", str(tmp_path / "run")])
+    run = jtrain.build_run(cfg)
+    rows, seen = [], []
+    hooks = _epoch_hooks(run, tmp_path, rows)
+    hooks.saver.save_last(loop.checkpoint_state(run))
+    real_step = loop.train_step
+
+    def recording_step(ctx, batch, weights):
+        terms, x_q = real_step(ctx, batch, weights)
+        seen.append(terms)
+        return terms, x_q
+
+    monkeypatch.setattr(loop, "train_step", recording_step)
+    metrics = loop.train_one_epoch(run, hooks)
+    n = run.steps_per_epoch
+    assert metrics["iterations"] == n == len(seen) == run.state.iteration
+    assert metrics["recoveries"] == 0
+    for key in ("loss", "energy_data", "energy_sample"):
+        assert metrics[key] == pytest.approx(sum(t[key] for t in seen) / n)
+    assert [r["iteration"] for r in rows] == list(range(1, n + 1))  # --log-every 1
+    val = loop.validate(run.ctx.model_for_chain, run.data.val, run.dist)
+    assert val == {"accuracy": jtrain.accuracy(run.ctx.model_for_chain, run.data.val)}
+    assert loop.end_of_epoch(run, hooks) == val
+    assert rows[-1]["val_accuracy"] == val["accuracy"] and run.state.epoch == 1
+    assert hooks.saver.best_path.is_file() and hooks.saver.last_path.is_file()
+
+
+def _watch(watch, state, terms, w_px, rows):
+    """One iteration of the split watch; the event rows it returns go to ``rows``."""
+    row = watch.check(state, terms, w_px)
+    if row is not None:
+        rows.append(row)
 
 
 def _split_terms(w_px: float, l2: float, fraction: float) -> dict[str, float]:
@@ -373,42 +424,50 @@ def _split_terms(w_px: float, l2: float, fraction: float) -> dict[str, float]:
 
 def test_split_watch_reports_a_gap_held_at_the_penalty_bound_once():
     watch = SplitWatch.from_config({"objective": "jem", "l2_energy": 0.01})
-    run, rec = _watch_run()
+    state, rows = RunState(), []
     near = _split_terms(1.0, 0.01, SPLIT_FRACTION + 0.05)  # gap 85 of the bound 100
     for it in range(SPLIT_PATIENCE - 1):
-        run.state.iteration = it
-        watch.check(run, near, 1.0)
-    watch.check(run, _split_terms(1.0, 0.01, 0.5), 1.0)  # one iteration back: the count restarts
+        state.iteration = it
+        _watch(watch, state, near, 1.0, rows)
+    _watch(watch, state, _split_terms(1.0, 0.01, 0.5), 1.0, rows)  # back: the count restarts
     for _ in range(SPLIT_PATIENCE - 1):
-        watch.check(run, near, 1.0)
-    assert rec.rows == [] and run.state.split_at == -1
-    run.state.iteration = 500
-    watch.check(run, near, 1.0)
-    assert run.state.split_at == 500
-    (row,) = rec.rows
+        _watch(watch, state, near, 1.0, rows)
+    assert rows == [] and state.split_at == -1
+    state.iteration = 500
+    _watch(watch, state, near, 1.0, rows)
+    assert state.split_at == 500
+    (row,) = rows
     assert row["event"] == "energy_split" and row["bound"] == pytest.approx(100.0)
-    assert len(rec.notes) == 1 and "no longer reach the data" in rec.notes[0]
+    assert row["iteration"] == 500 and row["energy_data"] == near["energy_data"]
+    note = split_message(row["iteration"], row["energy_data"], row["energy_sample"])
+    assert "no longer reach the data" in note and "iteration 500" in note
     for _ in range(3 * SPLIT_PATIENCE):  # reported once
-        watch.check(run, near, 1.0)
-    assert len(rec.rows) == 1
+        _watch(watch, state, near, 1.0, rows)
+    assert len(rows) == 1
 
 
 def test_split_watch_bound_follows_the_px_weight_and_is_off_without_a_penalty():
     watch = SplitWatch.from_config({"objective": "jem", "l2_energy": 0.01})
-    run, rec = _watch_run()
+    state, rows = RunState(), []
     at_small_weight = _split_terms(0.1, 0.01, 0.9)  # gap 9 of the bound 10 after a decay to 0.1
     for _ in range(SPLIT_PATIENCE):
-        watch.check(run, at_small_weight, 1.0)  # the bound at weight 1 is 100: not a split
-    assert rec.rows == []
+        _watch(watch, state, at_small_weight, 1.0, rows)  # the bound at weight 1 is 100: no split
+    assert rows == []
     for _ in range(SPLIT_PATIENCE):
-        watch.check(run, at_small_weight, 0.1)
-    assert len(rec.rows) == 1
+        _watch(watch, state, at_small_weight, 0.1, rows)
+    assert len(rows) == 1
     for cfg in ({"objective": "jem", "l2_energy": 0.0}, {"objective": "ce", "l2_energy": 0.01}):
         off = SplitWatch.from_config(cfg)
-        run, rec = _watch_run()
+        state, rows = RunState(), []
         for _ in range(2 * SPLIT_PATIENCE):
-            off.check(run, {"loss": 0.0, "energy_data": -1e3, "energy_sample": 1e3}, 1.0)
-        assert rec.rows == [] and run.state.split_at == -1
+            _watch(
+                watch=off,
+                state=state,
+                terms={"loss": 0.0, "energy_data": -1e3, "energy_sample": 1e3},
+                w_px=1.0,
+                rows=rows,
+            )
+        assert rows == [] and state.split_at == -1
 
 
 def test_training_reports_a_split_in_the_log_and_the_summary(tmp_path, monkeypatch):

@@ -16,6 +16,11 @@ Stages (each guarded: a failing stage records its error in the JSON and the othe
 
 Results go to ``<out>/bench.json`` and ``<out>/bench.md``. ``--smoke`` runs every stage on the
 CPU with tiny sizes (a tiny WRN, K=2, few repeats) so the script is exercised by the test suite.
+
+The scripts under ``benchmarks/`` take their helpers from here: :class:`ReferenceSampler` and
+:func:`time_call` (``bench_sampler.py``), :func:`sync` (``bench_ddp.py``), and :mod:`.studies`
+(``digits_study.py`` and ``cifar_budget.py``: scoring through ``python -m jem_ext.eval``, the
+energies of a run).
 """
 
 from .chain import ReferenceSampler, stage_chain
@@ -23,7 +28,8 @@ from .cli import build_parser, main, run_bench
 from .config import CPU_OPTIONS, GPU_OPTIONS, RECIPE, SMOKE, STAGES, Option, Sizes
 from .ops import stage_env, stage_ops
 from .report import markdown, write_results
-from .timing import time_call
+from .studies import evaluate, last_energies, mean_confidence, read_report
+from .timing import sync, time_call
 from .train import stage_train
 
 __all__ = [
@@ -36,13 +42,18 @@ __all__ = [
     "ReferenceSampler",
     "Sizes",
     "build_parser",
+    "evaluate",
+    "last_energies",
     "main",
     "markdown",
+    "mean_confidence",
+    "read_report",
     "run_bench",
     "stage_chain",
     "stage_env",
     "stage_ops",
     "stage_train",
+    "sync",
     "time_call",
     "write_results",
 ]

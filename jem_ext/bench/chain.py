@@ -15,10 +15,10 @@ from torch import Tensor, nn
 
 from ..models import build_model
 from ..sampler import ReplayBuffer, SGLDSampler
-from ..training import accel
+from ..training.setup import apply_speed_options
 from ..training.step import StepContext
 from .config import Option, Sizes
-from .timing import _sync, _within, time_call
+from .timing import _within, sync, time_call
 
 
 def _wrn(sizes: Sizes, device: torch.device) -> nn.Module:
@@ -28,35 +28,44 @@ def _wrn(sizes: Sizes, device: torch.device) -> nn.Module:
 
 
 class ReferenceSampler:
-    """Eager copy of the JEM reference sampler: CPU buffer, ``autograd.grad`` of logsumexp and
-    ``x.data += -step * g + std * randn_like(x)`` per step (``g = dE/dx``)."""
+    """Eager copy of the JEM reference sampler (wgrathwohl/JEM ``sample_p_0`` / ``sample_q``,
+    unconditional): a CPU replay buffer (random rows, ``reinit_prob`` of them re-drawn uniform
+    on [-1, 1], moved to ``device``), then per step ``autograd.grad`` of logsumexp and
+    ``x.data += -step_size * g + noise_std * randn_like(x)`` (``g = dE/dx``), and the chains
+    written back to the buffer. Used by ``python -m jem_ext.bench`` and
+    ``benchmarks/bench_sampler.py`` as the baseline of jem_ext's sampler.
+    """
 
     def __init__(
         self,
-        sizes: Sizes,
+        buffer_size: int,
+        sample_shape: tuple[int, ...],
         device: torch.device,
-        step: float = 1.0,
-        std: float = 0.01,
-        reinit: float = 0.05,
+        n_steps: int,
+        step_size: float = 1.0,
+        noise_std: float = 0.01,
+        reinit_prob: float = 0.05,
     ) -> None:
-        self.buffer = torch.empty(sizes.buffer, *sizes.image).uniform_(-1, 1)
-        self.device, self.steps, self.step, self.std, self.reinit = (
-            device,
-            sizes.steps,
-            step,
-            std,
-            reinit,
-        )
+        self.sample_shape = tuple(sample_shape)
+        self.buffer = torch.empty(buffer_size, *self.sample_shape).uniform_(-1, 1)
+        self.device, self.n_steps = torch.device(device), n_steps
+        self.step_size, self.noise_std, self.reinit_prob = step_size, noise_std, reinit_prob
+
+    @classmethod
+    def for_sizes(cls, sizes: Sizes, device: torch.device) -> ReferenceSampler:
+        """The reference sampler of a bench size set (buffer, image shape, chain length)."""
+        return cls(sizes.buffer, sizes.image, device, sizes.steps)
 
     def sample(self, model: nn.Module, batch: int) -> Tensor:
         idx = torch.randint(0, len(self.buffer), (batch,))
-        fresh = torch.empty(batch, *self.buffer.shape[1:]).uniform_(-1, 1)
-        pick = (torch.rand(batch) < self.reinit).float().view(batch, 1, 1, 1)
+        fresh = torch.empty(batch, *self.sample_shape).uniform_(-1, 1)
+        pick = (torch.rand(batch) < self.reinit_prob).float()
+        pick = pick.view(batch, *([1] * len(self.sample_shape)))
         x = (pick * fresh + (1 - pick) * self.buffer[idx]).to(self.device).requires_grad_(True)
         model.eval()
-        for _ in range(self.steps):
+        for _ in range(self.n_steps):
             (g,) = torch.autograd.grad(-model(x).logsumexp(1).sum(), [x], retain_graph=True)
-            x.data += -self.step * g + self.std * torch.randn_like(x)
+            x.data += -self.step_size * g + self.noise_std * torch.randn_like(x)
         model.train()
         self.buffer[idx] = x.detach().cpu()
         return x.detach()
@@ -77,7 +86,7 @@ def _context(option: Option, sizes: Sizes, device: torch.device) -> StepContext:
         sampler=_sampler(sizes, device),
         generator=torch.Generator(device=device).manual_seed(2),
     )
-    accel.apply_speed_options(
+    apply_speed_options(
         ctx,
         {
             "precision": option.precision,
@@ -105,7 +114,7 @@ def stage_chain(
     """Chain throughput of each option set and of the reference sampler (options not started
     by ``deadline``, a ``time.perf_counter()`` value, are recorded as skipped)."""
     model = _wrn(sizes, device)
-    ref = ReferenceSampler(sizes, device)
+    ref = ReferenceSampler.for_sizes(sizes, device)
 
     def reference() -> Tensor:
         return ref.sample(model, sizes.batch)
@@ -126,7 +135,7 @@ def _chain_option(
     ctx = _context(option, sizes, device)
     start = time.perf_counter()
     ctx.sampler.sample(ctx.model_for_chain, sizes.batch, generator=ctx.generator)
-    _sync(device)
+    sync(device)
     first = time.perf_counter() - start  # capture / compilation included
     ours, ref = [], []
     for _ in range(sizes.reps):

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA), so a clock read after it counts
+    that work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -22,12 +24,12 @@ def time_call(
     """Median and best wall seconds of ``fn()`` over ``reps`` runs (after ``warmup`` runs)."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return {"median_s": statistics.median(times), "best_s": min(times)}
 
@@ -40,7 +42,7 @@ def time_stream(fn: Callable[[], Any], device: torch.device, reps: int) -> dict[
     loop); elsewhere the wall clock. One untimed call first.
     """
     fn()
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()

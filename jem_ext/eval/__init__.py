@@ -17,5 +17,6 @@ Submodules (imported explicitly, so that e.g. matplotlib is only loaded when plo
   robustness experiment, and robust-accuracy sweeps.
 - :mod:`jem_ext.eval.plots`: reliability diagrams, log p(x) histograms and robustness curves.
 - :mod:`jem_ext.eval.speed`: the speed options (precision, channels-last, compile, CUDA-graph
-  chains), through the trainer's helpers.
+  chains), through the helpers it shares with training
+  (:mod:`jem_ext.accel`).
 """

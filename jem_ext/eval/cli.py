@@ -24,7 +24,7 @@ from .._cli import (
     terminate_as_interrupt,
 )
 from .._io import remove_temporaries, write_failure
-from ..training.accel import PRECISIONS
+from ..accel import add_speed_flags
 from .report import run
 from .settings import BUILTIN_OOD, DEFAULT_EPS, NORMS, TASKS, EvalError, EvalSettings
 from .writers import render_markdown
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sgld_flags(p)
     _add_fid_flags(p)
     _add_robustness_flags(p)
-    _add_speed_flags(p.add_argument_group("speed"))
+    add_speed_flags(p.add_argument_group("speed"))
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
     return p
 
@@ -215,31 +215,6 @@ def _add_robustness_flags(p: argparse.ArgumentParser) -> None:
         help="std of the Gaussian noise added to the input to start each chain",
     )
     p.add_argument("--robust-n", type=int, default=100, help="number of test points attacked")
-
-
-def _add_speed_flags(g: argparse._ArgumentGroup) -> None:
-    g.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="fp32",
-        help="arithmetic of the network's forward and input-gradient (logits, OOD "
-        "scores, PGD, SGLD chains): bf16 or fp16 autocast; inputs and chain states "
-        "stay float32, the IS/FID network runs in float32",
-    )
-    g.add_argument(
-        "--channels-last",
-        action="store_true",
-        help="channels-last (NHWC) layout for a convolutional model's weights and its input",
-    )
-    g.add_argument(
-        "--compile", action="store_true", help="torch.compile the model (every task uses it)"
-    )
-    g.add_argument(
-        "--cuda-graph",
-        action="store_true",
-        help="capture the generation task's K-step SGLD chains in a CUDA graph once "
-        "per shape and replay them (runs eagerly, with a note, on the CPU)",
-    )
 
 
 def _check_tasks(text: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""Scalar evaluation metrics: calibration error, AUROC, FID and Inception Score.
+"""Scalar evaluation metrics: accuracy (:mod:`jem_ext.metrics`, shared with training),
+calibration error, AUROC, FID and Inception Score.
 
 Every function accepts numpy arrays or torch tensors (converted to float64 numpy arrays) and
 returns plain Python floats (or a small dataclass of numpy arrays for calibration).
@@ -9,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from scipy import linalg
 from scipy.special import rel_entr
 from sklearn.metrics import roc_auc_score
+
+from ..metrics import accuracy
+from ..metrics import as_numpy as _as_numpy
 
 __all__ = [
     "accuracy",
@@ -24,21 +27,6 @@ __all__ = [
     "fid",
     "inception_score",
 ]
-
-
-def _as_numpy(a, dtype=np.float64) -> np.ndarray:
-    """Convert a tensor or array-like to a numpy array of ``dtype`` (``None`` keeps it)."""
-    if isinstance(a, torch.Tensor):
-        a = a.detach().cpu().numpy()
-    return np.asarray(a, dtype=dtype)
-
-
-def accuracy(logits, labels) -> float:
-    """Fraction of rows whose arg-max logit (or probability) equals the label."""
-    logits, labels = _as_numpy(logits), _as_numpy(labels, dtype=np.int64)
-    if len(labels) == 0:
-        return float("nan")
-    return float((logits.argmax(1) == labels).mean())
 
 
 @dataclass(frozen=True)

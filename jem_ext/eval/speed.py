@@ -1,5 +1,5 @@
-"""The evaluation's speed options, through the trainer's helpers
-(:mod:`jem_ext.training.accel`, :class:`jem_ext.graphs.GraphedChain`).
+"""The evaluation's speed options, through the shared helpers
+(:mod:`jem_ext.accel`, :class:`jem_ext.graphs.GraphedChain`).
 
 * ``--precision bf16|fp16``: the evaluated models' forwards run under ``torch.autocast``
   (:class:`AutocastModel`); their logits come back as float32 and every input -- test images,
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import accel
 from ..graphs import GraphedChain
-from ..training import accel
 from .settings import EvalError, EvalSettings
 
 __all__ = [
@@ -57,7 +57,7 @@ class AutocastModel(nn.Module):
 
 
 class Uncompiled(nn.Module):
-    """``f`` (a module compiled in place by :func:`~jem_ext.training.accel.compile_model`)
+    """``f`` (a module compiled in place by :func:`~jem_ext.accel.compile_model`)
     called without its compiled forward, hooks included.
 
     Differentiating through an input gradient (PGD through SGLD refinement: a double backward)

@@ -4,13 +4,19 @@
 - :mod:`.config`: config files, merging, validation of every value.
 - :mod:`.setup`: :func:`~.setup.build_run` gathers data, model, optimiser, sampler and
   generators into a :class:`~.setup.Run`; :func:`~.setup.build_context` builds the
-  :class:`~.step.StepContext`, the seam for precision, CUDA-graph and distributed options.
+  :class:`~.step.StepContext`, the seam for precision, CUDA-graph and distributed options (the
+  options themselves live in :mod:`jem_ext.accel`, shared with the evaluation).
 - :mod:`.step`: :func:`~.step.train_step`, JEM's Algorithm 1.
-- :mod:`.loop`: :func:`~.loop.train`, the epochs, validation, summary.
+- :mod:`.loop`: :func:`~.loop.train`, the epochs (:func:`~.loop.train_one_epoch` and
+  :func:`~.loop.validate` take their hooks explicitly and return their metrics), summary.
 - :mod:`.state`: :class:`~.state.RunState`, the run's progress.
-- :mod:`.saver`: :class:`~.saver.CheckpointSaver`, best/last checkpoints and resume.
-- :mod:`.guard`: :class:`~.guard.DivergenceGuard`.
+- :mod:`.saver`: :class:`~.saver.CheckpointSaver`, best/last checkpoints and the last good state.
+- :mod:`.resume`: a run's checkpoint dict, and a checkpoint loaded back into a run.
+- :mod:`.guard`: :class:`~.guard.DivergenceGuard` (its verdicts) and the split watch.
 - :mod:`.runlog`: metrics rows, progress, sample pictures.
 - :mod:`.folder`: :class:`~.folder.RunFolder`, one training process per run folder.
 - :mod:`.cli`: :func:`~.cli.main`, checks every input before writing anything.
+
+Imports go downwards only: this package and :mod:`jem_ext.eval` use the modules at the
+package's top level and never each other (``tests/test_layers.py`` draws the imports).
 """

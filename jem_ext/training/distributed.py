@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import data as jdata
-from ..eval import metrics
+from .. import metrics
 from ..models import predict_logits
 
 T = TypeVar("T")

@@ -12,12 +12,12 @@ import argparse
 from typing import Any
 
 from .._cli import DefaultsHelpFormatter, RaisingParser, finite_float
+from ..accel import add_speed_flags
 from ..data import DATASETS
 from ..models import MODELS, NORMS
 from ..objectives import OBJECTIVES
 from ..recipes import RECIPES
 from ..replay import INITS
-from .accel import PRECISIONS
 from .setup import OPTIMIZERS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -74,7 +74,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     _add_run_folder_flags(add, group("run folder"))
     _add_budget_flags(add, group("budget"))
     _add_guard_flags(add, group("divergence guard"))
-    _add_speed_flags(add, group("speed"))
+    add_speed_flags(group("speed"), add)
     _add_distributed_flags(add, group("distributed (under torchrun)"))
     return p
 
@@ -401,40 +401,6 @@ def _add_guard_flags(add: Any, g: Any) -> None:
         type=finite_float,
         default=0.5,
         help="multiply the learning rate by this after each recovery",
-    )
-
-
-def _add_speed_flags(add: Any, g: Any) -> None:
-    add(
-        g,
-        "--precision",
-        choices=PRECISIONS,
-        default="fp32",
-        help="arithmetic of the network's forward and input-gradient (chain and loss): bf16 or "
-        "fp16 autocast (fp16 with a gradient scaler); the chain state stays float32",
-    )
-    add(
-        g,
-        "--channels-last",
-        action="store_true",
-        default=False,
-        help="channels-last (NHWC) layout for a convolutional model's weights, its input and "
-        "the replay buffer",
-    )
-    add(
-        g,
-        "--compile",
-        action="store_true",
-        default=False,
-        help="torch.compile the model (the loss and the SGLD chain both use it)",
-    )
-    add(
-        g,
-        "--cuda-graph",
-        action="store_true",
-        default=False,
-        help="capture the K-step SGLD chain in a CUDA graph once per shape and replay it "
-        "(runs eagerly, with a note, on the CPU)",
     )
 
 

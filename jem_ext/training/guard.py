@@ -2,10 +2,12 @@
 and the split watch: report when the energies of data and samples settle apart.
 
 An iteration diverges when its loss is not finite, or ``|loss|`` or
-``|energy_data - energy_sample|`` exceeds the threshold. Recovery restores the last good
-model and optimiser states (so the diverged step's update never survives), scales the learning
-rate down, rebuilds the sampler (a fresh replay buffer from a fresh seed) and logs an event
-row; past ``max_recoveries`` the run stops with :class:`TrainingDiverged`. The processes of a
+``|energy_data - energy_sample|`` exceeds the threshold. The guard only judges: its
+:class:`Verdict` says whether to recover and at which learning-rate scale, and the loop acts on
+it (:func:`jem_ext.training.loop.recover`): it restores the last good model and optimiser states
+(so the diverged step's update never survives), scales the learning rate down, rebuilds the
+sampler (a fresh replay buffer from a fresh seed) and logs an event row; past
+``max_recoveries`` the run stops with :class:`TrainingDiverged`. The processes of a
 distributed job decide together (the loop all-reduces the verdict), so all of them recover
 from the same iteration to the same state.
 
@@ -14,9 +16,11 @@ chains lose the data, and the energies of data and samples part until the L2 ene
 holds them at -+w_px / (2 l2_energy) (benchmarks/out/digits_study/FINDINGS.md). The p(x) term
 then only separates data from chain samples: the model stops generating, and SGLD-based uses
 (refinement, robustness) fail. :class:`SplitWatch` reports it once, when the gap has stayed
-near that bound for ``SPLIT_PATIENCE`` iterations; training goes on.
+near that bound for ``SPLIT_PATIENCE`` iterations (it returns the event row, which the loop
+logs); training goes on.
 
-Both read the host floats the step returned; they never read a tensor.
+Both read the host floats the step returned and the run's progress counters; they never read a
+tensor, and they write nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .setup import Run, make_sampler, sampler_seed
+from .state import RunState
 
 # A gap |energy_data - energy_sample| of at least this fraction of the penalty's bound
 # w_px / l2_energy, held for SPLIT_PATIENCE iterations in a row, is a split.
@@ -76,47 +80,52 @@ class DivergenceGuard:
                 return f"energy gap |energy_data - energy_sample| = {gap:.3g} > {self.threshold:g}"
         return None
 
-    def recover(self, run: Run, reason: str) -> None:
-        """Recover the run from a diverged iteration, or stop it.
+    def verdict(self, state: RunState, reason: str) -> Verdict:
+        """What to do about the diverged iteration of a run at ``state`` (which it leaves as
+        it is): recover at a lower learning rate, or stop past ``max_recoveries``."""
+        if state.recoveries >= self.max_recoveries:
+            return Verdict(reason, stop=True, recoveries=state.recoveries, lr_scale=state.lr_scale)
+        return Verdict(
+            reason,
+            stop=False,
+            recoveries=state.recoveries + 1,
+            lr_scale=state.lr_scale * self.lr_factor,
+        )
 
-        Raises:
-            TrainingDiverged: more than ``max_recoveries`` recoveries.
-        """
-        st, it = run.state, run.state.iteration
-        row = {
-            "event": "recovery",
-            "iteration": it,
-            "epoch": st.epoch,
-            "reason": reason,
-            "recoveries": st.recoveries,  # recoveries made: the stop below is not one
-            "seconds": run.elapsed(),
-        }
-        if st.recoveries >= self.max_recoveries:
-            row["event"] = "stopped"
-            run.log.write(row)
-            raise TrainingDiverged(
-                f"training diverged at iteration {it} ({reason}) after {st.recoveries} "
-                f"recover{'y' if st.recoveries == 1 else 'ies'}; stopping. The last good "
-                f"checkpoint is {run.saver.last_path}: "
-                "lower --lr, raise --sgld-steps or --l2-energy, or try another --seed"
-            )
-        st.recoveries += 1
-        row["recoveries"] = st.recoveries
-        run.saver.restore_last_good(run)
-        st.lr_scale *= self.lr_factor
-        st.reseeds += 1
-        run.generators["sampler"].manual_seed(
-            sampler_seed(run.cfg["seed"], st.reseeds, run.dist.rank)
-        )
-        run.ctx.sampler = make_sampler(
-            run.cfg, run.data.train, run.device, generator=run.generators["sampler"], dist=run.dist
-        )
-        row["lr_scale"] = st.lr_scale
-        run.log.write(row)
-        run.progress.note(
-            f"recovery {st.recoveries}/{self.max_recoveries} at iteration {it}: "
-            f"{reason}; lr x{st.lr_scale:.3g}"
-        )
+
+@dataclass(frozen=True)
+class Verdict:
+    """The guard's decision on a diverged iteration.
+
+    Attributes:
+        reason: why the iteration diverged (:meth:`DivergenceGuard.check`).
+        stop: the run stops (no recovery left).
+        recoveries: recoveries made once the loop has acted (unchanged when stopping).
+        lr_scale: the learning-rate scale from now on.
+    """
+
+    reason: str
+    stop: bool
+    recoveries: int
+    lr_scale: float
+
+
+def stop_message(iteration: int, reason: str, recoveries: int, last_checkpoint: object) -> str:
+    """The error of a run stopped by the guard, with the checkpoint to go back to."""
+    return (
+        f"training diverged at iteration {iteration} ({reason}) after {recoveries} "
+        f"recover{'y' if recoveries == 1 else 'ies'}; stopping. The last good "
+        f"checkpoint is {last_checkpoint}: "
+        "lower --lr, raise --sgld-steps or --l2-energy, or try another --seed"
+    )
+
+
+def recovery_note(verdict: Verdict, max_recoveries: int, iteration: int) -> str:
+    """The progress line of a recovery."""
+    return (
+        f"recovery {verdict.recoveries}/{max_recoveries} at iteration {iteration}: "
+        f"{verdict.reason}; lr x{verdict.lr_scale:.3g}"
+    )
 
 
 @dataclass(frozen=True)
@@ -135,28 +144,27 @@ class SplitWatch:
         """The gap at which the contrastive term and the L2 penalty balance."""
         return w_px / self.l2_energy
 
-    def check(self, run: Run, terms: dict[str, float], w_px: float) -> None:
-        """Count the iterations in a row at the bound; log and note the split the first time."""
+    def check(self, state: RunState, terms: dict[str, float], w_px: float) -> dict[str, Any] | None:
+        """Count the iterations in a row at the bound (in ``state``); the first time they
+        reach ``SPLIT_PATIENCE``, mark the split in ``state`` and return its event row (the
+        loop logs it and notes :func:`split_message`); None otherwise."""
         ed, es = terms.get("energy_data"), terms.get("energy_sample")
         if not self.active or w_px <= 0 or ed is None or es is None:
-            return
-        st = run.state
+            return None
+        st = state
         bound = self.bound(w_px)
         st.split_streak = st.split_streak + 1 if abs(ed - es) >= SPLIT_FRACTION * bound else 0
         if st.split_streak < SPLIT_PATIENCE or st.split_at >= 0:
-            return
+            return None
         st.split_at = st.iteration
-        run.log.write(
-            {
-                "event": "energy_split",
-                "iteration": st.iteration,
-                "epoch": st.epoch,
-                "energy_data": ed,
-                "energy_sample": es,
-                "bound": bound,
-            }
-        )
-        run.progress.note(split_message(st.split_at, ed, es))
+        return {
+            "event": "energy_split",
+            "iteration": st.iteration,
+            "epoch": st.epoch,
+            "energy_data": ed,
+            "energy_sample": es,
+            "bound": bound,
+        }
 
 
 def split_message(iteration: int, energy_data: float, energy_sample: float) -> str:

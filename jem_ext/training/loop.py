@@ -1,8 +1,13 @@
 """The training loop: epochs of :func:`~jem_ext.training.step.train_step`, and what surrounds it.
 
 Reading order: :func:`train` (set up, run the epochs, summarise) -> :func:`train_one_epoch`
-(per iteration: budget, learning rate, batch, step, guard, bookkeeping) -> :func:`end_of_epoch`
-(validation, best/last checkpoints).
+(per iteration: budget, learning rate, batch, step, guard, bookkeeping; returns the epoch's
+metrics) -> :func:`end_of_epoch` (:func:`validate`, best/last checkpoints).
+
+The run (:class:`~.setup.Run`) is what is trained; what acts on it -- the divergence guard and
+split watch, which judge, and the checkpoint saver, metrics log and progress line, which write --
+travel beside it in :class:`Hooks`. The guard returns a :class:`~.guard.Verdict` and
+:func:`recover` carries it out.
 
 A run ends "completed" (every epoch trained), "budget" (``max_minutes`` or ``max_iters``
 reached: last.pt holds the position inside the epoch, so ``--resume`` with a larger budget
@@ -13,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -23,10 +28,20 @@ from .._io import atomic_write_text
 from ..checkpoint import load_checkpoint, model_from_checkpoint
 from ..sampler import sample_from_noise
 from . import distributed
-from .config import absolute_paths, default_config, validate, with_recipe
+from .config import absolute_paths, default_config, with_recipe
+from .config import validate as validate_config
 from .distributed import Dist
 from .folder import check_intact, folder_identity
-from .guard import DivergenceGuard, SplitWatch, TrainingDiverged
+from .guard import (
+    DivergenceGuard,
+    SplitWatch,
+    TrainingDiverged,
+    Verdict,
+    recovery_note,
+    split_message,
+    stop_message,
+)
+from .resume import checkpoint_state, resume_run
 from .runlog import (
     MetricsLog,
     Progress,
@@ -35,8 +50,8 @@ from .runlog import (
     save_samples,
     truncate_metrics,
 )
-from .saver import CheckpointSaver
-from .setup import Run, build_run, chain_limits, fresh_out
+from .saver import CHECKPOINTS, CheckpointSaver
+from .setup import Run, build_run, chain_limits, fresh_out, make_sampler, sampler_seed
 from .step import Batch, LossWeights, train_step
 
 
@@ -98,70 +113,198 @@ def budget_reason(cfg: dict[str, Any], iteration: int, seconds: float) -> str | 
     return None
 
 
-def train_one_epoch(run: Run) -> None:
+@dataclass(frozen=True)
+class Hooks:
+    """What acts on a run while it trains, beside the run itself.
+
+    Attributes:
+        guard: judges each iteration's loss terms (divergence).
+        split_watch: watches the energies of data and samples part.
+        saver: writes the checkpoints and keeps the last good state.
+        log: the metrics log (``metrics.jsonl``).
+        progress: the progress line.
+    """
+
+    guard: DivergenceGuard
+    split_watch: SplitWatch
+    saver: CheckpointSaver
+    log: MetricsLog
+    progress: Progress
+
+
+def train_one_epoch(run: Run, hooks: Hooks) -> dict[str, float]:
     """Train the run's current epoch from its position ``run.state.pos``.
+
+    Returns:
+        The epoch's metrics: ``iterations`` trained by this call, ``recoveries`` made, and the
+        mean of each loss term over the iterations that did not diverge (this process's
+        values).
 
     Raises:
         BudgetReached: before an iteration the budget no longer allows.
+        TrainingDiverged: a divergence past ``max_recoveries``.
     """
     cfg, st, epoch = run.cfg, run.state, run.state.epoch
     weights = loss_weights(cfg, run.weights, epoch)
-    order = epoch_order_generator(cfg["seed"], epoch)
     batches = jdata.batches(
         run.data.train_on_device,
         cfg["batch_size"],
         shuffle=True,
-        generator=order,
+        generator=epoch_order_generator(cfg["seed"], epoch),
         rank=run.dist.rank,
         world_size=run.dist.world_size,
     )
+    totals = EpochTotals()
     for pos, (x, y, idx) in enumerate(batches):
         if pos < st.pos:
             continue  # resuming inside the epoch: skip batches already trained on
-        reason = budget_reason(cfg, st.iteration, run.elapsed())
-        if cfg["max_minutes"] is not None:  # clocks differ between processes: stop together
-            reason = distributed.agree_on_divergence(reason, run.dist)
-        if reason is not None:
-            raise BudgetReached(reason)
-        # learning rate of this iteration
+        check_budget(run)
         it = st.iteration
-        lr = learning_rate(cfg, it, epoch, st.lr_scale)
-        for group in run.ctx.optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_learning_rate(run, it, epoch)
         # the step; its terms are host floats (the iteration's one sync point)
         terms, x_q = train_step(run.ctx, _batch(run, x, y, idx), weights)
         if x_q is not None:
             run.last_samples = x_q
-        reason = distributed.agree_on_divergence(run.guard.check(terms), run.dist)
+        reason = distributed.agree_on_divergence(hooks.guard.check(terms), run.dist)
         if reason is not None:
-            run.guard.recover(run, reason)
+            recover(run, hooks, hooks.guard.verdict(st, reason))
         st.iteration, st.pos, st.seconds = it + 1, pos + 1, run.elapsed()
         if reason is None:
-            run.split_watch.check(run, terms, weights.w_px)
-        # bookkeeping: metrics row, progress, samples, resume point
-        if reason is None and (it + 1) % cfg["log_every"] == 0:
-            check_folder(run)
-            row = {"iteration": it + 1, "epoch": epoch}
-            mean = distributed.mean_terms(terms, run.dist)
-            row.update({k: finite_or_none(v) for k, v in mean.items()})
-            run.log.write({**row, "lr": lr, "seconds": st.seconds})
-        run.progress.step(terms if reason is None else None)
-        if cfg["sample_every"] and (it + 1) % cfg["sample_every"] == 0:
-            check_folder(run)
-            write_samples(run, f"{it + 1:07d}")
-        if cfg["ckpt_every"] and (it + 1) % cfg["ckpt_every"] == 0 and st.pos < run.steps_per_epoch:
-            check_folder(run)
-            run.saver.save_last(run)
+            watch_split(run, hooks, terms, weights.w_px)
+        totals.add(None if reason is not None else terms)
+        after_iteration(run, hooks, terms if reason is None else None, epoch, lr)
+    return totals.metrics()
 
 
-def end_of_epoch(run: Run) -> None:
-    """Close the epoch: validate when due (best.pt on a new best), then save last.pt."""
+class EpochTotals:
+    """Sums of an epoch's loss terms, for :func:`train_one_epoch`'s metrics."""
+
+    def __init__(self) -> None:
+        self.iterations, self.recoveries, self.good = 0, 0, 0
+        self.sums: dict[str, float] = {}
+
+    def add(self, terms: dict[str, float] | None) -> None:
+        """Count one iteration; ``terms`` None: it diverged (and was recovered from)."""
+        self.iterations += 1
+        if terms is None:
+            self.recoveries += 1
+            return
+        self.good += 1
+        for key, value in terms.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def metrics(self) -> dict[str, float]:
+        means = {k: v / self.good for k, v in self.sums.items()}
+        return {"iterations": self.iterations, "recoveries": self.recoveries, **means}
+
+
+def check_budget(run: Run) -> None:
+    """Raise :class:`BudgetReached` when the budget allows no further iteration (every process
+    together when the budget is a time)."""
+    cfg = run.cfg
+    reason = budget_reason(cfg, run.state.iteration, run.elapsed())
+    if cfg["max_minutes"] is not None:  # clocks differ between processes: stop together
+        reason = distributed.agree_on_divergence(reason, run.dist)
+    if reason is not None:
+        raise BudgetReached(reason)
+
+
+def set_learning_rate(run: Run, iteration: int, epoch: int) -> float:
+    """Set (and return) the learning rate of ``iteration``."""
+    lr = learning_rate(run.cfg, iteration, epoch, run.state.lr_scale)
+    for group in run.ctx.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def recover(run: Run, hooks: Hooks, verdict: Verdict) -> None:
+    """Carry out the guard's verdict on a diverged iteration: restore the last good model and
+    optimiser states, lower the learning rate, rebuild the sampler from a fresh seed, and log
+    the event; or log the stop and raise.
+
+    Raises:
+        TrainingDiverged: the verdict is to stop.
+    """
+    st, it = run.state, run.state.iteration
+    row = {
+        "event": "recovery",
+        "iteration": it,
+        "epoch": st.epoch,
+        "reason": verdict.reason,
+        "recoveries": st.recoveries,  # recoveries made: the stop below is not one
+        "seconds": run.elapsed(),
+    }
+    if verdict.stop:
+        row["event"] = "stopped"
+        hooks.log.write(row)
+        raise TrainingDiverged(
+            stop_message(it, verdict.reason, st.recoveries, hooks.saver.last_path)
+        )
+    st.recoveries = verdict.recoveries
+    row["recoveries"] = st.recoveries
+    hooks.saver.restore_last_good(run.ctx.model_for_chain, run.ctx.optimizer)
+    st.lr_scale = verdict.lr_scale
+    st.reseeds += 1
+    run.generators["sampler"].manual_seed(sampler_seed(run.cfg["seed"], st.reseeds, run.dist.rank))
+    run.ctx.sampler = make_sampler(
+        run.cfg, run.data.train, run.device, generator=run.generators["sampler"], dist=run.dist
+    )
+    row["lr_scale"] = st.lr_scale
+    hooks.log.write(row)
+    hooks.progress.note(recovery_note(verdict, hooks.guard.max_recoveries, it))
+
+
+def watch_split(run: Run, hooks: Hooks, terms: dict[str, float], w_px: float) -> None:
+    """Log and note a split of the energies the first time the split watch sees one."""
+    row = hooks.split_watch.check(run.state, terms, w_px)
+    if row is not None:
+        hooks.log.write(row)
+        hooks.progress.note(
+            split_message(row["iteration"], row["energy_data"], row["energy_sample"])
+        )
+
+
+def after_iteration(
+    run: Run, hooks: Hooks, terms: dict[str, float] | None, epoch: int, lr: float
+) -> None:
+    """Bookkeeping after an iteration (``terms`` None: it diverged): metrics row, progress,
+    sample grid, resume point."""
+    cfg, st, done = run.cfg, run.state, run.state.iteration
+    if terms is not None and done % cfg["log_every"] == 0:
+        check_folder(run)
+        row = {"iteration": done, "epoch": epoch}
+        mean = distributed.mean_terms(terms, run.dist)
+        row.update({k: finite_or_none(v) for k, v in mean.items()})
+        hooks.log.write({**row, "lr": lr, "seconds": st.seconds})
+    hooks.progress.step(terms)
+    if cfg["sample_every"] and done % cfg["sample_every"] == 0:
+        check_folder(run)
+        write_samples(run, f"{done:07d}")
+    if cfg["ckpt_every"] and done % cfg["ckpt_every"] == 0 and st.pos < run.steps_per_epoch:
+        check_folder(run)
+        hooks.saver.save_last(checkpoint_state(run))
+
+
+def validate(model: torch.nn.Module, data: jdata.ImageData, dist: Dist) -> dict[str, float]:
+    """The validation metrics of ``model`` on ``data``: ``accuracy`` (shared out over a job's
+    processes)."""
+    return {"accuracy": accuracy(model, data, dist)}
+
+
+def end_of_epoch(run: Run, hooks: Hooks) -> dict[str, float]:
+    """Close the epoch: validate when due (best.pt on a new best), then save last.pt.
+
+    Returns:
+        The validation metrics (:func:`validate`), empty when validation was not due.
+    """
     cfg, st = run.cfg, run.state
     st.epoch, st.pos = st.epoch + 1, 0
     check_folder(run)
+    metrics: dict[str, float] = {}
     if st.epoch % cfg["eval_every"] == 0 or st.epoch == cfg["epochs"]:
-        val_acc = accuracy(run.ctx.model_for_chain, run.data.val, run.dist)
-        run.log.write(
+        metrics = validate(run.ctx.model_for_chain, run.data.val, run.dist)
+        val_acc = metrics["accuracy"]
+        hooks.log.write(
             {
                 "iteration": st.iteration,
                 "epoch": st.epoch,
@@ -171,9 +314,10 @@ def end_of_epoch(run: Run) -> None:
         )
         if val_acc > st.best_val_accuracy:
             st.best_val_accuracy = val_acc
-            run.saver.save_best(run)
-        run.progress.describe(f"{cfg['dataset']}/{cfg['objective']} val {val_acc:.3f}")
-    run.saver.save_last(run)
+            hooks.saver.save_best(checkpoint_state(run))
+        hooks.progress.describe(f"{cfg['dataset']}/{cfg['objective']} val {val_acc:.3f}")
+    hooks.saver.save_last(checkpoint_state(run))
+    return metrics
 
 
 def write_samples(run: Run, tag: str) -> None:
@@ -200,19 +344,19 @@ def write_samples(run: Run, tag: str) -> None:
 GRID_CHAINS = 64  # chains drawn for a sample grid when the run has no samples of its own
 
 
-def fit(run: Run) -> tuple[str, str | None]:
+def fit(run: Run, hooks: Hooks) -> tuple[str, str | None]:
     """Train the remaining epochs; returns ``(status, reason)``: ("completed", None),
     ("budget", what was reached) after saving last.pt, or ("diverged", the error)."""
     try:
         while run.state.epoch < run.cfg["epochs"]:
-            train_one_epoch(run)
-            end_of_epoch(run)
+            train_one_epoch(run, hooks)
+            end_of_epoch(run, hooks)
     except TrainingDiverged as err:
         return "diverged", str(err)
     except BudgetReached as reached:
         run.state.seconds = run.elapsed()
         check_folder(run)
-        run.saver.save_last(run)
+        hooks.saver.save_last(checkpoint_state(run))
         return "budget", str(reached)
     return "completed", None
 
@@ -283,32 +427,34 @@ def train(
     cfg = with_recipe({**default_config(), **cfg}, set(cfg))
     if cfg["out"] is None:
         cfg["out"] = fresh_out(cfg)
-    validate(cfg)
+    validate_config(cfg)
     absolute_paths(cfg)
     run = build_run(cfg, datasets)
     main = run.dist.is_main  # the process that writes the run folder
-    run.saver = CheckpointSaver(run.out / "checkpoints", write=main)
-    run.guard = DivergenceGuard.from_config(cfg)
-    run.split_watch = SplitWatch.from_config(cfg)
+    saver = CheckpointSaver(run.out / CHECKPOINTS, write=main)
     if resume_state is not None:
-        run.saver.resume(run, resume_state)
+        resume_run(run, resume_state)
+        saver.remember(run.ctx.model_for_chain.state_dict(), run.ctx.optimizer.state_dict())
     if main:
         _open_run_folder(run, resuming=resume_state is not None)
     if resume_state is None:
-        run.saver.save_last(run)
+        saver.save_last(checkpoint_state(run))
     run.started = time.perf_counter() - run.state.seconds
     total = run.steps_per_epoch * cfg["epochs"]
     with (
-        MetricsLog(run.out / "metrics.jsonl", enabled=main) as run.log,
+        MetricsLog(run.out / "metrics.jsonl", enabled=main) as log,
         Progress(
             total,
             run.state.iteration,
             f"{cfg['dataset']}/{cfg['objective']}",
             enabled=main and not cfg["no_progress"],
-        ) as run.progress,
+        ) as progress,
     ):
+        hooks = Hooks(
+            DivergenceGuard.from_config(cfg), SplitWatch.from_config(cfg), saver, log, progress
+        )
         if resume_state is not None:
-            run.log.write(
+            log.write(
                 {
                     "event": "resume",
                     "iteration": run.state.iteration,
@@ -318,7 +464,7 @@ def train(
                     "checkpoint_world_size": distributed.saved_world_size(resume_state),
                 }
             )
-        status, reason = fit(run)
+        status, reason = fit(run, hooks)
     check_folder(run)
     if status != "diverged":
         write_samples(run, "final")
@@ -333,7 +479,8 @@ def train(
 def summarise(run: Run, status: str, reason: str | None) -> dict[str, Any]:
     """The run's final figures (``summary.json``): ``error`` holds a divergence's message,
     ``stop_reason`` the budget a "budget" run reached."""
-    model, st, saver = run.ctx.model_for_chain, run.state, run.saver
+    model, st = run.ctx.model_for_chain, run.state
+    saver = CheckpointSaver(run.out / CHECKPOINTS, write=False)  # the paths of its files
     seconds = run.elapsed()
     test_at_best_val = None  # the test accuracy of best.pt, the best-validation checkpoint
     if run.dist.is_main and saver.best_path.is_file():  # rank 0's machine holds the file

@@ -1,50 +1,25 @@
-"""Checkpointing of a run: ``checkpoints/last.pt`` and ``best.pt``, the last good state, resume.
+"""Checkpointing of a run: ``checkpoints/last.pt`` and ``best.pt``, and the last good state.
 
 :class:`CheckpointSaver` owns the run's checkpoint files (written atomically by
 :func:`jem_ext.checkpoint.save_checkpoint`) and the in-memory copy of the last saved model and
-optimiser states that the divergence guard restores.
+optimiser states that a recovery from divergence restores. It takes the checkpoint dicts it
+writes (:func:`jem_ext.training.resume.checkpoint_state` makes them from a run) and knows
+nothing of the run itself.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import CheckpointError, capture_rng, new_state, restore_rng, save_checkpoint
-from ..models import model_spec
-from . import distributed
-from .runlog import json_default
-from .setup import Run, apply_optimizer_settings, augment_seed, sampler_seed
-from .state import RunState
+from torch import nn
+from torch.optim import Optimizer
 
+from ..checkpoint import save_checkpoint
+
+CHECKPOINTS = "checkpoints"  # the run folder's checkpoint folder
 LAST, BEST = "last.pt", "best.pt"
-
-
-def checkpoint_state(run: Run) -> dict[str, Any]:
-    """The checkpoint dict of a run as it is now (see :mod:`jem_ext.checkpoint` for the keys).
-
-    In a distributed job every process calls it; rank 0's dict holds every process's buffer
-    shard and RNG states (see :func:`.distributed.gather_checkpoint`).
-    """
-    model, ctx = run.ctx.model_for_chain, run.ctx
-    return distributed.gather_checkpoint(
-        new_state(
-            model_spec=model_spec(model),
-            model=model.state_dict(),
-            optimizer=ctx.optimizer.state_dict(),
-            sampler=ctx.sampler.state_dict() if ctx.sampler is not None else None,
-            rng=capture_rng(run.generators),
-            iteration=run.state.iteration,
-            epoch=run.state.epoch,
-            config=json.loads(json.dumps(run.cfg, default=json_default)),
-            best_val_accuracy=run.state.best_val_accuracy,
-            progress=run.state.to_dict(),
-        ),
-        run.dist,
-    )
 
 
 class CheckpointSaver:
@@ -69,64 +44,28 @@ class CheckpointSaver:
     def best_path(self) -> Path:
         return self.folder / BEST
 
-    def save_last(self, run: Run) -> None:
-        """Write ``last.pt`` (the resume point) and remember its state as the last good one."""
-        self._save(run, self.last_path)
+    def save_last(self, state: dict[str, Any]) -> None:
+        """Write the checkpoint dict ``state`` as ``last.pt`` (the resume point) and remember
+        its model and optimiser states as the last good ones."""
+        self._save(state, self.last_path)
 
-    def save_best(self, run: Run) -> None:
-        """Write ``best.pt`` (the best validation accuracy so far)."""
-        self._save(run, self.best_path)
+    def save_best(self, state: dict[str, Any]) -> None:
+        """Write the checkpoint dict ``state`` as ``best.pt`` (the best validation accuracy so
+        far)."""
+        self._save(state, self.best_path)
 
-    def _save(self, run: Run, path: Path) -> None:
-        state = checkpoint_state(run)
+    def _save(self, state: dict[str, Any], path: Path) -> None:
         if self.write:
             save_checkpoint(path, state)
-        self._remember(state["model"], state["optimizer"])
+        self.remember(state["model"], state["optimizer"])
 
-    def _remember(self, model_state: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
+    def remember(self, model_state: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
+        """Keep (copies of) these states as the last good ones (a resume's starting point)."""
         self._good = (copy.deepcopy(model_state), copy.deepcopy(optimizer_state))
 
-    @staticmethod
-    def _reseed(run: Run, saved_world_size: int) -> None:
-        """Fresh generators after a resume with another number of processes."""
-        seed, rank, st = run.cfg["seed"], run.dist.rank, run.state
-        bases = {"sampler": sampler_seed(seed, st.reseeds), "augment": augment_seed(seed)}
-        for name, base in bases.items():
-            run.generators[name].manual_seed(
-                distributed.generator_seed(base, rank, st.iteration + 1)
-            )
-        chains = run.cfg["buffer_size"] if getattr(run.ctx.sampler, "buffer", None) else None
-        if run.dist.is_main:
-            print(distributed.reshard_note(saved_world_size, run.dist, chains), file=sys.stderr)
-
-    def restore_last_good(self, run: Run) -> None:
-        """Put the last saved model and optimiser states back into the run."""
+    def restore_last_good(self, model: nn.Module, optimizer: Optimizer) -> None:
+        """Put the last saved model and optimiser states back into ``model`` and ``optimizer``."""
         if self._good is None:
             raise RuntimeError("CheckpointSaver: no state saved yet")
-        run.ctx.model_for_chain.load_state_dict(self._good[0])
-        run.ctx.optimizer.load_state_dict(self._good[1])
-
-    def resume(self, run: Run, ckpt: dict[str, Any]) -> None:
-        """Load a training checkpoint into the run (weights, optimiser, sampler, RNG, progress).
-
-        Raises:
-            CheckpointError: the checkpoint does not fit the run's config.
-        """
-        ctx = run.ctx
-        try:
-            share = distributed.local_share(ckpt, run.dist)
-            ctx.model_for_chain.load_state_dict(ckpt["model"])
-            ctx.optimizer.load_state_dict(ckpt["optimizer"])
-            apply_optimizer_settings(run.cfg, ctx.optimizer)
-            if ctx.sampler is not None and share.sampler is not None:
-                ctx.sampler.load_state_dict(share.sampler)
-            restore_rng(share.rng or ckpt["rng"], run.generators)
-        except (ValueError, RuntimeError, KeyError, TypeError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckpointError(
-                f"--resume: the checkpoint does not fit this run's config ({first})"
-            ) from None
-        run.state = RunState.from_checkpoint(ckpt)
-        if share.rng is None:
-            self._reseed(run, share.saved_world_size)
-        self._remember(ctx.model_for_chain.state_dict(), ctx.optimizer.state_dict())
+        model.load_state_dict(self._good[0])
+        optimizer.load_state_dict(self._good[1])

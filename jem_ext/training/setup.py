@@ -11,25 +11,28 @@ import datetime
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .. import data as jdata
+from ..accel import (
+    autocast_factory,
+    batch_independent,
+    compile_model,
+    configure_sampler,
+    is_convolutional,
+    make_scaler,
+    use_channels_last,
+)
 from ..models import build_model
 from ..sam import SAM
 from ..sampler import GaussianInit, ReplayBuffer, SGLDSampler, UniformInit
 from . import distributed
-from .accel import apply_speed_options, configure_sampler
 from .distributed import Dist
 from .state import RunState
 from .step import LossWeights, SharpnessAwareContext, StepContext
-
-if TYPE_CHECKING:  # annotations only: these modules import this one
-    from .guard import DivergenceGuard, SplitWatch
-    from .runlog import MetricsLog, Progress
-    from .saver import CheckpointSaver
 
 OPTIMIZERS = ("adam", "sgd")
 PROXIMAL_GRAD_CLIP = 0.03  # JEM++'s element-wise clip of dE/dx when --proximal has no value
@@ -58,7 +61,9 @@ class RunData:
 
 @dataclass
 class Run:
-    """Everything a training run works with; built by :func:`build_run`."""
+    """What a training run is: its config, model and optimiser (in ``ctx``), data, generators
+    and progress; built by :func:`build_run`. What acts on it (the checkpoint saver, the
+    divergence guard, the metrics log) belongs to the loop, which passes it explicitly."""
 
     cfg: dict[str, Any]
     device: torch.device
@@ -69,11 +74,6 @@ class Run:
     out: Path
     state: RunState = field(default_factory=RunState)
     last_samples: Tensor | None = None
-    saver: CheckpointSaver | None = None
-    guard: DivergenceGuard | None = None
-    split_watch: SplitWatch | None = None
-    log: MetricsLog | None = None
-    progress: Progress | None = None
     started: float = field(default_factory=time.perf_counter)
     dist: Dist = distributed.SINGLE
     folder_id: tuple[int, int] | None = None  # the run folder's identity (rank 0, once open)
@@ -239,6 +239,21 @@ def make_augment(cfg: dict[str, Any]) -> jdata.Augment | None:
     if cfg["input_noise"] is not None:
         augment = dataclasses.replace(augment, noise_sigma=cfg["input_noise"])
     return augment
+
+
+def apply_speed_options(ctx: StepContext, cfg: dict[str, Any], device: torch.device) -> None:
+    """Set the context's precision, layout and compilation from the config's speed flags
+    (``precision``, ``channels_last``, ``compile``; the sampler's own options are set where
+    it is built, by :func:`jem_ext.accel.configure_sampler`)."""
+    model = ctx.model_for_chain
+    precision = cfg.get("precision", "fp32")
+    if cfg.get("channels_last") and is_convolutional(model):
+        use_channels_last(model)
+    if cfg.get("compile"):
+        compile_model(model)
+    ctx.autocast = autocast_factory(precision, device)
+    ctx.scaler = make_scaler(precision, device)
+    ctx.joint_forward = batch_independent(model)
 
 
 def build_context(

@@ -1,7 +1,8 @@
-"""Speed options of a run (precision, channels-last, compile, CUDA-graph chain), applied to a
-:class:`~jem_ext.training.step.StepContext` at the seam, never inside the step.
-
-Each option is one small function:
+"""Speed options (precision, channels-last, compile, CUDA-graph chain) that training and
+evaluation share: the ``speed`` flag group of both command lines (:func:`add_speed_flags`) and
+one small function per option. The trainer applies them to its step context at the seam
+(:func:`jem_ext.training.setup.apply_speed_options`), never inside the step; the evaluation
+wraps its models with them (:mod:`jem_ext.eval.speed`).
 
 * :func:`autocast_factory` -- ``fp32`` runs as is; ``bf16``/``fp16`` run the network's forward
   and input-gradient (chain and loss) under ``torch.autocast``; the chain state stays float32
@@ -24,9 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..graphs import GraphedChain
-from ..sampler import SGLDSampler
-from .step import StepContext
+from .graphs import GraphedChain
+from .sampler import SGLDSampler
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -89,21 +89,6 @@ def batch_independent(model: nn.Module) -> bool:
     return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def apply_speed_options(ctx: StepContext, cfg: dict[str, Any], device: torch.device) -> None:
-    """Set the context's precision, layout and compilation from the config's speed flags
-    (``precision``, ``channels_last``, ``compile``; the sampler's own options are set where
-    it is built, by :func:`configure_sampler`)."""
-    model = ctx.model_for_chain
-    precision = cfg.get("precision", "fp32")
-    if cfg.get("channels_last") and is_convolutional(model):
-        use_channels_last(model)
-    if cfg.get("compile"):
-        compile_model(model)
-    ctx.autocast = autocast_factory(precision, device)
-    ctx.scaler = make_scaler(precision, device)
-    ctx.joint_forward = batch_independent(model)
-
-
 def configure_sampler(
     sampler: SGLDSampler, cfg: dict[str, Any], device: torch.device
 ) -> SGLDSampler:
@@ -120,3 +105,55 @@ def configure_sampler(
     if cfg.get("channels_last") and buffer is not None and buffer.data.dim() == 4:
         buffer.data = buffer.data.contiguous(memory_format=torch.channels_last)
     return sampler
+
+
+def add_speed_flags(group: Any, add: Callable[..., None] | None = None) -> None:
+    """The ``speed`` flag group of ``python -m jem_ext.train`` and ``python -m jem_ext.eval``:
+    ``--precision``, ``--channels-last``, ``--compile`` and ``--cuda-graph``, with one set of
+    names, help texts and defaults for both.
+
+    Args:
+        group: the argument group (or parser) the flags join.
+        add: ``add(group, *names, **kwargs)`` adds one flag (the trainer's parser drops the
+            defaults of a suppressed-defaults parse this way); ``group.add_argument`` otherwise.
+    """
+    if add is None:
+        add = _add_argument
+    add(
+        group,
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="arithmetic of the network's forward and input-gradient (training: the loss and the "
+        "SGLD chain, fp16 with a gradient scaler; evaluation: logits, OOD scores, PGD, SGLD "
+        "chains): bf16 or fp16 autocast; inputs and chain states stay float32, the IS/FID "
+        "network runs in float32",
+    )
+    add(
+        group,
+        "--channels-last",
+        action="store_true",
+        default=False,
+        help="channels-last (NHWC) layout for a convolutional model's weights, its input and "
+        "the replay buffer",
+    )
+    add(
+        group,
+        "--compile",
+        action="store_true",
+        default=False,
+        help="torch.compile the model (the loss and the SGLD chain both use it, as does every "
+        "evaluation task)",
+    )
+    add(
+        group,
+        "--cuda-graph",
+        action="store_true",
+        default=False,
+        help="capture the K-step SGLD chains (training's, the generation task's) in a CUDA graph "
+        "once per shape and replay them (runs eagerly, with a note, on the CPU)",
+    )
+
+
+def _add_argument(group: Any, *names: str, **kwargs: Any) -> None:
+    group.add_argument(*names, **kwargs)
