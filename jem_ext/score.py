@@ -227,6 +227,10 @@ def _validation(trained: Trained, need: bool):
             raise DataError(
                 f"its samples have shape {tuple(data.shape)}, the model takes {trained.in_shape}"
             )
+        if data.num_classes != trained.num_classes:
+            raise DataError(
+                f"it has {data.num_classes} classes, the model {trained.num_classes} outputs"
+            )
         if len(data) == 0:
             raise DataError("the split is empty")
     except DataError as err:

@@ -172,8 +172,9 @@ class Trained:
                     f"{path}: a colour image (mode {mode}); the model takes grey images"
                 )
             pixels, _ = _decode_image(path, grey=c == 1)
-        except DataError as err:
-            raise InputError(str(err).removeprefix("image folder: ")) from None
+        except DataError as err:  # "image folder: PATH is not ..." -> "PATH: is not ..."
+            reason = str(err).removeprefix("image folder: ").removeprefix(f"{path} ")
+            raise InputError(f"{path}: {reason}") from None
         return torch.from_numpy(pixels)
 
     def from_array(self, array: np.ndarray, name: str = "array") -> Tensor:
