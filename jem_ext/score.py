@@ -43,7 +43,7 @@ from ._cli import (
 )
 from ._io import atomic_path, write_failure
 from .checkpoint import CheckpointError
-from .data import load_dataset
+from .data import data_fingerprint, fingerprint_changes, load_dataset
 from .data_files import _IMAGE_EXTS
 from .image_data import DataError
 from .trained import InputError, Trained, load
@@ -244,6 +244,19 @@ def _validation(trained: Trained, need: bool):
     return data
 
 
+def _data_warnings(trained: Trained, val) -> list[str]:
+    """One line when the validation split loaded here differs from the one the run recorded."""
+    changes = fingerprint_changes(
+        trained.config.get("data_fingerprint"), data_fingerprint({"val": val})
+    )
+    if not changes:
+        return []
+    return [
+        f"the validation data differ from the run's ({'; '.join(changes)}); the threshold "
+        "may not mean what it seems"
+    ]
+
+
 def ood_threshold(log_px_val: np.ndarray, quantile: float) -> float:
     """The ``quantile`` of the validation ``log p(x)``: a share ``1 - quantile`` of the
     validation inputs lie at or above it (linear interpolation between order statistics)."""
@@ -310,31 +323,41 @@ def run(args: argparse.Namespace, fmt: str) -> str:
             "n_validation": len(val),
             "validation_pass_rate": float(np.mean(val_log_px >= threshold)),
         }
+    warnings = [] if val is None else _data_warnings(trained, val)
+    for line in warnings:
+        print(f"{PROG}: warning: {line}", file=sys.stderr)
     record.update(
+        data_warnings=warnings,
         dataset=trained.config.get("dataset"),
         data_root=trained.config.get("data_root"),
         checkpoint=str(trained.path),
         rule="ood = log p(x) < threshold; log p(x) = logsumexp_y f(x)[y]",
     )
 
-    rows: list[dict[str, Any]] = []
-    n_files = 0
+    names_in, batches = [], []
     for name, x in read_inputs(trained, files, progress):
-        n_files += 1
-        s = trained.scores(x, args.batch_size)
-        pred, max_prob, log_px = (t.cpu().tolist() for t in (s.pred, s.max_prob, s.log_px))
         many = Path(name).suffix.lower() == ".npy"
-        for i, (k, p, lp) in enumerate(zip(pred, max_prob, log_px)):
-            rows.append(
-                {
-                    "path": f"{name}[{i}]" if many else name,
-                    "class": k,
-                    "class_name": names[k] if names is not None and k < len(names) else None,
-                    "max_prob": p,
-                    "log_px": lp,
-                    "ood": not (math.isfinite(lp) and lp >= threshold),
-                }
-            )
+        names_in += [f"{name}[{i}]" for i in range(len(x))] if many else [name]
+        batches.append(x)
+    n_files = len(batches)
+    rows: list[dict[str, Any]] = []
+    x = torch.cat(batches) if batches else torch.empty(0, *trained.in_shape)
+    with tqdm(total=len(x), desc="scoring", unit="input", disable=not progress) as bar:
+        for start in range(0, len(x), args.batch_size):
+            s = trained.scores(x[start : start + args.batch_size], args.batch_size)
+            pred, max_prob, log_px = (t.cpu().tolist() for t in (s.pred, s.max_prob, s.log_px))
+            for name, k, p, lp in zip(names_in[start:], pred, max_prob, log_px):
+                rows.append(
+                    {
+                        "path": name,
+                        "class": k,
+                        "class_name": names[k] if names is not None and k < len(names) else None,
+                        "max_prob": p,
+                        "log_px": lp,
+                        "ood": not (math.isfinite(lp) and lp >= threshold),
+                    }
+                )
+            bar.update(len(pred))
     if not rows:
         raise ScoreError(f"none of the {len(files)} input file(s) could be scored")
     record["n_scored"] = len(rows)

@@ -131,7 +131,9 @@ def test_folder_recursive_with_skips(tmp_path, capsys):
     (inputs / "notes.txt").write_text("ignored")
     out = tmp_path / "out.csv"
     status, _, err = _score(
-        capsys, "--checkpoint", run, "--inputs", inputs, "--out", out, "--no-progress"
+        capsys,
+        *("--checkpoint", run, "--inputs", inputs, "--out", out, "--no-progress"),
+        *("--batch-size", "7"),
     )
     assert status == 0, err
     skipped = [line for line in err.splitlines() if line.startswith("jem_ext.score: skipped ")]
@@ -255,3 +257,26 @@ def test_device_flag(run, test_npy, tmp_path, capsys):
     )
     assert status == 0, err
     assert torch.device(jem_ext.load(run, device="cpu").device).type == "cpu"
+
+
+def test_warns_when_the_validation_data_changed(tmp_path, capsys):
+    from jem_ext.data import data_fingerprint
+
+    val = load_dataset("digits", split="val")
+    recorded = data_fingerprint({"val": val})
+    cfg = {"dataset": "digits", "data_root": None, "seed": 0, "data_fingerprint": recorded}
+    x = tmp_path / "x.npy"
+    np.save(x, val.x[:3].numpy())
+    for changed in (False, True):
+        if changed:
+            recorded["splits"]["val"]["digest"] = "sha256:" + "0" * 64
+        run = save_run(tmp_path / f"run{changed}", config=cfg, train_steps=0)
+        out = tmp_path / f"o{changed}.csv"
+        status, _, err = _score(capsys, "--checkpoint", run, "--inputs", x, "--out", out)
+        assert status == 0
+        side = json.loads(Path(f"{out}.threshold.json").read_text())
+        if changed:
+            assert "jem_ext.score: warning: the validation data differ from the run's" in err
+            assert "holds other samples" in side["data_warnings"][0]
+        else:
+            assert "warning" not in err and side["data_warnings"] == []

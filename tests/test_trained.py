@@ -210,3 +210,23 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for code in blocks:
         exec(compile(code, "README.md", "exec"), {})
+
+
+@pytest.mark.cuda
+def test_read_outs_and_samples_never_sync_the_host(run):
+    """On a GPU the methods queue work and return device tensors; no call waits for the GPU."""
+    t = jem_ext.load(run, device="cuda")
+    x = load_dataset("digits", split="test").x[:64].cuda()
+    y = torch.arange(64, device="cuda") % 10
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        s = t.scores(x, batch_size=16)
+        e = t.energy(x, y)
+        a = t.sample(8, seed=0)
+        b = t.sample(8, y=y[:8], from_buffer=True, seed=0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(v.is_cuda for v in (s.probs, s.log_px, e, a, b))
+    cpu = jem_ext.load(run, device="cpu").scores(x.cpu())
+    torch.testing.assert_close(s.log_px.cpu(), cpu.log_px, rtol=1e-4, atol=1e-4)
