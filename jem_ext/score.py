@@ -276,9 +276,15 @@ def _log_px(trained: Trained, x: torch.Tensor, batch_size: int, progress: bool) 
 # ---------------------------------------------------------------------------------- output
 
 
+def _finite_or_none(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def _render(rows: list[dict[str, Any]], fmt: str) -> str:
-    if fmt == "jsonl":
-        return "".join(json.dumps(r) + "\n" for r in rows)
+    if fmt == "jsonl":  # standard JSON: a non-finite score is null
+        return "".join(
+            json.dumps({k: _finite_or_none(v) for k, v in r.items()}) + "\n" for r in rows
+        )
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     w.writeheader()

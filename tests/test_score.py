@@ -280,3 +280,25 @@ def test_warns_when_the_validation_data_changed(tmp_path, capsys):
             assert "holds other samples" in side["data_warnings"][0]
         else:
             assert "warning" not in err and side["data_warnings"] == []
+
+
+def test_jsonl_is_standard_json_when_a_score_is_not_finite(run, tmp_path, capsys, monkeypatch):
+    real = jem_ext.trained.Trained.logits
+
+    def logits(self, x, batch_size=500):
+        out = real(self, x, batch_size)
+        out[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(jem_ext.trained.Trained, "logits", logits)
+    x = tmp_path / "x.npy"
+    np.save(x, np.zeros((2, 1, 8, 8), np.float32))
+    out = tmp_path / "o.jsonl"
+    status, _, err = _score(
+        capsys, "--checkpoint", run, "--inputs", x, "--out", out, "--threshold", "0"
+    )
+    assert status == 0, err
+    text = out.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    first = json.loads(text.splitlines()[0])
+    assert first["log_px"] is None and first["ood"] is True
