@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         required=True,
-        help="output file: .csv or .jsonl (JSON Lines), one row per input; the threshold goes "
-        "to OUT.threshold.json",
+        help="output file: .csv or .jsonl (JSON Lines), one row per input with columns path, "
+        "class, class_name, max_prob, log_px, ood; the threshold and how it was chosen go to "
+        "OUT.threshold.json",
     )
     p.add_argument(
         "--ood-quantile",
@@ -109,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=finite_float,
         default=None,
         help="use this log p(x) threshold instead of one set on the validation split (needed "
-        "when the run's data set cannot be loaded here)",
+        "when the run's data set cannot be loaded here); write a negative one as "
+        "--threshold=-12.5",
     )
     p.add_argument(
         "--device",
