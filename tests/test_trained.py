@@ -37,7 +37,7 @@ def test_x() -> torch.Tensor:
 
 
 def test_load_run_folder_prefers_best(tmp_path):
-    folder = save_run(tmp_path / "r", name="last.pt")
+    folder = save_run(tmp_path / "r", name="last.pt", train_steps=0)
     assert jem_ext.load(folder).path.name == "last.pt"
     save_run(tmp_path / "r", name="best.pt", train_steps=0)
     t = jem_ext.load(folder)
@@ -104,17 +104,17 @@ def test_sample_from_noise_follows_the_chain(trained):
     torch.testing.assert_close(trained.sample(6, seed=1), a)
     assert not torch.equal(trained.sample(6, seed=2), a)
     # zero steps: the starts themselves, U(-1, 1) noise
-    x0 = trained.sample(500, n_steps=0, seed=0)
+    x0 = trained.sample(100, n_steps=0, seed=0)
     assert -1 <= x0.min() < -0.9 and 0.9 < x0.max() <= 1
     # the chain moves the starts downhill in energy (more steps: lower mean energy)
-    e0 = trained.energy(trained.sample(64, n_steps=0, seed=3)).mean()
-    e20 = trained.energy(trained.sample(64, n_steps=20, seed=3)).mean()
-    assert e20 < e0
+    e0 = trained.energy(trained.sample(16, n_steps=0, seed=3)).mean()
+    e10 = trained.energy(trained.sample(16, n_steps=10, seed=3)).mean()
+    assert e10 < e0
 
 
 def test_class_conditional_samples_lower_their_class_energy(trained):
-    x0 = trained.sample(64, y=4, n_steps=0, seed=5)
-    x = trained.sample(64, y=4, n_steps=20, seed=5)
+    x0 = trained.sample(16, y=4, n_steps=0, seed=5)
+    x = trained.sample(16, y=4, n_steps=10, seed=5)
     assert trained.energy(x, 4).mean() < trained.energy(x0, 4).mean()
     y = torch.arange(8) % 10
     assert trained.sample(8, y=y, seed=0, batch_size=3).shape == (8, 1, 8, 8)
