@@ -23,7 +23,6 @@ import json
 import math
 import os
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -302,7 +301,6 @@ def side_file(out: str | os.PathLike) -> Path:
 
 def run(args: argparse.Namespace, fmt: str) -> str:
     """Score the inputs and write the files; returns the summary line."""
-    start = time.perf_counter()
     progress = not args.no_progress and sys.stderr.isatty()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -380,7 +378,7 @@ def run(args: argparse.Namespace, fmt: str) -> str:
         f"scored {len(rows)} input(s) from {n_files} file(s)"
         + (f", skipped {skipped} file(s)" if skipped else "")
         + f"; {record['n_flagged']} flagged out-of-distribution (log p(x) < {threshold:.4g}); "
-        f"wrote {args.out} and {side} in {time.perf_counter() - start:.1f} s"
+        f"wrote {args.out} and {side}"
     )
 
 
