@@ -30,4 +30,14 @@ from . import (
 __version__: str = _build_info.VERSION
 build_info: dict = dict(_C.build_info)
 
-__all__ = ["__version__", "build_info", "ops"]
+__all__ = ["__version__", "build_info", "load", "ops"]
+
+
+def __getattr__(name: str):
+    # jem_ext.load (jem_ext.trained.load) is imported on first use: it pulls in the data
+    # readers and the sampler, which a plain `import jem_ext` does not need.
+    if name == "load":
+        from .trained import load
+
+        return load
+    raise AttributeError(f"module 'jem_ext' has no attribute {name!r}")
