@@ -28,12 +28,12 @@ from .image_data import (
     _to_unit_range,
 )
 
-_IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 # Pillow modes an image folder reads, each with the scale of its values: 8-bit modes (and the
 # 1-bit mode "1", which Pillow converts to 0/255), 16-bit grey ("I;16*", and "I" as Pillow
 # opens 16-bit grey PNGs) scaled by 65535. Modes with an alpha channel (and palettes with a
 # transparent entry) load only when every pixel is opaque.
-_GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"})
+GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"})
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 _COLOUR_MODES = frozenset({"P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
 _ALPHA_MODES = frozenset({"LA", "PA", "RGBA"})
@@ -294,7 +294,7 @@ def _list_class_folder(root: Path, min_classes: int = 2) -> dict[str, list[Path]
         files = sorted(
             f
             for f in sub.iterdir()
-            if f.is_file() and not _is_hidden(f) and f.suffix.lower() in _IMAGE_EXTS
+            if f.is_file() and not _is_hidden(f) and f.suffix.lower() in IMAGE_EXTS
         )
         if not files:
             raise DataError(
@@ -323,7 +323,7 @@ def _unreadable(path: Path, err: BaseException) -> DataError:
     return DataError(f"image folder: {path} is not a readable PNG/JPEG image ({err})")
 
 
-def _probe_image(path: Path) -> tuple[str, tuple[int, int]]:
+def probe_image(path: Path) -> tuple[str, tuple[int, int]]:
     """Mode and (width, height) of an image, read from its header only; refuses modes whose
     values the folder reader cannot scale to [-1, 1]."""
     try:
@@ -331,7 +331,7 @@ def _probe_image(path: Path) -> tuple[str, tuple[int, int]]:
             mode, size, fmt = im.mode, im.size, im.format
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ...
         raise _unreadable(path, err) from err
-    if mode not in _GREY_MODES | _COLOUR_MODES or (mode == "I" and fmt != "PNG"):
+    if mode not in GREY_MODES | _COLOUR_MODES or (mode == "I" and fmt != "PNG"):
         raise DataError(
             f"image folder: {path} has Pillow mode {mode!r} ({fmt}), which cannot be read as "
             "8- or 16-bit pixels; expected grey, grey+alpha, palette, RGB, RGBA or CMYK images"
@@ -339,7 +339,7 @@ def _probe_image(path: Path) -> tuple[str, tuple[int, int]]:
     return mode, size
 
 
-def _decode_image(path: Path, grey: bool) -> tuple[np.ndarray, str]:
+def decode_image(path: Path, grey: bool) -> tuple[np.ndarray, str]:
     """An image as float32 ``[C, H, W]`` in [-1, 1] (C = 1 when ``grey``, else 3), scaled by
     its bit depth (8-bit values by 255, 16-bit ones by 65535), and the SHA-256 of the file.
 
@@ -431,7 +431,7 @@ def read_folder(root: str | os.PathLike | None, split: str) -> ImageData:
 
     # Mode and size are checked over every split (headers only) so that all splits agree.
     # A plain loop: for small images Pillow is GIL-bound and threads only add overhead.
-    probes = [_probe_image(p) for p in all_paths]
+    probes = [probe_image(p) for p in all_paths]
     sizes = {size: path for path, (_, size) in zip(all_paths, probes)}
     if len(sizes) > 1:
         (s1, p1), (s2, p2) = list(sizes.items())[:2]
@@ -439,13 +439,13 @@ def read_folder(root: str | os.PathLike | None, split: str) -> ImageData:
             f"image folder {base}: expected all images to share one size, but {p1} is "
             f"{s1[0]}x{s1[1]} and {p2} is {s2[0]}x{s2[1]}"
         )
-    grey = all(m in _GREY_MODES for m, _ in probes)
+    grey = all(m in GREY_MODES for m, _ in probes)
     width, height = probes[0][1]
     channels = 1 if grey else 3
     images = np.empty((len(paths), channels, height, width), dtype=np.float32)
     hashes = []
     for i, path in enumerate(paths):
-        images[i], file_hash = _decode_image(path, grey)
+        images[i], file_hash = decode_image(path, grey)
         hashes.append(file_hash)
     x = torch.from_numpy(images)
     digest = _folder_digest(base, paths, hashes, labels, classes)

@@ -43,7 +43,7 @@ from ._cli import (
 from ._io import atomic_path, write_failure
 from .checkpoint import CheckpointError
 from .data import data_fingerprint, fingerprint_changes, load_dataset
-from .data_files import _IMAGE_EXTS
+from .data_files import IMAGE_EXTS
 from .image_data import DataError
 from .trained import InputError, Trained, load
 
@@ -161,7 +161,7 @@ def _check_args(args: argparse.Namespace) -> str:
 
 # ---------------------------------------------------------------------------------- inputs
 
-_INPUT_EXTS = (*_IMAGE_EXTS, ".npy")
+_INPUT_EXTS = (*IMAGE_EXTS, ".npy")
 
 
 def list_inputs(paths: Sequence[str]) -> list[Path]:

@@ -36,7 +36,7 @@ from .checkpoint import (
     replay_buffer_samples,
     resolve_checkpoint,
 )
-from .data_files import _GREY_MODES, _decode_image, _probe_image
+from .data_files import GREY_MODES, decode_image, probe_image
 from .image_data import DataError
 from .sampler import sgld_chain
 
@@ -162,16 +162,16 @@ class Trained:
             )
         c, h, w = self.in_shape
         try:
-            mode, (width, height) = _probe_image(path)
+            mode, (width, height) = probe_image(path)
             if (width, height) != (w, h):
                 raise InputError(
                     f"{path}: a {width}x{height} image; the model takes {w}x{h} images"
                 )
-            if c == 1 and mode not in _GREY_MODES:
+            if c == 1 and mode not in GREY_MODES:
                 raise InputError(
                     f"{path}: a colour image (mode {mode}); the model takes grey images"
                 )
-            pixels, _ = _decode_image(path, grey=c == 1)
+            pixels, _ = decode_image(path, grey=c == 1)
         except DataError as err:  # "image folder: PATH is not ..." -> "PATH: is not ..."
             reason = str(err).removeprefix("image folder: ").removeprefix(f"{path} ")
             raise InputError(f"{path}: {reason}") from None
