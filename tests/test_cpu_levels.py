@@ -101,6 +101,8 @@ ENERGY_SCRIPT = textwrap.dedent("""
             l[2, :] = float("-inf")
             l[3, c - 1] = float("inf")
             l[4, :] = 1e30
+        if b > 5 and c > 1:
+            l[5, 0] = -200.0  # exp underflows: below the max by more than 87.3
         return l
 
     def cases():

@@ -13,8 +13,12 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -209,6 +213,203 @@ void pick_grad_rows(int64_t rows, int64_t C, const int64_t* y, const acc_t* grad
   }
 }
 
+#if JEM_EXT_X86_LEVELS
+// Rows of at most 16 classes at AVX-512: 16 rows at a time, one row per
+// SIMD lane. Each row is one masked 16-float load; a 16 x 16 transpose in
+// registers turns them into one vector per class, and the per-row work
+// (max, shift, exp, sum, log, 1 / sum) runs once per 16 rows on whole
+// vectors instead of once per row on 10 scalars. The column code applies the
+// same energy.h functions in the same order as lse_rows / softmax_rows (max
+// and sum in the two interleaved chains of row_max / row_sum), so its bits
+// are those of the per-row loops.
+
+// In-register transpose of a 16 x 16 float block (rows <-> columns).
+JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void transpose16x16(__m512 v[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  __m512 u[16];
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  // u[4 i + j] holds, in its 128-bit lane k, element 4 k + j of rows 4 i .. 4 i + 3.
+  for (int j = 0; j < 4; ++j) {
+    const __m512 a = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88);
+    const __m512 b = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xdd);
+    const __m512 c = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88);
+    const __m512 d = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xdd);
+    v[j] = _mm512_shuffle_f32x4(a, c, 0x88);
+    v[8 + j] = _mm512_shuffle_f32x4(a, c, 0xdd);
+    v[4 + j] = _mm512_shuffle_f32x4(b, d, 0x88);
+    v[12 + j] = _mm512_shuffle_f32x4(b, d, 0xdd);
+  }
+}
+
+// exp_float of 16 lanes known to lie in [-87.33654, 0]: the same
+// operations in the same order without the range and NaN selects, which
+// change nothing there (so the same bits).
+JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE __m512 exp_in_range16(__m512 x) {
+  const __m512 magic = _mm512_set1_ps(12582912.0f);
+  const __m512 n = _mm512_sub_ps(
+      _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), magic), magic);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 er = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  const __m512i ni = _mm512_cvttps_epi32(n);
+  const __m512 scale =
+      _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(ni, _mm512_set1_epi32(127)), 23));
+  return _mm512_mul_ps(er, scale);
+}
+
+// The row sums of 16 rows from their exps, one vector per class: row_sum<kC>'s
+// two chains.
+template <int kC>
+JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE __m512 row_sums16(const __m512* e) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  for (int c = 0; c + 1 < kC; c += 2) {
+    s0 = _mm512_add_ps(s0, e[c]);
+    s1 = _mm512_add_ps(s1, e[c + 1]);
+  }
+  if (kC % 2 == 1) s0 = _mm512_add_ps(s0, e[kC - 1]);
+  return _mm512_add_ps(s0, s1);
+}
+
+// lse (and max and sum, for ce_rows) of `rows` rows of kC <= 16 classes;
+// with kProbs also their softmax e / sum, as softmax_rows writes it
+// (irregular rows excepted: softmax_rows_x16 rewrites those).
+template <int kC, bool kProbs>
+JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void lse_rows_x16(const float* __restrict l, int64_t rows,
+                                                       const RowScratch<float>& s,
+                                                       float* __restrict probs) {
+  static_assert(kC >= 2 && kC <= 16, "one row per 16-float vector");
+  const __mmask16 class_mask = static_cast<__mmask16>((1u << kC) - 1u);
+  alignas(64) float col[kC][16];
+  alignas(64) float m[16], sum[16], lse[16];
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, rows - r0));
+    // Rows past the end (in the last group) load as zeros, through an
+    // empty mask: no branch, no access.
+    __m512 v[16];
+    for (int j = 0; j < 16; ++j) {
+      v[j] = _mm512_maskz_loadu_ps(j < n ? class_mask : 0, l + (r0 + j) * kC);
+    }
+    transpose16x16(v);
+    // std::max(a, b) is (a < b) ? b : a, which is _mm512_max_ps(b, a) (the
+    // second operand on NaN and on equal values). row_max<kC>: two chains,
+    // even and odd classes.
+    __m512 m0 = v[0], m1 = v[1];
+    for (int c = 2; c + 1 < kC; c += 2) {
+      m0 = _mm512_max_ps(v[c], m0);
+      m1 = _mm512_max_ps(v[c + 1], m1);
+    }
+    if (kC % 2 == 1) m0 = _mm512_max_ps(v[kC - 1], m0);
+    _mm512_store_ps(m, _mm512_max_ps(m1, m0));
+    // shift = lse_shift(m): m where finite (m - m == 0), else +0.
+    const __m512 m_v = _mm512_load_ps(m);
+    const __mmask16 finite =
+        _mm512_cmp_ps_mask(_mm512_sub_ps(m_v, m_v), _mm512_setzero_ps(), _CMP_EQ_OQ);
+    const __m512 shift_v = _mm512_maskz_mov_ps(finite, m_v);
+    // The smallest l - shift of each row: when every row's max is finite
+    // and it is >= -87.33654, every exp argument is in exp_in_range16's
+    // range, unless the row holds a NaN (which max and min may drop; it
+    // makes the row's sum NaN, checked below).
+    __m512 lo = v[0];
+    for (int c = 1; c < kC; ++c) lo = _mm512_min_ps(v[c], lo);
+    const __mmask16 in_range =
+        _mm512_cmp_ps_mask(_mm512_sub_ps(lo, shift_v), _mm512_set1_ps(-87.33654f), _CMP_GE_OQ);
+    __m512 e[kC];
+    for (int c = 0; c < kC; ++c) e[c] = exp_in_range16(_mm512_sub_ps(v[c], shift_v));
+    __m512 sum_v = row_sums16<kC>(e);
+    const __mmask16 no_nan = _mm512_cmp_ps_mask(sum_v, sum_v, _CMP_EQ_OQ);
+    if ((finite & in_range & no_nan) != 0xffff) {
+      // Some row out of that range (an infinite or NaN entry, or a class
+      // below the max by more than 87.3): exp_float itself, selects and all.
+      for (int c = 0; c < kC; ++c) _mm512_store_ps(col[c], _mm512_sub_ps(v[c], shift_v));
+      for (int c = 0; c < kC; ++c) {
+        for (int j = 0; j < 16; ++j) col[c][j] = exp_acc<float>(col[c][j]);
+      }
+      for (int c = 0; c < kC; ++c) e[c] = _mm512_load_ps(col[c]);
+      sum_v = row_sums16<kC>(e);
+    }
+    _mm512_store_ps(sum, sum_v);
+    for (int j = 0; j < 16; ++j) lse[j] = lse_finish(m[j], sum[j]);
+    const __mmask16 row_mask = static_cast<__mmask16>((1u << n) - 1u);
+    _mm512_mask_storeu_ps(s.m + r0, row_mask, _mm512_load_ps(m));
+    _mm512_mask_storeu_ps(s.sums + r0, row_mask, sum_v);
+    _mm512_mask_storeu_ps(s.lse + r0, row_mask, _mm512_load_ps(lse));
+    if constexpr (kProbs) {
+      const __m512 inv_v = _mm512_div_ps(_mm512_set1_ps(1.0f), sum_v);
+      for (int c = 0; c < 16; ++c) v[c] = c < kC ? _mm512_mul_ps(e[c], inv_v) : _mm512_setzero_ps();
+      transpose16x16(v);
+      for (int j = 0; j < 16; ++j) {
+        _mm512_mask_storeu_ps(probs + (r0 + j) * kC, j < n ? class_mask : 0, v[j]);
+      }
+    }
+  }
+}
+
+// softmax_rows for kC <= 16 classes at AVX-512, after lse_rows_x16<kC, true>
+// wrote the regular rows: the others are computed by grad_rows, as there.
+template <int kC>
+JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void softmax_fixup_x16(const float* __restrict l, int64_t rows,
+                                                            const RowScratch<float>& s,
+                                                            float* __restrict probs) {
+  const float one = 1;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (regular_row(s.m[r], s.sums[r])) continue;
+    const RowScratch<float> row{s.t, s.m + r, s.sums + r, s.lse + r};
+    grad_rows<float, float, kC>(l + r * kC, 1, kC, row, &one, nullptr, nullptr, probs + r * kC);
+  }
+}
+
+// The AVX-512 lse and lse-with-softmax loops: across rows up to 16 classes,
+// else the per-row loops.
+template <int kC>
+JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void lse_rows_avx512(const float* l, int64_t rows, int64_t C,
+                                                          const RowScratch<float>& s) {
+  if constexpr (kC > 0) {
+    lse_rows_x16<kC, false>(l, rows, s, nullptr);
+  } else {
+    lse_rows<float, float, kC>(l, rows, C, s);
+  }
+}
+
+template <int kC>
+JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void lse_softmax_rows_avx512(const float* l, int64_t rows,
+                                                                  int64_t C,
+                                                                  const RowScratch<float>& s,
+                                                                  float* probs) {
+  if constexpr (kC > 0) {
+    lse_rows_x16<kC, true>(l, rows, s, probs);
+    softmax_fixup_x16<kC>(l, rows, s, probs);
+  } else {
+    lse_rows<float, float, kC>(l, rows, C, s);
+    softmax_rows<float, float, kC>(l, rows, C, s, probs);
+  }
+}
+#endif  // JEM_EXT_X86_LEVELS
+
+// lse_rows then softmax_rows: the forward that keeps its softmax.
+template <typename scalar_t, typename acc_t, int kC = 0>
+JEM_EXT_INLINE void lse_softmax_rows(const scalar_t* l, int64_t rows, int64_t C,
+                                     const RowScratch<acc_t>& s, scalar_t* probs) {
+  lse_rows<scalar_t, acc_t, kC>(l, rows, C, s);
+  softmax_rows<scalar_t, acc_t, kC>(l, rows, C, s, probs);
+}
+
 // The float32 loops, compiled once per CPU level (cpu_level.h) and picked
 // at run time; the half types and double use the portable template (half
 // types are rare here, double is for tests). For 2 <= C <= 16 the number of
@@ -229,15 +430,18 @@ void pick_grad_rows(int64_t rows, int64_t C, const int64_t* y, const acc_t* grad
   }
 // clang-format on
 #define JEM_EXT_LSE(k) lse_rows<float, float, k>(l, rows, C, s)
+#define JEM_EXT_LSE_AVX512(k) lse_rows_avx512<k>(l, rows, C, s)
 #define JEM_EXT_GRAD(k) grad_rows<float, float, k>(l, rows, C, s, grad_lse, y, grad_pick, out)
-#define JEM_EXT_SOFTMAX(k) softmax_rows<float, float, k>(l, rows, C, s, probs)
+#define JEM_EXT_SOFTMAX(k) lse_softmax_rows<float, float, k>(l, rows, C, s, probs)
+#define JEM_EXT_SOFTMAX_AVX512(k) lse_softmax_rows_avx512<k>(l, rows, C, s, probs)
 #define JEM_EXT_SOFTMAX_GRAD(k) softmax_grad_rows<float, float, k>(probs, rows, C, grad_lse)
 
-// One level's pair of float32 loops, named <name>_<level>.
-#define JEM_EXT_ENERGY_LOOPS(ATTR, LEVEL)                                                    \
+// One level's float32 loops, named <name>_<level>; LSE and SOFTMAX name the
+// forward loops (lse alone, lse with the softmax kept) for one class count.
+#define JEM_EXT_ENERGY_LOOPS(ATTR, LEVEL, LSE, SOFTMAX)                                      \
   ATTR void lse_rows_float_##LEVEL(const float* l, int64_t rows, int64_t C,                  \
                                    const RowScratch<float>& s) {                             \
-    JEM_EXT_STATIC_CLASSES(JEM_EXT_LSE);                                                     \
+    JEM_EXT_STATIC_CLASSES(LSE);                                                             \
   }                                                                                          \
   ATTR void ce_rows_float_##LEVEL(const float* l, int64_t rows, int64_t C, const int64_t* y, \
                                   const RowScratch<float>& s, float* e, float* ce) {         \
@@ -250,22 +454,24 @@ void pick_grad_rows(int64_t rows, int64_t C, const int64_t* y, const acc_t* grad
   }                                                                                          \
   ATTR void softmax_rows_float_##LEVEL(const float* l, int64_t rows, int64_t C,              \
                                        const RowScratch<float>& s, float* probs) {           \
-    JEM_EXT_STATIC_CLASSES(JEM_EXT_SOFTMAX);                                                 \
+    JEM_EXT_STATIC_CLASSES(SOFTMAX);                                                         \
   }                                                                                          \
   ATTR void softmax_grad_rows_float_##LEVEL(float* probs, int64_t rows, int64_t C,           \
                                             const float* grad_lse) {                         \
     JEM_EXT_STATIC_CLASSES(JEM_EXT_SOFTMAX_GRAD);                                            \
   }
 
-JEM_EXT_ENERGY_LOOPS(, baseline)
+JEM_EXT_ENERGY_LOOPS(, baseline, JEM_EXT_LSE, JEM_EXT_SOFTMAX)
 #if JEM_EXT_X86_LEVELS
-JEM_EXT_ENERGY_LOOPS(JEM_EXT_TARGET_AVX2, avx2)
-JEM_EXT_ENERGY_LOOPS(JEM_EXT_TARGET_AVX512, avx512)
+JEM_EXT_ENERGY_LOOPS(JEM_EXT_TARGET_AVX2, avx2, JEM_EXT_LSE, JEM_EXT_SOFTMAX)
+JEM_EXT_ENERGY_LOOPS(JEM_EXT_TARGET_AVX512, avx512, JEM_EXT_LSE_AVX512, JEM_EXT_SOFTMAX_AVX512)
 #endif
 #undef JEM_EXT_ENERGY_LOOPS
 #undef JEM_EXT_SOFTMAX_GRAD
+#undef JEM_EXT_SOFTMAX_AVX512
 #undef JEM_EXT_SOFTMAX
 #undef JEM_EXT_GRAD
+#undef JEM_EXT_LSE_AVX512
 #undef JEM_EXT_LSE
 #undef JEM_EXT_STATIC_CLASSES
 
@@ -276,6 +482,7 @@ struct EnergyKernels {
                   const RowScratch<float>& s, float* e, float* ce);
   void (*grad_rows)(const float* l, int64_t rows, int64_t C, const RowScratch<float>& s,
                     const float* grad_lse, const int64_t* y, const float* grad_pick, float* out);
+  // lse_rows and softmax_rows in one.
   void (*softmax_rows)(const float* l, int64_t rows, int64_t C, const RowScratch<float>& s,
                        float* probs);
   void (*softmax_grad_rows)(float* probs, int64_t rows, int64_t C, const float* grad_lse);
@@ -333,7 +540,7 @@ void softmax_block(const scalar_t* l, int64_t rows, int64_t C, const RowScratch<
   if constexpr (std::is_same_v<scalar_t, float>) {
     energy_kernels(cpu_level()).softmax_rows(l, rows, C, s, probs);
   } else {
-    softmax_rows<scalar_t, acc_t>(l, rows, C, s, probs);
+    lse_softmax_rows<scalar_t, acc_t>(l, rows, C, s, probs);
   }
 }
 
@@ -444,9 +651,8 @@ std::tuple<at::Tensor, at::Tensor> energy_softmax_cpu(const at::Tensor& logits_i
         scalar_t* e = energy.data_ptr<scalar_t>();
         scalar_t* p = probs.data_ptr<scalar_t>();
         for_row_blocks<acc_t>(B, C, [&](int64_t r0, int64_t rows, const RowScratch<acc_t>& s) {
-          lse_block<scalar_t, acc_t>(l + r0 * C, rows, C, s);
-          for (int64_t r = 0; r < rows; ++r) e[r0 + r] = static_cast<scalar_t>(-s.lse[r]);
           softmax_block<scalar_t, acc_t>(l + r0 * C, rows, C, s, p + r0 * C);
+          for (int64_t r = 0; r < rows; ++r) e[r0 + r] = static_cast<scalar_t>(-s.lse[r]);
         });
       });
   return {energy, probs};
