@@ -375,6 +375,35 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void softmax_fixup_x16(const float* __restr
   }
 }
 
+// softmax_grad_rows for kC <= 16 classes at AVX-512: 16 rows (kC vectors of
+// 16 floats) at a time, each vector's row scales spread from the 16 rows'
+// scales by one permute.
+template <int kC>
+JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void softmax_grad_rows_x16(float* __restrict probs,
+                                                                int64_t rows,
+                                                                const float* __restrict grad_lse) {
+  __m512i row_of[kC];  // lane i of vector k holds element 16 k + i: row (16 k + i) / kC
+  for (int k = 0; k < kC; ++k) {
+    alignas(64) int32_t idx[16];
+    for (int i = 0; i < 16; ++i) idx[i] = (16 * k + i) / kC;
+    row_of[k] = _mm512_load_si512(idx);
+  }
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, rows - r0));
+    const __m512 scale =
+        _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), grad_lse + r0);
+    float* p = probs + r0 * kC;
+    for (int k = 0; k < kC; ++k) {
+      // The group's elements 16 k .. 16 k + 15 that exist (all but in the last group).
+      const int valid = std::min(16, std::max(0, n * kC - 16 * k));
+      const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+      const __m512 e = _mm512_maskz_loadu_ps(mask, p + 16 * k);
+      _mm512_mask_storeu_ps(p + 16 * k, mask,
+                            _mm512_mul_ps(_mm512_permutexvar_ps(row_of[k], scale), e));
+    }
+  }
+}
+
 // The AVX-512 lse and lse-with-softmax loops: across rows up to 16 classes,
 // else the per-row loops.
 template <int kC>
@@ -398,6 +427,17 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void lse_softmax_rows_avx512(const float* l
   } else {
     lse_rows<float, float, kC>(l, rows, C, s);
     softmax_rows<float, float, kC>(l, rows, C, s, probs);
+  }
+}
+
+template <int kC>
+JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void softmax_grad_rows_avx512(float* probs, int64_t rows,
+                                                                   int64_t C,
+                                                                   const float* grad_lse) {
+  if constexpr (kC > 0) {
+    softmax_grad_rows_x16<kC>(probs, rows, grad_lse);
+  } else {
+    softmax_grad_rows<float, float, kC>(probs, rows, C, grad_lse);
   }
 }
 #endif  // JEM_EXT_X86_LEVELS
@@ -435,10 +475,12 @@ JEM_EXT_INLINE void lse_softmax_rows(const scalar_t* l, int64_t rows, int64_t C,
 #define JEM_EXT_SOFTMAX(k) lse_softmax_rows<float, float, k>(l, rows, C, s, probs)
 #define JEM_EXT_SOFTMAX_AVX512(k) lse_softmax_rows_avx512<k>(l, rows, C, s, probs)
 #define JEM_EXT_SOFTMAX_GRAD(k) softmax_grad_rows<float, float, k>(probs, rows, C, grad_lse)
+#define JEM_EXT_SOFTMAX_GRAD_AVX512(k) softmax_grad_rows_avx512<k>(probs, rows, C, grad_lse)
 
 // One level's float32 loops, named <name>_<level>; LSE and SOFTMAX name the
-// forward loops (lse alone, lse with the softmax kept) for one class count.
-#define JEM_EXT_ENERGY_LOOPS(ATTR, LEVEL, LSE, SOFTMAX)                                      \
+// forward loops (lse alone, lse with the softmax kept) and SOFTMAX_GRAD the
+// kept softmax's backward, for one class count.
+#define JEM_EXT_ENERGY_LOOPS(ATTR, LEVEL, LSE, SOFTMAX, SOFTMAX_GRAD)                        \
   ATTR void lse_rows_float_##LEVEL(const float* l, int64_t rows, int64_t C,                  \
                                    const RowScratch<float>& s) {                             \
     JEM_EXT_STATIC_CLASSES(LSE);                                                             \
@@ -458,15 +500,17 @@ JEM_EXT_INLINE void lse_softmax_rows(const scalar_t* l, int64_t rows, int64_t C,
   }                                                                                          \
   ATTR void softmax_grad_rows_float_##LEVEL(float* probs, int64_t rows, int64_t C,           \
                                             const float* grad_lse) {                         \
-    JEM_EXT_STATIC_CLASSES(JEM_EXT_SOFTMAX_GRAD);                                            \
+    JEM_EXT_STATIC_CLASSES(SOFTMAX_GRAD);                                                    \
   }
 
-JEM_EXT_ENERGY_LOOPS(, baseline, JEM_EXT_LSE, JEM_EXT_SOFTMAX)
+JEM_EXT_ENERGY_LOOPS(, baseline, JEM_EXT_LSE, JEM_EXT_SOFTMAX, JEM_EXT_SOFTMAX_GRAD)
 #if JEM_EXT_X86_LEVELS
-JEM_EXT_ENERGY_LOOPS(JEM_EXT_TARGET_AVX2, avx2, JEM_EXT_LSE, JEM_EXT_SOFTMAX)
-JEM_EXT_ENERGY_LOOPS(JEM_EXT_TARGET_AVX512, avx512, JEM_EXT_LSE_AVX512, JEM_EXT_SOFTMAX_AVX512)
+JEM_EXT_ENERGY_LOOPS(JEM_EXT_TARGET_AVX2, avx2, JEM_EXT_LSE, JEM_EXT_SOFTMAX, JEM_EXT_SOFTMAX_GRAD)
+JEM_EXT_ENERGY_LOOPS(JEM_EXT_TARGET_AVX512, avx512, JEM_EXT_LSE_AVX512, JEM_EXT_SOFTMAX_AVX512,
+                     JEM_EXT_SOFTMAX_GRAD_AVX512)
 #endif
 #undef JEM_EXT_ENERGY_LOOPS
+#undef JEM_EXT_SOFTMAX_GRAD_AVX512
 #undef JEM_EXT_SOFTMAX_GRAD
 #undef JEM_EXT_SOFTMAX_AVX512
 #undef JEM_EXT_SOFTMAX
