@@ -361,12 +361,11 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void lse_rows_x16(const float* __restrict l
   }
 }
 
-// softmax_rows for kC <= 16 classes at AVX-512, after lse_rows_x16<kC, true>
-// wrote the regular rows: the others are computed by grad_rows, as there.
+// softmax_rows for kC <= 16 classes, after lse_rows_x16 / lse_rows_x8 wrote
+// the regular rows: the others are computed by grad_rows, as there.
 template <int kC>
-JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void softmax_fixup_x16(const float* __restrict l, int64_t rows,
-                                                            const RowScratch<float>& s,
-                                                            float* __restrict probs) {
+JEM_EXT_INLINE void softmax_fixup(const float* __restrict l, int64_t rows,
+                                  const RowScratch<float>& s, float* __restrict probs) {
   const float one = 1;
   for (int64_t r = 0; r < rows; ++r) {
     if (regular_row(s.m[r], s.sums[r])) continue;
@@ -404,6 +403,197 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void softmax_grad_rows_x16(float* __restric
   }
 }
 
+// The same at AVX2: 8 rows (kC vectors of 8 floats) at a time.
+template <int kC>
+JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void softmax_grad_rows_x8(float* __restrict probs, int64_t rows,
+                                                             const float* __restrict grad_lse) {
+  __m256i row_of[kC];  // lane i of vector k holds element 8 k + i: row (8 k + i) / kC
+  for (int k = 0; k < kC; ++k) {
+    alignas(32) int32_t idx[8];
+    for (int i = 0; i < 8; ++i) idx[i] = (8 * k + i) / kC;
+    row_of[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(idx));
+  }
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t r0 = 0;
+  for (; r0 + 8 <= rows; r0 += 8) {
+    const __m256 scale = _mm256_loadu_ps(grad_lse + r0);
+    float* p = probs + r0 * kC;
+    for (int k = 0; k < kC; ++k) {
+      const __m256 e = _mm256_loadu_ps(p + 8 * k);
+      _mm256_storeu_ps(p + 8 * k, _mm256_mul_ps(_mm256_permutevar8x32_ps(scale, row_of[k]), e));
+    }
+  }
+  if (r0 < rows) {  // the last rows, through masks
+    const int n = static_cast<int>(rows - r0);
+    const __m256 scale =
+        _mm256_maskload_ps(grad_lse + r0, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
+    float* p = probs + r0 * kC;
+    for (int k = 0; k < kC; ++k) {
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n * kC - 8 * k), lane);
+      const __m256 e = _mm256_maskload_ps(p + 8 * k, mask);
+      _mm256_maskstore_ps(p + 8 * k, mask,
+                          _mm256_mul_ps(_mm256_permutevar8x32_ps(scale, row_of[k]), e));
+    }
+  }
+}
+
+template <int kC>
+JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void softmax_grad_rows_avx2(float* probs, int64_t rows,
+                                                               int64_t C, const float* grad_lse) {
+  if constexpr (kC > 0) {
+    softmax_grad_rows_x8<kC>(probs, rows, grad_lse);
+  } else {
+    softmax_grad_rows<float, float, kC>(probs, rows, C, grad_lse);
+  }
+}
+
+// The AVX2 form of lse_rows_x16: 8 rows at a time, each row one or two
+// 8-float masked loads (classes 0-7, 8-15), two 8 x 8 transposes.
+
+// In-register transpose of an 8 x 8 float block.
+JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void transpose8x8(__m256 v[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+  }
+  // u[4 i + j] holds, in its 128-bit half h, element 4 h + j of rows 4 i .. 4 i + 3.
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x20);
+    v[4 + j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x31);
+  }
+}
+
+JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE __m256 exp_in_range8(__m256 x) {
+  const __m256 magic = _mm256_set1_ps(12582912.0f);
+  const __m256 n = _mm256_sub_ps(
+      _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), magic), magic);
+  __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 er = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  const __m256i ni = _mm256_cvttps_epi32(n);
+  const __m256 scale =
+      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23));
+  return _mm256_mul_ps(er, scale);
+}
+
+template <int kC>
+JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE __m256 row_sums8(const __m256* e) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  for (int c = 0; c + 1 < kC; c += 2) {
+    s0 = _mm256_add_ps(s0, e[c]);
+    s1 = _mm256_add_ps(s1, e[c + 1]);
+  }
+  if (kC % 2 == 1) s0 = _mm256_add_ps(s0, e[kC - 1]);
+  return _mm256_add_ps(s0, s1);
+}
+
+template <int kC, bool kProbs>
+JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void lse_rows_x8(const float* __restrict l, int64_t rows,
+                                                    const RowScratch<float>& s,
+                                                    float* __restrict probs) {
+  static_assert(kC >= 2 && kC <= 16, "one row per two 8-float vectors");
+  constexpr int kHalves = kC > 8 ? 2 : 1;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  // Masks of the classes of each half of a row.
+  const __m256i half_mask[2] = {_mm256_cmpgt_epi32(_mm256_set1_epi32(kC), lane),
+                                _mm256_cmpgt_epi32(_mm256_set1_epi32(kC - 8), lane)};
+  alignas(32) float col[kC][8];
+  alignas(32) float m[8], sum[8], lse[8];
+  for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, rows - r0));
+    __m256 v[16];
+    for (int h = 0; h < kHalves; ++h) {
+      for (int j = 0; j < 8; ++j) {
+        const __m256i mask = j < n ? half_mask[h] : _mm256_setzero_si256();
+        v[8 * h + j] = _mm256_maskload_ps(l + (r0 + j) * kC + 8 * h, mask);
+      }
+      transpose8x8(v + 8 * h);
+    }
+    // row_max<kC>'s chains; std::max(a, b) is _mm256_max_ps(b, a).
+    __m256 m0 = v[0], m1 = v[1];
+    for (int c = 2; c + 1 < kC; c += 2) {
+      m0 = _mm256_max_ps(v[c], m0);
+      m1 = _mm256_max_ps(v[c + 1], m1);
+    }
+    if (kC % 2 == 1) m0 = _mm256_max_ps(v[kC - 1], m0);
+    const __m256 m_v = _mm256_max_ps(m1, m0);
+    _mm256_store_ps(m, m_v);
+    const __m256 finite = _mm256_cmp_ps(_mm256_sub_ps(m_v, m_v), _mm256_setzero_ps(), _CMP_EQ_OQ);
+    const __m256 shift_v = _mm256_and_ps(finite, m_v);  // lse_shift(m)
+    __m256 lo = v[0];
+    for (int c = 1; c < kC; ++c) lo = _mm256_min_ps(v[c], lo);
+    const __m256 in_range =
+        _mm256_cmp_ps(_mm256_sub_ps(lo, shift_v), _mm256_set1_ps(-87.33654f), _CMP_GE_OQ);
+    __m256 e[kC];
+    for (int c = 0; c < kC; ++c) e[c] = exp_in_range8(_mm256_sub_ps(v[c], shift_v));
+    __m256 sum_v = row_sums8<kC>(e);
+    const __m256 no_nan = _mm256_cmp_ps(sum_v, sum_v, _CMP_EQ_OQ);
+    if (_mm256_movemask_ps(_mm256_and_ps(_mm256_and_ps(finite, in_range), no_nan)) != 0xff) {
+      for (int c = 0; c < kC; ++c) _mm256_store_ps(col[c], _mm256_sub_ps(v[c], shift_v));
+      for (int c = 0; c < kC; ++c) {
+        for (int j = 0; j < 8; ++j) col[c][j] = exp_acc<float>(col[c][j]);
+      }
+      for (int c = 0; c < kC; ++c) e[c] = _mm256_load_ps(col[c]);
+      sum_v = row_sums8<kC>(e);
+    }
+    _mm256_store_ps(sum, sum_v);
+    for (int j = 0; j < 8; ++j) lse[j] = lse_finish(m[j], sum[j]);
+    const __m256i row_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
+    _mm256_maskstore_ps(s.m + r0, row_mask, m_v);
+    _mm256_maskstore_ps(s.sums + r0, row_mask, sum_v);
+    _mm256_maskstore_ps(s.lse + r0, row_mask, _mm256_load_ps(lse));
+    if constexpr (kProbs) {
+      const __m256 inv_v = _mm256_div_ps(_mm256_set1_ps(1.0f), sum_v);
+      for (int c = 0; c < 8 * kHalves; ++c) {
+        v[c] = c < kC ? _mm256_mul_ps(e[c], inv_v) : _mm256_setzero_ps();
+      }
+      for (int h = 0; h < kHalves; ++h) {
+        transpose8x8(v + 8 * h);
+        for (int j = 0; j < 8; ++j) {
+          const __m256i mask = j < n ? half_mask[h] : _mm256_setzero_si256();
+          _mm256_maskstore_ps(probs + (r0 + j) * kC + 8 * h, mask, v[8 * h + j]);
+        }
+      }
+    }
+  }
+}
+
+template <int kC>
+JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void lse_rows_avx2(const float* l, int64_t rows, int64_t C,
+                                                      const RowScratch<float>& s) {
+  if constexpr (kC > 0) {
+    lse_rows_x8<kC, false>(l, rows, s, nullptr);
+  } else {
+    lse_rows<float, float, kC>(l, rows, C, s);
+  }
+}
+
+template <int kC>
+JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void lse_softmax_rows_avx2(const float* l, int64_t rows,
+                                                              int64_t C, const RowScratch<float>& s,
+                                                              float* probs) {
+  if constexpr (kC > 0) {
+    lse_rows_x8<kC, true>(l, rows, s, probs);
+    softmax_fixup<kC>(l, rows, s, probs);
+  } else {
+    lse_rows<float, float, kC>(l, rows, C, s);
+    softmax_rows<float, float, kC>(l, rows, C, s, probs);
+  }
+}
+
 // The AVX-512 lse and lse-with-softmax loops: across rows up to 16 classes,
 // else the per-row loops.
 template <int kC>
@@ -423,7 +613,7 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void lse_softmax_rows_avx512(const float* l
                                                                   float* probs) {
   if constexpr (kC > 0) {
     lse_rows_x16<kC, true>(l, rows, s, probs);
-    softmax_fixup_x16<kC>(l, rows, s, probs);
+    softmax_fixup<kC>(l, rows, s, probs);
   } else {
     lse_rows<float, float, kC>(l, rows, C, s);
     softmax_rows<float, float, kC>(l, rows, C, s, probs);
@@ -475,6 +665,9 @@ JEM_EXT_INLINE void lse_softmax_rows(const scalar_t* l, int64_t rows, int64_t C,
 #define JEM_EXT_SOFTMAX(k) lse_softmax_rows<float, float, k>(l, rows, C, s, probs)
 #define JEM_EXT_SOFTMAX_AVX512(k) lse_softmax_rows_avx512<k>(l, rows, C, s, probs)
 #define JEM_EXT_SOFTMAX_GRAD(k) softmax_grad_rows<float, float, k>(probs, rows, C, grad_lse)
+#define JEM_EXT_LSE_AVX2(k) lse_rows_avx2<k>(l, rows, C, s)
+#define JEM_EXT_SOFTMAX_AVX2(k) lse_softmax_rows_avx2<k>(l, rows, C, s, probs)
+#define JEM_EXT_SOFTMAX_GRAD_AVX2(k) softmax_grad_rows_avx2<k>(probs, rows, C, grad_lse)
 #define JEM_EXT_SOFTMAX_GRAD_AVX512(k) softmax_grad_rows_avx512<k>(probs, rows, C, grad_lse)
 
 // One level's float32 loops, named <name>_<level>; LSE and SOFTMAX name the
@@ -505,12 +698,16 @@ JEM_EXT_INLINE void lse_softmax_rows(const scalar_t* l, int64_t rows, int64_t C,
 
 JEM_EXT_ENERGY_LOOPS(, baseline, JEM_EXT_LSE, JEM_EXT_SOFTMAX, JEM_EXT_SOFTMAX_GRAD)
 #if JEM_EXT_X86_LEVELS
-JEM_EXT_ENERGY_LOOPS(JEM_EXT_TARGET_AVX2, avx2, JEM_EXT_LSE, JEM_EXT_SOFTMAX, JEM_EXT_SOFTMAX_GRAD)
+JEM_EXT_ENERGY_LOOPS(JEM_EXT_TARGET_AVX2, avx2, JEM_EXT_LSE_AVX2, JEM_EXT_SOFTMAX_AVX2,
+                     JEM_EXT_SOFTMAX_GRAD_AVX2)
 JEM_EXT_ENERGY_LOOPS(JEM_EXT_TARGET_AVX512, avx512, JEM_EXT_LSE_AVX512, JEM_EXT_SOFTMAX_AVX512,
                      JEM_EXT_SOFTMAX_GRAD_AVX512)
 #endif
 #undef JEM_EXT_ENERGY_LOOPS
 #undef JEM_EXT_SOFTMAX_GRAD_AVX512
+#undef JEM_EXT_SOFTMAX_GRAD_AVX2
+#undef JEM_EXT_SOFTMAX_AVX2
+#undef JEM_EXT_LSE_AVX2
 #undef JEM_EXT_SOFTMAX_GRAD
 #undef JEM_EXT_SOFTMAX_AVX512
 #undef JEM_EXT_SOFTMAX
