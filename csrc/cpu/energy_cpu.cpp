@@ -252,13 +252,15 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void transpose16x16(__m512 v[16]) {
   }
 }
 
-// exp_float of 16 lanes known to lie in [-87.33654, 0]: the same
-// operations in the same order without the range and NaN selects, which
-// change nothing there (so the same bits).
+// exp_float of 16 lanes known to lie in [-87.33654, 0], with the same
+// bits: the range and NaN selects, which change nothing there, are left
+// out; the rounding of x / ln 2 by adding and subtracting 1.5 * 2^23 is one
+// round-to-nearest-even (the same integer for |x / ln 2| < 2^22); and the
+// product by 2^n built in the exponent bits is one scalef (both are the
+// exact product rounded once; 2^n itself is normal for n >= -126).
 JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE __m512 exp_in_range16(__m512 x) {
-  const __m512 magic = _mm512_set1_ps(12582912.0f);
-  const __m512 n = _mm512_sub_ps(
-      _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), magic), magic);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), x);
   r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
   __m512 p = _mm512_set1_ps(1.9875691500e-4f);
@@ -268,10 +270,7 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE __m512 exp_in_range16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   const __m512 er = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  const __m512i ni = _mm512_cvttps_epi32(n);
-  const __m512 scale =
-      _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(ni, _mm512_set1_epi32(127)), 23));
-  return _mm512_mul_ps(er, scale);
+  return _mm512_scalef_ps(er, n);
 }
 
 // The row sums of 16 rows from their exps, one vector per class: row_sum<kC>'s
@@ -470,10 +469,11 @@ JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void transpose8x8(__m256 v[8]) {
   }
 }
 
+// exp_in_range16 at AVX2: one rounding instruction as there; the power of 2
+// through the exponent bits, as exp_float builds it.
 JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE __m256 exp_in_range8(__m256 x) {
-  const __m256 magic = _mm256_set1_ps(12582912.0f);
-  const __m256 n = _mm256_sub_ps(
-      _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), magic), magic);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), x);
   r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
   __m256 p = _mm256_set1_ps(1.9875691500e-4f);
@@ -797,7 +797,10 @@ void softmax_grad_block(scalar_t* probs, int64_t rows, int64_t C, const acc_t* g
 // Calls fn(first_row, rows, scratch) over blocks of rows, in parallel.
 template <typename acc_t, typename Fn>
 void for_row_blocks(int64_t B, int64_t C, const Fn& fn) {
-  const int64_t rows_per_block = std::max<int64_t>(1, kBlockElems / C);
+  // A multiple of 16 rows when it can be (whole groups for the loops that
+  // run 16 or 8 rows at a time).
+  int64_t rows_per_block = std::max<int64_t>(1, kBlockElems / C);
+  if (rows_per_block > 16) rows_per_block -= rows_per_block % 16;
   const int64_t n_blocks = (B + rows_per_block - 1) / rows_per_block;
   at::parallel_for(0, n_blocks, std::max<int64_t>(1, 8192 / (rows_per_block * C)),
                    [&](int64_t begin, int64_t end) {
