@@ -797,10 +797,10 @@ void softmax_grad_block(scalar_t* probs, int64_t rows, int64_t C, const acc_t* g
 // Calls fn(first_row, rows, scratch) over blocks of rows, in parallel.
 template <typename acc_t, typename Fn>
 void for_row_blocks(int64_t B, int64_t C, const Fn& fn) {
-  // A multiple of 16 rows when it can be (whole groups for the loops that
-  // run 16 or 8 rows at a time).
+  // Up to 16 classes, a multiple of 16 rows (whole groups for the loops
+  // that run 16 or 8 rows at a time).
   int64_t rows_per_block = std::max<int64_t>(1, kBlockElems / C);
-  if (rows_per_block > 16) rows_per_block -= rows_per_block % 16;
+  if (C <= 16) rows_per_block -= rows_per_block % 16;
   const int64_t n_blocks = (B + rows_per_block - 1) / rows_per_block;
   at::parallel_for(0, n_blocks, std::max<int64_t>(1, 8192 / (rows_per_block * C)),
                    [&](int64_t begin, int64_t end) {
