@@ -4,8 +4,11 @@
 // the expensive part, exp, runs as one flat loop over every logit of the
 // block (so it vectorises fully even for 10 classes, where a per-row loop
 // would spend most of its time in the scalar remainder), and the cheap
-// per-row parts (max, shift, sum) run row by row. The per-element and
-// per-row math is csrc/energy.h, shared with the CUDA kernels.
+// per-row parts (max, shift, sum) run row by row. In float32 at the AVX2
+// and AVX-512 levels, rows of up to 16 classes instead run 8 or 16 at a
+// time, one row per SIMD lane (lse_rows_x8 / lse_rows_x16): then the
+// per-row parts are vector operations too. The per-element and per-row math
+// is csrc/energy.h, shared with the CUDA kernels.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
