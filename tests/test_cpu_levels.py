@@ -101,6 +101,12 @@ ENERGY_SCRIPT = textwrap.dedent("""
             l[2, :] = float("-inf")
             l[3, c - 1] = float("inf")
             l[4, :] = 1e30
+        if b > 5 and c > 1:
+            l[5, 0] = -200.0  # exp underflows: below the max by more than 87.3
+        if b > 20 and c > 1:  # a row of its own group of 8 or 16: the in-range exps
+            l[20, :] = 0.0
+            l[20, 0] = -87.3365  # a subnormal exp
+            l[20, 1] = -0.0
         return l
 
     def cases():

@@ -525,3 +525,42 @@ def test_cuda_bad_labels_under_graph_capture_give_nan_rows():
     assert not torch.isnan(e).any()
     with pytest.raises(RuntimeError, match=r"^energy_ce: label y\[1\] = 7 is out of range for 4"):
         ops.raise_label_errors("cuda")
+
+
+# The float32 CPU loops for up to 16 classes run 16 rows (AVX-512) or 8 rows
+# (AVX2) at a time, with exps that skip their range checks when a whole group
+# is in range: every class count of those loops, batches that end in a
+# partial group, and special rows each in a group of its own among regular
+# groups, against float64 torch.logsumexp and its gradient.
+@pytest.mark.parametrize("c", range(2, 17))
+@pytest.mark.parametrize("b", [1, 7, 16, 17, 40, 205])
+def test_rows_of_few_classes_match_torch_in_every_group(b, c):
+    logits = make_logits(b, c, torch.float32, "cpu", scale=5.0, seed=c)
+    specials = {
+        17: lambda row: row.fill_(float("nan")),
+        18: lambda row: row.__setitem__(0, float("nan")),
+        19: lambda row: row.__setitem__(c - 1, float("inf")),
+        20: lambda row: row.fill_(float("-inf")),
+        36: lambda row: row.__setitem__(0, row.max() - 100.0),  # exp underflows to 0
+        37: lambda row: row.__setitem__(0, row.max() - 87.3),  # a tiny exp, in range
+        38: lambda row: row.add_(1e4),  # large logits
+    }
+    for r, set_row in specials.items():
+        if r < b:
+            set_row(logits[r])
+    lr = logits.clone().requires_grad_(True)
+    g = torch.randn(b)
+    e = ops.energy(lr)
+    (got,) = torch.autograd.grad(e, [lr], g)
+    ref = logits.double().requires_grad_(True)
+    want_e = -torch.logsumexp(ref, 1)
+    (want,) = torch.autograd.grad(want_e, [ref], g.double())
+    assert_close_nan(e.detach(), want_e.detach(), TOL[torch.float32])
+    assert_close_nan(got, want, TOL[torch.float32])
+    lse_only = torch.ops.jem_ext.energy.default(logits, None)
+    torch.testing.assert_close(lse_only, e.detach(), rtol=0, atol=0, equal_nan=True)
+    y = torch.arange(b) % c
+    energy, ce = ops.energy_ce(logits, y)
+    torch.testing.assert_close(energy, e.detach(), rtol=0, atol=0, equal_nan=True)
+    want_ce = want_e.detach() + ref.detach().gather(1, y[:, None])[:, 0]
+    assert_close_nan(ce, -want_ce, TOL[torch.float32])
