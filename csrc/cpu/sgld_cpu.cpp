@@ -197,6 +197,9 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void philox8_avx512(const Philox512& s, con
     c2[v] = _mm512_xor_si512(_mm512_shuffle_epi32(p0, _MM_PERM_CDAB), s.r1_c2);
     c3[v] = p0;
   }
+  // Unrolled: as a loop, each round copies every chain's c1 and c3 from the
+  // last round's products into fresh registers (12 moves per round at NV 6).
+#pragma GCC unroll 8
   for (int round = 2; round < kRounds; ++round) {
     for (int v = 0; v < NV; ++v) {
       const __m512i p0 = _mm512_mul_epu32(c0[v], mul0);
@@ -228,12 +231,13 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE __m512 fma_avx512(__m512 a, __m512 b, float
 // polynomials (and of the square root) then overlap within the out-of-order
 // window instead of one after the other.
 
-// log_positive, lane by lane, for x > 0 (the sign bit is then clear).
+// log_positive(x2 / 2), lane by lane, for x2 / 2 > 0 and normal: 2x has the
+// mantissa bits of x, and its exponent is one more (one addition saved).
 template <int N>
-JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void log_positive_avx512(const __m512* x, __m512* out) {
+JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void log_half_avx512(const __m512* x2, __m512* out) {
   __m512 m[N], ef[N], z[N], p[N];
   for (int i = 0; i < N; ++i) {
-    const __m512i bits = _mm512_castps_si512(x[i]);
+    const __m512i bits = _mm512_castps_si512(x2[i]);
     // (bits & 0x807fffff) | 0x3f000000 in one instruction.
     m[i] = _mm512_castsi512_ps(
         _mm512_ternarylogic_epi32(bits, _mm512_set1_epi32(static_cast<int>(0x807fffffu)),
@@ -242,9 +246,9 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void log_positive_avx512(const __m512* x, _
   for (int i = 0; i < N; ++i) {
     const __mmask16 small =
         _mm512_cmp_ps_mask(m[i], _mm512_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
-    // float(e) with e = biased exponent - 126 - small, from getexp (the
-    // unbiased exponent, as a float: every step exact).
-    const __m512 e1 = _mm512_add_ps(_mm512_getexp_ps(x[i]), _mm512_set1_ps(1.0f));
+    // float(e) with e = x's biased exponent - 126 - small, from getexp
+    // (2x's unbiased exponent, as a float: every step exact).
+    const __m512 e1 = _mm512_getexp_ps(x2[i]);
     ef[i] = _mm512_mask_sub_ps(e1, small, e1, _mm512_set1_ps(1.0f));
     // m + (small ? m : 0) - 1: adding 0 to a positive m leaves it as it is.
     m[i] = _mm512_sub_ps(_mm512_mask_add_ps(m[i], small, m[i], m[i]), _mm512_set1_ps(1.0f));
@@ -265,23 +269,29 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void log_positive_avx512(const __m512* x, _
   }
 }
 
-// v with its sign flipped in the lanes where bit 1 of n is set (a ^ (b & c)).
-JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE __m512 negate_where_avx512(__m512 v, __m512i n) {
-  return _mm512_castsi512_ps(
-      _mm512_ternarylogic_epi32(_mm512_castps_si512(v), _mm512_slli_epi32(n, 30),
-                                _mm512_set1_epi32(static_cast<int>(0x80000000u)), 0x78));
+// v with its sign flipped in the lanes where bit 31 of w is set (a ^ (b & c)).
+JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE __m512 negate_where_avx512(__m512 v, __m512i w) {
+  return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(
+      _mm512_castps_si512(v), w, _mm512_set1_epi32(static_cast<int>(0x80000000u)), 0x78));
 }
 
-// sincos_turn of t = t4 / 4, lane by lane.
+// sincos_turn of t = uniform_open1(r), lane by lane, with the quarter turns
+// taken from the word's bits instead of float conversions (the same bits).
 template <int N>
-JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void sincos_turn4_avx512(const __m512* t4, __m512* s_out,
-                                                              __m512* c_out) {
-  __m512i q[N];
+JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void sincos_word_avx512(const __m512i* r, __m512* s_out,
+                                                             __m512* c_out) {
+  __m512i v[N];
   __m512 a[N], z[N], sp[N], cp[N];
   for (int i = 0; i < N; ++i) {
-    q[i] = _mm512_cvttps_epi32(_mm512_add_ps(t4[i], _mm512_set1_ps(0.5f)));
-    a[i] = _mm512_mul_ps(_mm512_sub_ps(t4[i], _mm512_cvtepi32_ps(q[i])),
-                         _mm512_set1_ps(1.57079632679489662f));
+    // The scalar steps are exact: with k = r >> 8, t4 = 4 t = k 2^-22, and
+    // q = trunc(t4 + 0.5) = (k + 2^21) >> 22. t4 - q = d 2^-22, d the low 22
+    // bits of k read as a signed number (bits 8..29 of r: (r << 2) >> 10,
+    // arithmetic); fl((t4 - q) P) = fl(d (P 2^-22)) since 2^-22 only moves
+    // the exponent (d = 0: +0 either way).
+    a[i] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(r[i], 2), 10)),
+                         _mm512_set1_ps(1.57079632679489662f * 2.384185791015625e-7f));
+    // Only q mod 4 is used: bits 30 and 31 of r + 2^29 (= (k + 2^21) 2^8 + (r & 0xff)).
+    v[i] = _mm512_add_epi32(r[i], _mm512_set1_epi32(1 << 29));
     z[i] = _mm512_mul_ps(a[i], a[i]);
     sp[i] = fma_avx512(_mm512_set1_ps(-1.9515295891e-4f), z[i], 8.3321608736e-3f);
     cp[i] = fma_avx512(_mm512_set1_ps(2.443315711809948e-5f), z[i], -1.388731625493765e-3f);
@@ -294,10 +304,11 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void sincos_turn4_avx512(const __m512* t4, 
     const __m512 sa = _mm512_fmadd_ps(_mm512_mul_ps(sp[i], z[i]), a[i], a[i]);
     const __m512 ca = _mm512_fmadd_ps(_mm512_mul_ps(cp[i], z[i]), z[i],
                                       fma_avx512(z[i], _mm512_set1_ps(-0.5f), 1.0f));
-    const __m512i one = _mm512_set1_epi32(1);
-    const __mmask16 swap = _mm512_test_epi32_mask(q[i], one);
-    s_out[i] = negate_where_avx512(_mm512_mask_blend_ps(swap, sa, ca), q[i]);
-    c_out[i] = negate_where_avx512(_mm512_mask_blend_ps(swap, ca, sa), _mm512_add_epi32(q[i], one));
+    // q & 1: bit 30 of v; q & 2: bit 31 of v; (q + 1) & 2: bit 31 of v + 2^30.
+    const __mmask16 swap = _mm512_test_epi32_mask(v[i], _mm512_set1_epi32(1 << 30));
+    s_out[i] = negate_where_avx512(_mm512_mask_blend_ps(swap, sa, ca), v[i]);
+    c_out[i] = negate_where_avx512(_mm512_mask_blend_ps(swap, ca, sa),
+                                   _mm512_add_epi32(v[i], _mm512_set1_epi32(1 << 30)));
   }
 }
 
@@ -305,21 +316,18 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void sincos_turn4_avx512(const __m512* t4, 
 template <int N>
 JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void box_muller_avx512(const __m512i* r0, const __m512i* r1,
                                                             __m512* z0, __m512* z1) {
-  __m512 u0[N], t4[N], lg[N], s[N], c[N];
+  __m512 u0x2[N], lg[N], s[N], c[N];
   for (int i = 0; i < N; ++i) {
-    // uniform_open0: (k + 1) * 2^-24 == k * 2^-24 + 2^-24, exact either way (k < 2^24).
-    u0[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(r0[i], 8)),
-                            _mm512_set1_ps(5.9604644775390625e-8f),
-                            _mm512_set1_ps(5.9604644775390625e-8f));
-    // 4 * uniform_open1(r1) in one product: k * 2^-24 * 4 == k * 2^-22 exactly (k < 2^24).
-    t4[i] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(r1[i], 8)),
-                          _mm512_set1_ps(2.384185791015625e-7f));
+    // 2 uniform_open0: 2 (k + 1) 2^-24 == k 2^-23 + 2^-23, exact either way (k < 2^24).
+    u0x2[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(r0[i], 8)),
+                              _mm512_set1_ps(1.1920928955078125e-7f),
+                              _mm512_set1_ps(1.1920928955078125e-7f));
   }
-  log_positive_avx512<N>(u0, lg);
+  log_half_avx512<N>(u0x2, lg);
   for (int i = 0; i < N; ++i) {
     lg[i] = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), lg[i]));  // the radius
   }
-  sincos_turn4_avx512<N>(t4, s, c);
+  sincos_word_avx512<N>(r1, s, c);
   for (int i = 0; i < N; ++i) {
     z0[i] = _mm512_mul_ps(lg[i], c[i]);
     z1[i] = _mm512_mul_ps(lg[i], s[i]);
@@ -556,6 +564,7 @@ JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void philox4_avx2(const Philox256& s, const _
     c2[v] = _mm256_xor_si256(_mm256_shuffle_epi32(p0, 0xB1), s.r1_c2);
     c3[v] = p0;
   }
+#pragma GCC unroll 8  // as philox8_avx512: no register copies between rounds
   for (int round = 2; round < kRounds; ++round) {
     for (int v = 0; v < NV; ++v) {
       const __m256i p0 = _mm256_mul_epu32(c0[v], mul0);
@@ -612,22 +621,22 @@ JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void log_positive_avx2(const __m256* x, __m25
   }
 }
 
-// v with its sign flipped in the lanes where bit 1 of n is set.
-JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE __m256 negate_where_avx2(__m256 v, __m256i n) {
-  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(n, _mm256_set1_epi32(2)), 30);
-  return _mm256_xor_ps(v, _mm256_castsi256_ps(sign));
+// v with its sign flipped in the lanes where bit 31 of w is set.
+JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE __m256 negate_where_avx2(__m256 v, __m256i w) {
+  return _mm256_xor_ps(v, _mm256_and_ps(_mm256_castsi256_ps(w), _mm256_set1_ps(-0.0f)));
 }
 
-// sincos_turn of t = t4 / 4, lane by lane.
+// sincos_turn of t = uniform_open1(r), lane by lane, the quarter turns from
+// the word's bits (as sincos_word_avx512, which says why the bits agree).
 template <int N>
-JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void sincos_turn4_avx2(const __m256* t4, __m256* s_out,
-                                                          __m256* c_out) {
-  __m256i q[N];
+JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void sincos_word_avx2(const __m256i* r, __m256* s_out,
+                                                         __m256* c_out) {
+  __m256i v[N];
   __m256 a[N], z[N], sp[N], cp[N];
   for (int i = 0; i < N; ++i) {
-    q[i] = _mm256_cvttps_epi32(_mm256_add_ps(t4[i], _mm256_set1_ps(0.5f)));
-    a[i] = _mm256_mul_ps(_mm256_sub_ps(t4[i], _mm256_cvtepi32_ps(q[i])),
-                         _mm256_set1_ps(1.57079632679489662f));
+    a[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(r[i], 2), 10)),
+                         _mm256_set1_ps(1.57079632679489662f * 2.384185791015625e-7f));
+    v[i] = _mm256_add_epi32(r[i], _mm256_set1_epi32(1 << 29));  // q mod 4 in bits 30, 31
     z[i] = _mm256_mul_ps(a[i], a[i]);
     sp[i] = fma_avx2(_mm256_set1_ps(-1.9515295891e-4f), z[i], 8.3321608736e-3f);
     cp[i] = fma_avx2(_mm256_set1_ps(2.443315711809948e-5f), z[i], -1.388731625493765e-3f);
@@ -640,11 +649,11 @@ JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void sincos_turn4_avx2(const __m256* t4, __m2
     const __m256 sa = _mm256_fmadd_ps(_mm256_mul_ps(sp[i], z[i]), a[i], a[i]);
     const __m256 ca = _mm256_fmadd_ps(_mm256_mul_ps(cp[i], z[i]), z[i],
                                       fma_avx2(z[i], _mm256_set1_ps(-0.5f), 1.0f));
-    // Lanes with bit 0 of q set: the sign bit set by the shift, as blendv reads it.
-    const __m256 swap = _mm256_castsi256_ps(_mm256_slli_epi32(q[i], 31));
-    s_out[i] = negate_where_avx2(_mm256_blendv_ps(sa, ca, swap), q[i]);
+    // q & 1 (bit 30 of v) moved to the sign bit, where blendv reads it.
+    const __m256 swap = _mm256_castsi256_ps(_mm256_slli_epi32(v[i], 1));
+    s_out[i] = negate_where_avx2(_mm256_blendv_ps(sa, ca, swap), v[i]);
     c_out[i] = negate_where_avx2(_mm256_blendv_ps(ca, sa, swap),
-                                 _mm256_add_epi32(q[i], _mm256_set1_epi32(1)));
+                                 _mm256_add_epi32(v[i], _mm256_set1_epi32(1 << 30)));
   }
 }
 
@@ -652,21 +661,18 @@ JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void sincos_turn4_avx2(const __m256* t4, __m2
 template <int N>
 JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE void box_muller_avx2(const __m256i* r0, const __m256i* r1,
                                                         __m256* z0, __m256* z1) {
-  __m256 u0[N], t4[N], lg[N], s[N], c[N];
+  __m256 u0[N], lg[N], s[N], c[N];
   for (int i = 0; i < N; ++i) {
     // uniform_open0: (k + 1) * 2^-24 == k * 2^-24 + 2^-24, exact either way (k < 2^24).
     u0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r0[i], 8)),
                             _mm256_set1_ps(5.9604644775390625e-8f),
                             _mm256_set1_ps(5.9604644775390625e-8f));
-    // 4 * uniform_open1(r1) in one product: k * 2^-24 * 4 == k * 2^-22 exactly (k < 2^24).
-    t4[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r1[i], 8)),
-                          _mm256_set1_ps(2.384185791015625e-7f));
   }
   log_positive_avx2<N>(u0, lg);
   for (int i = 0; i < N; ++i) {
     lg[i] = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), lg[i]));  // the radius
   }
-  sincos_turn4_avx2<N>(t4, s, c);
+  sincos_word_avx2<N>(r1, s, c);
   for (int i = 0; i < N; ++i) {
     z0[i] = _mm256_mul_ps(lg[i], c[i]);
     z1[i] = _mm256_mul_ps(lg[i], s[i]);
