@@ -175,12 +175,11 @@ def _cited_refs() -> dict[str, set[str]]:
 
 def test_benchmarks_out_keeps_only_cited_results():
     """Every result kept under benchmarks/out/ is cited (by its path, its folder or its name
-    pattern). The ops benchmark's own files (ops*.json, sgld_*.json) are left to it."""
+    pattern)."""
     out = ROOT / "benchmarks" / "out"
     refs = _cited_refs()
     files = [f.relative_to(out).as_posix() for f in sorted(out.rglob("*")) if f.is_file()]
-    mine = [rel for rel in files if not re.match(r"(ops|sgld_).*\.json$", rel)]
-    assert [rel for rel in mine if not _is_cited(rel, refs)] == []
+    assert [rel for rel in files if not _is_cited(rel, refs)] == []
 
 
 def test_the_citation_check_sees_an_uncited_copy():
