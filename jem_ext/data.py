@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +87,10 @@ __all__ = [
     "DataError",
     "ImageData",
     "DATASETS",
+    "DATASET_REGISTRY",
+    "DatasetEntry",
+    "dataset_entry",
+    "file_datasets",
     "FILE_DATASETS",
     "TOY_DATASETS",
     "load_dataset",
@@ -102,10 +106,6 @@ __all__ = [
 ]
 
 SPLITS = ("train", "val", "test")
-DATASETS = ("digits", "cifar10", "cifar100", "svhn", "folder", "rings", "moons", "gmm")
-TOY_DATASETS = ("rings", "moons", "gmm")
-# The datasets read from files under a root folder (the others are built in or generated).
-FILE_DATASETS = ("cifar10", "cifar100", "svhn", "folder")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,7 +119,8 @@ def load_dataset(
     """Load one split of a dataset into memory.
 
     Args:
-        name: one of :data:`DATASETS` (see the module docstring for the on-disk layouts).
+        name: a key of :data:`DATASET_REGISTRY` (see the module docstring for the on-disk
+            layouts).
         root: folder holding the files (CIFAR, SVHN, folder); unused for digits and toy sets.
         split: ``"train"``, ``"val"`` or ``"test"``.
         seed: only used by the toy sets (rings, moons, gmm) to draw their points; the splits of
@@ -133,17 +134,22 @@ def load_dataset(
     """
     if split not in SPLITS:
         raise DataError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
-    if name == "digits":
-        return read_digits(split)
-    if name in CIFAR_NAMES:
-        return read_cifar(name, root, split)
-    if name == "svhn":
-        return read_svhn(root, split)
-    if name == "folder":
-        return read_folder(root, split)
-    if name in TOY_DATASETS:
-        return read_toy(name, split, seed)
-    raise DataError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
+    return dataset_entry(name).reader(name, root, split, seed)
+
+
+def dataset_entry(name: str) -> DatasetEntry:
+    """The registered entry of a dataset name (raises DataError naming the choices)."""
+    try:
+        return DATASET_REGISTRY[name]
+    except KeyError:
+        raise DataError(
+            f"unknown dataset {name!r}: expected one of {', '.join(DATASET_REGISTRY)}"
+        ) from None
+
+
+def file_datasets() -> tuple[str, ...]:
+    """Names of the registered datasets read from files under a root folder."""
+    return tuple(name for name, entry in DATASET_REGISTRY.items() if entry.reads_files)
 
 
 def labeled_mask(y: Tensor, labels_per_class: int | None, seed: int = 0) -> Tensor:
@@ -234,30 +240,82 @@ class Augment:
         return out.permute(0, 3, 1, 2).contiguous()
 
 
-_AUGMENT_PRESETS = {
-    "cifar10": Augment(pad=4, flip=True, noise_sigma=0.03),
-    "cifar100": Augment(pad=4, flip=True, noise_sigma=0.03),
-    "folder": Augment(pad=4, flip=True, noise_sigma=0.03),
-    "svhn": Augment(pad=4, flip=False, noise_sigma=0.03),  # digits are not mirror-symmetric
-    "digits": Augment(pad=1, flip=False, noise_sigma=0.03),  # 8x8: shift by at most 1 pixel
-    "rings": Augment(pad=0, flip=False, noise_sigma=0.0),
-    "moons": Augment(pad=0, flip=False, noise_sigma=0.0),
-    "gmm": Augment(pad=0, flip=False, noise_sigma=0.0),
+_IMAGE_AUGMENT = Augment(pad=4, flip=True, noise_sigma=0.03)
+_NO_AUGMENT = Augment(pad=0, flip=False, noise_sigma=0.0)
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One registered dataset: everything the package needs to know about it.
+
+    Attributes:
+        reader: ``reader(name, root, split, seed)`` returns the split as :class:`ImageData`.
+        reads_files: whether it is read from files under a root folder (``--data-root``);
+            the others are built in or generated.
+        toy: whether it is a low-dimensional toy set (points, not images).
+        augment: the JEM reference augmentation of its training batches.
+    """
+
+    reader: Callable[[str, str | os.PathLike | None, str, int], ImageData]
+    reads_files: bool
+    toy: bool
+    augment: Augment
+
+
+def _cifar(name: str, root: str | os.PathLike | None, split: str, seed: int) -> ImageData:
+    return read_cifar(name, root, split)
+
+
+def _toy(name: str, root: str | os.PathLike | None, split: str, seed: int) -> ImageData:
+    return read_toy(name, split, seed)
+
+
+# The one table of datasets: the --dataset choices, load_dataset's dispatch, which sets read
+# files, which are toy sets and the default augmentations are all read from it. Add a dataset
+# here and nowhere else.
+DATASET_REGISTRY: dict[str, DatasetEntry] = {
+    # 8x8: shift by at most 1 pixel
+    "digits": DatasetEntry(
+        lambda name, root, split, seed: read_digits(split),
+        reads_files=False,
+        toy=False,
+        augment=Augment(pad=1, flip=False, noise_sigma=0.03),
+    ),
+    **{
+        name: DatasetEntry(_cifar, reads_files=True, toy=False, augment=_IMAGE_AUGMENT)
+        for name in CIFAR_NAMES
+    },
+    # digits are not mirror-symmetric
+    "svhn": DatasetEntry(
+        lambda name, root, split, seed: read_svhn(root, split),
+        reads_files=True,
+        toy=False,
+        augment=Augment(pad=4, flip=False, noise_sigma=0.03),
+    ),
+    "folder": DatasetEntry(
+        lambda name, root, split, seed: read_folder(root, split),
+        reads_files=True,
+        toy=False,
+        augment=_IMAGE_AUGMENT,
+    ),
+    **{
+        name: DatasetEntry(_toy, reads_files=False, toy=True, augment=_NO_AUGMENT)
+        for name in ("rings", "moons", "gmm")
+    },
 }
+# Snapshots of the table as it is built (the functions above read the table itself).
+DATASETS = tuple(DATASET_REGISTRY)
+TOY_DATASETS = tuple(name for name, entry in DATASET_REGISTRY.items() if entry.toy)
+FILE_DATASETS = file_datasets()
 
 
 def default_augment(name: str) -> Augment:
-    """The JEM reference augmentation for a dataset name (see ``_AUGMENT_PRESETS``).
+    """The JEM reference augmentation for a dataset name (its entry's ``augment``).
 
     CIFAR and image folders: pad 4 + crop, flip, noise 0.03; SVHN: the same without flip;
     digits: pad 1 + crop, no flip, noise 0.03; toy sets: nothing.
     """
-    try:
-        return _AUGMENT_PRESETS[name]
-    except KeyError:
-        raise DataError(
-            f"unknown dataset {name!r}: expected one of {', '.join(_AUGMENT_PRESETS)}"
-        ) from None
+    return dataset_entry(name).augment
 
 
 def batches(

@@ -11,7 +11,8 @@ apart from dropout and the optional norm layers.
 
 Use :func:`build_model` to construct one by name; it records a JSON-serialisable spec on the
 module (attribute ``jem_spec``) so that a checkpoint can store :func:`model_spec` and rebuild the
-architecture with :func:`build_from_spec`.
+architecture with :func:`build_from_spec`. A new architecture is one :class:`ModelEntry` in
+:data:`MODELS`; the trainer's ``--model`` choices and settings follow from it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import math
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,6 +36,9 @@ __all__ = [
     "SmallCNN",
     "MLP",
     "MODELS",
+    "ModelEntry",
+    "model_entry",
+    "convolutional_models",
     "build_model",
     "model_spec",
     "build_from_spec",
@@ -166,11 +171,70 @@ def _build_mlp(num_classes: int, in_shape: tuple[int, ...], **kwargs: Any) -> nn
     return MLP(in_dim=math.prod(in_shape), num_classes=num_classes, **kwargs)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "wrn": _build_wrn,
-    "small_cnn": _build_small_cnn,
-    "mlp": _build_mlp,
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registered architecture: everything the package needs to know about it.
+
+    Attributes:
+        builder: ``builder(num_classes, in_shape, **kwargs)`` returns the module.
+        depth_kwarg: the constructor argument that the ``--depth`` setting fills (None: the
+            architecture has no depth setting).
+        width_kwarg: the constructor argument that the ``--width`` setting fills.
+        takes_norm: whether the constructor takes ``norm`` and ``dropout`` (``--norm``,
+            ``--dropout``).
+        convolutional: whether it has 2-d convolutions (``--channels-last`` applies).
+        needs_images: whether its inputs must be images ``(C, H, W)`` (not the 2-D toy sets).
+    """
+
+    builder: Callable[..., nn.Module]
+    depth_kwarg: str | None
+    width_kwarg: str | None
+    takes_norm: bool
+    convolutional: bool
+    needs_images: bool
+
+
+# The one table of architectures: the --model choices, the training settings each model takes
+# and the convolutional models are all read from it. Add a model here and nowhere else.
+MODELS: dict[str, ModelEntry] = {
+    "wrn": ModelEntry(
+        _build_wrn,
+        depth_kwarg="depth",
+        width_kwarg="widen_factor",
+        takes_norm=True,
+        convolutional=True,
+        needs_images=True,
+    ),
+    "small_cnn": ModelEntry(
+        _build_small_cnn,
+        depth_kwarg=None,
+        width_kwarg="width",
+        takes_norm=True,
+        convolutional=True,
+        needs_images=True,
+    ),
+    "mlp": ModelEntry(
+        _build_mlp,
+        depth_kwarg="depth",
+        width_kwarg="hidden",
+        takes_norm=False,
+        convolutional=False,
+        needs_images=False,
+    ),
 }
+
+
+def model_entry(name: str) -> ModelEntry:
+    """The registered entry of a model name (raises ValueError naming the choices)."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODELS)}") from None
+
+
+def convolutional_models() -> tuple[str, ...]:
+    """Names of the registered models with 2-d convolutions."""
+    return tuple(name for name, entry in MODELS.items() if entry.convolutional)
 
 
 MAX_PARAMETERS = 10**9  # beyond this a spec is refused before anything is allocated
@@ -212,14 +276,13 @@ def meta_model(spec: dict[str, Any]) -> nn.Module:
         ValueError: invalid spec, or more than :data:`MAX_PARAMETERS` parameters.
     """
     name = spec.get("name")
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODELS)}")
+    entry = model_entry(name)  # type: ignore[arg-type]
     kwargs = spec.get("kwargs", {})
     if not isinstance(kwargs, dict):
         raise ValueError(f"{name}: expected kwargs to be a dict, got {kwargs!r}")
     _check_args(name, spec.get("num_classes"), spec.get("in_shape"), kwargs)
     with torch.device("meta"):
-        model = MODELS[name](spec["num_classes"], tuple(spec["in_shape"]), **kwargs)
+        model = entry.builder(spec["num_classes"], tuple(spec["in_shape"]), **kwargs)
     count = sum(p.numel() for p in model.parameters())
     if count > MAX_PARAMETERS:
         raise ValueError(
@@ -235,7 +298,7 @@ def build_model(name: str, num_classes: int, in_shape: tuple[int, ...], **kwargs
     The arguments are checked, and the model's size computed without allocating it, first.
 
     Args:
-        name: "wrn", "small_cnn" or "mlp".
+        name: a key of :data:`MODELS` ("wrn", "small_cnn", "mlp", ...).
         num_classes: number of logits.
         in_shape: shape of one input sample, ``(C, H, W)`` for images or ``(D,)``.
         **kwargs: further constructor arguments (e.g. ``depth``, ``widen_factor``, ``norm``);
@@ -248,8 +311,7 @@ def build_model(name: str, num_classes: int, in_shape: tuple[int, ...], **kwargs
         ValueError: unknown name, wrong ``in_shape``, arguments out of range, too many
             parameters, or non-serialisable kwargs.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODELS)}")
+    entry = model_entry(name)
     spec = {
         "name": name,
         "num_classes": _as_int(num_classes),
@@ -261,7 +323,7 @@ def build_model(name: str, num_classes: int, in_shape: tuple[int, ...], **kwargs
     except TypeError as err:
         raise ValueError(f"build_model: kwargs must be JSON-serialisable ({err})") from err
     meta_model(spec)
-    model = MODELS[name](spec["num_classes"], tuple(spec["in_shape"]), **kwargs)
+    model = entry.builder(spec["num_classes"], tuple(spec["in_shape"]), **kwargs)
     model.jem_spec = json.loads(json.dumps(spec))
     return model
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import accel
 from ..graphs import GraphedChain
+from ..models import convolutional_models
 from .settings import EvalError, EvalSettings
 
 __all__ = [
@@ -116,7 +117,8 @@ def apply_model_options(
     if settings.channels_last:
         if not accel.is_convolutional(model):
             raise EvalError(
-                f"--channels-last: expected a convolutional model (wrn, small_cnn), "
+                "--channels-last: expected a convolutional model "
+                f"({', '.join(convolutional_models())}), "
                 f"got {spec.get('name', type(model).__name__)} ({what})"
             )
         accel.use_channels_last(model)

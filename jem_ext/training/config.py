@@ -20,13 +20,14 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..data import (
-    FILE_DATASETS,
-    TOY_DATASETS,
     DataError,
     ImageData,
     data_fingerprint,
+    dataset_entry,
+    file_datasets,
     fingerprint_changes,
 )
+from ..models import MODELS, convolutional_models
 from ..recipes import apply_recipe
 from .flags import ConfigError, build_parser, default_config, finite_float, int_list
 
@@ -193,19 +194,22 @@ def _validate_combinations(cfg: dict[str, Any], name: Any) -> None:
         raise ConfigError(
             f"{name('sgld_steps')}: expected >= 1 for the jem and factored objectives"
         )
-    if cfg["dataset"] in TOY_DATASETS and cfg["model"] != "mlp":
+    model = MODELS[cfg["model"]]
+    if dataset_entry(cfg["dataset"]).toy and model.needs_images:
+        flat = " or ".join(k for k, e in MODELS.items() if not e.needs_images)
         raise ConfigError(
             f"{name('model')}: {cfg['model']} needs images; the 2-D set "
-            f"{cfg['dataset']} needs --model mlp"
+            f"{cfg['dataset']} needs --model {flat}"
         )
-    if cfg["data_root"] is not None and cfg["dataset"] not in FILE_DATASETS:
+    if cfg["data_root"] is not None and not dataset_entry(cfg["dataset"]).reads_files:
         raise ConfigError(
             f"{name('data_root')}: the {cfg['dataset']} dataset reads no files "
-            f"(only {', '.join(FILE_DATASETS)} do); leave it out"
+            f"(only {', '.join(file_datasets())} do); leave it out"
         )
-    if cfg["channels_last"] and cfg["model"] == "mlp":
+    if cfg["channels_last"] and not model.convolutional:
         raise ConfigError(
-            f"{name('channels_last')}: expected a convolutional model (wrn, small_cnn), got mlp"
+            f"{name('channels_last')}: expected a convolutional model "
+            f"({', '.join(convolutional_models())}), got {cfg['model']}"
         )
     if cfg["sam_rho"] > 0 and cfg["precision"] == "fp16":
         raise ConfigError(

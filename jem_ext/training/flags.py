@@ -13,7 +13,7 @@ from typing import Any
 
 from .._cli import DefaultsHelpFormatter, RaisingParser, finite_float
 from ..accel import add_speed_flags
-from ..data import DATASETS
+from ..data import DATASET_REGISTRY, file_datasets
 from ..models import MODELS, NORMS
 from ..objectives import OBJECTIVES
 from ..recipes import RECIPES
@@ -98,9 +98,9 @@ def _add_data_flags(add: Any, g: Any) -> None:
         "--dataset",
         "--data",
         dest="dataset",
-        choices=DATASETS,
+        choices=tuple(DATASET_REGISTRY),
         default="digits",
-        help="dataset to train on (cifar10/cifar100/svhn/folder need --data-root)",
+        help=f"dataset to train on ({'/'.join(file_datasets())} need --data-root)",
     )
     add(
         g,

@@ -26,7 +26,7 @@ from ..accel import (
     make_scaler,
     use_channels_last,
 )
-from ..models import build_model
+from ..models import build_model, model_entry
 from ..sam import SAM
 from ..sampler import GaussianInit, ReplayBuffer, SGLDSampler, UniformInit
 from . import distributed
@@ -109,15 +109,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def model_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The constructor arguments of the config's model (depth/width mapped to its names)."""
+    """The constructor arguments of the config's model (depth/width mapped to its names, as
+    its :class:`~jem_ext.models.ModelEntry` says)."""
+    entry = model_entry(cfg["model"])
     norm = None if cfg["norm"] in (None, "none") else cfg["norm"]
-    names = {
-        "wrn": ("depth", "widen_factor"),
-        "small_cnn": (None, "width"),
-        "mlp": ("depth", "hidden"),
-    }[cfg["model"]]
-    kw: dict[str, Any] = {} if cfg["model"] == "mlp" else {"norm": norm, "dropout": cfg["dropout"]}
-    for key, name in zip(("depth", "width"), names):
+    kw: dict[str, Any] = {"norm": norm, "dropout": cfg["dropout"]} if entry.takes_norm else {}
+    for key, name in (("depth", entry.depth_kwarg), ("width", entry.width_kwarg)):
         if name is not None and cfg[key] is not None:
             kw[name] = cfg[key]
     return kw
