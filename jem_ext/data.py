@@ -3,7 +3,7 @@
 Everything is held in memory as one float32 tensor: images are ``[N, C, H, W]`` scaled to
 ``[-1, 1]`` (as in the JEM reference code), toy sets are ``[N, 2]`` points inside ``[-1, 1]``.
 Nothing is ever downloaded; datasets that are not bundled with scikit-learn must already be on
-disk under ``root``.
+disk under ``root``. A new data set is one :class:`DatasetEntry` in :data:`DATASET_REGISTRY`.
 
 Datasets (``load_dataset(name, root, split)``, ``split`` in ``"train"``, ``"val"``, ``"test"``)
 ------------------------------------------------------------------------------------------------
