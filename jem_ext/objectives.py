@@ -16,22 +16,137 @@ With logits ``f(x)``, ``E(x) = -logsumexp_y f(x)[y]`` and ``E(x, y) = -f(x)[y]``
 ``p(x)`` term; equal to ``(E_data^2 + E_q^2).mean()`` for equal batch sizes), the usual fix for
 diverging runs. The logsumexp of the data logits is taken once (``ops.energy_ce``), and
 ``E(x, y) = E(x) + CE`` reuses it.
+
+Each objective is one small function ``(BatchTerms, Weights) -> Loss`` in a table keyed by
+its name. :func:`jem_loss` runs the forwards and computes the terms the objectives share once
+(:class:`BatchTerms`: cross-entropy, data energies), the chosen function adds its own (the
+sample energies, the contrastive ``p(x)`` term and its L2 penalty, :func:`_contrastive`), and
+the logged terms travel to the host in one read; a term an objective does not have is NaN in
+the log.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from . import ops
 
-__all__ = ["OBJECTIVES", "jem_loss"]
-
-OBJECTIVES = ("jem", "factored", "ce")
+__all__ = ["OBJECTIVES", "BatchTerms", "Loss", "Weights", "jem_loss"]
 
 _TERM_NAMES = ("loss", "ce", "px", "energy_data", "energy_sample", "accuracy")
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The weights of an objective's terms (see the module docstring)."""
+
+    w_px: float = 1.0
+    w_pyx: float = 1.0
+    l2_energy: float = 0.0
+
+
+@dataclass(frozen=True)
+class BatchTerms:
+    """The terms of one batch that the objectives share, each computed once (float32 at least).
+
+    Attributes:
+        labeled: bool mask ``[B]`` of the rows with a usable label, or None (all rows).
+        ce_mean: mean cross-entropy ``CE(f(x), y)`` on the labeled rows.
+        e_data: per-row data energies ``E(x)`` of the batch ``x``.
+        e_px: per-row ``E(x)`` of the generative term's data batch (``x_px`` when given).
+        ce_px: per-row cross-entropy of that batch (``E(x, y) = E(x) + CE``).
+        logits_q: ``f(x_q)`` of the samples, or None (no samples).
+        y_q: int64 labels of conditional samples.
+    """
+
+    labeled: Tensor | None
+    ce_mean: Tensor
+    e_data: Tensor
+    e_px: Tensor
+    ce_px: Tensor
+    logits_q: Tensor | None
+    y_q: Tensor
+
+    def sample_energy(self, logits_q: Tensor) -> Tensor:
+        """``E(x_q)`` per sample."""
+        return _widen(ops.energy(logits_q))
+
+    def conditional_sample_energy(self, logits_q: Tensor) -> Tensor:
+        """``E(x_q, y_q)`` per sample."""
+        return _widen(ops.energy(logits_q, self.y_q))
+
+
+class Loss(NamedTuple):
+    """An objective's differentiable loss and its logged terms (None: not part of it)."""
+
+    loss: Tensor
+    energy_data: Tensor
+    px: Tensor | None = None
+    energy_sample: Tensor | None = None
+
+
+def _contrastive(
+    loss: Tensor | None,
+    e_d: Tensor,
+    e_d_mean: Tensor,
+    e_q: Tensor,
+    mask: Tensor | None,
+    w: Weights,
+) -> Loss:
+    """``loss + w_px * (E_data.mean() - E_q.mean())``, plus
+    ``l2_energy * (mean(E_data^2) + mean(E_q^2))`` when ``l2_energy`` is set; the data means
+    over ``mask``."""
+    e_q_mean = e_q.mean()
+    px = e_d_mean - e_q_mean
+    total = w.w_px * px if loss is None else loss + w.w_px * px
+    if w.l2_energy:
+        total = total + w.l2_energy * (_masked_mean(e_d.pow(2), mask) + e_q.pow(2).mean())
+    return Loss(total, e_d_mean, px, e_q_mean)
+
+
+def _ce_loss(t: BatchTerms, w: Weights) -> Loss:
+    """Plain classifier: ``w_pyx * CE``."""
+    return Loss(w.w_pyx * t.ce_mean, t.e_data.mean())
+
+
+def _jem_loss(t: BatchTerms, w: Weights) -> Loss:
+    """``log p(y | x) + log p(x)``: ``w_pyx * CE + w_px * (E(x) - E(x_q))`` (+ L2)."""
+    ce = w.w_pyx * t.ce_mean
+    e_d_mean = t.e_px.mean()
+    if t.logits_q is None:  # w_px == 0: no samples, no p(x) term
+        return Loss(ce, e_d_mean)
+    return _contrastive(ce, t.e_px, e_d_mean, t.sample_energy(t.logits_q), None, w)
+
+
+def _factored_loss(t: BatchTerms, w: Weights) -> Loss:
+    """``log p(x | y)`` alone: ``w_px * (E(x, y) - E(x_q, y_q))`` (+ L2), data on labeled rows."""
+    assert t.logits_q is not None  # the only term needs samples (see _checked_labels)
+    e_d = t.e_px + t.ce_px  # E(x, y) = -f(x)[y] = E(x) + CE
+    e_q = t.conditional_sample_energy(t.logits_q)
+    return _contrastive(None, e_d, _masked_mean(e_d, t.labeled), e_q, t.labeled, w)
+
+
+class _Objective(NamedTuple):
+    """An entry of the objective table."""
+
+    loss: Callable[[BatchTerms, Weights], Loss]
+    generative: bool  # has a p(x) term: forwards the samples and the x_px batch
+    conditional: bool = False  # samples x_q carry labels y_q; its only term needs them
+
+
+_OBJECTIVES: dict[str, _Objective] = {
+    "jem": _Objective(_jem_loss, generative=True),
+    "factored": _Objective(_factored_loss, generative=True, conditional=True),
+    "ce": _Objective(_ce_loss, generative=False),
+}
+
+OBJECTIVES = tuple(_OBJECTIVES)
 
 
 def _masked_mean(v: Tensor, mask: Tensor | None) -> Tensor:
@@ -87,52 +202,36 @@ def jem_loss(
     Raises:
         ValueError: unknown objective, missing ``x_q``, or shape mismatches.
     """
-    y, labeled = _checked_labels(objective, x, y, labeled, x_q, w_px)
-    if objective == "ce":
-        x_q = None
-    logits, logits_q = _forward(model, x, x_q, joint_forward)
+    y, labeled = _checked_labels(objective, x, y, labeled, x_q, w_px, y_q, x_px)
+    spec = _OBJECTIVES[objective]
+    logits, logits_q = _forward(model, x, x_q if spec.generative else None, joint_forward)
     e_data, ce = ops.energy_ce(logits, y)  # E(x) = -lse, ce = lse - f(x)[y]
     e_data, ce = _widen(e_data), _widen(ce)  # half logits (autocast): terms in float32
-    ce_mean = _masked_mean(ce, labeled)
-    accuracy = _accuracy(logits, y, labeled)
+    e_px, ce_px = e_data, ce
+    if spec.generative and x_px is not None:
+        e_px, ce_px = (_widen(t) for t in ops.energy_ce(model(x_px), y))
+    shared = BatchTerms(
+        labeled=labeled,
+        ce_mean=_masked_mean(ce, labeled),
+        e_data=e_data,
+        e_px=e_px,
+        ce_px=ce_px,
+        logits_q=logits_q,
+        y_q=y if y_q is None else y_q.to(x.device, torch.int64),
+    )
+    out = spec.loss(shared, Weights(w_px, w_pyx, l2_energy))
     nan = torch.full((), math.nan, dtype=e_data.dtype, device=logits.device)
-    px, e_data_mean, e_q_mean = nan, e_data.mean(), nan
-    if objective == "ce":
-        loss = w_pyx * ce_mean
-    else:
-        if x_px is not None:
-            if x_px.shape != x.shape:
-                raise ValueError(
-                    f"jem_loss: x_px must have the shape of x {tuple(x.shape)}, "
-                    f"got {tuple(x_px.shape)}"
-                )
-            e_data, ce = ops.energy_ce(model(x_px), y)
-            e_data, ce = _widen(e_data), _widen(ce)
-            e_data_mean = e_data.mean()
-        e_d, e_d_mean = _data_energies(objective, e_data, e_data_mean, ce, labeled)
-        if objective == "factored":
-            e_data_mean = e_d_mean
-        loss = w_pyx * ce_mean if objective == "jem" else 0.0 * ce_mean
-        if x_q is not None:
-            e_q = _sample_energies(logits_q, objective, y if y_q is None else y_q)
-            e_q_mean = e_q.mean()
-            px = e_d_mean - e_q_mean
-            loss = loss + w_px * px
-            if l2_energy:
-                sq_d = _masked_mean(e_d.pow(2), labeled if objective == "factored" else None)
-                loss = loss + l2_energy * (sq_d + e_q.pow(2).mean())
-
     terms = torch.stack(
         [
-            loss.detach(),
-            ce_mean.detach(),
-            px.detach(),
-            e_data_mean.detach(),
-            e_q_mean.detach(),
-            accuracy,
+            out.loss.detach(),
+            shared.ce_mean.detach(),
+            nan if out.px is None else out.px.detach(),
+            out.energy_data.detach(),
+            nan if out.energy_sample is None else out.energy_sample.detach(),
+            _accuracy(logits, y, labeled),
         ]
     ).double()
-    return loss, dict(zip(_TERM_NAMES, _read_terms(terms)))
+    return out.loss, dict(zip(_TERM_NAMES, _read_terms(terms)))
 
 
 def _read_terms(terms: Tensor) -> list[float]:
@@ -148,7 +247,14 @@ def _read_terms(terms: Tensor) -> list[float]:
 
 
 def _checked_labels(
-    objective: str, x: Tensor, y: Tensor, labeled: Tensor | None, x_q: Tensor | None, w_px: float
+    objective: str,
+    x: Tensor,
+    y: Tensor,
+    labeled: Tensor | None,
+    x_q: Tensor | None,
+    w_px: float,
+    y_q: Tensor | None,
+    x_px: Tensor | None,
 ) -> tuple[Tensor, Tensor | None]:
     """Check the arguments of :func:`jem_loss`; labels as int64 (0 on unlabeled rows) and the
     mask as bool, on ``x``'s device."""
@@ -164,8 +270,17 @@ def _checked_labels(
             )
         labeled = labeled.to(device=x.device, dtype=torch.bool)
         y = torch.where(labeled, y, torch.zeros_like(y))  # unlabeled rows may hold -1
-    if objective != "ce" and w_px != 0 and x_q is None:
+    spec = _OBJECTIVES[objective]
+    if not spec.generative:
+        return y, labeled
+    if x_q is None and (w_px != 0 or spec.conditional):
         raise ValueError(f"jem_loss: objective {objective!r} with w_px={w_px} needs samples x_q")
+    if spec.conditional and y_q is not None and y_q.shape != (x_q.shape[0],):
+        raise ValueError(f"jem_loss: y_q must have shape [{x_q.shape[0]}], got {tuple(y_q.shape)}")
+    if x_px is not None and x_px.shape != x.shape:
+        raise ValueError(
+            f"jem_loss: x_px must have the shape of x {tuple(x.shape)}, got {tuple(x_px.shape)}"
+        )
     return y, labeled
 
 
@@ -176,17 +291,6 @@ def _accuracy(logits: Tensor, y: Tensor, labeled: Tensor | None) -> Tensor:
         return correct.mean()
     m = labeled.float()
     return (correct * m).sum() / m.sum()
-
-
-def _data_energies(
-    objective: str, e_data: Tensor, e_data_mean: Tensor, ce: Tensor, labeled: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """Per-row data energies of the generative term and their mean: ``E(x)`` for "jem",
-    ``E(x, y) = -f(x)[y] = E(x) + CE`` on the labeled rows for "factored"."""
-    if objective == "jem":
-        return e_data, e_data_mean
-    e_d = e_data + ce
-    return e_d, _masked_mean(e_d, labeled)
 
 
 def _widen(t: Tensor) -> Tensor:
@@ -204,14 +308,3 @@ def _forward(
         return model(x), model(x_q)
     both = model(torch.cat([x, x_q.to(x.dtype)]))
     return both[: x.shape[0]], both[x.shape[0] :]
-
-
-def _sample_energies(logits_q: Tensor, objective: str, y_q: Tensor) -> Tensor:
-    """Energies of the samples (float32 at least) from their logits: ``E(x_q)`` for "jem",
-    ``E(x_q, y_q)`` for "factored"."""
-    if objective == "jem":
-        return _widen(ops.energy(logits_q))
-    n = logits_q.shape[0]
-    if y_q.shape != (n,):
-        raise ValueError(f"jem_loss: y_q must have shape [{n}], got {tuple(y_q.shape)}")
-    return _widen(ops.energy(logits_q, y_q.to(logits_q.device, torch.int64)))

@@ -180,3 +180,28 @@ def test_cuda_bad_sample_label_raises_at_the_terms_read():
     with pytest.raises(RuntimeError) as err:
         jem_loss(model, x, y, x_q, objective="factored", y_q=y_q)
     assert str(err.value) == "energy: label y[4] = -2 is out of range for 3 classes"
+
+
+def test_factored_needs_samples_even_with_zero_weight():
+    # p(x | y) is the factored objective's only term: without samples there is no loss.
+    model = tiny_model()
+    x, y, _, _ = batch()
+    with pytest.raises(ValueError, match="'factored' with w_px=0.0 needs samples x_q"):
+        jem_loss(model, x, y, None, objective="factored", w_px=0.0)
+
+
+def test_factored_loss_does_not_depend_on_the_cross_entropy_batch():
+    # The factored loss has no cross-entropy term at all: a non-finite CE batch x leaves the
+    # loss and its gradient, both from the generative batch x_px, as they are.
+    model = tiny_model()
+    x, y, x_q, y_q = batch()
+    x_bad = x.clone()
+    x_bad[0] = math.nan
+    x_px = x + 0.25
+    got, terms = jem_loss(model, x_bad, y, x_q, objective="factored", y_q=y_q, x_px=x_px)
+    grads = torch.autograd.grad(got, list(model.parameters()))
+    want, _ = jem_loss(model, x_px, y, x_q, objective="factored", y_q=y_q)
+    assert math.isnan(terms["ce"]) and math.isfinite(terms["loss"])
+    assert torch.equal(got, want)
+    for g, w in zip(grads, torch.autograd.grad(want, list(model.parameters())), strict=True):
+        assert torch.equal(g, w)

@@ -164,7 +164,8 @@ def train_step(
             ctx.model_for_chain, batch.x.shape[0], y=y_q, generator=ctx.generator
         )
 
-    # loss = CE(f(x), y) + E(x) - E(x_q) (+ L2 penalty on the energies)
+    # loss = CE(f(x), y) + E(x) - E(x_q) (+ L2 penalty on the energies), or the chosen
+    # objective's terms (see jem_ext.objectives)
     def loss_and_terms() -> tuple[Tensor, dict[str, float]]:
         with ctx.autocast():
             return objectives.jem_loss(
