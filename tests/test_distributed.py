@@ -265,9 +265,9 @@ def test_killed_job_resumes_bitwise_under_torchrun(full, tmp_path):
     assert strip(_rows(cut)) == strip(_rows(full[0]))
 
 
-def _torchrun(args: list[str], timeout: float = 240, **popen) -> subprocess.CompletedProcess:
-    """Run the venv's torchrun (as ``python -m torch.distributed.run``) on a free port."""
-    command = [
+def _torchrun_command(args: list[str]) -> list[str]:
+    """The venv's torchrun (as ``python -m torch.distributed.run``) on a free port."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -277,8 +277,12 @@ def _torchrun(args: list[str], timeout: float = 240, **popen) -> subprocess.Comp
         str(_free_port()),
         *args,
     ]
+
+
+def _torchrun(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run :func:`_torchrun_command` to its end, output captured."""
     return subprocess.run(
-        command,
+        _torchrun_command(args),
         cwd=ROOT,
         env={**_env_without_rank(), "OMP_NUM_THREADS": "1"},
         capture_output=True,
@@ -346,26 +350,10 @@ def test_sigterm_to_torchrun_stops_the_job_cleanly(tmp_path):
     """SIGTERM to torchrun reaches every process: rank 0 prints the resume command once, and
     no temporary file is left in the run folder."""
     run = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "jem_ext.train",
-        *TINY,
-        "--epochs",
-        "100",
-        "--ckpt-every",
-        "3",
-        "--out",
-        str(run),
-    ]
+    command = _torchrun_command(
+        ["--nproc-per-node", "2", "-m", "jem_ext.train", *TINY, "--epochs", "100"]
+        + ["--ckpt-every", "3", "--out", str(run)]
+    )
     proc = subprocess.Popen(
         command,
         cwd=ROOT,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from trained_runs import train_on_digits
 
 from jem_ext.checkpoint import save_checkpoint
 from jem_ext.eval import cli
@@ -61,16 +62,7 @@ def _save(
     torch.manual_seed(seed)
     model = build_model("small_cnn", 10, in_shape, width=8)
     if train_steps:
-        from jem_ext.data import load_dataset
-
-        data = load_dataset("digits", split="train")
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for _ in range(train_steps):
-            idx = torch.randint(len(data), (64,))
-            loss = torch.nn.functional.cross_entropy(model(data.x[idx]), data.y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        train_on_digits(model, train_steps)
     sampler = SGLDSampler(n_steps=2, buffer=ReplayBuffer(30, in_shape)) if buffer else None
     save_checkpoint(
         path,

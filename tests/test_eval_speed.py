@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from trained_runs import train_on_digits
 
 from jem_ext import accel
 from jem_ext.checkpoint import save_checkpoint
@@ -44,16 +45,7 @@ def _save(path, model_name: str, train_steps: int = 0, in_shape=(1, 8, 8)):
     size = {"hidden": 16} if model_name == "mlp" else {"width": 8}
     model = build_model(model_name, 10, in_shape, **size)
     if train_steps:
-        from jem_ext.data import load_dataset
-
-        data = load_dataset("digits", split="train")
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for _ in range(train_steps):
-            idx = torch.randint(len(data), (64,))
-            loss = torch.nn.functional.cross_entropy(model(data.x[idx]), data.y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        train_on_digits(model, train_steps)
     save_checkpoint(
         path,
         {

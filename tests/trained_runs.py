@@ -14,6 +14,19 @@ from jem_ext.models import build_model, model_spec
 from jem_ext.sampler import ReplayBuffer, SGLDSampler
 
 
+def train_on_digits(model: torch.nn.Module, steps: int) -> None:
+    """A few cross-entropy steps on digits (batches of 64, Adam 1e-2), so that a tiny model's
+    scores differ between inputs."""
+    data = load_dataset("digits", split="train")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        idx = torch.randint(len(data), (64,))
+        loss = torch.nn.functional.cross_entropy(model(data.x[idx]), data.y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def save_run(
     folder: Path,
     in_shape=(1, 8, 8),
@@ -30,14 +43,7 @@ def save_run(
     torch.manual_seed(0)
     model = build_model("small_cnn", num_classes, in_shape, width=8)
     if train_steps and tuple(in_shape) == (1, 8, 8) and num_classes == 10:
-        data = load_dataset("digits", split="train")
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for _ in range(train_steps):
-            idx = torch.randint(len(data), (64,))
-            loss = torch.nn.functional.cross_entropy(model(data.x[idx]), data.y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        train_on_digits(model, train_steps)
     settings = dict(n_steps=3, step_size=0.5, noise_std=0.01, clamp=(-1.0, 1.0))
     settings.update(sampler_settings or {})
     sampler = SGLDSampler(
