@@ -24,15 +24,14 @@ from .config import ConfigError, check_identity, parse_command_line
 from .folder import RunFolder, RunFolderLost
 from .guard import TrainingDiverged
 from .loop import train
+from .saver import last_checkpoint
 from .setup import fresh_out, load_data, model_kwargs
 
 _TRAINING_KEYS = {"model": dict, "optimizer": dict, "rng": dict, "iteration": int, "epoch": int}
 
 
 def _load_resume_state(run_dir: str) -> dict[str, Any]:
-    ckpt = Path(run_dir) / "checkpoints" / "last.pt"
-    if not ckpt.exists():
-        raise CheckpointError(_nothing_to_resume(run_dir))
+    ckpt = last_checkpoint(run_dir)
     state = load_checkpoint(ckpt)
     for key, kind in _TRAINING_KEYS.items():
         if key not in state:
@@ -131,7 +130,7 @@ def _parse(argv: list[str]) -> tuple[Any, bool]:
     """
     target = _resume_target(argv)
     if target is not None and Path(target).is_dir():
-        if not (Path(target) / "checkpoints" / "last.pt").exists():
+        if not last_checkpoint(target).exists():
             raise ConfigError(_nothing_to_resume(target))
     invocation = parse_command_line(argv)
     cfg = invocation.cfg
@@ -143,7 +142,7 @@ def _parse(argv: list[str]) -> tuple[Any, bool]:
             f"{distributed.max_restarts()}): the restarted processes resume from the run folder"
         )
     out = cfg["out"]
-    if distributed.restart_count() > 0 and (Path(out) / "checkpoints" / "last.pt").is_file():
+    if distributed.restart_count() > 0 and last_checkpoint(out).is_file():
         return parse_command_line([*argv, "--resume", out]), True
     return invocation, False
 
@@ -199,15 +198,23 @@ def _interrupted(folder: RunFolder | None, what: str = "interrupted") -> str:
     to continue."""
     if folder is None:
         return f"{what} before training started; nothing was written"
-    if (folder.path / "checkpoints" / "last.pt").is_file():
-        job = distributed.current()
-        launch = (
-            f"torchrun --nproc-per-node {job.world_size} -m jem_ext.train"
-            if job.parallel
-            else "python -m jem_ext.train"
-        )
-        return f"{what}; continue with: {launch} --resume {folder.path}"
+    command = _continue_command(folder)
+    if command is not None:
+        return f"{what}; continue with: {command}"
     return f"{what} before the first checkpoint; nothing to resume"
+
+
+def _continue_command(folder: RunFolder | None) -> str | None:
+    """The command that continues the run in ``folder``, or None when it has no checkpoint."""
+    if folder is None or not last_checkpoint(folder.path).is_file():
+        return None
+    job = distributed.current()
+    launch = (
+        f"torchrun --nproc-per-node {job.world_size} -m jem_ext.train"
+        if job.parallel
+        else "python -m jem_ext.train"
+    )
+    return f"{launch} --resume {folder.path}"
 
 
 def _summary_line(summary: dict[str, Any]) -> str:
@@ -306,7 +313,7 @@ def _stop(prepared: Prepared | None, err: BaseException) -> int:
     what = "terminated (SIGTERM)" if status == SIGTERM_STATUS else "interrupted"
     folder = prepared.folder if prepared else None
     message = _interrupted(folder, what)
-    _release(prepared, keep_run=" continue with: " in message)
+    _release(prepared, keep_run=_continue_command(folder) is not None)
     if job.is_main and distributed.launch_rank() == 0:
         print(f"\n{message}", file=sys.stderr)
     if job.parallel:
@@ -318,14 +325,10 @@ def _write_failed(err: OSError, prepared: Prepared | None) -> str:
     """The one line of a failed write, with how to continue when a checkpoint exists."""
     folder = prepared.folder if prepared else None
     line = write_failure(err, folder.path if folder is not None else None)
-    if folder is not None and (folder.path / "checkpoints" / "last.pt").is_file():
-        line += (
-            f"; the run stopped; once the disk is writable, continue with: "
-            f"python -m jem_ext.train --resume {folder.path}"
-        )
-    else:
-        line += "; the run stopped"
-    return line
+    command = _continue_command(folder)
+    if command is not None:
+        return f"{line}; the run stopped; once the disk is writable, continue with: {command}"
+    return f"{line}; the run stopped"
 
 
 def _release(prepared: Prepared | None, keep_run: bool) -> None:

@@ -114,30 +114,29 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
+def _launcher_int(name: str) -> int:
+    """The launcher's integer environment variable ``name`` (0 when unset or not a number)."""
+    try:
+        return int(os.environ.get(name, "0"))
+    except ValueError:
+        return 0
+
+
 def launch_rank() -> int:
     """This process's global rank as the launcher set it (0 when not launched): known before
     the process joins the job, so that a command-line error is printed once, by rank 0."""
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
+    return _launcher_int("RANK")
 
 
 def restart_count() -> int:
     """How many times torchrun has restarted the job's processes (``--max-restarts``): 0 for
     the first launch and without torchrun."""
-    try:
-        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) if launched() else 0
-    except ValueError:
-        return 0
+    return _launcher_int("TORCHELASTIC_RESTART_COUNT") if launched() else 0
 
 
 def max_restarts() -> int:
     """torchrun's ``--max-restarts`` (0 without torchrun)."""
-    try:
-        return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) if launched() else 0
-    except ValueError:
-        return 0
+    return _launcher_int("TORCHELASTIC_MAX_RESTARTS") if launched() else 0
 
 
 def current() -> Dist:

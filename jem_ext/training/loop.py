@@ -270,18 +270,22 @@ def after_iteration(
     """Bookkeeping after an iteration (``terms`` None: it diverged): metrics row, progress,
     sample grid, resume point."""
     cfg, st, done = run.cfg, run.state, run.state.iteration
-    if terms is not None and done % cfg["log_every"] == 0:
-        check_folder(run)
+    log_due = terms is not None and done % cfg["log_every"] == 0
+    sample_due = bool(cfg["sample_every"]) and done % cfg["sample_every"] == 0
+    ckpt_due = (
+        bool(cfg["ckpt_every"]) and done % cfg["ckpt_every"] == 0 and st.pos < run.steps_per_epoch
+    )
+    if log_due or sample_due or ckpt_due:
+        check_folder(run)  # once for the iteration's writes: it is a collective in a job
+    if log_due:
         row = {"iteration": done, "epoch": epoch}
         mean = distributed.mean_terms(terms, run.dist)
         row.update({k: finite_or_none(v) for k, v in mean.items()})
         hooks.log.write({**row, "lr": lr, "seconds": st.seconds})
     hooks.progress.step(terms)
-    if cfg["sample_every"] and done % cfg["sample_every"] == 0:
-        check_folder(run)
+    if sample_due:
         write_samples(run, f"{done:07d}")
-    if cfg["ckpt_every"] and done % cfg["ckpt_every"] == 0 and st.pos < run.steps_per_epoch:
-        check_folder(run)
+    if ckpt_due:
         hooks.saver.save_last(checkpoint_state(run))
 
 

@@ -22,6 +22,11 @@ CHECKPOINTS = "checkpoints"  # the run folder's checkpoint folder
 LAST, BEST = "last.pt", "best.pt"
 
 
+def last_checkpoint(run_dir: str | Path) -> Path:
+    """The resume point of the run in ``run_dir``."""
+    return Path(run_dir) / CHECKPOINTS / LAST
+
+
 class CheckpointSaver:
     """Writes a run's checkpoints and keeps the last good state for recovery.
 
