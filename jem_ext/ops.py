@@ -623,8 +623,6 @@ class _Energy(torch.autograd.Function):
 
     jvp = _jvp_rule(_jvp)
 
-    vmap = staticmethod(_energy_vmap)
-
 
 class _EnergyCE(torch.autograd.Function):
     """energy_ce(logits, y): (E = -lse, CE = lse - logits[y])."""
@@ -654,8 +652,6 @@ class _EnergyCE(torch.autograd.Function):
         return -d_lse, d_lse - _pick(t_logits, y)
 
     jvp = _jvp_rule(_jvp)
-
-    vmap = staticmethod(_energy_ce_vmap)
 
 
 class _EnergyBackward(torch.autograd.Function):
@@ -707,8 +703,6 @@ class _EnergyBackward(torch.autograd.Function):
         return out
 
     jvp = _jvp_rule(_jvp)
-
-    vmap = staticmethod(_energy_backward_vmap)
 
 
 # The Autograd kernels: the Function when differentiation is asked for, the
