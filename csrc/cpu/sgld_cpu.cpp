@@ -56,10 +56,11 @@ JEM_EXT_INLINE void box_muller_loop(float* __restrict z, const Words& r, int64_t
   }
 }
 
+// x and g carry no __restrict: the op allows grad to be x itself (each element's reads come
+// before its write, so that is well defined without the qualifier).
 template <typename scalar_t, typename acc_t>
-JEM_EXT_INLINE void update_loop(scalar_t* __restrict x, const scalar_t* __restrict g,
-                                const float* __restrict z, int64_t from, int64_t n_elems,
-                                const SgldParams<acc_t>& p) {
+JEM_EXT_INLINE void update_loop(scalar_t* x, const scalar_t* g, const float* __restrict z,
+                                int64_t from, int64_t n_elems, const SgldParams<acc_t>& p) {
   for (int64_t e = from; e < n_elems; ++e) {
     x[e] = static_cast<scalar_t>(
         sgld_update<acc_t>(static_cast<acc_t>(x[e]), static_cast<acc_t>(g[e]), z[e], p));
@@ -74,10 +75,10 @@ JEM_EXT_INLINE void update_loop(scalar_t* __restrict x, const scalar_t* __restri
 struct SgldKernels {
   void (*normals)(float* __restrict z, uint64_t seed, uint64_t offset, uint64_t first,
                   int64_t count);
-  void (*step_float)(float* __restrict x, const float* __restrict g, int64_t n_elems, uint64_t seed,
-                     uint64_t offset, uint64_t first, const SgldParams<float>& p);
-  void (*update_float)(float* __restrict x, const float* __restrict g, const float* __restrict z,
-                       int64_t n_elems, const SgldParams<float>& p);
+  void (*step_float)(float* x, const float* g, int64_t n_elems, uint64_t seed, uint64_t offset,
+                     uint64_t first, const SgldParams<float>& p);
+  void (*update_float)(float* x, const float* g, const float* __restrict z, int64_t n_elems,
+                       const SgldParams<float>& p);
 };
 
 void normals_baseline(float* __restrict z, uint64_t seed, uint64_t offset, uint64_t first,
@@ -87,14 +88,13 @@ void normals_baseline(float* __restrict z, uint64_t seed, uint64_t offset, uint6
   box_muller_loop(z, r, 0, count);
 }
 
-void update_float_baseline(float* __restrict x, const float* __restrict g,
-                           const float* __restrict z, int64_t n_elems, const SgldParams<float>& p) {
+void update_float_baseline(float* x, const float* g, const float* __restrict z, int64_t n_elems,
+                           const SgldParams<float>& p) {
   update_loop<float, float>(x, g, z, 0, n_elems, p);
 }
 
-void step_float_baseline(float* __restrict x, const float* __restrict g, int64_t n_elems,
-                         uint64_t seed, uint64_t offset, uint64_t first,
-                         const SgldParams<float>& p) {
+void step_float_baseline(float* x, const float* g, int64_t n_elems, uint64_t seed, uint64_t offset,
+                         uint64_t first, const SgldParams<float>& p) {
   alignas(64) float z[4 * kBlockGroups];
   normals_baseline(z, seed, offset, first, (n_elems + 3) / 4);
   update_loop<float, float>(x, g, z, 0, n_elems, p);
@@ -431,9 +431,8 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE __m512 update_avx512(const Update512& u, __
   return kClamp ? _mm512_min_ps(u.hi, _mm512_max_ps(u.lo, v)) : v;
 }
 
-JEM_EXT_TARGET_AVX512 void update_float_avx512(float* __restrict x, const float* __restrict g,
-                                               const float* __restrict z, int64_t n_elems,
-                                               const SgldParams<float>& p) {
+JEM_EXT_TARGET_AVX512 void update_float_avx512(float* x, const float* g, const float* __restrict z,
+                                               int64_t n_elems, const SgldParams<float>& p) {
   const Update512 u = update_setup_avx512(p);
   for (int64_t e = 0; e < n_elems; e += 16) {
     const __mmask16 m =
@@ -448,9 +447,9 @@ JEM_EXT_TARGET_AVX512 void update_float_avx512(float* __restrict x, const float*
 // The noise of each 16-group chunk goes from registers straight into the
 // update: no round trip of the normals through memory.
 template <bool kClip, bool kClamp>
-JEM_EXT_TARGET_AVX512 void step_float_avx512_t(float* __restrict x, const float* __restrict g,
-                                               int64_t n_elems, uint64_t seed, uint64_t offset,
-                                               uint64_t first, const SgldParams<float>& p) {
+JEM_EXT_TARGET_AVX512 void step_float_avx512_t(float* x, const float* g, int64_t n_elems,
+                                               uint64_t seed, uint64_t offset, uint64_t first,
+                                               const SgldParams<float>& p) {
   Philox512 s;
   philox_setup_avx512(s, seed, offset, static_cast<uint32_t>(first >> 32));
   const Update512 u = update_setup_avx512(p);
@@ -492,9 +491,9 @@ JEM_EXT_TARGET_AVX512 void step_float_avx512_t(float* __restrict x, const float*
   }
 }
 
-JEM_EXT_TARGET_AVX512 void step_float_avx512(float* __restrict x, const float* __restrict g,
-                                             int64_t n_elems, uint64_t seed, uint64_t offset,
-                                             uint64_t first, const SgldParams<float>& p) {
+JEM_EXT_TARGET_AVX512 void step_float_avx512(float* x, const float* g, int64_t n_elems,
+                                             uint64_t seed, uint64_t offset, uint64_t first,
+                                             const SgldParams<float>& p) {
   if (!same_group_hi(first, (n_elems + 63) / 64 * 16)) {
     step_float_baseline(x, g, n_elems, seed, offset, first, p);
     return;
@@ -767,9 +766,8 @@ JEM_EXT_TARGET_AVX2 JEM_EXT_INLINE __m256 update_avx2(const Update256& u, __m256
   return kClamp ? _mm256_min_ps(u.hi, _mm256_max_ps(u.lo, v)) : v;
 }
 
-JEM_EXT_TARGET_AVX2 void update_float_avx2(float* __restrict x, const float* __restrict g,
-                                           const float* __restrict z, int64_t n_elems,
-                                           const SgldParams<float>& p) {
+JEM_EXT_TARGET_AVX2 void update_float_avx2(float* x, const float* g, const float* __restrict z,
+                                           int64_t n_elems, const SgldParams<float>& p) {
   const Update256 u = update_setup_avx2(p);
   int64_t e = 0;
   for (; e + 8 <= n_elems; e += 8) {
@@ -780,9 +778,9 @@ JEM_EXT_TARGET_AVX2 void update_float_avx2(float* __restrict x, const float* __r
 }
 
 template <bool kClip, bool kClamp>
-JEM_EXT_TARGET_AVX2 void step_float_avx2_t(float* __restrict x, const float* __restrict g,
-                                           int64_t n_elems, uint64_t seed, uint64_t offset,
-                                           uint64_t first, const SgldParams<float>& p) {
+JEM_EXT_TARGET_AVX2 void step_float_avx2_t(float* x, const float* g, int64_t n_elems, uint64_t seed,
+                                           uint64_t offset, uint64_t first,
+                                           const SgldParams<float>& p) {
   Philox256 s;
   philox_setup_avx2(s, seed, offset, static_cast<uint32_t>(first >> 32));
   const Update256 u = update_setup_avx2(p);
@@ -817,9 +815,9 @@ JEM_EXT_TARGET_AVX2 void step_float_avx2_t(float* __restrict x, const float* __r
   }
 }
 
-JEM_EXT_TARGET_AVX2 void step_float_avx2(float* __restrict x, const float* __restrict g,
-                                         int64_t n_elems, uint64_t seed, uint64_t offset,
-                                         uint64_t first, const SgldParams<float>& p) {
+JEM_EXT_TARGET_AVX2 void step_float_avx2(float* x, const float* g, int64_t n_elems, uint64_t seed,
+                                         uint64_t offset, uint64_t first,
+                                         const SgldParams<float>& p) {
   if (!same_group_hi(first, (n_elems + 31) / 32 * 8)) {
     step_float_baseline(x, g, n_elems, seed, offset, first, p);
     return;
@@ -860,25 +858,22 @@ void sgld_cpu_kernel(scalar_t* x, const scalar_t* g, int64_t n, const SgldParams
   // ~16k elements per task: below that, threads cost more than they save.
   at::parallel_for(0, n_blocks, 16, [&](int64_t begin, int64_t end) {
     alignas(64) float z[4 * kBlockGroups];
+    const bool noise = p.noise_std != acc_t(0);
+    if (!noise) std::fill(z, z + 4 * kBlockGroups, 0.0f);  // once: nothing writes z then
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t first_group = blk * kBlockGroups;
       const int64_t groups = std::min(kBlockGroups, n_groups - first_group);
       const int64_t first_elem = first_group * 4;
       const int64_t elems = std::min(groups * 4, n - first_elem);
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (p.noise_std != 0.0f) {
+        if (noise) {
           k.step_float(x + first_elem, g + first_elem, elems, seed, offset,
                        static_cast<uint64_t>(first_group), p);
         } else {
-          std::fill(z, z + elems, 0.0f);
           k.update_float(x + first_elem, g + first_elem, z, elems, p);
         }
       } else {
-        if (p.noise_std != acc_t(0)) {
-          k.normals(z, seed, offset, static_cast<uint64_t>(first_group), groups);
-        } else {
-          std::fill(z, z + elems, 0.0f);
-        }
+        if (noise) k.normals(z, seed, offset, static_cast<uint64_t>(first_group), groups);
         update_loop<scalar_t, acc_t>(x + first_elem, g + first_elem, z, 0, elems, p);
       }
     }

@@ -324,7 +324,8 @@ struct RowLayout {
 };
 
 // Streaming multiprocessors of the current device (cached: the attribute
-// query is cheap but not free).
+// query is cheap but not free). Not at::cuda::getCurrentDeviceProperties():
+// ATen/cuda/CUDAContext.h needs the cuSPARSE and cuBLAS headers.
 int64_t sm_count() {
   static std::array<std::atomic<int>, 64> cache{};
   int device = 0;
