@@ -73,14 +73,6 @@ class BatchTerms:
     logits_q: Tensor | None
     y_q: Tensor
 
-    def sample_energy(self, logits_q: Tensor) -> Tensor:
-        """``E(x_q)`` per sample."""
-        return _widen(ops.energy(logits_q))
-
-    def conditional_sample_energy(self, logits_q: Tensor) -> Tensor:
-        """``E(x_q, y_q)`` per sample."""
-        return _widen(ops.energy(logits_q, self.y_q))
-
 
 class Loss(NamedTuple):
     """An objective's differentiable loss and its logged terms (None: not part of it)."""
@@ -121,14 +113,14 @@ def _jem_loss(t: BatchTerms, w: Weights) -> Loss:
     e_d_mean = t.e_px.mean()
     if t.logits_q is None:  # w_px == 0: no samples, no p(x) term
         return Loss(ce, e_d_mean)
-    return _contrastive(ce, t.e_px, e_d_mean, t.sample_energy(t.logits_q), None, w)
+    return _contrastive(ce, t.e_px, e_d_mean, _widen(ops.energy(t.logits_q)), None, w)
 
 
 def _factored_loss(t: BatchTerms, w: Weights) -> Loss:
     """``log p(x | y)`` alone: ``w_px * (E(x, y) - E(x_q, y_q))`` (+ L2), data on labeled rows."""
     assert t.logits_q is not None  # the only term needs samples (see _checked_labels)
     e_d = t.e_px + t.ce_px  # E(x, y) = -f(x)[y] = E(x) + CE
-    e_q = t.conditional_sample_energy(t.logits_q)
+    e_q = _widen(ops.energy(t.logits_q, t.y_q))
     return _contrastive(None, e_d, _masked_mean(e_d, t.labeled), e_q, t.labeled, w)
 
 

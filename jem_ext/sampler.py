@@ -29,6 +29,13 @@ from torch import Tensor, nn
 from . import ops
 from .replay import INITS, GaussianInit, Initializer, ReplayBuffer, UniformInit, _init_from_state
 
+# JEM's chain (the reference code's settings for images in [-1, 1]): the one home of these
+# defaults for the sampler, the evaluation and a loaded run.
+DEFAULT_N_STEPS = 20
+DEFAULT_STEP_SIZE = 1.0
+DEFAULT_NOISE_STD = 0.01
+DEFAULT_CLAMP = (-1.0, 1.0)
+
 __all__ = [
     "INITS",
     "Initializer",
@@ -57,8 +64,8 @@ def sgld_chain(
     model: nn.Module,
     x: Tensor,
     n_steps: int,
-    step_size: float = 1.0,
-    noise_std: float = 0.01,
+    step_size: float = DEFAULT_STEP_SIZE,
+    noise_std: float = DEFAULT_NOISE_STD,
     y: Tensor | None = None,
     clamp: tuple[float, float] | None = None,
     grad_clip: float | None = None,
@@ -137,8 +144,8 @@ def sample_from_noise(
     n: int,
     shape: Sequence[int],
     n_steps: int,
-    step_size: float = 1.0,
-    noise_std: float = 0.01,
+    step_size: float = DEFAULT_STEP_SIZE,
+    noise_std: float = DEFAULT_NOISE_STD,
     *,
     y: Tensor | None = None,
     clamp: tuple[float, float] | None = None,
@@ -217,9 +224,9 @@ class SGLDSampler:
 
     def __init__(
         self,
-        n_steps: int = 20,
-        step_size: float = 1.0,
-        noise_std: float = 0.01,
+        n_steps: int = DEFAULT_N_STEPS,
+        step_size: float = DEFAULT_STEP_SIZE,
+        noise_std: float = DEFAULT_NOISE_STD,
         clamp: tuple[float, float] | None = None,
         grad_clip: float | None = None,
         buffer: ReplayBuffer | None = None,

@@ -30,7 +30,6 @@ from torch import Tensor, nn
 
 from . import ops
 from .checkpoint import (
-    CheckpointError,
     load_checkpoint,
     model_from_checkpoint,
     replay_buffer_samples,
@@ -38,12 +37,15 @@ from .checkpoint import (
 )
 from .data_files import GREY_MODES, decode_image, probe_image
 from .image_data import DataError
-from .sampler import sgld_chain
+from .sampler import (
+    DEFAULT_CLAMP,
+    DEFAULT_N_STEPS,
+    DEFAULT_NOISE_STD,
+    DEFAULT_STEP_SIZE,
+    sgld_chain,
+)
 
 __all__ = ["Chain", "InputError", "Scores", "Trained", "load"]
-
-# JEM's chain settings, used when the checkpoint records no sampler (a CE-only run).
-_DEFAULT_CHAIN = {"n_steps": 20, "step_size": 1.0, "noise_std": 0.01, "clamp": (-1.0, 1.0)}
 
 
 class InputError(ValueError):
@@ -89,15 +91,16 @@ def _default_device(config: dict[str, Any]) -> torch.device:
 
 
 def _chain_of(state: dict[str, Any]) -> Chain:
-    """The chain settings recorded by the checkpoint's sampler (JEM's when it has none)."""
+    """The chain settings recorded by the checkpoint's sampler (jem_ext.sampler's JEM
+    defaults when it has none: a CE-only run)."""
     s = state.get("sampler") if isinstance(state.get("sampler"), dict) else {}
     cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
-    steps = s.get("n_steps", cfg.get("sgld_steps") or _DEFAULT_CHAIN["n_steps"])
-    clamp = s["clamp"] if "clamp" in s else _DEFAULT_CHAIN["clamp"]
+    steps = s.get("n_steps", cfg.get("sgld_steps") or DEFAULT_N_STEPS)
+    clamp = s["clamp"] if "clamp" in s else DEFAULT_CLAMP
     return Chain(
         n_steps=int(steps),
-        step_size=float(s.get("step_size", _DEFAULT_CHAIN["step_size"])),
-        noise_std=float(s.get("noise_std", _DEFAULT_CHAIN["noise_std"])),
+        step_size=float(s.get("step_size", DEFAULT_STEP_SIZE)),
+        noise_std=float(s.get("noise_std", DEFAULT_NOISE_STD)),
         clamp=None if clamp is None else (float(clamp[0]), float(clamp[1])),
         grad_clip=None if s.get("grad_clip") is None else float(s["grad_clip"]),
     )
@@ -357,7 +360,5 @@ def load(run_or_checkpoint: str | os.PathLike, device: str | torch.device | None
     state = load_checkpoint(file, map_location="cpu")
     cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
     dev = _default_device(cfg) if device is None else torch.device(device)
-    model = model_from_checkpoint(state, device=dev)
-    if "in_shape" not in state["model_spec"] or "num_classes" not in state["model_spec"]:
-        raise CheckpointError(f"{file}: its model spec lacks in_shape or num_classes")
+    model = model_from_checkpoint(state, device=dev)  # refuses a spec without in_shape/classes
     return Trained(file, state, model, dev)

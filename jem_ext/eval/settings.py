@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..sampler import DEFAULT_CLAMP, DEFAULT_NOISE_STD, DEFAULT_STEP_SIZE
+
 __all__ = [
     "BUILTIN_OOD",
     "DEFAULT_EPS",
@@ -31,10 +33,10 @@ NORMS = ("linf", "l2")
 DEFAULT_EPS = {"linf": [0.0, 0.05, 0.1, 0.2, 0.3], "l2": [0.0, 0.25, 0.5, 1.0, 2.0]}
 ECE_BINS = 20
 
-# JEM's SGLD settings, used when neither a flag nor the checkpoint's sampler gives one.
-DEFAULT_SGLD_STEP_SIZE = 1.0
-DEFAULT_SGLD_NOISE = 0.01
-DEFAULT_CLAMP = (-1.0, 1.0)
+# JEM's SGLD settings (jem_ext.sampler's), used when neither a flag nor the checkpoint's
+# sampler gives one.
+DEFAULT_SGLD_STEP_SIZE = DEFAULT_STEP_SIZE
+DEFAULT_SGLD_NOISE = DEFAULT_NOISE_STD
 
 
 class EvalError(Exception):
