@@ -530,3 +530,25 @@ def test_benchmark_scripts_refuse_threads_beyond_the_cores(script):
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr  # argparse's usage, then the one error line
     assert "--threads 100000: this machine has" in done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_a_failed_write_and_sigterm_name_the_same_continue_command(tmp_path, monkeypatch, world):
+    """The line after a failed write gives the command that continues the job as it was
+    launched (torchrun for a job of several processes), as the SIGTERM line does."""
+    from types import SimpleNamespace
+
+    from jem_ext.training import cli as train_cli
+    from jem_ext.training import distributed
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Dist(world_size=world))
+    folder = SimpleNamespace(path=tmp_path)
+    prepared = train_cli.Prepared({}, None, {}, folder, None)
+    failed = train_cli._write_failed(OSError(errno.ENOSPC, "No space left on device"), prepared)
+    stopped = train_cli._interrupted(folder, "terminated (SIGTERM)")
+    launch = f"torchrun --nproc-per-node {world}" if world > 1 else "python -m jem_ext.train"
+    command = f"continue with: {launch}"
+    assert command in failed and command in stopped
+    assert failed.endswith(f"--resume {tmp_path}") and stopped.endswith(f"--resume {tmp_path}")
