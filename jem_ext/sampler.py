@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .inits import MixedInit
 from .replay import INITS, GaussianInit, Initializer, ReplayBuffer, UniformInit, _init_from_state
 
 # JEM's chain (the reference code's settings for images in [-1, 1]): the one home of these
@@ -41,6 +42,7 @@ __all__ = [
     "Initializer",
     "UniformInit",
     "GaussianInit",
+    "MixedInit",
     "ReplayBuffer",
     "SGLDSampler",
     "sgld_chain",
@@ -155,8 +157,10 @@ def sample_from_noise(
     on_batch: Callable[[int], None] | None = None,
     autocast: Callable[[], AbstractContextManager[Any]] | None = None,
     chain: Callable[..., Tensor] | None = None,
+    init: Initializer | None = None,
 ) -> Tensor:
-    """``n`` samples from fresh SGLD chains started at U(-1, 1)^shape; returned on the CPU.
+    """``n`` samples from fresh SGLD chains started at U(-1, 1)^shape (or drawn from ``init``,
+    e.g. a run's fitted per-class Gaussians, of class ``y`` where given); returned on the CPU.
 
     The one "chain from uniform noise" of the package (sample grids during training, the
     evaluation's generation task). Deterministic in ``seed`` on a given device: the starts are
@@ -172,7 +176,10 @@ def sample_from_noise(
         )
     device = _model_device(model)
     starts = torch.Generator().manual_seed(seed)
-    x0 = torch.rand((n, *shape), generator=starts) * 2 - 1
+    if init is None:
+        x0 = torch.rand((n, *shape), generator=starts) * 2 - 1
+    else:
+        x0 = init(n, shape, y=y, generator=starts, device="cpu")
     noise = torch.Generator(device=device).manual_seed(seed)
     out = []
     for s in range(0, n, batch_size):
@@ -256,8 +263,8 @@ class SGLDSampler:
         if sample_shape is None:
             if buffer is not None:
                 sample_shape = buffer.sample_shape
-            elif isinstance(self.init, GaussianInit):
-                sample_shape = self.init.sample_shape
+            else:  # fitted initializers know it; uniform noise does not
+                sample_shape = getattr(self.init, "sample_shape", None)
         self.sample_shape = None if sample_shape is None else tuple(int(s) for s in sample_shape)
         if buffer is None and self.sample_shape is None:
             raise ValueError("SGLDSampler: short-run mode (no buffer) needs sample_shape")
@@ -349,8 +356,9 @@ class SGLDSampler:
             self.buffer.load_state_dict(d["buffer"])
         init = _init_from_state(d.get("init"))
         if init is not None:
-            if isinstance(self.init, GaussianInit):
-                init.to(self.init.mean.device)
+            fitted = getattr(self.init, "informative", self.init)
+            if isinstance(fitted, GaussianInit):
+                init.to(fitted.mean.device)
             self.init = init
             if self.buffer is not None:
                 self.buffer.init = init

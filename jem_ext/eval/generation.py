@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..ops import energy
-from ..sampler import sample_from_noise
+from ..sampler import GaussianInit, Initializer, _init_from_state, sample_from_noise
 from .inception import InceptionV3, classifier_features, extract, load_inception
 from .inputs import EvalData, Loaded, load_model
 from .metrics import fid, inception_score
@@ -30,6 +30,8 @@ __all__ = [
     "GenerationResult",
     "generate",
     "grid_file",
+    "chain_init",
+    "load_judge",
     "prepare_fid",
     "run_fid",
     "run_generation",
@@ -39,6 +41,44 @@ __all__ = [
 def grid_file(kind: str, compare: bool) -> str:
     """The PNG name of a sample grid (``samples_<kind>[_compare].png``)."""
     return f"samples_{kind}{'_compare' if compare else ''}.png"
+
+
+def chain_init(m: Loaded, kind: str) -> Initializer | None:
+    """Where the fresh chains of ``m`` start: None for U(-1, 1) (``kind`` "uniform"), or the
+    per-class Gaussians its run fitted to the training data (``kind`` "gaussian", JEM++'s
+    informative init, saved with its sampler).
+
+    Raises:
+        EvalError: "gaussian" for a checkpoint whose chains start from uniform noise only.
+    """
+    if kind == "uniform":
+        return None
+    saved = _init_from_state((m.state.get("sampler") or {}).get("init"))
+    fitted = getattr(saved, "informative", saved)
+    if not isinstance(fitted, GaussianInit):
+        raise EvalError(
+            f"--gen-init gaussian: {m.path} holds no fitted per-class Gaussians (its run "
+            "used --init uniform or trained no sampler); use --gen-init uniform"
+        )
+    return fitted.to("cpu")
+
+
+def _init_name(kind: str) -> str:
+    return "uniform(-1, 1)" if kind == "uniform" else "per-class Gaussians of the run"
+
+
+def load_judge(settings: EvalSettings, main: Loaded) -> Loaded | None:
+    """The --judge classifier, checked to take the evaluated model's inputs and classes."""
+    if settings.judge is None:
+        return None
+    judge = load_model(settings.judge, settings.device, "--judge")
+    if judge.in_shape != main.in_shape or judge.num_classes != main.num_classes:
+        raise EvalError(
+            f"--judge {judge.path}: its model takes {judge.in_shape} with "
+            f"{judge.num_classes} classes, the evaluated model {main.in_shape} with "
+            f"{main.num_classes}"
+        )
+    return judge
 
 
 def generate(
@@ -52,8 +92,10 @@ def generate(
     seed: int = 0,
     desc: str = "SGLD",
     chain: Callable[..., torch.Tensor] | None = None,
+    init: Initializer | None = None,
 ) -> torch.Tensor:
-    """``n`` samples from fresh SGLD chains started at U(-1, 1), with ``sgld``'s settings.
+    """``n`` samples from fresh SGLD chains started at U(-1, 1) (or drawn from ``init``), with
+    ``sgld``'s settings.
 
     With ``y``, the chains follow E(x, y) = -f(x)[y] (class-conditional samples). The forwards
     run in --precision; ``chain`` replaces the eager chain (e.g. a CUDA-graph chain).
@@ -74,11 +116,38 @@ def generate(
             on_batch=bar.update,
             autocast=chain_autocast(settings),
             chain=chain,
+            init=init,
         )
 
 
 def _mean_logpx(logits: torch.Tensor) -> float:
     return float(-energy(logits.double()).mean())
+
+
+@dataclass
+class JudgeRates:
+    """How often a second classifier (--judge) classifies the class-conditional samples as
+    their class: a JEM's own classifier is easy to satisfy (its chains climb its own logit),
+    an independent one is not. ``start`` rates are of the chains' starting points."""
+
+    path: str
+    conditional: float
+    start: float
+    own_start: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "judge": self.path,
+            "judge_conditional_accuracy": self.conditional,
+            "judge_start_accuracy": self.start,
+            "conditional_start_accuracy": self.own_start,
+        }
+
+
+def _class_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: EvalSettings) -> float:
+    """Fraction of ``x`` that ``model`` classifies as ``y``."""
+    logits = logits_of(model, x, s, "judged samples", progress=False)
+    return float((logits.argmax(1) == y).double().mean())
 
 
 @dataclass
@@ -96,6 +165,8 @@ class GenerationResult:
     buffer: torch.Tensor | None = field(default=None, repr=False)
     buffer_size: int | None = None
     is_image: bool = True
+    init: str = "uniform"
+    judged: JudgeRates | None = None
 
     def grids(self) -> dict[str, tuple[torch.Tensor, int | None]]:
         """Sample grids to draw, by kind: (samples, images per row or None)."""
@@ -116,12 +187,14 @@ class GenerationResult:
             "noise_std": g.noise_std,
             "clamp": list(g.clamp),
             "grad_clip": g.grad_clip,
-            "init": "uniform(-1, 1)",
+            "init": _init_name(self.init),
             "conditional_accuracy": self.conditional_accuracy,
             "logpx_mean_samples": self.logpx_mean_samples,
             "logpx_mean_test": self.logpx_mean_test,
             "files": {kind: grid_file(kind, compare) for kind in self.grids()},
         }
+        if self.judged is not None:
+            out.update(self.judged.to_json())
         if self.buffer_size is not None:
             out["buffer_size"] = self.buffer_size
         else:
@@ -148,9 +221,12 @@ def run_generation(
     sgld: SGLDSettings,
     test_logits: torch.Tensor,
     chain: Callable[..., torch.Tensor] | None = None,
+    judge: Loaded | None = None,
 ) -> GenerationResult:
-    """Fresh unconditional and class-conditional chains, and a pick of the replay buffer."""
+    """Fresh unconditional and class-conditional chains, and a pick of the replay buffer; with
+    ``judge``, its rate of the conditional samples (and of their starts) as their class."""
     s = settings
+    init = chain_init(m, s.gen_init)
     fresh = generate(
         m.model,
         s.gen_n,
@@ -161,6 +237,7 @@ def run_generation(
         seed=s.seed + 2,
         desc=f"{m.label}: SGLD unconditional",
         chain=chain,
+        init=init,
     )
     per = max(1, s.gen_n // m.num_classes)
     y = torch.arange(m.num_classes).repeat_interleave(per)
@@ -175,7 +252,17 @@ def run_generation(
         seed=s.seed + 3,
         desc=f"{m.label}: SGLD conditional",
         chain=chain,
+        init=init,
     )
+    judged = None
+    if judge is not None:  # the same chains' starts: zero steps from the same seed
+        starts = generate(m.model, len(y), m.in_shape, 0, sgld, s, y=y, seed=s.seed + 3, init=init)
+        judged = JudgeRates(
+            path=str(judge.path),
+            conditional=_class_rate(judge.model, cond, y, s),
+            start=_class_rate(judge.model, starts, y, s),
+            own_start=_class_rate(m.model, starts, y, s),
+        )
     cond_logits = logits_of(m.model, cond, s, "conditional samples", progress=False)
     fresh_logits = logits_of(m.model, fresh, s, "samples", progress=False)
     buffer = _buffer_pick(m, s.gen_n, s.seed + 4)
@@ -192,6 +279,8 @@ def run_generation(
         buffer=buffer,
         buffer_size=None if buffer is None else len(m.buffer_samples()),
         is_image=m.is_image,
+        init=s.gen_init,
+        judged=judged,
     )
 
 
@@ -275,9 +364,11 @@ class FIDResult:
 def run_fid(
     m: Loaded, data: EvalData, settings: EvalSettings, net: FIDNetwork, samples: torch.Tensor
 ) -> FIDResult:
-    """IS of ``samples`` (fresh-chain samples) and their FID against the test images."""
+    """IS of ``samples`` (fresh-chain samples) and their FID against the test images; the same
+    FID of as many replay-buffer samples when the checkpoint holds a buffer."""
     f_gen, p_gen = net.of(samples, settings, f"{m.label}: features gen")
     f_test = net.of_test(data, settings)
+    buffer = _buffer_pick(m, len(samples), settings.seed + 4)
     splits = min(10, len(samples))
     is_mean, is_std = inception_score(p_gen, splits=splits)
     out = {
@@ -292,6 +383,9 @@ def run_fid(
         "is_splits": splits,
         "comparable_with_published": net.kind == "inception",
     }
+    if buffer is not None:
+        out["fid_buffer"] = fid(net.of(buffer, settings, f"{m.label}: features buffer")[0], f_test)
+        out["n_buffer"] = len(buffer)
     if min(len(samples), len(data.x)) <= f_gen.shape[1]:
         out["warning"] = (
             f"fewer samples than feature dimensions ({f_gen.shape[1]}): the "

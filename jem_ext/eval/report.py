@@ -87,8 +87,10 @@ from .generation import (
     FIDNetwork,
     FIDResult,
     GenerationResult,
+    chain_init,
     generate,
     grid_file,
+    load_judge,
     prepare_fid,
     run_fid,
     run_generation,
@@ -131,6 +133,7 @@ class Inputs:
     fid_net: FIDNetwork | None
     fid_skip_reason: str | None
     chain: Callable[..., torch.Tensor] | None = None  # the generation chains' function
+    judge: Loaded | None = None  # --judge: a second classifier of the conditional samples
     warnings: list[str] = field(default_factory=list)  # data that differ (report.json)
 
 
@@ -141,6 +144,10 @@ def prepare(settings: EvalSettings) -> Inputs:
     data = load_eval_data(settings, main)
     models = [main] + ([load_compare(settings, main)] if settings.compare else [])
     fid_net, reason = prepare_fid(settings, main) if "fid" in settings.tasks else (None, None)
+    sampling = {"generation", "fid"} & set(settings.tasks)
+    for m in models if sampling else []:
+        chain_init(m, settings.gen_init)  # refuses --gen-init gaussian without fitted Gaussians
+    judge = load_judge(settings, main) if "generation" in settings.tasks else None
     for m, what in zip(models, ("--checkpoint", "--compare")):
         apply_model_options(m.model, m.state["model_spec"], settings, what)
     return Inputs(
@@ -151,6 +158,7 @@ def prepare(settings: EvalSettings) -> Inputs:
         fid_net=fid_net,
         fid_skip_reason=reason,
         chain=make_chain(settings),
+        judge=judge,
         warnings=data_warnings(models, data),
     )
 
@@ -211,6 +219,7 @@ def _fresh_samples(res: ModelResults, inp: Inputs) -> torch.Tensor:
         seed=s.seed + 2,
         desc=f"{m.label}: SGLD for FID",
         chain=inp.chain,
+        init=chain_init(m, s.gen_init),
     )
 
 
@@ -224,7 +233,9 @@ def _run_task(task: str, res: ModelResults, inp: Inputs) -> None:
     elif task == "ood":
         res.ood = run_ood(m, data, s)
     elif task == "generation":
-        res.generation = run_generation(m, data, s, sgld, res.test_logits(inp), inp.chain)
+        res.generation = run_generation(
+            m, data, s, sgld, res.test_logits(inp), inp.chain, inp.judge
+        )
     elif task == "fid":
         res.fid = (
             FIDResult(skipped=inp.fid_skip_reason)

@@ -28,6 +28,7 @@ __all__ = [
 
 TASKS = ("accuracy", "calibration", "ood", "generation", "fid", "robustness")
 BUILTIN_OOD = ("uniform", "gaussian", "constant", "interp")
+GEN_INITS = ("uniform", "gaussian")  # where --gen-init starts the fresh generation chains
 SCORES = ("logpx", "maxprob", "approx_mass")
 NORMS = ("linf", "l2")
 DEFAULT_EPS = {"linf": [0.0, 0.05, 0.1, 0.2, 0.3], "l2": [0.0, 0.25, 0.5, 1.0, 2.0]}
@@ -122,6 +123,8 @@ class EvalSettings:
     ood: list[tuple[str, str | None]] | None = None
     gen_steps: int = 100
     gen_n: int = 100
+    gen_init: str = "uniform"
+    judge: str | None = None
     inception_weights: str | None = None
     fid_classifier: str | None = None
     pgd_norms: list[str] | None = None

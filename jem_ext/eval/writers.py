@@ -136,12 +136,21 @@ def _ood_section(report, results, images: bool) -> list[str]:
     return parts
 
 
+def _judged(g: dict[str, Any]) -> str:
+    """The --judge's rate of the conditional samples (of their starts in brackets), or -."""
+    if "judge_conditional_accuracy" not in g:
+        return "-"
+    return f"{_pct(g['judge_conditional_accuracy'])} ({_pct(g['judge_start_accuracy'])})"
+
+
 def _generation_section(results, images: bool) -> list[str]:
     rows = [
         [
             r["label"],
+            g["init"],
             g["steps"],
             _pct(g["conditional_accuracy"]),
+            _judged(g),
             _num(g["logpx_mean_samples"], ".2f"),
             _num(g["logpx_mean_test"], ".2f"),
             g.get("buffer_size", "none"),
@@ -150,13 +159,15 @@ def _generation_section(results, images: bool) -> list[str]:
         for g in [r["generation"]]
     ]
     parts = [
-        "## Generation (fresh SGLD chains from U(-1,1))",
+        "## Generation (fresh SGLD chains)",
         "",
         _table(
             [
                 "model",
+                "chains start from",
                 "SGLD steps",
                 "conditional samples classified as their class (%)",
+                "same by the judge (%) (their starts)",
                 "mean logpx samples",
                 "mean logpx test",
                 "replay buffer size",
@@ -165,6 +176,8 @@ def _generation_section(results, images: bool) -> list[str]:
         ),
         "",
     ]
+    judges = {g["judge"] for r in results for g in [r["generation"]] if "judge" in g}
+    parts += [f"Judge: {j}." for j in sorted(judges)] + ([""] if judges else [])
     if images:
         for r in results:
             for kind, f in r["generation"]["files"].items():
@@ -182,6 +195,7 @@ def _fid_section(report, results) -> list[str]:
             r["label"],
             f"{_num(f['is_mean'])} ± {_num(f['is_std'])}",
             _num(f["fid"]),
+            _num(f.get("fid_buffer")),
             f["n_generated"],
         ]
         for r in results
@@ -192,7 +206,7 @@ def _fid_section(report, results) -> list[str]:
         "",
         f"Network: {f0['note']}.",
         "",
-        _table(["model", "IS", "FID", "samples"], rows),
+        _table(["model", "IS", "FID fresh chains", "FID replay buffer", "samples"], rows),
         "",
     ]
     if "warning" in f0:

@@ -46,9 +46,9 @@ PATH_KEYS = ("data_root", "out", "config", "resume")
 # Keys older config.json files may hold that no longer mean anything: read and dropped.
 RETIRED_KEYS = ("debug_inject_nan_at",)
 # Keys added after config files were first written, with the value that repeats what such a
-# file meant: a run from before these flags kept its p(x) weight constant and used Adam's
-# usual second-moment decay.
-ADDED_KEYS: dict[str, Any] = {"w_px_decay_epochs": [], "adam_beta2": 0.999}
+# file meant: a run from before these flags kept its p(x) weight constant, used Adam's usual
+# second-moment decay and started every chain from its --init.
+ADDED_KEYS: dict[str, Any] = {"w_px_decay_epochs": [], "adam_beta2": 0.999, "init_noise_frac": 0.0}
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,7 @@ RANGES: dict[str, Range] = {
     "sgld_step_size": _NON_NEGATIVE,
     "sgld_noise": _NON_NEGATIVE,
     "reinit_prob": _FRACTION,
+    "init_noise_frac": _FRACTION,
     "grad_clip": Range(0, lo_open=True),
     "decay_rate": Range(0, lo_open=True),
     "w_px_decay_rate": _NON_NEGATIVE,
@@ -210,6 +211,11 @@ def _validate_combinations(cfg: dict[str, Any], name: Any) -> None:
         raise ConfigError(
             f"{name('channels_last')}: expected a convolutional model "
             f"({', '.join(convolutional_models())}), got {cfg['model']}"
+        )
+    if cfg["init_noise_frac"] > 0 and cfg["init"] != "gaussian":
+        raise ConfigError(
+            f"{name('init_noise_frac')}: mixes uniform noise into --init gaussian's chains; "
+            f"with --init {cfg['init']} leave it out"
         )
     if cfg["sam_rho"] > 0 and cfg["precision"] == "fp16":
         raise ConfigError(

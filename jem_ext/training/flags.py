@@ -236,6 +236,15 @@ def _add_sampler_flags(add: Any, g: Any) -> None:
     )
     add(
         g,
+        "--init-noise-frac",
+        type=finite_float,
+        default=0.0,
+        help="with --init gaussian: probability that a new chain starts from uniform noise "
+        "instead, so that the model also sees noise as a negative (chains near the data alone "
+        "can leave noise rated likelier than images)",
+    )
+    add(
+        g,
         "--proximal",
         action="store_true",
         default=False,

@@ -28,7 +28,7 @@ from ..accel import (
 )
 from ..models import build_model, model_entry
 from ..sam import SAM
-from ..sampler import GaussianInit, ReplayBuffer, SGLDSampler, UniformInit
+from ..sampler import GaussianInit, MixedInit, ReplayBuffer, SGLDSampler, UniformInit
 from . import distributed
 from .distributed import Dist
 from .state import RunState
@@ -156,6 +156,8 @@ def make_sampler(
     conditional = cfg["objective"] == "factored"
     if cfg["init"] == "gaussian":
         init = GaussianInit.fit(train_data.x, train_data.y, train_data.num_classes)
+        if cfg["init_noise_frac"] > 0:
+            init = MixedInit(init, UniformInit(*SAMPLE_RANGE), cfg["init_noise_frac"])
     else:
         init = UniformInit(*SAMPLE_RANGE)
     buffer = None
