@@ -13,7 +13,7 @@ from trained_runs import train_on_digits
 
 from jem_ext import train as jtrain
 from jem_ext.checkpoint import load_checkpoint, save_checkpoint
-from jem_ext.data import load_dataset
+from jem_ext.data import load_dataset, save_image_grid
 from jem_ext.eval import cli as eval_cli
 from jem_ext.inits import GaussianInit, MixedInit, UniformInit, _init_from_state
 from jem_ext.models import build_model, model_spec
@@ -231,3 +231,21 @@ def test_bad_generation_inputs_exit_2_before_writing(runs, tmp_path, capsys, cas
     assert code == 2
     assert needle in err and err.strip().count("\n") == 0 and out_text == ""
     assert not out.exists()
+
+
+def test_grids_show_at_most_a_hundred_samples_and_ten_a_class(runs, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "out"
+    argv = ["--checkpoint", runs["gaussian"], "--out", out, "--tasks", "generation"]
+    flags = ["--gen-n", "200", "--gen-steps", "1", "--no-progress", "--batch-size", "100"]
+    code = eval_cli.main([str(a) for a in [*argv, *flags]])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    gen = json.loads((out / "report.json").read_text())["generation"]
+    assert gen["n_unconditional"] == 200 and gen["n_conditional"] == 200
+    # 10 x 10 tiles each (a class a row of 10 in the conditional grid), not 200 samples
+    ref = tmp_path / "ref.png"
+    save_image_grid(torch.zeros(100, 1, 8, 8), ref, nrow=10)
+    for kind in ("cond", "uncond"):
+        assert Image.open(out / f"samples_{kind}.png").size == Image.open(ref).size

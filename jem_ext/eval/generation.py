@@ -39,6 +39,10 @@ __all__ = [
 ]
 
 
+GRID_MAX = 100  # samples drawn in a grid (the figures use every sample)
+GRID_PER_CLASS = 10  # rows of the class-conditional grid are classes, this many samples each
+
+
 def grid_file(kind: str, compare: bool) -> str:
     """The PNG name of a sample grid (``samples_<kind>[_compare].png``)."""
     return f"samples_{kind}{'_compare' if compare else ''}.png"
@@ -170,12 +174,20 @@ class GenerationResult:
     judged: JudgeRates | None = None
 
     def grids(self) -> dict[str, tuple[torch.Tensor, int | None]]:
-        """Sample grids to draw, by kind: (samples, images per row or None)."""
+        """Sample grids to draw, by kind: (samples, images per row or None). A grid shows at
+        most ``GRID_MAX`` samples (``GRID_PER_CLASS`` a class for the conditional one); the
+        figures use them all."""
         if not self.is_image:
             return {}
-        out = {"uncond": (self.samples, None), "cond": (self.conditional, self.per_class)}
+        per = min(self.per_class, GRID_PER_CLASS)
+        classes = len(self.conditional) // self.per_class
+        cond = self.conditional.view(classes, self.per_class, *self.conditional.shape[1:])
+        out = {
+            "uncond": (self.samples[:GRID_MAX], None),
+            "cond": (cond[:, :per].flatten(0, 1), per),
+        }
         if self.buffer is not None:
-            out["buffer"] = (self.buffer, None)
+            out["buffer"] = (self.buffer[:GRID_MAX], None)
         return out
 
     def to_json(self, compare: bool = False) -> dict[str, Any]:
