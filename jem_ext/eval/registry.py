@@ -20,16 +20,8 @@ import torch
 
 from ..data import save_image_grid
 from . import plots, sections
-from .generation import (
-    FIDResult,
-    chain_init,
-    generate,
-    grid_file,
-    load_judge,
-    prepare_fid,
-    run_fid,
-    run_generation,
-)
+from .fid import FIDResult, prepare_fid, run_fid
+from .generation import chain_init, generate, grid_file, load_judge, run_generation
 from .inputs import EvalData, Loaded
 from .settings import EvalSettings, SGLDSettings
 from .tasks import logits_of, run_accuracy, run_calibration, run_ood, run_robustness
