@@ -27,6 +27,7 @@ from jem_ext.checkpoint import load_checkpoint, model_from_checkpoint, replay_bu
 from jem_ext.training import distributed
 from jem_ext.training.config import read_config_file
 from jem_ext.training.distributed import Dist
+from jem_ext.training.options import DataOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -207,7 +208,7 @@ def test_reduced_metrics_equal_a_single_process_evaluation(full):
     run = full[0]
     summary = json.loads((run / "summary.json").read_text())
     model = model_from_checkpoint(load_checkpoint(run / "checkpoints" / "last.pt"))
-    datasets = jtrain.load_data({"dataset": "digits", "data_root": None, "seed": 3})
+    datasets = jtrain.load_data(DataOptions(dataset="digits"), seed=3)
     # the processes evaluated batches of 64 rows, the single process evaluates all at once
     assert summary["test_accuracy"] == jtrain.accuracy(model, datasets["test"])
     assert summary["val_accuracy"] == jtrain.accuracy(model, datasets["val"])
@@ -525,12 +526,12 @@ def test_more_processes_than_gpus_is_refused():
 
 
 def test_config_checks_for_a_job():
-    cfg = jtrain.default_config()
+    cfg = jtrain.config_from_args([])
     distributed.check_config(cfg, 2)
     with pytest.raises(distributed.LaunchError, match="multiple of the 3 processes"):
         distributed.check_config(cfg, 3)
     with pytest.raises(distributed.LaunchError, match="--buffer-size 20: too small"):
-        distributed.check_config({**cfg, "batch_size": 40, "buffer_size": 20}, 4, classes=10)
+        distributed.check_config(cfg.replace(batch_size=40, buffer_size=20), 4, classes=10)
 
 
 def test_help_says_what_the_batch_size_means(capsys):
