@@ -54,10 +54,11 @@ from .training.config import (
     default_config,
 )
 from .training.guard import DivergenceGuard, TrainingDiverged
-from .training.loop import accuracy, learning_rate, train
+from .training.loop import accuracy, learning_rate
 from .training.setup import build_run, load_data, make_optimizer, make_sampler
 from .training.state import RunState
 from .training.step import StepContext, train_step
+from .training.trainer import train
 
 __all__ = [
     "ConfigError",

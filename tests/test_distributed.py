@@ -59,7 +59,7 @@ WORKER = r"""
 import itertools, json, os, sys, time
 import torch
 from jem_ext import objectives, train as jtrain
-from jem_ext.training import distributed, loop
+from jem_ext.training import distributed, loop, trainer
 
 plan, argv = json.loads(sys.argv[1]), sys.argv[2:]
 rank = int(os.environ["RANK"])
@@ -79,21 +79,21 @@ if rank in plan.get("stall_ranks", []):
         return real_lr_(cfg, iteration, epoch, scale)
     loop.learning_rate = stalling_lr
 if rank == plan.get("nan_rank"):
-    real_loss, calls = objectives.jem_loss, itertools.count()
+    real_loss, calls = objectives.batch_loss, itertools.count()
     def corrupted(*args, **kwargs):
         loss, terms = real_loss(*args, **kwargs)
         if next(calls) == plan["nan_at"]:
             loss, terms = loss * float("nan"), {**terms, "loss": float("nan")}
         return loss, terms
-    objectives.jem_loss = corrupted
+    objectives.batch_loss = corrupted
 if plan.get("eval_batch"):
     distributed.EVAL_BATCH = plan["eval_batch"]
 if plan.get("dump"):
-    real_summarise = loop.summarise
+    real_summarise = trainer.summarise
     def dumping(run, status, error):
         torch.save(run.ctx.model_for_chain.state_dict(), f"{plan['dump']}{rank}.pt")
         return real_summarise(run, status, error)
-    loop.summarise = dumping
+    trainer.summarise = dumping
 sys.exit(jtrain.main(argv))
 """
 

@@ -243,7 +243,7 @@ def bad_loss(monkeypatch):
     one per iteration in a fresh run."""
 
     def arm(iterations, **bad_terms):
-        real = objectives.jem_loss
+        real = objectives.batch_loss
         calls = itertools.count()
         bad_terms = bad_terms or {"loss": float("nan")}
 
@@ -255,7 +255,7 @@ def bad_loss(monkeypatch):
                 terms = {**terms, **bad_terms}
             return loss, terms
 
-        monkeypatch.setattr(objectives, "jem_loss", corrupted)
+        monkeypatch.setattr(objectives, "batch_loss", corrupted)
 
     return arm
 

@@ -23,10 +23,10 @@ from . import distributed
 from .config import ConfigError, check_identity, parse_command_line
 from .folder import RunFolder, RunFolderLost
 from .guard import TrainingDiverged
-from .loop import train
 from .runconfig import RunConfig
 from .saver import last_checkpoint
 from .setup import fresh_out, load_data, model_kwargs
+from .trainer import train
 
 _TRAINING_KEYS = {"model": dict, "optimizer": dict, "rng": dict, "iteration": int, "epoch": int}
 

@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..objectives import Batch, Objective, batch_loss
+from .. import objectives
+from ..objectives import Batch, Objective
 from ..sam import SAM
 from ..sampler import SGLDSampler
 
@@ -147,7 +148,7 @@ def train_step(
     # objective's terms (see jem_ext.objectives)
     def loss_and_terms() -> tuple[Tensor, dict[str, float]]:
         with ctx.autocast():
-            return batch_loss(
+            return objectives.batch_loss(
                 ctx.model_for_loss, batch, objective, x_q=x_q, joint_forward=ctx.joint_forward
             )
 
