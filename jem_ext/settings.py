@@ -93,7 +93,6 @@ class Spec:
         flags: the option strings (default ``--`` + ``dest`` with dashes).
         choices: the accepted values, or a callable giving them (a registry read late).
         range: the accepted range of a number (each element's, for a list).
-        nullable: None is accepted although the default is not None.
         negated: a bool flag that stores False (``--no-x`` for ``x``).
         metavar: argparse's metavar.
         check: ``check(value)`` -> why the value is refused, or None (e.g. a registry lookup).
@@ -107,7 +106,6 @@ class Spec:
     flags: tuple[str, ...] = ()
     choices: tuple[Any, ...] | Callable[[], tuple[Any, ...]] | None = None
     range: Range | None = None
-    nullable: bool = False
     negated: bool = False
     metavar: str | None = None
     check: Callable[[Any], str | None] | None = None
@@ -186,8 +184,7 @@ def _is_int(v: Any) -> bool:
 
 def _type_problem(s: Spec, value: Any) -> str | None:
     if value is None:
-        ok = s.default is None or s.nullable
-        return None if ok else "expected a value, got null"
+        return None if s.default is None else "expected a value, got null"
     choices = s.allowed()
     if choices is not None:
         return None if value in choices else f"expected one of {', '.join(choices)}, got {value!r}"

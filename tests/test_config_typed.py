@@ -51,6 +51,9 @@ def test_a_run_config_round_trips_through_its_flat_dict():
     assert cfg.conditional and cfg.generative and cfg.chain.steps == 20
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.optim.lr = 1.0  # type: ignore[misc]
+    assert cfg.replace(lr=0.5).optim.lr == 0.5 and cfg.optim.lr == 3e-3
+    with pytest.raises(KeyError, match="unknown settings"):
+        cfg.replace(learning_rate=0.5)
 
 
 def test_validation_names_the_setting_and_its_range():

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..chain import ChainSpec
+from ..chain import DEFAULT_NOISE_STD, DEFAULT_STEP_SIZE, ChainSpec
 from ..ops import energy
 
 __all__ = ["pgd_attack", "SGLDRefinedClassifier", "robust_accuracy"]
@@ -164,8 +164,8 @@ class SGLDRefinedClassifier(nn.Module):
         self,
         f: nn.Module,
         n_steps: int = 0,
-        step_size: float = 1.0,
-        noise_std: float = 0.01,
+        step_size: float = DEFAULT_STEP_SIZE,
+        noise_std: float = DEFAULT_NOISE_STD,
         sigma: float = 0.0,
         n_chains: int = 1,
         *,

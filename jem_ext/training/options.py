@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..chain import DEFAULT_N_STEPS, DEFAULT_NOISE_STD, DEFAULT_STEP_SIZE, ChainSpec
 from ..data import DATASET_REGISTRY, file_datasets
 from ..models import MODELS, NORMS
 from ..objectives import OBJECTIVES
 from ..recipes import RECIPES
 from ..replay import INITS
-from ..sampler import ChainSpec
 from ..settings import (
     FRACTION,
     GREATER_THAN_ZERO,
@@ -36,6 +36,8 @@ NORM_CHOICES = tuple("none" if n is None else n for n in NORMS)
 
 @dataclass(frozen=True)
 class RecipeOptions:
+    """A published recipe written over the defaults (:mod:`jem_ext.recipes`)."""
+
     GROUP = "recipe"
     name: str | None = setting(
         None,
@@ -51,6 +53,8 @@ class RecipeOptions:
 
 @dataclass(frozen=True)
 class DataOptions:
+    """The data set, its files and how batches are augmented."""
+
     GROUP = "data"
     dataset: str = setting(
         "digits",
@@ -93,6 +97,8 @@ class DataOptions:
 
 @dataclass(frozen=True)
 class ModelOptions:
+    """The network (a registered name of :data:`jem_ext.models.MODELS`) and its size."""
+
     GROUP = "model"
     name: str = setting(
         "small_cnn",
@@ -114,18 +120,19 @@ class ModelOptions:
         kind="int",
         range=Range(1, 2**16),
     )
-    norm: str | None = setting(
+    norm: str = setting(
         "none",
         "normalisation layers of WRN/SmallCNN (JEM uses none)",
         kind="str",
         choices=NORM_CHOICES,
-        nullable=True,  # config files written before "none" existed hold null
     )
     dropout: float = setting(0.0, "dropout rate (WRN/SmallCNN)", range=Range(0, 1, hi_open=True))
 
 
 @dataclass(frozen=True)
 class ObjectiveOptions:
+    """The objective, the weights of its terms and the p(x) weight's schedule."""
+
     GROUP = "objective"
     name: str = setting(
         "jem",
@@ -157,13 +164,21 @@ class ObjectiveOptions:
 
 @dataclass(frozen=True)
 class ChainOptions:
+    """The training chains (JEM's defaults, :mod:`jem_ext.chain`'s), their replay buffer and
+    initialisation."""
+
     GROUP = "sampler (SGLD)"
     steps: int = setting(
-        20, "SGLD steps per training iteration", dest="sgld_steps", range=Range(0, 10**6)
+        DEFAULT_N_STEPS,
+        "SGLD steps per training iteration",
+        dest="sgld_steps",
+        range=Range(0, 10**6),
     )
-    step_size: float = setting(1.0, "SGLD step on dE/dx", dest="sgld_step_size", range=NON_NEGATIVE)
+    step_size: float = setting(
+        DEFAULT_STEP_SIZE, "SGLD step on dE/dx", dest="sgld_step_size", range=NON_NEGATIVE
+    )
     noise: float = setting(
-        0.01, "SGLD noise standard deviation", dest="sgld_noise", range=NON_NEGATIVE
+        DEFAULT_NOISE_STD, "SGLD noise standard deviation", dest="sgld_noise", range=NON_NEGATIVE
     )
     buffer_size: int = setting(
         10000,
@@ -199,6 +214,8 @@ class ChainOptions:
 
 @dataclass(frozen=True)
 class OptimOptions:
+    """The optimiser, its schedule, the batch, the length, the seed and the device."""
+
     GROUP = "optimisation"
     optimizer: str = setting("adam", "optimiser", kind="str", choices=OPTIMIZERS)
     lr: float = setting(3e-3, "peak learning rate", range=GREATER_THAN_ZERO)
@@ -249,6 +266,8 @@ class OptimOptions:
 
 @dataclass(frozen=True)
 class FolderOptions:
+    """The run folder (where, from which config or run) and what is written when."""
+
     GROUP = "run folder"
     out: str | None = setting(
         None,
@@ -288,6 +307,8 @@ class FolderOptions:
 
 @dataclass(frozen=True)
 class BudgetOptions:
+    """When a run stops early, cleanly."""
+
     GROUP = "budget"
     max_minutes: float | None = setting(
         None,
@@ -307,6 +328,8 @@ class BudgetOptions:
 
 @dataclass(frozen=True)
 class GuardOptions:
+    """The divergence guard: its threshold, its recoveries and their learning rate."""
+
     GROUP = "divergence guard"
     max_recoveries: int = setting(
         5, "stop with an error after this many recoveries from divergence", range=NON_NEGATIVE
@@ -325,6 +348,8 @@ class GuardOptions:
 
 @dataclass(frozen=True)
 class DistOptions:
+    """A job of several processes under torchrun."""
+
     GROUP = "distributed (under torchrun)"
     timeout: float = setting(
         600.0,

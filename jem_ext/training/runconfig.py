@@ -88,9 +88,13 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with settings changed, named by their flat keys (``out=...``, ``run_id=...``);
-        the values are taken as given (the trainer's own, already valid)."""
-        updated = {**self.flat(), **changes}
-        return _build(updated)
+        the values are taken as given (the trainer's own, already valid), paths made
+        absolute."""
+        flat = self.flat()
+        unknown = sorted(set(changes) - set(flat))
+        if unknown:
+            raise KeyError(f"RunConfig.replace: unknown settings {unknown}")
+        return _build({**flat, **changes})
 
     @property
     def generative(self) -> bool:
@@ -119,7 +123,13 @@ def all_specs() -> dict[str, Spec]:
 
 
 def _build(flat: Mapping[str, Any]) -> RunConfig:
-    kw = {f.name: group_from_flat(g, dict(flat)) for f, g in zip(_group_fields(), groups())}
+    """The RunConfig of a flat dict, its paths absolute: a run folder, its checkpoints and
+    reports then work from any directory."""
+    flat = dict(flat)
+    for key, s in all_specs().items():
+        if s.path and flat[key] is not None:
+            flat[key] = os.path.abspath(os.path.expanduser(flat[key]))
+    kw = {f.name: group_from_flat(g, flat) for f, g in zip(_group_fields(), groups())}
     return RunConfig(**kw, run_id=flat.get("run_id"), data_fingerprint=flat.get("data_fingerprint"))
 
 
@@ -178,11 +188,7 @@ def validate(cfg: Mapping[str, Any], where: Mapping[str, str] | None = None) -> 
         if problem is not None:
             raise ConfigError(f"{where.get(key, key)}: {problem}")
     check_combinations(cfg, lambda k: where.get(k, k))
-    flat = dict(cfg)
-    for key, s in all_specs().items():
-        if s.path and flat[key] is not None:
-            flat[key] = os.path.abspath(os.path.expanduser(flat[key]))
-    return _build(flat)
+    return _build(cfg)
 
 
 def check_combinations(cfg: Mapping[str, Any], name: Callable[[str], str]) -> None:
