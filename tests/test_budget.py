@@ -16,6 +16,7 @@ from toy_runs import TOY as TOY_BASE
 from jem_ext import train as jtrain
 from jem_ext.checkpoint import load_checkpoint
 from jem_ext.training.loop import budget_reason
+from jem_ext.training.options import BudgetOptions
 
 TOY = [*TOY_BASE, "--ckpt-every", "0"]
 
@@ -29,12 +30,11 @@ def _params(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_budget_reason():
-    cfg = {"max_iters": None, "max_minutes": None}
-    assert budget_reason(cfg, 10**6, 1e9) is None
-    assert budget_reason({**cfg, "max_iters": 5}, 4, 0.0) is None
-    assert "--max-iters 5" in budget_reason({**cfg, "max_iters": 5}, 5, 0.0)
-    assert budget_reason({**cfg, "max_minutes": 0.5}, 3, 29.9) is None
-    assert "--max-minutes 0.5" in budget_reason({**cfg, "max_minutes": 0.5}, 3, 30.0)
+    assert budget_reason(BudgetOptions(), 10**6, 1e9) is None
+    assert budget_reason(BudgetOptions(max_iters=5), 4, 0.0) is None
+    assert "--max-iters 5" in budget_reason(BudgetOptions(max_iters=5), 5, 0.0)
+    assert budget_reason(BudgetOptions(max_minutes=0.5), 3, 29.9) is None
+    assert "--max-minutes 0.5" in budget_reason(BudgetOptions(max_minutes=0.5), 3, 30.0)
 
 
 def test_max_iters_stops_with_a_complete_run_folder(tmp_path, capsys):

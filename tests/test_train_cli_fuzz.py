@@ -24,9 +24,10 @@ import torch
 from PIL import Image
 
 from jem_ext import train as jtrain
+from jem_ext._cli import finite_float
 from jem_ext.data import DataError, load_dataset
-from jem_ext.training.config import RANGES
-from jem_ext.training.flags import build_parser, finite_float, int_list
+from jem_ext.settings import int_list
+from jem_ext.training.runconfig import all_specs, build_parser
 
 BASE = ["--dataset", "moons", "--model", "mlp", "--width", "8", "--depth", "1", "--no-progress"]
 VALID_EXTRAS = [
@@ -51,7 +52,7 @@ def _actions() -> dict[str, argparse.Action]:
 
 
 def _out_of_range(key: str, rng: random.Random) -> list:
-    r = RANGES.get(key)
+    r = all_specs()[key].range  # each setting owns its range
     if r is None:
         return []
     bad = []

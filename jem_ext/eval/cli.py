@@ -24,7 +24,8 @@ from .._cli import (
     terminate_as_interrupt,
 )
 from .._io import remove_temporaries, write_failure
-from ..accel import add_speed_flags
+from ..accel import SpeedOptions
+from ..settings import add_flags
 from .registry import TASKS
 from .report import run
 from .settings import BUILTIN_OOD, DEFAULT_EPS, GEN_INITS, NORMS, EvalError, EvalSettings
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sgld_flags(p)
     _add_fid_flags(p)
     _add_robustness_flags(p)
-    add_speed_flags(p.add_argument_group("speed"))
+    add_flags(p, SpeedOptions, suppress_defaults=False)
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
     return p
 
