@@ -228,13 +228,13 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def model_from_checkpoint(
-    state: dict[str, Any], device: Any = "cpu", factory: Any = None
+    state: dict[str, Any], device: Any = "cpu", factory: Any = None, flag: str = "--model"
 ) -> nn.Module:
     """Rebuild the network of a loaded checkpoint, with its weights, in eval mode.
 
     A model that came from a factory (``--model PACKAGE.MODULE:FACTORY``) is rebuilt only when
     ``factory`` names the same one (the string, or the callable): a checkpoint never imports
-    code by itself.
+    code by itself. ``flag`` is the command-line flag that names it, for the messages.
 
     Raises:
         CheckpointError: the checkpoint lacks ``model_spec``/``model`` or they do not match; its
@@ -245,7 +245,7 @@ def model_from_checkpoint(
         raise CheckpointError("checkpoint: expected keys 'model_spec' and 'model'")
     spec = state["model_spec"]
     if isinstance(spec, dict) and is_factory(spec.get("name")):
-        return _factory_model(spec, state["model"], factory).to(device).eval()
+        return _factory_model(spec, state["model"], factory, flag).to(device).eval()
     _check_spec_matches_weights(spec, state["model"])
     try:
         model = build_from_spec(spec, factory=factory)
@@ -256,12 +256,12 @@ def model_from_checkpoint(
     return model.to(device).eval()
 
 
-def _factory_model(spec: dict[str, Any], weights: Any, factory: Any) -> nn.Module:
+def _factory_model(spec: dict[str, Any], weights: Any, factory: Any, flag: str) -> nn.Module:
     """The model of a factory spec, built by the factory the caller named, with its weights."""
     if not isinstance(weights, dict):
         raise CheckpointError("checkpoint: model_spec and model must be dicts")
     try:
-        model = build_from_spec(spec, factory=factory)
+        model = build_from_spec(spec, factory=factory, flag=flag)
     except ValueError as err:  # FactoryError included: one line already
         raise CheckpointError(f"checkpoint: {err}") from None
     diff = weights_mismatch(model, weights)

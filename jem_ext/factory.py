@@ -114,11 +114,14 @@ def factory_name(factory: Callable[..., Any]) -> str | None:
     return f"{module}{SEPARATOR}{qualname}"
 
 
-def check_named(recorded: str, given: str | Callable[..., Any] | None) -> Callable[..., Any]:
+def check_named(
+    recorded: str, given: str | Callable[..., Any] | None, flag: str = "--model"
+) -> Callable[..., Any]:
     """The factory to rebuild a checkpoint's model with, given what the user named.
 
     A checkpoint never imports code by itself: ``given`` (a ``"module:factory"`` string or the
-    callable itself) must name the ``recorded`` factory; the string is then imported.
+    callable itself) must name the ``recorded`` factory; the string is then imported. ``flag``
+    is the command-line flag that names it, for the message.
 
     Raises:
         FactoryError: nothing given, or a different factory.
@@ -126,7 +129,7 @@ def check_named(recorded: str, given: str | Callable[..., Any] | None) -> Callab
     if given is None:
         raise FactoryError(
             f"the model comes from the factory {recorded}, and a checkpoint never imports code "
-            f"by itself: name it again (--model {recorded} on the command line, "
+            f"by itself: name it again ({flag} {recorded} on the command line, "
             f"model={recorded!r} in jem_ext.load)"
         )
     name = given if isinstance(given, str) else factory_name(given)
@@ -237,6 +240,6 @@ def batch_norm_note(model: nn.Module, text: str) -> str | None:
         f"{'s' if len(layers) > 1 else ''} ({shown}): in training each forward is normalised "
         "by its own batch, so data and SGLD samples go through separate forwards, and the "
         "running statistics, which the chains (eval mode) and the evaluation use, mix data and "
-        "chain samples; JEM trains without batch normalisation (see the README's 'Bring your "
-        "own model')"
+        "chain samples; JEM trains without batch normalisation, JEM++ makes it work with "
+        "informative chain starts (--init gaussian)"
     )

@@ -353,12 +353,12 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     return json.loads(json.dumps(spec))
 
 
-def build_from_spec(spec: dict[str, Any], factory: Any = None) -> nn.Module:
+def build_from_spec(spec: dict[str, Any], factory: Any = None, flag: str = "--model") -> nn.Module:
     """Rebuild a (freshly initialised) model from :func:`model_spec` output.
 
     A spec never imports code by itself: the model of a factory spec is rebuilt only when
     ``factory`` names the same factory (its ``"PACKAGE.MODULE:FACTORY"`` string or the callable),
-    see :func:`jem_ext.factory.check_named`.
+    see :func:`jem_ext.factory.check_named` (``flag``: the flag that names it, for messages).
 
     Raises:
         ValueError: the spec lacks ``name``, ``num_classes`` or ``in_shape``, or is invalid; a
@@ -371,7 +371,7 @@ def build_from_spec(spec: dict[str, Any], factory: Any = None) -> nn.Module:
             f"model spec: expected keys name, num_classes, in_shape; missing {missing}"
         )
     if factories.is_factory(spec["name"]):
-        fn = factories.check_named(spec["name"], factory)
+        fn = factories.check_named(spec["name"], factory, flag)
         return factories.build(
             spec["name"], spec["num_classes"], tuple(spec["in_shape"]), factory=fn
         )

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import data as jdata
+from .. import factory as factories
 from .._cli import (
     SIGTERM_STATUS,
     Terminated,
@@ -17,10 +18,12 @@ from .._cli import (
     terminated,
 )
 from .._io import write_failure
+from ..accel import is_convolutional
 from ..checkpoint import CheckpointError, load_checkpoint, weights_mismatch
 from ..models import meta_model
 from . import distributed
 from .config import ConfigError, check_identity, parse_command_line
+from .curves import write_curves
 from .folder import RunFolder, RunFolderLost
 from .guard import TrainingDiverged
 from .loop import train
@@ -49,7 +52,11 @@ def _load_resume_state(run_dir: str) -> dict[str, Any]:
 def _check_model(
     cfg: dict[str, Any], datasets: dict[str, jdata.ImageData], resume_state: dict[str, Any] | None
 ) -> None:
-    """Check the model flags (and a resumed checkpoint's weights) without allocating a model."""
+    """Check the model flags (and a resumed checkpoint's weights) without allocating a model
+    (a factory's model is built once, on the CPU, and run on a zero batch)."""
+    if factories.is_factory(cfg["model"]):
+        _check_factory_model(cfg, datasets, resume_state)
+        return
     train_d = datasets["train"]
     spec = {
         "name": cfg["model"],
@@ -61,12 +68,67 @@ def _check_model(
         model = meta_model(spec)
     except ValueError as err:
         raise ConfigError(f"model: {err}") from None
+    _note_batch_norm(model, f"{cfg['model']} --norm {cfg['norm']}", cfg)
     if resume_state is not None:
         diff = weights_mismatch(model, resume_state["model"])
         if diff is not None:
             raise CheckpointError(
                 f"--resume: checkpoint does not match the config's model (first difference: {diff})"
             )
+
+
+def _check_factory_model(
+    cfg: dict[str, Any], datasets: dict[str, jdata.ImageData], resume_state: dict[str, Any] | None
+) -> None:
+    """Build the factory's model for the data (one forward on a zero batch), check it against a
+    resumed checkpoint's weights and the speed flags, and note batch-dependent normalisation."""
+    train_d = datasets["train"]
+    try:
+        model = factories.build(cfg["model"], train_d.num_classes, train_d.shape)
+    except factories.FactoryError as err:
+        raise ConfigError(f"--model {err}") from None
+    if cfg["channels_last"] and not is_convolutional(model):
+        raise ConfigError(
+            f"--channels-last: expected a convolutional model, but the model of {cfg['model']} "
+            "has no 2-d convolution"
+        )
+    if resume_state is not None:
+        diff = weights_mismatch(model, resume_state["model"])
+        if diff is not None:
+            raise CheckpointError(
+                f"--resume: the model that {cfg['model']} builds does not match the checkpoint's "
+                f"weights (first difference: {diff}); the factory's code changed since the run"
+            )
+    _note_batch_norm(model, cfg["model"], cfg)
+
+
+def _note_batch_norm(model: Any, name: str, cfg: dict[str, Any]) -> None:
+    """Say at the start what batch normalisation means for the chains (rank 0 of a job; not
+    for the cross-entropy objective, which has none)."""
+    if cfg["objective"] == "ce":
+        return
+    note = factories.batch_norm_note(model, name)
+    if note is not None and distributed.launch_rank() == 0:
+        print(note, file=sys.stderr)
+
+
+def _check_factory_named(invocation: Any, resume_state: dict[str, Any]) -> None:
+    """A resumed run whose model came from a factory continues only when the command line names
+    that factory again (a checkpoint never imports code by itself); another model is refused."""
+    spec = resume_state.get("model_spec")
+    recorded = spec.get("name") if isinstance(spec, dict) else None
+    given = invocation.explicit.get("model")
+    if not (factories.is_factory(recorded) or factories.is_factory(given)):
+        return
+    run = invocation.cfg["out"]
+    if given is None:
+        raise ConfigError(
+            f"--resume {run}: the run's model comes from the factory {recorded}, and a "
+            f"checkpoint never imports code by itself: name it again with --model {recorded}"
+        )
+    if given != recorded:
+        kind = "the factory" if factories.is_factory(recorded) else "the built-in model"
+        raise ConfigError(f"--model {given}: the run {run} trained {kind} {recorded}")
 
 
 @dataclass
@@ -173,6 +235,8 @@ def prepare(argv: list[str] | None = None) -> Prepared:
     folder = _claim_once(cfg, distributed.init_from_env(cfg))
     try:
         resume_state = None if cfg["resume"] is None else _load_resume_state(cfg["resume"])
+        if resume_state is not None:
+            _check_factory_named(invocation, resume_state)
         if restarted and distributed.launch_rank() == 0:
             print(
                 f"torchrun restarted the job (restart {distributed.restart_count()} of "
@@ -190,6 +254,8 @@ def prepare(argv: list[str] | None = None) -> Prepared:
             folder.release(remove=True)
         raise
     overrides = invocation.overrides() if cfg["resume"] is not None else None
+    if overrides is not None and factories.is_factory(cfg["model"]):
+        overrides.pop("model", None)  # the factory named again, as a resume must: no change
     return Prepared(cfg, resume_state, datasets, folder, overrides)
 
 
@@ -313,12 +379,23 @@ def _stop(prepared: Prepared | None, err: BaseException) -> int:
     what = "terminated (SIGTERM)" if status == SIGTERM_STATUS else "interrupted"
     folder = prepared.folder if prepared else None
     message = _interrupted(folder, what)
-    _release(prepared, keep_run=_continue_command(folder) is not None)
+    keep = _continue_command(folder) is not None
+    if keep:
+        _draw_curves(folder, "interrupted" if status != SIGTERM_STATUS else "terminated")
+    _release(prepared, keep_run=keep)
     if job.is_main and distributed.launch_rank() == 0:
         print(f"\n{message}", file=sys.stderr)
     if job.parallel:
         distributed.abandon(status)
     return status
+
+
+def _draw_curves(folder: RunFolder, status: str) -> None:
+    """curves.png of a stopped run (best effort: the stop goes on when it cannot be written)."""
+    try:
+        write_curves(folder.path, status)
+    except (OSError, ValueError):
+        pass
 
 
 def _write_failed(err: OSError, prepared: Prepared | None) -> str:

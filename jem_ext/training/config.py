@@ -27,9 +27,18 @@ from ..data import (
     file_datasets,
     fingerprint_changes,
 )
+from ..factory import is_factory
 from ..models import MODELS, convolutional_models
 from ..recipes import apply_recipe
-from .flags import ConfigError, build_parser, default_config, finite_float, int_list
+from .flags import (
+    ConfigError,
+    build_parser,
+    default_config,
+    finite_float,
+    int_list,
+    model_name,
+)
+from .tensorboard import missing_message as missing_tensorboard
 
 # Keys of config.json that describe the invocation, not the experiment: ignored by --config
 # and --resume. (The thread count is part of the experiment: results depend on it.)
@@ -48,7 +57,9 @@ RETIRED_KEYS = ("debug_inject_nan_at",)
 # Keys added after config files were first written, with the value that repeats what such a
 # file meant: a run from before these flags kept its p(x) weight constant and used Adam's
 # usual second-moment decay.
-ADDED_KEYS: dict[str, Any] = {"w_px_decay_epochs": [], "adam_beta2": 0.999}
+ADDED_KEYS: dict[str, Any] = {"w_px_decay_epochs": [], "adam_beta2": 0.999, "tensorboard": False}
+# The flags that shape the built-in models, refused when given with a model factory.
+BUILTIN_MODEL_KEYS = ("width", "depth", "norm", "dropout")
 
 
 @dataclass(frozen=True)
@@ -138,6 +149,14 @@ def _type_error(action: argparse.Action, value: Any) -> str | None:
         return None if ok else f"expected one of {', '.join(action.choices)}, got {value!r}"
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
+    if action.type is model_name:
+        if not isinstance(value, str):
+            return f"expected a string, got {value!r}"
+        try:
+            model_name(value)
+        except argparse.ArgumentTypeError as err:
+            return str(err)
+        return None
     if action.type is int_list:
         ok = isinstance(value, list) and all(_is_int(v) for v in value)
         return None if ok else f"expected a list of integers, got {value!r}"
@@ -194,8 +213,9 @@ def _validate_combinations(cfg: dict[str, Any], name: Any) -> None:
         raise ConfigError(
             f"{name('sgld_steps')}: expected >= 1 for the jem and factored objectives"
         )
-    model = MODELS[cfg["model"]]
-    if dataset_entry(cfg["dataset"]).toy and model.needs_images:
+    # a factory's model is checked once it is built (jem_ext.training.cli), not here
+    model = None if is_factory(cfg["model"]) else MODELS[cfg["model"]]
+    if model is not None and dataset_entry(cfg["dataset"]).toy and model.needs_images:
         flat = " or ".join(k for k, e in MODELS.items() if not e.needs_images)
         raise ConfigError(
             f"{name('model')}: {cfg['model']} needs images; the 2-D set "
@@ -206,7 +226,7 @@ def _validate_combinations(cfg: dict[str, Any], name: Any) -> None:
             f"{name('data_root')}: the {cfg['dataset']} dataset reads no files "
             f"(only {', '.join(file_datasets())} do); leave it out"
         )
-    if cfg["channels_last"] and not model.convolutional:
+    if cfg["channels_last"] and model is not None and not model.convolutional:
         raise ConfigError(
             f"{name('channels_last')}: expected a convolutional model "
             f"({', '.join(convolutional_models())}), got {cfg['model']}"
@@ -218,6 +238,22 @@ def _validate_combinations(cfg: dict[str, Any], name: Any) -> None:
         )
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{name('device')}: cuda requested but no CUDA device is available")
+    if cfg["tensorboard"]:
+        missing = missing_tensorboard(name("tensorboard"))
+        if missing is not None:
+            raise ConfigError(missing)
+
+
+def _check_factory_flags(cfg: dict[str, Any], explicit: dict[str, Any]) -> None:
+    """``--width/--depth/--norm/--dropout`` shape the built-in models: refused with a factory."""
+    if not is_factory(cfg["model"]):
+        return
+    given = [k for k in BUILTIN_MODEL_KEYS if k in explicit]
+    if given:
+        raise ConfigError(
+            f"{flag_of(given[0])}: shapes the built-in models ({', '.join(MODELS)}), not the "
+            f"model of the factory {cfg['model']}; leave it out"
+        )
 
 
 def config_from_args(argv: list[str] | None) -> dict[str, Any]:
@@ -267,6 +303,7 @@ def parse_command_line(argv: list[str] | None) -> Invocation:
             where.setdefault(key, f"config file {base_file}: key {key!r}")
     cfg = with_recipe(cfg, set(explicit))
     validate(cfg, where)
+    _check_factory_flags(cfg, explicit)
     absolute_paths(cfg)
     recorded = loaded if args.resume is not None else {}
     cfg["run_id"] = recorded.get("run_id") or new_run_id()

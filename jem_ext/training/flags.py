@@ -14,6 +14,8 @@ from typing import Any
 from .._cli import DefaultsHelpFormatter, RaisingParser, finite_float
 from ..accel import add_speed_flags
 from ..data import DATASET_REGISTRY, file_datasets
+from ..factory import FactoryError, is_factory
+from ..factory import parse as parse_factory
 from ..models import MODELS, NORMS
 from ..objectives import OBJECTIVES
 from ..recipes import RECIPES
@@ -142,8 +144,33 @@ def _add_data_flags(add: Any, g: Any) -> None:
     )
 
 
+def model_name(text: str) -> str:
+    """A ``--model`` value: a registered architecture, or a factory ``PACKAGE.MODULE:FACTORY``
+    (its syntax only: it is imported when the model is built)."""
+    if text in MODELS:
+        return text
+    if is_factory(text):
+        try:
+            parse_factory(text)
+        except FactoryError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return text
+    raise argparse.ArgumentTypeError(
+        f"expected one of {', '.join(MODELS)} or PACKAGE.MODULE:FACTORY, got {text!r}"
+    )
+
+
 def _add_model_flags(add: Any, g: Any) -> None:
-    add(g, "--model", choices=tuple(MODELS), default="small_cnn", help="network architecture")
+    add(
+        g,
+        "--model",
+        type=model_name,
+        default="small_cnn",
+        metavar="{" + ",".join([*MODELS, "PACKAGE.MODULE:FACTORY"]) + "}",
+        help="network architecture, or your own model: an importable callable, called with the "
+        "number of classes and the input shape, returning an nn.Module that gives logits "
+        "[B, C] (resuming or evaluating its run names it again)",
+    )
     add(
         g,
         "--depth",
@@ -358,6 +385,15 @@ def _add_run_folder_flags(add: Any, g: Any) -> None:
         help="evaluate on the validation split every N epochs",
     )
     add(g, "--no-progress", action="store_true", default=False, help="hide the progress bar")
+    add(
+        g,
+        "--tensorboard",
+        action="store_true",
+        default=False,
+        help="also write TensorBoard event files into RUN/tensorboard (scalars, learning rate, "
+        "p(x) weight, sample grids, energy histograms); needs the tensorboard package "
+        "(pip install 'jem_ext[tensorboard]')",
+    )
 
 
 def _add_budget_flags(add: Any, g: Any) -> None:

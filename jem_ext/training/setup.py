@@ -26,6 +26,7 @@ from ..accel import (
     make_scaler,
     use_channels_last,
 )
+from ..factory import is_factory
 from ..models import build_model, model_entry
 from ..sam import SAM
 from ..sampler import GaussianInit, ReplayBuffer, SGLDSampler, UniformInit
@@ -110,7 +111,9 @@ def resolve_device(name: str) -> torch.device:
 
 def model_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     """The constructor arguments of the config's model (depth/width mapped to its names, as
-    its :class:`~jem_ext.models.ModelEntry` says)."""
+    its :class:`~jem_ext.models.ModelEntry` says); none for a model factory."""
+    if is_factory(cfg["model"]):
+        return {}
     entry = model_entry(cfg["model"])
     norm = None if cfg["norm"] in (None, "none") else cfg["norm"]
     kw: dict[str, Any] = {"norm": norm, "dropout": cfg["dropout"]} if entry.takes_norm else {}
