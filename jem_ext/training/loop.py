@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -26,10 +26,12 @@ import torch
 from .. import data as jdata
 from .._io import atomic_write_text
 from ..checkpoint import load_checkpoint, model_from_checkpoint
+from ..factory import is_factory
 from ..sampler import sample_from_noise
 from . import distributed
 from .config import absolute_paths, default_config, with_recipe
 from .config import validate as validate_config
+from .curves import write_curves
 from .distributed import Dist
 from .folder import check_intact, folder_identity
 from .guard import (
@@ -53,6 +55,7 @@ from .runlog import (
 from .saver import CHECKPOINTS, CheckpointSaver
 from .setup import Run, build_run, chain_limits, fresh_out, make_sampler, sampler_seed
 from .step import Batch, LossWeights, train_step
+from .tensorboard import NullTensorBoard, energy_histograms, open_tensorboard
 
 
 def learning_rate(cfg: dict[str, Any], iteration: int, epoch: int, scale: float = 1.0) -> float:
@@ -121,8 +124,9 @@ class Hooks:
         guard: judges each iteration's loss terms (divergence).
         split_watch: watches the energies of data and samples part.
         saver: writes the checkpoints and keeps the last good state.
-        log: the metrics log (``metrics.jsonl``).
+        log: the metrics log (``metrics.jsonl``; its rows also go to TensorBoard).
         progress: the progress line.
+        tensorboard: TensorBoard's writer (``--tensorboard``), or its null twin.
     """
 
     guard: DivergenceGuard
@@ -130,6 +134,7 @@ class Hooks:
     saver: CheckpointSaver
     log: MetricsLog
     progress: Progress
+    tensorboard: NullTensorBoard = field(default_factory=NullTensorBoard)
 
 
 def train_one_epoch(run: Run, hooks: Hooks) -> dict[str, float]:
@@ -162,7 +167,8 @@ def train_one_epoch(run: Run, hooks: Hooks) -> dict[str, float]:
         it = st.iteration
         lr = set_learning_rate(run, it, epoch)
         # the step; its terms are host floats (the iteration's one sync point)
-        terms, x_q = train_step(run.ctx, _batch(run, x, y, idx), weights)
+        batch = _batch(run, x, y, idx)
+        terms, x_q = train_step(run.ctx, batch, weights)
         if x_q is not None:
             run.last_samples = x_q
         reason = distributed.agree_on_divergence(hooks.guard.check(terms), run.dist)
@@ -172,7 +178,9 @@ def train_one_epoch(run: Run, hooks: Hooks) -> dict[str, float]:
         if reason is None:
             watch_split(run, hooks, terms, weights.w_px)
         totals.add(None if reason is not None else terms)
-        after_iteration(run, hooks, terms if reason is None else None, epoch, lr)
+        after_iteration(run, hooks, terms if reason is None else None, epoch, lr, weights.w_px)
+        if reason is None:
+            log_energies(run, hooks, batch, x_q)
     return totals.metrics()
 
 
@@ -265,10 +273,15 @@ def watch_split(run: Run, hooks: Hooks, terms: dict[str, float], w_px: float) ->
 
 
 def after_iteration(
-    run: Run, hooks: Hooks, terms: dict[str, float] | None, epoch: int, lr: float
+    run: Run,
+    hooks: Hooks,
+    terms: dict[str, float] | None,
+    epoch: int,
+    lr: float,
+    w_px: float | None = None,
 ) -> None:
-    """Bookkeeping after an iteration (``terms`` None: it diverged): metrics row, progress,
-    sample grid, resume point."""
+    """Bookkeeping after an iteration (``terms`` None: it diverged): metrics row (with the
+    learning rate and the p(x) weight ``w_px``), progress, sample grid, resume point."""
     cfg, st, done = run.cfg, run.state, run.state.iteration
     log_due = terms is not None and done % cfg["log_every"] == 0
     sample_due = bool(cfg["sample_every"]) and done % cfg["sample_every"] == 0
@@ -281,10 +294,13 @@ def after_iteration(
         row = {"iteration": done, "epoch": epoch}
         mean = distributed.mean_terms(terms, run.dist)
         row.update({k: finite_or_none(v) for k, v in mean.items()})
-        hooks.log.write({**row, "lr": lr, "seconds": st.seconds})
+        row["lr"] = lr
+        if w_px is not None and cfg["objective"] != "ce":
+            row["w_px"] = w_px
+        hooks.log.write({**row, "seconds": st.seconds})
     hooks.progress.step(terms)
     if sample_due:
-        write_samples(run, f"{done:07d}")
+        write_samples(run, f"{done:07d}", hooks.tensorboard)
     if ckpt_due:
         hooks.saver.save_last(checkpoint_state(run))
 
@@ -324,8 +340,17 @@ def end_of_epoch(run: Run, hooks: Hooks) -> dict[str, float]:
     return metrics
 
 
-def write_samples(run: Run, tag: str) -> None:
-    """Save the latest SGLD samples (or, without any, chains from noise) as ``samples_<tag>``."""
+def log_energies(run: Run, hooks: Hooks, batch: Batch, x_q: torch.Tensor | None) -> None:
+    """Histograms of the energies of the data batch and of the samples in TensorBoard, at the
+    iterations that write a metrics row (``--tensorboard`` only: an extra forward of each)."""
+    done = run.state.iteration
+    if hooks.tensorboard.enabled and done % run.cfg["log_every"] == 0:
+        energy_histograms(hooks.tensorboard, run.ctx.model_for_chain, batch.x, x_q, done)
+
+
+def write_samples(run: Run, tag: str, tensorboard: NullTensorBoard | None = None) -> None:
+    """Save the latest SGLD samples (or, without any, chains from noise) as ``samples_<tag>``
+    (and show them in TensorBoard)."""
     cfg, x = run.cfg, run.last_samples
     if not run.dist.is_main:
         return
@@ -342,7 +367,10 @@ def write_samples(run: Run, tag: str) -> None:
             grad_clip=grad_clip,
             seed=cfg["seed"] * 7 + run.state.iteration,
         )
-    save_samples(x, run.out / "samples" / f"samples_{tag}.png", run.data.train)
+    path = run.out / "samples" / f"samples_{tag}.png"
+    save_samples(x, path, run.data.train)
+    if tensorboard is not None:
+        tensorboard.image_file("samples", path, run.state.iteration)
 
 
 GRID_CHAINS = 64  # chains drawn for a sample grid when the run has no samples of its own
@@ -445,8 +473,11 @@ def train(
         saver.save_last(checkpoint_state(run))
     run.started = time.perf_counter() - run.state.seconds
     total = run.steps_per_epoch * cfg["epochs"]
+    # a resume's TensorBoard drops what the interrupted run logged after the checkpoint
+    purge = run.state.iteration + 1 if resume_state is not None else None
     with (
-        MetricsLog(run.out / "metrics.jsonl", enabled=main) as log,
+        open_tensorboard(run.out, main and cfg["tensorboard"], purge_step=purge) as tb,
+        MetricsLog(run.out / "metrics.jsonl", enabled=main, tensorboard=tb) as log,
         Progress(
             total,
             run.state.iteration,
@@ -455,7 +486,12 @@ def train(
         ) as progress,
     ):
         hooks = Hooks(
-            DivergenceGuard.from_config(cfg), SplitWatch.from_config(cfg), saver, log, progress
+            DivergenceGuard.from_config(cfg),
+            SplitWatch.from_config(cfg),
+            saver,
+            log,
+            progress,
+            tb,
         )
         if resume_state is not None:
             log.write(
@@ -469,12 +505,13 @@ def train(
                 }
             )
         status, reason = fit(run, hooks)
-    check_folder(run)
-    if status != "diverged":
-        write_samples(run, "final")
+        check_folder(run)
+        if status != "diverged":
+            write_samples(run, "final", tb)
     summary = summarise(run, status, reason)
     if main:
         atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_curves(run.out, status)
     if status == "diverged":
         raise TrainingDiverged(reason)
     return summary
@@ -488,7 +525,8 @@ def summarise(run: Run, status: str, reason: str | None) -> dict[str, Any]:
     seconds = run.elapsed()
     test_at_best_val = None  # the test accuracy of best.pt, the best-validation checkpoint
     if run.dist.is_main and saver.best_path.is_file():  # rank 0's machine holds the file
-        best = model_from_checkpoint(load_checkpoint(saver.best_path), run.device)
+        factory = run.cfg["model"] if is_factory(run.cfg["model"]) else None  # named by the user
+        best = model_from_checkpoint(load_checkpoint(saver.best_path), run.device, factory)
         test_at_best_val = accuracy(best, run.data.test)
     return {
         "status": status,

@@ -27,6 +27,7 @@ import torch
 
 __all__ = [
     "TENSORBOARD_DIR",
+    "energy_histograms",
     "NullTensorBoard",
     "TensorBoardLog",
     "missing_message",
@@ -134,6 +135,30 @@ class TensorBoardLog(NullTensorBoard):
         if self._writer is not None:
             writer, self._writer = self._writer, None
             writer.close()
+
+
+def energy_histograms(
+    tb: NullTensorBoard,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    x_q: torch.Tensor | None,
+    step: int,
+) -> None:
+    """Histograms of ``E(x)`` over a data batch (``energy/data``) and over samples
+    (``energy/samples``), the model in eval mode (as the chains see it), without gradients."""
+    if not tb.enabled:
+        return
+    from .. import ops
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            tb.histogram("energy/data", ops.energy(model(x).float()), step)
+            if x_q is not None:
+                tb.histogram("energy/samples", ops.energy(model(x_q).float()), step)
+    finally:
+        model.train(was_training)
 
 
 def open_tensorboard(
