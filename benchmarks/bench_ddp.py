@@ -39,7 +39,7 @@ import torch.multiprocessing as mp
 
 from jem_ext._cli import check_threads
 from jem_ext._io import atomic_write_text
-from jem_ext.bench import sync
+from jem_ext.bench import cpu_name, sync
 from jem_ext.training import distributed
 from jem_ext.training.config import default_config
 from jem_ext.training.setup import build_run
@@ -119,18 +119,6 @@ def summarise(world: int, seconds: list[float], cfg: dict, args: argparse.Namesp
     }
 
 
-def _cpu_name() -> str:
-    """The CPU model (``model name`` in /proc/cpuinfo), or what platform knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -201,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "machine": {
                         "platform": platform.platform(),
-                        "processor": _cpu_name(),
+                        "processor": cpu_name(),
                         "cpus": os.cpu_count(),
                         "load_average_before": load_before,
                         "load_average_after": os.getloadavg(),

@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from datetime import datetime, timezone
 
 import torch
 
 from jem_ext import ops
+from jem_ext.bench import time_interleaved
 
 SHAPES = [(65536, 10), (4096, 1000)]
 
@@ -78,15 +78,8 @@ def main(argv=None) -> int:
     print(f"{'shape':>11} " + " ".join(f"{k + ' ms':>12}" for k in VARIANTS) + "  eager/cpp")
     for b, c in SHAPES:
         logits = torch.randn(b, c, requires_grad=True)
-        for fn in VARIANTS.values():  # warm-up
-            fn(logits)
-        times = {k: [] for k in VARIANTS}
-        for _ in range(args.repeats):
-            for k, fn in VARIANTS.items():
-                t0 = time.thread_time()
-                fn(logits)
-                times[k].append(time.thread_time() - t0)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        fns = {k: (lambda fn=fn: fn(logits)) for k, fn in VARIANTS.items()}
+        med = time_interleaved(fns, args.repeats, clock=time.thread_time)
         ratios = {f"eager_over_{k}": med["eager"] / med[k] for k in VARIANTS if k != "eager"}
         rows.append({"shape": [b, c], "median_s": med, **ratios})
         print(

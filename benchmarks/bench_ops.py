@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -49,6 +48,7 @@ import torch
 import jem_ext
 from jem_ext import ops
 from jem_ext._cli import check_threads
+from jem_ext.bench import cpu_name, time_interleaved
 
 CPU_LEVELS = ["avx512", "avx2", "baseline"]
 CPU_LEVEL_ENV = "JEM_EXT_CPU_LEVEL"
@@ -71,30 +71,14 @@ def timeit(
     counts the calling thread's CPU time only (one-thread CPU runs on a
     shared machine: time spent descheduled is left out).
     """
-    live = [fn for fn in fns if fn is not None]
-    now = CLOCKS[clock]
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    def timed(fn) -> float:
-        t0 = now()
-        fn()
-        sync()
-        return now() - t0
-
-    for fn in live:  # warm-up (and compilation)
-        fn()
-        fn()
-    sync()
-    one = max(max(timed(fn) for fn in live), 1e-7)
+    live = {i: fn for i, fn in enumerate(fns) if fn is not None}
+    dev = torch.device(device)
+    # two warm-up rounds (and compilation), then one timed round sizes the repeats
+    probe = time_interleaved(live, 1, dev, CLOCKS[clock], warmup=2)
+    one = max(max(probe.values()), 1e-7)
     reps = int(min(max_reps, max(min_reps, min_time / one)))
-    times = {fn: [] for fn in live}
-    for _ in range(reps):
-        for fn in live:
-            times[fn].append(timed(fn))
-    return [statistics.median(times[fn]) if fn is not None else None for fn in fns]
+    med = time_interleaved(live, reps, dev, CLOCKS[clock], warmup=0)
+    return [med.get(i) for i in range(len(fns))]
 
 
 def eager_sgld(x, grad):
@@ -290,18 +274,6 @@ def select_cpu_level(level: str | None) -> str:
     return torch.ops.jem_ext._cpu_level()
 
 
-def cpu_model() -> str:
-    """The CPU's model name (as lscpu shows it), else the architecture."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -388,7 +360,7 @@ def main(argv=None) -> int:
     threads = args.threads or sorted({1, all_threads})
     print(
         f"jem_ext {jem_ext.__version__}, torch {torch.__version__}, "
-        f"{cpu_model()}, CPU level {cpu_level} (torch: "
+        f"{cpu_name()}, CPU level {cpu_level} (torch: "
         f"{torch.backends.cpu.get_cpu_capability()}), {all_threads} threads"
     )
     print(HEADER)
@@ -416,7 +388,7 @@ def main(argv=None) -> int:
             date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             torch=torch.__version__,
             jem_ext=jem_ext.__version__,
-            cpu=cpu_model(),
+            cpu=cpu_name(),
             cpu_level=cpu_level,
             threads=all_threads,
             cpu_clock=args.clock,

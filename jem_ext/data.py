@@ -57,6 +57,10 @@ shapes, unknown dataset) raises :class:`DataError` with one message saying what 
 Each loaded split carries a digest (:attr:`ImageData.digest`), gathered by
 :func:`data_fingerprint` into the fingerprint a run records, so that a resume or an evaluation
 notices data that changed since training (:func:`fingerprint_changes`).
+
+This module is the data's public face: the augmentation (:mod:`jem_ext.augment`), the
+fingerprints (:mod:`jem_ext.image_data`) and the readers (:mod:`jem_ext.data_files`) are
+imported from here.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ from PIL import Image
 from torch import Tensor
 
 from ._io import atomic_path
+from .augment import Augment, check_augment
 from .data_files import (
     CIFAR_NAMES,
     DataError,
@@ -82,6 +87,8 @@ from .data_files import (
     read_svhn,
     read_toy,
 )
+from .image_data import FINGERPRINT_SCHEME as FINGERPRINT_SCHEME
+from .image_data import data_fingerprint, fingerprint_changes
 
 __all__ = [
     "DataError",
@@ -185,59 +192,6 @@ def labeled_mask(y: Tensor, labels_per_class: int | None, seed: int = 0) -> Tens
         members = torch.nonzero(y_cpu == k).flatten()
         mask[members[torch.randperm(members.shape[0], generator=gen)[:labels_per_class]]] = True
     return mask.to(y.device)
-
-
-@dataclass(frozen=True)
-class Augment:
-    """Batched data augmentation: reflect-pad random crop, horizontal flip, Gaussian noise.
-
-    Args:
-        pad: reflect-pad each side by this many pixels, then crop back to the input size at a
-            random offset (``0`` disables cropping).
-        flip: flip each image left-right with probability 1/2.
-        noise_sigma: add ``noise_sigma * N(0, 1)`` noise to every value (JEM uses 0.03).
-
-    Calling it on ``x`` (``[B, C, H, W]``; any shape if ``pad == 0`` and ``flip`` is False)
-    returns a new tensor on ``x``'s device. Random numbers come from ``generator`` when given
-    (drawn on the generator's device), so results are reproducible.
-    """
-
-    pad: int = 4
-    flip: bool = True
-    noise_sigma: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.pad < 0 or self.noise_sigma < 0:
-            raise ValueError(f"Augment: expected pad >= 0 and noise_sigma >= 0, got {self}")
-
-    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        rand_device = generator.device if generator is not None else x.device
-        if self.pad > 0 or self.flip:
-            if x.dim() != 4:
-                raise ValueError(f"Augment: expected images [B, C, H, W], got {list(x.shape)}")
-            x = self._crop_and_flip(x, generator, rand_device)
-        if self.noise_sigma > 0:
-            noise = torch.randn(x.shape, generator=generator, device=rand_device, dtype=x.dtype)
-            x = x + self.noise_sigma * noise.to(x.device)
-        return x
-
-    def _crop_and_flip(self, x: Tensor, generator: torch.Generator | None, rand_device) -> Tensor:
-        b, _, h, w = x.shape
-        p = self.pad
-        if p > 0:
-            x = F.pad(x, (p, p, p, p), mode="reflect")
-        top = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=rand_device)
-        left = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=rand_device)
-        cols = torch.arange(w, device=rand_device).expand(b, w)
-        if self.flip:
-            flipped = torch.rand(b, generator=generator, device=rand_device) < 0.5
-            cols = torch.where(flipped[:, None], cols.flip(1), cols)
-        rows = (top[:, None] + torch.arange(h, device=rand_device)).to(x.device)
-        cols = (left[:, None] + cols).to(x.device)
-        batch = torch.arange(b, device=x.device)
-        # Advanced indices around a slice: the result is [B, H, W, C].
-        out = x[batch[:, None, None], :, rows[:, :, None], cols[:, None, :]]
-        return out.permute(0, 3, 1, 2).contiguous()
 
 
 _IMAGE_AUGMENT = Augment(pad=4, flip=True, noise_sigma=0.03)
@@ -358,81 +312,6 @@ def batches(
                 continue
             idx, idx_y = idx[rank::world_size], idx_y[rank::world_size]
         yield data.x[idx], data.y[idx_y], idx
-
-
-def check_augment(augment: Augment | None, data: ImageData, root: str | None = None) -> None:
-    """Check that ``augment`` can pad ``data``'s images (reflect padding needs more pixels on
-    each side than it pads).
-
-    Raises:
-        DataError: the images are too small for the padding.
-    """
-    if augment is None or augment.pad == 0 or len(data.shape) != 3:
-        return
-    _, h, w = data.shape
-    if min(h, w) <= augment.pad:
-        where = f"{data.name} {root}" if root else data.name
-        need = augment.pad + 1
-        raise DataError(
-            f"{where}: images are {w}x{h} pixels, but augmentation pads {augment.pad} pixels on "
-            f"each side and needs at least {need}x{need}; use larger images or --no-augment"
-        )
-
-
-# The version of the fingerprint's rules: fingerprints of other versions are not compared.
-FINGERPRINT_SCHEME = 1
-
-
-def data_fingerprint(datasets: dict[str, ImageData]) -> dict[str, object]:
-    """What identifies a run's data: the data set, its classes and sample shape, and per split
-    the number of samples and :attr:`ImageData.digest`.
-
-    The digests hash content, and cost little at every start: an image folder's cover each
-    file's path, label and the SHA-256 of its bytes (read anyway to decode it); CIFAR's and
-    SVHN's the split's uint8 pixels and labels (about 0.15 s for 50000 CIFAR images); the
-    built-in digits and the toy sets are hashed whole (a few kilobytes). Modification times
-    are left out: copying a folder changes them, not the data. Adding, removing, renaming,
-    moving or rewriting an image changes the fingerprint.
-    """
-    first = next(iter(datasets.values()))
-    return {
-        "scheme": FINGERPRINT_SCHEME,
-        "dataset": first.name,
-        "num_classes": first.num_classes,
-        "shape": list(first.shape),
-        "splits": {k: {"n": len(d), "digest": d.digest} for k, d in datasets.items()},
-    }
-
-
-def fingerprint_changes(recorded: object, current: dict[str, object]) -> list[str]:
-    """How ``current`` (from :func:`data_fingerprint`) differs from a ``recorded`` one, as short
-    phrases (empty: the same data, or nothing comparable recorded). Only the splits present in
-    both are compared."""
-    if not isinstance(recorded, dict) or recorded.get("scheme") != current.get("scheme"):
-        return []
-    changes = []
-    if recorded.get("dataset") != current["dataset"]:
-        return [f"data set {current['dataset']!r}, trained on {recorded.get('dataset')!r}"]
-    if recorded.get("num_classes") != current["num_classes"]:
-        changes.append(
-            f"the data now has {current['num_classes']} classes, trained on "
-            f"{recorded.get('num_classes')}"
-        )
-    if recorded.get("shape") != current["shape"]:
-        changes.append(
-            f"samples now have shape {tuple(current['shape'])}, trained on "
-            f"{tuple(recorded.get('shape') or ())}"
-        )
-    old_splits = recorded.get("splits") if isinstance(recorded.get("splits"), dict) else {}
-    for split, now in current["splits"].items():  # type: ignore[union-attr]
-        was = old_splits.get(split)
-        if not isinstance(was, dict):
-            continue
-        if was.get("n") != now["n"]:
-            changes.append(f"the {split} split now has {now['n']} samples, was {was.get('n')}")
-        elif was.get("digest") != now["digest"] and None not in (was.get("digest"), now["digest"]):
-            changes.append(f"the {split} split holds other samples or labels")
-    return changes
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = False, world_size: int = 1) -> int:

@@ -2,6 +2,8 @@
 
 :class:`ImageData` holds images in ``[-1, 1]`` with their labels; :class:`DataError` says what a
 dataset lacked. Real-data splits are stratified and seeded with a fixed seed, never the run's.
+:func:`data_fingerprint` gathers the splits' digests into the fingerprint a run records, and
+:func:`fingerprint_changes` says how data differ from a recorded one.
 """
 
 from __future__ import annotations
@@ -124,3 +126,59 @@ def _digest(parts: Iterable[bytes | str]) -> str:
         h.update(b"%d:" % len(data))
         h.update(data)
     return "sha256:" + h.hexdigest()
+
+
+# The version of the fingerprint's rules: fingerprints of other versions are not compared.
+FINGERPRINT_SCHEME = 1
+
+
+def data_fingerprint(datasets: dict[str, ImageData]) -> dict[str, object]:
+    """What identifies a run's data: the data set, its classes and sample shape, and per split
+    the number of samples and :attr:`ImageData.digest`.
+
+    The digests hash content, and cost little at every start: an image folder's cover each
+    file's path, label and the SHA-256 of its bytes (read anyway to decode it); CIFAR's and
+    SVHN's the split's uint8 pixels and labels (about 0.15 s for 50000 CIFAR images); the
+    built-in digits and the toy sets are hashed whole (a few kilobytes). Modification times
+    are left out: copying a folder changes them, not the data. Adding, removing, renaming,
+    moving or rewriting an image changes the fingerprint.
+    """
+    first = next(iter(datasets.values()))
+    return {
+        "scheme": FINGERPRINT_SCHEME,
+        "dataset": first.name,
+        "num_classes": first.num_classes,
+        "shape": list(first.shape),
+        "splits": {k: {"n": len(d), "digest": d.digest} for k, d in datasets.items()},
+    }
+
+
+def fingerprint_changes(recorded: object, current: dict[str, object]) -> list[str]:
+    """How ``current`` (from :func:`data_fingerprint`) differs from a ``recorded`` one, as short
+    phrases (empty: the same data, or nothing comparable recorded). Only the splits present in
+    both are compared."""
+    if not isinstance(recorded, dict) or recorded.get("scheme") != current.get("scheme"):
+        return []
+    changes = []
+    if recorded.get("dataset") != current["dataset"]:
+        return [f"data set {current['dataset']!r}, trained on {recorded.get('dataset')!r}"]
+    if recorded.get("num_classes") != current["num_classes"]:
+        changes.append(
+            f"the data now has {current['num_classes']} classes, trained on "
+            f"{recorded.get('num_classes')}"
+        )
+    if recorded.get("shape") != current["shape"]:
+        changes.append(
+            f"samples now have shape {tuple(current['shape'])}, trained on "
+            f"{tuple(recorded.get('shape') or ())}"
+        )
+    old_splits = recorded.get("splits") if isinstance(recorded.get("splits"), dict) else {}
+    for split, now in current["splits"].items():  # type: ignore[union-attr]
+        was = old_splits.get(split)
+        if not isinstance(was, dict):
+            continue
+        if was.get("n") != now["n"]:
+            changes.append(f"the {split} split now has {now['n']} samples, was {was.get('n')}")
+        elif was.get("digest") != now["digest"] and None not in (was.get("digest"), now["digest"]):
+            changes.append(f"the {split} split holds other samples or labels")
+    return changes

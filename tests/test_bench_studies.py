@@ -21,7 +21,16 @@ from jem_ext.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))
-HELPERS = {"ReferenceSampler", "time_call", "sync", "last_energies", "mean_confidence"}
+HELPERS = {
+    "ReferenceSampler",
+    "time_call",
+    "time_interleaved",
+    "sync",
+    "cpu_name",
+    "cpu_model",  # an earlier name of cpu_name in a script
+    "last_energies",
+    "mean_confidence",
+}
 
 
 def _defined(path: Path) -> set[str]:
@@ -37,7 +46,7 @@ def _imports(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_benchmark_scripts_keep_no_copy_of_a_package_helper(script):
-    assert HELPERS <= set(bench.__all__)
+    assert HELPERS - {"cpu_model"} <= set(bench.__all__)
     assert _defined(script) & HELPERS == set()
 
 
@@ -189,3 +198,36 @@ def test_the_citation_check_sees_an_uncited_copy():
     assert _is_cited("study/60min/a/report.json", refs)
     assert not _is_cited("study/old_copy/results.md", refs)
     assert not _is_cited("other/results.json", refs)
+
+
+def test_time_interleaved_takes_turns_and_gives_medians():
+    from jem_ext.bench import timing
+
+    now = [0.0]
+    calls = []
+
+    def work(name, seconds):
+        def fn():
+            calls.append(name)
+            now[0] += seconds.pop(0) if isinstance(seconds, list) else seconds
+
+        return fn
+
+    fns = {"a": work("a", [9.0, 1.0, 2.0, 30.0]), "b": work("b", 0.5)}
+    med = timing.time_interleaved(fns, reps=3, clock=lambda: now[0], warmup=1)
+    assert calls == ["a", "b"] * 4  # one warm-up round, then three timed rounds in turn
+    assert med == {"a": 2.0, "b": 0.5}  # a's warm-up (9 s) is not counted
+
+
+def test_cpu_name_falls_back_to_platform(monkeypatch):
+    from jem_ext.bench import timing
+
+    assert isinstance(timing.cpu_name(), str) and timing.cpu_name()
+
+    def unreadable(*args, **kwargs):
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(timing, "open", unreadable, raising=False)
+    monkeypatch.setattr(timing.platform, "processor", lambda: "")
+    monkeypatch.setattr(timing.platform, "machine", lambda: "riscv64")
+    assert timing.cpu_name() == "riscv64"

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from jem_ext.eval.inception import InceptionV3, classifier_features, extract, load_inception
+from jem_ext.eval.features import classifier_features, extract
+from jem_ext.eval.inception import InceptionV3, load_inception
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,9 @@ Results go to ``<out>/bench.json`` and ``<out>/bench.md``. ``--smoke`` runs ever
 CPU with tiny sizes (a tiny WRN, K=2, few repeats) so the script is exercised by the test suite.
 
 The scripts under ``benchmarks/`` take their helpers from here: :class:`ReferenceSampler` and
-:func:`time_call` (``bench_sampler.py``), :func:`sync` (``bench_ddp.py``), and :mod:`.studies`
+:func:`time_call` (``bench_sampler.py``), :func:`sync` (``bench_ddp.py``), :func:`cpu_name`
+(``bench_ops.py``, ``bench_ddp.py``), :func:`time_interleaved` (``bench_ops.py``,
+``bench_energy_ab.py``, ``bench_energy_autograd.py``), and :mod:`.studies`
 (``digits_study.py`` and ``cifar_budget.py``: scoring through ``python -m jem_ext.eval``, the
 energies of a run).
 """
@@ -29,7 +31,7 @@ from .config import CPU_OPTIONS, GPU_OPTIONS, RECIPE, SMOKE, STAGES, Option, Siz
 from .ops import stage_env, stage_ops
 from .report import markdown, write_results
 from .studies import evaluate, last_energies, mean_confidence, read_report
-from .timing import sync, time_call
+from .timing import cpu_name, sync, time_call, time_interleaved
 from .train import stage_train
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "ReferenceSampler",
     "Sizes",
     "build_parser",
+    "cpu_name",
     "evaluate",
     "last_energies",
     "main",
@@ -55,5 +58,6 @@ __all__ = [
     "stage_train",
     "sync",
     "time_call",
+    "time_interleaved",
     "write_results",
 ]

@@ -1,7 +1,9 @@
-"""Timing helpers and the guards that keep a failing or late bench stage from losing the others."""
+"""Timing helpers, the machine's name, and the guards that keep a failing or late bench stage
+from losing the others."""
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 import traceback
@@ -32,6 +34,48 @@ def time_call(
         sync(device)
         times.append(time.perf_counter() - start)
     return {"median_s": statistics.median(times), "best_s": min(times)}
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    reps: int,
+    device: torch.device | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    warmup: int = 1,
+) -> dict[str, float]:
+    """Median seconds per call of each of ``fns``, by name, over ``reps`` repeats.
+
+    The functions take turns within each repeat, so a change in the machine's load slows all of
+    them alike and their ratios stay fair. ``warmup`` untimed rounds come first. ``clock``:
+    ``time.perf_counter`` (wall) or ``time.thread_time`` (the calling thread's CPU time: on a
+    shared machine the time spent descheduled is left out). On CUDA each call is waited for.
+    """
+    device = device if device is not None else torch.device("cpu")
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = clock()
+            fn()
+            sync(device)
+            times[k].append(clock() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``model name`` in /proc/cpuinfo, as lscpu shows it), else what
+    :mod:`platform` knows (the processor, else the architecture)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def time_stream(fn: Callable[[], Any], device: torch.device, reps: int) -> dict[str, float]:

@@ -26,8 +26,9 @@ from .._cli import (
 )
 from .._io import remove_temporaries, write_failure
 from ..accel import add_speed_flags
+from .registry import TASKS
 from .report import run
-from .settings import BUILTIN_OOD, DEFAULT_EPS, NORMS, TASKS, EvalError, EvalSettings
+from .settings import BUILTIN_OOD, DEFAULT_EPS, NORMS, EvalError, EvalSettings
 from .writers import render_markdown
 
 __all__ = ["build_parser", "main", "parse_settings"]

@@ -17,7 +17,8 @@ from torch import nn
 
 from ..ops import energy
 from ..sampler import sample_from_noise
-from .inception import InceptionV3, classifier_features, extract, load_inception
+from .features import classifier_features, extract
+from .inception import InceptionV3, load_inception
 from .inputs import EvalData, Loaded, load_model
 from .metrics import fid, inception_score
 from .settings import EvalError, EvalSettings, SGLDSettings

@@ -49,8 +49,9 @@ when neither ``--inception-weights`` nor ``--fid-classifier`` is given):
 
 Modules: :mod:`~jem_ext.eval.cli` (the command line), :mod:`~jem_ext.eval.inputs`
 (checkpoints and data), :mod:`~jem_ext.eval.tasks` and :mod:`~jem_ext.eval.generation` (the
-tasks, each returning a typed result), :mod:`~jem_ext.eval.writers` (report.json, report.md);
-this module runs the tasks for each model and assembles the report.
+tasks, each returning a typed result), :mod:`~jem_ext.eval.registry` (the tasks' table: one
+entry per task), :mod:`~jem_ext.eval.writers` (report.json, report.md); this module runs the
+registered tasks for each model and assembles the report.
 
 Speed options (``--precision``, ``--channels-last``, ``--compile``, ``--cuda-graph``, as the
 trainer's) change how the figures are computed, not what is computed; they are recorded in
@@ -74,27 +75,12 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..data import save_image_grid
-from . import plots
-from .generation import (
-    FIDNetwork,
-    FIDResult,
-    GenerationResult,
-    generate,
-    grid_file,
-    prepare_fid,
-    run_fid,
-    run_generation,
-)
 from .inputs import (
-    EvalData,
     Loaded,
     data_warnings,
     load_compare,
@@ -102,36 +88,12 @@ from .inputs import (
     load_model,
     training_data,
 )
-from .settings import EvalSettings, SGLDSettings, resolve_sgld
+from .registry import REGISTRY, Figure, Inputs, ModelResults
+from .settings import EvalSettings, resolve_sgld
 from .speed import apply_model_options, make_chain
-from .tasks import (
-    AccuracyResult,
-    CalibrationTaskResult,
-    OODResult,
-    RobustnessResult,
-    logits_of,
-    run_accuracy,
-    run_calibration,
-    run_ood,
-    run_robustness,
-)
-from .writers import Figure, write_report
+from .writers import write_report
 
 __all__ = ["Inputs", "ModelResults", "run"]
-
-
-@dataclass
-class Inputs:
-    """Everything the tasks read: the models, the data, the SGLD settings, the IS/FID net."""
-
-    settings: EvalSettings
-    models: list[Loaded]  # [main] or [main, compare]
-    data: EvalData
-    sgld: SGLDSettings
-    fid_net: FIDNetwork | None
-    fid_skip_reason: str | None
-    chain: Callable[..., torch.Tensor] | None = None  # the generation chains' function
-    warnings: list[str] = field(default_factory=list)  # data that differ (report.json)
 
 
 def prepare(settings: EvalSettings) -> Inputs:
@@ -142,7 +104,12 @@ def prepare(settings: EvalSettings) -> Inputs:
     sgld = resolve_sgld(main.state.get("sampler"), settings.sgld_step_size, settings.sgld_noise)
     data = load_eval_data(settings, main)
     models = [main] + ([load_compare(settings, main)] if settings.compare else [])
-    fid_net, reason = prepare_fid(settings, main) if "fid" in settings.tasks else (None, None)
+    prepared, skipped = {}, {}
+    for task in settings.tasks:
+        if REGISTRY[task].prepare is not None:
+            prepared[task], reason = REGISTRY[task].prepare(settings, main)
+            if reason is not None:
+                skipped[task] = reason
     for m, what in zip(models, ("--checkpoint", "--compare")):
         apply_model_options(m.model, m.state["model_spec"], settings, what)
     return Inputs(
@@ -150,91 +117,11 @@ def prepare(settings: EvalSettings) -> Inputs:
         models=models,
         data=data,
         sgld=sgld,
-        fid_net=fid_net,
-        fid_skip_reason=reason,
+        prepared=prepared,
+        skipped=skipped,
         chain=make_chain(settings),
         warnings=data_warnings(models, data),
     )
-
-
-@dataclass
-class ModelResults:
-    """One model's results, task by task (None: not run)."""
-
-    model: Loaded
-    compare: bool = False
-    logits: torch.Tensor | None = field(default=None, repr=False)
-    accuracy: AccuracyResult | None = None
-    calibration: CalibrationTaskResult | None = None
-    ood: OODResult | None = None
-    generation: GenerationResult | None = None
-    fid: FIDResult | None = None
-    robustness: RobustnessResult | None = None
-    seconds_by_task: dict[str, float] = field(default_factory=dict)
-
-    def test_logits(self, inp: Inputs) -> torch.Tensor:
-        """The model's logits on the test images, computed once."""
-        if self.logits is None:
-            self.logits = logits_of(
-                self.model.model, inp.data.x, inp.settings, f"{self.model.label}: logits"
-            )
-        return self.logits
-
-    def to_json(self) -> dict[str, Any]:
-        m = self.model
-        out: dict[str, Any] = {
-            "label": m.label,
-            "checkpoint": str(m.path),
-            "objective": m.config.get("objective"),
-            "iteration": m.state.get("iteration"),
-            "best_val_accuracy": m.state.get("best_val_accuracy"),
-        }
-        for part in (self.accuracy, self.calibration, self.ood, self.fid, self.robustness):
-            if part is not None:
-                out.update(part.to_json())
-        if self.generation is not None:
-            out.update(self.generation.to_json(self.compare))
-        out["seconds_by_task"] = self.seconds_by_task
-        return out
-
-
-def _fresh_samples(res: ModelResults, inp: Inputs) -> torch.Tensor:
-    """The generation task's unconditional samples, or the same chains run afresh."""
-    if res.generation is not None:
-        return res.generation.samples
-    s, m = inp.settings, res.model
-    return generate(
-        m.model,
-        s.gen_n,
-        m.in_shape,
-        s.gen_steps,
-        inp.sgld,
-        s,
-        seed=s.seed + 2,
-        desc=f"{m.label}: SGLD for FID",
-        chain=inp.chain,
-    )
-
-
-def _run_task(task: str, res: ModelResults, inp: Inputs) -> None:
-    """Run one task for one model and store its result in ``res``."""
-    m, data, s, sgld = res.model, inp.data, inp.settings, inp.sgld
-    if task == "accuracy":
-        res.accuracy = run_accuracy(m, data, s, sgld, res.test_logits(inp))
-    elif task == "calibration":
-        res.calibration = run_calibration(data, res.test_logits(inp))
-    elif task == "ood":
-        res.ood = run_ood(m, data, s)
-    elif task == "generation":
-        res.generation = run_generation(m, data, s, sgld, res.test_logits(inp), inp.chain)
-    elif task == "fid":
-        res.fid = (
-            FIDResult(skipped=inp.fid_skip_reason)
-            if inp.fid_net is None
-            else run_fid(m, data, s, inp.fid_net, _fresh_samples(res, inp))
-        )
-    elif task == "robustness":
-        res.robustness = run_robustness(m, data, s, sgld)
 
 
 def evaluate(model: Loaded, inp: Inputs, compare: bool) -> ModelResults:
@@ -243,55 +130,18 @@ def evaluate(model: Loaded, inp: Inputs, compare: bool) -> ModelResults:
     for task in inp.settings.tasks:
         torch.manual_seed(inp.settings.seed)
         t0 = time.time()
-        _run_task(task, res, inp)
+        res.parts[task] = REGISTRY[task].run(res, inp)
         res.seconds_by_task[task] = round(time.time() - t0, 2)
     return res
 
 
 def figures(results: list[ModelResults], inp: Inputs) -> list[Figure]:
-    """The PNGs to draw: each model's sample grids, then the figures that show both."""
+    """The PNGs to draw: each task's, in task order."""
     out: list[Figure] = []
-    for r in results:
-        for kind, (x, nrow) in (r.generation.grids() if r.generation else {}).items():
-            out.append(
-                (
-                    grid_file(kind, r.compare),
-                    lambda p, x=x, nrow=nrow: save_image_grid(x, p, nrow=nrow),
-                )
-            )
-    title = inp.data.dataset
-    if all(r.calibration for r in results):
-        cal = {r.model.label: r.calibration.stats for r in results}
-        out.append(
-            (
-                "reliability.png",
-                lambda p: plots.reliability_diagram(cal, p, title=f"Reliability on {title} test"),
-            )
-        )
-    for r, name in zip(results, ["logpx_hist.png", "logpx_hist_compare.png"]):
-        if r.ood is not None:
-            out.append(
-                (
-                    name,
-                    lambda p, d=r.ood.logpx, lab=r.model.label: plots.logpx_histograms(
-                        d, p, title=f"log p(x) under {lab}"
-                    ),
-                )
-            )
-    if all(r.robustness for r in results):
-        for norm in inp.settings.pgd_norms or []:
-            curves = {r.model.label: [tuple(c) for c in r.robustness.curves[norm]] for r in results}
-            out.append(
-                (
-                    f"robustness_{norm}.png",
-                    lambda p, c=curves, n=norm: plots.robustness_curve(
-                        c,
-                        p,
-                        title=f"PGD {n}, K = {inp.settings.robust_refine_steps} SGLD steps",
-                        xlabel=f"eps ({n})",
-                    ),
-                )
-            )
+    for task in inp.settings.tasks:
+        draw = REGISTRY[task].figures
+        if draw is not None:
+            out += draw(results, inp)
     return out
 
 
@@ -307,8 +157,8 @@ def assemble(results: list[ModelResults], inp: Inputs) -> dict[str, Any]:
             "settings": inp.settings.to_json(inp.sgld),
         }
     )
-    if "fid" in inp.settings.tasks and inp.fid_net is None:
-        report["skipped"] = {"fid": inp.fid_skip_reason}
+    if inp.skipped:
+        report["skipped"] = dict(inp.skipped)
     if len(results) > 1:
         report["compare"] = results[1].to_json()
     report["data_fingerprint"] = inp.data.fingerprint

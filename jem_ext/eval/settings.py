@@ -1,4 +1,4 @@
-"""What every evaluation task shares: its names, its error type and its typed settings.
+"""What every evaluation task shares: its error type and its typed settings.
 
 The command line (:mod:`jem_ext.eval.cli`) turns flags into an :class:`EvalSettings`; the SGLD
 settings the chains use are resolved once, from the flags and the checkpoint's sampler, into an
@@ -19,14 +19,12 @@ __all__ = [
     "ECE_BINS",
     "NORMS",
     "SCORES",
-    "TASKS",
     "EvalError",
     "EvalSettings",
     "SGLDSettings",
     "resolve_sgld",
 ]
 
-TASKS = ("accuracy", "calibration", "ood", "generation", "fid", "robustness")
 BUILTIN_OOD = ("uniform", "gaussian", "constant", "interp")
 SCORES = ("logpx", "maxprob", "approx_mass")
 NORMS = ("linf", "l2")

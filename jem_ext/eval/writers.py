@@ -2,6 +2,8 @@
 
 Both read the report dict that :func:`jem_ext.eval.report.run` assembles: the first model's
 figures at the top level, the ``--compare`` model's under ``"compare"`` with the same layout.
+report.md has a header, then each task's section (:mod:`jem_ext.eval.sections`) in the order of
+the task registry (:mod:`jem_ext.eval.registry`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,10 @@ import numpy as np
 import torch
 
 from .._io import atomic_write_text
-from .settings import ECE_BINS, SCORES
+from .registry import REGISTRY, Figure
+from .sections import table
 
-__all__ = ["render_markdown", "to_json_text", "write_report"]
-
-Figure = tuple[str, Callable[[Path], None]]
-
+__all__ = ["Figure", "render_markdown", "to_json_text", "write_report"]
 
 # ---------------------------------------------------------------------------------- JSON
 
@@ -52,20 +51,6 @@ def to_json_text(report: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------ Markdown
 
 
-def _pct(v: Any) -> str:
-    return "-" if v is None else f"{100 * v:.2f}"
-
-
-def _num(v: Any, fmt: str = ".3f") -> str:
-    return "-" if v is None or not math.isfinite(v) else format(v, fmt)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def _header(report: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
     title = f"# Evaluation of {report['label']}" + (
         f" vs {report['compare']['label']}" if "compare" in report else ""
@@ -77,7 +62,7 @@ def _header(report: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
     return [
         title,
         "",
-        _table(["model", "checkpoint", "objective", "iteration"], rows),
+        table(["model", "checkpoint", "objective", "iteration"], rows),
         "",
         f"Data: `{report['dataset']}` test split, {report['n_test']} images "
         f"(seed {report['settings']['seed']}).",
@@ -85,163 +70,21 @@ def _header(report: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
     ] + [f"> **Warning:** {w}\n" for w in report.get("warnings", [])]
 
 
-def _accuracy_section(report, results, tasks, images: bool) -> list[str]:
-    cols = []
-    if "accuracy" in tasks:
-        cols.append(("accuracy (%)", [_pct(r.get("accuracy")) for r in results]))
-        if "accuracy_refined" in report:
-            k = report["accuracy_refined"]["steps"]
-            cols.append(
-                (
-                    f"accuracy after {k} SGLD steps (%)",
-                    [_pct(r.get("accuracy_refined", {}).get("accuracy")) for r in results],
-                )
-            )
-    if "calibration" in tasks:
-        cols.append((f"ECE, {ECE_BINS} bins (%)", [_pct(r.get("ece")) for r in results]))
-    header = ["metric"] + [r["label"] for r in results]
-    parts = [
-        "## Accuracy and calibration",
-        "",
-        _table(header, [[name, *vals] for name, vals in cols]),
-        "",
-    ]
-    if images and "calibration" in tasks:
-        parts += ["![reliability diagram](reliability.png)", ""]
-    return parts
-
-
-def _ood_section(report, results, images: bool) -> list[str]:
-    header = ["OOD set"] + [f"{s} ({r['label']})" for s in SCORES for r in results]
-    rows = [
-        [name] + [_num(r["ood"][name][s]) for s in SCORES for r in results]
-        for name in report["ood"]
-    ]
-    parts = [
-        "## OOD detection (AUROC, in-distribution test set vs each set)",
-        "",
-        "Scores: logpx = logsumexp_y f(x)[y]; maxprob = max_y p(y|x); "
-        "approx_mass = -||d logpx/dx||_2. Built-in sets: uniform U(-1,1), "
-        "gaussian N(0,1) clamped to [-1,1], constant (one random value per image), "
-        "interp (mean of two test images).",
-        "",
-        _table(header, rows),
-        "",
-    ]
-    if images:
-        parts += [
-            f"![log p(x) {r['label']}]({f})"
-            for r, f in zip(results, ["logpx_hist.png", "logpx_hist_compare.png"])
-        ] + [""]
-    return parts
-
-
-def _generation_section(results, images: bool) -> list[str]:
-    rows = [
-        [
-            r["label"],
-            g["steps"],
-            _pct(g["conditional_accuracy"]),
-            _num(g["logpx_mean_samples"], ".2f"),
-            _num(g["logpx_mean_test"], ".2f"),
-            g.get("buffer_size", "none"),
-        ]
-        for r in results
-        for g in [r["generation"]]
-    ]
-    parts = [
-        "## Generation (fresh SGLD chains from U(-1,1))",
-        "",
-        _table(
-            [
-                "model",
-                "SGLD steps",
-                "conditional samples classified as their class (%)",
-                "mean logpx samples",
-                "mean logpx test",
-                "replay buffer size",
-            ],
-            rows,
-        ),
-        "",
-    ]
-    if images:
-        for r in results:
-            for kind, f in r["generation"]["files"].items():
-                parts.append(f"{r['label']} {kind}: ![{r['label']} {kind}]({f})")
-        parts.append("")
-    return parts
-
-
-def _fid_section(report, results) -> list[str]:
-    f0 = report["fid"]
-    if "skipped" in f0:
-        return ["## IS and FID", "", f"Skipped: {f0['skipped']}", ""]
-    rows = [
-        [
-            r["label"],
-            f"{_num(f['is_mean'])} ± {_num(f['is_std'])}",
-            _num(f["fid"]),
-            f["n_generated"],
-        ]
-        for r in results
-        for f in [r["fid"]]
-    ]
-    parts = [
-        "## IS and FID",
-        "",
-        f"Network: {f0['note']}.",
-        "",
-        _table(["model", "IS", "FID", "samples"], rows),
-        "",
-    ]
-    if "warning" in f0:
-        parts += [f"Warning: {f0['warning']}.", ""]
-    return parts
-
-
-def _robustness_section(report, results, images: bool) -> list[str]:
-    rb = report["robustness"]
-    parts = [
-        "## Robustness (PGD through the SGLD-refined classifier)",
-        "",
-        f"{rb['n']} test points, K = {rb['refine_steps']} SGLD steps, "
-        f"{rb['chains']} chains, PGD {rb['pgd_steps']} steps, step "
-        f"{rb['pgd_step_size']}; eps in the model's [-1, 1] input units "
-        "(eps 0 = clean accuracy of the refined classifier).",
-        "",
-    ]
-    labels = [r["label"] for r in results]
-    for norm, curve in rb["curves"].items():
-        rows = [
-            [f"{e:g}"]
-            + [_pct(dict(map(tuple, r["robustness"]["curves"][norm])).get(e)) for r in results]
-            for e, _ in curve
-        ]
-        parts += [f"### {norm} (accuracy %)", "", _table(["eps"] + labels, rows), ""]
-        if images:
-            parts += [f"![{norm}](robustness_{norm}.png)", ""]
-    return parts
-
-
 def render_markdown(report: dict[str, Any], images: bool = True) -> str:
     """The report as markdown tables (both models side by side); ``images`` adds the PNGs.
 
+    Each task's section comes once, in task order (tasks that share a section: at the first).
     A skipped task is explained once, in its own section when it has one.
     """
     results = [report] + ([report["compare"]] if "compare" in report else [])
     tasks = report["tasks"]
     parts = _header(report, results)
-    if "accuracy" in tasks or "calibration" in tasks:
-        parts += _accuracy_section(report, results, tasks, images)
-    if "ood" in tasks:
-        parts += _ood_section(report, results, images)
-    if "generation" in tasks:
-        parts += _generation_section(results, images)
-    if "fid" in tasks:
-        parts += _fid_section(report, results)
-    if "robustness" in tasks:
-        parts += _robustness_section(report, results, images)
+    written = []
+    for name in tasks:
+        section = REGISTRY[name].section if name in REGISTRY else None
+        if section is not None and section not in written:
+            parts += section(report, results, images)
+            written.append(section)
     unexplained = {k: v for k, v in report.get("skipped", {}).items() if k not in tasks}
     if unexplained:
         parts += ["## Skipped", ""] + [f"- {k}: {v}" for k, v in unexplained.items()] + [""]
