@@ -35,6 +35,7 @@ __all__ = [
     "factory_name",
     "is_factory",
     "parse",
+    "rebuild",
     "resolve",
 ]
 
@@ -216,6 +217,23 @@ def build(
     spec = {"name": text, "num_classes": int(num_classes), "in_shape": list(shape), "kwargs": {}}
     model.jem_spec = json.loads(json.dumps(spec))
     return model
+
+
+def rebuild(spec: dict[str, Any], given: Any, flag: str = "--model") -> nn.Module:
+    """The model of a checkpoint's spec rebuilt by the factory the caller named (``given``, see
+    :func:`check_named`); ``given`` for a built-in model's spec is refused.
+
+    Raises:
+        FactoryError
+    """
+    name = spec["name"]
+    if not is_factory(name):
+        shown = given if isinstance(given, str) else factory_name(given)
+        raise FactoryError(
+            f"the model is the built-in {name!r}, not a factory's (got {shown}); leave {flag} out"
+        )
+    fn = check_named(name, given, flag)
+    return build(name, spec["num_classes"], tuple(spec["in_shape"]), factory=fn)
 
 
 def batch_norm_layers(model: nn.Module) -> list[str]:

@@ -279,10 +279,7 @@ def meta_model(spec: dict[str, Any]) -> nn.Module:
     """
     name = spec.get("name")
     if factories.is_factory(name):
-        raise ValueError(
-            f"{name}: a model factory's structure is known only by calling it (build it with "
-            "jem_ext.factory.build)"
-        )
+        raise ValueError(f"{name}: a factory's model is known only by building it")
     entry = model_entry(name)  # type: ignore[arg-type]
     kwargs = spec.get("kwargs", {})
     if not isinstance(kwargs, dict):
@@ -356,31 +353,20 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
 def build_from_spec(spec: dict[str, Any], factory: Any = None, flag: str = "--model") -> nn.Module:
     """Rebuild a (freshly initialised) model from :func:`model_spec` output.
 
-    A spec never imports code by itself: the model of a factory spec is rebuilt only when
-    ``factory`` names the same factory (its ``"PACKAGE.MODULE:FACTORY"`` string or the callable),
-    see :func:`jem_ext.factory.check_named` (``flag``: the flag that names it, for messages).
+    A spec never imports code: a factory's model is rebuilt only by the same ``factory``
+    named again (see :func:`jem_ext.factory.rebuild`; ``flag`` names it in messages).
 
     Raises:
-        ValueError: the spec lacks ``name``, ``num_classes`` or ``in_shape``, or is invalid; a
-            factory spec without its factory named, or with another one; a factory given for a
-            built-in model.
+        ValueError: the spec lacks ``name``, ``num_classes`` or ``in_shape``, or is invalid;
+            a factory not named as :func:`jem_ext.factory.rebuild` needs.
     """
     missing = [k for k in ("name", "num_classes", "in_shape") if k not in spec]
     if missing:
         raise ValueError(
             f"model spec: expected keys name, num_classes, in_shape; missing {missing}"
         )
-    if factories.is_factory(spec["name"]):
-        fn = factories.check_named(spec["name"], factory, flag)
-        return factories.build(
-            spec["name"], spec["num_classes"], tuple(spec["in_shape"]), factory=fn
-        )
-    if factory is not None:
-        given = factory if isinstance(factory, str) else factories.factory_name(factory)
-        raise ValueError(
-            f"the model is the built-in {spec['name']!r}, not a factory's (got {given}); "
-            "leave the factory out"
-        )
+    if factories.is_factory(spec["name"]) or factory is not None:
+        return factories.rebuild(spec, factory, flag)
     return build_model(
         spec["name"], spec["num_classes"], tuple(spec["in_shape"]), **spec.get("kwargs", {})
     )

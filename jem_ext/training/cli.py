@@ -18,7 +18,6 @@ from .._cli import (
     terminated,
 )
 from .._io import write_failure
-from ..accel import is_convolutional
 from ..checkpoint import CheckpointError, load_checkpoint, weights_mismatch
 from ..models import meta_model
 from . import distributed
@@ -27,6 +26,7 @@ from .curves import write_curves
 from .folder import RunFolder, RunFolderLost
 from .guard import TrainingDiverged
 from .loop import train
+from .model_checks import check_factory_model, check_factory_named, note_batch_norm
 from .saver import last_checkpoint
 from .setup import fresh_out, load_data, model_kwargs
 
@@ -54,10 +54,16 @@ def _check_model(
 ) -> None:
     """Check the model flags (and a resumed checkpoint's weights) without allocating a model
     (a factory's model is built once, on the CPU, and run on a zero batch)."""
-    if factories.is_factory(cfg["model"]):
-        _check_factory_model(cfg, datasets, resume_state)
-        return
     train_d = datasets["train"]
+    generative = cfg["objective"] != "ce"
+    if factories.is_factory(cfg["model"]):
+        weights = None if resume_state is None else resume_state["model"]
+        shape, channels_last = train_d.shape, cfg["channels_last"]
+        model = check_factory_model(
+            cfg["model"], train_d.num_classes, shape, channels_last, weights
+        )
+        note_batch_norm(model, cfg["model"], generative)
+        return
     spec = {
         "name": cfg["model"],
         "num_classes": train_d.num_classes,
@@ -68,67 +74,13 @@ def _check_model(
         model = meta_model(spec)
     except ValueError as err:
         raise ConfigError(f"model: {err}") from None
-    _note_batch_norm(model, f"{cfg['model']} --norm {cfg['norm']}", cfg)
+    note_batch_norm(model, f"{cfg['model']} --norm {cfg['norm']}", generative)
     if resume_state is not None:
         diff = weights_mismatch(model, resume_state["model"])
         if diff is not None:
             raise CheckpointError(
                 f"--resume: checkpoint does not match the config's model (first difference: {diff})"
             )
-
-
-def _check_factory_model(
-    cfg: dict[str, Any], datasets: dict[str, jdata.ImageData], resume_state: dict[str, Any] | None
-) -> None:
-    """Build the factory's model for the data (one forward on a zero batch), check it against a
-    resumed checkpoint's weights and the speed flags, and note batch-dependent normalisation."""
-    train_d = datasets["train"]
-    try:
-        model = factories.build(cfg["model"], train_d.num_classes, train_d.shape)
-    except factories.FactoryError as err:
-        raise ConfigError(f"--model {err}") from None
-    if cfg["channels_last"] and not is_convolutional(model):
-        raise ConfigError(
-            f"--channels-last: expected a convolutional model, but the model of {cfg['model']} "
-            "has no 2-d convolution"
-        )
-    if resume_state is not None:
-        diff = weights_mismatch(model, resume_state["model"])
-        if diff is not None:
-            raise CheckpointError(
-                f"--resume: the model that {cfg['model']} builds does not match the checkpoint's "
-                f"weights (first difference: {diff}); the factory's code changed since the run"
-            )
-    _note_batch_norm(model, cfg["model"], cfg)
-
-
-def _note_batch_norm(model: Any, name: str, cfg: dict[str, Any]) -> None:
-    """Say at the start what batch normalisation means for the chains (rank 0 of a job; not
-    for the cross-entropy objective, which has none)."""
-    if cfg["objective"] == "ce":
-        return
-    note = factories.batch_norm_note(model, name)
-    if note is not None and distributed.launch_rank() == 0:
-        print(note, file=sys.stderr)
-
-
-def _check_factory_named(invocation: Any, resume_state: dict[str, Any]) -> None:
-    """A resumed run whose model came from a factory continues only when the command line names
-    that factory again (a checkpoint never imports code by itself); another model is refused."""
-    spec = resume_state.get("model_spec")
-    recorded = spec.get("name") if isinstance(spec, dict) else None
-    given = invocation.explicit.get("model")
-    if not (factories.is_factory(recorded) or factories.is_factory(given)):
-        return
-    run = invocation.cfg["out"]
-    if given is None:
-        raise ConfigError(
-            f"--resume {run}: the run's model comes from the factory {recorded}, and a "
-            f"checkpoint never imports code by itself: name it again with --model {recorded}"
-        )
-    if given != recorded:
-        kind = "the factory" if factories.is_factory(recorded) else "the built-in model"
-        raise ConfigError(f"--model {given}: the run {run} trained {kind} {recorded}")
 
 
 @dataclass
@@ -236,7 +188,8 @@ def prepare(argv: list[str] | None = None) -> Prepared:
     try:
         resume_state = None if cfg["resume"] is None else _load_resume_state(cfg["resume"])
         if resume_state is not None:
-            _check_factory_named(invocation, resume_state)
+            spec = resume_state.get("model_spec") or {}
+            check_factory_named(spec.get("name"), invocation.explicit.get("model"), cfg["out"])
         if restarted and distributed.launch_rank() == 0:
             print(
                 f"torchrun restarted the job (restart {distributed.restart_count()} of "

@@ -473,10 +473,8 @@ def train(
         saver.save_last(checkpoint_state(run))
     run.started = time.perf_counter() - run.state.seconds
     total = run.steps_per_epoch * cfg["epochs"]
-    # a resume's TensorBoard drops what the interrupted run logged after the checkpoint
-    purge = run.state.iteration + 1 if resume_state is not None else None
     with (
-        open_tensorboard(run.out, main and cfg["tensorboard"], purge_step=purge) as tb,
+        _tensorboard(run, resuming=resume_state is not None) as tb,
         MetricsLog(run.out / "metrics.jsonl", enabled=main, tensorboard=tb) as log,
         Progress(
             total,
@@ -515,6 +513,13 @@ def train(
     if status == "diverged":
         raise TrainingDiverged(reason)
     return summary
+
+
+def _tensorboard(run: Run, resuming: bool) -> NullTensorBoard:
+    """The run's TensorBoard writer (``--tensorboard``, the process that writes the run folder);
+    a resumed run's drops what the interrupted run logged after the checkpoint."""
+    purge = run.state.iteration + 1 if resuming else None
+    return open_tensorboard(run.out, run.dist.is_main and run.cfg["tensorboard"], purge)
 
 
 def summarise(run: Run, status: str, reason: str | None) -> dict[str, Any]:
