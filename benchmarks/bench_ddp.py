@@ -41,7 +41,7 @@ from jem_ext._cli import check_threads
 from jem_ext._io import atomic_write_text
 from jem_ext.bench import cpu_name, sync
 from jem_ext.training import distributed
-from jem_ext.training.config import default_config
+from jem_ext.training.config import config_from_mapping, default_config
 from jem_ext.training.setup import build_run
 from jem_ext.training.step import Batch, train_step
 
@@ -63,9 +63,10 @@ def _worker(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    distributed.init_from_env(cfg)
+    run_cfg = config_from_mapping(cfg)
+    distributed.init_from_env(run_cfg)
     try:
-        run = build_run(cfg)
+        run = build_run(run_cfg)
         d = run.dist
         data = run.data.train_on_device
         batch = cfg["batch_size"] // world
@@ -73,7 +74,7 @@ def _worker(
 
         def one_iteration() -> None:
             idx = torch.randint(len(data), (batch,), generator=gen).to(data.x.device)
-            train_step(run.ctx, Batch(data.x[idx], data.y[idx]), run.weights)
+            train_step(run.ctx, Batch(data.x[idx], data.y[idx]), run.objective)
 
         for _ in range(args.warmup):
             one_iteration()

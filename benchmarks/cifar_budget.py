@@ -9,16 +9,25 @@ ood, generation): test accuracy, ECE, OOD AUROC of the three scores (log p(x), m
 approximate mass) on the built-in sets (uniform, gaussian, constant, interp), log p(x)
 histograms, reliability diagram and sample grids.
 
+With the CE twin (``ce``) among the configurations (or given as ``--judge``), every
+configuration trains first and the twin then judges the others: the evaluation's generation
+task also reports how often the twin classifies their class-conditional samples as their class
+(``--judge``), and the fid task their samples' FID in the twin's features (fresh chains and the
+replay buffer, ``--fid-classifier``). Fresh chains start where the run's own chains start
+(``--gen-init``: uniform noise, or the per-class Gaussians of ``--init gaussian`` runs).
+
 ``OUT/<config>/`` holds each evaluation (report.json, report.md, PNGs); ``OUT/results.json``
 every configuration's figures (with its training status, iterations and final data/sample
 energies: far apart means the chains no longer reach the data) and ``OUT/results.md`` the same
 as a table, with whether the target is met: test accuracy >= 35 % and AUROC log p(x) vs uniform
->= 0.95 without divergence. The run folders (checkpoints) go to ``--runs``; a configuration
-whose run folder already holds a summary is not retrained (nor evaluated again when its report
-is newer than its checkpoint), unless a larger ``--minutes`` is asked for: then the run
-resumes from its last checkpoint and trains until the new budget (e.g. ``--minutes 60`` after a
-15-minute study extends the runs to one hour each, with the same data order and optimiser
-state).
+>= 0.95 without divergence; and for the judged configurations whether the generation claim is:
+no energy split for the whole run, the judge classifies >= 50 % of the class-conditional samples
+as their class, test accuracy >= 50 % and the same AUROC. The run folders (checkpoints) go to
+``--runs``; a configuration whose run folder already holds a summary is not retrained (nor
+evaluated again when its report is newer than its checkpoint), unless a larger ``--minutes`` is
+asked for: then the run resumes from its last checkpoint and trains until the new budget (e.g.
+``--minutes 60`` after a 15-minute study extends the runs to one hour each, with the same data
+order and optimiser state).
 
 Each recipe is the published one (``--recipe``, see :mod:`jem_ext.recipes`) scaled to the
 budget: SmallCNN width 64 instead of a WRN-28-10, and a warm-up of ``WARMUP_ITERS`` iterations
@@ -61,10 +70,24 @@ TARGET_ACCURACY = 0.35
 TARGET_AUROC_UNIFORM = 0.95
 BUDGET_MET = 0.99  # a run stopped within 1 % of the budget has had it
 EVAL_TASKS = "accuracy,calibration,ood,generation"
+# With the CE twin among the configurations, every JEM configuration is also judged by it: its
+# class-conditional samples classified by the twin (--judge) and its samples' FID in the twin's
+# features (--fid-classifier), on enough chains for the twin's 256 features (FID needs more
+# samples than feature dimensions).
+JUDGE = "ce"
+JUDGED_EVAL = ["--gen-n", "1000"]
+TARGET_JUDGED = 0.5  # the generation claim: the twin classifies >= 50 % as their class
+TARGET_ACCURACY_GENERATING = 0.5
 ARCHIVES = ("train.tar.gz", "test.tar.gz")
 
 # The trainer's defaults of the runs below that name no recipe (later defaults changed these).
 EARLIER_DEFAULTS = ["--adam-beta2", "0.999", "--w-px-decay-epochs", ""]
+
+# The chains of the configurations that generate: per-class Gaussian starts, short proximal runs.
+GAUSSIAN_CHAINS = [
+    *("--width", "48", "--init", "gaussian", "--proximal", "--sgld-steps", "5"),
+    *("--l2-energy", "0.01", "--lr", "1e-3"),
+]
 
 # Trainer flags of each configuration, on top of the image folder, the model and the budget.
 CONFIGS: dict[str, list[str]] = {
@@ -85,6 +108,27 @@ CONFIGS: dict[str, list[str]] = {
         *EARLIER_DEFAULTS,
         *("--w-px", "0.1", "--l2-energy", "0.01", "--sgld-steps", "5"),
         *("--lr", "1e-3", "--init", "uniform"),
+    ],
+    # Chains that start near the data (JEM++'s per-class Gaussians fitted to the training
+    # images) on a SmallCNN of width 48 (0.87 M parameters) without normalisation, 5 proximal
+    # steps, the light p(x) term: the chains keep up with the model, so its energies stay
+    # together, and class-conditional chains from the Gaussians move towards their class.
+    "gaussian_light": [*EARLIER_DEFAULTS, *GAUSSIAN_CHAINS, "--w-px", "0.1"],
+    # The same with one chain in ten started from uniform noise instead, so that the model also
+    # sees noise as a negative and log p(x) keeps rating it below the data.
+    "generating": [
+        *EARLIER_DEFAULTS,
+        *GAUSSIAN_CHAINS,
+        "--w-px",
+        "0.1",
+        "--init-noise-frac",
+        "0.1",
+    ],
+    # ... with a p(x) term three times heavier.
+    "generating_px03": [
+        *EARLIER_DEFAULTS,
+        *GAUSSIAN_CHAINS,
+        *("--w-px", "0.3", "--init-noise-frac", "0.1"),
     ],
     "jempp": ["--recipe", "jempp"],
     "jem": ["--recipe", "jem"],
@@ -156,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="a synthetic image folder and two iterations per configuration "
         "(seconds; checks the pipeline, figures meaningless)",
     )
+    p.add_argument(
+        "--judge",
+        default=None,
+        metavar="CHECKPOINT",
+        help="the CE twin's checkpoint that judges the JEM configurations' samples and gives "
+        f"the features of their FID (default: the {JUDGE} configuration's last checkpoint when "
+        "it is among --configs; none otherwise); one judge for several invocations keeps their "
+        "figures comparable",
+    )
     p.add_argument("--list", action="store_true", help="print the configurations and exit")
     return p
 
@@ -214,10 +267,8 @@ def train_argv(name: str, args: argparse.Namespace, data_root: Path, run_dir: Pa
     ]
 
 
-def run_config(
-    name: str, args: argparse.Namespace, data_root: Path, runs: Path, out: Path
-) -> dict[str, Any]:
-    """Train (unless done) and evaluate one configuration; returns its figures."""
+def train_config(name: str, args: argparse.Namespace, data_root: Path, runs: Path) -> None:
+    """Train one configuration (unless done; a longer budget continues it)."""
     run_dir = runs / name
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
@@ -232,21 +283,42 @@ def run_config(
         print("+ python -m jem_ext.train", shlex.join(argv), flush=True)
         if train_main(argv) not in (0, 1):  # 1: diverged, still summarised
             raise RuntimeError(f"{name}: training failed")
-    checkpoint = run_dir / "checkpoints" / "last.pt"
-    if not evaluated(checkpoint, out / name / "report.json"):
-        evaluate(name, args, checkpoint, out / name)
-    return figures(name, run_dir, out / name)
 
 
-def evaluated(checkpoint: Path, report: Path) -> bool:
-    """Whether ``report`` was written after ``checkpoint`` (then it is that checkpoint's)."""
-    return report.is_file() and report.stat().st_mtime > checkpoint.stat().st_mtime
+def evaluate_config(
+    name: str, args: argparse.Namespace, runs: Path, out: Path, judge: Path | None
+) -> dict[str, Any]:
+    """Evaluate one trained configuration (unless done); returns its figures."""
+    checkpoint = runs / name / "checkpoints" / "last.pt"
+    judge = None if name == JUDGE else judge
+    if not evaluated(out / name / "report.json", checkpoint, judge):
+        evaluate(name, args, checkpoint, out / name, judge)
+    return figures(name, runs / name, out / name)
 
 
-def evaluate(name: str, args: argparse.Namespace, checkpoint: Path, eval_dir: Path) -> None:
-    """``python -m jem_ext.eval`` of one configuration's checkpoint into ``eval_dir``."""
-    flags = ["--label", name, *(SMOKE_EVAL_FLAGS if args.smoke else [])]
-    evaluate_checkpoint(checkpoint, eval_dir, EVAL_TASKS, flags)
+def evaluated(report: Path, *inputs: Path | None) -> bool:
+    """Whether ``report`` was written after every input checkpoint (then it is theirs)."""
+    if not report.is_file():
+        return False
+    return all(p is None or report.stat().st_mtime > p.stat().st_mtime for p in inputs)
+
+
+def evaluate(
+    name: str, args: argparse.Namespace, checkpoint: Path, eval_dir: Path, judge: Path | None
+) -> None:
+    """``python -m jem_ext.eval`` of one configuration's checkpoint into ``eval_dir``: fresh
+    chains start where the run's own chains did (``--gen-init``); with a ``judge`` (the CE
+    twin's checkpoint) it also judges the conditional samples and gives the FID in its
+    features."""
+    config = json.loads((checkpoint.parent.parent / "config.json").read_text())
+    flags = ["--label", name, "--gen-init", config.get("init", "uniform")]
+    tasks = EVAL_TASKS
+    if judge is not None:
+        flags += ["--judge", str(judge), "--fid-classifier", str(judge)]
+        flags += [] if args.smoke else JUDGED_EVAL
+        tasks += ",fid"
+    flags += SMOKE_EVAL_FLAGS if args.smoke else []
+    evaluate_checkpoint(checkpoint, eval_dir, tasks, flags)
 
 
 def stopped_short(summary: dict[str, Any], minutes: float) -> bool:
@@ -277,10 +349,27 @@ def figures(name: str, run_dir: Path, eval_dir: Path) -> dict[str, Any]:
         "ece": report["ece"],
         "auroc": {s: {score: report["ood"][s][score] for score in SCORES} for s in OOD_SETS},
         "logpx_mean": report["logpx_mean"],
+        "energy_split_at": summary.get("energy_split_at"),
+        **generation_figures(report),
         "files": sorted(str(Path(name) / f) for f in _png_files(eval_dir)),
     }
     row["target_met"] = target_met(row)
+    row["generating_met"] = generating_met(row)
     return row
+
+
+def generation_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """Where the fresh chains started, how often the model itself and the judge classify the
+    class-conditional samples as their class, and the FIDs (None where not measured)."""
+    gen, fid = report["generation"], report.get("fid") or {}
+    return {
+        "gen_init": gen["init"],
+        "conditional_accuracy": gen["conditional_accuracy"],
+        "judge_conditional_accuracy": gen.get("judge_conditional_accuracy"),
+        "judge_start_accuracy": gen.get("judge_start_accuracy"),
+        "fid_fresh": fid.get("fid"),
+        "fid_buffer": fid.get("fid_buffer"),
+    }
 
 
 def _png_files(folder: Path) -> list[str]:
@@ -297,6 +386,48 @@ def target_met(row: dict[str, Any]) -> bool:
         and auroc is not None
         and auroc >= TARGET_AUROC_UNIFORM
     )
+
+
+def generating_met(row: dict[str, Any]) -> bool:
+    """The generation claim: no energy split and no divergence for the whole run, the judge
+    classifies >= 50 % of the class-conditional samples as their class, test accuracy >= 50 %
+    and AUROC log p(x) vs uniform >= 0.95."""
+    judged = row["judge_conditional_accuracy"]
+    return (
+        target_met(row)
+        and row["energy_split_at"] is None
+        and row["accuracy"] >= TARGET_ACCURACY_GENERATING
+        and judged is not None
+        and judged >= TARGET_JUDGED
+    )
+
+
+def generation_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The generation figures as Markdown lines (the judged rows only)."""
+    judged = [r for r in rows if r["judge_conditional_accuracy"] is not None]
+    if not judged:
+        return []
+    lines = [
+        "",
+        f"Generation, judged by the CE twin ({JUDGE}): class-conditional samples it classifies "
+        "as their class (of the chains' starts in brackets), the model's own rate, FID in the "
+        "twin's features of fresh chains and of the replay buffer against the test split. "
+        f"Target: no energy split, judged >= {TARGET_JUDGED:.0%}, accuracy >= "
+        f"{TARGET_ACCURACY_GENERATING:.0%}, AUROC log p(x) vs uniform >= {TARGET_AUROC_UNIFORM}.",
+        "",
+        "| config | chains start | split at | judged (starts) | own rate | FID fresh | "
+        "FID buffer | target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in judged:
+        split = "-" if r["energy_split_at"] is None else str(r["energy_split_at"])
+        lines.append(
+            f"| {r['config']} | {r['gen_init']} | {split} | "
+            f"{r['judge_conditional_accuracy']:.1%} ({r['judge_start_accuracy']:.1%}) | "
+            f"{r['conditional_accuracy']:.1%} | {_num(r['fid_fresh'], 1)} | "
+            f"{_num(r['fid_buffer'], 1)} | {'yes' if r['generating_met'] else 'no'} |"
+        )
+    return lines
 
 
 def markdown(rows: list[dict[str, Any]], minutes: float | None) -> str:
@@ -325,6 +456,7 @@ def markdown(rows: list[dict[str, Any]], minutes: float | None) -> str:
             f"{r['seconds_per_iteration']:.2f} | {energies} | {r['accuracy']:.1%} | "
             f"{r['ece']:.1%} | " + " | ".join(aurocs) + f" | {'yes' if r['target_met'] else 'no'} |"
         )
+    lines += generation_table(rows)
     lines += [
         "",
         "Per configuration: `<config>/report.md`, log p(x) histograms "
@@ -359,6 +491,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise BenchmarkError(f"--threads: expected >= 1, got {args.threads}")
     if args.jobs < 1:
         raise BenchmarkError(f"--jobs: expected >= 1, got {args.jobs}")
+    if args.judge is not None and not Path(args.judge).is_file():
+        raise BenchmarkError(f"--judge {args.judge}: no such checkpoint file")
     return names
 
 
@@ -380,12 +514,20 @@ def run_all(names: list[str], args: argparse.Namespace, data_root: Path, runs: P
     check_runs(names, args, runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # Every configuration trains first: the CE twin judges the others once it is trained.
+    judge = Path(args.judge) if args.judge else None
+    if judge is None and JUDGE in names:
+        judge = runs / JUDGE / "checkpoints" / "last.pt"
     if args.jobs == 1:
-        rows = [run_config(n, args, data_root, runs, out) for n in names]
+        for n in names:
+            train_config(n, args, data_root, runs)
+        rows = [evaluate_config(n, args, runs, out, judge) for n in names]
     else:  # fresh interpreters: each run sets its own torch thread count
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-            futures = [pool.submit(run_config, n, args, data_root, runs, out) for n in names]
+            for f in [pool.submit(train_config, n, args, data_root, runs) for n in names]:
+                f.result()
+            futures = [pool.submit(evaluate_config, n, args, runs, out, judge) for n in names]
             rows = [f.result() for f in futures]
     minutes = None if args.smoke else args.minutes
     with (out / "results.json").open("w", encoding="utf-8") as f:

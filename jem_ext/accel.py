@@ -1,8 +1,8 @@
 """Speed options (precision, channels-last, compile, CUDA-graph chain) that training and
-evaluation share: the ``speed`` flag group of both command lines (:func:`add_speed_flags`) and
-one small function per option. The trainer applies them to its step context at the seam
-(:func:`jem_ext.training.setup.apply_speed_options`), never inside the step; the evaluation
-wraps its models with them (:mod:`jem_ext.eval.speed`).
+evaluation share: the ``speed`` settings of both command lines (:class:`SpeedOptions`, one
+flag group for both) and one small function per option. The trainer applies them to its step
+context at the seam (:func:`jem_ext.training.setup.apply_speed_options`), never inside the
+step; the evaluation wraps its models with them (:mod:`jem_ext.eval.speed`).
 
 * :func:`autocast_factory` -- ``fp32`` runs as is; ``bf16``/``fp16`` run the network's forward
   and input-gradient (chain and loss) under ``torch.autocast``; the chain state stays float32
@@ -18,20 +18,52 @@ wraps its models with them (:mod:`jem_ext.eval.speed`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .graphs import GraphedChain
-from .sampler import SGLDSampler
+from .sampler import Autocast, SGLDSampler
+from .settings import setting
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-Autocast = Callable[[], AbstractContextManager[Any]]
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """How the network runs, not what it computes: the ``speed`` settings of
+    ``python -m jem_ext.train`` and ``python -m jem_ext.eval`` (one set of names, help texts
+    and defaults; :func:`jem_ext.settings.add_flags` makes them flags)."""
+
+    GROUP = "speed"
+    precision: str = setting(
+        "fp32",
+        "arithmetic of the network's forward and input-gradient (training: the loss and the "
+        "SGLD chain, fp16 with a gradient scaler; evaluation: logits, OOD scores, PGD, SGLD "
+        "chains): bf16 or fp16 autocast; inputs and chain states stay float32, the IS/FID "
+        "network runs in float32",
+        kind="str",
+        choices=PRECISIONS,
+    )
+    channels_last: bool = setting(
+        False,
+        "channels-last (NHWC) layout for a convolutional model's weights, its input and "
+        "the replay buffer",
+    )
+    compile: bool = setting(
+        False,
+        "torch.compile the model (the loss and the SGLD chain both use it, as does every "
+        "evaluation task)",
+    )
+    cuda_graph: bool = setting(
+        False,
+        "capture the K-step SGLD chains (training's, the generation task's) in a CUDA graph "
+        "once per shape and replay them (runs eagerly, with a note, on the CPU)",
+    )
 
 
 def autocast_factory(precision: str, device: torch.device, cache_enabled: bool = True) -> Autocast:
@@ -90,70 +122,18 @@ def batch_independent(model: nn.Module) -> bool:
 
 
 def configure_sampler(
-    sampler: SGLDSampler, cfg: dict[str, Any], device: torch.device
+    sampler: SGLDSampler, speed: SpeedOptions, device: torch.device
 ) -> SGLDSampler:
-    """The sampler's speed options from the config: the chain's autocast (``precision``), a
-    CUDA-graph chain (``cuda_graph``) and a channels-last buffer (``channels_last``, image
-    buffers). Applied wherever a sampler is built, so a rebuilt sampler keeps them."""
-    precision = cfg.get("precision", "fp32")
+    """The sampler's speed options: the chain's autocast (``precision``), a CUDA-graph chain
+    (``cuda_graph``) and a channels-last buffer (``channels_last``, image buffers). Applied
+    wherever a sampler is built, so a rebuilt sampler keeps them."""
+    precision = speed.precision
     sampler.autocast = (
         None if precision == "fp32" else autocast_factory(precision, device, cache_enabled=False)
     )
-    if cfg.get("cuda_graph"):
+    if speed.cuda_graph:
         sampler.chain = GraphedChain()
     buffer = sampler.buffer
-    if cfg.get("channels_last") and buffer is not None and buffer.data.dim() == 4:
+    if speed.channels_last and buffer is not None and buffer.data.dim() == 4:
         buffer.data = buffer.data.contiguous(memory_format=torch.channels_last)
     return sampler
-
-
-def add_speed_flags(group: Any, add: Callable[..., None] | None = None) -> None:
-    """The ``speed`` flag group of ``python -m jem_ext.train`` and ``python -m jem_ext.eval``:
-    ``--precision``, ``--channels-last``, ``--compile`` and ``--cuda-graph``, with one set of
-    names, help texts and defaults for both.
-
-    Args:
-        group: the argument group (or parser) the flags join.
-        add: ``add(group, *names, **kwargs)`` adds one flag (the trainer's parser drops the
-            defaults of a suppressed-defaults parse this way); ``group.add_argument`` otherwise.
-    """
-    if add is None:
-        add = _add_argument
-    add(
-        group,
-        "--precision",
-        choices=PRECISIONS,
-        default="fp32",
-        help="arithmetic of the network's forward and input-gradient (training: the loss and the "
-        "SGLD chain, fp16 with a gradient scaler; evaluation: logits, OOD scores, PGD, SGLD "
-        "chains): bf16 or fp16 autocast; inputs and chain states stay float32, the IS/FID "
-        "network runs in float32",
-    )
-    add(
-        group,
-        "--channels-last",
-        action="store_true",
-        default=False,
-        help="channels-last (NHWC) layout for a convolutional model's weights, its input and "
-        "the replay buffer",
-    )
-    add(
-        group,
-        "--compile",
-        action="store_true",
-        default=False,
-        help="torch.compile the model (the loss and the SGLD chain both use it, as does every "
-        "evaluation task)",
-    )
-    add(
-        group,
-        "--cuda-graph",
-        action="store_true",
-        default=False,
-        help="capture the K-step SGLD chains (training's, the generation task's) in a CUDA graph "
-        "once per shape and replay them (runs eagerly, with a note, on the CPU)",
-    )
-
-
-def _add_argument(group: Any, *names: str, **kwargs: Any) -> None:
-    group.add_argument(*names, **kwargs)

@@ -1,7 +1,8 @@
 """The K-step SGLD chain captured in a CUDA graph once per shape, then replayed.
 
-:class:`GraphedChain` is a drop-in for :func:`jem_ext.sampler.sgld_chain` (same signature; set
-it as ``SGLDSampler.chain``). On the first call for a given key (shapes, dtypes, layout, device,
+:class:`GraphedChain` is a drop-in for :func:`jem_ext.sampler.run_chain` (same signature: the
+model, the chain starts and a :class:`~jem_ext.sampler.ChainSpec`; set it as
+``SGLDSampler.chain``). On the first call for a given key (shapes, dtypes, layout, device,
 chain settings, model, generator, autocast) it captures the whole chain -- K times forward,
 input-gradient, energy and ``sgld_step_`` -- into one ``torch.cuda.CUDAGraph``; later calls copy
 the chain starts into the graph's static input, replay it and return a copy of the result.
@@ -13,7 +14,7 @@ reads the generator's current offset and advances it: every replay draws fresh n
 replay from a given generator state gives what the eager chain gives from that state.
 
 Where a graph cannot be used -- a CPU tensor, a CPU generator for a CUDA chain, or a capture that
-fails -- the chain runs eagerly (:func:`~jem_ext.sampler.sgld_chain`) after a one-line note on
+fails -- the chain runs eagerly (:func:`~jem_ext.sampler.run_chain`) after a one-line note on
 stderr (once per reason).
 """
 
@@ -21,19 +22,16 @@ from __future__ import annotations
 
 import sys
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
-from contextlib import AbstractContextManager
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .sampler import sgld_chain, sgld_steps_
+from .chain import Autocast, ChainSpec, run_chain, sgld_steps_
 
 __all__ = ["GraphedChain", "chain_key", "graph_unavailable"]
-
-Autocast = Callable[[], AbstractContextManager[Any]]
 
 
 def graph_unavailable(x: Tensor, generator: torch.Generator | None) -> str | None:
@@ -50,12 +48,8 @@ def graph_unavailable(x: Tensor, generator: torch.Generator | None) -> str | Non
 def chain_key(
     model: nn.Module,
     x: Tensor,
-    n_steps: int,
-    step_size: float,
-    noise_std: float,
+    spec: ChainSpec,
     y: Tensor | None,
-    clamp: tuple[float, float] | None,
-    grad_clip: float | None,
     generator: torch.Generator | None,
     autocast: Autocast | None,
 ) -> Hashable:
@@ -66,7 +60,6 @@ def chain_key(
     generator and the autocast (captured by reference).
     """
     y_key = None if y is None else (tuple(y.shape), y.dtype)
-    clamp_key = None if clamp is None else (float(clamp[0]), float(clamp[1]))
     return (
         id(model),
         tuple(x.shape),
@@ -74,11 +67,11 @@ def chain_key(
         x.dtype,
         str(x.device),
         y_key,
-        int(n_steps),
-        float(step_size),
-        float(noise_std),
-        clamp_key,
-        None if grad_clip is None else float(grad_clip),
+        int(spec.n_steps),
+        float(spec.step_size),
+        float(spec.noise_std),
+        spec.clamp,
+        None if spec.grad_clip is None else float(spec.grad_clip),
         None if generator is None else id(generator),
         None if autocast is None else id(autocast),
     )
@@ -94,7 +87,7 @@ class _Captured:
 
 
 class GraphedChain:
-    """:func:`~jem_ext.sampler.sgld_chain`, captured in a CUDA graph per key and replayed.
+    """:func:`~jem_ext.sampler.run_chain`, captured in a CUDA graph per key and replayed.
 
     Args:
         warmup: eager runs of the chain (on a scratch copy, on a side stream) before a capture,
@@ -117,33 +110,27 @@ class GraphedChain:
         self,
         model: nn.Module,
         x: Tensor,
-        n_steps: int,
-        step_size: float = 1.0,
-        noise_std: float = 0.01,
+        spec: ChainSpec,
+        *,
         y: Tensor | None = None,
-        clamp: tuple[float, float] | None = None,
-        grad_clip: float | None = None,
         generator: torch.Generator | None = None,
         autocast: Autocast | None = None,
     ) -> Tensor:
-        args = (n_steps, step_size, noise_std)
-        kwargs = dict(y=y, clamp=clamp, grad_clip=grad_clip, generator=generator, autocast=autocast)
+        kwargs = dict(y=y, generator=generator, autocast=autocast)
         reason = graph_unavailable(x, generator)
-        if reason is not None or n_steps == 0:
+        if reason is not None or spec.n_steps == 0:
             if reason is not None:
                 self._note(reason)
-            return sgld_chain(model, x, *args, **kwargs)
+            return run_chain(model, x, spec, **kwargs)
         if y is not None:
             y = y.to(device=x.device, dtype=torch.int64)
-        key = chain_key(
-            model, x, n_steps, step_size, noise_std, y, clamp, grad_clip, generator, autocast
-        )
+        key = chain_key(model, x, spec, y, generator, autocast)
         if key not in self.graphs:
-            self._store(key, self._try_capture(model, x, *args, **{**kwargs, "y": y}))
+            self._store(key, self._try_capture(model, x, spec, y, generator, autocast))
         self.graphs.move_to_end(key)
         entry = self.graphs[key]
         if entry is None:  # the capture failed for this key: eager from now on
-            return sgld_chain(model, x, *args, **kwargs)
+            return run_chain(model, x, spec, **kwargs)
         return self._replay(entry, model, x, y)
 
     # ------------------------------------------------------------------ internals
@@ -177,22 +164,15 @@ class GraphedChain:
         self,
         model: nn.Module,
         x: Tensor,
-        n_steps: int,
-        step_size: float,
-        noise_std: float,
-        *,
+        spec: ChainSpec,
         y: Tensor | None,
-        clamp,
-        grad_clip,
         generator: torch.Generator | None,
         autocast: Autocast | None,
     ) -> _Captured | None:
         was_training = model.training
         model.eval()
         try:
-            return self._capture(
-                model, x, n_steps, step_size, noise_std, y, clamp, grad_clip, generator, autocast
-            )
+            return self._capture(model, x, spec, y, generator, autocast)
         except RuntimeError as err:
             first_line = (str(err).splitlines() or [type(err).__name__])[0]
             self._note(f"capture failed: {first_line}")
@@ -201,11 +181,17 @@ class GraphedChain:
             model.train(was_training)
 
     def _capture(
-        self, model, x, n_steps, step_size, noise_std, y, clamp, grad_clip, generator, autocast
+        self,
+        model: nn.Module,
+        x: Tensor,
+        spec: ChainSpec,
+        y: Tensor | None,
+        generator: torch.Generator | None,
+        autocast: Autocast | None,
     ) -> _Captured:
         static_x = x.detach().clone()
         static_y = None if y is None else y.clone()
-        steps = (n_steps, step_size, noise_std, static_y, clamp, grad_clip, generator, autocast)
+        steps = (spec, static_y, generator, autocast)
         # Warm up on a side stream (as torch.cuda.graphs requires), on a scratch copy; the
         # generator state is restored so the warm-up draws do not shift the chain's noise.
         saved = None if generator is None else generator.get_state()

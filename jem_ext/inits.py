@@ -1,6 +1,7 @@
 """Where fresh SGLD chains start: uniform noise on ``[-1, 1]^D`` (:class:`UniformInit`, JEM)
 or per-class Gaussians fitted to the data (:class:`GaussianInit`, the "informative" init of
-JEM++), and the generator-aware random helpers they and the replay buffer draw with.
+JEM++), a mix of the two (:class:`MixedInit`), and the generator-aware random helpers they and
+the replay buffer draw with.
 
 Nothing here reads a tensor value on the host. Random numbers come from the ``generator``
 argument when one is given (see :mod:`jem_ext.sampler`).
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["INITS", "Initializer", "UniformInit", "GaussianInit"]
+__all__ = ["INITS", "Initializer", "UniformInit", "GaussianInit", "MixedInit"]
 
 # Names of the chain initialisations (:class:`UniformInit`, :class:`GaussianInit`).
 INITS = ("uniform", "gaussian")
@@ -290,9 +291,81 @@ class GaussianInit:
         return f"GaussianInit(num_classes={self.num_classes}, sample_shape={self.sample_shape})"
 
 
+class MixedInit:
+    """Chains from ``informative`` (e.g. per-class Gaussians), each of them started from
+    ``noise`` instead with probability ``noise_frac``.
+
+    Chains that start near the data reach it in a few SGLD steps, but a model trained only on
+    such negatives never sees noise as one and may rate it likelier than the data; the noise
+    chains keep it shown. Each chain's choice is drawn with ``generator``.
+
+    Args:
+        informative: the main initializer.
+        noise: the initializer of the noise chains (``UniformInit`` on the data range).
+        noise_frac: probability that a chain starts from ``noise``, in ``[0, 1]``.
+    """
+
+    def __init__(self, informative: Any, noise: UniformInit, noise_frac: float) -> None:
+        if not 0.0 <= noise_frac <= 1.0:
+            raise ValueError(f"MixedInit: noise_frac must be in [0, 1], got {noise_frac}")
+        self.informative = informative
+        self.noise = noise
+        self.noise_frac = float(noise_frac)
+
+    @property
+    def num_classes(self) -> int:
+        return self.informative.num_classes
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.informative.sample_shape
+
+    def __call__(
+        self,
+        n: int,
+        sample_shape: Sequence[int] | None = None,
+        y: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        device: Any = None,
+    ) -> Tensor:
+        """``n`` chains' starts: the informative init's, a ``noise_frac`` share replaced."""
+        x = self.informative(n, sample_shape, y=y, generator=generator, device=device)
+        u = self.noise(n, x.shape[1:], generator=generator, device=x.device)
+        pick = _rand((n,), generator, x.device) < self.noise_frac
+        return torch.where(pick.view(n, *([1] * (x.dim() - 1))), u, x)
+
+    def to(self, device: Any) -> MixedInit:
+        """Move the informative init's parameters to ``device``; returns self."""
+        if hasattr(self.informative, "to"):
+            self.informative.to(device)
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"kind": "mixed", "noise_frac", "informative", "noise"}`` (nested states)."""
+        return {
+            "kind": "mixed",
+            "noise_frac": self.noise_frac,
+            "informative": self.informative.state_dict(),
+            "noise": self.noise.state_dict(),
+        }
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.informative.load_state_dict(d["informative"])
+        self.noise.load_state_dict(d["noise"])
+        self.noise_frac = float(d["noise_frac"])
+
+    def __repr__(self) -> str:
+        return f"MixedInit({self.informative!r}, {self.noise!r}, noise_frac={self.noise_frac})"
+
+
 def _init_from_state(d: dict[str, Any] | None):
     if d is None:
         return None
+    if d.get("kind") == "mixed":
+        return MixedInit(
+            _init_from_state(d["informative"]), _init_from_state(d["noise"]), d["noise_frac"]
+        )
     if d.get("kind") == "uniform":
         return UniformInit(d["low"], d["high"])
     if d.get("kind") == "gaussian":

@@ -17,8 +17,10 @@ With logits ``f(x)``, ``E(x) = -logsumexp_y f(x)[y]`` and ``E(x, y) = -f(x)[y]``
 diverging runs. The logsumexp of the data logits is taken once (``ops.energy_ce``), and
 ``E(x, y) = E(x) + CE`` reuses it.
 
-Each objective is one small function ``(BatchTerms, Weights) -> Loss`` in a table keyed by
-its name. :func:`jem_loss` runs the forwards and computes the terms the objectives share once
+The objective and its weights are one :class:`Objective`, a data batch one :class:`Batch`.
+Each objective is one small function ``(BatchTerms, Objective) -> Loss`` in a table keyed by
+its name. :func:`batch_loss` (the trainer's call; :func:`jem_loss` is its keyword form) runs
+the forwards and computes the terms the objectives share once
 (:class:`BatchTerms`: cross-entropy, data energies), the chosen function adds its own (the
 sample energies, the contrastive ``p(x)`` term and its L2 penalty, :func:`_contrastive`), and
 the logged terms travel to the host in one read; a term an objective does not have is NaN in
@@ -37,18 +39,37 @@ from torch import Tensor, nn
 
 from . import ops
 
-__all__ = ["OBJECTIVES", "BatchTerms", "Loss", "Weights", "jem_loss"]
+__all__ = ["OBJECTIVES", "Batch", "BatchTerms", "Loss", "Objective", "batch_loss", "jem_loss"]
 
 _TERM_NAMES = ("loss", "ce", "px", "energy_data", "energy_sample", "accuracy")
 
 
 @dataclass(frozen=True)
-class Weights:
-    """The weights of an objective's terms (see the module docstring)."""
+class Objective:
+    """An objective and the weights of its terms (see the module docstring).
 
+    Attributes:
+        name: "jem", "factored" or "ce".
+        w_px: weight of the ``p(x)`` (or ``p(x | y)``) term.
+        w_pyx: weight of the cross-entropy term.
+        l2_energy: weight of the squared-energy penalty.
+    """
+
+    name: str = "jem"
     w_px: float = 1.0
     w_pyx: float = 1.0
     l2_energy: float = 0.0
+
+
+@dataclass
+class Batch:
+    """A data batch: inputs, labels, which labels the CE term may use (None: all), and the
+    inputs of the p(x) term when they differ from ``x`` (the batch before augmentation)."""
+
+    x: Tensor
+    y: Tensor
+    labeled: Tensor | None = None
+    x_px: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -89,7 +110,7 @@ def _contrastive(
     e_d_mean: Tensor,
     e_q: Tensor,
     mask: Tensor | None,
-    w: Weights,
+    w: Objective,
 ) -> Loss:
     """``loss + w_px * (E_data.mean() - E_q.mean())``, plus
     ``l2_energy * (mean(E_data^2) + mean(E_q^2))`` when ``l2_energy`` is set; the data means
@@ -102,12 +123,12 @@ def _contrastive(
     return Loss(total, e_d_mean, px, e_q_mean)
 
 
-def _ce_loss(t: BatchTerms, w: Weights) -> Loss:
+def _ce_loss(t: BatchTerms, w: Objective) -> Loss:
     """Plain classifier: ``w_pyx * CE``."""
     return Loss(w.w_pyx * t.ce_mean, t.e_data.mean())
 
 
-def _jem_loss(t: BatchTerms, w: Weights) -> Loss:
+def _jem_loss(t: BatchTerms, w: Objective) -> Loss:
     """``log p(y | x) + log p(x)``: ``w_pyx * CE + w_px * (E(x) - E(x_q))`` (+ L2)."""
     ce = w.w_pyx * t.ce_mean
     e_d_mean = t.e_px.mean()
@@ -116,7 +137,7 @@ def _jem_loss(t: BatchTerms, w: Weights) -> Loss:
     return _contrastive(ce, t.e_px, e_d_mean, _widen(ops.energy(t.logits_q)), None, w)
 
 
-def _factored_loss(t: BatchTerms, w: Weights) -> Loss:
+def _factored_loss(t: BatchTerms, w: Objective) -> Loss:
     """``log p(x | y)`` alone: ``w_px * (E(x, y) - E(x_q, y_q))`` (+ L2), data on labeled rows."""
     assert t.logits_q is not None  # the only term needs samples (see _checked_labels)
     e_d = t.e_px + t.ce_px  # E(x, y) = -f(x)[y] = E(x) + CE
@@ -124,18 +145,18 @@ def _factored_loss(t: BatchTerms, w: Weights) -> Loss:
     return _contrastive(None, e_d, _masked_mean(e_d, t.labeled), e_q, t.labeled, w)
 
 
-class _Objective(NamedTuple):
+class _Entry(NamedTuple):
     """An entry of the objective table."""
 
-    loss: Callable[[BatchTerms, Weights], Loss]
+    loss: Callable[[BatchTerms, Objective], Loss]
     generative: bool  # has a p(x) term: forwards the samples and the x_px batch
     conditional: bool = False  # samples x_q carry labels y_q; its only term needs them
 
 
-_OBJECTIVES: dict[str, _Objective] = {
-    "jem": _Objective(_jem_loss, generative=True),
-    "factored": _Objective(_factored_loss, generative=True, conditional=True),
-    "ce": _Objective(_ce_loss, generative=False),
+_OBJECTIVES: dict[str, _Entry] = {
+    "jem": _Entry(_jem_loss, generative=True),
+    "factored": _Entry(_factored_loss, generative=True, conditional=True),
+    "ce": _Entry(_ce_loss, generative=False),
 }
 
 OBJECTIVES = tuple(_OBJECTIVES)
@@ -163,7 +184,8 @@ def jem_loss(
     joint_forward: bool = False,
     x_px: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """The JEM loss of one batch and its terms.
+    """The JEM loss of one batch and its terms: :func:`batch_loss` with its arguments spelled
+    out.
 
     Args:
         model: classifier; ``model(x)`` gives logits ``[B, C]``.
@@ -194,8 +216,31 @@ def jem_loss(
     Raises:
         ValueError: unknown objective, missing ``x_q``, or shape mismatches.
     """
-    y, labeled = _checked_labels(objective, x, y, labeled, x_q, w_px, y_q, x_px)
-    spec = _OBJECTIVES[objective]
+    return batch_loss(
+        model,
+        Batch(x, y, labeled, x_px),
+        Objective(objective, w_px, w_pyx, l2_energy),
+        x_q=x_q,
+        y_q=y_q,
+        joint_forward=joint_forward,
+    )
+
+
+def batch_loss(
+    model: nn.Module,
+    batch: Batch,
+    objective: Objective,
+    x_q: Tensor | None = None,
+    y_q: Tensor | None = None,
+    joint_forward: bool = False,
+) -> tuple[Tensor, dict[str, float]]:
+    """The loss of ``objective`` on ``batch`` with the samples ``x_q`` (labels ``y_q`` for the
+    factored objective, default ``batch.y``), and its terms; see :func:`jem_loss`."""
+    x, x_px = batch.x, batch.x_px
+    y, labeled = _checked_labels(
+        objective.name, x, batch.y, batch.labeled, x_q, objective.w_px, y_q, x_px
+    )
+    spec = _OBJECTIVES[objective.name]
     logits, logits_q = _forward(model, x, x_q if spec.generative else None, joint_forward)
     e_data, ce = ops.energy_ce(logits, y)  # E(x) = -lse, ce = lse - f(x)[y]
     e_data, ce = _widen(e_data), _widen(ce)  # half logits (autocast): terms in float32
@@ -211,7 +256,7 @@ def jem_loss(
         logits_q=logits_q,
         y_q=y if y_q is None else y_q.to(x.device, torch.int64),
     )
-    out = spec.loss(shared, Weights(w_px, w_pyx, l2_energy))
+    out = spec.loss(shared, objective)
     nan = torch.full((), math.nan, dtype=e_data.dtype, device=logits.device)
     terms = torch.stack(
         [

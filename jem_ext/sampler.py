@@ -7,7 +7,9 @@ The pieces, in the order the paper's algorithm uses them:
   Gaussians, or the persistent contrastive-divergence buffer.
 * :func:`sgld_chain` -- ``n_steps`` of ``x <- x - s * dE/dx + sigma * N(0, I)`` (optionally with
   the gradient clipped and ``x`` clamped: the proximal SGLD of JEM++), with the energy
-  ``E(x) = -logsumexp f(x)`` or ``E(x, y) = -f(x)[y]`` of :mod:`jem_ext.ops`.
+  ``E(x) = -logsumexp f(x)`` or ``E(x, y) = -f(x)[y]`` of :mod:`jem_ext.ops`; its settings as
+  one :class:`ChainSpec` (defined in :mod:`jem_ext.chain` with JEM's defaults and
+  :func:`run_chain`, re-exported here).
 * :class:`SGLDSampler` -- buffer (or short-run init) + chain + write-back, with a state dict.
 
 Everything that runs per step or per batch stays on the model's device and never reads a tensor
@@ -20,184 +22,49 @@ CUDA buffer, at the cost of host-to-device copies of the random draws).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from .chain import (
+    DEFAULT_CLAMP,
+    DEFAULT_N_STEPS,
+    DEFAULT_NOISE_STD,
+    DEFAULT_STEP_SIZE,
+    PROXIMAL_GRAD_CLIP,
+    Autocast,
+    ChainSpec,
+    model_device,
+    run_chain,
+    sample_from_noise,
+    sgld_chain,
+    sgld_steps_,
+)
+from .inits import MixedInit
 from .replay import INITS, GaussianInit, Initializer, ReplayBuffer, UniformInit, _init_from_state
 
-# JEM's chain (the reference code's settings for images in [-1, 1]): the one home of these
-# defaults for the sampler, the evaluation and a loaded run.
-DEFAULT_N_STEPS = 20
-DEFAULT_STEP_SIZE = 1.0
-DEFAULT_NOISE_STD = 0.01
-DEFAULT_CLAMP = (-1.0, 1.0)
-
 __all__ = [
+    "DEFAULT_CLAMP",
+    "DEFAULT_NOISE_STD",
+    "DEFAULT_N_STEPS",
+    "DEFAULT_STEP_SIZE",
+    "PROXIMAL_GRAD_CLIP",
+    "Autocast",
+    "ChainSpec",
     "INITS",
     "Initializer",
     "UniformInit",
     "GaussianInit",
+    "MixedInit",
     "ReplayBuffer",
     "SGLDSampler",
+    "run_chain",
     "sgld_chain",
     "sgld_steps_",
     "sample_from_noise",
 ]
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
-# ------------------------------------------------------------------------ chain
-
-
-def sgld_chain(
-    model: nn.Module,
-    x: Tensor,
-    n_steps: int,
-    step_size: float = DEFAULT_STEP_SIZE,
-    noise_std: float = DEFAULT_NOISE_STD,
-    y: Tensor | None = None,
-    clamp: tuple[float, float] | None = None,
-    grad_clip: float | None = None,
-    generator: torch.Generator | None = None,
-    autocast: Callable[[], AbstractContextManager[Any]] | None = None,
-) -> Tensor:
-    """Run ``n_steps`` SGLD steps on the energy of ``model`` from ``x``; returns a detached tensor.
-
-    Each step: ``E = ops.energy(model(x), y)``, ``g = dE/dx`` by ``torch.autograd.grad`` (no
-    parameter ``.grad`` is touched, no graph retained), then
-    ``ops.sgld_step_(x, g, step_size, noise_std, *clamp, grad_clip, generator)``. ``x`` itself is
-    not modified (the chain runs on a copy). The model is in eval mode during the chain and its
-    previous mode is restored afterwards. The loop never reads tensor values on the host.
-
-    Args:
-        model: maps ``[B, *shape]`` to logits ``[B, C]``.
-        x: chain starts.
-        n_steps: number of steps (0 returns a copy of ``x``).
-        step_size: ``s`` in ``x - s * dE/dx``.
-        noise_std: standard deviation of the added Gaussian noise.
-        y: int64 ``[B]`` labels for the class-conditional energy ``E(x, y) = -f(x)[y]``.
-            A label out of range raises on the CPU; on CUDA its chain turns NaN and
-            :func:`jem_ext.ops.raise_label_errors` raises later (the chain never syncs).
-        clamp: ``(lo, hi)`` bounds applied after each step, or None.
-        grad_clip: clip ``dE/dx`` element-wise to ``[-grad_clip, grad_clip]``, or None.
-        generator: generator for the noise (on ``x``'s device).
-        autocast: returns the context manager the forward and input-gradient run in (mixed
-            precision); the chain state ``x`` keeps its dtype. None: full precision.
-    """
-    if n_steps < 0:
-        raise ValueError(f"sgld_chain: n_steps must be >= 0, got {n_steps}")
-    if y is not None:
-        y = y.to(device=x.device, dtype=torch.int64)
-    was_training = model.training
-    model.eval()
-    x = x.detach().clone()
-    try:
-        sgld_steps_(
-            model, x, n_steps, step_size, noise_std, y, clamp, grad_clip, generator, autocast
-        )
-    finally:
-        model.train(was_training)
-    return x
-
-
-def sgld_steps_(
-    model: nn.Module,
-    x: Tensor,
-    n_steps: int,
-    step_size: float,
-    noise_std: float,
-    y: Tensor | None,
-    clamp: tuple[float, float] | None,
-    grad_clip: float | None,
-    generator: torch.Generator | None,
-    autocast: Callable[[], AbstractContextManager[Any]] | None = None,
-) -> Tensor:
-    """The body of :func:`sgld_chain`: ``n_steps`` SGLD steps on ``x`` in place (model mode as
-    given, ``y`` already on ``x``'s device). Nothing here reads the host, so the loop can be
-    captured in a CUDA graph (:mod:`jem_ext.graphs`)."""
-    lo, hi = (None, None) if clamp is None else (float(clamp[0]), float(clamp[1]))
-    precision = nullcontext if autocast is None else autocast
-    with torch.enable_grad():
-        for _ in range(n_steps):
-            xg = x.detach().requires_grad_(True)
-            with precision():
-                e = ops.energy(model(xg), y)
-            (g,) = torch.autograd.grad(e.sum(), [xg])
-            with torch.no_grad():
-                ops.sgld_step_(x, g.to(x.dtype), step_size, noise_std, lo, hi, grad_clip, generator)
-    return x
-
-
-def sample_from_noise(
-    model: nn.Module,
-    n: int,
-    shape: Sequence[int],
-    n_steps: int,
-    step_size: float = DEFAULT_STEP_SIZE,
-    noise_std: float = DEFAULT_NOISE_STD,
-    *,
-    y: Tensor | None = None,
-    clamp: tuple[float, float] | None = None,
-    grad_clip: float | None = None,
-    seed: int = 0,
-    batch_size: int = 256,
-    on_batch: Callable[[int], None] | None = None,
-    autocast: Callable[[], AbstractContextManager[Any]] | None = None,
-    chain: Callable[..., Tensor] | None = None,
-) -> Tensor:
-    """``n`` samples from fresh SGLD chains started at U(-1, 1)^shape; returned on the CPU.
-
-    The one "chain from uniform noise" of the package (sample grids during training, the
-    evaluation's generation task). Deterministic in ``seed`` on a given device: the starts are
-    drawn on the CPU, the chains' noise from a generator on the model's device seeded with
-    ``seed``. Chains run ``batch_size`` at a time; ``on_batch(k)`` is called after each batch of
-    ``k`` chains (e.g. a progress bar's ``update``). With ``y`` (int64 ``[n]``), chain ``i``
-    follows ``E(x, y_i)``. ``chain`` replaces :func:`sgld_chain` (e.g. a
-    :class:`jem_ext.graphs.GraphedChain`). Other arguments as in :func:`sgld_chain`.
-    """
-    if n < 0 or batch_size < 1:
-        raise ValueError(
-            f"sample_from_noise: need n >= 0 and batch_size >= 1, got {n}, {batch_size}"
-        )
-    device = _model_device(model)
-    starts = torch.Generator().manual_seed(seed)
-    x0 = torch.rand((n, *shape), generator=starts) * 2 - 1
-    noise = torch.Generator(device=device).manual_seed(seed)
-    out = []
-    for s in range(0, n, batch_size):
-        yb = None if y is None else y[s : s + batch_size].to(device)
-        xb = x0[s : s + batch_size].to(device)
-        run = sgld_chain if chain is None else chain
-        out.append(
-            run(
-                model,
-                xb,
-                n_steps,
-                step_size,
-                noise_std,
-                y=yb,
-                clamp=clamp,
-                grad_clip=grad_clip,
-                generator=noise,
-                autocast=autocast,
-            ).cpu()
-        )
-        if yb is not None:  # class-conditional chains: their labels' deferred check (CUDA)
-            ops.raise_label_errors(device)
-        if on_batch is not None:
-            on_batch(len(xb))
-    return torch.cat(out) if out else x0
 
 
 # ---------------------------------------------------------------------- sampler
@@ -210,6 +77,7 @@ class SGLDSampler:
         n_steps, step_size, noise_std, clamp, grad_clip: chain settings (see :func:`sgld_chain`);
             JEM: 20, 1.0, 0.01, None, None; proximal SGLD (JEM++): ``grad_clip`` set and
             ``clamp=(-1, 1)``, typically 5 to 10 steps.
+        spec: the chain settings as one :class:`ChainSpec` (replaces the five above).
         buffer: a :class:`ReplayBuffer`, or None for short-run sampling from ``init``.
         init: initializer for short-run mode (default ``UniformInit(-1, 1)``); ignored when a
             buffer is given (the buffer has its own).
@@ -217,7 +85,9 @@ class SGLDSampler:
         sample_shape: shape of one sample; needed in short-run mode unless ``init`` knows it
             (a :class:`GaussianInit` does).
 
-    Attributes ``chain`` (a callable with :func:`sgld_chain`'s signature, e.g. a
+    The chain settings are the attribute ``spec``; ``n_steps``, ``step_size``, ``noise_std``,
+    ``clamp`` and ``grad_clip`` read (and set) its fields. Attributes ``chain`` (a callable with
+    :func:`run_chain`'s signature, e.g. a
     :class:`jem_ext.graphs.GraphedChain`) and ``autocast`` (see :func:`sgld_chain`) choose how
     the chain runs; they are not part of the state dict.
     """
@@ -233,7 +103,12 @@ class SGLDSampler:
         init: Initializer | None = None,
         conditional: bool = False,
         sample_shape: Sequence[int] | None = None,
+        *,
+        spec: ChainSpec | None = None,
     ) -> None:
+        if spec is not None:
+            n_steps, step_size, noise_std = spec.n_steps, spec.step_size, spec.noise_std
+            clamp, grad_clip = spec.clamp, spec.grad_clip
         if n_steps < 0:
             raise ValueError(f"SGLDSampler: n_steps must be >= 0, got {n_steps}")
         if noise_std < 0:
@@ -242,11 +117,13 @@ class SGLDSampler:
             raise ValueError(f"SGLDSampler: grad_clip must be > 0, got {grad_clip}")
         if clamp is not None and not clamp[0] < clamp[1]:
             raise ValueError(f"SGLDSampler: clamp must be (lo, hi) with lo < hi, got {clamp}")
-        self.n_steps = int(n_steps)
-        self.step_size = float(step_size)
-        self.noise_std = float(noise_std)
-        self.clamp = None if clamp is None else (float(clamp[0]), float(clamp[1]))
-        self.grad_clip = None if grad_clip is None else float(grad_clip)
+        self.spec = ChainSpec(
+            int(n_steps),
+            float(step_size),
+            float(noise_std),
+            clamp,
+            None if grad_clip is None else float(grad_clip),
+        )
         self.buffer = buffer
         if buffer is not None:
             self.init = buffer.init  # the buffer re-initialises its own chains
@@ -256,15 +133,25 @@ class SGLDSampler:
         if sample_shape is None:
             if buffer is not None:
                 sample_shape = buffer.sample_shape
-            elif isinstance(self.init, GaussianInit):
-                sample_shape = self.init.sample_shape
+            else:  # fitted initializers know it; uniform noise does not
+                sample_shape = getattr(self.init, "sample_shape", None)
         self.sample_shape = None if sample_shape is None else tuple(int(s) for s in sample_shape)
         if buffer is None and self.sample_shape is None:
             raise ValueError("SGLDSampler: short-run mode (no buffer) needs sample_shape")
         # How the chain runs, not what it computes (set by jem_ext.accel): the chain
         # function (sgld_chain, or a CUDA-graph replay of it) and the autocast of its forwards.
-        self.chain: Callable[..., Tensor] = sgld_chain
-        self.autocast: Callable[[], AbstractContextManager[Any]] | None = None
+        self.chain: Callable[..., Tensor] = run_chain
+        self.autocast: Autocast | None = None
+
+    # The chain's settings, one field of ``spec`` each (library code sets them one by one).
+    n_steps = property(lambda self: self.spec.n_steps, lambda self, v: self._set(n_steps=v))
+    step_size = property(lambda self: self.spec.step_size, lambda self, v: self._set(step_size=v))
+    noise_std = property(lambda self: self.spec.noise_std, lambda self, v: self._set(noise_std=v))
+    clamp = property(lambda self: self.spec.clamp, lambda self, v: self._set(clamp=v))
+    grad_clip = property(lambda self: self.spec.grad_clip, lambda self, v: self._set(grad_clip=v))
+
+    def _set(self, **changes: Any) -> None:
+        self.spec = replace(self.spec, **changes)
 
     def sample(
         self,
@@ -279,7 +166,7 @@ class SGLDSampler:
         from ``init``. ``y`` (int64 ``[batch_size]``) is required for a conditional sampler or a
         class-split buffer.
         """
-        device = _model_device(model)
+        device = model_device(model)
         if y is not None:
             y = y.to(device)
         if self.conditional and y is None:
@@ -295,12 +182,8 @@ class SGLDSampler:
         x_q = self.chain(
             model,
             x0,
-            self.n_steps,
-            self.step_size,
-            self.noise_std,
+            self.spec,
             y=y if self.conditional else None,
-            clamp=self.clamp,
-            grad_clip=self.grad_clip,
             generator=generator,
             autocast=self.autocast,
         )
@@ -337,11 +220,13 @@ class SGLDSampler:
                 + " replay buffer but this one "
                 + ("has" if self.buffer is not None else "has none")
             )
-        self.n_steps = int(d["n_steps"])
-        self.step_size = float(d["step_size"])
-        self.noise_std = float(d["noise_std"])
-        self.clamp = None if d["clamp"] is None else (float(d["clamp"][0]), float(d["clamp"][1]))
-        self.grad_clip = None if d["grad_clip"] is None else float(d["grad_clip"])
+        self.spec = ChainSpec(
+            int(d["n_steps"]),
+            float(d["step_size"]),
+            float(d["noise_std"]),
+            None if d["clamp"] is None else (d["clamp"][0], d["clamp"][1]),
+            None if d["grad_clip"] is None else float(d["grad_clip"]),
+        )
         self.conditional = bool(d["conditional"])
         if d.get("sample_shape") is not None:
             self.sample_shape = tuple(d["sample_shape"])
@@ -349,8 +234,9 @@ class SGLDSampler:
             self.buffer.load_state_dict(d["buffer"])
         init = _init_from_state(d.get("init"))
         if init is not None:
-            if isinstance(self.init, GaussianInit):
-                init.to(self.init.mean.device)
+            fitted = getattr(self.init, "informative", self.init)
+            if isinstance(fitted, GaussianInit):
+                init.to(fitted.mean.device)
             self.init = init
             if self.buffer is not None:
                 self.buffer.init = init

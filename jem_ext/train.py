@@ -46,16 +46,24 @@ from __future__ import annotations
 import sys
 
 from .training.cli import main, prepare
-from .training.config import ConfigError, build_parser, config_from_args, default_config
+from .training.config import (
+    ConfigError,
+    RunConfig,
+    build_parser,
+    config_from_args,
+    default_config,
+)
 from .training.guard import DivergenceGuard, TrainingDiverged
-from .training.loop import accuracy, learning_rate, train
+from .training.loop import accuracy, learning_rate
 from .training.setup import build_run, load_data, make_optimizer, make_sampler
 from .training.state import RunState
 from .training.step import StepContext, train_step
+from .training.trainer import train
 
 __all__ = [
     "ConfigError",
     "DivergenceGuard",
+    "RunConfig",
     "RunState",
     "StepContext",
     "TrainingDiverged",

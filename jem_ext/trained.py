@@ -44,7 +44,8 @@ from .sampler import (
     DEFAULT_N_STEPS,
     DEFAULT_NOISE_STD,
     DEFAULT_STEP_SIZE,
-    sgld_chain,
+    ChainSpec,
+    run_chain,
 )
 
 __all__ = ["Chain", "InputError", "Scores", "Trained", "load"]
@@ -54,15 +55,7 @@ class InputError(ValueError):
     """An input that cannot be read or does not fit the model; the message names it."""
 
 
-@dataclass(frozen=True)
-class Chain:
-    """The SGLD chain settings samples are drawn with (the run's sampler's)."""
-
-    n_steps: int
-    step_size: float
-    noise_std: float
-    clamp: tuple[float, float] | None
-    grad_clip: float | None
+Chain = ChainSpec  # the SGLD chain samples are drawn with (the run's sampler's)
 
 
 @dataclass
@@ -92,18 +85,18 @@ def _default_device(config: dict[str, Any]) -> torch.device:
     return torch.device("cpu")
 
 
-def _chain_of(state: dict[str, Any]) -> Chain:
+def _chain_of(state: dict[str, Any]) -> ChainSpec:
     """The chain settings recorded by the checkpoint's sampler (jem_ext.sampler's JEM
     defaults when it has none: a CE-only run)."""
     s = state.get("sampler") if isinstance(state.get("sampler"), dict) else {}
     cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
     steps = s.get("n_steps", cfg.get("sgld_steps") or DEFAULT_N_STEPS)
     clamp = s["clamp"] if "clamp" in s else DEFAULT_CLAMP
-    return Chain(
+    return ChainSpec(
         n_steps=int(steps),
         step_size=float(s.get("step_size", DEFAULT_STEP_SIZE)),
         noise_std=float(s.get("noise_std", DEFAULT_NOISE_STD)),
-        clamp=None if clamp is None else (float(clamp[0]), float(clamp[1])),
+        clamp=None if clamp is None else (clamp[0], clamp[1]),
         grad_clip=None if s.get("grad_clip") is None else float(s["grad_clip"]),
     )
 
@@ -308,22 +301,10 @@ class Trained:
         labels = self._labels(y, n)
         gen = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         x0 = self._starts(n, labels, from_buffer, gen)
-        out = []
+        chain, out = self.chain.with_steps(steps), []
         for s in range(0, n, batch_size):
             yb = None if labels is None else labels[s : s + batch_size]
-            out.append(
-                sgld_chain(
-                    self.model,
-                    x0[s : s + batch_size],
-                    steps,
-                    self.chain.step_size,
-                    self.chain.noise_std,
-                    y=yb,
-                    clamp=self.chain.clamp,
-                    grad_clip=self.chain.grad_clip,
-                    generator=gen,
-                )
-            )
+            out.append(run_chain(self.model, x0[s : s + batch_size], chain, y=yb, generator=gen))
         return torch.cat(out) if out else x0
 
     def _starts(

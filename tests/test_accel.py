@@ -14,8 +14,8 @@ from jem_ext import accel, objectives
 from jem_ext import train as jtrain
 from jem_ext.graphs import GraphedChain
 from jem_ext.models import build_model
-from jem_ext.sampler import ReplayBuffer, SGLDSampler, sgld_chain
-from jem_ext.training.config import default_config
+from jem_ext.sampler import ReplayBuffer, SGLDSampler, run_chain, sgld_chain
+from jem_ext.training.config import config_from_mapping
 from jem_ext.training.setup import build_run, make_sampler
 from jem_ext.training.step import Batch, train_step
 
@@ -31,8 +31,7 @@ TINY = {
 
 
 def _tiny_run(tmp_path, **over):
-    cfg = {**default_config(), **TINY, "out": str(tmp_path / "run"), **over}
-    return build_run(cfg)
+    return build_run(config_from_mapping({**TINY, "out": str(tmp_path / "run"), **over}))
 
 
 def _batch(run, n=16):
@@ -77,7 +76,7 @@ def test_half_precision_training_step(tmp_path, precision):
     run = _tiny_run(tmp_path, precision=precision)
     assert (run.ctx.scaler is not None) == (precision == "fp16")
     before = [p.detach().clone() for p in run.ctx.model_for_chain.parameters()]
-    terms, x_q = train_step(run.ctx, _batch(run), run.weights)
+    terms, x_q = train_step(run.ctx, _batch(run), run.objective)
     assert x_q.dtype == torch.float32 and run.ctx.sampler.buffer.data.dtype == torch.float32
     assert all(isinstance(v, float) for v in terms.values())
     assert all(torch.isfinite(torch.tensor(v)) for k, v in terms.items())
@@ -102,7 +101,7 @@ def test_channels_last_model_input_and_buffer(tmp_path):
     reference = _tiny_run(tmp_path / "ref").ctx.model_for_chain
     torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
     assert seen and all(seen)
-    train_step(run.ctx, _batch(run), run.weights)  # the step runs in this layout
+    train_step(run.ctx, _batch(run), run.objective)  # the step runs in this layout
 
 
 def test_channels_last_needs_a_convolutional_model(tmp_path, capsys):
@@ -195,7 +194,7 @@ NOT_DEVICE_READS = (str(Path(torch.optim.__file__).parent),)
 def test_iteration_reads_the_host_once(tmp_path, monkeypatch, over):
     run = _tiny_run(tmp_path, **over)
     batch = _batch(run)
-    train_step(run.ctx, batch, run.weights)  # first step outside the count (lazy set-up)
+    train_step(run.ctx, batch, run.objective)  # first step outside the count (lazy set-up)
     counts = {name: 0 for name in HOST_READS}
     for name in HOST_READS:
         original = getattr(torch.Tensor, name)
@@ -207,7 +206,7 @@ def test_iteration_reads_the_host_once(tmp_path, monkeypatch, over):
             return _orig(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    train_step(run.ctx, batch, run.weights)
+    train_step(run.ctx, batch, run.objective)
     monkeypatch.undo()
     assert counts == {**{n: 0 for n in HOST_READS}, "tolist": 1}
 
@@ -267,12 +266,12 @@ def test_cuda_graph_flag_trains_on_cpu_with_a_note(tmp_path, capsys):
 def test_cuda_training_step_syncs_once(tmp_path):
     run = _tiny_run(tmp_path, device="cuda", precision="bf16", cuda_graph=True)
     batch = _batch(run)
-    train_step(run.ctx, batch, run.weights)
+    train_step(run.ctx, batch, run.objective)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with pytest.warns(UserWarning) as record:
-            train_step(run.ctx, batch, run.weights)
+            train_step(run.ctx, batch, run.objective)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in record if "synchroniz" in str(w.message)]
@@ -286,17 +285,18 @@ def test_rebuilt_sampler_keeps_the_speed_options(tmp_path):
         assert isinstance(sampler.chain, GraphedChain) and sampler.autocast is not None
         assert sampler.buffer.data.is_contiguous(memory_format=torch.channels_last)
     plain = make_sampler(
-        {**run.cfg, "precision": "fp32", "cuda_graph": False, "channels_last": False},
+        run.cfg.replace(precision="fp32", cuda_graph=False, channels_last=False),
         run.data.train,
         run.device,
     )
-    assert plain.chain is sgld_chain and plain.autocast is None
+    assert plain.chain is run_chain and plain.autocast is None
 
 
 def test_replay_buffer_channels_last_state_round_trip():
     buf = ReplayBuffer(10, (1, 4, 4))
     sampler = SGLDSampler(buffer=buf, n_steps=1)
-    accel.configure_sampler(sampler, {"channels_last": True}, torch.device("cpu"))
+    speed = accel.SpeedOptions(channels_last=True)
+    accel.configure_sampler(sampler, speed, torch.device("cpu"))
     assert buf.data.is_contiguous(memory_format=torch.channels_last)
     saved = sampler.state_dict()
     fresh = SGLDSampler(buffer=ReplayBuffer(10, (1, 4, 4)), n_steps=1)
@@ -312,6 +312,6 @@ def test_replay_buffer_channels_last_state_round_trip():
 def test_cuda_training_steps_with_speed_options(tmp_path, over):
     run = _tiny_run(tmp_path, device="cuda", **over)
     for _ in range(3):
-        terms, x_q = train_step(run.ctx, _batch(run), run.weights)
+        terms, x_q = train_step(run.ctx, _batch(run), run.objective)
     assert x_q.is_cuda and x_q.dtype == torch.float32
     assert all(torch.isfinite(torch.tensor(v)) for v in terms.values())

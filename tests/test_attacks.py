@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from jem_ext.chain import ChainSpec
 from jem_ext.eval.attacks import SGLDRefinedClassifier, pgd_attack, robust_accuracy
 
 D = 12
@@ -156,6 +157,25 @@ def test_sgld_refined_steps_follow_the_update_rule():
         x_k = (x_k + 0.3 * g).detach()
     with torch.no_grad():
         torch.testing.assert_close(wrapped(x), f(x_k))
+
+
+def test_sgld_refined_with_a_chain_spec_clips_and_clamps_like_the_sampler():
+    """Given the resolved chain (a proximal one here), the refinement clips each gradient and
+    clamps each state as the sampler's chains do; without one it does neither."""
+    f = _tiny_classifier()
+    x = 3 * torch.randn(5, 4, dtype=torch.float64)
+    chain = ChainSpec(2, step_size=0.3, noise_std=0.0, clamp=(-1.0, 1.0), grad_clip=0.05)
+    wrapped = SGLDRefinedClassifier(f, chain=chain)
+    assert (wrapped.n_steps, wrapped.step_size, wrapped.noise_std) == (2, 0.3, 0.0)
+    x_k = x.clone()
+    for _ in range(2):
+        x_k.requires_grad_(True)
+        g = torch.autograd.grad(torch.logsumexp(f(x_k), 1).sum(), x_k)[0]
+        x_k = (x_k + 0.3 * g.clamp(-0.05, 0.05)).clamp(-1.0, 1.0).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped.refine(x), x_k)
+        unclamped = SGLDRefinedClassifier(f, n_steps=2, step_size=0.3, noise_std=0.0)
+        assert unclamped.refine(x).abs().max() > 1.0
 
 
 def test_sgld_refined_gradients_flow_through_refinement():

@@ -16,6 +16,7 @@ from toy_runs import TOY as TOY_BASE
 from jem_ext import train as jtrain
 from jem_ext.checkpoint import load_checkpoint
 from jem_ext.training.loop import budget_reason
+from jem_ext.training.options import BudgetOptions
 
 TOY = [*TOY_BASE, "--ckpt-every", "0"]
 
@@ -29,12 +30,11 @@ def _params(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_budget_reason():
-    cfg = {"max_iters": None, "max_minutes": None}
-    assert budget_reason(cfg, 10**6, 1e9) is None
-    assert budget_reason({**cfg, "max_iters": 5}, 4, 0.0) is None
-    assert "--max-iters 5" in budget_reason({**cfg, "max_iters": 5}, 5, 0.0)
-    assert budget_reason({**cfg, "max_minutes": 0.5}, 3, 29.9) is None
-    assert "--max-minutes 0.5" in budget_reason({**cfg, "max_minutes": 0.5}, 3, 30.0)
+    assert budget_reason(BudgetOptions(), 10**6, 1e9) is None
+    assert budget_reason(BudgetOptions(max_iters=5), 4, 0.0) is None
+    assert "--max-iters 5" in budget_reason(BudgetOptions(max_iters=5), 5, 0.0)
+    assert budget_reason(BudgetOptions(max_minutes=0.5), 3, 29.9) is None
+    assert "--max-minutes 0.5" in budget_reason(BudgetOptions(max_minutes=0.5), 3, 30.0)
 
 
 def test_max_iters_stops_with_a_complete_run_folder(tmp_path, capsys):
@@ -112,9 +112,27 @@ def test_cifar_budget_smoke_writes_one_results_folder(tmp_path):
         assert f"{name}/logpx_hist.png" in row["files"]
         assert (out / name / "report.json").is_file()
     assert rows["sadajem"]["energy_sample"] is not None and rows["ce"]["energy_sample"] is None
+    # the CE twin judges the JEM configuration, not itself
+    judged = rows["sadajem"]
+    assert 0.0 <= judged["judge_conditional_accuracy"] <= 1.0
+    assert 0.0 <= judged["judge_start_accuracy"] <= 1.0
+    assert judged["fid_fresh"] is not None and judged["fid_buffer"] is not None
+    assert judged["gen_init"] == "per-class Gaussians of the run"  # sadajem: --init gaussian
+    assert rows["ce"]["judge_conditional_accuracy"] is None and rows["ce"]["fid_fresh"] is None
+    report = json.loads((out / "sadajem" / "report.json").read_text())
+    assert report["generation"]["judge"].endswith("ce/checkpoints/last.pt")
     assert any(f.startswith("sadajem/samples_") for f in rows["sadajem"]["files"])
     table = (out / "results.md").read_text()
     assert "| sadajem | budget | 2 |" in table and "| ce | budget | 2 |" in table
+    assert "| sadajem | per-class Gaussians of the run | - |" in table  # the judged rows
+
+
+def test_cifar_budget_refuses_a_missing_judge(tmp_path, capsys):
+    argv = ["--smoke", "--judge", str(tmp_path / "no.pt"), "--out", str(tmp_path / "o")]
+    assert _cifar_budget().main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --judge") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_cifar_budget_refuses_a_run_trained_past_the_budget(tmp_path, capsys):

@@ -27,6 +27,7 @@ from jem_ext.checkpoint import load_checkpoint, model_from_checkpoint, replay_bu
 from jem_ext.training import distributed
 from jem_ext.training.config import read_config_file
 from jem_ext.training.distributed import Dist
+from jem_ext.training.options import DataOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +59,7 @@ WORKER = r"""
 import itertools, json, os, sys, time
 import torch
 from jem_ext import objectives, train as jtrain
-from jem_ext.training import distributed, loop
+from jem_ext.training import distributed, loop, trainer
 
 plan, argv = json.loads(sys.argv[1]), sys.argv[2:]
 rank = int(os.environ["RANK"])
@@ -78,21 +79,21 @@ if rank in plan.get("stall_ranks", []):
         return real_lr_(cfg, iteration, epoch, scale)
     loop.learning_rate = stalling_lr
 if rank == plan.get("nan_rank"):
-    real_loss, calls = objectives.jem_loss, itertools.count()
+    real_loss, calls = objectives.batch_loss, itertools.count()
     def corrupted(*args, **kwargs):
         loss, terms = real_loss(*args, **kwargs)
         if next(calls) == plan["nan_at"]:
             loss, terms = loss * float("nan"), {**terms, "loss": float("nan")}
         return loss, terms
-    objectives.jem_loss = corrupted
+    objectives.batch_loss = corrupted
 if plan.get("eval_batch"):
     distributed.EVAL_BATCH = plan["eval_batch"]
 if plan.get("dump"):
-    real_summarise = loop.summarise
+    real_summarise = trainer.summarise
     def dumping(run, status, error):
         torch.save(run.ctx.model_for_chain.state_dict(), f"{plan['dump']}{rank}.pt")
         return real_summarise(run, status, error)
-    loop.summarise = dumping
+    trainer.summarise = dumping
 sys.exit(jtrain.main(argv))
 """
 
@@ -207,7 +208,7 @@ def test_reduced_metrics_equal_a_single_process_evaluation(full):
     run = full[0]
     summary = json.loads((run / "summary.json").read_text())
     model = model_from_checkpoint(load_checkpoint(run / "checkpoints" / "last.pt"))
-    datasets = jtrain.load_data({"dataset": "digits", "data_root": None, "seed": 3})
+    datasets = jtrain.load_data(DataOptions(dataset="digits"), seed=3)
     # the processes evaluated batches of 64 rows, the single process evaluates all at once
     assert summary["test_accuracy"] == jtrain.accuracy(model, datasets["test"])
     assert summary["val_accuracy"] == jtrain.accuracy(model, datasets["val"])
@@ -525,12 +526,12 @@ def test_more_processes_than_gpus_is_refused():
 
 
 def test_config_checks_for_a_job():
-    cfg = jtrain.default_config()
+    cfg = jtrain.config_from_args([])
     distributed.check_config(cfg, 2)
     with pytest.raises(distributed.LaunchError, match="multiple of the 3 processes"):
         distributed.check_config(cfg, 3)
     with pytest.raises(distributed.LaunchError, match="--buffer-size 20: too small"):
-        distributed.check_config({**cfg, "batch_size": 40, "buffer_size": 20}, 4, classes=10)
+        distributed.check_config(cfg.replace(batch_size=40, buffer_size=20), 4, classes=10)
 
 
 def test_help_says_what_the_batch_size_means(capsys):

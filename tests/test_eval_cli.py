@@ -375,7 +375,7 @@ def test_report_json_is_standard_when_figures_are_not_finite(ckpts, tmp_path, ca
     assert code == 0, err
     report = json.loads((out_dir / "report.json").read_text(), parse_constant=_refuse_constant)
     assert report["generation"]["logpx_mean_samples"] is None
-    assert "| jem | 2 |" in (out_dir / "report.md").read_text()
+    assert "| jem | uniform(-1, 1) | 2 |" in (out_dir / "report.md").read_text()
 
 
 def test_to_json_text_writes_null_for_non_finite_numbers():

@@ -19,7 +19,7 @@ from jem_ext.eval.settings import EvalSettings, SGLDSettings
 from jem_ext.eval.speed import AutocastModel, autocast_model, make_chain, uncompiled
 from jem_ext.graphs import GraphedChain
 from jem_ext.models import build_model, model_spec
-from jem_ext.training.flags import build_parser as train_parser
+from jem_ext.training.runconfig import build_parser as train_parser
 
 SPEED_FLAGS = ("--precision", "--channels-last", "--compile", "--cuda-graph")
 SMALL = [
@@ -105,7 +105,7 @@ def _speed_actions(parser):
 
 
 def test_speed_flags_match_the_trainers():
-    """One flag group (jem_ext.accel.add_speed_flags) serves both command lines: same names,
+    """One flag group (jem_ext.accel.SpeedOptions) serves both command lines: same names,
     help texts and defaults."""
     ours, theirs = _speed_actions(cli.build_parser()), _speed_actions(train_parser())
     assert set(ours) == set(theirs) == set(SPEED_FLAGS)

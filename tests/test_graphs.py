@@ -15,6 +15,7 @@ from torch import nn
 from jem_ext import graphs
 from jem_ext.graphs import GraphedChain, chain_key
 from jem_ext.sampler import (
+    ChainSpec,
     ReplayBuffer,
     SGLDSampler,
     sample_from_noise,
@@ -33,13 +34,14 @@ def _gen(seed: int = 3, device: str = "cpu") -> torch.Generator:
 
 
 CHAIN = dict(n_steps=3, step_size=0.5, noise_std=0.05)
+SPEC = ChainSpec(n_steps=3, step_size=0.5, noise_std=0.05)  # the same chain as one spec
 
 
 def test_cpu_falls_back_to_eager_with_one_note(capsys):
     model, x = _model(), torch.rand(4, 3, 2, 2)
     graphed = GraphedChain()
-    a = graphed(model, x, generator=_gen(), **CHAIN)
-    b = graphed(model, x, generator=_gen(), **CHAIN)
+    a = graphed(model, x, SPEC, generator=_gen())
+    b = graphed(model, x, SPEC, generator=_gen())
     ref = sgld_chain(model, x, generator=_gen(), **CHAIN)
     assert torch.equal(a, ref) and torch.equal(b, ref)
     err = capsys.readouterr().err
@@ -83,12 +85,8 @@ def test_chain_key_separates_what_a_graph_bakes_in():
     base = dict(
         model=model,
         x=x,
-        n_steps=3,
-        step_size=1.0,
-        noise_std=0.01,
+        spec=ChainSpec(3, 1.0, 0.01),
         y=None,
-        clamp=None,
-        grad_clip=None,
         generator=gen,
         autocast=None,
     )
@@ -99,11 +97,11 @@ def test_chain_key_separates_what_a_graph_bakes_in():
         {"x": torch.rand(4, 3, 2, 2).contiguous(memory_format=torch.channels_last)},
         {"x": torch.rand(4, 3, 2, 2, dtype=torch.float64)},
         {"y": torch.zeros(4, dtype=torch.int64)},
-        {"n_steps": 4},
-        {"step_size": 0.5},
-        {"noise_std": 0.0},
-        {"clamp": (-1.0, 1.0)},
-        {"grad_clip": 0.03},
+        {"spec": ChainSpec(4, 1.0, 0.01)},
+        {"spec": ChainSpec(3, 0.5, 0.01)},
+        {"spec": ChainSpec(3, 1.0, 0.0)},
+        {"spec": ChainSpec(3, 1.0, 0.01, clamp=(-1.0, 1.0))},
+        {"spec": ChainSpec(3, 1.0, 0.01, grad_clip=0.03)},
         {"generator": _gen()},
         {"model": _model()},
         {"autocast": lambda: None},
@@ -130,26 +128,13 @@ def emulated(monkeypatch):
     monkeypatch.setattr(graphs, "graph_unavailable", lambda x, gen: None)
     shapes = []
 
-    def capture(
-        self, model, x, n_steps, step_size, noise_std, y, clamp, grad_clip, generator, autocast
-    ):
+    def capture(self, model, x, spec, y, generator, autocast):
         static_x = x.detach().clone()
         static_y = None if y is None else y.clone()
         shapes.append(tuple(x.shape))
         self.captures += 1
         graph = _EagerGraph(
-            lambda: sgld_steps_(
-                model,
-                static_x,
-                n_steps,
-                step_size,
-                noise_std,
-                static_y,
-                clamp,
-                grad_clip,
-                generator,
-                autocast,
-            )
+            lambda: sgld_steps_(model, static_x, spec, static_y, generator, autocast)
         )
         return graphs._Captured(graph, static_x, static_y)
 
@@ -164,27 +149,27 @@ def test_replay_plumbing_equals_eager_and_captures_once_per_shape(emulated):
     for batch in (4, 4, 6, 4):
         x = torch.rand(batch, 3, 2, 2)
         y = torch.randint(0, 5, (batch,))
-        out = graphed(model, x, y=y, generator=gen_a, **CHAIN)
+        out = graphed(model, x, SPEC, y=y, generator=gen_a)
         ref = sgld_chain(model, x, y=y, generator=gen_b, **CHAIN)
         assert torch.equal(out, ref)
         assert out.data_ptr() != graphed.graphs[next(reversed(graphed.graphs))].x.data_ptr()
     assert emulated == [(4, 3, 2, 2), (6, 3, 2, 2)]  # re-captured only for the new shape
-    graphed(model, torch.rand(7, 3, 2, 2), generator=gen_a, **CHAIN)
+    graphed(model, torch.rand(7, 3, 2, 2), SPEC, generator=gen_a)
     assert len(graphed.graphs) == 2  # least recently used (batch 6) dropped
     assert emulated[-1] == (7, 3, 2, 2)
     graphed(
-        model, torch.rand(4, 3, 2, 2), y=torch.zeros(4, dtype=torch.long), generator=gen_a, **CHAIN
+        model, torch.rand(4, 3, 2, 2), SPEC, y=torch.zeros(4, dtype=torch.long), generator=gen_a
     )
     assert len(emulated) == 3  # batch 4 was used last before 7, so it was kept
     graphed(
-        model, torch.rand(6, 3, 2, 2), y=torch.zeros(6, dtype=torch.long), generator=gen_a, **CHAIN
+        model, torch.rand(6, 3, 2, 2), SPEC, y=torch.zeros(6, dtype=torch.long), generator=gen_a
     )
     assert emulated[-1] == (6, 3, 2, 2) and len(emulated) == 4  # dropped, so captured again
 
 
 def test_replay_restores_the_model_mode(emulated):
     model = _model().train()
-    GraphedChain()(model, torch.rand(2, 3, 2, 2), generator=_gen(), **CHAIN)
+    GraphedChain()(model, torch.rand(2, 3, 2, 2), SPEC, generator=_gen())
     assert model.training
 
 
@@ -200,7 +185,7 @@ def test_failed_capture_falls_back_to_eager_for_that_key(monkeypatch, capsys):
     model, x = _model(), torch.rand(4, 3, 2, 2)
     graphed = GraphedChain()
     for _ in range(2):
-        out = graphed(model, x, generator=_gen(), **CHAIN)
+        out = graphed(model, x, SPEC, generator=_gen())
         assert torch.equal(out, sgld_chain(model, x, generator=_gen(), **CHAIN))
     assert calls == [1]  # not retried for the same key
     err = capsys.readouterr().err
@@ -235,10 +220,11 @@ def test_cuda_replay_equals_eager_from_same_generator_state(precision):
 
     graphed = GraphedChain()
     chain = dict(n_steps=5, step_size=1.0, noise_std=0.01, autocast=autocast)
-    graphed(model, x, generator=gen, **chain)  # capture
+    spec = ChainSpec(5, 1.0, 0.01)
+    graphed(model, x, spec, generator=gen, autocast=autocast)  # capture
     assert graphed.captures == 1
     state = gen.get_state()
-    out = graphed(model, x, generator=gen, **chain)
+    out = graphed(model, x, spec, generator=gen, autocast=autocast)
     gen.set_state(state)
     ref = sgld_chain(model, x, generator=gen, **chain)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -249,8 +235,8 @@ def test_cuda_replay_equals_eager_from_same_generator_state(precision):
 def test_cuda_every_replay_draws_fresh_noise():
     model, x, gen = _cuda_setup()
     graphed = GraphedChain()
-    chain = dict(n_steps=3, step_size=0.0, noise_std=1.0)  # pure noise: x + N(0, 3)
-    outs = [graphed(model, x, generator=gen, **chain) for _ in range(3)]
+    chain = ChainSpec(3, step_size=0.0, noise_std=1.0)  # pure noise: x + N(0, 3)
+    outs = [graphed(model, x, chain, generator=gen) for _ in range(3)]
     assert graphed.captures == 1
     for i in range(3):
         for j in range(i + 1, 3):
@@ -263,13 +249,13 @@ def test_cuda_every_replay_draws_fresh_noise():
 def test_cuda_replayed_chain_has_no_host_sync():
     model, x, gen = _cuda_setup()
     graphed = GraphedChain()
-    chain = dict(n_steps=4, step_size=1.0, noise_std=0.01)
-    graphed(model, x, generator=gen, **chain)  # capture outside the check
+    chain = ChainSpec(4, 1.0, 0.01)
+    graphed(model, x, chain, generator=gen)  # capture outside the check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            graphed(model, x, generator=gen, **chain)
+            graphed(model, x, chain, generator=gen)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -290,10 +276,10 @@ def test_cuda_eager_chain_has_no_host_sync():
 def test_cuda_new_shape_recaptures_and_cpu_generator_falls_back(capsys):
     model, x, gen = _cuda_setup()
     graphed = GraphedChain()
-    chain = dict(n_steps=2, step_size=1.0, noise_std=0.01)
-    graphed(model, x, generator=gen, **chain)
-    graphed(model, x[:5], generator=gen, **chain)
+    chain = ChainSpec(2, 1.0, 0.01)
+    graphed(model, x, chain, generator=gen)
+    graphed(model, x[:5], chain, generator=gen)
     assert graphed.captures == 2
-    out = graphed(model, x, generator=torch.Generator().manual_seed(0), **chain)
+    out = graphed(model, x, chain, generator=torch.Generator().manual_seed(0))
     assert out.shape == x.shape
     assert "generator on the chain's CUDA device" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from jem_ext import train as jtrain
 from jem_ext.checkpoint import load_checkpoint
 from jem_ext.data import DATASET_REGISTRY, Augment, DatasetEntry, ImageData
 from jem_ext.models import MODELS, ModelEntry
+from jem_ext.training.options import ModelOptions
 from jem_ext.training.setup import model_kwargs
 
 
@@ -106,25 +107,25 @@ def test_a_model_registered_once_trains_through_the_cli(tmp_path, monkeypatch):
 
 
 def test_model_kwargs_follow_the_entry_instead_of_a_second_table(monkeypatch):
-    cfg = {"model": "tiny", "norm": "batch", "dropout": 0.1, "depth": 4, "width": 6}
+    cfg = ModelOptions(name="tiny", norm="batch", dropout=0.1, depth=4, width=6)
     monkeypatch.setitem(MODELS, "tiny", TINY_MODEL)
     assert model_kwargs(cfg) == {"units": 6}  # no depth setting, no norm/dropout
     monkeypatch.setitem(MODELS, "tiny", TINY_CONV)
     assert model_kwargs(cfg) == {"norm": "batch", "dropout": 0.1}
     # the built-in models keep their arguments
     base = {"norm": "none", "dropout": 0.0, "depth": 10, "width": 2}
-    assert model_kwargs({**base, "model": "wrn"}) == {
+    assert model_kwargs(ModelOptions(name="wrn", **base)) == {
         "norm": None,
         "dropout": 0.0,
         "depth": 10,
         "widen_factor": 2,
     }
-    assert model_kwargs({**base, "model": "small_cnn"}) == {
+    assert model_kwargs(ModelOptions(name="small_cnn", **base)) == {
         "norm": None,
         "dropout": 0.0,
         "width": 2,
     }
-    assert model_kwargs({**base, "model": "mlp"}) == {"depth": 10, "hidden": 2}
+    assert model_kwargs(ModelOptions(name="mlp", **base)) == {"depth": 10, "hidden": 2}
 
 
 def test_convolutional_models_come_from_the_registry(tmp_path, monkeypatch, capsys):

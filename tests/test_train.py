@@ -24,6 +24,7 @@ from jem_ext.training.guard import (
     Verdict,
     split_message,
 )
+from jem_ext.training.options import OptimOptions
 from jem_ext.training.runlog import Progress
 from jem_ext.training.saver import CheckpointSaver
 from jem_ext.training.state import RunState
@@ -242,7 +243,7 @@ def bad_loss(monkeypatch):
     one per iteration in a fresh run."""
 
     def arm(iterations, **bad_terms):
-        real = objectives.jem_loss
+        real = objectives.batch_loss
         calls = itertools.count()
         bad_terms = bad_terms or {"loss": float("nan")}
 
@@ -254,7 +255,7 @@ def bad_loss(monkeypatch):
                 terms = {**terms, **bad_terms}
             return loss, terms
 
-        monkeypatch.setattr(objectives, "jem_loss", corrupted)
+        monkeypatch.setattr(objectives, "batch_loss", corrupted)
 
     return arm
 
@@ -378,7 +379,11 @@ def _epoch_hooks(run, tmp_path, log_rows):
     progress = Progress(1, 0, "test", enabled=False)
     saver = CheckpointSaver(tmp_path / "checkpoints")
     return loop.Hooks(
-        DivergenceGuard.from_config(cfg), SplitWatch.from_config(cfg), saver, Log(), progress
+        DivergenceGuard.from_config(cfg.guard, cfg.generative),
+        SplitWatch.from_config(cfg.objective.l2_energy, cfg.generative),
+        saver,
+        Log(),
+        progress,
     )
 
 
@@ -423,7 +428,7 @@ def _split_terms(w_px: float, l2: float, fraction: float) -> dict[str, float]:
 
 
 def test_split_watch_reports_a_gap_held_at_the_penalty_bound_once():
-    watch = SplitWatch.from_config({"objective": "jem", "l2_energy": 0.01})
+    watch = SplitWatch.from_config(0.01, generative=True)
     state, rows = RunState(), []
     near = _split_terms(1.0, 0.01, SPLIT_FRACTION + 0.05)  # gap 85 of the bound 100
     for it in range(SPLIT_PATIENCE - 1):
@@ -447,7 +452,7 @@ def test_split_watch_reports_a_gap_held_at_the_penalty_bound_once():
 
 
 def test_split_watch_bound_follows_the_px_weight_and_is_off_without_a_penalty():
-    watch = SplitWatch.from_config({"objective": "jem", "l2_energy": 0.01})
+    watch = SplitWatch.from_config(0.01, generative=True)
     state, rows = RunState(), []
     at_small_weight = _split_terms(0.1, 0.01, 0.9)  # gap 9 of the bound 10 after a decay to 0.1
     for _ in range(SPLIT_PATIENCE):
@@ -456,8 +461,8 @@ def test_split_watch_bound_follows_the_px_weight_and_is_off_without_a_penalty():
     for _ in range(SPLIT_PATIENCE):
         _watch(watch, state, at_small_weight, 0.1, rows)
     assert len(rows) == 1
-    for cfg in ({"objective": "jem", "l2_energy": 0.0}, {"objective": "ce", "l2_energy": 0.01}):
-        off = SplitWatch.from_config(cfg)
+    for l2_energy, generative in ((0.0, True), (0.01, False)):  # no penalty; the ce objective
+        off = SplitWatch.from_config(l2_energy, generative)
         state, rows = RunState(), []
         for _ in range(2 * SPLIT_PATIENCE):
             _watch(
@@ -597,8 +602,7 @@ def test_out_folder_not_empty_is_refused(tmp_path, capsys):
 
 
 def test_learning_rate_schedule():
-    cfg = jtrain.default_config()
-    cfg.update(lr=1.0, warmup_iters=10, decay_epochs=[3, 5], decay_rate=0.1)
+    cfg = OptimOptions(lr=1.0, warmup_iters=10, decay_epochs=(3, 5), decay_rate=0.1)
     assert jtrain.learning_rate(cfg, 0, 0) == pytest.approx(0.1)
     assert jtrain.learning_rate(cfg, 9, 0) == pytest.approx(1.0)
     assert jtrain.learning_rate(cfg, 100, 3) == pytest.approx(0.1)

@@ -24,9 +24,10 @@ import torch
 from PIL import Image
 
 from jem_ext import train as jtrain
+from jem_ext._cli import finite_float
 from jem_ext.data import DataError, load_dataset
-from jem_ext.training.config import RANGES
-from jem_ext.training.flags import build_parser, finite_float, int_list, model_name
+from jem_ext.settings import int_list
+from jem_ext.training.runconfig import all_specs, build_parser
 
 BASE = ["--dataset", "moons", "--model", "mlp", "--width", "8", "--depth", "1", "--no-progress"]
 VALID_EXTRAS = [
@@ -51,7 +52,7 @@ def _actions() -> dict[str, argparse.Action]:
 
 
 def _out_of_range(key: str, rng: random.Random) -> list:
-    r = RANGES.get(key)
+    r = all_specs()[key].range  # each setting owns its range
     if r is None:
         return []
     bad = []
@@ -75,7 +76,7 @@ def _bad_flag_values(action: argparse.Action, rng: random.Random) -> list[str]:
         return bad + ["nan", "inf", "-inf", "NaN", "1e400", "x", ""]
     if action.type is int_list:
         return bad + ["a,b", "1.5", "1,,x"]
-    if action.type is model_name:  # a built-in name or PACKAGE.MODULE:FACTORY
+    if action.dest == "model":  # a built-in name or PACKAGE.MODULE:FACTORY
         return ["bogus", "", "MLP", "pkg.mod:", ":net", "1pkg:net", "no_such_pkg.models:net"]
     raise AssertionError(f"untyped flag {action.dest}")
 
@@ -96,8 +97,8 @@ def _bad_config_values(action: argparse.Action, rng: random.Random) -> list:
         return out + ["1.0", True, [1.0], "INF_LITERAL"]
     if action.type is int_list:
         return [["a", "b"], "1,2", [1.5], [True], 3] + [[v] for v in out]
-    if action.type is model_name:
-        return ["bogus", 3, ["mlp"], True, None, "pkg.mod:", "no_such_pkg.models:net"]
+    if action.dest == "model":
+        return wrong + ["pkg.mod:", "no_such_pkg.models:net"]
     return wrong
 
 

@@ -12,12 +12,14 @@ from jem_ext import objectives
 from jem_ext import train as jtrain
 from jem_ext.checkpoint import load_checkpoint
 from jem_ext.models import build_model
+from jem_ext.objectives import Objective
 from jem_ext.recipes import recipe_values
 from jem_ext.sam import SAM
 from jem_ext.training import loop
 from jem_ext.training.config import INVOCATION_KEYS, parse_command_line
+from jem_ext.training.runconfig import RunConfig
 from jem_ext.training.setup import build_run, make_augment, make_optimizer
-from jem_ext.training.step import Batch, LossWeights, SharpnessAwareContext, StepContext, train_step
+from jem_ext.training.step import Batch, SharpnessAwareContext, StepContext, train_step
 
 DIGITS = [
     "--model",
@@ -36,8 +38,8 @@ DIGITS = [
 ]
 
 
-def _cfg(argv: list[str]) -> dict:
-    return {**parse_command_line(argv).cfg, "out": "unused"}
+def _cfg(argv: list[str]) -> RunConfig:
+    return parse_command_line(argv).cfg.replace(out="unused")
 
 
 def test_help_lists_the_recipes_and_points_to_the_table(capsys):
@@ -48,7 +50,8 @@ def test_help_lists_the_recipes_and_points_to_the_table(capsys):
 
 
 def test_recipe_sets_its_values_and_explicit_flags_win():
-    cfg = _cfg(["--recipe", "sadajem", "--model", "small_cnn", "--width", "64", "--epochs", "20"])
+    argv = ["--recipe", "sadajem", "--model", "small_cnn", "--width", "64", "--epochs", "20"]
+    cfg = _cfg(argv).flat()
     sada = recipe_values("sadajem")
     assert (cfg["model"], cfg["width"], cfg["epochs"]) == ("small_cnn", 64, 20)
     for key in (
@@ -65,8 +68,8 @@ def test_recipe_sets_its_values_and_explicit_flags_win():
     ):
         assert cfg[key] == sada[key], key
     assert cfg["decay_epochs"] == [6, 12, 18]  # scaled with the shorter run
-    assert _cfg(["--recipe", "jem", "--lr", "0.01"])["lr"] == 0.01
-    assert _cfg([])["recipe"] is None and _cfg([])["sam_rho"] == 0.0
+    assert _cfg(["--recipe", "jem", "--lr", "0.01"]).optim.lr == 0.01
+    assert _cfg([]).recipe.name is None and _cfg([]).optim.sam_rho == 0.0
 
 
 def test_recipe_is_recorded_and_repeated_by_config_and_resume(tmp_path):
@@ -151,7 +154,7 @@ def test_sam_step_equals_the_two_pass_hand_computation(adaptive):
     x, x_q = torch.rand(16, 1, 8, 8, generator=g) * 2 - 1, torch.rand(16, 1, 8, 8, generator=g)
     x_px = x + 0.1
     y = torch.randint(0, 10, (16,), generator=g)
-    weights = LossWeights("jem", 1.0, 1.0, 0.01)
+    weights = Objective("jem", 1.0, 1.0, 0.01)
     kw = dict(rho=0.3, adaptive=adaptive, lr=0.05, momentum=0.9, weight_decay=1e-3)
 
     model = _bn_model()
@@ -194,12 +197,12 @@ def test_sam_update_refuses_a_plain_optimiser():
 
 
 def test_input_noise_replaces_the_presets_noise_only():
-    preset = make_augment(_cfg(["--dataset", "digits"]))
+    preset = make_augment(_cfg(["--dataset", "digits"]).data)
     assert preset.noise_sigma == 0.03
-    noisy = make_augment(_cfg(["--dataset", "digits", "--input-noise", "0.1"]))
+    noisy = make_augment(_cfg(["--dataset", "digits", "--input-noise", "0.1"]).data)
     assert (noisy.noise_sigma, noisy.pad, noisy.flip) == (0.1, preset.pad, preset.flip)
-    assert make_augment(_cfg(["--input-noise", "0.1", "--no-augment"])) is None
-    assert _cfg(["--input-noise", "0"])["input_noise"] == 0.0
+    assert make_augment(_cfg(["--input-noise", "0.1", "--no-augment"]).data) is None
+    assert _cfg(["--input-noise", "0"]).data.input_noise == 0.0
 
 
 @pytest.mark.parametrize("argv", [["--input-noise", "-0.1"], ["--sam-rho", "-1"]])
@@ -213,7 +216,7 @@ def test_negative_values_are_one_line_errors(tmp_path, capsys, argv):
 def test_px_batch_is_the_batch_before_augmentation(px_augment):
     argv = DIGITS + ([] if px_augment else ["--no-px-augment"])
     run = build_run(_cfg(argv))
-    assert run.cfg["px_augment"] is px_augment
+    assert run.cfg.data.px_augment is px_augment
     x = run.data.train_on_device.x[:8]
     batch = loop._batch(run, x, run.data.train_on_device.y[:8], torch.arange(8))
     assert not torch.equal(batch.x, x)  # the CE batch is augmented either way
@@ -249,11 +252,12 @@ def test_sam_with_float16_scaling_is_refused(tmp_path, capsys):
 
 def test_px_weight_decays_at_its_epochs():
     cfg = _cfg(["--w-px", "0.5", "--w-px-decay-epochs", "2,4", "--w-px-decay-rate", "0.1"])
-    base = LossWeights("jem", w_px=0.5, w_pyx=2.0, l2_energy=0.01)
-    got = [loop.loss_weights(cfg, base, epoch) for epoch in range(6)]
+    base = Objective("jem", w_px=0.5, w_pyx=2.0, l2_energy=0.01)
+    got = [loop.loss_weights(cfg.objective, base, epoch) for epoch in range(6)]
     assert [w.w_px for w in got] == pytest.approx([0.5, 0.5, 0.05, 0.05, 0.005, 0.005])
-    assert all((w.objective, w.w_pyx, w.l2_energy) == ("jem", 2.0, 0.01) for w in got)
-    assert loop.loss_weights(_cfg(["--w-px-decay-epochs", ""]), base, 100) == base
+    assert all((w.name, w.w_pyx, w.l2_energy) == ("jem", 2.0, 0.01) for w in got)
+    no_decay = _cfg(["--w-px-decay-epochs", ""]).objective
+    assert loop.loss_weights(no_decay, base, 100) == base
 
 
 def test_training_steps_use_the_epochs_px_weight(tmp_path, monkeypatch):
@@ -284,15 +288,15 @@ def test_config_files_from_before_the_px_weight_decay_keep_a_constant_weight(tmp
     cfg_file.write_text(json.dumps(cfg))
     for argv in (["--config", str(cfg_file)], ["--resume", str(run)]):
         old = parse_command_line(argv).cfg
-        assert (old["w_px_decay_epochs"], old["adam_beta2"]) == ([], 0.999)
+        assert (old.objective.w_px_decay_epochs, old.optim.adam_beta2) == ((), 0.999)
     again = parse_command_line(["--resume", str(run), "--w-px-decay-epochs", "5"]).cfg
-    assert again["w_px_decay_epochs"] == [5]
+    assert again.objective.w_px_decay_epochs == (5,)
 
 
 def test_adam_beta2_reaches_the_optimiser_and_a_resume_can_change_it(tmp_path):
     model = torch.nn.Linear(2, 2)
-    assert make_optimizer(_cfg([]), model).param_groups[0]["betas"] == (0.9, 0.99)
-    jem = make_optimizer(_cfg(["--recipe", "jem"]), model)
+    assert make_optimizer(_cfg([]).optim, model).param_groups[0]["betas"] == (0.9, 0.99)
+    jem = make_optimizer(_cfg(["--recipe", "jem"]).optim, model)
     assert jem.param_groups[0]["betas"] == (0.9, 0.999)  # the paper's Adam
     run = tmp_path / "run"
     argv = [*DIGITS, "--max-iters", "2", "--adam-beta2", "0.95", "--out", str(run)]

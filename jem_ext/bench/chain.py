@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..accel import SpeedOptions
 from ..models import build_model
 from ..sampler import ReplayBuffer, SGLDSampler
 from ..training.setup import apply_speed_options
@@ -89,16 +90,8 @@ def _context(option: Option, sizes: Sizes, device: torch.device) -> StepContext:
         sampler=_sampler(sizes, device),
         generator=torch.Generator(device=device).manual_seed(2),
     )
-    apply_speed_options(
-        ctx,
-        {
-            "precision": option.precision,
-            "channels_last": option.channels_last,
-            "compile": option.compile,
-            "cuda_graph": option.cuda_graph,
-        },
-        device,
-    )
+    speed = SpeedOptions(option.precision, option.channels_last, option.compile, option.cuda_graph)
+    apply_speed_options(ctx, speed, device)
     return ctx
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from ..training.step import Batch, LossWeights, train_step
+from ..objectives import Objective
+from ..training.step import Batch, train_step
 from .chain import _context
 from .config import RECIPE, Option, Sizes
 from .timing import _within, time_call
@@ -29,6 +30,6 @@ def _train_option(option: Option, sizes: Sizes, device: torch.device, iters: int
     ctx = _context(option, sizes, device)
     x = torch.rand(sizes.batch, *sizes.image, device=device) * 2 - 1
     batch = Batch(x, torch.randint(0, 10, (sizes.batch,), device=device))
-    weights = LossWeights(l2_energy=0.1)
+    weights = Objective(l2_energy=0.1)
     timing = time_call(lambda: train_step(ctx, batch, weights), device, sizes.reps, warmup=2)
     return {**timing, "projected_hours": timing["median_s"] * iters / 3600}

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..chain import DEFAULT_NOISE_STD, DEFAULT_STEP_SIZE, ChainSpec
 from ..ops import energy
 
 __all__ = ["pgd_attack", "SGLDRefinedClassifier", "robust_accuracy"]
@@ -154,24 +155,33 @@ class SGLDRefinedClassifier(nn.Module):
         noise_std: standard deviation of the SGLD noise (JEM uses 0.01).
         sigma: standard deviation of the noise added to x to start each chain.
         n_chains: number of chains averaged.
+        chain: the chain as one :class:`~jem_ext.chain.ChainSpec` (replaces ``n_steps``,
+            ``step_size`` and ``noise_std``); its gradient clip bounds each step's gradient
+            element-wise and its clamp bounds each state, as in the sampler's chains.
     """
 
     def __init__(
         self,
         f: nn.Module,
-        n_steps: int,
-        step_size: float = 1.0,
-        noise_std: float = 0.01,
+        n_steps: int = 0,
+        step_size: float = DEFAULT_STEP_SIZE,
+        noise_std: float = DEFAULT_NOISE_STD,
         sigma: float = 0.0,
         n_chains: int = 1,
+        *,
+        chain: ChainSpec | None = None,
     ) -> None:
         super().__init__()
+        if chain is None:
+            chain = ChainSpec(n_steps, step_size, noise_std)
+        n_steps, step_size, noise_std = chain.n_steps, chain.step_size, chain.noise_std
         if n_steps < 0 or n_chains < 1:
             raise ValueError(f"need n_steps >= 0 and n_chains >= 1, got {n_steps}, {n_chains}")
         self.f = f
         self.n_steps = n_steps
         self.step_size = step_size
         self.noise_std = noise_std
+        self.clamp, self.grad_clip = chain.clamp, chain.grad_clip
         self.sigma = sigma
         self.n_chains = n_chains
         self.f.eval()
@@ -195,9 +205,13 @@ class SGLDRefinedClassifier(nn.Module):
                 # -energy(logits) == logsumexp(logits, 1); the fused op supports double backward.
                 log_px = -energy(self.f(x_k)).sum()
                 (grad,) = torch.autograd.grad(log_px, x_k, create_graph=create_graph)
+                if self.grad_clip is not None:
+                    grad = grad.clamp(-self.grad_clip, self.grad_clip)
                 x_k = x_k + self.step_size * grad
                 if self.noise_std > 0:
                     x_k = x_k + self.noise_std * torch.randn_like(x_k)
+                if self.clamp is not None:
+                    x_k = x_k.clamp(*self.clamp)
         return x_k if create_graph else x_k.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,10 +25,11 @@ from .._cli import (
     terminate_as_interrupt,
 )
 from .._io import remove_temporaries, write_failure
-from ..accel import add_speed_flags
+from ..accel import SpeedOptions
+from ..settings import add_flags
 from .registry import TASKS
 from .report import run
-from .settings import BUILTIN_OOD, DEFAULT_EPS, NORMS, EvalError, EvalSettings
+from .settings import BUILTIN_OOD, DEFAULT_EPS, GEN_INITS, NORMS, EvalError, EvalSettings
 from .writers import render_markdown
 
 __all__ = ["build_parser", "main", "parse_settings"]
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sgld_flags(p)
     _add_fid_flags(p)
     _add_robustness_flags(p)
-    add_speed_flags(p.add_argument_group("speed"))
+    add_flags(p, SpeedOptions, suppress_defaults=False)
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
     return p
 
@@ -166,7 +167,22 @@ def _add_sgld_flags(p: argparse.ArgumentParser) -> None:
         "--gen-steps",
         type=int,
         default=100,
-        help="SGLD steps of the fresh generation chains (from U(-1,1) noise)",
+        help="SGLD steps of the fresh generation chains (from --gen-init)",
+    )
+    p.add_argument(
+        "--gen-init",
+        choices=GEN_INITS,
+        default="uniform",
+        help="where the fresh generation chains start: U(-1,1) noise, or the per-class "
+        "Gaussians the run fitted to its training data (runs trained with --init gaussian)",
+    )
+    p.add_argument(
+        "--judge",
+        default=None,
+        metavar="RUN",
+        help="generation task: a second classifier (a run folder or checkpoint, e.g. the "
+        "cross-entropy twin) that also classifies the class-conditional samples; its rate is "
+        "reported beside the model's own, which the chains climb and so easily satisfy",
     )
     p.add_argument(
         "--gen-n",
@@ -323,7 +339,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> EvalSettings:
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out}: exists and is not a folder")
     values = vars(args)
-    for key in ("checkpoint", "compare", "out", "data_root", "inception_weights", "fid_classifier"):
+    paths = ("checkpoint", "compare", "out", "data_root", "inception_weights", "fid_classifier")
+    for key in (*paths, "judge"):
         if values.get(key) is not None:  # report.json records absolute paths
             values[key] = os.path.abspath(values[key])
     norms = _check_norms(args.pgd_norms)

@@ -1,5 +1,6 @@
-"""The sampling tasks: generation (sample grids from fresh chains and the replay buffer) and
-IS / FID of the fresh samples.
+"""The generation task: fresh chains (unconditional and class-conditional, judged by a second
+classifier with --judge) and sample grids of them and of the replay buffer. IS / FID of the
+samples: :mod:`jem_ext.eval.fid`.
 
 Each task is a function of (model, data, settings) that returns a typed result; a result's
 ``to_json()`` gives its part of report.json.
@@ -11,35 +12,72 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..ops import energy
-from ..sampler import sample_from_noise
-from .features import classifier_features, extract
-from .inception import InceptionV3, load_inception
+from ..sampler import GaussianInit, Initializer, _init_from_state, sample_from_noise
 from .inputs import EvalData, Loaded, load_model
-from .metrics import fid, inception_score
 from .settings import EvalError, EvalSettings, SGLDSettings
 from .speed import chain_autocast
 from .tasks import logits_of, progress_bar
 
 __all__ = [
-    "FIDNetwork",
-    "FIDResult",
     "GenerationResult",
+    "buffer_pick",
+    "chain_init",
     "generate",
     "grid_file",
-    "prepare_fid",
-    "run_fid",
+    "load_judge",
     "run_generation",
 ]
+
+
+GRID_MAX = 100  # samples drawn in a grid (the figures use every sample)
+GRID_PER_CLASS = 10  # rows of the class-conditional grid are classes, this many samples each
 
 
 def grid_file(kind: str, compare: bool) -> str:
     """The PNG name of a sample grid (``samples_<kind>[_compare].png``)."""
     return f"samples_{kind}{'_compare' if compare else ''}.png"
+
+
+def chain_init(m: Loaded, kind: str) -> Initializer | None:
+    """Where the fresh chains of ``m`` start: None for U(-1, 1) (``kind`` "uniform"), or the
+    per-class Gaussians its run fitted to the training data (``kind`` "gaussian", JEM++'s
+    informative init, saved with its sampler).
+
+    Raises:
+        EvalError: "gaussian" for a checkpoint whose chains start from uniform noise only.
+    """
+    if kind == "uniform":
+        return None
+    saved = _init_from_state((m.state.get("sampler") or {}).get("init"))
+    fitted = getattr(saved, "informative", saved)
+    if not isinstance(fitted, GaussianInit):
+        raise EvalError(
+            f"--gen-init gaussian: {m.path} holds no fitted per-class Gaussians (its run "
+            "used --init uniform or trained no sampler); use --gen-init uniform"
+        )
+    return fitted.to("cpu")
+
+
+def _init_name(kind: str) -> str:
+    return "uniform(-1, 1)" if kind == "uniform" else "per-class Gaussians of the run"
+
+
+def load_judge(settings: EvalSettings, main: Loaded) -> Loaded | None:
+    """The --judge classifier, checked to take the evaluated model's inputs and classes."""
+    if settings.judge is None:
+        return None
+    judge = load_model(settings.judge, settings.device, "--judge")
+    if judge.in_shape != main.in_shape or judge.num_classes != main.num_classes:
+        raise EvalError(
+            f"--judge {judge.path}: its model takes {judge.in_shape} with "
+            f"{judge.num_classes} classes, the evaluated model {main.in_shape} with "
+            f"{main.num_classes}"
+        )
+    return judge
 
 
 def generate(
@@ -53,8 +91,10 @@ def generate(
     seed: int = 0,
     desc: str = "SGLD",
     chain: Callable[..., torch.Tensor] | None = None,
+    init: Initializer | None = None,
 ) -> torch.Tensor:
-    """``n`` samples from fresh SGLD chains started at U(-1, 1), with ``sgld``'s settings.
+    """``n`` samples from fresh SGLD chains started at U(-1, 1) (or drawn from ``init``), with
+    ``sgld``'s settings.
 
     With ``y``, the chains follow E(x, y) = -f(x)[y] (class-conditional samples). The forwards
     run in --precision; ``chain`` replaces the eager chain (e.g. a CUDA-graph chain).
@@ -64,22 +104,45 @@ def generate(
             model,
             n,
             shape,
-            steps,
-            sgld.step_size,
-            sgld.noise_std,
+            spec=sgld.with_steps(steps),
             y=y,
-            clamp=sgld.clamp,
-            grad_clip=sgld.grad_clip,
             seed=seed,
             batch_size=settings.batch_size,
             on_batch=bar.update,
             autocast=chain_autocast(settings),
             chain=chain,
+            init=init,
         )
 
 
 def _mean_logpx(logits: torch.Tensor) -> float:
     return float(-energy(logits.double()).mean())
+
+
+@dataclass
+class JudgeRates:
+    """How often a second classifier (--judge) classifies the class-conditional samples as
+    their class: a JEM's own classifier is easy to satisfy (its chains climb its own logit),
+    an independent one is not. ``start`` rates are of the chains' starting points."""
+
+    path: str
+    conditional: float
+    start: float
+    own_start: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "judge": self.path,
+            "judge_conditional_accuracy": self.conditional,
+            "judge_start_accuracy": self.start,
+            "conditional_start_accuracy": self.own_start,
+        }
+
+
+def _class_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: EvalSettings) -> float:
+    """Fraction of ``x`` that ``model`` classifies as ``y``."""
+    logits = logits_of(model, x, s, "judged samples", progress=False)
+    return float((logits.argmax(1) == y).double().mean())
 
 
 @dataclass
@@ -97,14 +160,24 @@ class GenerationResult:
     buffer: torch.Tensor | None = field(default=None, repr=False)
     buffer_size: int | None = None
     is_image: bool = True
+    init: str = "uniform"
+    judged: JudgeRates | None = None
 
     def grids(self) -> dict[str, tuple[torch.Tensor, int | None]]:
-        """Sample grids to draw, by kind: (samples, images per row or None)."""
+        """Sample grids to draw, by kind: (samples, images per row or None). A grid shows at
+        most ``GRID_MAX`` samples (``GRID_PER_CLASS`` a class for the conditional one); the
+        figures use them all."""
         if not self.is_image:
             return {}
-        out = {"uncond": (self.samples, None), "cond": (self.conditional, self.per_class)}
+        per = min(self.per_class, GRID_PER_CLASS)
+        classes = len(self.conditional) // self.per_class
+        cond = self.conditional.view(classes, self.per_class, *self.conditional.shape[1:])
+        out = {
+            "uncond": (self.samples[:GRID_MAX], None),
+            "cond": (cond[:, :per].flatten(0, 1), per),
+        }
         if self.buffer is not None:
-            out["buffer"] = (self.buffer, None)
+            out["buffer"] = (self.buffer[:GRID_MAX], None)
         return out
 
     def to_json(self, compare: bool = False) -> dict[str, Any]:
@@ -117,12 +190,14 @@ class GenerationResult:
             "noise_std": g.noise_std,
             "clamp": list(g.clamp),
             "grad_clip": g.grad_clip,
-            "init": "uniform(-1, 1)",
+            "init": _init_name(self.init),
             "conditional_accuracy": self.conditional_accuracy,
             "logpx_mean_samples": self.logpx_mean_samples,
             "logpx_mean_test": self.logpx_mean_test,
             "files": {kind: grid_file(kind, compare) for kind in self.grids()},
         }
+        if self.judged is not None:
+            out.update(self.judged.to_json())
         if self.buffer_size is not None:
             out["buffer_size"] = self.buffer_size
         else:
@@ -134,7 +209,7 @@ class GenerationResult:
         return {"generation": out}
 
 
-def _buffer_pick(m: Loaded, n: int, seed: int) -> torch.Tensor | None:
+def buffer_pick(m: Loaded, n: int, seed: int) -> torch.Tensor | None:
     buf = m.buffer_samples()
     if buf is None:
         return None
@@ -149,9 +224,12 @@ def run_generation(
     sgld: SGLDSettings,
     test_logits: torch.Tensor,
     chain: Callable[..., torch.Tensor] | None = None,
+    judge: Loaded | None = None,
 ) -> GenerationResult:
-    """Fresh unconditional and class-conditional chains, and a pick of the replay buffer."""
+    """Fresh unconditional and class-conditional chains, and a pick of the replay buffer; with
+    ``judge``, its rate of the conditional samples (and of their starts) as their class."""
     s = settings
+    init = chain_init(m, s.gen_init)
     fresh = generate(
         m.model,
         s.gen_n,
@@ -162,6 +240,7 @@ def run_generation(
         seed=s.seed + 2,
         desc=f"{m.label}: SGLD unconditional",
         chain=chain,
+        init=init,
     )
     per = max(1, s.gen_n // m.num_classes)
     y = torch.arange(m.num_classes).repeat_interleave(per)
@@ -176,10 +255,20 @@ def run_generation(
         seed=s.seed + 3,
         desc=f"{m.label}: SGLD conditional",
         chain=chain,
+        init=init,
     )
+    judged = None
+    if judge is not None:  # the same chains' starts: zero steps from the same seed
+        starts = generate(m.model, len(y), m.in_shape, 0, sgld, s, y=y, seed=s.seed + 3, init=init)
+        judged = JudgeRates(
+            path=str(judge.path),
+            conditional=_class_rate(judge.model, cond, y, s),
+            start=_class_rate(judge.model, starts, y, s),
+            own_start=_class_rate(m.model, starts, y, s),
+        )
     cond_logits = logits_of(m.model, cond, s, "conditional samples", progress=False)
     fresh_logits = logits_of(m.model, fresh, s, "samples", progress=False)
-    buffer = _buffer_pick(m, s.gen_n, s.seed + 4)
+    buffer = buffer_pick(m, s.gen_n, s.seed + 4)
     return GenerationResult(
         steps=s.gen_steps,
         sgld=sgld,
@@ -193,110 +282,6 @@ def run_generation(
         buffer=buffer,
         buffer_size=None if buffer is None else len(m.buffer_samples()),
         is_image=m.is_image,
+        init=s.gen_init,
+        judged=judged,
     )
-
-
-# ------------------------------------------------------------------------------- IS / FID
-
-
-@dataclass
-class FIDNetwork:
-    """The network IS and FID are measured with, and its features of the test images."""
-
-    kind: str  # "inception" or "classifier"
-    features: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-    note: str
-    test_features: np.ndarray | None = None
-
-    def of(self, x: torch.Tensor, settings: EvalSettings, desc: str) -> tuple[np.ndarray, ...]:
-        return extract(
-            self.features, x, settings.batch_size, settings.device, desc, settings.progress
-        )
-
-    def of_test(self, data: EvalData, settings: EvalSettings) -> np.ndarray:
-        """Features of the test images, computed once and shared by both models."""
-        if self.test_features is None:
-            self.test_features = self.of(data.x, settings, "features test")[0]
-        return self.test_features
-
-
-def _inception_features(net: InceptionV3):
-    def features(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, _ = net(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)
-        return feats, torch.softmax(net.score_logits(feats).double(), 1)
-
-    return features
-
-
-def prepare_fid(settings: EvalSettings, main: Loaded) -> tuple[FIDNetwork | None, str | None]:
-    """The IS/FID network from --inception-weights or --fid-classifier, or the skip reason."""
-    if settings.inception_weights:
-        if not main.is_image:
-            raise EvalError(f"--inception-weights: samples of shape {main.in_shape} are not images")
-        try:
-            net = load_inception(settings.inception_weights, settings.device)
-        except ValueError as err:
-            raise EvalError(f"--inception-weights: {err}") from None
-        return FIDNetwork(
-            "inception",
-            _inception_features(net),
-            "FID Inception-v3 (pool3 features; IS from the 1008-way logits "
-            "without the fc bias, as the original IS code)",
-        ), None
-    if settings.fid_classifier:
-        clf = load_model(settings.fid_classifier, settings.device, "--fid-classifier")
-        if clf.in_shape != main.in_shape:
-            raise EvalError(
-                f"--fid-classifier {clf.path}: its model takes {clf.in_shape}, "
-                f"the evaluated model {main.in_shape}"
-            )
-        return FIDNetwork(
-            "classifier",
-            lambda x: classifier_features(clf.model, x),
-            f"features of classifier {clf.path}: NOT comparable with published "
-            "Inception-based figures",
-        ), None
-    return None, (
-        "no --inception-weights (FID Inception-v3 state_dict) and no "
-        "--fid-classifier given; nothing is downloaded at run time"
-    )
-
-
-@dataclass
-class FIDResult:
-    """IS of the fresh samples and FID between them and the test images (or why skipped)."""
-
-    skipped: str | None = None
-    figures: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"fid": {"skipped": self.skipped} if self.skipped else dict(self.figures)}
-
-
-def run_fid(
-    m: Loaded, data: EvalData, settings: EvalSettings, net: FIDNetwork, samples: torch.Tensor
-) -> FIDResult:
-    """IS of ``samples`` (fresh-chain samples) and their FID against the test images."""
-    f_gen, p_gen = net.of(samples, settings, f"{m.label}: features gen")
-    f_test = net.of_test(data, settings)
-    splits = min(10, len(samples))
-    is_mean, is_std = inception_score(p_gen, splits=splits)
-    out = {
-        "network": net.kind,
-        "note": net.note,
-        "n_generated": len(samples),
-        "n_test": len(data.x),
-        "feature_dim": int(f_gen.shape[1]),
-        "fid": fid(f_gen, f_test),
-        "is_mean": is_mean,
-        "is_std": is_std,
-        "is_splits": splits,
-        "comparable_with_published": net.kind == "inception",
-    }
-    if min(len(samples), len(data.x)) <= f_gen.shape[1]:
-        out["warning"] = (
-            f"fewer samples than feature dimensions ({f_gen.shape[1]}): the "
-            "covariances are singular and the FID is unreliable (use more "
-            "--gen-n and test images)"
-        )
-    return FIDResult(figures=out)

@@ -20,7 +20,8 @@ import torch
 
 from ..data import save_image_grid
 from . import plots, sections
-from .generation import FIDResult, generate, grid_file, prepare_fid, run_fid, run_generation
+from .fid import FIDResult, prepare_fid, run_fid
+from .generation import chain_init, generate, grid_file, load_judge, run_generation
 from .inputs import EvalData, Loaded
 from .settings import EvalSettings, SGLDSettings
 from .tasks import logits_of, run_accuracy, run_calibration, run_ood, run_robustness
@@ -130,7 +131,13 @@ def _ood(res: ModelResults, inp: Inputs) -> Any:
 
 def _generation(res: ModelResults, inp: Inputs) -> Any:
     s = inp.settings
-    return run_generation(res.model, inp.data, s, inp.sgld, res.test_logits(inp), inp.chain)
+    judge = inp.prepared.get("generation")
+    return run_generation(res.model, inp.data, s, inp.sgld, res.test_logits(inp), inp.chain, judge)
+
+
+def _prepare_generation(settings: EvalSettings, main: Loaded) -> tuple[Any, str | None]:
+    """The --judge classifier (None without one)."""
+    return load_judge(settings, main), None
 
 
 def _fresh_samples(res: ModelResults, inp: Inputs) -> torch.Tensor:
@@ -148,6 +155,7 @@ def _fresh_samples(res: ModelResults, inp: Inputs) -> torch.Tensor:
         seed=s.seed + 2,
         desc=f"{m.label}: SGLD for FID",
         chain=inp.chain,
+        init=chain_init(m, s.gen_init),
     )
 
 
@@ -223,6 +231,7 @@ REGISTRY: dict[str, TaskEntry] = {
             _generation,
             section=sections.generation_section,
             figures=_grid_pngs,
+            prepare=_prepare_generation,
             to_json=lambda result, compare: result.to_json(compare),
         ),
         TaskEntry("fid", _fid, section=sections.fid_section, prepare=prepare_fid),

@@ -80,6 +80,7 @@ from typing import Any
 
 import torch
 
+from .generation import chain_init
 from .inputs import (
     Loaded,
     data_warnings,
@@ -104,6 +105,9 @@ def prepare(settings: EvalSettings) -> Inputs:
     sgld = resolve_sgld(main.state.get("sampler"), settings.sgld_step_size, settings.sgld_noise)
     data = load_eval_data(settings, main)
     models = [main] + ([load_compare(settings, main)] if settings.compare else [])
+    if {"generation", "fid"} & set(settings.tasks):
+        for m in models:  # refuses --gen-init gaussian without fitted Gaussians
+            chain_init(m, settings.gen_init)
     prepared, skipped = {}, {}
     for task in settings.tasks:
         if REGISTRY[task].prepare is not None:

@@ -93,13 +93,22 @@ def ood_section(report, results, images: bool) -> list[str]:
     return parts
 
 
+def _judged(g: dict[str, Any]) -> str:
+    """The --judge's rate of the conditional samples (of their starts in brackets), or -."""
+    if "judge_conditional_accuracy" not in g:
+        return "-"
+    return f"{_pct(g['judge_conditional_accuracy'])} ({_pct(g['judge_start_accuracy'])})"
+
+
 def generation_section(report, results, images: bool) -> list[str]:
-    """The fresh chains' figures and the sample grids."""
+    """The fresh chains' figures (with the --judge's verdict) and the sample grids."""
     rows = [
         [
             r["label"],
+            g["init"],
             g["steps"],
             _pct(g["conditional_accuracy"]),
+            _judged(g),
             _num(g["logpx_mean_samples"], ".2f"),
             _num(g["logpx_mean_test"], ".2f"),
             g.get("buffer_size", "none"),
@@ -108,13 +117,15 @@ def generation_section(report, results, images: bool) -> list[str]:
         for g in [r["generation"]]
     ]
     parts = [
-        "## Generation (fresh SGLD chains from U(-1,1))",
+        "## Generation (fresh SGLD chains)",
         "",
         table(
             [
                 "model",
+                "chains start from",
                 "SGLD steps",
                 "conditional samples classified as their class (%)",
+                "same by the judge (%) (their starts)",
                 "mean logpx samples",
                 "mean logpx test",
                 "replay buffer size",
@@ -123,6 +134,8 @@ def generation_section(report, results, images: bool) -> list[str]:
         ),
         "",
     ]
+    judges = {g["judge"] for r in results for g in [r["generation"]] if "judge" in g}
+    parts += [f"Judge: {j}." for j in sorted(judges)] + ([""] if judges else [])
     if images:
         for r in results:
             for kind, f in r["generation"]["files"].items():
@@ -141,6 +154,7 @@ def fid_section(report, results, images: bool) -> list[str]:
             r["label"],
             f"{_num(f['is_mean'])} ± {_num(f['is_std'])}",
             _num(f["fid"]),
+            _num(f.get("fid_buffer")),
             f["n_generated"],
         ]
         for r in results
@@ -151,7 +165,7 @@ def fid_section(report, results, images: bool) -> list[str]:
         "",
         f"Network: {f0['note']}.",
         "",
-        table(["model", "IS", "FID", "samples"], rows),
+        table(["model", "IS", "FID fresh chains", "FID replay buffer", "samples"], rows),
         "",
     ]
     if "warning" in f0:

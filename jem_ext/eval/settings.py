@@ -1,8 +1,8 @@
 """What every evaluation task shares: its error type and its typed settings.
 
 The command line (:mod:`jem_ext.eval.cli`) turns flags into an :class:`EvalSettings`; the SGLD
-settings the chains use are resolved once, from the flags and the checkpoint's sampler, into an
-:class:`SGLDSettings`.
+chain the tasks use is resolved once, from the flags and the checkpoint's sampler, into a
+:class:`~jem_ext.sampler.ChainSpec` (``SGLDSettings``); each task sets its own number of steps.
 """
 
 from __future__ import annotations
@@ -11,7 +11,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..sampler import DEFAULT_CLAMP, DEFAULT_NOISE_STD, DEFAULT_STEP_SIZE
+from ..sampler import (
+    DEFAULT_CLAMP,
+    DEFAULT_N_STEPS,
+    DEFAULT_NOISE_STD,
+    DEFAULT_STEP_SIZE,
+    ChainSpec,
+)
 
 __all__ = [
     "BUILTIN_OOD",
@@ -26,48 +32,41 @@ __all__ = [
 ]
 
 BUILTIN_OOD = ("uniform", "gaussian", "constant", "interp")
+GEN_INITS = ("uniform", "gaussian")  # where --gen-init starts the fresh generation chains
 SCORES = ("logpx", "maxprob", "approx_mass")
 NORMS = ("linf", "l2")
 DEFAULT_EPS = {"linf": [0.0, 0.05, 0.1, 0.2, 0.3], "l2": [0.0, 0.25, 0.5, 1.0, 2.0]}
 ECE_BINS = 20
 
-# JEM's SGLD settings (jem_ext.sampler's), used when neither a flag nor the checkpoint's
-# sampler gives one.
-DEFAULT_SGLD_STEP_SIZE = DEFAULT_STEP_SIZE
-DEFAULT_SGLD_NOISE = DEFAULT_NOISE_STD
+# The SGLD chain of the evaluation's tasks (refinement, generation, the robust classifier):
+# jem_ext.sampler's ChainSpec, its clamp always set. JEM's settings (jem_ext.sampler's) apply
+# where neither a flag nor the checkpoint's sampler gives one.
+SGLDSettings = ChainSpec
 
 
 class EvalError(Exception):
     """Bad input to the evaluation (reported as one line on stderr, exit status 2)."""
 
 
-@dataclass(frozen=True)
-class SGLDSettings:
-    """The SGLD chains' settings (refinement, generation and the robust classifier)."""
-
-    step_size: float
-    noise_std: float
-    clamp: tuple[float, float]
-    grad_clip: float | None
-
-    def validate(self, source: str) -> None:
-        """Raise :class:`EvalError` (naming ``source``) unless the settings are usable."""
-        values = {
-            "step size": self.step_size,
-            "noise": self.noise_std,
-            "clamp low": self.clamp[0],
-            "clamp high": self.clamp[1],
-        }
-        if self.grad_clip is not None:
-            values["gradient clip"] = self.grad_clip
-        for name, v in values.items():
-            if not math.isfinite(v):
-                raise EvalError(f"{source}: SGLD {name} must be a finite number, got {v}")
-        for name in ("step size", "noise", "gradient clip"):
-            if values.get(name, 0.0) < 0:
-                raise EvalError(f"{source}: SGLD {name} must be >= 0, got {values[name]}")
-        if self.clamp[0] > self.clamp[1]:
-            raise EvalError(f"{source}: SGLD clamp {self.clamp} has low > high")
+def check_chain(chain: ChainSpec, source: str) -> None:
+    """Raise :class:`EvalError` (naming ``source``) unless the chain's settings are usable."""
+    assert chain.clamp is not None  # resolve_sgld always sets it
+    values = {
+        "step size": chain.step_size,
+        "noise": chain.noise_std,
+        "clamp low": chain.clamp[0],
+        "clamp high": chain.clamp[1],
+    }
+    if chain.grad_clip is not None:
+        values["gradient clip"] = chain.grad_clip
+    for name, v in values.items():
+        if not math.isfinite(v):
+            raise EvalError(f"{source}: SGLD {name} must be a finite number, got {v}")
+    for name in ("step size", "noise", "gradient clip"):
+        if values.get(name, 0.0) < 0:
+            raise EvalError(f"{source}: SGLD {name} must be >= 0, got {values[name]}")
+    if chain.clamp[0] > chain.clamp[1]:
+        raise EvalError(f"{source}: SGLD clamp {chain.clamp} has low > high")
 
 
 def resolve_sgld(
@@ -83,19 +82,21 @@ def resolve_sgld(
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise EvalError(f"{flag}: expected a finite number >= 0, got {value}")
     if step_size is None:
-        step_size = float(sampler.get("step_size") or DEFAULT_SGLD_STEP_SIZE)
+        step_size = float(sampler.get("step_size") or DEFAULT_STEP_SIZE)
     if noise_std is None:
         noise = sampler.get("noise_std")
-        noise_std = DEFAULT_SGLD_NOISE if noise is None else float(noise)
+        noise_std = DEFAULT_NOISE_STD if noise is None else float(noise)
     clamp, grad_clip = sampler.get("clamp"), sampler.get("grad_clip")
-    settings = SGLDSettings(
+    n_steps = sampler.get("n_steps")
+    chain = ChainSpec(
+        n_steps=DEFAULT_N_STEPS if not isinstance(n_steps, int) else n_steps,
         step_size=float(step_size),
         noise_std=float(noise_std),
-        clamp=DEFAULT_CLAMP if clamp is None else (float(clamp[0]), float(clamp[1])),
+        clamp=DEFAULT_CLAMP if clamp is None else (clamp[0], clamp[1]),
         grad_clip=None if grad_clip is None else float(grad_clip),
     )
-    settings.validate("--checkpoint's sampler settings")
-    return settings
+    check_chain(chain, "--checkpoint's sampler settings")
+    return chain
 
 
 @dataclass
@@ -122,6 +123,8 @@ class EvalSettings:
     ood: list[tuple[str, str | None]] | None = None
     gen_steps: int = 100
     gen_n: int = 100
+    gen_init: str = "uniform"
+    judge: str | None = None
     inception_weights: str | None = None
     fid_classifier: str | None = None
     pgd_norms: list[str] | None = None

@@ -88,9 +88,7 @@ def run_accuracy(
     result = AccuracyResult(accuracy=accuracy(logits, data.y))
     if settings.refine_steps > 0:
         torch.manual_seed(settings.seed)
-        refined = SGLDRefinedClassifier(
-            m.model, settings.refine_steps, sgld.step_size, sgld.noise_std
-        )
+        refined = SGLDRefinedClassifier(m.model, chain=sgld.with_steps(settings.refine_steps))
         r_logits = logits_of(refined, data.x, settings, f"{m.label}: refined accuracy")
         result.refined_steps = settings.refine_steps
         result.refined_accuracy = accuracy(r_logits, data.y)
@@ -268,9 +266,7 @@ def run_robustness(
     x, y = data.x[:n], data.y[:n]
     clf = SGLDRefinedClassifier(
         autocast_model(uncompiled(m.model), s),
-        s.robust_refine_steps,
-        sgld.step_size,
-        sgld.noise_std,
+        chain=sgld.with_steps(s.robust_refine_steps),
         sigma=s.robust_sigma,
         n_chains=s.robust_chains,
     )

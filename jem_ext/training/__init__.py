@@ -1,14 +1,17 @@
 """The trainer behind ``python -m jem_ext.train``, one concern per module.
 
-- :mod:`.flags`: the command-line flags (one parser).
-- :mod:`.config`: config files, merging, validation of every value.
+- :mod:`.options`: every setting, once, in its group (name, type, default, range, help).
+- :mod:`.runconfig`: :class:`~.runconfig.RunConfig`, the validated config made of those groups;
+  the parser, the defaults and the validation are generated from them.
+- :mod:`.config`: the command line and config files merged into one validated config.
 - :mod:`.setup`: :func:`~.setup.build_run` gathers data, model, optimiser, sampler and
   generators into a :class:`~.setup.Run`; :func:`~.setup.build_context` builds the
   :class:`~.step.StepContext`, the seam for precision, CUDA-graph and distributed options (the
   options themselves live in :mod:`jem_ext.accel`, shared with the evaluation).
 - :mod:`.step`: :func:`~.step.train_step`, JEM's Algorithm 1.
-- :mod:`.loop`: :func:`~.loop.train`, the epochs (:func:`~.loop.train_one_epoch` and
-  :func:`~.loop.validate` take their hooks explicitly and return their metrics), summary.
+- :mod:`.loop`: the epochs (:func:`~.loop.train_one_epoch` and :func:`~.loop.validate` take
+  their hooks explicitly and return their metrics).
+- :mod:`.trainer`: :func:`~.trainer.train`, a run from start to summary.
 - :mod:`.state`: :class:`~.state.RunState`, the run's progress.
 - :mod:`.saver`: :class:`~.saver.CheckpointSaver`, best/last checkpoints and the last good state.
 - :mod:`.resume`: a run's checkpoint dict, and a checkpoint loaded back into a run.

@@ -25,10 +25,11 @@ from .config import ConfigError, check_identity, parse_command_line
 from .curves import write_curves
 from .folder import RunFolder, RunFolderLost
 from .guard import TrainingDiverged
-from .loop import train
 from .model_checks import check_factory_model, check_factory_named, note_batch_norm
+from .runconfig import RunConfig
 from .saver import last_checkpoint
 from .setup import fresh_out, load_data, model_kwargs
+from .trainer import train
 
 _TRAINING_KEYS = {"model": dict, "optimizer": dict, "rng": dict, "iteration": int, "epoch": int}
 
@@ -50,31 +51,31 @@ def _load_resume_state(run_dir: str) -> dict[str, Any]:
 
 
 def _check_model(
-    cfg: dict[str, Any], datasets: dict[str, jdata.ImageData], resume_state: dict[str, Any] | None
+    cfg: RunConfig, datasets: dict[str, jdata.ImageData], resume_state: dict[str, Any] | None
 ) -> None:
     """Check the model flags (and a resumed checkpoint's weights) without allocating a model
     (a factory's model is built once, on the CPU, and run on a zero batch)."""
     train_d = datasets["train"]
-    generative = cfg["objective"] != "ce"
-    if factories.is_factory(cfg["model"]):
+    name = cfg.model.name
+    if factories.is_factory(name):
         weights = None if resume_state is None else resume_state["model"]
-        shape, channels_last = train_d.shape, cfg["channels_last"]
+        channels_last = cfg.speed.channels_last
         model = check_factory_model(
-            cfg["model"], train_d.num_classes, shape, channels_last, weights
+            name, train_d.num_classes, train_d.shape, channels_last, weights
         )
-        note_batch_norm(model, cfg["model"], generative)
+        note_batch_norm(model, name, cfg.generative)
         return
     spec = {
-        "name": cfg["model"],
+        "name": cfg.model.name,
         "num_classes": train_d.num_classes,
         "in_shape": list(train_d.shape),
-        "kwargs": model_kwargs(cfg),
+        "kwargs": model_kwargs(cfg.model),
     }
     try:
         model = meta_model(spec)
     except ValueError as err:
         raise ConfigError(f"model: {err}") from None
-    note_batch_norm(model, f"{cfg['model']} --norm {cfg['norm']}", generative)
+    note_batch_norm(model, f"{name} --norm {cfg.model.norm}", cfg.generative)
     if resume_state is not None:
         diff = weights_mismatch(model, resume_state["model"])
         if diff is not None:
@@ -87,33 +88,30 @@ def _check_model(
 class Prepared:
     """A checked command line: config, resume state, loaded data and the claimed run folder."""
 
-    cfg: dict[str, Any]
+    cfg: RunConfig
     resume_state: dict[str, Any] | None
     datasets: dict[str, jdata.ImageData]
     folder: RunFolder | None  # None on the processes of a distributed job other than rank 0
     overrides: dict[str, Any] | None
 
 
-def _claim(cfg: dict[str, Any]) -> RunFolder:
+def _claim(out: str, resuming: bool) -> RunFolder:
     """Claim the run folder now, so a second run with the same folder is refused at once."""
-    if cfg["resume"] is not None:
-        return RunFolder.claim_existing(cfg["out"])
-    if cfg["out"] is None:
-        cfg["out"] = fresh_out(cfg)
-    return RunFolder.claim_new(cfg["out"])
+    return RunFolder.claim_existing(out) if resuming else RunFolder.claim_new(out)
 
 
-def _claim_once(cfg: dict[str, Any], dist: distributed.Dist) -> RunFolder | None:
-    """Claim the run folder on rank 0 only; the other processes learn its path (or error)."""
+def _claim_once(cfg: RunConfig, dist: distributed.Dist) -> tuple[RunConfig, RunFolder | None]:
+    """Claim the run folder on rank 0 only; the other processes learn its path (or error).
+    Returns the config with the folder's path, and the claim (None on the other ranks)."""
     folder = None
 
     def claim() -> str:
         nonlocal folder
-        folder = _claim(cfg)
-        return cfg["out"]
+        out = cfg.folder.out or fresh_out(cfg.data.dataset, cfg.objective.name)
+        folder = _claim(out, resuming=cfg.folder.resume is not None)
+        return out
 
-    cfg["out"] = distributed.on_main(claim, dist)
-    return folder
+    return cfg.replace(out=distributed.on_main(claim, dist)), folder
 
 
 def _nothing_to_resume(run_dir: str) -> str:
@@ -148,26 +146,27 @@ def _parse(argv: list[str]) -> tuple[Any, bool]:
             raise ConfigError(_nothing_to_resume(target))
     invocation = parse_command_line(argv)
     cfg = invocation.cfg
-    if cfg["resume"] is not None:
+    if cfg.folder.resume is not None:
         return invocation, False
-    if cfg["out"] is None and distributed.max_restarts() > 0:
+    if cfg.folder.out is None and distributed.max_restarts() > 0:
         raise ConfigError(
             "--out: needed when torchrun may restart the job (--max-restarts "
             f"{distributed.max_restarts()}): the restarted processes resume from the run folder"
         )
-    out = cfg["out"]
+    out = cfg.folder.out
     if distributed.restart_count() > 0 and last_checkpoint(out).is_file():
         return parse_command_line([*argv, "--resume", out]), True
     return invocation, False
 
 
-def _check_threads(cfg: dict[str, Any], explicit: dict[str, Any]) -> None:
-    refused = check_threads(cfg["threads"])
+def _check_threads(cfg: RunConfig, explicit: dict[str, Any]) -> None:
+    refused = check_threads(cfg.optim.threads)
     if refused is None:
         return
     if "threads" in explicit:
         raise ConfigError(refused)
-    source = "the resumed run's config.json" if cfg["resume"] else f"--config {cfg['config']}"
+    folder = cfg.folder
+    source = "the resumed run's config.json" if folder.resume else f"--config {folder.config}"
     raise ConfigError(f"{refused} ({source} sets it; give --threads to override)")
 
 
@@ -184,30 +183,33 @@ def prepare(argv: list[str] | None = None) -> Prepared:
     invocation, restarted = _parse(list(sys.argv[1:] if argv is None else argv))
     cfg = invocation.cfg
     _check_threads(cfg, invocation.explicit)
-    folder = _claim_once(cfg, distributed.init_from_env(cfg))
+    cfg, folder = _claim_once(cfg, distributed.init_from_env(cfg))
     try:
-        resume_state = None if cfg["resume"] is None else _load_resume_state(cfg["resume"])
+        resume = cfg.folder.resume
+        resume_state = None if resume is None else _load_resume_state(resume)
         if resume_state is not None:
             spec = resume_state.get("model_spec") or {}
-            check_factory_named(spec.get("name"), invocation.explicit.get("model"), cfg["out"])
+            given = invocation.explicit.get("model")
+            check_factory_named(spec.get("name"), given, cfg.folder.out)
         if restarted and distributed.launch_rank() == 0:
             print(
                 f"torchrun restarted the job (restart {distributed.restart_count()} of "
-                f"{distributed.max_restarts()}): resuming {cfg['out']} from its last checkpoint "
-                f"(iteration {resume_state['iteration']}), as --resume would",
+                f"{distributed.max_restarts()}): resuming {cfg.folder.out} from its last "
+                f"checkpoint (iteration {resume_state['iteration']}), as --resume would",
                 file=sys.stderr,
             )
-        datasets = load_data(cfg)
-        check_identity(cfg, datasets, resume_state)
+        datasets = load_data(cfg.data, cfg.optim.seed)
+        cfg = check_identity(cfg, datasets, resume_state)
         _check_model(cfg, datasets, resume_state)
-        if cfg["labels_per_class"] is not None:
-            jdata.labeled_mask(datasets["train"].y, cfg["labels_per_class"], seed=cfg["seed"])
+        if cfg.data.labels_per_class is not None:
+            labels = cfg.data.labels_per_class
+            jdata.labeled_mask(datasets["train"].y, labels, seed=cfg.optim.seed)
     except BaseException:
         if folder is not None:
             folder.release(remove=True)
         raise
-    overrides = invocation.overrides() if cfg["resume"] is not None else None
-    if overrides is not None and factories.is_factory(cfg["model"]):
+    overrides = invocation.overrides() if cfg.folder.resume is not None else None
+    if overrides is not None and factories.is_factory(cfg.model.name):
         overrides.pop("model", None)  # the factory named again, as a resume must: no change
     return Prepared(cfg, resume_state, datasets, folder, overrides)
 
@@ -270,7 +272,8 @@ def _main(argv: list[str] | None) -> int:
         prepared = prepare(argv)
         job = distributed.current()
         if job.parallel:
-            distributed.print_main(distributed.describe(job, prepared.cfg), job)
+            batch = prepared.cfg.optim.batch_size
+            distributed.print_main(distributed.describe(job, batch), job)
         summary = train(
             prepared.cfg,
             resume_state=prepared.resume_state,
@@ -305,7 +308,7 @@ def _main(argv: list[str] | None) -> int:
         if not distributed.is_communication_failure(err, job):
             raise
         print(
-            distributed.fail_message(err, job, prepared.cfg["dist_timeout"] if prepared else 0),
+            distributed.fail_message(err, job, prepared.cfg.distributed.timeout if prepared else 0),
             file=sys.stderr,
         )
         distributed.abandon(1)

@@ -64,6 +64,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import data as jdata
 from .. import metrics
 from ..models import predict_logits
+from .runconfig import RunConfig
 
 T = TypeVar("T")
 _TRANSPORT_ERROR = re.compile(
@@ -165,28 +166,27 @@ def check_devices(processes_per_node: int, visible: int) -> None:
         )
 
 
-def check_config(cfg: dict[str, Any], world_size: int, classes: int = 1) -> None:
+def check_config(cfg: RunConfig, world_size: int, classes: int = 1) -> None:
     """The config fits a job of ``world_size`` processes.
 
     Raises:
         LaunchError: the batch is not a multiple of the world size, or the buffer has fewer
             chains (per class, for a class-split buffer) than there are processes.
     """
-    if cfg["batch_size"] % world_size:
+    batch, chains = cfg.optim.batch_size, cfg.chain.buffer_size
+    if batch % world_size:
         raise LaunchError(
-            f"--batch-size {cfg['batch_size']}: the global batch must be a multiple of the "
+            f"--batch-size {batch}: the global batch must be a multiple of the "
             f"{world_size} processes"
         )
-    rows = cfg["buffer_size"] // classes
-    sharded = world_size > 1 and cfg["objective"] != "ce" and cfg["buffer_size"] > 0
-    if sharded and rows < world_size:
+    sharded = world_size > 1 and cfg.generative and chains > 0
+    if sharded and chains // classes < world_size:
         raise LaunchError(
-            f"--buffer-size {cfg['buffer_size']}: too small to give each of the {world_size} "
-            "processes a shard"
+            f"--buffer-size {chains}: too small to give each of the {world_size} processes a shard"
         )
 
 
-def init_from_env(cfg: dict[str, Any]) -> Dist:
+def init_from_env(cfg: RunConfig) -> Dist:
     """Join the job torchrun launched (nothing happens without ``WORLD_SIZE``).
 
     Raises:
@@ -199,11 +199,12 @@ def init_from_env(cfg: dict[str, Any]) -> Dist:
     world = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     check_config(cfg, world)
-    cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+    device = cfg.optim.device
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if cuda:
         check_devices(int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count())
         torch.cuda.set_device(local_rank)
-    timeout = datetime.timedelta(seconds=cfg["dist_timeout"])
+    timeout = datetime.timedelta(seconds=cfg.distributed.timeout)
     backend = "nccl" if cuda else "gloo"
     store = _attempt_store(world, timeout)
     if store is None:
@@ -275,11 +276,11 @@ def abandon(status: int) -> NoReturn:
     os._exit(status)
 
 
-def describe(d: Dist, cfg: dict[str, Any]) -> str:
+def describe(d: Dist, batch_size: int) -> str:
     """The job's line printed at start: processes, backend, global and per-process batch."""
     return (
         f"distributed: {d.world_size} processes ({d.backend}); --batch-size "
-        f"{cfg['batch_size']} is the global batch, {cfg['batch_size'] // d.world_size} per "
+        f"{batch_size} is the global batch, {batch_size // d.world_size} per "
         f"process; learning rate as configured (gradients are averaged)"
     )
 

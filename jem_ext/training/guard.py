@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .options import GuardOptions
 from .state import RunState
 
 # A gap |energy_data - energy_sample| of at least this fraction of the penalty's bound
@@ -58,12 +59,13 @@ class DivergenceGuard:
     check_gap: bool = True
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> DivergenceGuard:
+    def from_config(cls, guard: GuardOptions, generative: bool) -> DivergenceGuard:
+        """The guard of the run's options (the energy gap checked when it samples)."""
         return cls(
-            cfg["divergence_threshold"],
-            cfg["max_recoveries"],
-            cfg["recover_lr_factor"],
-            check_gap=cfg["objective"] != "ce",
+            guard.divergence_threshold,
+            guard.max_recoveries,
+            guard.recover_lr_factor,
+            check_gap=generative,
         )
 
     def check(self, terms: dict[str, float]) -> str | None:
@@ -137,8 +139,9 @@ class SplitWatch:
     active: bool
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> SplitWatch:
-        return cls(cfg["l2_energy"], active=cfg["objective"] != "ce" and cfg["l2_energy"] > 0)
+    def from_config(cls, l2_energy: float, generative: bool) -> SplitWatch:
+        """The watch of a run with this L2 penalty (active when it samples and has one)."""
+        return cls(l2_energy, active=generative and l2_energy > 0)
 
     def bound(self, w_px: float) -> float:
         """The gap at which the contrastive term and the L2 penalty balance."""

@@ -16,24 +16,16 @@ continues) or "diverged".
 
 from __future__ import annotations
 
-import json
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import torch
 
 from .. import data as jdata
-from .._io import atomic_write_text
-from ..checkpoint import load_checkpoint, model_from_checkpoint
-from ..factory import is_factory
 from ..sampler import sample_from_noise
 from . import distributed
-from .config import absolute_paths, default_config, with_recipe
-from .config import validate as validate_config
-from .curves import write_curves
 from .distributed import Dist
-from .folder import check_intact, folder_identity
+from .folder import check_intact
 from .guard import (
     DivergenceGuard,
     SplitWatch,
@@ -43,40 +35,41 @@ from .guard import (
     split_message,
     stop_message,
 )
-from .resume import checkpoint_state, resume_run
+from .options import BudgetOptions, ObjectiveOptions, OptimOptions
+from .resume import checkpoint_state
+from .runconfig import RunConfig
 from .runlog import (
     MetricsLog,
     Progress,
     finite_or_none,
-    json_default,
     save_samples,
-    truncate_metrics,
 )
-from .saver import CHECKPOINTS, CheckpointSaver
-from .setup import Run, build_run, chain_limits, fresh_out, make_sampler, sampler_seed
-from .step import Batch, LossWeights, train_step
-from .tensorboard import NullTensorBoard, energy_histograms, open_tensorboard
+from .saver import CheckpointSaver
+from .setup import Run, make_sampler, sampler_seed
+from .step import Batch, Objective, train_step
+from .tensorboard import NullTensorBoard, energy_histograms
 
 
-def learning_rate(cfg: dict[str, Any], iteration: int, epoch: int, scale: float = 1.0) -> float:
+def learning_rate(opt: OptimOptions, iteration: int, epoch: int, scale: float = 1.0) -> float:
     """Learning rate at ``iteration`` (0-based) in ``epoch``: warm-up, step decay, recovery
     scale (a pure function of its arguments)."""
-    lr = cfg["lr"] * scale
-    if cfg["warmup_iters"] > 0:
-        lr *= min(1.0, (iteration + 1) / cfg["warmup_iters"])
-    lr *= step_decay(cfg["decay_rate"], cfg["decay_epochs"], epoch)
+    lr = opt.lr * scale
+    if opt.warmup_iters > 0:
+        lr *= min(1.0, (iteration + 1) / opt.warmup_iters)
+    lr *= step_decay(opt.decay_rate, opt.decay_epochs, epoch)
     return lr
 
 
-def step_decay(rate: float, epochs: list[int], epoch: int) -> float:
+def step_decay(rate: float, epochs: Sequence[int], epoch: int) -> float:
     """``rate`` to the number of ``epochs`` reached by ``epoch``: a step schedule's factor."""
     return rate ** sum(1 for e in epochs if epoch >= e)
 
 
-def loss_weights(cfg: dict[str, Any], weights: LossWeights, epoch: int) -> LossWeights:
-    """The loss weights of ``epoch``: ``weights`` with the p(x) weight's step decay applied."""
-    factor = step_decay(cfg["w_px_decay_rate"], cfg["w_px_decay_epochs"], epoch)
-    return weights if factor == 1.0 else replace(weights, w_px=weights.w_px * factor)
+def loss_weights(schedule: ObjectiveOptions, objective: Objective, epoch: int) -> Objective:
+    """The objective of ``epoch``: ``objective`` with the p(x) weight's step decay
+    (``schedule``'s) applied."""
+    factor = step_decay(schedule.w_px_decay_rate, schedule.w_px_decay_epochs, epoch)
+    return objective if factor == 1.0 else replace(objective, w_px=objective.w_px * factor)
 
 
 def epoch_order_generator(seed: int, epoch: int) -> torch.Generator:
@@ -103,16 +96,21 @@ def _batch(run: Run, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> Bat
     return Batch(x, y, labeled, x_px)
 
 
+def title(cfg: RunConfig) -> str:
+    """``dataset/objective``: how the progress line names a run."""
+    return f"{cfg.data.dataset}/{cfg.objective.name}"
+
+
 class BudgetReached(Exception):
     """The run has used its ``max_minutes`` or ``max_iters``; the message says which."""
 
 
-def budget_reason(cfg: dict[str, Any], iteration: int, seconds: float) -> str | None:
+def budget_reason(budget: BudgetOptions, iteration: int, seconds: float) -> str | None:
     """Why a run at ``iteration`` after ``seconds`` of training must stop, or None."""
-    if cfg["max_iters"] is not None and iteration >= cfg["max_iters"]:
-        return f"reached --max-iters {cfg['max_iters']} ({iteration} iterations)"
-    if cfg["max_minutes"] is not None and seconds >= 60.0 * cfg["max_minutes"]:
-        return f"reached --max-minutes {cfg['max_minutes']:g} ({seconds / 60.0:.2f} minutes)"
+    if budget.max_iters is not None and iteration >= budget.max_iters:
+        return f"reached --max-iters {budget.max_iters} ({iteration} iterations)"
+    if budget.max_minutes is not None and seconds >= 60.0 * budget.max_minutes:
+        return f"reached --max-minutes {budget.max_minutes:g} ({seconds / 60.0:.2f} minutes)"
     return None
 
 
@@ -150,12 +148,12 @@ def train_one_epoch(run: Run, hooks: Hooks) -> dict[str, float]:
         TrainingDiverged: a divergence past ``max_recoveries``.
     """
     cfg, st, epoch = run.cfg, run.state, run.state.epoch
-    weights = loss_weights(cfg, run.weights, epoch)
+    objective = loss_weights(cfg.objective, run.objective, epoch)
     batches = jdata.batches(
         run.data.train_on_device,
-        cfg["batch_size"],
+        cfg.optim.batch_size,
         shuffle=True,
-        generator=epoch_order_generator(cfg["seed"], epoch),
+        generator=epoch_order_generator(cfg.optim.seed, epoch),
         rank=run.dist.rank,
         world_size=run.dist.world_size,
     )
@@ -168,7 +166,7 @@ def train_one_epoch(run: Run, hooks: Hooks) -> dict[str, float]:
         lr = set_learning_rate(run, it, epoch)
         # the step; its terms are host floats (the iteration's one sync point)
         batch = _batch(run, x, y, idx)
-        terms, x_q = train_step(run.ctx, batch, weights)
+        terms, x_q = train_step(run.ctx, batch, objective)
         if x_q is not None:
             run.last_samples = x_q
         reason = distributed.agree_on_divergence(hooks.guard.check(terms), run.dist)
@@ -176,9 +174,9 @@ def train_one_epoch(run: Run, hooks: Hooks) -> dict[str, float]:
             recover(run, hooks, hooks.guard.verdict(st, reason))
         st.iteration, st.pos, st.seconds = it + 1, pos + 1, run.elapsed()
         if reason is None:
-            watch_split(run, hooks, terms, weights.w_px)
+            watch_split(run, hooks, terms, objective.w_px)
         totals.add(None if reason is not None else terms)
-        after_iteration(run, hooks, terms if reason is None else None, epoch, lr, weights.w_px)
+        after_iteration(run, hooks, terms if reason is None else None, epoch, lr, objective.w_px)
         if reason is None:
             log_energies(run, hooks, batch, x_q)
     return totals.metrics()
@@ -209,9 +207,9 @@ class EpochTotals:
 def check_budget(run: Run) -> None:
     """Raise :class:`BudgetReached` when the budget allows no further iteration (every process
     together when the budget is a time)."""
-    cfg = run.cfg
-    reason = budget_reason(cfg, run.state.iteration, run.elapsed())
-    if cfg["max_minutes"] is not None:  # clocks differ between processes: stop together
+    budget = run.cfg.budget
+    reason = budget_reason(budget, run.state.iteration, run.elapsed())
+    if budget.max_minutes is not None:  # clocks differ between processes: stop together
         reason = distributed.agree_on_divergence(reason, run.dist)
     if reason is not None:
         raise BudgetReached(reason)
@@ -219,7 +217,7 @@ def check_budget(run: Run) -> None:
 
 def set_learning_rate(run: Run, iteration: int, epoch: int) -> float:
     """Set (and return) the learning rate of ``iteration``."""
-    lr = learning_rate(run.cfg, iteration, epoch, run.state.lr_scale)
+    lr = learning_rate(run.cfg.optim, iteration, epoch, run.state.lr_scale)
     for group in run.ctx.optimizer.param_groups:
         group["lr"] = lr
     return lr
@@ -253,7 +251,9 @@ def recover(run: Run, hooks: Hooks, verdict: Verdict) -> None:
     hooks.saver.restore_last_good(run.ctx.model_for_chain, run.ctx.optimizer)
     st.lr_scale = verdict.lr_scale
     st.reseeds += 1
-    run.generators["sampler"].manual_seed(sampler_seed(run.cfg["seed"], st.reseeds, run.dist.rank))
+    run.generators["sampler"].manual_seed(
+        sampler_seed(run.cfg.optim.seed, st.reseeds, run.dist.rank)
+    )
     run.ctx.sampler = make_sampler(
         run.cfg, run.data.train, run.device, generator=run.generators["sampler"], dist=run.dist
     )
@@ -282,11 +282,11 @@ def after_iteration(
 ) -> None:
     """Bookkeeping after an iteration (``terms`` None: it diverged): metrics row (with the
     learning rate and the p(x) weight ``w_px``), progress, sample grid, resume point."""
-    cfg, st, done = run.cfg, run.state, run.state.iteration
-    log_due = terms is not None and done % cfg["log_every"] == 0
-    sample_due = bool(cfg["sample_every"]) and done % cfg["sample_every"] == 0
+    every, st, done = run.cfg.folder, run.state, run.state.iteration
+    log_due = terms is not None and done % every.log_every == 0
+    sample_due = bool(every.sample_every) and done % every.sample_every == 0
     ckpt_due = (
-        bool(cfg["ckpt_every"]) and done % cfg["ckpt_every"] == 0 and st.pos < run.steps_per_epoch
+        bool(every.ckpt_every) and done % every.ckpt_every == 0 and st.pos < run.steps_per_epoch
     )
     if log_due or sample_due or ckpt_due:
         check_folder(run)  # once for the iteration's writes: it is a collective in a job
@@ -295,7 +295,7 @@ def after_iteration(
         mean = distributed.mean_terms(terms, run.dist)
         row.update({k: finite_or_none(v) for k, v in mean.items()})
         row["lr"] = lr
-        if w_px is not None and cfg["objective"] != "ce":
+        if w_px is not None and run.cfg.generative:
             row["w_px"] = w_px
         hooks.log.write({**row, "seconds": st.seconds})
     hooks.progress.step(terms)
@@ -321,7 +321,7 @@ def end_of_epoch(run: Run, hooks: Hooks) -> dict[str, float]:
     st.epoch, st.pos = st.epoch + 1, 0
     check_folder(run)
     metrics: dict[str, float] = {}
-    if st.epoch % cfg["eval_every"] == 0 or st.epoch == cfg["epochs"]:
+    if st.epoch % cfg.folder.eval_every == 0 or st.epoch == cfg.optim.epochs:
         metrics = validate(run.ctx.model_for_chain, run.data.val, run.dist)
         val_acc = metrics["accuracy"]
         hooks.log.write(
@@ -335,7 +335,7 @@ def end_of_epoch(run: Run, hooks: Hooks) -> dict[str, float]:
         if val_acc > st.best_val_accuracy:
             st.best_val_accuracy = val_acc
             hooks.saver.save_best(checkpoint_state(run))
-        hooks.progress.describe(f"{cfg['dataset']}/{cfg['objective']} val {val_acc:.3f}")
+        hooks.progress.describe(f"{title(cfg)} val {val_acc:.3f}")
     hooks.saver.save_last(checkpoint_state(run))
     return metrics
 
@@ -344,7 +344,7 @@ def log_energies(run: Run, hooks: Hooks, batch: Batch, x_q: torch.Tensor | None)
     """Histograms of the energies of the data batch and of the samples in TensorBoard, at the
     iterations that write a metrics row (``--tensorboard`` only: an extra forward of each)."""
     done = run.state.iteration
-    if hooks.tensorboard.enabled and done % run.cfg["log_every"] == 0:
+    if hooks.tensorboard.enabled and done % run.cfg.folder.log_every == 0:
         energy_histograms(hooks.tensorboard, run.ctx.model_for_chain, batch.x, x_q, done)
 
 
@@ -355,17 +355,13 @@ def write_samples(run: Run, tag: str, tensorboard: NullTensorBoard | None = None
     if not run.dist.is_main:
         return
     if x is None:  # CE runs, or nothing sampled yet
-        clamp, grad_clip = chain_limits(cfg)
+        chain = cfg.chain.spec()
         x = sample_from_noise(
             run.ctx.model_for_chain,
             GRID_CHAINS,
             run.data.train.shape,
-            max(1, cfg["sgld_steps"]),
-            cfg["sgld_step_size"],
-            cfg["sgld_noise"],
-            clamp=clamp,
-            grad_clip=grad_clip,
-            seed=cfg["seed"] * 7 + run.state.iteration,
+            spec=chain.with_steps(max(1, chain.n_steps)),
+            seed=cfg.optim.seed * 7 + run.state.iteration,
         )
     path = run.out / "samples" / f"samples_{tag}.png"
     save_samples(x, path, run.data.train)
@@ -380,7 +376,7 @@ def fit(run: Run, hooks: Hooks) -> tuple[str, str | None]:
     """Train the remaining epochs; returns ``(status, reason)``: ("completed", None),
     ("budget", what was reached) after saving last.pt, or ("diverged", the error)."""
     try:
-        while run.state.epoch < run.cfg["epochs"]:
+        while run.state.epoch < run.cfg.optim.epochs:
             train_one_epoch(run, hooks)
             end_of_epoch(run, hooks)
     except TrainingDiverged as err:
@@ -391,21 +387,6 @@ def fit(run: Run, hooks: Hooks) -> tuple[str, str | None]:
         hooks.saver.save_last(checkpoint_state(run))
         return "budget", str(reached)
     return "completed", None
-
-
-def _open_run_folder(run: Run, resuming: bool) -> None:
-    """Write config.json, the config the run uses from now on (``--config`` repeats it); on a
-    resume, first cut metrics.jsonl back to the checkpoint."""
-    run.out.mkdir(parents=True, exist_ok=True)
-    if resuming:
-        truncate_metrics(run.out / "metrics.jsonl", run.state.iteration)
-    record = {**run.cfg, **launch_record(run)}
-    atomic_write_text(
-        run.out / "config.json",
-        json.dumps(record, indent=2, sort_keys=True, default=json_default) + "\n",
-    )
-    (run.out / "samples").mkdir(parents=True, exist_ok=True)
-    run.folder_id = folder_identity(run.out)
 
 
 def check_folder(run: Run) -> None:
@@ -421,139 +402,3 @@ def check_folder(run: Run) -> None:
             check_intact(run.out, run.folder_id)
 
     distributed.on_main(check, run.dist)
-
-
-def launch_record(run: Run) -> dict[str, int]:
-    """How the run is launched, for config.json and summary.json (see :mod:`.distributed`)."""
-    batch, world = run.cfg["batch_size"], run.dist.world_size
-    return {
-        "world_size": world,
-        "global_batch_size": batch,
-        "batch_size_per_process": batch // world,
-    }
-
-
-def train(
-    cfg: dict[str, Any],
-    resume_state: dict[str, Any] | None = None,
-    datasets: dict[str, jdata.ImageData] | None = None,
-    resume_overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Train according to ``cfg``, writing the run folder ``cfg["out"]``.
-
-    Args:
-        cfg: config dict; missing keys take their recipe's values (``cfg["recipe"]``) or
-            their defaults (:func:`default_config`), and ``cfg["out"]`` (the run folder,
-            created here) defaults to a fresh ``runs/...``.
-        resume_state: a checkpoint dict to continue from (``--resume``).
-        datasets: already loaded splits (as returned by ``load_data``), else loaded here.
-        resume_overrides: the config keys this resume changes (recorded in an event row).
-
-    Returns:
-        The summary dict (also written to ``summary.json``).
-
-    Raises:
-        DataError, ConfigError, CheckpointError: bad inputs (before the run folder is created).
-        TrainingDiverged: more than ``max_recoveries`` divergences (summary.json still written).
-    """
-    cfg = with_recipe({**default_config(), **cfg}, set(cfg))
-    if cfg["out"] is None:
-        cfg["out"] = fresh_out(cfg)
-    validate_config(cfg)
-    absolute_paths(cfg)
-    run = build_run(cfg, datasets)
-    main = run.dist.is_main  # the process that writes the run folder
-    saver = CheckpointSaver(run.out / CHECKPOINTS, write=main)
-    if resume_state is not None:
-        resume_run(run, resume_state)
-        saver.remember(run.ctx.model_for_chain.state_dict(), run.ctx.optimizer.state_dict())
-    if main:
-        _open_run_folder(run, resuming=resume_state is not None)
-    if resume_state is None:
-        saver.save_last(checkpoint_state(run))
-    run.started = time.perf_counter() - run.state.seconds
-    total = run.steps_per_epoch * cfg["epochs"]
-    with (
-        _tensorboard(run, resuming=resume_state is not None) as tb,
-        MetricsLog(run.out / "metrics.jsonl", enabled=main, tensorboard=tb) as log,
-        Progress(
-            total,
-            run.state.iteration,
-            f"{cfg['dataset']}/{cfg['objective']}",
-            enabled=main and not cfg["no_progress"],
-        ) as progress,
-    ):
-        hooks = Hooks(
-            DivergenceGuard.from_config(cfg),
-            SplitWatch.from_config(cfg),
-            saver,
-            log,
-            progress,
-            tb,
-        )
-        if resume_state is not None:
-            log.write(
-                {
-                    "event": "resume",
-                    "iteration": run.state.iteration,
-                    "epoch": run.state.epoch,
-                    "overrides": resume_overrides or {},
-                    "world_size": run.dist.world_size,
-                    "checkpoint_world_size": distributed.saved_world_size(resume_state),
-                }
-            )
-        status, reason = fit(run, hooks)
-        check_folder(run)
-        if status != "diverged":
-            write_samples(run, "final", tb)
-    summary = summarise(run, status, reason)
-    if main:
-        atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        write_curves(run.out, status)
-    if status == "diverged":
-        raise TrainingDiverged(reason)
-    return summary
-
-
-def _tensorboard(run: Run, resuming: bool) -> NullTensorBoard:
-    """The run's TensorBoard writer (``--tensorboard``, the process that writes the run folder);
-    a resumed run's drops what the interrupted run logged after the checkpoint."""
-    purge = run.state.iteration + 1 if resuming else None
-    return open_tensorboard(run.out, run.dist.is_main and run.cfg["tensorboard"], purge)
-
-
-def summarise(run: Run, status: str, reason: str | None) -> dict[str, Any]:
-    """The run's final figures (``summary.json``): ``error`` holds a divergence's message,
-    ``stop_reason`` the budget a "budget" run reached."""
-    model, st = run.ctx.model_for_chain, run.state
-    saver = CheckpointSaver(run.out / CHECKPOINTS, write=False)  # the paths of its files
-    seconds = run.elapsed()
-    test_at_best_val = None  # the test accuracy of best.pt, the best-validation checkpoint
-    if run.dist.is_main and saver.best_path.is_file():  # rank 0's machine holds the file
-        factory = run.cfg["model"] if is_factory(run.cfg["model"]) else None  # named by the user
-        best = model_from_checkpoint(load_checkpoint(saver.best_path), run.device, factory)
-        test_at_best_val = accuracy(best, run.data.test)
-    return {
-        "status": status,
-        "error": reason if status == "diverged" else None,
-        "stop_reason": reason if status == "budget" else None,
-        "dataset": run.cfg["dataset"],
-        "objective": run.cfg["objective"],
-        "model": run.cfg["model"],
-        "test_accuracy": accuracy(model, run.data.test, run.dist),
-        "val_accuracy": accuracy(model, run.data.val, run.dist),
-        "best_val_accuracy": st.best_val_accuracy if st.best_val_accuracy >= 0 else None,
-        "test_accuracy_at_best_val": test_at_best_val,
-        "iterations": st.iteration,
-        "epochs": st.epoch,
-        "recoveries": st.recoveries,
-        "energy_split_at": st.split_at if st.split_at >= 0 else None,
-        "seconds": seconds,
-        "seconds_per_iteration": seconds / max(1, st.iteration),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "device": str(run.device),
-        "best_checkpoint": str(saver.best_path) if saver.best_path.is_file() else None,
-        "last_checkpoint": str(saver.last_path),
-        "run_dir": str(run.out),
-        **launch_record(run),
-    }

@@ -33,7 +33,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
             rng=capture_rng(run.generators),
             iteration=run.state.iteration,
             epoch=run.state.epoch,
-            config=json.loads(json.dumps(run.cfg, default=json_default)),
+            config=json.loads(json.dumps(run.cfg.flat(), default=json_default)),
             best_val_accuracy=run.state.best_val_accuracy,
             progress=run.state.to_dict(),
         ),
@@ -52,7 +52,7 @@ def resume_run(run: Run, ckpt: dict[str, Any]) -> None:
         share = distributed.local_share(ckpt, run.dist)
         ctx.model_for_chain.load_state_dict(ckpt["model"])
         ctx.optimizer.load_state_dict(ckpt["optimizer"])
-        apply_optimizer_settings(run.cfg, ctx.optimizer)
+        apply_optimizer_settings(run.cfg.optim, ctx.optimizer)
         if ctx.sampler is not None and share.sampler is not None:
             ctx.sampler.load_state_dict(share.sampler)
         restore_rng(share.rng or ckpt["rng"], run.generators)
@@ -68,10 +68,10 @@ def resume_run(run: Run, ckpt: dict[str, Any]) -> None:
 
 def reseed(run: Run, saved_world_size: int) -> None:
     """Fresh generators after a resume with another number of processes."""
-    seed, rank, st = run.cfg["seed"], run.dist.rank, run.state
+    seed, rank, st = run.cfg.optim.seed, run.dist.rank, run.state
     bases = {"sampler": sampler_seed(seed, st.reseeds), "augment": augment_seed(seed)}
     for name, base in bases.items():
         run.generators[name].manual_seed(distributed.generator_seed(base, rank, st.iteration + 1))
-    chains = run.cfg["buffer_size"] if getattr(run.ctx.sampler, "buffer", None) else None
+    chains = run.cfg.chain.buffer_size if getattr(run.ctx.sampler, "buffer", None) else None
     if run.dist.is_main:
         print(distributed.reshard_note(saved_world_size, run.dist, chains), file=sys.stderr)

@@ -1,7 +1,8 @@
 """Setting a run up: data, model, optimiser, sampler and generators, gathered in a :class:`Run`.
 
 :func:`build_run` is deterministic in the config's seed: the same config builds the same
-initial weights, replay buffer and random generators.
+initial weights, replay buffer and random generators. Each builder takes the groups of the
+:class:`~.runconfig.RunConfig` it reads.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from .. import data as jdata
 from ..accel import (
+    SpeedOptions,
     autocast_factory,
     batch_independent,
     compile_model,
@@ -28,16 +30,22 @@ from ..accel import (
 )
 from ..factory import is_factory
 from ..models import build_model, model_entry
+from ..objectives import Objective
 from ..sam import SAM
-from ..sampler import GaussianInit, ReplayBuffer, SGLDSampler, UniformInit
+from ..sampler import (
+    DEFAULT_CLAMP,
+    GaussianInit,
+    MixedInit,
+    ReplayBuffer,
+    SGLDSampler,
+    UniformInit,
+)
 from . import distributed
 from .distributed import Dist
+from .options import DataOptions, ModelOptions, OptimOptions
+from .runconfig import RunConfig
 from .state import RunState
-from .step import LossWeights, SharpnessAwareContext, StepContext
-
-OPTIMIZERS = ("adam", "sgd")
-PROXIMAL_GRAD_CLIP = 0.03  # JEM++'s element-wise clip of dE/dx when --proximal has no value
-SAMPLE_RANGE = (-1.0, 1.0)  # data live in [-1, 1]; proximal SGLD clamps samples to it
+from .step import SharpnessAwareContext, StepContext
 
 
 @dataclass
@@ -66,11 +74,11 @@ class Run:
     and progress; built by :func:`build_run`. What acts on it (the checkpoint saver, the
     divergence guard, the metrics log) belongs to the loop, which passes it explicitly."""
 
-    cfg: dict[str, Any]
+    cfg: RunConfig
     device: torch.device
     ctx: StepContext
     data: RunData
-    weights: LossWeights
+    objective: Objective
     generators: dict[str, torch.Generator]
     out: Path
     state: RunState = field(default_factory=RunState)
@@ -82,7 +90,7 @@ class Run:
     @property
     def steps_per_epoch(self) -> int:
         return jdata.num_batches(
-            len(self.data.train), self.cfg["batch_size"], world_size=self.dist.world_size
+            len(self.data.train), self.cfg.optim.batch_size, world_size=self.dist.world_size
         )
 
     def elapsed(self) -> float:
@@ -90,11 +98,11 @@ class Run:
         return time.perf_counter() - self.started
 
 
-def fresh_out(cfg: dict[str, Any]) -> str:
+def fresh_out(dataset: str, objective: str) -> str:
     """A new run folder name, ``<cwd>/runs/<timestamp>-<dataset>-<objective>[-k]`` (absolute, as
     every path a run records)."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path.cwd() / "runs" / f"{stamp}-{cfg['dataset']}-{cfg['objective']}"
+    base = Path.cwd() / "runs" / f"{stamp}-{dataset}-{objective}"
     out, k = base, 1
     while out.exists():
         k += 1
@@ -109,29 +117,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def model_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The constructor arguments of the config's model (depth/width mapped to its names, as
-    its :class:`~jem_ext.models.ModelEntry` says); none for a model factory."""
-    if is_factory(cfg["model"]):
+def model_kwargs(m: ModelOptions) -> dict[str, Any]:
+    """The constructor arguments of the model (depth/width mapped to its names, as its
+    :class:`~jem_ext.models.ModelEntry` says); none for a model factory."""
+    if is_factory(m.name):
         return {}
-    entry = model_entry(cfg["model"])
-    norm = None if cfg["norm"] in (None, "none") else cfg["norm"]
-    kw: dict[str, Any] = {"norm": norm, "dropout": cfg["dropout"]} if entry.takes_norm else {}
-    for key, name in (("depth", entry.depth_kwarg), ("width", entry.width_kwarg)):
-        if name is not None and cfg[key] is not None:
-            kw[name] = cfg[key]
+    entry = model_entry(m.name)
+    norm = None if m.norm in (None, "none") else m.norm
+    kw: dict[str, Any] = {"norm": norm, "dropout": m.dropout} if entry.takes_norm else {}
+    for value, name in ((m.depth, entry.depth_kwarg), (m.width, entry.width_kwarg)):
+        if name is not None and value is not None:
+            kw[name] = value
     return kw
 
 
-def load_data(cfg: dict[str, Any]) -> dict[str, jdata.ImageData]:
-    """Load the train/val/test splits named by the config, and check that its augmentation
-    fits the images (raises DataError)."""
+def load_data(data: DataOptions, seed: int) -> dict[str, jdata.ImageData]:
+    """Load the train/val/test splits the data options name (the split of some data sets
+    depends on ``seed``), and check that the augmentation fits the images (raises
+    DataError)."""
     datasets = {
-        split: jdata.load_dataset(cfg["dataset"], cfg["data_root"], split, seed=cfg["seed"])
+        split: jdata.load_dataset(data.dataset, data.data_root, split, seed=seed)
         for split in jdata.SPLITS
     }
-    augment = None if cfg.get("no_augment") else jdata.default_augment(cfg["dataset"])
-    jdata.check_augment(augment, datasets["train"], cfg.get("data_root"))
+    augment = None if data.no_augment else jdata.default_augment(data.dataset)
+    jdata.check_augment(augment, datasets["train"], data.data_root)
     return datasets
 
 
@@ -146,7 +155,7 @@ def augment_seed(seed: int, rank: int = 0) -> int:
 
 
 def make_sampler(
-    cfg: dict[str, Any],
+    cfg: RunConfig,
     train_data: jdata.ImageData,
     device: torch.device,
     generator: torch.Generator | None = None,
@@ -154,110 +163,92 @@ def make_sampler(
 ) -> SGLDSampler | None:
     """Build the SGLD sampler described by the config, or None for CE; its replay buffer is
     this process's shard (the whole buffer for a single process)."""
-    if cfg["objective"] == "ce":
+    if not cfg.generative:
         return None
-    conditional = cfg["objective"] == "factored"
-    if cfg["init"] == "gaussian":
+    chain, conditional = cfg.chain, cfg.conditional
+    if chain.init == "gaussian":
         init = GaussianInit.fit(train_data.x, train_data.y, train_data.num_classes)
+        if chain.init_noise_frac > 0:
+            init = MixedInit(init, UniformInit(*DEFAULT_CLAMP), chain.init_noise_frac)
     else:
-        init = UniformInit(*SAMPLE_RANGE)
+        init = UniformInit(*DEFAULT_CLAMP)
     buffer = None
-    if cfg["buffer_size"] > 0:
+    if chain.buffer_size > 0:
         classes = train_data.num_classes if conditional else 1
         buffer = ReplayBuffer(
-            distributed.buffer_shard_size(cfg["buffer_size"], classes, dist),
+            distributed.buffer_shard_size(chain.buffer_size, classes, dist),
             train_data.shape,
             num_classes=train_data.num_classes if conditional else None,
             device=device,
-            reinit_prob=cfg["reinit_prob"],
+            reinit_prob=chain.reinit_prob,
             init=init,
             generator=generator,
         )
-    clamp, grad_clip = chain_limits(cfg)
-    return configure_sampler(
-        SGLDSampler(
-            n_steps=cfg["sgld_steps"],
-            step_size=cfg["sgld_step_size"],
-            noise_std=cfg["sgld_noise"],
-            clamp=clamp,
-            grad_clip=grad_clip,
-            buffer=buffer,
-            init=init,
-            conditional=conditional,
-            sample_shape=train_data.shape,
-        ),
-        cfg,
-        device,
+    sampler = SGLDSampler(
+        spec=chain.spec(),
+        buffer=buffer,
+        init=init,
+        conditional=conditional,
+        sample_shape=train_data.shape,
     )
+    return configure_sampler(sampler, cfg.speed, device)
 
 
-def chain_limits(cfg: dict[str, Any]) -> tuple[tuple[float, float] | None, float | None]:
-    """``(clamp, grad_clip)`` of the config's SGLD chains (proximal SGLD sets both)."""
-    clamp = SAMPLE_RANGE if cfg["proximal"] else None
-    grad_clip = cfg["grad_clip"]
-    if cfg["proximal"] and grad_clip is None:
-        grad_clip = PROXIMAL_GRAD_CLIP
-    return clamp, grad_clip
-
-
-def optimizer_settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The optimiser's hyperparameters from the config, other than the scheduled lr."""
-    settings: dict[str, Any] = {"weight_decay": cfg["weight_decay"]}
-    if cfg["optimizer"] == "adam":
-        settings["betas"] = (0.9, cfg["adam_beta2"])
+def optimizer_settings(opt: OptimOptions) -> dict[str, Any]:
+    """The optimiser's hyperparameters, other than the scheduled lr."""
+    settings: dict[str, Any] = {"weight_decay": opt.weight_decay}
+    if opt.optimizer == "adam":
+        settings["betas"] = (0.9, opt.adam_beta2)
     return settings
 
 
-def make_optimizer(cfg: dict[str, Any], model: torch.nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(opt: OptimOptions, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Adam (betas 0.9 and ``adam_beta2``) or SGD with momentum 0.9; wrapped in
     :class:`~jem_ext.sam.SAM` when ``sam_rho > 0``."""
-    if cfg["optimizer"] == "adam":
+    if opt.optimizer == "adam":
         base: Any = torch.optim.Adam
         kwargs: dict[str, Any] = {}
     else:
         base, kwargs = torch.optim.SGD, {"momentum": 0.9}
-    kwargs.update(lr=cfg["lr"], **optimizer_settings(cfg))
-    if cfg["sam_rho"] > 0:
-        return SAM(
-            model.parameters(), base, rho=cfg["sam_rho"], adaptive=cfg["sam_adaptive"], **kwargs
-        )
+    kwargs.update(lr=opt.lr, **optimizer_settings(opt))
+    if opt.sam_rho > 0:
+        return SAM(model.parameters(), base, rho=opt.sam_rho, adaptive=opt.sam_adaptive, **kwargs)
     return base(model.parameters(), **kwargs)
 
 
-def apply_optimizer_settings(cfg: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
-    """Write the config's hyperparameters over a loaded optimiser state (a resume's
+def apply_optimizer_settings(opt: OptimOptions, optimizer: torch.optim.Optimizer) -> None:
+    """Write the hyperparameters over a loaded optimiser state (a resume's
     ``--weight-decay`` or ``--adam-beta2`` then takes effect)."""
     for group in optimizer.param_groups:
-        group.update(optimizer_settings(cfg))
+        group.update(optimizer_settings(opt))
 
 
-def make_augment(cfg: dict[str, Any]) -> jdata.Augment | None:
-    """The dataset's augmentation with the config's input noise, or None (``no_augment``)."""
-    if cfg["no_augment"]:
+def make_augment(data: DataOptions) -> jdata.Augment | None:
+    """The dataset's augmentation with the given input noise, or None (``no_augment``)."""
+    if data.no_augment:
         return None
-    augment = jdata.default_augment(cfg["dataset"])
-    if cfg["input_noise"] is not None:
-        augment = dataclasses.replace(augment, noise_sigma=cfg["input_noise"])
+    augment = jdata.default_augment(data.dataset)
+    if data.input_noise is not None:
+        augment = dataclasses.replace(augment, noise_sigma=data.input_noise)
     return augment
 
 
-def apply_speed_options(ctx: StepContext, cfg: dict[str, Any], device: torch.device) -> None:
-    """Set the context's precision, layout and compilation from the config's speed flags
+def apply_speed_options(ctx: StepContext, speed: SpeedOptions, device: torch.device) -> None:
+    """Set the context's precision, layout and compilation from the speed options
     (``precision``, ``channels_last``, ``compile``; the sampler's own options are set where
     it is built, by :func:`jem_ext.accel.configure_sampler`)."""
     model = ctx.model_for_chain
-    precision = cfg.get("precision", "fp32")
-    if cfg.get("channels_last") and is_convolutional(model):
+    if speed.channels_last and is_convolutional(model):
         use_channels_last(model)
-    if cfg.get("compile"):
+    if speed.compile:
         compile_model(model)
-    ctx.autocast = autocast_factory(precision, device)
-    ctx.scaler = make_scaler(precision, device)
+    ctx.autocast = autocast_factory(speed.precision, device)
+    ctx.scaler = make_scaler(speed.precision, device)
     ctx.joint_forward = batch_independent(model)
 
 
 def build_context(
-    cfg: dict[str, Any],
+    cfg: RunConfig,
     model: torch.nn.Module,
     train_data: jdata.ImageData,
     device: torch.device,
@@ -270,38 +261,40 @@ def build_context(
     This is where precision, CUDA-graph and distributed options set the context's fields;
     SAM (``sam_rho > 0``) takes the two-pass :class:`SharpnessAwareContext`.
     """
-    context = SharpnessAwareContext if cfg["sam_rho"] > 0 else StepContext
+    context = SharpnessAwareContext if cfg.optim.sam_rho > 0 else StepContext
     ctx = context(
         model_for_chain=model,
         model_for_loss=model,
-        optimizer=make_optimizer(cfg, model),
+        optimizer=make_optimizer(cfg.optim, model),
         sampler=make_sampler(cfg, train_data, device, generator=generator, dist=dist),
         generator=generator,
     )
-    apply_speed_options(ctx, cfg, device)
+    apply_speed_options(ctx, cfg.speed, device)
     # Wrapped last: DDP registers the parameters in the layout the speed options gave them.
     ctx.model_for_loss = distributed.wrap(model, dist)
     return ctx
 
 
-def build_run(cfg: dict[str, Any], datasets: dict[str, jdata.ImageData] | None = None) -> Run:
-    """Build the run of a validated config (nothing is written to disk here).
+def build_run(cfg: RunConfig, datasets: dict[str, jdata.ImageData] | None = None) -> Run:
+    """Build the run of a config (nothing is written to disk here).
 
     In a distributed job (see :mod:`.distributed`) this process builds its share: its device,
     its generators (seeded from the seed and its rank) and its replay-buffer shard.
     """
     dist = distributed.current()
-    device = distributed.local_device(resolve_device(cfg["device"]), dist)
-    if cfg["threads"] > 0:
-        torch.set_num_threads(cfg["threads"])
+    opt = cfg.optim
+    device = distributed.local_device(resolve_device(opt.device), dist)
+    if opt.threads > 0:
+        torch.set_num_threads(opt.threads)
     if datasets is None:
-        datasets = load_data(cfg)
+        datasets = load_data(cfg.data, opt.seed)
     train_d = datasets["train"]
-    conditional = cfg["objective"] == "factored"
-    distributed.check_config(cfg, dist.world_size, train_d.num_classes if conditional else 1)
-    seed = cfg["seed"]
+    distributed.check_config(cfg, dist.world_size, train_d.num_classes if cfg.conditional else 1)
+    seed = opt.seed
     torch.manual_seed(seed)
-    model = build_model(cfg["model"], train_d.num_classes, train_d.shape, **model_kwargs(cfg))
+    model = build_model(
+        cfg.model.name, train_d.num_classes, train_d.shape, **model_kwargs(cfg.model)
+    )
     model.to(device)
     if dist.rank > 0:  # dropout and other global-RNG draws differ between processes
         torch.manual_seed(distributed.generator_seed(seed, dist.rank))
@@ -314,8 +307,8 @@ def build_run(cfg: dict[str, Any], datasets: dict[str, jdata.ImageData] | None =
     }
     ctx = build_context(cfg, model, train_d, device, generators["sampler"], dist)
     labeled = None
-    if cfg["labels_per_class"]:
-        labeled = jdata.labeled_mask(train_d.y, cfg["labels_per_class"], seed=seed).to(device)
+    if cfg.data.labels_per_class:
+        labeled = jdata.labeled_mask(train_d.y, cfg.data.labels_per_class, seed=seed).to(device)
     data = RunData(
         train=train_d,
         val=datasets["val"],
@@ -328,17 +321,17 @@ def build_run(cfg: dict[str, Any], datasets: dict[str, jdata.ImageData] | None =
             train_d.classes,
         ),
         labeled=labeled,
-        augment=make_augment(cfg),
-        px_augment=cfg["px_augment"],
+        augment=make_augment(cfg.data),
+        px_augment=cfg.data.px_augment,
     )
-    weights = LossWeights(cfg["objective"], cfg["w_px"], cfg["w_pyx"], cfg["l2_energy"])
+    o = cfg.objective
     return Run(
         cfg=cfg,
         device=device,
         ctx=ctx,
         data=data,
-        weights=weights,
+        objective=Objective(o.name, o.w_px, o.w_pyx, o.l2_energy),
         generators=generators,
-        out=Path(cfg["out"]),
+        out=Path(cfg.folder.out),
         dist=dist,
     )

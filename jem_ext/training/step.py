@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import objectives
+from ..objectives import Batch, Objective
 from ..sam import SAM
 from ..sampler import SGLDSampler
 
@@ -126,29 +127,8 @@ def frozen_norm_stats(model: nn.Module) -> Iterator[None]:
                     b.copy_(buffers[k])
 
 
-@dataclass(frozen=True)
-class LossWeights:
-    """The objective and its weights (see :func:`jem_ext.objectives.jem_loss`)."""
-
-    objective: str = "jem"
-    w_px: float = 1.0
-    w_pyx: float = 1.0
-    l2_energy: float = 0.0
-
-
-@dataclass
-class Batch:
-    """A data batch: inputs, labels, which labels the CE term may use (None: all), and the
-    inputs of the p(x) term when they differ from ``x`` (the batch before augmentation)."""
-
-    x: Tensor
-    y: Tensor
-    labeled: Tensor | None = None
-    x_px: Tensor | None = None
-
-
 def train_step(
-    ctx: StepContext, batch: Batch, weights: LossWeights
+    ctx: StepContext, batch: Batch, objective: Objective
 ) -> tuple[dict[str, float], Tensor | None]:
     """One iteration of JEM's Algorithm 1 on ``batch``.
 
@@ -168,18 +148,8 @@ def train_step(
     # objective's terms (see jem_ext.objectives)
     def loss_and_terms() -> tuple[Tensor, dict[str, float]]:
         with ctx.autocast():
-            return objectives.jem_loss(
-                ctx.model_for_loss,
-                batch.x,
-                batch.y,
-                x_q=x_q,
-                labeled=batch.labeled,
-                objective=weights.objective,
-                w_px=weights.w_px,
-                w_pyx=weights.w_pyx,
-                l2_energy=weights.l2_energy,
-                joint_forward=ctx.joint_forward,
-                x_px=batch.x_px,
+            return objectives.batch_loss(
+                ctx.model_for_loss, batch, objective, x_q=x_q, joint_forward=ctx.joint_forward
             )
 
     ctx.model_for_loss.train()
