@@ -13,7 +13,7 @@ import pytest
 from toy_runs import TOY
 
 from jem_ext import train as jtrain
-from jem_ext.training import cli, loop
+from jem_ext.training import cli, loop, trainer
 from jem_ext.training.curves import write_curves
 
 # 32 iterations an epoch; metrics every iteration
@@ -35,7 +35,7 @@ def curves_calls(monkeypatch) -> list[tuple[str, str]]:
         calls.append((str(run_dir), status))
         return write_curves(run_dir, status, out)
 
-    monkeypatch.setattr(loop, "write_curves", spy)
+    monkeypatch.setattr(trainer, "write_curves", spy)
     monkeypatch.setattr(cli, "write_curves", spy)
     return calls
 
@@ -109,7 +109,7 @@ def test_an_interruption_before_the_first_checkpoint_leaves_no_folder(
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "build_run", interrupted)
+    monkeypatch.setattr(trainer, "build_run", interrupted)
     run = tmp_path / "r"
     assert jtrain.main([*FAST, "--out", str(run)]) == 130
     assert curves_calls == [] and not run.exists()

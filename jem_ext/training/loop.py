@@ -157,7 +157,7 @@ def train_one_epoch(run: Run, hooks: Hooks) -> dict[str, float]:
         rank=run.dist.rank,
         world_size=run.dist.world_size,
     )
-    totals = EpochTotals()
+    totals, every = EpochTotals(), cfg.folder.log_every  # metrics rows (and histograms) due
     for pos, (x, y, idx) in enumerate(batches):
         if pos < st.pos:
             continue  # resuming inside the epoch: skip batches already trained on
@@ -177,8 +177,8 @@ def train_one_epoch(run: Run, hooks: Hooks) -> dict[str, float]:
             watch_split(run, hooks, terms, objective.w_px)
         totals.add(None if reason is not None else terms)
         after_iteration(run, hooks, terms if reason is None else None, epoch, lr, objective.w_px)
-        if reason is None:
-            log_energies(run, hooks, batch, x_q)
+        if reason is None and hooks.tensorboard.enabled and st.iteration % every == 0:
+            energy_histograms(hooks.tensorboard, run.ctx.model_for_chain, batch.x, x_q, it + 1)
     return totals.metrics()
 
 
@@ -338,14 +338,6 @@ def end_of_epoch(run: Run, hooks: Hooks) -> dict[str, float]:
         hooks.progress.describe(f"{title(cfg)} val {val_acc:.3f}")
     hooks.saver.save_last(checkpoint_state(run))
     return metrics
-
-
-def log_energies(run: Run, hooks: Hooks, batch: Batch, x_q: torch.Tensor | None) -> None:
-    """Histograms of the energies of the data batch and of the samples in TensorBoard, at the
-    iterations that write a metrics row (``--tensorboard`` only: an extra forward of each)."""
-    done = run.state.iteration
-    if hooks.tensorboard.enabled and done % run.cfg.folder.log_every == 0:
-        energy_histograms(hooks.tensorboard, run.ctx.model_for_chain, batch.x, x_q, done)
 
 
 def write_samples(run: Run, tag: str, tensorboard: NullTensorBoard | None = None) -> None:
