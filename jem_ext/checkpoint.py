@@ -6,6 +6,8 @@ A checkpoint is a plain dict saved with :func:`torch.save` and read back with
 
 - ``"format"``: always :data:`FORMAT` (``"jem_ext.checkpoint"``); ``"version"``: :data:`VERSION`.
 - ``"model_spec"``: :func:`jem_ext.models.model_spec` of the network; ``"model"``: its state dict.
+  A model from a factory has the factory's ``"PACKAGE.MODULE:FACTORY"`` as its spec's name; it
+  is rebuilt only by naming that factory again (see :func:`model_from_checkpoint`).
 - ``"optimizer"``: optimiser state dict; ``"sampler"``: ``SGLDSampler.state_dict()`` (or None).
 - ``"rng"``: RNG states (see :func:`capture_rng` / :func:`restore_rng`).
 - ``"iteration"``, ``"epoch"``: training progress; ``"config"``: the run's full config dict,
@@ -43,6 +45,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_path, torch_save
+from .factory import is_factory
 from .models import build_from_spec, meta_model
 
 FORMAT = "jem_ext.checkpoint"
@@ -224,22 +227,55 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"{path}: no such checkpoint file or run folder")
 
 
-def model_from_checkpoint(state: dict[str, Any], device: Any = "cpu") -> nn.Module:
+def model_from_checkpoint(
+    state: dict[str, Any], device: Any = "cpu", factory: Any = None, flag: str = "--model"
+) -> nn.Module:
     """Rebuild the network of a loaded checkpoint, with its weights, in eval mode.
 
+    A model that came from a factory (``--model PACKAGE.MODULE:FACTORY``) is rebuilt only when
+    ``factory`` names the same one (the string, or the callable): a checkpoint never imports
+    code by itself. ``flag`` is the command-line flag that names it, for the messages.
+
     Raises:
-        CheckpointError: the checkpoint lacks ``model_spec``/``model`` or they do not match.
+        CheckpointError: the checkpoint lacks ``model_spec``/``model`` or they do not match; its
+            model comes from a factory that ``factory`` does not name, or the factory fails or
+            builds a model that does not fit the weights; a factory given for a built-in model.
     """
     if "model_spec" not in state or "model" not in state:
         raise CheckpointError("checkpoint: expected keys 'model_spec' and 'model'")
-    _check_spec_matches_weights(state["model_spec"], state["model"])
+    spec = state["model_spec"]
+    if isinstance(spec, dict) and is_factory(spec.get("name")):
+        return _factory_model(spec, state["model"], factory, flag).to(device).eval()
+    _check_spec_matches_weights(spec, state["model"])
     try:
-        model = build_from_spec(state["model_spec"])
+        model = build_from_spec(spec, factory=factory)
         model.load_state_dict(state["model"])
     except (ValueError, TypeError, RuntimeError, KeyError) as err:
         first = _first_sentence(err)
         raise CheckpointError(f"checkpoint: cannot rebuild the model ({first})") from None
     return model.to(device).eval()
+
+
+def _factory_model(spec: dict[str, Any], weights: Any, factory: Any, flag: str) -> nn.Module:
+    """The model of a factory spec, built by the factory the caller named, with its weights."""
+    if not isinstance(weights, dict):
+        raise CheckpointError("checkpoint: model_spec and model must be dicts")
+    try:
+        model = build_from_spec(spec, factory=factory, flag=flag)
+    except ValueError as err:  # FactoryError included: one line already
+        raise CheckpointError(f"checkpoint: {err}") from None
+    diff = weights_mismatch(model, weights)
+    if diff is not None:
+        raise CheckpointError(
+            f"checkpoint: the model that {spec['name']} builds does not match the saved weights "
+            f"(first difference: {diff})"
+        )
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, KeyError) as err:
+        first = _first_sentence(err)
+        raise CheckpointError(f"checkpoint: cannot rebuild the model ({first})") from None
+    return model
 
 
 def weights_mismatch(model: nn.Module, weights: dict[str, Any]) -> str | None:

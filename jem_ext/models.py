@@ -12,7 +12,8 @@ apart from dropout and the optional norm layers.
 Use :func:`build_model` to construct one by name; it records a JSON-serialisable spec on the
 module (attribute ``jem_spec``) so that a checkpoint can store :func:`model_spec` and rebuild the
 architecture with :func:`build_from_spec`. A new architecture is one :class:`ModelEntry` in
-:data:`MODELS`; the trainer's ``--model`` choices and settings follow from it.
+:data:`MODELS`; the trainer's ``--model`` choices and settings follow from it. A name of the
+form ``"PACKAGE.MODULE:FACTORY"`` is a user's own model, built by :mod:`jem_ext.factory`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import factory as factories
 from .wrn import NORMS, WideResNet, _norm2d
 from .wrn import WideBasic as WideBasic  # re-exported: jem_ext.models.WideBasic
 
@@ -276,6 +278,8 @@ def meta_model(spec: dict[str, Any]) -> nn.Module:
         ValueError: invalid spec, or more than :data:`MAX_PARAMETERS` parameters.
     """
     name = spec.get("name")
+    if factories.is_factory(name):
+        raise ValueError(f"{name}: a factory's model is known only by building it")
     entry = model_entry(name)  # type: ignore[arg-type]
     kwargs = spec.get("kwargs", {})
     if not isinstance(kwargs, dict):
@@ -298,19 +302,25 @@ def build_model(name: str, num_classes: int, in_shape: tuple[int, ...], **kwargs
     The arguments are checked, and the model's size computed without allocating it, first.
 
     Args:
-        name: a key of :data:`MODELS` ("wrn", "small_cnn", "mlp", ...).
+        name: a key of :data:`MODELS` ("wrn", "small_cnn", "mlp", ...), or a factory
+            ``"PACKAGE.MODULE:FACTORY"``, imported and called (:func:`jem_ext.factory.build`).
         num_classes: number of logits.
         in_shape: shape of one input sample, ``(C, H, W)`` for images or ``(D,)``.
         **kwargs: further constructor arguments (e.g. ``depth``, ``widen_factor``, ``norm``);
-            they must be JSON-serialisable.
+            they must be JSON-serialisable. A factory takes none.
 
     Returns:
         The module, with attribute ``jem_spec`` (see :func:`model_spec`).
 
     Raises:
         ValueError: unknown name, wrong ``in_shape``, arguments out of range, too many
-            parameters, or non-serialisable kwargs.
+            parameters, or non-serialisable kwargs; a factory that cannot be used
+            (:class:`jem_ext.factory.FactoryError`).
     """
+    if factories.is_factory(name):
+        if kwargs:
+            raise ValueError(f"{name}: a model factory takes no arguments, got {sorted(kwargs)}")
+        return factories.build(name, _as_int(num_classes), tuple(_as_int(s) for s in in_shape))
     entry = model_entry(name)
     spec = {
         "name": name,
@@ -340,17 +350,23 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     return json.loads(json.dumps(spec))
 
 
-def build_from_spec(spec: dict[str, Any]) -> nn.Module:
+def build_from_spec(spec: dict[str, Any], factory: Any = None, flag: str = "--model") -> nn.Module:
     """Rebuild a (freshly initialised) model from :func:`model_spec` output.
 
+    A spec never imports code: a factory's model is rebuilt only by the same ``factory``
+    named again (see :func:`jem_ext.factory.rebuild`; ``flag`` names it in messages).
+
     Raises:
-        ValueError: the spec lacks ``name``, ``num_classes`` or ``in_shape``, or is invalid.
+        ValueError: the spec lacks ``name``, ``num_classes`` or ``in_shape``, or is invalid;
+            a factory not named as :func:`jem_ext.factory.rebuild` needs.
     """
     missing = [k for k in ("name", "num_classes", "in_shape") if k not in spec]
     if missing:
         raise ValueError(
             f"model spec: expected keys name, num_classes, in_shape; missing {missing}"
         )
+    if factories.is_factory(spec["name"]) or factory is not None:
+        return factories.rebuild(spec, factory, flag)
     return build_model(
         spec["name"], spec["num_classes"], tuple(spec["in_shape"]), **spec.get("kwargs", {})
     )

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import factory as factories
 from ._cli import (
     SIGTERM_STATUS,
     DefaultsHelpFormatter,
@@ -113,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold=-12.5",
     )
     p.add_argument(
+        "--model",
+        default=None,
+        metavar="PACKAGE.MODULE:FACTORY",
+        help="the model factory of a run trained with --model PACKAGE.MODULE:FACTORY (needed "
+        "for such a run: a checkpoint never imports code by itself; the name must be the one "
+        "the run recorded)",
+    )
+    p.add_argument(
         "--device",
         default=None,
         help="device to run on, e.g. cpu or cuda (default: the run's device when this machine "
@@ -156,6 +165,11 @@ def _check_args(args: argparse.Namespace) -> str:
             raise ScoreError(f"--device: unknown device {args.device!r}") from None
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ScoreError(f"--device {args.device}: CUDA is not available")
+    if args.model is not None:
+        try:
+            factories.parse(args.model)
+        except factories.FactoryError as err:
+            raise ScoreError(f"--model {err}") from None
     return fmt
 
 
@@ -305,7 +319,7 @@ def run(args: argparse.Namespace, fmt: str) -> str:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        trained = load(args.checkpoint, args.device)
+        trained = load(args.checkpoint, args.device, model=args.model)
     except CheckpointError as err:
         raise ScoreError(f"--checkpoint: {err}") from None
     files = list_inputs(args.inputs)

@@ -20,6 +20,7 @@ value on the host (no ``.item()``, no ``.cpu()``), so calls queue up on a GPU.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .checkpoint import (
+    CheckpointError,
     load_checkpoint,
     model_from_checkpoint,
     replay_buffer_samples,
@@ -325,7 +327,11 @@ class Trained:
         return self.buffer[idx]
 
 
-def load(run_or_checkpoint: str | os.PathLike, device: str | torch.device | None = None) -> Trained:
+def load(
+    run_or_checkpoint: str | os.PathLike,
+    device: str | torch.device | None = None,
+    model: str | Callable[..., nn.Module] | None = None,
+) -> Trained:
     """Load a trained JEM from a checkpoint file or a run folder.
 
     A run folder gives its ``checkpoints/best.pt`` (the best validation accuracy), else
@@ -333,13 +339,21 @@ def load(run_or_checkpoint: str | os.PathLike, device: str | torch.device | None
     verified; the model is rebuilt from its recorded spec. ``device`` defaults to the one the
     run trained on when this machine has it (a CUDA run on a machine without CUDA: the CPU).
 
+    A run whose model came from a factory (``--model PACKAGE.MODULE:FACTORY``) needs ``model``:
+    the same ``"PACKAGE.MODULE:FACTORY"`` (imported here) or the factory itself. A checkpoint
+    never imports code by itself.
+
     Raises:
         CheckpointError: no such file or folder, not a jem_ext checkpoint, corrupt, or a spec
-            that does not match its weights (one line naming the file).
+            that does not match its weights; a factory's run without ``model``, with another
+            factory, or whose factory fails; ``model`` given for a built-in model (one line).
     """
     file = Path(os.path.abspath(resolve_checkpoint(run_or_checkpoint)))
     state = load_checkpoint(file, map_location="cpu")
     cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
     dev = _default_device(cfg) if device is None else torch.device(device)
-    model = model_from_checkpoint(state, device=dev)  # refuses a spec without in_shape/classes
-    return Trained(file, state, model, dev)
+    try:  # refuses a spec without in_shape/classes
+        net = model_from_checkpoint(state, device=dev, factory=model)
+    except CheckpointError as err:
+        raise CheckpointError(f"{file}: {str(err).removeprefix('checkpoint: ')}") from None
+    return Trained(file, state, net, dev)

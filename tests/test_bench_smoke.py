@@ -103,3 +103,28 @@ def test_default_sizes_measure_bandwidth_beyond_the_l2_cache():
         assert rows * classes >= 16 * 2**20
     timing = bench.timing.time_stream(lambda: None, torch.device("cpu"), 3)
     assert timing["reps"] == 3 and timing["mean_s"] >= 0
+
+
+def test_model_factory_is_timed_instead_of_the_wrn(tmp_path, monkeypatch, capsys):
+    from factory_models import MODULE, write_factories
+
+    write_factories(tmp_path, monkeypatch)
+    out = tmp_path / "bench"
+    argv = ["--smoke", "--stages", "env,chain,train", "--out", str(out)]
+    assert bench.main([*argv, "--model", f"{MODULE}:conv"]) == 0
+    results = json.loads((out / "bench.json").read_text())
+    assert results["env"]["sizes"]["model"] == f"{MODULE}:conv"
+    assert "error" not in results["chain"]["fp32 eager"], results["chain"]
+    assert "error" not in results["train"]["fp32 eager"], results["train"]
+    assert f"Model: {MODULE}:conv" in (out / "bench.md").read_text()
+    capsys.readouterr()
+    for extra, message in (
+        (["--model", f"{MODULE}:wrong_classes"], "expected float logits [2, 10]"),
+        (["--model", "nowhere:net"], "--model nowhere:net: no module named 'nowhere'"),
+        (["--model", f"{MODULE}:conv", "--depth", "10"], "--depth: apply to the WRN"),
+    ):
+        fresh = tmp_path / "refused"
+        assert bench.main(["--smoke", "--out", str(fresh), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not fresh.exists()

@@ -563,3 +563,29 @@ def test_more_processes_than_gpus_is_refused_at_launch(tmp_path, capsys, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --nproc-per-node 2: only 1 CUDA device")
     assert not (tmp_path / "run").exists() and not torch.distributed.is_initialized()
+
+
+def test_a_job_with_a_factory_model_and_tensorboard(tmp_path, monkeypatch):
+    """Each process builds the factory's model; rank 0 alone prints the BatchNorm note and
+    writes the TensorBoard event files and curves.png."""
+    pytest.importorskip("tensorboard")
+    from factory_models import MODULE, write_factories
+
+    write_factories(tmp_path, monkeypatch)  # PYTHONPATH reaches the launched processes
+    run = tmp_path / "run"
+    argv = [*TINY, "--epochs", "1", "--sample-every", "10", "--tensorboard", "--out", str(run)]
+    argv[argv.index("small_cnn")] = f"{MODULE}:with_batchnorm"
+    del argv[argv.index("--width") : argv.index("--width") + 2]
+    results = launch(argv)
+    _ok(results)
+    assert results[0].stderr.count("BatchNorm layer") == 1
+    assert "BatchNorm" not in results[1].stderr
+    assert len(list((run / "tensorboard").iterdir())) == 1
+    assert (run / "curves.png").is_file()
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    acc = ea.EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 21))
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["model_spec"]["name"].endswith(
+        ":with_batchnorm"
+    )

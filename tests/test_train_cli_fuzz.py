@@ -76,6 +76,8 @@ def _bad_flag_values(action: argparse.Action, rng: random.Random) -> list[str]:
         return bad + ["nan", "inf", "-inf", "NaN", "1e400", "x", ""]
     if action.type is int_list:
         return bad + ["a,b", "1.5", "1,,x"]
+    if action.dest == "model":  # a built-in name or PACKAGE.MODULE:FACTORY
+        return ["bogus", "", "MLP", "pkg.mod:", ":net", "1pkg:net", "no_such_pkg.models:net"]
     raise AssertionError(f"untyped flag {action.dest}")
 
 
@@ -95,6 +97,8 @@ def _bad_config_values(action: argparse.Action, rng: random.Random) -> list:
         return out + ["1.0", True, [1.0], "INF_LITERAL"]
     if action.type is int_list:
         return [["a", "b"], "1,2", [1.5], [True], 3] + [[v] for v in out]
+    if action.dest == "model":
+        return wrong + ["pkg.mod:", "no_such_pkg.models:net"]
     return wrong
 
 

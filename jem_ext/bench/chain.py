@@ -23,7 +23,10 @@ from .timing import _within, sync, time_call
 
 
 def _wrn(sizes: Sizes, device: torch.device) -> nn.Module:
+    """The timed network: the WRN of the sizes, or the model of ``sizes.model``'s factory."""
     torch.manual_seed(0)
+    if sizes.model is not None:
+        return build_model(sizes.model, 10, sizes.image).to(device)
     model = build_model("wrn", 10, sizes.image, depth=sizes.depth, widen_factor=sizes.width)
     return model.to(device)
 

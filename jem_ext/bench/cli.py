@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .. import factory as factories
 from .._cli import check_threads, interrupt_status, terminate_as_interrupt
 from .._io import remove_temporaries, write_failure
 from .chain import stage_chain
@@ -108,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the chain/training options not started within this many seconds "
         "(results so far are written after every stage; default: no limit)",
     )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="PACKAGE.MODULE:FACTORY",
+        help="time the chain and training iteration of this model factory's network (called "
+        "with 10 classes and the image shape) instead of the WRN; --depth and --width do not "
+        "apply to it",
+    )
     sizes = p.add_argument_group("sizes (override the WRN-28-10, batch 64, K=20 defaults)")
     sizes.add_argument("--depth", type=int, default=None, help="WRN depth (6n+4)")
     sizes.add_argument("--width", type=int, default=None, help="WRN widen factor")
@@ -126,7 +135,23 @@ def _override(sizes: Sizes, args: argparse.Namespace) -> Sizes:
     }
     if args.image_size is not None:
         given["image"] = (sizes.image[0], args.image_size, args.image_size)
+    if args.model is not None:
+        given["model"] = args.model
     return replace(sizes, **given)
+
+
+def _check_model(sizes: Sizes, args: argparse.Namespace) -> None:
+    """A factory named by ``--model`` must build a model of 10 classes for the bench's images
+    (one forward on a zero batch, on the CPU) and takes no --depth/--width (raises ValueError)."""
+    if sizes.model is None:
+        return
+    given = [f"--{k}" for k in ("depth", "width") if getattr(args, k) is not None]
+    if given:
+        raise ValueError(f"{' and '.join(given)}: apply to the WRN, not to --model {sizes.model}")
+    try:
+        factories.build(sizes.model, 10, sizes.image)
+    except factories.FactoryError as err:
+        raise ValueError(f"--model {err}") from None
 
 
 def _choose(
@@ -153,6 +178,7 @@ def _choose(
     device = torch.device(name)
     sizes = SMOKE if args.smoke else Sizes()
     sizes = _override(sizes, args)
+    _check_model(sizes, args)
     options = GPU_OPTIONS if device.type == "cuda" else CPU_OPTIONS
     if args.no_compile or args.smoke:
         options = tuple(o for o in options if not o.compile)

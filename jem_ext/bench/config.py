@@ -25,6 +25,9 @@ class Sizes:
     buffer: int = 10000
     reps: int = 5
     op_reps: int = 50
+    # a model factory "PACKAGE.MODULE:FACTORY" (10 classes, ``image`` inputs) timed instead of
+    # the WRN of ``depth`` and ``width``
+    model: str | None = None
 
 
 SMOKE = Sizes(

@@ -28,6 +28,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['date']})",
         "",
     ]
+    model = env.get("sizes", {}).get("model")
+    if model:
+        lines += [f"Model: {model} (instead of the WRN)", ""]
     if "ops" in results:
         lines += _ops_table(results["ops"])
     if "chain" in results:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .. import factory as factories
 from .._cli import (
     SIGTERM_STATUS,
     DefaultsHelpFormatter,
@@ -76,6 +77,20 @@ def _add_input_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="second checkpoint or run folder evaluated on the same data; its "
         "figures go under 'compare' in report.json and beside the first everywhere",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="PACKAGE.MODULE:FACTORY",
+        help="the model factory of a --checkpoint run trained with --model "
+        "PACKAGE.MODULE:FACTORY (needed for such a run: a checkpoint never imports code by "
+        "itself; the name must be the one the run recorded)",
+    )
+    p.add_argument(
+        "--compare-model",
+        default=None,
+        metavar="PACKAGE.MODULE:FACTORY",
+        help="the model factory of the --compare run, when it was trained with one",
     )
     p.add_argument(
         "--out", required=True, help="output folder (created; existing report files are replaced)"
@@ -314,6 +329,12 @@ def parse_settings(argv: Sequence[str] | None = None) -> EvalSettings:
     args = build_parser().parse_args(argv)
     _check_ranges(args)
     _check_device(args.device)
+    for flag, value in (("--model", args.model), ("--compare-model", args.compare_model)):
+        if value is not None:
+            try:
+                factories.parse(value)
+            except factories.FactoryError as err:
+                raise EvalError(f"{flag} {err}") from None
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out}: exists and is not a folder")

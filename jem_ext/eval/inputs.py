@@ -73,12 +73,16 @@ class EvalData:
     fingerprint: dict[str, Any] | None = None
 
 
-def load_model(path: str, device: str, what: str, label: str | None = None) -> Loaded:
-    """Resolve, load and rebuild a checkpoint (raises :class:`EvalError`)."""
+def load_model(
+    path: str, device: str, what: str, label: str | None = None, factory: str | None = None
+) -> Loaded:
+    """Resolve, load and rebuild a checkpoint (raises :class:`EvalError`); a model from a
+    factory is rebuilt by the ``factory`` the user named (a checkpoint never imports code)."""
     try:
         file = Path(os.path.abspath(resolve_checkpoint(path)))
         state = load_checkpoint(file, map_location="cpu")
-        model = model_from_checkpoint(state, device=device)
+        flag = "--compare-model" if what == "--compare" else "--model"
+        model = model_from_checkpoint(state, device=device, factory=factory, flag=flag)
     except CheckpointError as err:
         raise EvalError(f"{what}: {err}") from None
     spec = state["model_spec"]
@@ -125,7 +129,13 @@ def subset(data, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def load_compare(settings: EvalSettings, main: Loaded) -> Loaded:
     """The ``--compare`` model; it must take the same inputs and classes as the main one."""
-    other = load_model(settings.compare, settings.device, "--compare", settings.compare_label)
+    other = load_model(
+        settings.compare,
+        settings.device,
+        "--compare",
+        settings.compare_label,
+        settings.compare_model,
+    )
     if (other.in_shape, other.num_classes) != (main.in_shape, main.num_classes):
         raise EvalError(
             f"--compare {other.path}: its model takes {other.in_shape} with "

@@ -99,7 +99,9 @@ __all__ = ["Inputs", "ModelResults", "run"]
 
 def prepare(settings: EvalSettings) -> Inputs:
     """Load and check every input; raises :class:`EvalError`, writes nothing."""
-    main = load_model(settings.checkpoint, settings.device, "--checkpoint", settings.label)
+    main = load_model(
+        settings.checkpoint, settings.device, "--checkpoint", settings.label, settings.model
+    )
     sgld = resolve_sgld(main.state.get("sampler"), settings.sgld_step_size, settings.sgld_noise)
     data = load_eval_data(settings, main)
     models = [main] + ([load_compare(settings, main)] if settings.compare else [])

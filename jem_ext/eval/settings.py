@@ -109,6 +109,8 @@ class EvalSettings:
     compare: str | None = None
     label: str | None = None
     compare_label: str | None = None
+    model: str | None = None
+    compare_model: str | None = None
     dataset: str | None = None
     data_root: str | None = None
     batch_size: int = 100

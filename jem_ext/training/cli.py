@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import data as jdata
+from .. import factory as factories
 from .._cli import (
     SIGTERM_STATUS,
     Terminated,
@@ -21,8 +22,10 @@ from ..checkpoint import CheckpointError, load_checkpoint, weights_mismatch
 from ..models import meta_model
 from . import distributed
 from .config import ConfigError, check_identity, parse_command_line
+from .curves import write_curves
 from .folder import RunFolder, RunFolderLost
 from .guard import TrainingDiverged
+from .model_checks import check_factory_model, check_factory_named, note_batch_norm
 from .runconfig import RunConfig
 from .saver import last_checkpoint
 from .setup import fresh_out, load_data, model_kwargs
@@ -50,8 +53,18 @@ def _load_resume_state(run_dir: str) -> dict[str, Any]:
 def _check_model(
     cfg: RunConfig, datasets: dict[str, jdata.ImageData], resume_state: dict[str, Any] | None
 ) -> None:
-    """Check the model flags (and a resumed checkpoint's weights) without allocating a model."""
+    """Check the model flags (and a resumed checkpoint's weights) without allocating a model
+    (a factory's model is built once, on the CPU, and run on a zero batch)."""
     train_d = datasets["train"]
+    name = cfg.model.name
+    if factories.is_factory(name):
+        weights = None if resume_state is None else resume_state["model"]
+        channels_last = cfg.speed.channels_last
+        model = check_factory_model(
+            name, train_d.num_classes, train_d.shape, channels_last, weights
+        )
+        note_batch_norm(model, name, cfg.generative)
+        return
     spec = {
         "name": cfg.model.name,
         "num_classes": train_d.num_classes,
@@ -62,6 +75,7 @@ def _check_model(
         model = meta_model(spec)
     except ValueError as err:
         raise ConfigError(f"model: {err}") from None
+    note_batch_norm(model, f"{name} --norm {cfg.model.norm}", cfg.generative)
     if resume_state is not None:
         diff = weights_mismatch(model, resume_state["model"])
         if diff is not None:
@@ -173,6 +187,10 @@ def prepare(argv: list[str] | None = None) -> Prepared:
     try:
         resume = cfg.folder.resume
         resume_state = None if resume is None else _load_resume_state(resume)
+        if resume_state is not None:
+            spec = resume_state.get("model_spec") or {}
+            given = invocation.explicit.get("model")
+            check_factory_named(spec.get("name"), given, cfg.folder.out)
         if restarted and distributed.launch_rank() == 0:
             print(
                 f"torchrun restarted the job (restart {distributed.restart_count()} of "
@@ -191,6 +209,8 @@ def prepare(argv: list[str] | None = None) -> Prepared:
             folder.release(remove=True)
         raise
     overrides = invocation.overrides() if cfg.folder.resume is not None else None
+    if overrides is not None and factories.is_factory(cfg.model.name):
+        overrides.pop("model", None)  # the factory named again, as a resume must: no change
     return Prepared(cfg, resume_state, datasets, folder, overrides)
 
 
@@ -315,12 +335,23 @@ def _stop(prepared: Prepared | None, err: BaseException) -> int:
     what = "terminated (SIGTERM)" if status == SIGTERM_STATUS else "interrupted"
     folder = prepared.folder if prepared else None
     message = _interrupted(folder, what)
-    _release(prepared, keep_run=_continue_command(folder) is not None)
+    keep = _continue_command(folder) is not None
+    if keep:
+        _draw_curves(folder, "interrupted" if status != SIGTERM_STATUS else "terminated")
+    _release(prepared, keep_run=keep)
     if job.is_main and distributed.launch_rank() == 0:
         print(f"\n{message}", file=sys.stderr)
     if job.parallel:
         distributed.abandon(status)
     return status
+
+
+def _draw_curves(folder: RunFolder, status: str) -> None:
+    """curves.png of a stopped run (best effort: the stop goes on when it cannot be written)."""
+    try:
+        write_curves(folder.path, status)
+    except (OSError, ValueError):
+        pass
 
 
 def _write_failed(err: OSError, prepared: Prepared | None) -> str:

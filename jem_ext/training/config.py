@@ -20,6 +20,8 @@ from typing import Any
 
 from ..checkpoint import CheckpointError
 from ..data import DataError, ImageData, data_fingerprint, fingerprint_changes
+from ..factory import is_factory
+from ..models import MODELS
 from ..settings import value_problem
 from .runconfig import (
     IDENTITY_KEYS,
@@ -61,7 +63,14 @@ RETIRED_KEYS = ("debug_inject_nan_at",)
 # Keys added after config files were first written, with the value that repeats what such a
 # file meant: a run from before these flags kept its p(x) weight constant, used Adam's usual
 # second-moment decay and started every chain from its --init.
-ADDED_KEYS: dict[str, Any] = {"w_px_decay_epochs": [], "adam_beta2": 0.999, "init_noise_frac": 0.0}
+ADDED_KEYS: dict[str, Any] = {
+    "w_px_decay_epochs": [],
+    "adam_beta2": 0.999,
+    "init_noise_frac": 0.0,
+    "tensorboard": False,
+}
+# The settings that shape the built-in models, refused when given with a model factory.
+BUILTIN_MODEL_KEYS = ("width", "depth", "norm", "dropout")
 # ``run_id`` names the run (every checkpoint carries it in its config), ``data_fingerprint``
 # the data it trains on (see jem_ext.data.data_fingerprint): the IDENTITY_KEYS of config.json,
 # not flags. A resume keeps and checks them; --config drops them (a new run gets its own).
@@ -123,7 +132,19 @@ def parse_command_line(argv: list[str] | None) -> Invocation:
     recorded = loaded if args.resume is not None else {}  # a file may lack its identity
     cfg["run_id"] = recorded.get("run_id") or new_run_id()
     cfg["data_fingerprint"] = recorded.get("data_fingerprint")
-    return Invocation(validate(cfg, where), explicit)
+    run_cfg = validate(cfg, where)
+    _check_factory_flags(run_cfg.model.name, explicit)
+    return Invocation(run_cfg, explicit)
+
+
+def _check_factory_flags(model: str, explicit: Mapping[str, Any]) -> None:
+    """``--width/--depth/--norm/--dropout`` shape the built-in models: refused with a factory."""
+    given = [k for k in BUILTIN_MODEL_KEYS if k in explicit]
+    if given and is_factory(model):
+        raise ConfigError(
+            f"{flag_of(given[0])}: shapes the built-in models ({', '.join(MODELS)}), not the "
+            f"model of the factory {model}; leave it out"
+        )
 
 
 def new_run_id() -> str:

@@ -17,7 +17,7 @@ continues) or "diverged".
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -47,6 +47,7 @@ from .runlog import (
 from .saver import CheckpointSaver
 from .setup import Run, make_sampler, sampler_seed
 from .step import Batch, Objective, train_step
+from .tensorboard import NullTensorBoard, energy_histograms
 
 
 def learning_rate(opt: OptimOptions, iteration: int, epoch: int, scale: float = 1.0) -> float:
@@ -121,8 +122,9 @@ class Hooks:
         guard: judges each iteration's loss terms (divergence).
         split_watch: watches the energies of data and samples part.
         saver: writes the checkpoints and keeps the last good state.
-        log: the metrics log (``metrics.jsonl``).
+        log: the metrics log (``metrics.jsonl``; its rows also go to TensorBoard).
         progress: the progress line.
+        tensorboard: TensorBoard's writer (``--tensorboard``), or its null twin.
     """
 
     guard: DivergenceGuard
@@ -130,6 +132,7 @@ class Hooks:
     saver: CheckpointSaver
     log: MetricsLog
     progress: Progress
+    tensorboard: NullTensorBoard = field(default_factory=NullTensorBoard)
 
 
 def train_one_epoch(run: Run, hooks: Hooks) -> dict[str, float]:
@@ -154,7 +157,7 @@ def train_one_epoch(run: Run, hooks: Hooks) -> dict[str, float]:
         rank=run.dist.rank,
         world_size=run.dist.world_size,
     )
-    totals = EpochTotals()
+    totals, every = EpochTotals(), cfg.folder.log_every  # metrics rows (and histograms) due
     for pos, (x, y, idx) in enumerate(batches):
         if pos < st.pos:
             continue  # resuming inside the epoch: skip batches already trained on
@@ -162,7 +165,8 @@ def train_one_epoch(run: Run, hooks: Hooks) -> dict[str, float]:
         it = st.iteration
         lr = set_learning_rate(run, it, epoch)
         # the step; its terms are host floats (the iteration's one sync point)
-        terms, x_q = train_step(run.ctx, _batch(run, x, y, idx), objective)
+        batch = _batch(run, x, y, idx)
+        terms, x_q = train_step(run.ctx, batch, objective)
         if x_q is not None:
             run.last_samples = x_q
         reason = distributed.agree_on_divergence(hooks.guard.check(terms), run.dist)
@@ -172,7 +176,9 @@ def train_one_epoch(run: Run, hooks: Hooks) -> dict[str, float]:
         if reason is None:
             watch_split(run, hooks, terms, objective.w_px)
         totals.add(None if reason is not None else terms)
-        after_iteration(run, hooks, terms if reason is None else None, epoch, lr)
+        after_iteration(run, hooks, terms if reason is None else None, epoch, lr, objective.w_px)
+        if reason is None and hooks.tensorboard.enabled and st.iteration % every == 0:
+            energy_histograms(hooks.tensorboard, run.ctx.model_for_chain, batch.x, x_q, it + 1)
     return totals.metrics()
 
 
@@ -267,10 +273,15 @@ def watch_split(run: Run, hooks: Hooks, terms: dict[str, float], w_px: float) ->
 
 
 def after_iteration(
-    run: Run, hooks: Hooks, terms: dict[str, float] | None, epoch: int, lr: float
+    run: Run,
+    hooks: Hooks,
+    terms: dict[str, float] | None,
+    epoch: int,
+    lr: float,
+    w_px: float | None = None,
 ) -> None:
-    """Bookkeeping after an iteration (``terms`` None: it diverged): metrics row, progress,
-    sample grid, resume point."""
+    """Bookkeeping after an iteration (``terms`` None: it diverged): metrics row (with the
+    learning rate and the p(x) weight ``w_px``), progress, sample grid, resume point."""
     every, st, done = run.cfg.folder, run.state, run.state.iteration
     log_due = terms is not None and done % every.log_every == 0
     sample_due = bool(every.sample_every) and done % every.sample_every == 0
@@ -283,10 +294,13 @@ def after_iteration(
         row = {"iteration": done, "epoch": epoch}
         mean = distributed.mean_terms(terms, run.dist)
         row.update({k: finite_or_none(v) for k, v in mean.items()})
-        hooks.log.write({**row, "lr": lr, "seconds": st.seconds})
+        row["lr"] = lr
+        if w_px is not None and run.cfg.generative:
+            row["w_px"] = w_px
+        hooks.log.write({**row, "seconds": st.seconds})
     hooks.progress.step(terms)
     if sample_due:
-        write_samples(run, f"{done:07d}")
+        write_samples(run, f"{done:07d}", hooks.tensorboard)
     if ckpt_due:
         hooks.saver.save_last(checkpoint_state(run))
 
@@ -326,8 +340,9 @@ def end_of_epoch(run: Run, hooks: Hooks) -> dict[str, float]:
     return metrics
 
 
-def write_samples(run: Run, tag: str) -> None:
-    """Save the latest SGLD samples (or, without any, chains from noise) as ``samples_<tag>``."""
+def write_samples(run: Run, tag: str, tensorboard: NullTensorBoard | None = None) -> None:
+    """Save the latest SGLD samples (or, without any, chains from noise) as ``samples_<tag>``
+    (and show them in TensorBoard)."""
     cfg, x = run.cfg, run.last_samples
     if not run.dist.is_main:
         return
@@ -340,7 +355,10 @@ def write_samples(run: Run, tag: str) -> None:
             spec=chain.with_steps(max(1, chain.n_steps)),
             seed=cfg.optim.seed * 7 + run.state.iteration,
         )
-    save_samples(x, run.out / "samples" / f"samples_{tag}.png", run.data.train)
+    path = run.out / "samples" / f"samples_{tag}.png"
+    save_samples(x, path, run.data.train)
+    if tensorboard is not None:
+        tensorboard.image_file("samples", path, run.state.iteration)
 
 
 GRID_CHAINS = 64  # chains drawn for a sample grid when the run has no samples of its own

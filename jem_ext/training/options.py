@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from ..chain import DEFAULT_N_STEPS, DEFAULT_NOISE_STD, DEFAULT_STEP_SIZE, ChainSpec
 from ..data import DATASET_REGISTRY, file_datasets
+from ..factory import FactoryError, is_factory
+from ..factory import parse as parse_factory
 from ..models import MODELS, NORMS
 from ..objectives import OBJECTIVES
 from ..recipes import RECIPES
@@ -95,17 +97,35 @@ class DataOptions:
     )
 
 
+def model_problem(name: str) -> str | None:
+    """Why ``name`` is not a ``--model``: a registered architecture, or a factory
+    ``PACKAGE.MODULE:FACTORY`` (its form only: it is imported when the model is built)."""
+    if name in MODELS:
+        return None
+    if is_factory(name):
+        try:
+            parse_factory(name)
+        except FactoryError as err:
+            return str(err)
+        return None
+    return f"expected one of {', '.join(MODELS)} or PACKAGE.MODULE:FACTORY, got {name!r}"
+
+
 @dataclass(frozen=True)
 class ModelOptions:
-    """The network (a registered name of :data:`jem_ext.models.MODELS`) and its size."""
+    """The network (a registered name of :data:`jem_ext.models.MODELS`, or a user's factory
+    ``PACKAGE.MODULE:FACTORY``, see :mod:`jem_ext.factory`) and the built-in models' size."""
 
     GROUP = "model"
     name: str = setting(
         "small_cnn",
-        "network architecture",
+        "network architecture, or your own model: an importable callable, called with the "
+        "number of classes and the input shape, returning an nn.Module that gives logits "
+        "[B, C] (resuming or evaluating its run names it again)",
         kind="str",
         dest="model",
-        choices=lambda: tuple(MODELS),
+        metavar="{" + ",".join([*MODELS, "PACKAGE.MODULE:FACTORY"]) + "}",
+        check=model_problem,
     )
     depth: int | None = setting(
         None,
@@ -310,6 +330,12 @@ class FolderOptions:
     )
     eval_every: int = setting(1, "evaluate on the validation split every N epochs", range=POSITIVE)
     no_progress: bool = setting(False, "hide the progress bar")
+    tensorboard: bool = setting(
+        False,
+        "also write TensorBoard event files into RUN/tensorboard (scalars, learning rate, "
+        "p(x) weight, sample grids, energy histograms); needs the tensorboard package "
+        "(pip install 'jem_ext[tensorboard]')",
+    )
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import torch
 from .._cli import DefaultsHelpFormatter, RaisingParser
 from ..accel import SpeedOptions
 from ..data import dataset_entry, file_datasets
+from ..factory import is_factory
 from ..models import MODELS, convolutional_models
 from ..recipes import apply_recipe
 from ..settings import Spec, add_flags, flat_values, group_from_flat, specs, value_problem
@@ -38,6 +39,7 @@ from .options import (
     OptimOptions,
     RecipeOptions,
 )
+from .tensorboard import missing_message as missing_tensorboard
 
 IDENTITY_KEYS = ("run_id", "data_fingerprint")
 
@@ -197,8 +199,9 @@ def check_combinations(cfg: Mapping[str, Any], name: Callable[[str], str]) -> No
         raise ConfigError(
             f"{name('sgld_steps')}: expected >= 1 for the jem and factored objectives"
         )
-    model = MODELS[cfg["model"]]
-    if dataset_entry(cfg["dataset"]).toy and model.needs_images:
+    # a factory's model is checked once it is built (jem_ext.training.model_checks), not here
+    model = None if is_factory(cfg["model"]) else MODELS[cfg["model"]]
+    if model is not None and dataset_entry(cfg["dataset"]).toy and model.needs_images:
         flat = " or ".join(k for k, e in MODELS.items() if not e.needs_images)
         raise ConfigError(
             f"{name('model')}: {cfg['model']} needs images; the 2-D set "
@@ -209,7 +212,7 @@ def check_combinations(cfg: Mapping[str, Any], name: Callable[[str], str]) -> No
             f"{name('data_root')}: the {cfg['dataset']} dataset reads no files "
             f"(only {', '.join(file_datasets())} do); leave it out"
         )
-    if cfg["channels_last"] and not model.convolutional:
+    if cfg["channels_last"] and model is not None and not model.convolutional:
         raise ConfigError(
             f"{name('channels_last')}: expected a convolutional model "
             f"({', '.join(convolutional_models())}), got {cfg['model']}"
@@ -226,6 +229,9 @@ def check_combinations(cfg: Mapping[str, Any], name: Callable[[str], str]) -> No
         )
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{name('device')}: cuda requested but no CUDA device is available")
+    missing = missing_tensorboard(name("tensorboard")) if cfg["tensorboard"] else None
+    if missing is not None:
+        raise ConfigError(missing)
 
 
 def with_recipe(cfg: Mapping[str, Any], given: set[str]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .. import data as jdata
 from .._io import atomic_path, atomic_write_text, with_filename
+from .tensorboard import NullTensorBoard
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -42,12 +43,16 @@ class MetricsLog:
     """Appends JSON rows to ``metrics.jsonl``, one per line, flushed as written.
 
     Use as a context manager: the file is open inside the ``with`` block. Disabled (the
-    processes of a distributed job other than rank 0), it writes nothing.
+    processes of a distributed job other than rank 0), it writes nothing. Every row also goes
+    to ``tensorboard`` (``--tensorboard``; see :func:`mirror_row`).
     """
 
-    def __init__(self, path: Path, enabled: bool = True) -> None:
+    def __init__(
+        self, path: Path, enabled: bool = True, tensorboard: NullTensorBoard | None = None
+    ) -> None:
         self.path = Path(path)
         self.enabled = enabled
+        self.tensorboard = tensorboard if tensorboard is not None else NullTensorBoard()
         self._file: TextIO | None = None
 
     def __enter__(self) -> MetricsLog:
@@ -73,6 +78,27 @@ class MetricsLog:
             self._file.flush()
         except OSError as err:  # a full disk: say which file
             raise with_filename(err, self.path) from None
+        mirror_row(self.tensorboard, row)
+
+
+# metrics-row keys that are positions, not measurements
+_POSITION_KEYS = ("iteration", "epoch", "seconds")
+
+
+def mirror_row(tb: NullTensorBoard, row: dict[str, Any]) -> None:
+    """A metrics row in TensorBoard at its iteration: an event (resume, recovery, energy
+    split, stop) as text under ``events``; a validation row's ``val_accuracy`` as
+    ``val/accuracy``; every other number of a training row as ``train/<key>``."""
+    if not tb.enabled:
+        return
+    step = int(row.get("iteration", 0))
+    if "event" in row:
+        details = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("event", "iteration"))
+        tb.text("events", f"{row['event']} at iteration {step}: {details}", step)
+    elif "val_accuracy" in row:
+        tb.scalars(step, {"accuracy": row["val_accuracy"]}, prefix="val")
+    else:
+        tb.scalars(step, {k: v for k, v in row.items() if k not in _POSITION_KEYS})
 
 
 def truncate_metrics(path: Path, iteration: int) -> None:

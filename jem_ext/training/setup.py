@@ -28,6 +28,7 @@ from ..accel import (
     make_scaler,
     use_channels_last,
 )
+from ..factory import is_factory
 from ..models import build_model, model_entry
 from ..objectives import Objective
 from ..sam import SAM
@@ -118,7 +119,9 @@ def resolve_device(name: str) -> torch.device:
 
 def model_kwargs(m: ModelOptions) -> dict[str, Any]:
     """The constructor arguments of the model (depth/width mapped to its names, as its
-    :class:`~jem_ext.models.ModelEntry` says)."""
+    :class:`~jem_ext.models.ModelEntry` says); none for a model factory."""
+    if is_factory(m.name):
+        return {}
     entry = model_entry(m.name)
     norm = None if m.norm in (None, "none") else m.norm
     kw: dict[str, Any] = {"norm": norm, "dropout": m.dropout} if entry.takes_norm else {}

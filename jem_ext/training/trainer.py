@@ -11,8 +11,10 @@ from typing import Any
 from .. import data as jdata
 from .._io import atomic_write_text
 from ..checkpoint import load_checkpoint, model_from_checkpoint
+from ..factory import is_factory
 from . import distributed
 from .config import config_from_mapping
+from .curves import write_curves
 from .folder import folder_identity
 from .guard import DivergenceGuard, SplitWatch, TrainingDiverged
 from .loop import Hooks, accuracy, check_folder, fit, title, write_samples
@@ -21,6 +23,7 @@ from .runconfig import RunConfig
 from .runlog import MetricsLog, Progress, json_default, truncate_metrics
 from .saver import CHECKPOINTS, CheckpointSaver
 from .setup import Run, build_run, fresh_out
+from .tensorboard import NullTensorBoard, open_tensorboard
 
 
 def _open_run_folder(run: Run, resuming: bool) -> None:
@@ -88,7 +91,8 @@ def train(
     run.started = time.perf_counter() - run.state.seconds
     total = run.steps_per_epoch * cfg.optim.epochs
     with (
-        MetricsLog(run.out / "metrics.jsonl", enabled=main) as log,
+        _tensorboard(run, resuming=resume_state is not None) as tb,
+        MetricsLog(run.out / "metrics.jsonl", enabled=main, tensorboard=tb) as log,
         Progress(
             total,
             run.state.iteration,
@@ -102,6 +106,7 @@ def train(
             saver,
             log,
             progress,
+            tb,
         )
         if resume_state is not None:
             log.write(
@@ -115,15 +120,23 @@ def train(
                 }
             )
         status, reason = fit(run, hooks)
-    check_folder(run)
-    if status != "diverged":
-        write_samples(run, "final")
+        check_folder(run)
+        if status != "diverged":
+            write_samples(run, "final", tb)
     summary = summarise(run, status, reason)
     if main:
         atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_curves(run.out, status)
     if status == "diverged":
         raise TrainingDiverged(reason)
     return summary
+
+
+def _tensorboard(run: Run, resuming: bool) -> NullTensorBoard:
+    """The run's TensorBoard writer (``--tensorboard``, the process that writes the run folder);
+    a resumed run's drops what the interrupted run logged after the checkpoint."""
+    purge = run.state.iteration + 1 if resuming else None
+    return open_tensorboard(run.out, run.dist.is_main and run.cfg.folder.tensorboard, purge)
 
 
 def summarise(run: Run, status: str, reason: str | None) -> dict[str, Any]:
@@ -134,7 +147,9 @@ def summarise(run: Run, status: str, reason: str | None) -> dict[str, Any]:
     seconds = run.elapsed()
     test_at_best_val = None  # the test accuracy of best.pt, the best-validation checkpoint
     if run.dist.is_main and saver.best_path.is_file():  # rank 0's machine holds the file
-        best = model_from_checkpoint(load_checkpoint(saver.best_path), run.device)
+        name = run.cfg.model.name
+        factory = name if is_factory(name) else None  # named by this run's own command line
+        best = model_from_checkpoint(load_checkpoint(saver.best_path), run.device, factory)
         test_at_best_val = accuracy(best, run.data.test)
     return {
         "status": status,
