@@ -19,6 +19,9 @@
 - :mod:`.runlog`: metrics rows, progress, sample pictures.
 - :mod:`.folder`: :class:`~.folder.RunFolder`, one training process per run folder.
 - :mod:`.cli`: :func:`~.cli.main`, checks every input before writing anything.
+- :mod:`.distributed`, :mod:`.shards`, :mod:`.collectives`: a job of several processes
+  (joining it and losing a process; each process's share and the gathered checkpoint; what the
+  processes compute together at each iteration).
 
 Imports go downwards only: this package and :mod:`jem_ext.eval` use the modules at the
 package's top level and never each other (``tests/test_layers.py`` draws the imports).

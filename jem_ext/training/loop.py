@@ -23,7 +23,7 @@ import torch
 
 from .. import data as jdata
 from ..sampler import sample_from_noise
-from . import distributed
+from . import collectives, distributed
 from .distributed import Dist
 from .folder import check_intact
 from .guard import (
@@ -81,7 +81,7 @@ def accuracy(
     model: torch.nn.Module, data: jdata.ImageData, dist: Dist = distributed.SINGLE
 ) -> float:
     """Classification accuracy of ``model`` on ``data`` (shared out over a job's processes)."""
-    return distributed.accuracy(model, data, dist)
+    return collectives.accuracy(model, data, dist)
 
 
 def _batch(run: Run, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> Batch:
@@ -169,7 +169,7 @@ def train_one_epoch(run: Run, hooks: Hooks) -> dict[str, float]:
         terms, x_q = train_step(run.ctx, batch, objective)
         if x_q is not None:
             run.last_samples = x_q
-        reason = distributed.agree_on_divergence(hooks.guard.check(terms), run.dist)
+        reason = collectives.agree_on_divergence(hooks.guard.check(terms), run.dist)
         if reason is not None:
             recover(run, hooks, hooks.guard.verdict(st, reason))
         st.iteration, st.pos, st.seconds = it + 1, pos + 1, run.elapsed()
@@ -210,7 +210,7 @@ def check_budget(run: Run) -> None:
     budget = run.cfg.budget
     reason = budget_reason(budget, run.state.iteration, run.elapsed())
     if budget.max_minutes is not None:  # clocks differ between processes: stop together
-        reason = distributed.agree_on_divergence(reason, run.dist)
+        reason = collectives.agree_on_divergence(reason, run.dist)
     if reason is not None:
         raise BudgetReached(reason)
 
@@ -292,7 +292,7 @@ def after_iteration(
         check_folder(run)  # once for the iteration's writes: it is a collective in a job
     if log_due:
         row = {"iteration": done, "epoch": epoch}
-        mean = distributed.mean_terms(terms, run.dist)
+        mean = collectives.mean_terms(terms, run.dist)
         row.update({k: finite_or_none(v) for k, v in mean.items()})
         row["lr"] = lr
         if w_px is not None and run.cfg.generative:

@@ -40,7 +40,7 @@ from ..sampler import (
     SGLDSampler,
     UniformInit,
 )
-from . import distributed
+from . import distributed, shards
 from .distributed import Dist
 from .options import DataOptions, ModelOptions, OptimOptions
 from .runconfig import RunConfig
@@ -146,12 +146,12 @@ def load_data(data: DataOptions, seed: int) -> dict[str, jdata.ImageData]:
 
 def sampler_seed(seed: int, reseeds: int = 0, rank: int = 0) -> int:
     """Seed of process ``rank``'s sampler generator, fresh after each recovery (``reseeds``)."""
-    return distributed.generator_seed(seed + 101 + 1000 * reseeds, rank)
+    return shards.generator_seed(seed + 101 + 1000 * reseeds, rank)
 
 
 def augment_seed(seed: int, rank: int = 0) -> int:
     """Seed of process ``rank``'s augmentation generator."""
-    return distributed.generator_seed(seed + 202, rank)
+    return shards.generator_seed(seed + 202, rank)
 
 
 def make_sampler(
@@ -176,7 +176,7 @@ def make_sampler(
     if chain.buffer_size > 0:
         classes = train_data.num_classes if conditional else 1
         buffer = ReplayBuffer(
-            distributed.buffer_shard_size(chain.buffer_size, classes, dist),
+            shards.buffer_shard_size(chain.buffer_size, classes, dist),
             train_data.shape,
             num_classes=train_data.num_classes if conditional else None,
             device=device,
@@ -278,8 +278,9 @@ def build_context(
 def build_run(cfg: RunConfig, datasets: dict[str, jdata.ImageData] | None = None) -> Run:
     """Build the run of a config (nothing is written to disk here).
 
-    In a distributed job (see :mod:`.distributed`) this process builds its share: its device,
-    its generators (seeded from the seed and its rank) and its replay-buffer shard.
+    In a distributed job (see :mod:`.distributed` and :mod:`.shards`) this process builds its
+    share: its device, its generators (seeded from the seed and its rank) and its replay-buffer
+    shard.
     """
     dist = distributed.current()
     opt = cfg.optim
@@ -297,7 +298,7 @@ def build_run(cfg: RunConfig, datasets: dict[str, jdata.ImageData] | None = None
     )
     model.to(device)
     if dist.rank > 0:  # dropout and other global-RNG draws differ between processes
-        torch.manual_seed(distributed.generator_seed(seed, dist.rank))
+        torch.manual_seed(shards.generator_seed(seed, dist.rank))
     gen_device = device if device.type == "cuda" else torch.device("cpu")
     generators = {
         "sampler": torch.Generator(device=gen_device).manual_seed(

@@ -12,7 +12,7 @@ from .. import data as jdata
 from .._io import atomic_write_text
 from ..checkpoint import load_checkpoint, model_from_checkpoint
 from ..factory import is_factory
-from . import distributed
+from . import shards
 from .config import config_from_mapping
 from .curves import write_curves
 from .folder import folder_identity
@@ -116,7 +116,7 @@ def train(
                     "epoch": run.state.epoch,
                     "overrides": resume_overrides or {},
                     "world_size": run.dist.world_size,
-                    "checkpoint_world_size": distributed.saved_world_size(resume_state),
+                    "checkpoint_world_size": shards.saved_world_size(resume_state),
                 }
             )
         status, reason = fit(run, hooks)
