@@ -14,7 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..chain import DEFAULT_N_STEPS, DEFAULT_NOISE_STD, DEFAULT_STEP_SIZE, ChainSpec
+from ..chain import (
+    DEFAULT_BUFFER_SIZE,
+    DEFAULT_N_STEPS,
+    DEFAULT_NOISE_STD,
+    DEFAULT_REINIT_PROB,
+    DEFAULT_STEP_SIZE,
+    ChainSpec,
+)
 from ..data import DATASET_REGISTRY, file_datasets
 from ..factory import FactoryError, is_factory
 from ..factory import parse as parse_factory
@@ -201,12 +208,14 @@ class ChainOptions:
         DEFAULT_NOISE_STD, "SGLD noise standard deviation", dest="sgld_noise", range=NON_NEGATIVE
     )
     buffer_size: int = setting(
-        10000,
+        DEFAULT_BUFFER_SIZE,
         "persistent replay buffer size; 0 = short-run chains from the init each time",
         range=Range(0, 10**7),
     )
     reinit_prob: float = setting(
-        0.05, "fraction of buffer chains re-initialised at each draw", range=FRACTION
+        DEFAULT_REINIT_PROB,
+        "fraction of buffer chains re-initialised at each draw",
+        range=FRACTION,
     )
     init: str = setting(
         "uniform",
