@@ -56,6 +56,7 @@ class RunData:
         labeled: bool mask of the training labels the CE term may use, on the run's device
             (None: all).
         augment: the dataset's augmentation, or None.
+        device: the run's device (where the training split and the chains live).
         px_augment: the p(x) term uses the augmented batch too (else the batch before it).
     """
 
@@ -65,7 +66,12 @@ class RunData:
     train_on_device: jdata.ImageData
     labeled: Tensor | None
     augment: jdata.Augment | None
+    device: torch.device
     px_augment: bool = True
+
+    def steps_per_epoch(self, batch_size: int, world_size: int = 1) -> int:
+        """Iterations of one epoch (batches of ``batch_size`` shared by ``world_size``)."""
+        return jdata.num_batches(len(self.train), batch_size, world_size=world_size)
 
 
 @dataclass
@@ -82,16 +88,13 @@ class Run:
     generators: dict[str, torch.Generator]
     out: Path
     state: RunState = field(default_factory=RunState)
-    last_samples: Tensor | None = None
     started: float = field(default_factory=time.perf_counter)
     dist: Dist = distributed.SINGLE
     folder_id: tuple[int, int] | None = None  # the run folder's identity (rank 0, once open)
 
     @property
     def steps_per_epoch(self) -> int:
-        return jdata.num_batches(
-            len(self.data.train), self.cfg.optim.batch_size, world_size=self.dist.world_size
-        )
+        return self.data.steps_per_epoch(self.cfg.optim.batch_size, self.dist.world_size)
 
     def elapsed(self) -> float:
         """Training seconds so far, over every resume."""
@@ -323,6 +326,7 @@ def build_run(cfg: RunConfig, datasets: dict[str, jdata.ImageData] | None = None
         ),
         labeled=labeled,
         augment=make_augment(cfg.data),
+        device=device,
         px_augment=cfg.data.px_augment,
     )
     o = cfg.objective
