@@ -4,6 +4,9 @@
 of a ``python -m jem_ext.train`` flag): its value, its source (paper section or the authors'
 script and flag) and, where it matters, what to scale down for a small model or a CPU budget.
 :func:`apply_recipe` writes a recipe into a config; flags given explicitly keep their values.
+The trainer reads every recipe against its typed settings when it loads
+(:func:`jem_ext.training.runconfig.check_recipes`): each key must be a setting and each value
+must pass that setting's checks.
 
 All three recipes are the authors' CIFAR-10 settings for a WRN-28-10 (36 M parameters). On a
 CPU budget keep the recipe and override the size: ``--model small_cnn --width 64`` and fewer

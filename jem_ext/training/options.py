@@ -231,7 +231,8 @@ class ChainOptions:
     proximal: bool = setting(
         False,
         "proximal SGLD (JEM++): clip the gradient element-wise to --grad-clip "
-        "(0.03 when not given) and clamp samples to [-1, 1]",
+        f"({chain.PROXIMAL_GRAD_CLIP:g} when not given) and clamp samples to "
+        f"[{chain.DEFAULT_CLAMP[0]:g}, {chain.DEFAULT_CLAMP[1]:g}]",
     )
     grad_clip: float | None = setting(
         None,
