@@ -34,13 +34,17 @@ DEFAULT_STEP_SIZE = 1.0
 DEFAULT_NOISE_STD = 0.01
 DEFAULT_CLAMP = (-1.0, 1.0)  # the data range; proximal SGLD clamps samples to it
 PROXIMAL_GRAD_CLIP = 0.03  # JEM++'s element-wise clip of dE/dx when proximal SGLD names none
+DEFAULT_BUFFER_SIZE = 10000  # chains the replay buffer keeps between iterations
+DEFAULT_REINIT_PROB = 0.05  # fraction of drawn chains restarted from the init (reinit_freq)
 
 Autocast = Callable[[], AbstractContextManager[Any]]
 
 __all__ = [
+    "DEFAULT_BUFFER_SIZE",
     "DEFAULT_CLAMP",
     "DEFAULT_NOISE_STD",
     "DEFAULT_N_STEPS",
+    "DEFAULT_REINIT_PROB",
     "DEFAULT_STEP_SIZE",
     "PROXIMAL_GRAD_CLIP",
     "Autocast",

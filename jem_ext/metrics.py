@@ -1,6 +1,6 @@
 """The metric that training and evaluation share: classification accuracy.
 
-Training validates with it (:func:`jem_ext.training.distributed.accuracy` shares it out over a
+Training validates with it (:func:`jem_ext.training.collectives.accuracy` shares it out over a
 job's processes) and the evaluation reports it (:mod:`jem_ext.eval.metrics` re-exports it), so
 both read the same figure from the same logits.
 """

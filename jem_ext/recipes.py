@@ -4,6 +4,9 @@
 of a ``python -m jem_ext.train`` flag): its value, its source (paper section or the authors'
 script and flag) and, where it matters, what to scale down for a small model or a CPU budget.
 :func:`apply_recipe` writes a recipe into a config; flags given explicitly keep their values.
+The trainer reads every recipe against its typed settings when it loads
+(:func:`jem_ext.training.runconfig.check_recipes`): each key must be a setting and each value
+must pass that setting's checks.
 
 All three recipes are the authors' CIFAR-10 settings for a WRN-28-10 (36 M parameters). On a
 CPU budget keep the recipe and override the size: ``--model small_cnn --width 64`` and fewer
@@ -49,6 +52,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .chain import (
+    DEFAULT_BUFFER_SIZE,
+    DEFAULT_N_STEPS,
+    DEFAULT_NOISE_STD,
+    DEFAULT_REINIT_PROB,
+    DEFAULT_STEP_SIZE,
+)
+
 __all__ = ["RECIPES", "Setting", "apply_recipe", "recipe_values"]
 
 _JEM = "wgrathwohl/JEM train_wrn_ebm.py"
@@ -92,9 +103,11 @@ def _common_wrn(source: str) -> dict[str, Setting]:
         "adam_beta2": Setting(0.999, f"{source}: Adam's betas (0.9, 0.999); unused with SGD"),
         "w_pyx": Setting(1.0, f"{source} p(y|x) weight"),
         "batch_size": Setting(64, f"{source} --batch_size default"),
-        "buffer_size": Setting(10000, f"{source} --buffer_size default", _BUFFER_NOTE),
-        "reinit_prob": Setting(0.05, f"{source} --reinit_freq default"),
-        "sgld_step_size": Setting(1.0, f"{source} --sgld_lr"),
+        "buffer_size": Setting(
+            DEFAULT_BUFFER_SIZE, f"{source} --buffer_size default", _BUFFER_NOTE
+        ),
+        "reinit_prob": Setting(DEFAULT_REINIT_PROB, f"{source} --reinit_freq default"),
+        "sgld_step_size": Setting(DEFAULT_STEP_SIZE, f"{source} --sgld_lr"),
     }
 
 
@@ -118,8 +131,10 @@ RECIPES: dict[str, dict[str, Setting]] = {
         "no_augment": Setting(False, f"{_JEM} utils: pad-4 crop and flip on both batches"),
         "input_noise": Setting(0.03, f"{_JEM_README} --sigma .03"),
         "px_augment": Setting(True, f"{_JEM}: the p(x) batch is augmented like the CE batch"),
-        "sgld_steps": Setting(20, f"{_JEM} --n_steps default (the JEM paper's 20 steps)"),
-        "sgld_noise": Setting(0.01, f"{_JEM} --sgld_std default"),
+        "sgld_steps": Setting(
+            DEFAULT_N_STEPS, f"{_JEM} --n_steps default (the JEM paper's 20 steps)"
+        ),
+        "sgld_noise": Setting(DEFAULT_NOISE_STD, f"{_JEM} --sgld_std default"),
         "proximal": Setting(False, f"{_JEM} sample_q: no clamp, no gradient clip"),
         "grad_clip": Setting(None, f"{_JEM} sample_q: no gradient clip"),
         "init": Setting("uniform", f"{_JEM} init_random: U(-1, 1)"),

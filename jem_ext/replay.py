@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .chain import DEFAULT_REINIT_PROB
 from .inits import INITS, GaussianInit, Initializer, UniformInit, _rand, _randint
 from .inits import _init_from_state as _init_from_state  # re-exported for the sampler
 
@@ -49,7 +50,7 @@ class ReplayBuffer:
         sample_shape: Sequence[int],
         num_classes: int | None = None,
         device: Any = "cpu",
-        reinit_prob: float = 0.05,
+        reinit_prob: float = DEFAULT_REINIT_PROB,
         init: Initializer | None = None,
         generator: torch.Generator | None = None,
     ) -> None:

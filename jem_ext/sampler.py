@@ -29,9 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from .chain import (
+    DEFAULT_BUFFER_SIZE,
     DEFAULT_CLAMP,
     DEFAULT_N_STEPS,
     DEFAULT_NOISE_STD,
+    DEFAULT_REINIT_PROB,
     DEFAULT_STEP_SIZE,
     PROXIMAL_GRAD_CLIP,
     Autocast,
@@ -46,9 +48,11 @@ from .inits import MixedInit
 from .replay import INITS, GaussianInit, Initializer, ReplayBuffer, UniformInit, _init_from_state
 
 __all__ = [
+    "DEFAULT_BUFFER_SIZE",
     "DEFAULT_CLAMP",
     "DEFAULT_NOISE_STD",
     "DEFAULT_N_STEPS",
+    "DEFAULT_REINIT_PROB",
     "DEFAULT_STEP_SIZE",
     "PROXIMAL_GRAD_CLIP",
     "Autocast",

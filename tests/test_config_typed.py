@@ -71,9 +71,9 @@ def test_a_command_line_is_validated_once(monkeypatch, tmp_path):
     calls = []
     real = runconfig.validate
 
-    def counting(cfg, where=None):
+    def counting(cfg, where=None, given=()):
         calls.append(1)
-        return real(cfg, where)
+        return real(cfg, where, given)
 
     monkeypatch.setattr(config, "validate", counting)
     monkeypatch.setattr(runconfig, "validate", counting)

@@ -1,4 +1,5 @@
-"""Tests of data-parallel training (jem_ext.training.distributed): 2 CPU processes over gloo.
+"""Tests of data-parallel training (jem_ext.training.distributed, .shards and .collectives):
+2 CPU processes over gloo.
 
 The jobs are launched as torchrun launches them: one ``python`` process per rank with
 ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` set (and once through
@@ -24,7 +25,7 @@ import torch
 from jem_ext import data as jdata
 from jem_ext import train as jtrain
 from jem_ext.checkpoint import load_checkpoint, model_from_checkpoint, replay_buffer_samples
-from jem_ext.training import distributed
+from jem_ext.training import distributed, shards
 from jem_ext.training.config import read_config_file
 from jem_ext.training.distributed import Dist
 from jem_ext.training.options import DataOptions
@@ -59,7 +60,7 @@ WORKER = r"""
 import itertools, json, os, sys, time
 import torch
 from jem_ext import objectives, train as jtrain
-from jem_ext.training import distributed, loop, trainer
+from jem_ext.training import collectives, loop, trainer
 
 plan, argv = json.loads(sys.argv[1]), sys.argv[2:]
 rank = int(os.environ["RANK"])
@@ -87,7 +88,7 @@ if rank == plan.get("nan_rank"):
         return loss, terms
     objectives.batch_loss = corrupted
 if plan.get("eval_batch"):
-    distributed.EVAL_BATCH = plan["eval_batch"]
+    collectives.EVAL_BATCH = plan["eval_batch"]
 if plan.get("dump"):
     real_summarise = trainer.summarise
     def dumping(run, status, error):
@@ -500,22 +501,22 @@ def test_ranks_share_out_every_batch(n, batch, world):
 @pytest.mark.parametrize("classes, rows, world", [(1, 200, 2), (1, 7, 3), (10, 5, 2), (3, 4, 4)])
 def test_buffer_shards_merge_to_the_single_process_layout(classes, rows, world):
     whole = torch.randn(classes * rows, 2, 3)
-    shards = [distributed.split_buffer(whole, classes, Dist(r, world)) for r in range(world)]
+    parts = [shards.split_buffer(whole, classes, Dist(r, world)) for r in range(world)]
     sizes = [
-        distributed.buffer_shard_size(classes * rows, classes, Dist(r, world)) for r in range(world)
+        shards.buffer_shard_size(classes * rows, classes, Dist(r, world)) for r in range(world)
     ]
-    assert [len(s) for s in shards] == sizes and sum(sizes) == classes * rows
-    for s in shards:  # each shard keeps the class-major layout of a class-split buffer
+    assert [len(s) for s in parts] == sizes and sum(sizes) == classes * rows
+    for s in parts:  # each shard keeps the class-major layout of a class-split buffer
         per = len(s) // classes
         for c in range(classes):
             rows_c = whole.view(classes, rows, 2, 3)[c]
             assert all(any(torch.equal(x, y) for y in rows_c) for x in s[c * per : (c + 1) * per])
-    assert torch.equal(distributed.merge_buffer(shards, classes), whole)
+    assert torch.equal(shards.merge_buffer(parts, classes), whole)
 
 
 def test_generator_seeds_differ_by_rank_and_keep_rank_0():
-    assert distributed.generator_seed(104, 0) == 104
-    seeds = {distributed.generator_seed(104, r, i) for r in range(8) for i in range(3)}
+    assert shards.generator_seed(104, 0) == 104
+    seeds = {shards.generator_seed(104, r, i) for r in range(8) for i in range(3)}
     assert len(seeds) == 24
 
 

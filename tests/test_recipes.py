@@ -8,7 +8,8 @@ import pytest
 
 from jem_ext import train
 from jem_ext.recipes import RECIPES, Setting, apply_recipe, recipe_values
-from jem_ext.training.config import validate
+from jem_ext.training.config import ConfigError, validate
+from jem_ext.training.runconfig import check_recipes
 
 
 def _full_config() -> dict:
@@ -151,3 +152,35 @@ def test_docs_table_agrees_with_the_data():
                 assert cell.startswith(str(value)), (name, key, cell)
             checked += 1
     assert checked >= 30
+
+
+def test_every_published_recipe_passes_the_settings_checks():
+    check_recipes(RECIPES)  # the trainer runs it when it loads; a bad recipe raises
+
+
+def test_a_mistyped_recipe_key_is_refused():
+    with pytest.raises(ConfigError, match="recipe 'mine': key 'sgld_stpes' is not a setting"):
+        check_recipes({"mine": {**RECIPES["jem"], "sgld_stpes": Setting(5, "a typo")}})
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("sgld_noise", -1.0, r"key 'sgld_noise': expected a value >= 0, got -1.0"),
+        ("epochs", 2.5, r"key 'epochs': expected an integer, got 2.5"),
+        ("init", "laplace", r"key 'init': expected one of .*, got 'laplace'"),
+        ("model", "no_such_net", r"key 'model': expected one of .*got 'no_such_net'"),
+    ],
+)
+def test_a_recipe_value_is_checked_as_a_command_line_value(key, value, message):
+    with pytest.raises(ConfigError, match=r"recipe 'mine': " + message):
+        check_recipes({"mine": {key: Setting(value, "a bad value")}})
+
+
+def test_a_combination_the_recipe_makes_names_the_recipe():
+    # sadajem's SAM and float16 gradient scaling do not go together: the message says where
+    # sam_rho came from
+    with pytest.raises(ConfigError, match=r"^--recipe sadajem: key 'sam_rho': SAM takes two"):
+        train.config_from_args(["--recipe", "sadajem", "--precision", "fp16"])
+    with pytest.raises(ConfigError, match=r"^--sam-rho: SAM takes two"):
+        train.config_from_args(["--sam-rho", "0.5", "--precision", "fp16"])

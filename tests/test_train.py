@@ -25,7 +25,7 @@ from jem_ext.training.guard import (
     split_message,
 )
 from jem_ext.training.options import OptimOptions
-from jem_ext.training.runlog import Progress
+from jem_ext.training.runlog import Progress, SampleGrids
 from jem_ext.training.saver import CheckpointSaver
 from jem_ext.training.state import RunState
 
@@ -378,12 +378,15 @@ def _epoch_hooks(run, tmp_path, log_rows):
     cfg = run.cfg
     progress = Progress(1, 0, "test", enabled=False)
     saver = CheckpointSaver(tmp_path / "checkpoints")
+    grids = SampleGrids(tmp_path / "samples", run.data.train, cfg.chain.spec(), cfg.optim.seed)
     return loop.Hooks(
         DivergenceGuard.from_config(cfg.guard, cfg.generative),
         SplitWatch.from_config(cfg.objective.l2_energy, cfg.generative),
         saver,
         Log(),
         progress,
+        grids,
+        run.elapsed,
     )
 
 
@@ -401,7 +404,9 @@ def test_train_one_epoch_takes_its_hooks_and_returns_the_epochs_metrics(tmp_path
         return terms, x_q
 
     monkeypatch.setattr(loop, "train_step", recording_step)
-    metrics = loop.train_one_epoch(run, hooks)
+    metrics = loop.train_one_epoch(
+        run.ctx, run.data, run.objective, run.cfg, run.state, run.generators, hooks
+    )
     n = run.steps_per_epoch
     assert metrics["iterations"] == n == len(seen) == run.state.iteration
     assert metrics["recoveries"] == 0
@@ -413,6 +418,54 @@ def test_train_one_epoch_takes_its_hooks_and_returns_the_epochs_metrics(tmp_path
     assert loop.end_of_epoch(run, hooks) == val
     assert rows[-1]["val_accuracy"] == val["accuracy"] and run.state.epoch == 1
     assert hooks.saver.best_path.is_file() and hooks.saver.last_path.is_file()
+
+
+def test_train_one_epoch_reads_the_data_and_generators_it_is_given(tmp_path):
+    """Two runs built alike train alike; with another seed in the augmentation's generator,
+    an epoch trains otherwise: it reads its arguments, not a run of its own."""
+    tiny = ["--model", "small_cnn", "--width", "4", "--sgld-steps", "1", "--buffer-size", "100"]
+    argv = tiny + ["--no-progress", "--log-every", "1", "--sample-every", "0"]
+    argv += ["--out", str(tmp_path / "run")]
+    runs = [jtrain.build_run(jtrain.config_from_args(argv)) for _ in range(3)]
+    runs[2].generators["augment"].manual_seed(12345)
+    results = []
+    for k, run in enumerate(runs):
+        hooks = _epoch_hooks(run, tmp_path / str(k), [])
+        args = (run.ctx, run.data, run.objective, run.cfg, run.state, run.generators, hooks)
+        results.append(loop.train_one_epoch(*args))
+    assert results[0] == results[1]
+    assert results[2] != results[0]
+
+
+def test_sample_grids_draw_the_latest_samples_or_chains_from_noise(tmp_path):
+    cfg = jtrain.config_from_args(TOY + ["--out", str(tmp_path / "run")])
+    run = jtrain.build_run(cfg)
+    grids = SampleGrids(tmp_path, run.data.train, cfg.chain.spec(), cfg.optim.seed)
+    grids.write("noise", run.ctx.model_for_chain, 3)  # nothing sampled yet: chains from noise
+    grids.latest = run.data.train.x[:16]
+    grids.write("latest", run.ctx.model_for_chain, 4)
+    assert (tmp_path / "samples_noise.png").is_file() and (
+        tmp_path / "samples_latest.png"
+    ).is_file()
+    quiet = SampleGrids(tmp_path / "off", run.data.train, cfg.chain.spec(), 1, enabled=False)
+    quiet.write("x", run.ctx.model_for_chain, 1)
+    assert not (tmp_path / "off").exists()
+
+
+def test_intact_folder_stops_a_run_whose_folder_was_replaced(tmp_path):
+    from jem_ext.training.folder import IntactFolder, RunFolderLost, folder_identity
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
+    check = IntactFolder(run_dir, folder_identity(run_dir))
+    check.check()
+    IntactFolder().check()  # a folder not opened yet: nothing to check
+    (run_dir / "config.json").unlink()
+    run_dir.rmdir()
+    run_dir.mkdir()
+    with pytest.raises(RunFolderLost, match="was removed"):
+        check.check()
 
 
 def _watch(watch, state, terms, w_px, rows):

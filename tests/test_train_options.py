@@ -218,7 +218,8 @@ def test_px_batch_is_the_batch_before_augmentation(px_augment):
     run = build_run(_cfg(argv))
     assert run.cfg.data.px_augment is px_augment
     x = run.data.train_on_device.x[:8]
-    batch = loop._batch(run, x, run.data.train_on_device.y[:8], torch.arange(8))
+    y = run.data.train_on_device.y[:8]
+    batch = loop._batch(run.data, run.generators["augment"], x, y, torch.arange(8))
     assert not torch.equal(batch.x, x)  # the CE batch is augmented either way
     if px_augment:
         assert batch.x_px is None

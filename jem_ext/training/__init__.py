@@ -10,7 +10,8 @@
   options themselves live in :mod:`jem_ext.accel`, shared with the evaluation).
 - :mod:`.step`: :func:`~.step.train_step`, JEM's Algorithm 1.
 - :mod:`.loop`: the epochs (:func:`~.loop.train_one_epoch` and :func:`~.loop.validate` take
-  their hooks explicitly and return their metrics).
+  what they read as arguments and return their metrics); :mod:`.schedule`: the learning rate,
+  the p(x) weight's decay, the data order and the budget, as pure functions.
 - :mod:`.trainer`: :func:`~.trainer.train`, a run from start to summary.
 - :mod:`.state`: :class:`~.state.RunState`, the run's progress.
 - :mod:`.saver`: :class:`~.saver.CheckpointSaver`, best/last checkpoints and the last good state.
@@ -19,6 +20,9 @@
 - :mod:`.runlog`: metrics rows, progress, sample pictures.
 - :mod:`.folder`: :class:`~.folder.RunFolder`, one training process per run folder.
 - :mod:`.cli`: :func:`~.cli.main`, checks every input before writing anything.
+- :mod:`.distributed`, :mod:`.shards`, :mod:`.collectives`: a job of several processes
+  (joining it and losing a process; each process's share and the gathered checkpoint; what the
+  processes compute together at each iteration).
 
 Imports go downwards only: this package and :mod:`jem_ext.eval` use the modules at the
 package's top level and never each other (``tests/test_layers.py`` draws the imports).

@@ -85,7 +85,7 @@ def config_from_args(argv: list[str] | None) -> RunConfig:
 def config_from_mapping(cfg: Mapping[str, Any]) -> RunConfig:
     """The run config of a partial flat dict (library use, e.g. ``train({"epochs": 1})``):
     missing keys take their recipe's values (``cfg["recipe"]``) or their defaults."""
-    return validate(with_recipe({**default_config(), **cfg}, set(cfg)))
+    return validate({**default_config(), **cfg}, given=set(cfg))
 
 
 @dataclass
@@ -128,11 +128,10 @@ def parse_command_line(argv: list[str] | None) -> Invocation:
             cfg["out"] = str(Path(args.resume))
         for key in loaded:
             where.setdefault(key, f"config file {base_file}: key {key!r}")
-    cfg = with_recipe(cfg, set(explicit))
     recorded = loaded if args.resume is not None else {}  # a file may lack its identity
     cfg["run_id"] = recorded.get("run_id") or new_run_id()
     cfg["data_fingerprint"] = recorded.get("data_fingerprint")
-    run_cfg = validate(cfg, where)
+    run_cfg = validate(cfg, where, given=set(explicit))
     _check_factory_flags(run_cfg.model.name, explicit)
     return Invocation(run_cfg, explicit)
 

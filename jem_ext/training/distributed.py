@@ -12,7 +12,11 @@ CPU. Without ``WORLD_SIZE`` (the plain ``python -m jem_ext.train``) nothing here
 ``torch.distributed`` and training is the single-process one, unchanged. A job of one process
 trains exactly as a single process does.
 
-What N processes compute (every rule is a function of the config, the rank and N):
+What N processes compute (every rule is a function of the config, the rank and N) is told
+where it is done: this module joins the job, splits the batch and handles a lost process;
+:mod:`.shards` gives each process its share of the replay buffer and generators and gathers
+the checkpoint; :mod:`.collectives` holds what the processes compute together at each
+iteration (the divergence verdict, the metrics row, the accuracy).
 
 - ``--batch-size`` is the *global* batch. Every process draws each epoch's order from
   ``(seed, epoch)`` exactly as a single process does and takes rows ``rank, rank + N, ...``
@@ -20,25 +24,8 @@ What N processes compute (every rule is a function of the config, the rank and N
   last batch is skipped when it has fewer than N rows). DistributedDataParallel averages the
   gradients, so an iteration is one update on the global batch: iterations per epoch and the
   learning rate (schedule included) are the single-process ones, not scaled.
-- The replay buffer is sharded: each process owns ``1/N`` of the chains (of every class' rows
-  for a class-split buffer), ``--buffer-size`` in total, and its own generators (sampler and
-  augmentation), seeded from the seed and the rank.
-- The SGLD chains run on the underlying module (their gradients are with respect to ``x``):
-  no gradient reduction and no unused-parameter check. The loss's forward passes go through
-  the DistributedDataParallel wrapper. Communication per iteration: one all-reduce of the
-  gradients and one of the divergence guard's flag; the chains need none.
 - Rank 0 writes the run folder (config.json, metrics.jsonl, sample grids, checkpoints,
   summary.json; config.json and summary.json record the world size and the global batch).
-  Metrics rows average the loss terms over the processes. Validation and test accuracy are
-  reduced: each process predicts its share of the evaluation batches and the correct counts
-  are summed, so the figure is the one a single process computes for the same weights.
-- Checkpoints: rank 0 gathers every shard and every process's RNG states. The ``sampler`` entry
-  holds the whole buffer in the single-process layout (what evaluation reads) and the
-  ``distributed`` entry the world size, shard rows and per-process RNG states. ``--resume``
-  with the same N continues exactly; with another N the buffer is re-sharded and the
-  generators are re-seeded from (seed, rank, iteration), and the run says so.
-- The divergence guard decides together: if any process sees divergence, all restore the same
-  last good state.
 - A process that dies or stops answering ends the job: collectives time out after
   ``--dist-timeout`` seconds with an error naming this process.
 
@@ -58,12 +45,9 @@ from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import data as jdata
-from .. import metrics
-from ..models import predict_logits
 from .runconfig import RunConfig
 
 T = TypeVar("T")
@@ -71,9 +55,6 @@ _TRANSPORT_ERROR = re.compile(
     r"gloo|nccl|c10d|connection (reset|closed|refused)|timed out", re.IGNORECASE
 )
 DistError = dist.DistError  # what a failed or timed-out collective raises
-
-EVAL_BATCH = 500  # rows per prediction batch; shards are whole batches, so logits match
-_SEED_STRIDE = 1_000_003  # separates the generator seeds of ranks (and of resume points)
 
 
 class LaunchError(ValueError):
@@ -300,177 +281,7 @@ def wrap(model: nn.Module, d: Dist) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def generator_seed(base: int, rank: int, iteration: int = 0) -> int:
-    """Seed of a process's generator: ``base`` for rank 0 at the start, distinct otherwise."""
-    return (base + _SEED_STRIDE * (rank + 7919 * iteration)) % (2**63)
-
-
-# ----------------------------------------------------------------------------------- sharding
-
-
-def shard_rows(rows: int, world_size: int, rank: int) -> tuple[int, int]:
-    """``(start, count)`` of rank's contiguous share of ``rows`` (the first ranks get the
-    remainder)."""
-    base, extra = divmod(rows, world_size)
-    return rank * base + min(rank, extra), base + (1 if rank < extra else 0)
-
-
-def buffer_shard_size(size: int, classes: int, d: Dist) -> int:
-    """Chains of this process's buffer shard (whole rows of every class)."""
-    return shard_rows(size // classes, d.world_size, d.rank)[1] * classes
-
-
-def merge_buffer(shards: list[Tensor], classes: int) -> Tensor:
-    """The whole buffer, in the single-process layout, from the shards in rank order."""
-    parts = [s.reshape(classes, -1, *s.shape[1:]) for s in shards]
-    whole = torch.cat(parts, dim=1)
-    return whole.reshape(-1, *whole.shape[2:])
-
-
-def split_buffer(whole: Tensor, classes: int, d: Dist) -> Tensor:
-    """This process's shard of a whole buffer (inverse of :func:`merge_buffer`)."""
-    rows = whole.reshape(classes, -1, *whole.shape[1:])
-    start, count = shard_rows(rows.shape[1], d.world_size, d.rank)
-    return rows[:, start : start + count].reshape(-1, *whole.shape[1:]).clone()
-
-
-def _buffer_classes(buffer_state: dict[str, Any]) -> int:
-    return buffer_state.get("num_classes") or 1
-
-
-def gather_checkpoint(state: dict[str, Any], d: Dist) -> dict[str, Any]:
-    """Rank 0: ``state`` with every process's buffer shard and RNG states; others: ``state``.
-
-    Every process must call it (it is a collective).
-    """
-    if not d.parallel:
-        return state
-    buffer = (state.get("sampler") or {}).get("buffer")
-    local = {"buffer": None if buffer is None else buffer["data"], "rng": state["rng"]}
-    parts: list[Any] | None = [None] * d.world_size if d.is_main else None
-    dist.gather_object(local, parts, dst=0)
-    if not d.is_main:
-        return state
-    assert parts is not None
-    merged = dict(state)
-    shard_rows_saved = None
-    if buffer is not None:
-        classes = _buffer_classes(buffer)
-        whole = merge_buffer([p["buffer"] for p in parts], classes)
-        shard_rows_saved = [len(p["buffer"]) // classes for p in parts]
-        merged["sampler"] = {
-            **state["sampler"],
-            "buffer": {**buffer, "data": whole, "per_class": len(whole) // classes},
-        }
-    merged["distributed"] = {
-        "world_size": d.world_size,
-        "shard_rows": shard_rows_saved,
-        "rng": [p["rng"] for p in parts],
-    }
-    return merged
-
-
-@dataclass
-class LocalShare:
-    """What one process resumes from a checkpoint.
-
-    Attributes:
-        sampler: the sampler state with this process's buffer shard (or None).
-        rng: this process's RNG states, or None when the world size changed (re-seed).
-        saved_world_size: how many processes wrote the checkpoint.
-    """
-
-    sampler: dict[str, Any] | None
-    rng: dict[str, Any] | None
-    saved_world_size: int
-
-
-def saved_world_size(ckpt: dict[str, Any]) -> int:
-    """How many processes wrote a checkpoint."""
-    return int((ckpt.get("distributed") or {}).get("world_size", 1))
-
-
-def local_share(ckpt: dict[str, Any], d: Dist) -> LocalShare:
-    """This process's part of a checkpoint (single-process checkpoints included)."""
-    saved = ckpt.get("distributed") or {}
-    saved_world = saved_world_size(ckpt)
-    sampler = ckpt.get("sampler")
-    same = saved_world == d.world_size
-    rng = (saved["rng"][d.rank] if saved else ckpt["rng"]) if same else None
-    if d.world_size == 1 and saved_world == 1:
-        return LocalShare(sampler, rng, saved_world)
-    buffer = (sampler or {}).get("buffer")
-    if buffer is not None:
-        classes = _buffer_classes(buffer)
-        shard = split_buffer(buffer["data"], classes, d)
-        sampler = {
-            **sampler,
-            "buffer": {**buffer, "data": shard, "per_class": len(shard) // classes},
-        }
-    return LocalShare(sampler, rng, saved_world)
-
-
-def reshard_note(saved_world: int, d: Dist, chains: int | None) -> str:
-    """The line printed when a run resumes with another number of processes."""
-    what = f"the replay buffer ({chains} chains) is re-sharded and " if chains else ""
-    return (
-        f"--resume: the checkpoint was written by {saved_world} process"
-        f"{'es' if saved_world != 1 else ''} and this run has {d.world_size}: {what}"
-        "each process's generators are re-seeded from (seed, rank, iteration)"
-    )
-
-
-# -------------------------------------------------------------------------------- collectives
-
-
-def _tensor(values: list[float] | list[int], dtype: torch.dtype, d: Dist) -> Tensor:
-    device = torch.device("cuda", d.local_rank) if d.backend == "nccl" else None
-    return torch.tensor(values, dtype=dtype, device=device)
-
-
-def agree_on_divergence(reason: str | None, d: Dist) -> str | None:
-    """Every process's verdict on the iteration: the first diverged process's reason, or None.
-
-    One all-reduce of a flag; the reason's text travels only when some process diverged.
-    """
-    if not d.parallel:
-        return reason
-    flag = _tensor([0 if reason is None else 1], torch.int64, d)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if int(flag.item()) == 0:
-        return None
-    reasons: list[Any] = [None] * d.world_size
-    dist.all_gather_object(reasons, reason)
-    rank = next(r for r, text in enumerate(reasons) if text is not None)
-    return f"process {rank}: {reasons[rank]}"
-
-
-def mean_terms(terms: dict[str, float], d: Dist) -> dict[str, float]:
-    """The loss terms averaged over the processes (each process's own terms when single)."""
-    if not d.parallel:
-        return terms
-    keys = sorted(terms)
-    values = _tensor([terms[k] for k in keys], torch.float64, d)
-    dist.all_reduce(values)
-    return dict(zip(keys, (values / d.world_size).tolist()))
-
-
-def accuracy(model: nn.Module, data: jdata.ImageData, d: Dist = SINGLE) -> float:
-    """Classification accuracy of ``model`` on ``data``, shared out over the processes.
-
-    Process ``r`` predicts evaluation batches ``r, r + N, ...`` (whole batches, so every logit
-    is the one a single process computes) and the correct counts are summed.
-    """
-    if not d.parallel:
-        return metrics.accuracy(predict_logits(model, data.x, EVAL_BATCH), data.y)
-    correct = 0
-    for start in range(d.rank * EVAL_BATCH, len(data), d.world_size * EVAL_BATCH):
-        logits = predict_logits(model, data.x[start : start + EVAL_BATCH], EVAL_BATCH)
-        labels = data.y[start : start + EVAL_BATCH].cpu()
-        correct += int((logits.argmax(1) == labels).sum())
-    counts = _tensor([correct], torch.int64, d)
-    dist.all_reduce(counts)
-    return int(counts.item()) / len(data) if len(data) else float("nan")
+# ------------------------------------------------------------------------------ a lost process
 
 
 def is_communication_failure(err: BaseException, d: Dist) -> bool:

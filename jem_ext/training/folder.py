@@ -3,7 +3,9 @@
 A fresh run creates its folder (or takes an existing empty one) and a resumed run takes its
 existing folder; either way the process then holds an exclusive ``flock`` on ``RUN/.lock``
 until it ends. A second process that wants the same folder is refused at once, before any
-slow work. The lock dies with its process, so a killed run can still be resumed.
+slow work. The lock dies with its process, so a killed run can still be resumed. While the run
+writes, :class:`IntactFolder` checks before each write that the folder is still the one it
+opened.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import fcntl
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from .._io import is_temporary, remove_temporaries
 from .config import ConfigError
+from .distributed import SINGLE, Dist, on_main
 
 LOCK_NAME = ".lock"
 # What a run writes before its first checkpoint (config.json, then checkpoints/last.pt at once).
@@ -176,3 +180,25 @@ def check_intact(path: str | os.PathLike, identity: tuple[int, int]) -> None:
             f"run folder {path}: config.json was removed during the run; stopped without "
             "writing to the folder again (without it the run cannot be resumed)"
         )
+
+
+@dataclass(frozen=True)
+class IntactFolder:
+    """The check made before each write of a run (every process of a job together): the run
+    folder ``path`` is still the one opened with ``identity`` (None: not opened yet, nothing
+    to check).
+
+    Raises (from :meth:`check`):
+        RunFolderLost
+    """
+
+    path: Path | None = None
+    identity: tuple[int, int] | None = None
+    dist: Dist = SINGLE
+
+    def check(self) -> None:
+        def check() -> None:
+            if self.path is not None and self.identity is not None:
+                check_intact(self.path, self.identity)
+
+        on_main(check, self.dist)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..chain import DEFAULT_N_STEPS, DEFAULT_NOISE_STD, DEFAULT_STEP_SIZE, ChainSpec
+from .. import chain
+from ..chain import ChainSpec
 from ..data import DATASET_REGISTRY, file_datasets
 from ..factory import FactoryError, is_factory
 from ..factory import parse as parse_factory
@@ -189,24 +190,29 @@ class ChainOptions:
 
     GROUP = "sampler (SGLD)"
     steps: int = setting(
-        DEFAULT_N_STEPS,
+        chain.DEFAULT_N_STEPS,
         "SGLD steps per training iteration",
         dest="sgld_steps",
         range=Range(0, 10**6),
     )
     step_size: float = setting(
-        DEFAULT_STEP_SIZE, "SGLD step on dE/dx", dest="sgld_step_size", range=NON_NEGATIVE
+        chain.DEFAULT_STEP_SIZE, "SGLD step on dE/dx", dest="sgld_step_size", range=NON_NEGATIVE
     )
     noise: float = setting(
-        DEFAULT_NOISE_STD, "SGLD noise standard deviation", dest="sgld_noise", range=NON_NEGATIVE
+        chain.DEFAULT_NOISE_STD,
+        "SGLD noise standard deviation",
+        dest="sgld_noise",
+        range=NON_NEGATIVE,
     )
     buffer_size: int = setting(
-        10000,
+        chain.DEFAULT_BUFFER_SIZE,
         "persistent replay buffer size; 0 = short-run chains from the init each time",
         range=Range(0, 10**7),
     )
     reinit_prob: float = setting(
-        0.05, "fraction of buffer chains re-initialised at each draw", range=FRACTION
+        chain.DEFAULT_REINIT_PROB,
+        "fraction of buffer chains re-initialised at each draw",
+        range=FRACTION,
     )
     init: str = setting(
         "uniform",
@@ -225,7 +231,8 @@ class ChainOptions:
     proximal: bool = setting(
         False,
         "proximal SGLD (JEM++): clip the gradient element-wise to --grad-clip "
-        "(0.03 when not given) and clamp samples to [-1, 1]",
+        f"({chain.PROXIMAL_GRAD_CLIP:g} when not given) and clamp samples to "
+        f"[{chain.DEFAULT_CLAMP[0]:g}, {chain.DEFAULT_CLAMP[1]:g}]",
     )
     grad_clip: float | None = setting(
         None,

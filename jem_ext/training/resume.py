@@ -9,35 +9,52 @@ import json
 import sys
 from typing import Any
 
+import torch
+
 from ..checkpoint import CheckpointError, capture_rng, new_state, restore_rng
 from ..models import model_spec
-from . import distributed
+from . import shards
+from .distributed import SINGLE, Dist
+from .runconfig import RunConfig
 from .runlog import json_default
 from .setup import Run, apply_optimizer_settings, augment_seed, sampler_seed
 from .state import RunState
+from .step import StepContext
 
 
 def checkpoint_state(run: Run) -> dict[str, Any]:
-    """The checkpoint dict of a run as it is now (see :mod:`jem_ext.checkpoint` for the keys).
+    """The checkpoint dict of a run as it is now (see :func:`checkpoint_of`)."""
+    return checkpoint_of(run.ctx, run.generators, run.state, run.cfg, run.dist)
+
+
+def checkpoint_of(
+    ctx: StepContext,
+    generators: dict[str, torch.Generator],
+    state: RunState,
+    cfg: RunConfig,
+    dist: Dist = SINGLE,
+) -> dict[str, Any]:
+    """The checkpoint dict of the model, optimiser and sampler in ``ctx``, the generators and
+    the progress ``state`` of a run of ``cfg`` (see :mod:`jem_ext.checkpoint` for the keys).
 
     In a distributed job every process calls it; rank 0's dict holds every process's buffer
-    shard and RNG states (see :func:`.distributed.gather_checkpoint`).
+    shard and RNG states (see :func:`.shards.gather_checkpoint`).
     """
-    model, ctx = run.ctx.model_for_chain, run.ctx
-    return distributed.gather_checkpoint(
+    model = ctx.model_for_chain
+    return shards.gather_checkpoint(
         new_state(
             model_spec=model_spec(model),
             model=model.state_dict(),
             optimizer=ctx.optimizer.state_dict(),
             sampler=ctx.sampler.state_dict() if ctx.sampler is not None else None,
-            rng=capture_rng(run.generators),
-            iteration=run.state.iteration,
-            epoch=run.state.epoch,
-            config=json.loads(json.dumps(run.cfg.flat(), default=json_default)),
-            best_val_accuracy=run.state.best_val_accuracy,
-            progress=run.state.to_dict(),
+            rng=capture_rng(generators),
+            iteration=state.iteration,
+            epoch=state.epoch,
+            config=json.loads(json.dumps(cfg.flat(), default=json_default)),
+            best_val_accuracy=state.best_val_accuracy,
+            progress=state.to_dict(),
         ),
-        run.dist,
+        dist,
     )
 
 
@@ -49,7 +66,7 @@ def resume_run(run: Run, ckpt: dict[str, Any]) -> None:
     """
     ctx = run.ctx
     try:
-        share = distributed.local_share(ckpt, run.dist)
+        share = shards.local_share(ckpt, run.dist)
         ctx.model_for_chain.load_state_dict(ckpt["model"])
         ctx.optimizer.load_state_dict(ckpt["optimizer"])
         apply_optimizer_settings(run.cfg.optim, ctx.optimizer)
@@ -71,7 +88,7 @@ def reseed(run: Run, saved_world_size: int) -> None:
     seed, rank, st = run.cfg.optim.seed, run.dist.rank, run.state
     bases = {"sampler": sampler_seed(seed, st.reseeds), "augment": augment_seed(seed)}
     for name, base in bases.items():
-        run.generators[name].manual_seed(distributed.generator_seed(base, rank, st.iteration + 1))
+        run.generators[name].manual_seed(shards.generator_seed(base, rank, st.iteration + 1))
     chains = run.cfg.chain.buffer_size if getattr(run.ctx.sampler, "buffer", None) else None
     if run.dist.is_main:
-        print(distributed.reshard_note(saved_world_size, run.dist, chains), file=sys.stderr)
+        print(shards.reshard_note(saved_world_size, run.dist, chains), file=sys.stderr)

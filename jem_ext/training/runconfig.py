@@ -6,6 +6,10 @@ From them: the parser (:func:`build_parser`), the defaults (:func:`default_confi
 dict of ``config.json`` (:meth:`RunConfig.flat`, keys are the flags' ``dest`` names, so run
 folders of every version keep loading) and validation (:func:`validate`, the one way to make a
 ``RunConfig``: a ``RunConfig`` is always valid). Code reads attributes: ``cfg.chain.steps``.
+
+The published recipes (:mod:`jem_ext.recipes`) are read against the same settings when this
+module loads: each key a recipe sets must be a setting, and each value passes the setting's
+checks, as a value typed on the command line would (:func:`check_recipes`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import argparse
 import dataclasses
 import os
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +29,7 @@ from ..accel import SpeedOptions
 from ..data import dataset_entry, file_datasets
 from ..factory import is_factory
 from ..models import MODELS, convolutional_models
-from ..recipes import apply_recipe
+from ..recipes import RECIPES, Setting, apply_recipe
 from ..settings import Spec, add_flags, flat_values, group_from_flat, specs, value_problem
 from .options import (
     BudgetOptions,
@@ -169,26 +173,39 @@ def flag_of(key: str) -> str:
     return s.option_strings()[0] if s is not None else key
 
 
-def validate(cfg: Mapping[str, Any], where: Mapping[str, str] | None = None) -> RunConfig:
-    """Check a flat config (every setting's type, range and own check, then the combinations)
-    and return it typed, its paths absolute.
+def validate(
+    cfg: Mapping[str, Any],
+    where: Mapping[str, str] | None = None,
+    given: Collection[str] = (),
+) -> RunConfig:
+    """Check a flat config (every setting's type, range and own check), write its recipe over
+    it when ``recipe`` is among the keys ``given`` (:func:`with_recipe`; the recipe's values
+    were checked when this module loaded), check the combinations and return it typed, its
+    paths absolute.
 
     Args:
         cfg: the flat config (every setting's key; ``run_id`` and ``data_fingerprint`` may be
             present).
         where: how to name each key in messages (e.g. ``--epochs`` for a flag the user typed,
             ``config file F: key 'epochs'`` for a value read from a file); default: the key.
+            A key the recipe sets is named ``--recipe NAME: key 'KEY'``.
+        given: the keys set explicitly (they keep their values over the recipe's).
 
     Raises:
         ConfigError: one clear message naming the first bad value.
     """
-    where = where or {}
+    where = dict(where or {})
     for key, s in all_specs().items():
         if key not in cfg:
             raise ConfigError(f"{key}: missing from the config")
         problem = value_problem(s, cfg[key])
         if problem is not None:
             raise ConfigError(f"{where.get(key, key)}: {problem}")
+    recipe = cfg["recipe"] if "recipe" in given else None
+    cfg = with_recipe(cfg, set(given))
+    if recipe is not None:
+        for key in set(RECIPES[recipe]) - set(given):
+            where[key] = f"--recipe {recipe}: key {key!r}"
     check_combinations(cfg, lambda k: where.get(k, k))
     return _build(cfg)
 
@@ -245,3 +262,25 @@ def with_recipe(cfg: Mapping[str, Any], given: set[str]) -> dict[str, Any]:
     if "recipe" not in given or cfg["recipe"] is None:
         return dict(cfg)
     return apply_recipe(cfg, cfg["recipe"], given)
+
+
+def check_recipes(recipes: Mapping[str, Mapping[str, Setting]]) -> None:
+    """Check recipes against the settings: every key a recipe sets is a setting, and every
+    value passes the checks a command-line value of that setting passes.
+
+    Raises:
+        ConfigError: the first unknown key or bad value, naming the recipe.
+    """
+    settings = all_specs()
+    for name, recipe in recipes.items():
+        for key, entry in recipe.items():
+            if key not in settings:
+                raise ConfigError(
+                    f"recipe {name!r}: key {key!r} is not a setting of python -m jem_ext.train"
+                )
+            problem = value_problem(settings[key], entry.value)
+            if problem is not None:
+                raise ConfigError(f"recipe {name!r}: key {key!r}: {problem}")
+
+
+check_recipes(RECIPES)  # once, when the trainer loads: a mistyped recipe stops it here

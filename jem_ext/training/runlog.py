@@ -10,10 +10,13 @@ from typing import Any, TextIO
 
 import matplotlib
 import torch
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import data as jdata
 from .._io import atomic_path, atomic_write_text, with_filename
+from ..chain import ChainSpec
+from ..sampler import sample_from_noise
 from .tensorboard import NullTensorBoard
 
 matplotlib.use("Agg")  # files only, never a window
@@ -21,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 GRID_COLUMNS = 8  # images per row of a sample grid
 GRID_IMAGES = 64
+GRID_CHAINS = 64  # chains drawn for a sample grid when the run has no samples of its own
 PLAIN_STEP = 5  # percent of the run between two plain progress lines
 
 
@@ -213,3 +217,44 @@ def save_samples(x: torch.Tensor, path: Path, data: jdata.ImageData) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp)
     plt.close(fig)
+
+
+class SampleGrids:
+    """The run's sample grids, ``samples/samples_<tag>.png`` (and TensorBoard's ``samples``).
+
+    A grid shows :attr:`latest`, the run's latest SGLD samples, or, without any (CE runs, or
+    nothing sampled yet), :data:`GRID_CHAINS` chains from noise (``chain``, at least one
+    step, seeded from ``seed`` and the iteration). Disabled (the processes of a distributed
+    job other than rank 0), it writes nothing.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        data: jdata.ImageData,
+        chain: ChainSpec,
+        seed: int,
+        tensorboard: NullTensorBoard | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.folder, self.data, self.chain, self.seed = Path(folder), data, chain, seed
+        self.tensorboard = tensorboard if tensorboard is not None else NullTensorBoard()
+        self.enabled = enabled
+        self.latest: Tensor | None = None
+
+    def write(self, tag: str, model: nn.Module, iteration: int) -> None:
+        """Save the grid ``samples_<tag>.png`` of ``model`` at ``iteration``."""
+        if not self.enabled:
+            return
+        x = self.latest
+        if x is None:
+            x = sample_from_noise(
+                model,
+                GRID_CHAINS,
+                self.data.shape,
+                spec=self.chain.with_steps(max(1, self.chain.n_steps)),
+                seed=self.seed * 7 + iteration,
+            )
+        path = self.folder / f"samples_{tag}.png"
+        save_samples(x, path, self.data)
+        self.tensorboard.image_file("samples", path, iteration)

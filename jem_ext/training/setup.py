@@ -40,7 +40,7 @@ from ..sampler import (
     SGLDSampler,
     UniformInit,
 )
-from . import distributed
+from . import distributed, shards
 from .distributed import Dist
 from .options import DataOptions, ModelOptions, OptimOptions
 from .runconfig import RunConfig
@@ -56,6 +56,7 @@ class RunData:
         labeled: bool mask of the training labels the CE term may use, on the run's device
             (None: all).
         augment: the dataset's augmentation, or None.
+        device: the run's device (where the training split and the chains live).
         px_augment: the p(x) term uses the augmented batch too (else the batch before it).
     """
 
@@ -65,7 +66,12 @@ class RunData:
     train_on_device: jdata.ImageData
     labeled: Tensor | None
     augment: jdata.Augment | None
+    device: torch.device
     px_augment: bool = True
+
+    def steps_per_epoch(self, batch_size: int, world_size: int = 1) -> int:
+        """Iterations of one epoch (batches of ``batch_size`` shared by ``world_size``)."""
+        return jdata.num_batches(len(self.train), batch_size, world_size=world_size)
 
 
 @dataclass
@@ -82,16 +88,13 @@ class Run:
     generators: dict[str, torch.Generator]
     out: Path
     state: RunState = field(default_factory=RunState)
-    last_samples: Tensor | None = None
     started: float = field(default_factory=time.perf_counter)
     dist: Dist = distributed.SINGLE
     folder_id: tuple[int, int] | None = None  # the run folder's identity (rank 0, once open)
 
     @property
     def steps_per_epoch(self) -> int:
-        return jdata.num_batches(
-            len(self.data.train), self.cfg.optim.batch_size, world_size=self.dist.world_size
-        )
+        return self.data.steps_per_epoch(self.cfg.optim.batch_size, self.dist.world_size)
 
     def elapsed(self) -> float:
         """Training seconds so far, over every resume."""
@@ -146,12 +149,12 @@ def load_data(data: DataOptions, seed: int) -> dict[str, jdata.ImageData]:
 
 def sampler_seed(seed: int, reseeds: int = 0, rank: int = 0) -> int:
     """Seed of process ``rank``'s sampler generator, fresh after each recovery (``reseeds``)."""
-    return distributed.generator_seed(seed + 101 + 1000 * reseeds, rank)
+    return shards.generator_seed(seed + 101 + 1000 * reseeds, rank)
 
 
 def augment_seed(seed: int, rank: int = 0) -> int:
     """Seed of process ``rank``'s augmentation generator."""
-    return distributed.generator_seed(seed + 202, rank)
+    return shards.generator_seed(seed + 202, rank)
 
 
 def make_sampler(
@@ -176,7 +179,7 @@ def make_sampler(
     if chain.buffer_size > 0:
         classes = train_data.num_classes if conditional else 1
         buffer = ReplayBuffer(
-            distributed.buffer_shard_size(chain.buffer_size, classes, dist),
+            shards.buffer_shard_size(chain.buffer_size, classes, dist),
             train_data.shape,
             num_classes=train_data.num_classes if conditional else None,
             device=device,
@@ -278,8 +281,9 @@ def build_context(
 def build_run(cfg: RunConfig, datasets: dict[str, jdata.ImageData] | None = None) -> Run:
     """Build the run of a config (nothing is written to disk here).
 
-    In a distributed job (see :mod:`.distributed`) this process builds its share: its device,
-    its generators (seeded from the seed and its rank) and its replay-buffer shard.
+    In a distributed job (see :mod:`.distributed` and :mod:`.shards`) this process builds its
+    share: its device, its generators (seeded from the seed and its rank) and its replay-buffer
+    shard.
     """
     dist = distributed.current()
     opt = cfg.optim
@@ -297,7 +301,7 @@ def build_run(cfg: RunConfig, datasets: dict[str, jdata.ImageData] | None = None
     )
     model.to(device)
     if dist.rank > 0:  # dropout and other global-RNG draws differ between processes
-        torch.manual_seed(distributed.generator_seed(seed, dist.rank))
+        torch.manual_seed(shards.generator_seed(seed, dist.rank))
     gen_device = device if device.type == "cuda" else torch.device("cpu")
     generators = {
         "sampler": torch.Generator(device=gen_device).manual_seed(
@@ -322,6 +326,7 @@ def build_run(cfg: RunConfig, datasets: dict[str, jdata.ImageData] | None = None
         ),
         labeled=labeled,
         augment=make_augment(cfg.data),
+        device=device,
         px_augment=cfg.data.px_augment,
     )
     o = cfg.objective

@@ -12,15 +12,15 @@ from .. import data as jdata
 from .._io import atomic_write_text
 from ..checkpoint import load_checkpoint, model_from_checkpoint
 from ..factory import is_factory
-from . import distributed
+from . import shards
 from .config import config_from_mapping
 from .curves import write_curves
-from .folder import folder_identity
+from .folder import IntactFolder, folder_identity
 from .guard import DivergenceGuard, SplitWatch, TrainingDiverged
-from .loop import Hooks, accuracy, check_folder, fit, title, write_samples
+from .loop import Hooks, accuracy, fit, title
 from .resume import checkpoint_state, resume_run
 from .runconfig import RunConfig
-from .runlog import MetricsLog, Progress, json_default, truncate_metrics
+from .runlog import MetricsLog, Progress, SampleGrids, json_default, truncate_metrics
 from .saver import CHECKPOINTS, CheckpointSaver
 from .setup import Run, build_run, fresh_out
 from .tensorboard import NullTensorBoard, open_tensorboard
@@ -100,14 +100,7 @@ def train(
             enabled=main and not cfg.folder.no_progress,
         ) as progress,
     ):
-        hooks = Hooks(
-            DivergenceGuard.from_config(cfg.guard, cfg.generative),
-            SplitWatch.from_config(cfg.objective.l2_energy, cfg.generative),
-            saver,
-            log,
-            progress,
-            tb,
-        )
+        hooks = _hooks(run, saver, log, progress, tb)
         if resume_state is not None:
             log.write(
                 {
@@ -116,13 +109,13 @@ def train(
                     "epoch": run.state.epoch,
                     "overrides": resume_overrides or {},
                     "world_size": run.dist.world_size,
-                    "checkpoint_world_size": distributed.saved_world_size(resume_state),
+                    "checkpoint_world_size": shards.saved_world_size(resume_state),
                 }
             )
         status, reason = fit(run, hooks)
-        check_folder(run)
+        hooks.folder.check()
         if status != "diverged":
-            write_samples(run, "final", tb)
+            hooks.grids.write("final", run.ctx.model_for_chain, run.state.iteration)
     summary = summarise(run, status, reason)
     if main:
         atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -130,6 +123,32 @@ def train(
     if status == "diverged":
         raise TrainingDiverged(reason)
     return summary
+
+
+def _hooks(
+    run: Run, saver: CheckpointSaver, log: MetricsLog, progress: Progress, tb: NullTensorBoard
+) -> Hooks:
+    """What acts on ``run`` while it trains (:class:`~.loop.Hooks`), around the writers the
+    caller opened."""
+    cfg = run.cfg
+    return Hooks(
+        DivergenceGuard.from_config(cfg.guard, cfg.generative),
+        SplitWatch.from_config(cfg.objective.l2_energy, cfg.generative),
+        saver,
+        log,
+        progress,
+        SampleGrids(
+            run.out / "samples",
+            run.data.train,
+            cfg.chain.spec(),
+            cfg.optim.seed,
+            tb,
+            run.dist.is_main,
+        ),
+        run.elapsed,
+        IntactFolder(run.out, run.folder_id, run.dist),
+        tb,
+    )
 
 
 def _tensorboard(run: Run, resuming: bool) -> NullTensorBoard:
