@@ -100,16 +100,22 @@ __all__ = ["Inputs", "ModelResults", "run"]
 def prepare(settings: EvalSettings) -> Inputs:
     """Load and check every input; raises :class:`EvalError`, writes nothing."""
     main = load_model(
-        settings.checkpoint, settings.device, "--checkpoint", settings.label, settings.model
+        settings.job.checkpoint,
+        settings.data.device,
+        "--checkpoint",
+        settings.job.label,
+        settings.job.model,
     )
-    sgld = resolve_sgld(main.state.get("sampler"), settings.sgld_step_size, settings.sgld_noise)
+    sgld = resolve_sgld(
+        main.state.get("sampler"), settings.sgld.sgld_step_size, settings.sgld.sgld_noise
+    )
     data = load_eval_data(settings, main)
-    models = [main] + ([load_compare(settings, main)] if settings.compare else [])
-    if {"generation", "fid"} & set(settings.tasks):
+    models = [main] + ([load_compare(settings, main)] if settings.job.compare else [])
+    if {"generation", "fid"} & set(settings.job.task_names):
         for m in models:  # refuses --gen-init gaussian without fitted Gaussians
-            chain_init(m, settings.gen_init)
+            chain_init(m, settings.generation.gen_init)
     prepared, skipped = {}, {}
-    for task in settings.tasks:
+    for task in settings.job.task_names:
         if REGISTRY[task].prepare is not None:
             prepared[task], reason = REGISTRY[task].prepare(settings, main)
             if reason is not None:
@@ -131,8 +137,8 @@ def prepare(settings: EvalSettings) -> Inputs:
 def evaluate(model: Loaded, inp: Inputs, compare: bool) -> ModelResults:
     """Every requested task for one model, each from the same global seed."""
     res = ModelResults(model=model, compare=compare)
-    for task in inp.settings.tasks:
-        torch.manual_seed(inp.settings.seed)
+    for task in inp.settings.job.task_names:
+        torch.manual_seed(inp.settings.data.seed)
         t0 = time.time()
         res.parts[task] = REGISTRY[task].run(res, inp)
         res.seconds_by_task[task] = round(time.time() - t0, 2)
@@ -142,7 +148,7 @@ def evaluate(model: Loaded, inp: Inputs, compare: bool) -> ModelResults:
 def figures(results: list[ModelResults], inp: Inputs) -> list[Figure]:
     """The PNGs to draw: each task's, in task order."""
     out: list[Figure] = []
-    for task in inp.settings.tasks:
+    for task in inp.settings.job.task_names:
         draw = REGISTRY[task].figures
         if draw is not None:
             out += draw(results, inp)
@@ -157,7 +163,7 @@ def assemble(results: list[ModelResults], inp: Inputs) -> dict[str, Any]:
             "dataset": inp.data.dataset,
             "split": "test",
             "n_test": len(inp.data.x),
-            "tasks": inp.settings.tasks,
+            "tasks": inp.settings.job.task_names,
             "settings": inp.settings.to_json(inp.sgld),
         }
     )
@@ -190,5 +196,5 @@ def run(settings: EvalSettings) -> dict[str, Any]:
     drawn = figures(results, inp)
     report["seconds"] = round(time.time() - start, 1)
     report["files"] = ["report.json", "report.md"] + [name for name, _ in drawn]
-    write_report(Path(settings.out), report, drawn)
+    write_report(Path(settings.job.out), report, drawn)
     return report
