@@ -41,13 +41,14 @@ when neither ``--inception-weights`` nor ``--fid-classifier`` is given):
     not comparable with published figures.
 ``robustness``
     accuracy under PGD (L-inf and L2) of the SGLD-refined classifier (K SGLD steps from the
-    input averaged over several noisy chains), attacked through the refinement. Defaults are
-    sized for a CPU and digits: the first 100 test points (of the seeded subset), 10 PGD
-    steps of 2.5 eps / 10 from a random start, K = 5 refinement steps, 2 chains; radii
-    L-inf 0, 0.05, 0.1, 0.2, 0.3 and L2 0, 0.25, 0.5, 1, 2 in the [-1, 1] input units
-    (L-inf 0.1 here is 12.75/255 in [0, 1] pixel units).
+    input averaged over several noisy chains), attacked through the refinement from a random
+    start, with steps of 2.5 eps / steps unless ``--pgd-step-size`` is given. The defaults
+    (:class:`~jem_ext.eval.options.RobustnessOptions`: test points, PGD steps, K, chains,
+    radii) are sized for a CPU and digits; radii are in the [-1, 1] input units (L-inf 0.1
+    here is 12.75/255 in [0, 1] pixel units).
 
-Modules: :mod:`~jem_ext.eval.cli` (the command line), :mod:`~jem_ext.eval.inputs`
+Modules: :mod:`~jem_ext.eval.cli` (the command line, generated from the settings' groups in
+:mod:`~jem_ext.eval.options`), :mod:`~jem_ext.eval.inputs`
 (checkpoints and data), :mod:`~jem_ext.eval.tasks` and :mod:`~jem_ext.eval.generation` (the
 tasks, each returning a typed result), :mod:`~jem_ext.eval.registry` (the tasks' table: one
 entry per task), :mod:`~jem_ext.eval.writers` (report.json, report.md); this module runs the
