@@ -41,7 +41,7 @@ __all__ = [
     "value_problem",
 ]
 
-KINDS = ("int", "float", "str", "bool", "int_list")
+KINDS = ("int", "float", "str", "bool", "int_list", "str_list")
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,9 @@ class Spec:
         metavar: argparse's metavar.
         check: ``check(value)`` -> why the value is refused, or None (e.g. a registry lookup).
         path: a path, stored absolute.
+        required: a flag that must be given (its default is None).
+
+    A ``str_list`` setting is a repeatable flag: each use adds one string (default: none).
     """
 
     dest: str
@@ -110,6 +113,7 @@ class Spec:
     metavar: str | None = None
     check: Callable[[Any], str | None] | None = None
     path: bool = False
+    required: bool = False
 
     def option_strings(self) -> tuple[str, ...]:
         return self.flags or ("--" + self.dest.replace("_", "-"),)
@@ -132,7 +136,7 @@ def setting(
     """A dataclass field that is a setting (see :class:`Spec` for the keywords).
 
     ``kind`` defaults from the default's type (bool, int, float, list -> int_list); a setting
-    whose default is None or a string names it.
+    whose default is None or a string, or a ``str_list``, names it.
     """
     if kind is None:
         kind = {bool: "bool", int: "int", float: "float", list: "int_list"}.get(type(default), "")
@@ -152,7 +156,13 @@ def specs(group: type) -> Iterator[tuple[str, Spec]]:
             yield f.name, Spec(**{**meta, "dest": meta["dest"] or f.name})
 
 
-_TYPES: dict[str, Any] = {"int": int, "float": finite_float, "str": None, "int_list": int_list}
+_TYPES: dict[str, Any] = {
+    "int": int,
+    "float": finite_float,
+    "str": None,
+    "int_list": int_list,
+    "str_list": None,
+}
 
 
 def add_flags(parser: argparse.ArgumentParser, group: type, suppress_defaults: bool) -> None:
@@ -166,9 +176,13 @@ def add_flags(parser: argparse.ArgumentParser, group: type, suppress_defaults: b
         kw: dict[str, Any] = {"dest": s.dest, "help": s.help_text()}
         if not suppress_defaults:
             kw["default"] = list(s.default) if isinstance(s.default, list) else s.default
+        if s.required:
+            kw["required"] = True
         if s.kind == "bool":
             kw["action"] = "store_false" if s.negated else "store_true"
         else:
+            if s.kind == "str_list":
+                kw["action"] = "append"
             if _TYPES[s.kind] is not None:
                 kw["type"] = _TYPES[s.kind]
             if s.choices is not None:
@@ -193,6 +207,9 @@ def _type_problem(s: Spec, value: Any) -> str | None:
     if s.kind == "int_list":
         ok = isinstance(value, (list, tuple)) and all(_is_int(v) for v in value)
         return None if ok else f"expected a list of integers, got {value!r}"
+    if s.kind == "str_list":
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        return None if ok else f"expected a list of strings, got {value!r}"
     if s.kind == "int":
         return None if _is_int(value) else f"expected an integer, got {value!r}"
     if s.kind == "float":

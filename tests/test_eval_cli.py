@@ -12,6 +12,7 @@ import pytest
 import torch
 from trained_runs import train_on_digits
 
+from jem_ext._cli import finite_float
 from jem_ext.checkpoint import save_checkpoint
 from jem_ext.eval import cli
 from jem_ext.eval.settings import BUILTIN_OOD, SCORES, EvalError
@@ -322,7 +323,7 @@ def test_help_documents_every_flag():
 
 def test_every_float_flag_refuses_non_finite_values():
     parser = cli.build_parser()
-    float_flags = [a for a in parser._actions if a.type in (float, cli.finite_float)]
+    float_flags = [a for a in parser._actions if a.type in (float, finite_float)]
     assert {a.dest for a in float_flags} >= {
         "sgld_step_size",
         "sgld_noise",
@@ -330,7 +331,7 @@ def test_every_float_flag_refuses_non_finite_values():
         "robust_sigma",
     }
     for action in float_flags:
-        assert action.type is cli.finite_float, action.dest
+        assert action.type is finite_float, action.dest
         for text in ("nan", "inf", "-inf", "NaN"):
             with pytest.raises(EvalError):
                 cli.parse_settings(

@@ -247,10 +247,10 @@ def test_channels_last_matches_the_default_layout(ckpts, tmp_path, capsys):
 def test_autocast_model_keeps_inputs_and_gradients_float32():
     torch.manual_seed(0)
     net = build_model("small_cnn", 10, (1, 8, 8), width=4)
-    settings = EvalSettings(checkpoint="", out="", tasks=["accuracy"], precision="bf16")
+    settings = EvalSettings.from_flat(tasks="accuracy", precision="bf16")
     wrapped = autocast_model(net, settings)
     assert isinstance(wrapped, AutocastModel)
-    assert autocast_model(net, EvalSettings(checkpoint="", out="", tasks=[])) is net
+    assert autocast_model(net, EvalSettings.from_flat()) is net
     x = torch.rand(4, 1, 8, 8, requires_grad=True)
     out = wrapped(x)
     assert out.dtype == torch.float32
@@ -289,14 +289,8 @@ def test_cuda_graph_on_the_cpu_equals_eager_with_one_note(ckpts, tmp_path, capsy
 def test_generate_with_a_graphed_chain_equals_eager_on_the_cpu(capsys):
     torch.manual_seed(0)
     net = build_model("small_cnn", 10, (1, 8, 8), width=4)
-    settings = EvalSettings(
-        checkpoint="",
-        out="",
-        tasks=["generation"],
-        no_progress=True,
-        batch_size=3,
-        precision="bf16",
-        cuda_graph=True,
+    settings = EvalSettings.from_flat(
+        tasks="generation", no_progress=True, batch_size=3, precision="bf16", cuda_graph=True
     )
     sgld = SGLDSettings(step_size=1.0, noise_std=0.01, clamp=(-1.0, 1.0), grad_clip=None)
     chain = make_chain(settings)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -180,7 +181,7 @@ def test_sigterm_stops_evaluation_without_a_half_report(tmp_path, monkeypatch, c
 
 class _Settings:
     def __init__(self, out: Path) -> None:
-        self.out = str(out)
+        self.job = SimpleNamespace(out=str(out))
 
 
 def test_sigterm_handler_exits_a_blocked_main_thread(tmp_path):

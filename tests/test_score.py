@@ -302,3 +302,12 @@ def test_jsonl_is_standard_json_when_a_score_is_not_finite(run, tmp_path, capsys
     assert "NaN" not in text and "Infinity" not in text
     first = json.loads(text.splitlines()[0])
     assert first["log_px"] is None and first["ood"] is True
+
+
+def test_the_command_s_names_stay_importable_from_jem_ext_score():
+    """jem_ext.score is a package of parts (cli, inputs, threshold, scoring); what callers
+    import from it stays where it was."""
+    for name in ("ScoreError", "build_parser", "main", "ood_threshold", "list_inputs"):
+        assert callable(getattr(score, name)), name
+    assert score.side_file("a/b.csv") == Path("a/b.csv.threshold.json")
+    assert score.ood_threshold(np.arange(101.0), 0.05) == 5.0

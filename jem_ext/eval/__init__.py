@@ -2,8 +2,13 @@
 
 Submodules (imported explicitly, so that e.g. matplotlib is only loaded when plotting):
 
-- :mod:`jem_ext.eval.cli`: the command line of ``python -m jem_ext.eval`` and its checks.
-- :mod:`jem_ext.eval.settings`: :class:`EvalError`, the typed evaluation and SGLD settings.
+- :mod:`jem_ext.eval.cli`: the command line of ``python -m jem_ext.eval``, generated from the
+  settings' groups.
+- :mod:`jem_ext.eval.options`: every evaluation setting, once, in its group (one ``--help``
+  section each); the task table the registry fills.
+- :mod:`jem_ext.eval.checks`: the checks of the flags that are more than a range.
+- :mod:`jem_ext.eval.settings`: :class:`EvalError`, :class:`EvalSettings` (the groups, the
+  speed group being the trainer's) and the SGLD chain the tasks use.
 - :mod:`jem_ext.eval.registry`: the tasks, one entry each (how each runs, what it prepares,
   its report.md section and figures); the task names follow from it.
 - :mod:`jem_ext.eval.inputs`: checkpoints, their models, the test data and the OOD sets.

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..chain import DEFAULT_NOISE_STD, DEFAULT_STEP_SIZE, ChainSpec
+from ..chain import DEFAULT_CLAMP, DEFAULT_NOISE_STD, DEFAULT_STEP_SIZE, ChainSpec
 from ..ops import energy
 
 __all__ = ["pgd_attack", "SGLDRefinedClassifier", "robust_accuracy"]
@@ -58,7 +58,7 @@ def pgd_attack(
     steps: int,
     step_size: float,
     random_start: bool = True,
-    clamp: tuple[float, float] | None = (-1.0, 1.0),
+    clamp: tuple[float, float] | None = DEFAULT_CLAMP,
     generator: torch.Generator | None = None,
     eot_samples: int = 1,
 ) -> torch.Tensor:
@@ -97,6 +97,22 @@ def pgd_attack(
     Returns:
         Adversarial inputs, detached, with the shape and dtype of ``x``.
     """
+    _check_attack(norm, eps, steps, step_size, eot_samples)
+    x = x.detach()
+    if eps == 0:
+        return x.clone()
+    x_adv = x.clone()
+    if random_start:
+        x_adv = _to_range(x + _random_start(x, norm, eps, generator), clamp)
+    for _ in range(steps):
+        grad = _loss_gradient(model, x_adv, y, eot_samples)
+        x_adv = _ascent_step(x_adv.detach(), grad, norm, step_size)
+        x_adv = _to_range(x + _project(x_adv - x, norm, eps), clamp)
+    return x_adv.detach()
+
+
+def _check_attack(norm: str, eps: float, steps: int, step_size: float, eot_samples: int) -> None:
+    """Raise ValueError unless the attack's settings are usable."""
     if norm not in _NORMS:
         raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
     if eps < 0 or steps < 0 or step_size < 0 or eot_samples < 1:
@@ -104,32 +120,39 @@ def pgd_attack(
             f"need eps, steps, step_size >= 0 and eot_samples >= 1, got eps={eps}, "
             f"steps={steps}, step_size={step_size}, eot_samples={eot_samples}"
         )
-    x = x.detach()
-    if eps == 0:
-        return x.clone()
 
-    def to_data_range(t: torch.Tensor) -> torch.Tensor:
-        return t if clamp is None else t.clamp(*clamp)
 
-    x_adv = x.clone()
-    if random_start:
-        x_adv = to_data_range(x + _random_start(x, norm, eps, generator))
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        grad = torch.zeros_like(x_adv)
-        with torch.enable_grad():
-            for _ in range(eot_samples):
-                loss = F.cross_entropy(model(x_adv), y, reduction="sum")
-                grad += torch.autograd.grad(loss, x_adv)[0]
-        # Summing instead of averaging the EOT gradients is equivalent: both step rules are
-        # invariant to the gradient's scale.
-        x_adv = x_adv.detach()
-        if norm == "linf":
-            x_adv = x_adv + step_size * grad.sign()
-        else:
-            x_adv = x_adv + step_size * grad / _per_sample_norm(grad).clamp_min(1e-12)
-        x_adv = to_data_range(x + _project(x_adv - x, norm, eps))
-    return x_adv.detach()
+def _to_range(t: torch.Tensor, clamp: tuple[float, float] | None) -> torch.Tensor:
+    """``t`` clamped to the data range (unchanged for unbounded inputs)."""
+    return t if clamp is None else t.clamp(*clamp)
+
+
+def _loss_gradient(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x_adv: torch.Tensor,
+    y: torch.Tensor,
+    eot_samples: int,
+) -> torch.Tensor:
+    """d/dx_adv of the summed cross-entropy, summed over ``eot_samples`` calls of ``model``.
+
+    Summing instead of averaging the EOT gradients is equivalent: both step rules are
+    invariant to the gradient's scale."""
+    x_adv.requires_grad_(True)
+    grad = torch.zeros_like(x_adv)
+    with torch.enable_grad():
+        for _ in range(eot_samples):
+            loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+            grad += torch.autograd.grad(loss, x_adv)[0]
+    return grad
+
+
+def _ascent_step(
+    x_adv: torch.Tensor, grad: torch.Tensor, norm: str, step_size: float
+) -> torch.Tensor:
+    """One step up the loss: along sign(g) (L-inf) or g / ||g||_2 per sample (L2)."""
+    if norm == "linf":
+        return x_adv + step_size * grad.sign()
+    return x_adv + step_size * grad / _per_sample_norm(grad).clamp_min(1e-12)
 
 
 class SGLDRefinedClassifier(nn.Module):
@@ -151,8 +174,8 @@ class SGLDRefinedClassifier(nn.Module):
     Args:
         f: classifier returning logits ``[N, K]``.
         n_steps: number of SGLD steps K.
-        step_size: SGLD step on the gradient of log p(x) (JEM uses 1.0).
-        noise_std: standard deviation of the SGLD noise (JEM uses 0.01).
+        step_size: SGLD step on the gradient of log p(x) (default: JEM's).
+        noise_std: standard deviation of the SGLD noise (default: JEM's).
         sigma: standard deviation of the noise added to x to start each chain.
         n_chains: number of chains averaged.
         chain: the chain as one :class:`~jem_ext.chain.ChainSpec` (replaces ``n_steps``,
@@ -236,7 +259,7 @@ def robust_accuracy(
     batch_size: int,
     device: torch.device | str | None = None,
     random_start: bool = True,
-    clamp: tuple[float, float] | None = (-1.0, 1.0),
+    clamp: tuple[float, float] | None = DEFAULT_CLAMP,
     generator: torch.Generator | None = None,
     eot_samples: int = 1,
     desc: str = "PGD",

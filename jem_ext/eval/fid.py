@@ -33,7 +33,12 @@ class FIDNetwork:
 
     def of(self, x: torch.Tensor, settings: EvalSettings, desc: str) -> tuple[np.ndarray, ...]:
         return extract(
-            self.features, x, settings.batch_size, settings.device, desc, settings.progress
+            self.features,
+            x,
+            settings.data.batch_size,
+            settings.data.device,
+            desc,
+            settings.display.progress,
         )
 
     def of_test(self, data: EvalData, settings: EvalSettings) -> np.ndarray:
@@ -53,11 +58,11 @@ def _inception_features(net: InceptionV3):
 
 def prepare_fid(settings: EvalSettings, main: Loaded) -> tuple[FIDNetwork | None, str | None]:
     """The IS/FID network from --inception-weights or --fid-classifier, or the skip reason."""
-    if settings.inception_weights:
+    if settings.fid.inception_weights:
         if not main.is_image:
             raise EvalError(f"--inception-weights: samples of shape {main.in_shape} are not images")
         try:
-            net = load_inception(settings.inception_weights, settings.device)
+            net = load_inception(settings.fid.inception_weights, settings.data.device)
         except ValueError as err:
             raise EvalError(f"--inception-weights: {err}") from None
         return FIDNetwork(
@@ -66,8 +71,8 @@ def prepare_fid(settings: EvalSettings, main: Loaded) -> tuple[FIDNetwork | None
             "FID Inception-v3 (pool3 features; IS from the 1008-way logits "
             "without the fc bias, as the original IS code)",
         ), None
-    if settings.fid_classifier:
-        clf = load_model(settings.fid_classifier, settings.device, "--fid-classifier")
+    if settings.fid.fid_classifier:
+        clf = load_model(settings.fid.fid_classifier, settings.data.device, "--fid-classifier")
         if clf.in_shape != main.in_shape:
             raise EvalError(
                 f"--fid-classifier {clf.path}: its model takes {clf.in_shape}, "
@@ -103,7 +108,7 @@ def run_fid(
     FID of as many replay-buffer samples when the checkpoint holds a buffer."""
     f_gen, p_gen = net.of(samples, settings, f"{m.label}: features gen")
     f_test = net.of_test(data, settings)
-    buffer = buffer_pick(m, len(samples), settings.seed + 4)
+    buffer = buffer_pick(m, len(samples), settings.data.seed + 4)
     splits = min(10, len(samples))
     is_mean, is_std = inception_score(p_gen, splits=splits)
     out = {

@@ -68,9 +68,9 @@ def _init_name(kind: str) -> str:
 
 def load_judge(settings: EvalSettings, main: Loaded) -> Loaded | None:
     """The --judge classifier, checked to take the evaluated model's inputs and classes."""
-    if settings.judge is None:
+    if settings.generation.judge is None:
         return None
-    judge = load_model(settings.judge, settings.device, "--judge")
+    judge = load_model(settings.generation.judge, settings.data.device, "--judge")
     if judge.in_shape != main.in_shape or judge.num_classes != main.num_classes:
         raise EvalError(
             f"--judge {judge.path}: its model takes {judge.in_shape} with "
@@ -99,7 +99,7 @@ def generate(
     With ``y``, the chains follow E(x, y) = -f(x)[y] (class-conditional samples). The forwards
     run in --precision; ``chain`` replaces the eager chain (e.g. a CUDA-graph chain).
     """
-    with progress_bar(n, desc, settings.progress) as bar:
+    with progress_bar(n, desc, settings.display.progress) as bar:
         return sample_from_noise(
             model,
             n,
@@ -107,7 +107,7 @@ def generate(
             spec=sgld.with_steps(steps),
             y=y,
             seed=seed,
-            batch_size=settings.batch_size,
+            batch_size=settings.data.batch_size,
             on_batch=bar.update,
             autocast=chain_autocast(settings),
             chain=chain,
@@ -229,37 +229,39 @@ def run_generation(
     """Fresh unconditional and class-conditional chains, and a pick of the replay buffer; with
     ``judge``, its rate of the conditional samples (and of their starts) as their class."""
     s = settings
-    init = chain_init(m, s.gen_init)
+    init = chain_init(m, s.generation.gen_init)
     fresh = generate(
         m.model,
-        s.gen_n,
+        s.generation.gen_n,
         m.in_shape,
-        s.gen_steps,
+        s.generation.gen_steps,
         sgld,
         s,
-        seed=s.seed + 2,
+        seed=s.data.seed + 2,
         desc=f"{m.label}: SGLD unconditional",
         chain=chain,
         init=init,
     )
-    per = max(1, s.gen_n // m.num_classes)
+    per = max(1, s.generation.gen_n // m.num_classes)
     y = torch.arange(m.num_classes).repeat_interleave(per)
     cond = generate(
         m.model,
         len(y),
         m.in_shape,
-        s.gen_steps,
+        s.generation.gen_steps,
         sgld,
         s,
         y=y,
-        seed=s.seed + 3,
+        seed=s.data.seed + 3,
         desc=f"{m.label}: SGLD conditional",
         chain=chain,
         init=init,
     )
     judged = None
     if judge is not None:  # the same chains' starts: zero steps from the same seed
-        starts = generate(m.model, len(y), m.in_shape, 0, sgld, s, y=y, seed=s.seed + 3, init=init)
+        starts = generate(
+            m.model, len(y), m.in_shape, 0, sgld, s, y=y, seed=s.data.seed + 3, init=init
+        )
         judged = JudgeRates(
             path=str(judge.path),
             conditional=_class_rate(judge.model, cond, y, s),
@@ -268,9 +270,9 @@ def run_generation(
         )
     cond_logits = logits_of(m.model, cond, s, "conditional samples", progress=False)
     fresh_logits = logits_of(m.model, fresh, s, "samples", progress=False)
-    buffer = buffer_pick(m, s.gen_n, s.seed + 4)
+    buffer = buffer_pick(m, s.generation.gen_n, s.data.seed + 4)
     return GenerationResult(
-        steps=s.gen_steps,
+        steps=s.generation.gen_steps,
         sgld=sgld,
         samples=fresh,
         conditional=cond,
@@ -282,6 +284,6 @@ def run_generation(
         buffer=buffer,
         buffer_size=None if buffer is None else len(m.buffer_samples()),
         is_image=m.is_image,
-        init=s.gen_init,
+        init=s.generation.gen_init,
         judged=judged,
     )

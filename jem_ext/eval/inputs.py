@@ -130,11 +130,11 @@ def subset(data, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def load_compare(settings: EvalSettings, main: Loaded) -> Loaded:
     """The ``--compare`` model; it must take the same inputs and classes as the main one."""
     other = load_model(
-        settings.compare,
-        settings.device,
+        settings.job.compare,
+        settings.data.device,
         "--compare",
-        settings.compare_label,
-        settings.compare_model,
+        settings.job.compare_label,
+        settings.job.compare_model,
     )
     if (other.in_shape, other.num_classes) != (main.in_shape, main.num_classes):
         raise EvalError(
@@ -149,10 +149,14 @@ def load_compare(settings: EvalSettings, main: Loaded) -> Loaded:
 
 def load_eval_data(settings: EvalSettings, main: Loaded) -> EvalData:
     """The test subset of the checkpoint's (or ``--dataset``'s) data and the ``--ood`` sets."""
-    dataset = settings.dataset or main.config.get("dataset")
+    dataset = settings.data.dataset or main.config.get("dataset")
     if not dataset:
         raise EvalError(f"--checkpoint {main.path}: its config names no 'dataset'; pass --dataset")
-    root = settings.data_root if settings.data_root is not None else main.config.get("data_root")
+    root = (
+        settings.data.data_root
+        if settings.data.data_root is not None
+        else main.config.get("data_root")
+    )
     # A toy set is drawn from the run's seed: the checkpoint's own data set is its test split.
     seed = main.config.get("seed", 0) if dataset == main.config.get("dataset") else 0
     data = load_data(dataset, root, f"data set {dataset!r}", seed=seed)
@@ -162,12 +166,12 @@ def load_eval_data(settings: EvalSettings, main: Loaded) -> EvalData:
             f"data set {dataset!r} has {data.num_classes} classes but the model of "
             f"{main.path} has {main.num_classes} outputs"
         )
-    x, y = subset(data, settings.max_samples, settings.seed)
+    x, y = subset(data, settings.data.max_samples, settings.data.seed)
     extra = {}
-    for name, folder in settings.ood or []:
+    for name, folder in settings.ood.sets:
         d = load_data(name, folder, f"--ood {name}")
         check_shape(d, main, f"--ood {name}")
-        extra[name] = subset(d, settings.max_samples, settings.seed)[0]
+        extra[name] = subset(d, settings.data.max_samples, settings.data.seed)[0]
     fingerprint = data_fingerprint({"test": data})
     return EvalData(dataset=dataset, x=x, y=y, ood_extra=extra, fingerprint=fingerprint)
 

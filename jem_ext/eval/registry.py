@@ -11,7 +11,7 @@ entry here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from . import plots, sections
 from .fid import FIDResult, prepare_fid, run_fid
 from .generation import chain_init, generate, grid_file, load_judge, run_generation
 from .inputs import EvalData, Loaded
+from .options import REGISTRY, TASKS
 from .settings import EvalSettings, SGLDSettings
 from .tasks import logits_of, run_accuracy, run_calibration, run_ood, run_robustness
 
@@ -147,15 +148,15 @@ def _fresh_samples(res: ModelResults, inp: Inputs) -> torch.Tensor:
     s, m = inp.settings, res.model
     return generate(
         m.model,
-        s.gen_n,
+        s.generation.gen_n,
         m.in_shape,
-        s.gen_steps,
+        s.generation.gen_steps,
         inp.sgld,
         s,
-        seed=s.seed + 2,
+        seed=s.data.seed + 2,
         desc=f"{m.label}: SGLD for FID",
         chain=inp.chain,
-        init=chain_init(m, s.gen_init),
+        init=chain_init(m, s.generation.gen_init),
     )
 
 
@@ -196,9 +197,9 @@ def _grid_pngs(results: list[ModelResults], inp: Inputs) -> list[Figure]:
 
 
 def _robustness_pngs(results: list[ModelResults], inp: Inputs) -> list[Figure]:
-    k = inp.settings.robust_refine_steps
+    k = inp.settings.robustness.robust_refine_steps
     out: list[Figure] = []
-    for norm in inp.settings.pgd_norms or []:
+    for norm in inp.settings.robustness.norms:
         curves = {
             r.model.label: [tuple(c) for c in r.get("robustness").curves[norm]] for r in results
         }
@@ -215,8 +216,10 @@ def _robustness_pngs(results: list[ModelResults], inp: Inputs) -> list[Figure]:
 
 # -------------------------------------------------------------------------------- table
 
-REGISTRY: dict[str, TaskEntry] = {
-    e.name: e
+# The table itself lives in jem_ext.eval.options (below the tasks, so that --tasks can name
+# them); this is where the entries are.
+REGISTRY.update(
+    (e.name, e)
     for e in (
         TaskEntry("accuracy", _accuracy, section=sections.accuracy_section),
         TaskEntry(
@@ -239,23 +242,4 @@ REGISTRY: dict[str, TaskEntry] = {
             "robustness", _robustness, section=sections.robustness_section, figures=_robustness_pngs
         ),
     )
-}
-
-
-class _TaskNames(Sequence[str]):
-    """The registered task names, in the table's order (a live view of :data:`REGISTRY`)."""
-
-    def __getitem__(self, i):  # type: ignore[override]
-        return list(REGISTRY)[i]
-
-    def __len__(self) -> int:
-        return len(REGISTRY)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(list(REGISTRY))
-
-    def __repr__(self) -> str:
-        return repr(tuple(REGISTRY))
-
-
-TASKS: Sequence[str] = _TaskNames()
+)

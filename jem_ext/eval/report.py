@@ -41,13 +41,14 @@ when neither ``--inception-weights`` nor ``--fid-classifier`` is given):
     not comparable with published figures.
 ``robustness``
     accuracy under PGD (L-inf and L2) of the SGLD-refined classifier (K SGLD steps from the
-    input averaged over several noisy chains), attacked through the refinement. Defaults are
-    sized for a CPU and digits: the first 100 test points (of the seeded subset), 10 PGD
-    steps of 2.5 eps / 10 from a random start, K = 5 refinement steps, 2 chains; radii
-    L-inf 0, 0.05, 0.1, 0.2, 0.3 and L2 0, 0.25, 0.5, 1, 2 in the [-1, 1] input units
-    (L-inf 0.1 here is 12.75/255 in [0, 1] pixel units).
+    input averaged over several noisy chains), attacked through the refinement from a random
+    start, with steps of 2.5 eps / steps unless ``--pgd-step-size`` is given. The defaults
+    (:class:`~jem_ext.eval.options.RobustnessOptions`: test points, PGD steps, K, chains,
+    radii) are sized for a CPU and digits; radii are in the [-1, 1] input units (L-inf 0.1
+    here is 12.75/255 in [0, 1] pixel units).
 
-Modules: :mod:`~jem_ext.eval.cli` (the command line), :mod:`~jem_ext.eval.inputs`
+Modules: :mod:`~jem_ext.eval.cli` (the command line, generated from the settings' groups in
+:mod:`~jem_ext.eval.options`), :mod:`~jem_ext.eval.inputs`
 (checkpoints and data), :mod:`~jem_ext.eval.tasks` and :mod:`~jem_ext.eval.generation` (the
 tasks, each returning a typed result), :mod:`~jem_ext.eval.registry` (the tasks' table: one
 entry per task), :mod:`~jem_ext.eval.writers` (report.json, report.md); this module runs the
@@ -100,16 +101,22 @@ __all__ = ["Inputs", "ModelResults", "run"]
 def prepare(settings: EvalSettings) -> Inputs:
     """Load and check every input; raises :class:`EvalError`, writes nothing."""
     main = load_model(
-        settings.checkpoint, settings.device, "--checkpoint", settings.label, settings.model
+        settings.job.checkpoint,
+        settings.data.device,
+        "--checkpoint",
+        settings.job.label,
+        settings.job.model,
     )
-    sgld = resolve_sgld(main.state.get("sampler"), settings.sgld_step_size, settings.sgld_noise)
+    sgld = resolve_sgld(
+        main.state.get("sampler"), settings.sgld.sgld_step_size, settings.sgld.sgld_noise
+    )
     data = load_eval_data(settings, main)
-    models = [main] + ([load_compare(settings, main)] if settings.compare else [])
-    if {"generation", "fid"} & set(settings.tasks):
+    models = [main] + ([load_compare(settings, main)] if settings.job.compare else [])
+    if {"generation", "fid"} & set(settings.job.task_names):
         for m in models:  # refuses --gen-init gaussian without fitted Gaussians
-            chain_init(m, settings.gen_init)
+            chain_init(m, settings.generation.gen_init)
     prepared, skipped = {}, {}
-    for task in settings.tasks:
+    for task in settings.job.task_names:
         if REGISTRY[task].prepare is not None:
             prepared[task], reason = REGISTRY[task].prepare(settings, main)
             if reason is not None:
@@ -131,8 +138,8 @@ def prepare(settings: EvalSettings) -> Inputs:
 def evaluate(model: Loaded, inp: Inputs, compare: bool) -> ModelResults:
     """Every requested task for one model, each from the same global seed."""
     res = ModelResults(model=model, compare=compare)
-    for task in inp.settings.tasks:
-        torch.manual_seed(inp.settings.seed)
+    for task in inp.settings.job.task_names:
+        torch.manual_seed(inp.settings.data.seed)
         t0 = time.time()
         res.parts[task] = REGISTRY[task].run(res, inp)
         res.seconds_by_task[task] = round(time.time() - t0, 2)
@@ -142,7 +149,7 @@ def evaluate(model: Loaded, inp: Inputs, compare: bool) -> ModelResults:
 def figures(results: list[ModelResults], inp: Inputs) -> list[Figure]:
     """The PNGs to draw: each task's, in task order."""
     out: list[Figure] = []
-    for task in inp.settings.tasks:
+    for task in inp.settings.job.task_names:
         draw = REGISTRY[task].figures
         if draw is not None:
             out += draw(results, inp)
@@ -157,7 +164,7 @@ def assemble(results: list[ModelResults], inp: Inputs) -> dict[str, Any]:
             "dataset": inp.data.dataset,
             "split": "test",
             "n_test": len(inp.data.x),
-            "tasks": inp.settings.tasks,
+            "tasks": inp.settings.job.task_names,
             "settings": inp.settings.to_json(inp.sgld),
         }
     )
@@ -190,5 +197,5 @@ def run(settings: EvalSettings) -> dict[str, Any]:
     drawn = figures(results, inp)
     report["seconds"] = round(time.time() - start, 1)
     report["files"] = ["report.json", "report.md"] + [name for name, _ in drawn]
-    write_report(Path(settings.out), report, drawn)
+    write_report(Path(settings.job.out), report, drawn)
     return report

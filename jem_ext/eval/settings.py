@@ -1,28 +1,46 @@
 """What every evaluation task shares: its error type and its typed settings.
 
-The command line (:mod:`jem_ext.eval.cli`) turns flags into an :class:`EvalSettings`; the SGLD
-chain the tasks use is resolved once, from the flags and the checkpoint's sampler, into a
-:class:`~jem_ext.sampler.ChainSpec` (``SGLDSettings``); each task sets its own number of steps.
+:class:`EvalSettings` is one frozen group per ``--help`` section (:mod:`jem_ext.eval.options`,
+and the trainer's :class:`jem_ext.accel.SpeedOptions`); the command line
+(:mod:`jem_ext.eval.cli`) generates its flags from them and builds it once they are checked.
+Code reads attributes: ``settings.robustness.pgd_steps``. The SGLD chain the tasks use is
+resolved once, from the flags and the checkpoint's sampler, into a
+:class:`~jem_ext.chain.ChainSpec` (``SGLDSettings``); each task sets its own number of steps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..sampler import (
-    DEFAULT_CLAMP,
-    DEFAULT_N_STEPS,
-    DEFAULT_NOISE_STD,
-    DEFAULT_STEP_SIZE,
-    ChainSpec,
+from ..accel import SpeedOptions
+from ..chain import DEFAULT_CLAMP, ChainSpec
+from ..settings import Spec, flat_values, group_from_flat, specs
+from .options import (
+    BUILTIN_OOD,
+    DEFAULT_EPS,
+    GEN_INITS,
+    NORMS,
+    DataOptions,
+    DisplayOptions,
+    FIDOptions,
+    GenerationOptions,
+    JobOptions,
+    OODOptions,
+    RobustnessOptions,
+    SGLDOptions,
 )
 
 __all__ = [
     "BUILTIN_OOD",
     "DEFAULT_EPS",
     "ECE_BINS",
+    "GEN_INITS",
     "NORMS",
     "SCORES",
     "EvalError",
@@ -31,16 +49,12 @@ __all__ = [
     "resolve_sgld",
 ]
 
-BUILTIN_OOD = ("uniform", "gaussian", "constant", "interp")
-GEN_INITS = ("uniform", "gaussian")  # where --gen-init starts the fresh generation chains
 SCORES = ("logpx", "maxprob", "approx_mass")
-NORMS = ("linf", "l2")
-DEFAULT_EPS = {"linf": [0.0, 0.05, 0.1, 0.2, 0.3], "l2": [0.0, 0.25, 0.5, 1.0, 2.0]}
 ECE_BINS = 20
 
 # The SGLD chain of the evaluation's tasks (refinement, generation, the robust classifier):
-# jem_ext.sampler's ChainSpec, its clamp always set. JEM's settings (jem_ext.sampler's) apply
-# where neither a flag nor the checkpoint's sampler gives one.
+# jem_ext.chain's ChainSpec, its clamp always set. JEM's chain (ChainSpec's defaults) applies
+# where neither a flag nor the checkpoint's sampler gives a setting.
 SGLDSettings = ChainSpec
 
 
@@ -78,18 +92,19 @@ def resolve_sgld(
     Raises :class:`EvalError` naming the source of an unusable value (e.g. a negative noise).
     """
     sampler = sampler if isinstance(sampler, dict) else {}
+    jem = ChainSpec()
     for flag, value in (("--sgld-step-size", step_size), ("--sgld-noise", noise_std)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise EvalError(f"{flag}: expected a finite number >= 0, got {value}")
     if step_size is None:
-        step_size = float(sampler.get("step_size") or DEFAULT_STEP_SIZE)
+        step_size = float(sampler.get("step_size") or jem.step_size)
     if noise_std is None:
         noise = sampler.get("noise_std")
-        noise_std = DEFAULT_NOISE_STD if noise is None else float(noise)
+        noise_std = jem.noise_std if noise is None else float(noise)
     clamp, grad_clip = sampler.get("clamp"), sampler.get("grad_clip")
     n_steps = sampler.get("n_steps")
     chain = ChainSpec(
-        n_steps=DEFAULT_N_STEPS if not isinstance(n_steps, int) else n_steps,
+        n_steps=jem.n_steps if not isinstance(n_steps, int) else n_steps,
         step_size=float(step_size),
         noise_std=float(noise_std),
         clamp=DEFAULT_CLAMP if clamp is None else (clamp[0], clamp[1]),
@@ -99,62 +114,72 @@ def resolve_sgld(
     return chain
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalSettings:
-    """Validated settings of one evaluation (the flags, parsed and checked)."""
+    """The checked settings of one evaluation, one group per ``--help`` section. Build it with
+    :func:`jem_ext.eval.cli.parse_settings` (the command line) or :meth:`from_flat`."""
 
-    checkpoint: str
-    out: str
-    tasks: list[str]
-    compare: str | None = None
-    label: str | None = None
-    compare_label: str | None = None
-    model: str | None = None
-    compare_model: str | None = None
-    dataset: str | None = None
-    data_root: str | None = None
-    batch_size: int = 100
-    device: str = "cpu"
-    max_samples: int | None = None
-    seed: int = 0
-    sgld_step_size: float | None = None
-    sgld_noise: float | None = None
-    refine_steps: int = 0
-    ood: list[tuple[str, str | None]] | None = None
-    gen_steps: int = 100
-    gen_n: int = 100
-    gen_init: str = "uniform"
-    judge: str | None = None
-    inception_weights: str | None = None
-    fid_classifier: str | None = None
-    pgd_norms: list[str] | None = None
-    pgd_eps: dict[str, list[float]] | None = None
-    pgd_steps: int = 10
-    pgd_step_size: float | None = None
-    robust_refine_steps: int = 5
-    robust_chains: int = 2
-    robust_sigma: float = 0.0
-    robust_n: int = 100
-    no_progress: bool = False
-    precision: str = "fp32"
-    channels_last: bool = False
-    compile: bool = False
-    cuda_graph: bool = False
+    job: JobOptions
+    data: DataOptions
+    sgld: SGLDOptions
+    ood: OODOptions
+    generation: GenerationOptions
+    fid: FIDOptions
+    robustness: RobustnessOptions
+    display: DisplayOptions
+    speed: SpeedOptions
 
-    @property
-    def progress(self) -> bool:
-        return not self.no_progress
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any] | None = None, **more: Any) -> EvalSettings:
+        """The settings of a flat dict of flag values by ``dest`` (``batch_size=3``), every
+        other setting at its default; paths made absolute. The values are taken as given:
+        the command line checks them first (:func:`jem_ext.eval.cli.parse_settings`)."""
+        flat = {**default_values(), **(values or {}), **more}
+        unknown = sorted(set(flat) - set(all_specs()))
+        if unknown:
+            raise KeyError(f"EvalSettings: unknown settings {unknown}")
+        for key, s in all_specs().items():
+            if s.path and flat[key] is not None:  # report.json records absolute paths
+                flat[key] = os.path.abspath(flat[key])
+        return cls(**{f.name: group_from_flat(g, flat) for f, g in zip(_fields(), groups())})
 
     def to_json(self, sgld: SGLDSettings) -> dict[str, Any]:
-        """The settings as report.json's ``"settings"``, with the SGLD settings in use."""
-        out = dict(vars(self))
+        """The settings as report.json's ``"settings"`` (every flag, in ``--help`` order),
+        the structured ones parsed, with the SGLD settings in use."""
+        out: dict[str, Any] = {}
+        for f in _fields():
+            out.update(flat_values(getattr(self, f.name)))
         out.update(
+            tasks=",".join(self.job.task_names),
             sgld_step_size=sgld.step_size,
             sgld_noise=sgld.noise_std,
+            ood=[f"{n}:{f}" if f else n for n, f in self.ood.sets],
+            pgd_norms=",".join(self.robustness.norms),
+            pgd_eps=self.robustness.eps,
             gen_clamp=list(sgld.clamp),
             gen_grad_clip=sgld.grad_clip,
         )
-        out["tasks"] = ",".join(self.tasks)
-        out["pgd_norms"] = ",".join(self.pgd_norms or [])
-        out["ood"] = [f"{n}:{f}" if f else n for n, f in self.ood or []]
         return out
+
+
+def _fields() -> list[dataclasses.Field[Any]]:
+    return list(dataclasses.fields(EvalSettings))
+
+
+def groups() -> list[type]:
+    """The group classes of :class:`EvalSettings`, in ``--help`` order."""
+    hints = typing.get_type_hints(EvalSettings)
+    return [hints[f.name] for f in _fields()]
+
+
+def all_specs() -> dict[str, Spec]:
+    """Every evaluation setting by its ``dest``, in ``--help`` order."""
+    return {s.dest: s for g in groups() for _, s in specs(g)}
+
+
+def default_values() -> dict[str, Any]:
+    """Every setting's default by its ``dest`` (lists as lists, as argparse gives them)."""
+    return {
+        k: list(s.default) if isinstance(s.default, list) else s.default
+        for k, s in all_specs().items()
+    }

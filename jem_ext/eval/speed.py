@@ -82,10 +82,10 @@ def uncompiled(model: nn.Module) -> nn.Module:
 
 def autocast_model(model: nn.Module, settings: EvalSettings) -> nn.Module:
     """``model`` under --precision's autocast (``model`` itself for fp32)."""
-    if settings.precision == "fp32":
+    if settings.speed.precision == "fp32":
         return model
     return AutocastModel(
-        model, accel.autocast_factory(settings.precision, torch.device(settings.device))
+        model, accel.autocast_factory(settings.speed.precision, torch.device(settings.data.device))
     )
 
 
@@ -93,9 +93,9 @@ def chain_autocast(settings: EvalSettings) -> accel.Autocast | None:
     """The autocast of the SGLD chains' forwards (None for fp32); its weight cache is off, as
     a CUDA-graph capture needs. The same object for the same settings, so a CUDA-graph chain
     (keyed by the autocast's identity) is captured once for every call."""
-    if settings.precision == "fp32":
+    if settings.speed.precision == "fp32":
         return None
-    return _chain_autocast(settings.precision, settings.device)
+    return _chain_autocast(settings.speed.precision, settings.data.device)
 
 
 @functools.cache
@@ -106,7 +106,7 @@ def _chain_autocast(precision: str, device: str) -> accel.Autocast:
 def make_chain(settings: EvalSettings) -> Callable[..., torch.Tensor] | None:
     """The chain function of the generation task: a CUDA-graph chain with --cuda-graph, else
     None (the sampler's eager chain)."""
-    return GraphedChain() if settings.cuda_graph else None
+    return GraphedChain() if settings.speed.cuda_graph else None
 
 
 def apply_model_options(
@@ -114,7 +114,7 @@ def apply_model_options(
 ) -> None:
     """Apply --channels-last and --compile to a loaded model (raises :class:`EvalError` for
     --channels-last on a model without convolutions, before anything is computed)."""
-    if settings.channels_last:
+    if settings.speed.channels_last:
         if not accel.is_convolutional(model):
             raise EvalError(
                 "--channels-last: expected a convolutional model "
@@ -122,5 +122,5 @@ def apply_model_options(
                 f"got {spec.get('name', type(model).__name__)} ({what})"
             )
         accel.use_channels_last(model)
-    if settings.compile:
+    if settings.speed.compile:
         accel.compile_model(model)

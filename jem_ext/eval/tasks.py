@@ -53,10 +53,10 @@ def logits_of(
 ) -> torch.Tensor:
     """Batched eval-mode logits of ``model`` on ``x`` (float32, on the CPU), with a bar;
     the forward runs in --precision."""
-    show = settings.progress if progress is None else progress
+    show = settings.display.progress if progress is None else progress
     with progress_bar(len(x), desc, show) as bar:
         return predict_logits(
-            autocast_model(model, settings), x, settings.batch_size, on_batch=bar.update
+            autocast_model(model, settings), x, settings.data.batch_size, on_batch=bar.update
         )
 
 
@@ -86,11 +86,11 @@ def run_accuracy(
 ) -> AccuracyResult:
     """Accuracy of the test ``logits``; with --refine-steps K also after K SGLD steps."""
     result = AccuracyResult(accuracy=accuracy(logits, data.y))
-    if settings.refine_steps > 0:
-        torch.manual_seed(settings.seed)
-        refined = SGLDRefinedClassifier(m.model, chain=sgld.with_steps(settings.refine_steps))
+    if settings.sgld.refine_steps > 0:
+        torch.manual_seed(settings.data.seed)
+        refined = SGLDRefinedClassifier(m.model, chain=sgld.with_steps(settings.sgld.refine_steps))
         r_logits = logits_of(refined, data.x, settings, f"{m.label}: refined accuracy")
-        result.refined_steps = settings.refine_steps
+        result.refined_steps = settings.sgld.refine_steps
         result.refined_accuracy = accuracy(r_logits, data.y)
     return result
 
@@ -203,7 +203,7 @@ class OODResult:
 
 def run_ood(m: Loaded, data: EvalData, settings: EvalSettings) -> OODResult:
     """AUROC of test data against each OOD set for every score."""
-    sets = dict(builtin_ood_sets(data.x, settings.seed))
+    sets = dict(builtin_ood_sets(data.x, settings.data.seed))
     sets.update(data.ood_extra)
 
     model = autocast_model(m.model, settings)
@@ -212,9 +212,9 @@ def run_ood(m: Loaded, data: EvalData, settings: EvalSettings) -> OODResult:
         return ood_scores(
             model,
             x,
-            settings.batch_size,
-            settings.device,
-            settings.progress,
+            settings.data.batch_size,
+            settings.data.device,
+            settings.display.progress,
             f"{m.label}: scores {name}",
         )
 
@@ -250,9 +250,9 @@ class RobustnessResult:
 
 def _pgd_step(settings: EvalSettings) -> float | Callable[[float], float]:
     """The PGD step length: --pgd-step-size, else 2.5 * eps / steps (Madry et al.)."""
-    if settings.pgd_step_size is not None:
-        return settings.pgd_step_size
-    steps = max(settings.pgd_steps, 1)
+    if settings.robustness.pgd_step_size is not None:
+        return settings.robustness.pgd_step_size
+    steps = max(settings.robustness.pgd_steps, 1)
     return lambda e: 2.5 * e / steps
 
 
@@ -262,39 +262,39 @@ def run_robustness(
     """PGD accuracy of the SGLD-refined classifier on the first --robust-n test points (the
     model runs uncompiled: PGD differentiates through the refinement's input gradients)."""
     s = settings
-    n = min(s.robust_n, len(data.x))
+    n = min(s.robustness.robust_n, len(data.x))
     x, y = data.x[:n], data.y[:n]
     clf = SGLDRefinedClassifier(
         autocast_model(uncompiled(m.model), s),
-        chain=sgld.with_steps(s.robust_refine_steps),
-        sigma=s.robust_sigma,
-        n_chains=s.robust_chains,
+        chain=sgld.with_steps(s.robustness.robust_refine_steps),
+        sigma=s.robustness.robust_sigma,
+        n_chains=s.robustness.robust_chains,
     )
     result = RobustnessResult(
         n=n,
-        refine_steps=s.robust_refine_steps,
-        chains=s.robust_chains,
-        sigma=s.robust_sigma,
-        pgd_steps=s.pgd_steps,
-        pgd_step_size=s.pgd_step_size or "2.5 * eps / steps",
+        refine_steps=s.robustness.robust_refine_steps,
+        chains=s.robustness.robust_chains,
+        sigma=s.robustness.robust_sigma,
+        pgd_steps=s.robustness.pgd_steps,
+        pgd_step_size=s.robustness.pgd_step_size or "2.5 * eps / steps",
         curves={},
     )
-    g = torch.Generator(device=s.device).manual_seed(s.seed + 5)
-    for norm in s.pgd_norms or []:
-        torch.manual_seed(s.seed + 6)
+    g = torch.Generator(device=s.data.device).manual_seed(s.data.seed + 5)
+    for norm in s.robustness.norms:
+        torch.manual_seed(s.data.seed + 6)
         curve = robust_accuracy(
             clf,
             x,
             y,
             norm,
-            s.pgd_eps[norm],
-            s.pgd_steps,
+            s.robustness.eps[norm],
+            s.robustness.pgd_steps,
             _pgd_step(s),
-            s.batch_size,
-            device=s.device,
+            s.data.batch_size,
+            device=s.data.device,
             generator=g,
             desc=f"{m.label}: PGD {norm}",
-            progress=s.progress,
+            progress=s.display.progress,
         )
         result.curves[norm] = [[e, acc] for e, acc in curve]
     return result
