@@ -16,6 +16,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from .chain import DEFAULT_CLAMP
+
 __all__ = ["INITS", "Initializer", "UniformInit", "GaussianInit", "MixedInit"]
 
 # Names of the chain initialisations (:class:`UniformInit`, :class:`GaussianInit`).
@@ -130,7 +132,7 @@ class GaussianInit:
         chol: Tensor,
         prior: Tensor | None = None,
         sample_shape: Sequence[int] | None = None,
-        clamp: tuple[float, float] | None = (-1.0, 1.0),
+        clamp: tuple[float, float] | None = DEFAULT_CLAMP,
     ) -> None:
         if mean.dim() != 2 or chol.shape != (*mean.shape, mean.shape[1]):
             raise ValueError(
@@ -168,7 +170,7 @@ class GaussianInit:
         y: Tensor,
         num_classes: int,
         ridge: float = 1e-4,
-        clamp: tuple[float, float] | None = (-1.0, 1.0),
+        clamp: tuple[float, float] | None = DEFAULT_CLAMP,
     ) -> GaussianInit:
         """Fit per-class mean and full covariance to data ``x`` ``[N, *shape]`` with labels ``y``.
 

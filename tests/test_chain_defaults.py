@@ -1,10 +1,11 @@
 """JEM's chain defaults (steps 20, step size 1, noise 0.01, clamp [-1, 1], a buffer of 10000
-chains, re-initialisation 0.05) are written once, in :mod:`jem_ext.chain`: the trainer's
-settings, its recipes, the replay buffer and the sampler refer to them by name.
+chains, re-initialisation 0.05) are written once, in :mod:`jem_ext.chain`: every other module
+of the package (the trainer's settings, its recipes, the replay buffer, the sampler, the
+initialisers, the bench) refers to them by name.
 
 The check reads the source with ``ast``: a chain setting's default (a parameter default, a
-``setting(...)`` field of the trainer's options, a recipe's ``Setting(...)``) written as a
-literal equal to JEM's value is a second copy of it.
+``setting(...)`` field of the options, a dataclass field, a recipe's ``Setting(...)``) written
+as a literal equal to JEM's value is a second copy of it.
 """
 
 from __future__ import annotations
@@ -40,13 +41,11 @@ NAMES = {
     "sgld_noise": "noise",
     "clamp": "clamp",
     "buffer_size": "buffer_size",
+    "buffer": "buffer_size",
     "reinit_prob": "reinit_prob",
 }
-# The modules that must name the defaults: the training side, its recipes, the sampler.
-CHECKED = sorted(
-    [*(PACKAGE / "training").glob("*.py")]
-    + [PACKAGE / n for n in ("recipes.py", "replay.py", "sampler.py")]
-)
+# Every module but the defaults' home must name them.
+CHECKED = sorted(p for p in PACKAGE.rglob("*.py") if p != PACKAGE / "chain.py")
 
 
 def _literal(node: ast.AST | None) -> object:
@@ -78,11 +77,13 @@ def copies(source: str, where: str) -> list[str]:
                 for a, d in pairs
                 if _copy_of_default(a.arg, d)
             ]
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.value, ast.Call):
-            call, target = node.value, node.target
-            if isinstance(target, ast.Name) and call.args:
-                if _copy_of_default(target.id, call.args[0]):
-                    found.append(f"{where}:{node.lineno} {target.id} = setting(...)")
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            name, value = node.target.id, node.value
+            if isinstance(value, ast.Call) and value.args:
+                if _copy_of_default(name, value.args[0]):
+                    found.append(f"{where}:{node.lineno} {name} = setting(...)")
+            elif _copy_of_default(name, value):  # a dataclass field's default
+                found.append(f"{where}:{node.lineno} {name} = ...")
         elif isinstance(node, ast.Dict):
             for key, value in zip(node.keys, node.values):
                 name = _literal(key)
@@ -107,6 +108,7 @@ def test_the_training_side_names_the_chain_defaults():
         "def f(x, n_steps=20):\n    pass\n",
         "def f(x, *, clamp=(-1.0, 1.0)):\n    pass\n",
         "class C:\n    buffer_size: int = setting(10000, 'help')\n",
+        "class C:\n    steps: int = 20\n",
         "R = {'reinit_prob': Setting(0.05, 'source')}\n",
         "R = {'sgld_noise': Setting(0.01, 'source')}\n",
     ],

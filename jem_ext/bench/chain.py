@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..accel import SpeedOptions
+from ..chain import DEFAULT_NOISE_STD, DEFAULT_REINIT_PROB, DEFAULT_STEP_SIZE
 from ..models import build_model
 from ..sampler import ReplayBuffer, SGLDSampler
 from ..training.setup import apply_speed_options
@@ -46,9 +47,9 @@ class ReferenceSampler:
         sample_shape: tuple[int, ...],
         device: torch.device,
         n_steps: int,
-        step_size: float = 1.0,
-        noise_std: float = 0.01,
-        reinit_prob: float = 0.05,
+        step_size: float = DEFAULT_STEP_SIZE,
+        noise_std: float = DEFAULT_NOISE_STD,
+        reinit_prob: float = DEFAULT_REINIT_PROB,
     ) -> None:
         self.sample_shape = tuple(sample_shape)
         self.buffer = torch.empty(buffer_size, *self.sample_shape).uniform_(-1, 1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..chain import DEFAULT_BUFFER_SIZE, DEFAULT_N_STEPS
+
 RECIPE = {"epochs": 150, "images": 50_000, "batch": 64}  # the CIFAR-10 JEM recipe
 
 
@@ -21,8 +23,8 @@ class Sizes:
     width: int = 10
     image: tuple[int, int, int] = (3, 32, 32)
     batch: int = 64
-    steps: int = 20
-    buffer: int = 10000
+    steps: int = DEFAULT_N_STEPS
+    buffer: int = DEFAULT_BUFFER_SIZE
     reps: int = 5
     op_reps: int = 50
     # a model factory "PACKAGE.MODULE:FACTORY" (10 classes, ``image`` inputs) timed instead of
