@@ -75,6 +75,12 @@ CASES_SCRIPT = textwrap.dedent("""
                 x = torch.zeros(300)
                 yield (f"offsets {seed} {offset}",
                        ops.sgld_step_philox_(x, torch.zeros_like(x), 0.0, 1.0, seed, offset))
+        # Word 2 of group 62 at seed 42007, offset 0 is 0xffffff86: u = 1, whose log is
+        # +0, so the radius is sqrt(-0) = -0 and element 250's noise a zero whose sign
+        # only a -2 log rounded as the scalar one keeps; x = -0 and step 0 let that
+        # sign through to the result.
+        x = torch.full((256,), -0.0)
+        yield ("radius -0", ops.sgld_step_philox_(x, torch.zeros_like(x), 0.0, 1.0, 42007, 0))
         # The noise alone, for its statistics.
         x = torch.zeros(1_000_000)
         yield ("noise", ops.sgld_step_philox_(x, torch.zeros_like(x), 0.0, 1.0, 2024, 0))

@@ -231,10 +231,17 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE __m512 fma_avx512(__m512 a, __m512 b, float
 // polynomials (and of the square root) then overlap within the out-of-order
 // window instead of one after the other.
 
-// log_positive(x2 / 2), lane by lane, for x2 / 2 > 0 and normal: 2x has the
-// mantissa bits of x, and its exponent is one more (one addition saved).
+// -2 log_positive(x2 / 2), lane by lane, for x2 / 2 > 0 and normal: 2x has the
+// mantissa bits of x, and its exponent is one more (one addition saved). The
+// radius's factor -2 rides on the constants and the last operation: scaling
+// by 2 is exact unless a result leaves the normal range, which none here can
+// (|m| >= 2^-24 or m = 0, so every product is 0 or above 2^-80), and keeps the
+// sign of a zero, so fma(2 a, b, 2 c) is 2 fma(a, b, c) bit for bit, 2 (m + y)
+// is fma(m, 2, 2 y), and fnmsub(a, b, c) = -(a b + c), rounded once, is the
+// scalar -2 * log to the last bit, the -0 of log(1) = +0 included (sqrt(-0)
+// is the radius -0 there).
 template <int N>
-JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void log_half_avx512(const __m512* x2, __m512* out) {
+JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void minus2_log_half_avx512(const __m512* x2, __m512* out) {
   __m512 m[N], ef[N], z[N], p[N];
   for (int i = 0; i < N; ++i) {
     const __m512i bits = _mm512_castps_si512(x2[i]);
@@ -253,19 +260,20 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void log_half_avx512(const __m512* x2, __m5
     // m + (small ? m : 0) - 1: adding 0 to a positive m leaves it as it is.
     m[i] = _mm512_sub_ps(_mm512_mask_add_ps(m[i], small, m[i], m[i]), _mm512_set1_ps(1.0f));
     z[i] = _mm512_mul_ps(m[i], m[i]);
-    p[i] = _mm512_set1_ps(7.0376836292e-2f);
+    p[i] = _mm512_set1_ps(2.0f * 7.0376836292e-2f);
   }
   for (const float c : {-1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f, 1.4249322787e-1f,
                         -1.6668057665e-1f, 2.0000714765e-1f, -2.4999993993e-1f, 3.3333331174e-1f}) {
     for (int i = 0; i < N; ++i) {
-      p[i] = fma_avx512(p[i], m[i], c);
+      p[i] = fma_avx512(p[i], m[i], 2.0f * c);
     }
   }
   for (int i = 0; i < N; ++i) {
     __m512 y = _mm512_mul_ps(_mm512_mul_ps(p[i], m[i]), z[i]);
-    y = _mm512_fmadd_ps(ef[i], _mm512_set1_ps(-2.12194440e-4f), y);
-    y = _mm512_fmadd_ps(z[i], _mm512_set1_ps(-0.5f), y);
-    out[i] = _mm512_fmadd_ps(ef[i], _mm512_set1_ps(0.693359375f), _mm512_add_ps(m[i], y));
+    y = _mm512_fmadd_ps(ef[i], _mm512_set1_ps(2.0f * -2.12194440e-4f), y);
+    y = _mm512_sub_ps(y, z[i]);  // fma(z, 2 * -0.5, y): z times 1 is exact
+    out[i] = _mm512_fnmsub_ps(ef[i], _mm512_set1_ps(2.0f * 0.693359375f),
+                              _mm512_fmadd_ps(m[i], _mm512_set1_ps(2.0f), y));
   }
 }
 
@@ -304,11 +312,13 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void sincos_word_avx512(const __m512i* r, _
     const __m512 sa = _mm512_fmadd_ps(_mm512_mul_ps(sp[i], z[i]), a[i], a[i]);
     const __m512 ca = _mm512_fmadd_ps(_mm512_mul_ps(cp[i], z[i]), z[i],
                                       fma_avx512(z[i], _mm512_set1_ps(-0.5f), 1.0f));
-    // q & 1: bit 30 of v; q & 2: bit 31 of v; (q + 1) & 2: bit 31 of v + 2^30.
+    // q & 1: bit 30 of v; q & 2: bit 31 of v. With sa and ca negated where
+    // q & 2: q even gives (sa, ca), q odd (ca, -sa), since (q + 1) & 2 is
+    // q & 2 for even q and its opposite for odd q.
     const __mmask16 swap = _mm512_test_epi32_mask(v[i], _mm512_set1_epi32(1 << 30));
-    s_out[i] = negate_where_avx512(_mm512_mask_blend_ps(swap, sa, ca), v[i]);
-    c_out[i] = negate_where_avx512(_mm512_mask_blend_ps(swap, ca, sa),
-                                   _mm512_add_epi32(v[i], _mm512_set1_epi32(1 << 30)));
+    const __m512 sn = negate_where_avx512(sa, v[i]), cn = negate_where_avx512(ca, v[i]);
+    s_out[i] = _mm512_mask_blend_ps(swap, sn, cn);
+    c_out[i] = _mm512_mask_xor_ps(cn, swap, sn, _mm512_set1_ps(-0.0f));
   }
 }
 
@@ -323,9 +333,9 @@ JEM_EXT_TARGET_AVX512 JEM_EXT_INLINE void box_muller_avx512(const __m512i* r0, c
                               _mm512_set1_ps(1.1920928955078125e-7f),
                               _mm512_set1_ps(1.1920928955078125e-7f));
   }
-  log_half_avx512<N>(u0x2, lg);
+  minus2_log_half_avx512<N>(u0x2, lg);
   for (int i = 0; i < N; ++i) {
-    lg[i] = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), lg[i]));  // the radius
+    lg[i] = _mm512_sqrt_ps(lg[i]);  // the radius
   }
   sincos_word_avx512<N>(r1, s, c);
   for (int i = 0; i < N; ++i) {
