@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .modules import eval_mode, model_device
 
 # JEM's chain (the reference code's settings for images in [-1, 1]): the one home of these
 # defaults for the sampler, the evaluation and a loaded run.
@@ -54,14 +55,6 @@ __all__ = [
     "sgld_chain",
     "sgld_steps_",
 ]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
 
 
 # ------------------------------------------------------------------------ chain
@@ -168,13 +161,9 @@ def run_chain(
         raise ValueError(f"sgld_chain: n_steps must be >= 0, got {spec.n_steps}")
     if y is not None:
         y = y.to(device=x.device, dtype=torch.int64)
-    was_training = model.training
-    model.eval()
     x = x.detach().clone()
-    try:
+    with eval_mode(model):
         sgld_steps_(model, x, spec, y, generator, autocast)
-    finally:
-        model.train(was_training)
     return x
 
 

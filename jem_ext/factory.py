@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .modules import eval_mode, model_device
+
 __all__ = [
     "FactoryError",
     "PROBE_BATCH",
@@ -157,21 +159,15 @@ def check_output(model: nn.Module, text: str, num_classes: int, in_shape: tuple[
     Raises:
         FactoryError: the forward raises, or gives something else.
     """
-    param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    x = torch.zeros(PROBE_BATCH, *in_shape, device=device)
-    was_training = model.training
-    model.eval()
+    x = torch.zeros(PROBE_BATCH, *in_shape, device=model_device(model))
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             out = model(x)
     except Exception as err:
         raise FactoryError(
             f"{text}: the model fails on a batch {_shape_text(in_shape, PROBE_BATCH)} "
             f"({_first_line(err)})"
         ) from None
-    finally:
-        model.train(was_training)
     expected = [PROBE_BATCH, num_classes]
     if not (isinstance(out, Tensor) and out.is_floating_point() and list(out.shape) == expected):
         raise FactoryError(

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .chain import Autocast, ChainSpec, run_chain, sgld_steps_
+from .modules import eval_mode
 
 __all__ = ["GraphedChain", "chain_key", "graph_unavailable"]
 
@@ -152,12 +153,8 @@ class GraphedChain:
         entry.x.copy_(x)
         if y is not None:
             entry.y.copy_(y)
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             entry.graph.replay()
-        finally:
-            model.train(was_training)
         return entry.x.clone()
 
     def _try_capture(
@@ -169,16 +166,13 @@ class GraphedChain:
         generator: torch.Generator | None,
         autocast: Autocast | None,
     ) -> _Captured | None:
-        was_training = model.training
-        model.eval()
         try:
-            return self._capture(model, x, spec, y, generator, autocast)
+            with eval_mode(model):
+                return self._capture(model, x, spec, y, generator, autocast)
         except RuntimeError as err:
             first_line = (str(err).splitlines() or [type(err).__name__])[0]
             self._note(f"capture failed: {first_line}")
             return None
-        finally:
-            model.train(was_training)
 
     def _capture(
         self,

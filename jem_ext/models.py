@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import factory as factories
+from .modules import eval_mode, model_device
 from .wrn import NORMS, WideResNet, _norm2d
 from .wrn import WideBasic as WideBasic  # re-exported: jem_ext.models.WideBasic
 
@@ -384,16 +385,12 @@ def predict_logits(
     ``x`` may live anywhere; batches are moved to the model's device. The model's train/eval
     mode is restored afterwards. ``on_batch(k)`` is called after each batch of ``k`` rows.
     """
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    was_training = model.training
-    model.eval()
-    try:
-        out = []
+    device = model_device(model)
+    out = []
+    with eval_mode(model):
         for s in range(0, len(x), batch_size):
             xb = x[s : s + batch_size]
             out.append(model(xb.to(device)).float().cpu())
             if on_batch is not None:
                 on_batch(len(xb))
-    finally:
-        model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, 0)

@@ -38,13 +38,13 @@ from .chain import (
     PROXIMAL_GRAD_CLIP,
     Autocast,
     ChainSpec,
-    model_device,
     run_chain,
     sample_from_noise,
     sgld_chain,
     sgld_steps_,
 )
 from .inits import MixedInit
+from .modules import model_device
 from .replay import INITS, GaussianInit, Initializer, ReplayBuffer, UniformInit, _init_from_state
 
 __all__ = [

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..modules import eval_mode
+
 __all__ = [
     "TENSORBOARD_DIR",
     "energy_histograms",
@@ -150,15 +152,10 @@ def energy_histograms(
         return
     from .. import ops
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            tb.histogram("energy/data", ops.energy(model(x).float()), step)
-            if x_q is not None:
-                tb.histogram("energy/samples", ops.energy(model(x_q).float()), step)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        tb.histogram("energy/data", ops.energy(model(x).float()), step)
+        if x_q is not None:
+            tb.histogram("energy/samples", ops.energy(model(x_q).float()), step)
 
 
 def open_tensorboard(
