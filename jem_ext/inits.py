@@ -72,13 +72,14 @@ class Initializer(Protocol):
 
 
 class UniformInit:
-    """Uniform noise on ``[low, high]^D``, the JEM initialisation (``[-1, 1]`` for images).
+    """Uniform noise on ``[low, high]^D``, the JEM initialisation (by default JEM's data range
+    ``[-1, 1]``, :data:`jem_ext.chain.DEFAULT_CLAMP`).
 
     Args:
         low, high: bounds, ``low < high``.
     """
 
-    def __init__(self, low: float = -1.0, high: float = 1.0) -> None:
+    def __init__(self, low: float = DEFAULT_CLAMP[0], high: float = DEFAULT_CLAMP[1]) -> None:
         if not low < high:
             raise ValueError(f"UniformInit: expected low < high, got low={low}, high={high}")
         self.low = float(low)
