@@ -134,6 +134,19 @@ def check_threads(threads: int, flag: str = "--threads") -> str | None:
     return None
 
 
+def check_device(device: str, flag: str = "--device") -> str | None:
+    """Why ``device`` cannot be used here (not a torch device, or CUDA without a GPU), or None."""
+    import torch
+
+    try:
+        torch.device(device)
+    except RuntimeError:
+        return f"{flag}: unknown device {device!r}"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return f"{flag} {device}: CUDA is not available"
+    return None
+
+
 def finite_float(text: str) -> float:
     """argparse type of a float flag: a finite number (``nan`` and ``inf`` are refused)."""
     try:

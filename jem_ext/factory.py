@@ -69,6 +69,16 @@ def parse(text: str) -> tuple[str, str]:
     return module, attr
 
 
+def name_problem(text: str) -> str | None:
+    """Why ``text`` is not of the form ``PACKAGE.MODULE:FACTORY`` (the error line of
+    :func:`parse`), or None. Its form only: nothing is imported."""
+    try:
+        parse(text)
+    except FactoryError as err:
+        return str(err)
+    return None
+
+
 def _first_line(err: BaseException, limit: int = 200) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     text = f"{type(err).__name__}: {text}" if text else type(err).__name__

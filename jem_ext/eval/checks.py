@@ -1,5 +1,5 @@
 """The checks of the evaluation's flags that are more than a range (model factories, the
-output folder, the device, PGD's norms and radii, extra OOD sets), and the names they accept.
+output folder, PGD's norms and radii, extra OOD sets), and the names they accept.
 
 Each check returns the whole error line (flag, value and what was expected: these flags name
 the offending part of a list, ``--pgd-eps 'l3=1': unknown norm ...``), or None.
@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-import torch
 
 from .. import factory as factories
 
@@ -27,11 +25,8 @@ def csv_items(text: str) -> list[str]:
 
 def factory_problem(flag: str) -> Callable[[str], str | None]:
     def problem(name: str) -> str | None:
-        try:
-            factories.parse(name)
-        except factories.FactoryError as err:
-            return f"{flag} {err}"
-        return None
+        why = factories.name_problem(name)
+        return None if why is None else f"{flag} {why}"
 
     return problem
 
@@ -39,16 +34,6 @@ def factory_problem(flag: str) -> Callable[[str], str | None]:
 def out_problem(out: str) -> str | None:
     if Path(out).exists() and not Path(out).is_dir():
         return f"--out {Path(out)}: exists and is not a folder"
-    return None
-
-
-def device_problem(device: str) -> str | None:
-    try:
-        torch.device(device)
-    except RuntimeError:
-        return f"--device: unknown device {device!r}"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        return f"--device {device}: CUDA is not available"
     return None
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .._cli import check_device
 from ..chain import DEFAULT_NOISE_STD, DEFAULT_STEP_SIZE
 from ..settings import GREATER_THAN_ZERO, NON_NEGATIVE, POSITIVE, Range, setting
 from .checks import (
@@ -30,7 +31,6 @@ from .checks import (
     DEFAULT_EPS,
     NORMS,
     csv_items,
-    device_problem,
     eps_problem,
     eps_values,
     factory_problem,
@@ -181,7 +181,7 @@ class DataOptions:
         "cuda" if torch.cuda.is_available() else "cpu",
         "torch device",
         kind="str",
-        check=device_problem,
+        check=check_device,
     )
     max_samples: int | None = setting(
         None,

@@ -8,13 +8,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from .. import factory as factories
 from .._cli import (
     SIGTERM_STATUS,
     DefaultsHelpFormatter,
     RaisingParser,
+    check_device,
     check_threads,
     finite_float,
     interrupt_status,
@@ -126,18 +125,10 @@ def _check_args(args: argparse.Namespace) -> str:
     why = check_threads(args.threads)
     if why:
         raise ScoreError(why)
-    if args.device is not None:
-        try:
-            torch.device(args.device)
-        except RuntimeError:
-            raise ScoreError(f"--device: unknown device {args.device!r}") from None
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ScoreError(f"--device {args.device}: CUDA is not available")
-    if args.model is not None:
-        try:
-            factories.parse(args.model)
-        except factories.FactoryError as err:
-            raise ScoreError(f"--model {err}") from None
+    if args.device is not None and (why := check_device(args.device)):
+        raise ScoreError(why)
+    if args.model is not None and (why := factories.name_problem(args.model)):
+        raise ScoreError(f"--model {why}")
     return fmt
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from .. import chain
 from ..chain import ChainSpec
 from ..data import DATASET_REGISTRY, file_datasets
-from ..factory import FactoryError, is_factory
-from ..factory import parse as parse_factory
+from ..factory import is_factory
+from ..factory import name_problem as factory_name_problem
 from ..models import MODELS, NORMS
 from ..objectives import OBJECTIVES
 from ..recipes import RECIPES
@@ -104,11 +104,7 @@ def model_problem(name: str) -> str | None:
     if name in MODELS:
         return None
     if is_factory(name):
-        try:
-            parse_factory(name)
-        except FactoryError as err:
-            return str(err)
-        return None
+        return factory_name_problem(name)
     return f"expected one of {', '.join(MODELS)} or PACKAGE.MODULE:FACTORY, got {name!r}"
 
 
